@@ -1,0 +1,83 @@
+"""The DFlash attention mask, as one mask_mod, and the two ways to run it.
+
+Training packs every block of a sequence into one query stream and one key/value stream:
+
+    queries  Q = [block_0 | block_1 | ... | block_{N-1}]           (N * block_size tokens)
+    keys/values  = [context (S tokens) | block_0 | ... | block_{N-1}]
+
+A query in block j (anchored at position a_j) may see
+  * context tokens at positions < a_j  (STRICTLY before the anchor: at inference the anchor is the
+    newest committed token, and its target hidden state does not exist yet when the block is drafted)
+  * every token of its own block, in both directions (the block is denoised in one pass)
+and nothing else: never another block (anchors may overlap), and a dropped slot (keep=False) sees
+nothing at all.
+
+On GPU the mask becomes a FlexAttention BlockMask, built once per batch with H=None (one mask for
+all heads; per-head masks run out of memory at long context). FlexAttention has no backward on the
+CPU, so CPU training (tests, CI, the quickstart) materialises the same mask_mod as a dense boolean
+mask for SDPA.
+"""
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+
+def dflash_mask_mod(anchors, keep, context_len, block_size):
+    """mask_mod(b, h, q_idx, kv_idx) -> bool for anchors [B, N] and keep [B, N]."""
+    num_blocks = anchors.shape[1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_block = q_idx // block_size
+        # Q_LEN is padded up to a multiple of 128 inside FlexAttention: rows past the last block
+        # must not index anchors out of range, and see nothing.
+        real_q = q_block < num_blocks
+        q_block = torch.where(real_q, q_block, 0)
+        anchor = anchors[b, q_block]
+        is_context = kv_idx < context_len
+        sees_context = is_context & (kv_idx < anchor)
+        kv_block = (kv_idx - context_len) // block_size
+        sees_own_block = ~is_context & (kv_block == q_block)
+        return real_q & keep[b, q_block] & (sees_context | sees_own_block)
+
+    return mask_mod
+
+
+def dense_mask(anchors, keep, context_len, block_size):
+    """The same mask_mod evaluated on every (q, kv) pair: bool [B, 1, Q, S + Q]."""
+    B, N = anchors.shape
+    q_len = N * block_size
+    b = torch.arange(B, device=anchors.device)[:, None, None]
+    q = torch.arange(q_len, device=anchors.device)[None, :, None]
+    kv = torch.arange(context_len + q_len, device=anchors.device)[None, None, :]
+    return dflash_mask_mod(anchors, keep, context_len, block_size)(b, None, q, kv)[:, None]
+
+
+def build_mask(anchors, keep, context_len, block_size, use_flex):
+    """Once per batch: a BlockMask for flex_attention, or a dense bool mask for SDPA."""
+    if not use_flex:
+        return dense_mask(anchors, keep, context_len, block_size)
+    q_len = anchors.shape[1] * block_size
+    return create_block_mask(dflash_mask_mod(anchors, keep, context_len, block_size),
+                             B=anchors.shape[0], H=None, Q_LEN=q_len, KV_LEN=context_len + q_len,
+                             device=anchors.device)
+
+
+_compiled_flex = None
+
+
+def attend(q, k, v, mask):
+    """q [B, Hq, Q, D], k/v [B, Hkv, KV, D]; mask: BlockMask, dense bool [B, 1, Q, KV] or None."""
+    global _compiled_flex
+    if isinstance(mask, BlockMask):
+        if _compiled_flex is None:  # compile once; uncompiled flex_attention is a slow reference
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    # SDPA gives NaN for a row with no visible key (dropped slots), and NaN would leak into the
+    # gradients of k and v. Let such rows see everything, then zero their output: their upstream
+    # gradient is then exactly zero, which is what flex_attention does for fully masked rows.
+    visible = mask.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~visible, enable_gqa=gqa)
+    return out.masked_fill(~visible, 0.0)

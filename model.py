@@ -1,0 +1,439 @@
+"""The DFlash drafter (plain PyTorch), the frozen HF target with hook-based layer capture, and the
+training objective. Every DFlash rule lives in this file and in attention.py (the mask).
+
+A DFlash drafter is a few Qwen3-style decoder layers that fill a whole block of `block_size` tokens in
+ONE forward pass. Its input is the block [anchor token, MASK, MASK, ...] embedded with the target's
+own (frozen) embedding; its conditioning is the "context": hidden states of a few target layers at
+every committed position, fused by `hidden_norm(fc(cat(features)))`. In every draft layer the
+queries come from the block, and keys/values from [context; block] through the same projections
+("KV injection"). Its logits come from the target's frozen lm_head. It owns no embedding and no
+lm_head, so its state_dict is exactly the serving format (fc, hidden_norm, norm, layers.*).
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from attention import attend, build_mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class DFlashConfig:
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    vocab_size: int
+    max_position_embeddings: int
+    num_target_layers: int
+    target_layer_ids: list
+    mask_token_id: int
+    num_hidden_layers: int = 5
+    block_size: int = 16
+
+    def __post_init__(self):
+        if self.block_size < 2:
+            raise ValueError(f"block_size={self.block_size}: a block needs the anchor plus at least "
+                             "one token to draft; use block_size >= 2 (16 is the paper's)")
+        if self.num_hidden_layers < 1:
+            raise ValueError(f"num_hidden_layers={self.num_hidden_layers}: the drafter needs >= 1 layer")
+        if not self.target_layer_ids:
+            raise ValueError("target_layer_ids is empty: capture at least one target layer")
+        bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
+        if bad:
+            raise ValueError(f"target_layer_ids {bad} are outside the target's layers "
+                             f"0..{self.num_target_layers - 1}; use build_target_layer_ids()")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id={self.mask_token_id} is outside the target's "
+                             f"{self.vocab_size} embedding rows; pick an unused row (Qwen3: 151669)")
+
+    @property
+    def num_features(self):
+        return len(self.target_layer_ids)
+
+
+def build_target_layer_ids(num_target_layers, num_features):
+    """The published spacing: spread n captured layers from layer 1 to layer L-3."""
+    L, n = num_target_layers, num_features
+    if n < 1:
+        raise ValueError(f"num_features={n}: capture at least one target layer")
+    ids = [L // 2] if n == 1 else [int(round(1 + i * (L - 4) / (n - 1))) for i in range(n)]
+    if any(not 0 <= i < L for i in ids) or len(set(ids)) != n:
+        raise ValueError(f"cannot place {n} captured layers in a {L}-layer target (got {ids}); "
+                         "use fewer features or list target_layer_ids explicitly")
+    return ids
+
+
+def _rope_theta(cfg):
+    theta = getattr(cfg, "rope_theta", None)
+    if theta is None:  # transformers >= 5 keeps it in rope_parameters
+        theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return float(theta)
+
+
+def config_from_target(target_config, num_hidden_layers=5, block_size=16, target_layer_ids=None,
+                       num_features=5, mask_token_id=None):
+    """Drafter dimensions are the target's; only depth, block size, layer ids and mask id are ours."""
+    tc = getattr(target_config, "text_config", None) or target_config
+    L = tc.num_hidden_layers
+    if mask_token_id is None:
+        raise ValueError("mask_token_id is not set: choose an embedding row that real text never "
+                         "uses (Qwen3: 151669; SmolLM2: 16) and put it in the config")
+    return DFlashConfig(
+        hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
+        num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
+        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+        intermediate_size=tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
+        rope_theta=_rope_theta(tc), vocab_size=tc.vocab_size,
+        max_position_embeddings=tc.max_position_embeddings, num_target_layers=L,
+        target_layer_ids=list(target_layer_ids or build_target_layer_ids(L, num_features)),
+        mask_token_id=int(mask_token_id), num_hidden_layers=num_hidden_layers, block_size=block_size)
+
+
+def check_fits_target(cfg, target):
+    """A drafter trained for one target is useless on another: fail before any forward."""
+    tc = getattr(target.config, "text_config", None) or target.config
+    rows = target.get_input_embeddings().weight.shape[0]
+    if cfg.hidden_size != tc.hidden_size:
+        raise ValueError(f"drafter hidden_size={cfg.hidden_size} != target hidden_size="
+                         f"{tc.hidden_size}: this drafter was built for another target")
+    if cfg.num_target_layers != tc.num_hidden_layers:
+        raise ValueError(f"drafter num_target_layers={cfg.num_target_layers} != target's "
+                         f"{tc.num_hidden_layers} layers: this drafter was built for another target")
+    if not 0 <= cfg.mask_token_id < rows:
+        raise ValueError(f"mask_token_id={cfg.mask_token_id} is outside the target's {rows} "
+                         "embedding rows")
+
+
+# ----------------------------------------------------------------------------------------------
+# The drafter
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """Absolute RoPE: positions [B, T] -> cos, sin [B, 1, T, head_dim] in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], -1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, -1)
+    rotated = torch.cat([-x2, x1], -1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H = cfg.hidden_size
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def project_kv(self, x, cos, sin):
+        """K/V of a token stream (context or block) with the SAME projections: k_norm, then RoPE."""
+        B, T, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x, context, rope_block, rope_context, mask, cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        q = apply_rope(q, *rope_block)
+        k_ctx, v_ctx = self.project_kv(context, *rope_context)
+        if cache is not None:  # inference: earlier committed context is already projected
+            k_ctx, v_ctx = cache.append(layer_idx, k_ctx, v_ctx)
+        k_blk, v_blk = self.project_kv(x, *rope_block)
+        out = attend(q, torch.cat([k_ctx, k_blk], 2), torch.cat([v_ctx, v_blk], 2), mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, context, rope_block, rope_context, mask, cache=None, layer_idx=0):
+        # the context is already normalised by hidden_norm: it skips input_layernorm
+        x = x + self.self_attn(self.input_layernorm(x), context, rope_block, rope_context, mask,
+                               cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DFlashDrafter(nn.Module):
+    def __init__(self, cfg: DFlashConfig):
+        super().__init__()
+        self.config = cfg
+        H = cfg.hidden_size
+        self.fc = nn.Linear(cfg.num_features * H, H, bias=False)
+        self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+
+    def forward(self, block_embeds, features, block_positions, context_positions, mask=None, cache=None):
+        """block_embeds [B, T, H] (target-embedded block tokens), features [B, S, n*H] (captured
+        target layers of the context), positions [B, T] and [B, S] (absolute). Returns the final
+        normed hidden states [B, T, H]; the target lm_head turns them into logits."""
+        cfg = self.config
+        context = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+        x = block_embeds.to(context.dtype)
+        rope_block = rope_cos_sin(block_positions, cfg.head_dim, cfg.rope_theta)
+        rope_context = rope_cos_sin(context_positions, cfg.head_dim, cfg.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, context, rope_block, rope_context, mask, cache, i)
+        return self.norm(x)
+
+
+class DraftCache:
+    """K/V of the committed context, per draft layer. Block K/V is never stored: the next block is
+    drafted at new positions, so the cache only ever holds committed positions."""
+
+    def __init__(self):
+        self.k, self.v = {}, {}
+
+    def append(self, i, k, v):
+        if i in self.k:
+            k, v = torch.cat([self.k[i], k], 2), torch.cat([self.v[i], v], 2)
+        self.k[i], self.v[i] = k, v
+        return k, v
+
+    @property
+    def length(self):
+        return self.k[0].shape[2] if self.k else 0
+
+
+@torch.no_grad()
+def draft_block(drafter, target, new_features, context_positions, block_ids, start, cache):
+    """Inference step: append the newly committed context to the draft cache and fill one block.
+    block_ids [B, T] = [last committed token, MASK...] at positions start..start+T-1.
+    Returns the drafter's logits [B, T, V] (slot 0 is the anchor and is never used)."""
+    T = block_ids.shape[1]
+    positions = torch.arange(start, start + T, device=block_ids.device)[None].expand(block_ids.shape[0], -1)
+    embeds = target.get_input_embeddings()(block_ids)
+    hidden = drafter(embeds, new_features, positions, context_positions, mask=None, cache=cache)
+    return target.get_output_embeddings()(hidden.to(target.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# The target: an unmodified HF causal LM, frozen, with forward hooks on the captured layers
+
+def load_target(path_or_config, dtype=torch.bfloat16, device="cpu"):
+    """An HF folder (from_pretrained), or an HF config (dict, json path or PretrainedConfig) with
+    random weights: step timing does not depend on the weights."""
+    import json
+    import os
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if isinstance(path_or_config, (str, os.PathLike)) and os.path.isdir(path_or_config):
+        model = AutoModelForCausalLM.from_pretrained(path_or_config, dtype=dtype)
+    else:
+        cfg = path_or_config
+        if isinstance(cfg, (str, os.PathLike)):
+            with open(cfg) as f:
+                cfg = json.load(f)
+        if isinstance(cfg, dict):
+            cfg = dict(cfg)
+            cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def decoder_layers(target):
+    return target.get_decoder().layers
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture_features(target, input_ids, layer_ids, stop_early=True, **forward_kwargs):
+    """One target forward with hooks on `layer_ids`: returns (cat of their outputs [B, S, n*H], the
+    forward's output or None). A hook on layer k sees the residual stream after layer k, i.e. HF's
+    output_hidden_states[k + 1]. With stop_early the forward is abandoned after the last captured
+    layer (training never needs the layers above it, nor the logits)."""
+    captured = {}
+    layers = decoder_layers(target)
+    last = max(layer_ids)
+
+    def hook_for(k):
+        def hook(module, args, output):
+            captured[k] = output[0] if isinstance(output, tuple) else output
+            if stop_early and k == last:
+                raise _StopForward
+        return hook
+
+    handles = [layers[k].register_forward_hook(hook_for(k)) for k in layer_ids]
+    out = None
+    try:
+        if stop_early:
+            try:
+                target.get_decoder()(input_ids=input_ids, use_cache=False, **forward_kwargs)
+            except _StopForward:
+                pass
+        else:
+            out = target(input_ids=input_ids, **forward_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    features = torch.cat([captured.pop(k) for k in layer_ids], -1)
+    return features, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training objective
+
+def default_gamma(block_size):
+    """Loss decay over block slots from the paper: 7 for block 16, 5 for 10, 4 for 8."""
+    return {16: 7.0, 10: 5.0, 8: 4.0}.get(block_size, block_size * 7.0 / 16)
+
+
+def sample_anchors(loss_mask, num_anchors, generator=None):
+    """Up to num_anchors anchor positions per row, without replacement, sorted; always exactly
+    num_anchors slots (static shapes), with keep=False on unused slots.
+    An anchor is a position p with loss_mask[p] and loss_mask[p + 1]: the anchor is a committed
+    response token (as at inference, where it is the target's own token) and the block has at
+    least one supervised label. Labels that run past the sequence are masked, not avoided."""
+    if num_anchors < 1:
+        raise ValueError(f"num_anchors={num_anchors}: sample at least one anchor per sequence")
+    B, S = loss_mask.shape
+    valid = torch.zeros_like(loss_mask, dtype=torch.bool)
+    valid[:, :-1] = (loss_mask[:, :-1] > 0) & (loss_mask[:, 1:] > 0)
+    scores = torch.rand(B, S, generator=generator, device=loss_mask.device)
+    scores = torch.where(valid, scores, -1.0)
+    k = min(num_anchors, S)
+    top, idx = scores.topk(k, dim=1)
+    kept = top >= 0
+    order = torch.where(kept, idx, idx + S).argsort(1)  # kept slots first, by position
+    anchors, keep = idx.gather(1, order), kept.gather(1, order)
+    if k < num_anchors:
+        pad = num_anchors - k
+        anchors = torch.cat([anchors, anchors.new_zeros(B, pad)], 1)
+        keep = torch.cat([keep, keep.new_zeros(B, pad)], 1)
+    return torch.where(keep, anchors, 0), keep
+
+
+def _ce_chunk(hidden, lm_weight, labels):
+    logits = F.linear(hidden, lm_weight).float()
+    ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    return ce, logits.argmax(-1) == labels
+
+
+def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, use_flex=False,
+                generator=None, features=None, ce_chunk_tokens=4096):
+    """The training forward for a batch. Returns (weighted CE sum, weight sum, stats): the caller
+    divides by the weight sum of the WHOLE optimizer step (all micro-batches, all ranks)."""
+    cfg = drafter.config
+    bs, B, S = cfg.block_size, *input_ids.shape
+    gamma = gamma or default_gamma(bs)
+    if features is None:
+        with torch.no_grad():
+            features, _ = capture_features(target, input_ids, cfg.target_layer_ids)
+    anchors, keep = sample_anchors(loss_mask, num_anchors, generator)
+    N = anchors.shape[1]
+    offsets = torch.arange(bs, device=input_ids.device)
+    positions = anchors[:, :, None] + offsets                                      # [B, N, bs]
+
+    # block input: [token at the anchor, MASK, ..., MASK], embedded by the frozen target
+    block_ids = torch.full((B, N, bs), cfg.mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    block_ids[:, :, 0] = input_ids.gather(1, anchors)
+    with torch.no_grad():
+        embeds = target.get_input_embeddings()(block_ids.view(B, N * bs))
+
+    mask = build_mask(anchors, keep, S, bs, use_flex)
+    context_positions = torch.arange(S, device=input_ids.device)[None].expand(B, -1)
+    hidden = drafter(embeds, features, positions.view(B, N * bs), context_positions, mask)
+
+    # SAME-position labels: slot k of the block anchored at a predicts token[a + k], k >= 1
+    label_pos = positions[:, :, 1:]
+    in_range = label_pos < S
+    label_pos = label_pos.clamp(max=S - 1)
+    labels = input_ids.gather(1, label_pos.view(B, -1)).view(B, N, bs - 1)
+    valid = in_range & keep[:, :, None] & (loss_mask.gather(1, label_pos.view(B, -1)).view(B, N, bs - 1) > 0)
+    labels = torch.where(valid, labels, -100)
+    slot_weight = torch.exp(-(offsets[1:].float() - 1) / gamma)                  # [bs - 1]
+    weights = valid.float() * slot_weight
+
+    # lm_head + CE in chunks of query tokens, recomputed in backward: fp32 logits for the whole
+    # vocab never exist for all N * (bs - 1) tokens at once
+    h = hidden.view(B, N, bs, -1)[:, :, 1:].reshape(-1, cfg.hidden_size)
+    flat_labels = labels.reshape(-1)
+    lm_weight = target.get_output_embeddings().weight
+    ces, hits = [], []
+    for h_c, y_c in zip(h.split(ce_chunk_tokens), flat_labels.split(ce_chunk_tokens)):
+        ce, hit = checkpoint(_ce_chunk, h_c.to(lm_weight.dtype), lm_weight, y_c, use_reentrant=False)
+        ces.append(ce)
+        hits.append(hit)
+    ce = torch.cat(ces).view(B, N, bs - 1)
+    hit = torch.cat(hits).view(B, N, bs - 1)
+
+    loss_sum = (ce * weights).sum()
+    stats = {  # sums, so the caller can add them over micro-batches and ranks
+        "correct_per_slot": (hit & valid).sum((0, 1)).float().detach(),
+        "count_per_slot": valid.sum((0, 1)).float(),
+        "ce_sum": (ce * valid).sum().detach(),
+        "anchors": keep.sum().float(),
+    }
+    return loss_sum, weights.sum(), stats
+
+
+def acceptance_metrics(correct_per_slot, count_per_slot):
+    """Per-slot accuracy and the expected acceptance length 1 + sum_k prod_{i<=k} acc_i (the +1 is
+    the target's own bonus token). High accuracy with a low expected length = a wrong block tail."""
+    acc = correct_per_slot / count_per_slot.clamp(min=1)
+    return acc, 1.0 + torch.cumprod(acc, 0).sum().item()
+
+
+def build_drafter(cfg, device="cpu", dtype=torch.float32):
+    drafter = DFlashDrafter(cfg).to(device=device, dtype=dtype)
+    init_weights(drafter)
+    return drafter
+
+
+def init_weights(drafter, std=0.02):
+    for p in drafter.parameters():  # the only 1-D parameters are RMSNorm weights
+        nn.init.ones_(p) if p.dim() == 1 else nn.init.normal_(p, std=std)
+
+
+def config_dict(cfg):
+    return asdict(cfg)
