@@ -398,7 +398,8 @@ def _publish(out_dir, write):
 
 def load_drafter(path, device="cpu", dtype=torch.float32):
     """A serving folder or a training run/checkpoint folder -> (DFlashDrafter in eval mode, config)."""
-    is_serving = os.path.isfile(os.path.join(path, "config.json"))
+    # a serving folder has its weights beside config.json; a run folder holds checkpoints/ instead
+    is_serving = os.path.isfile(os.path.join(path, "model.safetensors"))
     sd, cfg, _ = read_serving(path) if is_serving else read_checkpoint(path)
     with torch.device("meta"):  # no random init of a billion weights that are overwritten next
         drafter = DFlashDrafter(cfg)

@@ -376,6 +376,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert losses(b / "run") == losses(a / "run")
     wa, wb = final_weights(a / "run"), final_weights(b / "run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # bench.py and init_from take the run folder itself too (its newest checkpoint, fp32)
+    from_run, _ = C.load_drafter(str(b / "run"))
+    assert all(torch.equal(v.to(torch.bfloat16), wb[k]) for k, v in from_run.state_dict().items())
 
 
 def test_kill_during_checkpoint_write_leaves_a_resumable_run(tmp_path):
@@ -412,6 +415,12 @@ def test_two_rank_gloo_run_matches_one_rank(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "on 2 x cpu" in r.stdout
     assert losses(b / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
+    # the frozen target sharded too (targets that do not fit one GPU): the same maths
+    c = tmp_path / "c"
+    c.mkdir()
+    r = run_train(train_args(c, batch_size=1, max_steps=3, shard_target=True), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(c / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

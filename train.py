@@ -9,6 +9,7 @@ The drafter is sharded with FSDP2 (fully_shard per layer, then the root); the fr
 bf16 on every rank, or is sharded too (shard_target). The same script runs on CPU with gloo.
 Checkpoints (DCP) are atomic and the run resumes by itself when the same command is run again.
 """
+import glob
 import json
 import math
 import os
@@ -74,7 +75,7 @@ DEFAULTS = dict(
     peak_tflops=989.0,            # for MFU: dense bf16 peak of one GPU (H100/H200 SXM)
     # bookkeeping
     log_interval=10,
-    save_interval=500,
+    save_interval=500,            # 0: never save or export (throughput benchmarks only)
     keep_checkpoints=2,
     export_every_save=False,
     eval_interval=0,              # steps between real speculative-decoding evaluations (0: end only)
@@ -160,12 +161,12 @@ def check_config(c):
     need(0 <= c["min_lr"] <= c["lr"], f"min_lr={c['min_lr']} must be in [0, lr={c['lr']}]")
     need(c["mask_token_id"] >= 0, "mask_token_id is not set: choose a target embedding row real text "
          "never uses (Qwen3: 151669, SmolLM2: 16)")
-    need(c["save_interval"] >= 1 and c["log_interval"] >= 1, "save_interval and log_interval must be >= 1")
+    need(c["save_interval"] >= 0 and c["log_interval"] >= 1, "save_interval must be >= 0, log_interval >= 1")
     need(c["keep_checkpoints"] >= 1, "keep_checkpoints must be >= 1")
     need(os.path.exists(c["target"]), f"target={c['target']!r} does not exist (run `python data.py fetch` "
          "for the default assets, or point target at an HF folder or config .json)")
     looks_local = c["data"].startswith(("/", ".")) or c["data"].endswith((".json", ".jsonl"))
-    need(c["data"] == "synthetic" or os.path.exists(c["data"]) or not looks_local,
+    need(c["data"] == "synthetic" or glob.glob(c["data"]) or not looks_local,
          f"data={c['data']!r} does not exist (run `python data.py fetch`, or give a file, folder or HF dataset name)")
     need(c["init_from"] == "" or os.path.exists(c["init_from"]), f"init_from={c['init_from']!r} does not exist")
 
@@ -352,9 +353,10 @@ def main(argv=None):
         fully_shard(layer, mp_policy=mp)
     fully_shard(drafter, mp_policy=mp)
     if c["shard_target"]:
+        # only the decoder layers: embed_tokens and lm_head serve the drafter at every step, outside
+        # the target's forward, so they stay whole on every rank
         for layer in M.decoder_layers(target):
             fully_shard(layer)
-        fully_shard(target)
 
     decay = [p for p in drafter.parameters() if p.dim() >= 2]
     no_decay = [p for p in drafter.parameters() if p.dim() < 2]
@@ -371,8 +373,9 @@ def main(argv=None):
         step, position, skipped_total = state["step"], state["data_position"], state["skipped_steps"]
         torch.set_rng_state(torch.tensor(state["cpu_rng"], dtype=torch.uint8))
         log(f"resumed from {resume} at step {step}")
-    with open(os.path.join(c["out_dir"], "config.json"), "w") if rank == 0 else open(os.devnull, "w") as f:
-        json.dump(c, f, indent=1)
+    if rank == 0:  # not config.json: that name marks a serving folder
+        with open(os.path.join(c["out_dir"], "train_config.json"), "w") as f:
+            json.dump(c, f, indent=1)
 
     batches = D.iterate_batches(dataset, c["batch_size"], seed=c["seed"], rank=rank, world_size=world,
                                 pad_multiple=c["pad_multiple"], pad_id=pad_id, start=position,
@@ -476,7 +479,8 @@ def main(argv=None):
             acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log = None, 0.0, 0.0, time.time(), 0, 0
 
         stopping_here = step == c["stop_at_step"] and step < total_steps
-        if step % c["save_interval"] == 0 or step == total_steps or stopping_here:
+        saving = c["save_interval"] > 0 and (step % c["save_interval"] == 0 or step == total_steps)
+        if saving or stopping_here:
             train_state = dict(step=step, data_position=position, skipped_steps=skipped_total,
                                cpu_rng=torch.get_rng_state().tolist())
             path = save_checkpoint(c["out_dir"], step, drafter, optimizer, train_state, dcfg,
@@ -499,9 +503,10 @@ def main(argv=None):
         log(f"stopping: {stop_reason}; the last good weights are in {path}")
         dist.destroy_process_group()
         return 1
-    out = os.path.join(c["out_dir"], "drafter")
-    export(drafter, dcfg, target_config_dict, out, c, rank)
-    log(f"exported the drafter (serving format) to {out}")
+    if c["save_interval"] > 0:
+        out = os.path.join(c["out_dir"], "drafter")
+        export(drafter, dcfg, target_config_dict, out, c, rank)
+        log(f"exported the drafter (serving format) to {out}")
     tau = evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log)
     if tau is not None:
         log(f"measured acceptance length (real speculative decoding): tau = {tau:.2f}")
