@@ -197,13 +197,6 @@ def checkpoint_dir(out_dir, step):
     return os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
 
 
-def latest_checkpoint(out_dir):
-    root = os.path.join(out_dir, "checkpoints")
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")) \
-        if os.path.isdir(root) else []
-    return os.path.join(root, done[-1]) if done else None
-
-
 def save_checkpoint(out_dir, step, drafter, optimizer, train_state, dcfg, target_config, keep, rank):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -367,6 +360,7 @@ def main(argv=None):
 
     # --- resume: the same command after a crash continues from the newest complete checkpoint
     step, position, bad_steps, skipped_total = 0, None, 0, 0
+    from convert import latest_checkpoint  # complete checkpoints only: *.tmp is an interrupted save
     resume = latest_checkpoint(c["out_dir"])
     if resume:
         state = load_checkpoint(resume, drafter, optimizer)
