@@ -461,10 +461,11 @@ def main(argv=None):
                        samples_per_s=sps, tokens_per_s=tokens_log * world / dt,
                        tflops_per_gpu=tflops, mfu=tflops / c["peak_tflops"], peak_mem_gib=mem,
                        skipped_steps=skipped_total, time=time.time())
+            gpu = (f" | {tflops:.0f} TFLOP/s/gpu (MFU {100 * rec['mfu']:.1f}%) | mem {mem:.1f} GiB"
+                   if device_kind == "cuda" else "")
             log(f"step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | loss {rec['loss']:.4f} | "
                 f"acc@1 {rec['acc_1']:.3f} | exp accept {exp_len:.2f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.2f} | "
-                f"{sps:.1f} samples/s | {rec['tokens_per_s']:.0f} tok/s | {tflops:.0f} TFLOP/s/gpu "
-                f"(MFU {100 * rec['mfu']:.1f}%) | mem {mem:.1f} GiB | ETA {fmt_time(eta)}", flush=True)
+                f"{sps:.1f} samples/s | {rec['tokens_per_s']:.0f} tok/s{gpu} | ETA {fmt_time(eta)}", flush=True)
             if metrics_file:
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
