@@ -23,6 +23,7 @@ from collections import Counter
 
 import torch
 
+import data
 import model as M
 
 
@@ -193,21 +194,6 @@ def spec_generate(target, drafter, input_ids, max_new_tokens, stop_ids, block_si
 # ----------------------------------------------------------------------------------------------
 # Prompts, chat turns, stop tokens
 
-def stop_token_ids(tokenizer, target=None):
-    """The tokenizer's eos, <|im_end|> where the vocabulary has it, and the generation config's eos
-    ids. SPEC 8: converted SmolLM2 folders name <|im_start|> their eos; a turn never ends on it."""
-    ids = set()
-    gen = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
-    for v in (tokenizer.eos_token_id, gen):
-        ids |= set(v) if isinstance(v, (list, tuple)) else {v} if v is not None else set()
-    vocab = tokenizer.get_vocab()
-    if "<|im_end|>" in vocab:
-        ids.add(vocab["<|im_end|>"])
-    if "<|im_start|>" in vocab:
-        ids.discard(vocab["<|im_start|>"])
-    return sorted(ids)
-
-
 def render(tokenizer, messages):
     """Chat template with add_generation_prompt=True; thinking off where the template has the switch."""
     kw = {"enable_thinking": False} if "enable_thinking" in (tokenizer.chat_template or "") else {}
@@ -235,7 +221,7 @@ def run_turns(target, drafter, tokenizer, turns, max_new_tokens, stop_ids, block
 
 def measure_tau(target, drafter, tokenizer, prompts, max_new_tokens):
     """Mean acceptance length over all steps of the first turn of each prompt, at temperature 0."""
-    stops = stop_token_ids(tokenizer, target)
+    stops = data.stop_ids(tokenizer, target)
     steps = []
     for p in prompts:
         turn = p["turns"][0] if isinstance(p, dict) else p
@@ -430,7 +416,7 @@ def summarize(name, records, block_size):
 
 
 def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file=None):
-    stops, B, device = stop_token_ids(tokenizer, target), args.block_size, args.device
+    stops, B, device = data.stop_ids(tokenizer, target), args.block_size, args.device
     records = []
     for p in prompts:
         runs = {}
@@ -540,7 +526,6 @@ def main(argv=None):
     if args.prompt_len is not None:
         return time_synthetic(target, drafter, args, runners)
 
-    import data
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
     out_file = open(args.out, "w") if args.out else None

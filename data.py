@@ -339,13 +339,15 @@ def load_prompts(name_or_path, assets_dir=None):
 # regenerating the assistant turns with the target
 
 def stop_ids(tokenizer, model=None):
+    """The tokens that end a turn: the tokenizer's eos, the generation config's eos ids and the
+    common end-of-turn tokens the vocabulary has. Never <|im_start|>: transformers names it the eos
+    of GGUF-converted SmolLM2 folders (SPEC 8), and a turn never ends on it."""
     ids = set()
     for v in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         ids |= set(v) if isinstance(v, (list, tuple)) else {v} if v is not None else set()
-    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
-        i = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tokenizer.unk_token_id and t in tokenizer.get_vocab():
-            ids.add(i)
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>") if t in vocab}
+    ids.discard(vocab.get("<|im_start|>"))
     return sorted(ids)
 
 

@@ -1187,7 +1187,7 @@ def test_measure_tau(models, monkeypatch):
     ids = torch.tensor([bench.render(tok, [{"role": "user", "content": "abc"}])])
     ref = greedy(t, ids, 16)
     guide(monkeypatch, bench.EagerRunner, ref, ids.shape[1])
-    stops = bench.stop_token_ids(tok, t)
+    stops = data.stop_ids(tok, t)
     want = bench.spec_generate(t, d, ids, 16, stops)["acceptance"]
     assert bench.measure_tau(t, d, tok, [{"turns": ["abc"]}], 16) == pytest.approx(sum(want) / len(want))
 
@@ -1215,11 +1215,11 @@ def test_stop_token_ends_generation_exactly(models, monkeypatch, perfect):
     assert r["tokens"] == ref[:1] and r["acceptance"] == []
 
 
-def test_stop_token_ids():
+def test_stop_ids():
     tok = char_tokenizer()
-    assert bench.stop_token_ids(tok) == [1]
+    assert data.stop_ids(tok) == [1]
     tok.eos_token = "<|im_start|>"  # how transformers names SmolLM2's eos (SPEC 8)
-    assert bench.stop_token_ids(tok) == [1]
+    assert data.stop_ids(tok) == [1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1251,7 +1251,7 @@ def test_mt_bench_turn2_sees_turn1_answer(models, tmp_path):
         rows = load_prompts(str(path))
     except ImportError:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-    res = bench.run_turns(t, d, tok, rows[0]["turns"], 12, bench.stop_token_ids(tok, t), 4)
+    res = bench.run_turns(t, d, tok, rows[0]["turns"], 12, data.stop_ids(tok, t), 4)
     answer = tok.decode(res[0]["tokens"], skip_special_tokens=True)
     assert answer and res[0]["answer"] == answer
     turn2 = tok.decode(res[1]["prompt_ids"])
