@@ -196,11 +196,8 @@ def spec_generate(target, drafter, input_ids, max_new_tokens, stop_ids, block_si
 
 def render(tokenizer, messages):
     """Chat template with add_generation_prompt=True; thinking off where the template has the switch."""
-    kw = {"enable_thinking": False} if "enable_thinking" in (tokenizer.chat_template or "") else {}
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw)
-    if hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
+    thinking = False if "enable_thinking" in (tokenizer.chat_template or "") else None
+    return data.render_chat(tokenizer, messages, thinking, add_generation_prompt=True)
 
 
 def run_turns(target, drafter, tokenizer, turns, max_new_tokens, stop_ids, block_size, temperature=0.0,

@@ -148,7 +148,8 @@ def load_conversations(source, split="train"):
 # -----------------------------------------------------------------------------
 # tokenization with a loss mask on the assistant tokens
 
-def _render(tokenizer, messages, enable_thinking, add_generation_prompt=False, tokenize=True):
+def render_chat(tokenizer, messages, enable_thinking, add_generation_prompt=False, tokenize=True):
+    """The target's own chat template -> token ids (or text); enable_thinking only where given."""
     kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     out = tokenizer.apply_chat_template(msgs, tokenize=tokenize, add_generation_prompt=add_generation_prompt, **kw)
@@ -191,7 +192,7 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None)
     earlier turns (Qwen3 drops the <think> of past turns), and working on characters avoids
     tokens that merge differently at the edge of an empty content. Assistant messages carrying
     `token_ids` (written by `regenerate`) get those exact ids in place of the re-tokenized text."""
-    text = _render(tokenizer, messages, enable_thinking, tokenize=False)
+    text = render_chat(tokenizer, messages, enable_thinking, tokenize=False)
     # long chats: tokenize only a head of the text that surely holds max_length tokens; the 64
     # spare tokens keep the cut (which can change the last word's tokens) past what we keep
     enc = None
@@ -207,7 +208,7 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None)
             continue
         if k >= max_length:
             break  # later turns are truncated away anyway
-        other = _render(tokenizer, messages[:i] + [{"role": "assistant", "content": ""}] + messages[i + 1:], enable_thinking, tokenize=False)
+        other = render_chat(tokenizer, messages[:i] + [{"role": "assistant", "content": ""}] + messages[i + 1:], enable_thinking, tokenize=False)
         cs = _common_prefix(text, other)
         ce = cs + len(text) - len(other)  # the content emitted verbatim, the usual case
         if text[ce:] != other[cs:]:  # it was split up (Qwen3: <think> reasoning, template text, answer)
@@ -421,7 +422,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     stops = stop_ids(tok, model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     # sorting by prompt length keeps padding (and wasted decode work) small
-    first = [len(_render(tok, r["system"] + [{"role": "user", "content": r["users"][0]}], enable_thinking, True)) for r in todo]
+    first = [len(render_chat(tok, r["system"] + [{"role": "user", "content": r["users"][0]}], enable_thinking, True)) for r in todo]
     order = sorted((k for k in range(len(todo)) if first[k] <= max_prompt_tokens), key=lambda k: first[k])
     if len(order) < len(todo):
         log(f"regenerate: skipping {len(todo) - len(order)} rows whose prompt is over {max_prompt_tokens} tokens")
@@ -435,7 +436,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
                 live, prompts = [], []
                 for j, r in enumerate(rows):
                     if t < len(r["users"]):
-                        p = _render(tok, hist[j] + [{"role": "user", "content": r["users"][t]}], enable_thinking, True)
+                        p = render_chat(tok, hist[j] + [{"role": "user", "content": r["users"][t]}], enable_thinking, True)
                         if len(p) <= max_prompt_tokens:  # else the row ends with its previous answer
                             live.append(j)
                             prompts.append(p)

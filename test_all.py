@@ -487,7 +487,7 @@ def test_mask_qwen_style_three_turns():
     tok = qwen_tokenizer()
     ids, mask = data.tokenize_conversation(tok, CHAT, max_length=4096)
     assert len(ids) == len(mask)
-    assert ids == data._render(tok, CHAT, None)  # the sequence is exactly the template's rendering
+    assert ids == data.render_chat(tok, CHAT, None)  # the sequence is exactly the template's rendering
     # the past turn's <think> is dropped by the template; the last turn's empty think block is
     # template scaffolding, not content
     assert masked_text(tok, ids, mask) == "An apple.<|im_end|>A banana, 12 of them.<|im_end|>You are welcome.<|im_end|>"
@@ -495,8 +495,8 @@ def test_mask_qwen_style_three_turns():
     unmasked = tok.decode([i for i, m in zip(ids, mask) if not m])
     assert "Name a red fruit." in unmasked and "<|im_start|>assistant\n" in unmasked
     # thinking on/off reaches the template
-    p_off = tok.decode(data._render(tok, CHAT[:2], False, add_generation_prompt=True))
-    p_on = tok.decode(data._render(tok, CHAT[:2], True, add_generation_prompt=True))
+    p_off = tok.decode(data.render_chat(tok, CHAT[:2], False, add_generation_prompt=True))
+    p_on = tok.decode(data.render_chat(tok, CHAT[:2], True, add_generation_prompt=True))
     assert p_off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and p_on.endswith("<|im_start|>assistant\n")
     # a last turn with reasoning: the template splits it into reasoning, its own text and the
     # answer; everything from the reasoning on is what the model generates, so all of it counts
@@ -526,7 +526,7 @@ def test_mask_smollm2_three_turns():
     tok = AutoTokenizer.from_pretrained(SMOL)
     chat = [m if m["role"] != "assistant" or "<think>" not in m["content"] else {"role": "assistant", "content": "An apple."} for m in CHAT[1:]]
     ids, mask = data.tokenize_conversation(tok, chat, max_length=4096)
-    assert ids == data._render(tok, chat, None)
+    assert ids == data.render_chat(tok, chat, None)
     assert masked_text(tok, ids, mask) == "An apple.<|im_end|>A banana, 12 of them.<|im_end|>You are welcome.<|im_end|>"
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(ids)  # the template's default system turn
     # re-tokenizing text with whitespace runs before digits gives the ids of the text's pieces
@@ -619,7 +619,7 @@ def test_fetched_model_and_prompts():
     model = AutoModelForCausalLM.from_pretrained(SMOL, dtype=torch.float32)
     assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (2, 1, 2)
     assert model.generation_config.eos_token_id == 2 and model.config.num_hidden_layers == 30
-    ids = data._render(tok, [{"role": "user", "content": "What is the capital of France?"}], None, True)
+    ids = data.render_chat(tok, [{"role": "user", "content": "What is the capital of France?"}], None, True)
     out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
     assert "Paris" in tok.decode(out[0, len(ids):])
     counts = {"mt-bench": 80, "humaneval": 164, "math500": 311, "aime": 45, "alpaca": 805}
@@ -672,7 +672,7 @@ def test_regenerate_greedy_aligned_and_resumable(tmp_path):
         for k, m in enumerate(r["messages"]):
             if m["role"] != "assistant":
                 continue
-            prompt = data._render(tok, r["messages"][:k], None, True)  # turn 2 sees the model's own turn 1
+            prompt = data.render_chat(tok, r["messages"][:k], None, True)  # turn 2 sees the model's own turn 1
             ref = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=2)[0, len(prompt):].tolist()
             ref = ref[:ref.index(2)] if 2 in ref else ref
             assert m["token_ids"] == ref and m["content"] == tok.decode(ref) and m["finished"] == (len(ref) < 6)
