@@ -9,7 +9,7 @@ queries come from the block, and keys/values from [context; block] through the s
 ("KV injection"). Its logits come from the target's frozen lm_head. It owns no embedding and no
 lm_head, so its state_dict is exactly the serving format (fc, hidden_norm, norm, layers.*).
 """
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -439,7 +439,3 @@ def build_drafter(cfg, device="cpu", dtype=torch.float32):
 def init_weights(drafter, std=0.02):
     for p in drafter.parameters():  # the only 1-D parameters are RMSNorm weights
         nn.init.ones_(p) if p.dim() == 1 else nn.init.normal_(p, std=std)
-
-
-def config_dict(cfg):
-    return asdict(cfg)

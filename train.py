@@ -249,9 +249,8 @@ def model_flops_per_sample(target, dcfg, seq_len, num_anchors):
     layers = M.decoder_layers(target)
     n_t = sum(p.numel() for layer in layers[:max(dcfg.target_layer_ids) + 1] for p in layer.parameters())
     H, bs = dcfg.hidden_size, dcfg.block_size
-    d = M.DFlashConfig(**{**dcfg.__dict__})
     with torch.device("meta"):
-        n_d = sum(p.numel() for p in M.DFlashDrafter(d).layers.parameters())
+        n_d = sum(p.numel() for p in M.DFlashDrafter(dcfg).layers.parameters())
     q = num_anchors * bs
     return 2 * n_t * seq_len + 6 * n_d * q + 6 * (dcfg.num_features * H * H) * seq_len + 4 * dcfg.vocab_size * H * q
 
