@@ -365,6 +365,16 @@ def test_lr_schedules():
     assert T.get_lr(90, 100, wsd) == pytest.approx(0.1 + 0.45)
 
 
+def test_model_flop_count_by_hand():
+    """README's count for the tiny target: a Qwen3 layer of width 32 has 9,296 parameters (q 1024,
+    k 512, v 512, o 1024, q/k norms 16, MLP 6144, layer norms 64); layer ids [1, 3] run 4 of them."""
+    t = tiny_target()
+    d = tiny_drafter(t, layers=2, block_size=4, layer_ids=(1, 3))
+    a, b = T.flops_per_token_counts(t, d.config, num_anchors=6)
+    assert a == 2 * 4 * 9296 + 6 * (2 * 32) * 32
+    assert b == 6 * 2 * 9296 * 24 + 4 * 64 * 32 * 24
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     """6 steps in one go == 3 steps, stop, then the same command again: same losses, same weights."""
     a, b = tmp_path / "a", tmp_path / "b"

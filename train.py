@@ -243,16 +243,16 @@ def full_state_dict(drafter):
 # ------------------------------------------------------------------------------------------------
 # Throughput accounting (the README explains the count)
 
-def model_flops_per_sample(target, dcfg, seq_len, num_anchors):
-    """2*N_t*S (target up to the last captured layer) + 6*N_d*Q (drafter layers) + 6*N_fc*S (fc)
+def flops_per_token_counts(target, dcfg, num_anchors):
+    """Model FLOPs of one sequence = a * S + b, S its (padded) length:
+    2*N_t*S (target up to the last captured layer) + 6*N_fc*S (fc) + 6*N_d*Q (drafter layers)
     + 4*V*H*Q (lm_head forward and input gradient), Q = anchors x block; attention left out."""
     layers = M.decoder_layers(target)
     n_t = sum(p.numel() for layer in layers[:max(dcfg.target_layer_ids) + 1] for p in layer.parameters())
-    H, bs = dcfg.hidden_size, dcfg.block_size
     with torch.device("meta"):
         n_d = sum(p.numel() for p in M.DFlashDrafter(dcfg).layers.parameters())
-    q = num_anchors * bs
-    return 2 * n_t * seq_len + 6 * n_d * q + 6 * (dcfg.num_features * H * H) * seq_len + 4 * dcfg.vocab_size * H * q
+    H, q = dcfg.hidden_size, num_anchors * dcfg.block_size
+    return 2 * n_t + 6 * dcfg.num_features * H * H, 6 * n_d * q + 4 * dcfg.vocab_size * H * q
 
 
 def fmt_time(s):
@@ -373,7 +373,7 @@ def main(argv=None):
     batches = D.iterate_batches(dataset, c["batch_size"], seed=c["seed"], rank=rank, world_size=world,
                                 pad_multiple=c["pad_multiple"], pad_id=pad_id, start=position,
                                 max_length=c["max_length"])
-    flops_per_sample = None
+    flops_a, flops_b = flops_per_token_counts(target, dcfg, c["num_anchors"])
     metrics_file = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a") if rank == 0 else None
     wandb_run = None
     if c["wandb"] and rank == 0:
@@ -387,7 +387,7 @@ def main(argv=None):
         f"{'flex' if use_flex else 'dense'} attention; layer ids {dcfg.target_layer_ids}")
 
     # --- the loop
-    acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log = None, 0.0, 0.0, time.time(), 0, 0
+    acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log, flops_log = None, 0.0, 0.0, time.time(), 0, 0, 0
     t_start, step_at_start = time.time(), step
     if device_kind == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -416,8 +416,7 @@ def main(argv=None):
             step_stats = st if step_stats is None else {k: step_stats[k] + st[k] for k in st}
             samples_log += input_ids.shape[0]
             tokens_log += int(loss_mask.numel())
-            if flops_per_sample is None:
-                flops_per_sample = model_flops_per_sample(target, dcfg, input_ids.shape[1], c["num_anchors"])
+            flops_log += input_ids.shape[0] * (flops_a * input_ids.shape[1] + flops_b)
         # loss normalised over the whole optimizer step: all micro-batches and all ranks (SPEC 3.7)
         totals = torch.stack([loss_sum, weight_sum])
         dist.all_reduce(totals)
@@ -452,7 +451,7 @@ def main(argv=None):
             dt = time.time() - t_log
             acc, exp_len = M.acceptance_metrics(acc_stats["correct_per_slot"].cpu(), acc_stats["count_per_slot"].cpu())
             sps = samples_log * world / dt
-            tflops = flops_per_sample * sps / world / 1e12
+            tflops = flops_log / dt / 1e12  # this rank's, i.e. per GPU
             eta = (time.time() - t_start) / max(1, step - step_at_start) * (total_steps - step)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device_kind == "cuda" else 0.0
             rec = dict(step=step, epoch=position["epoch"], loss=acc_loss / acc_w, acc=acc.tolist(),
@@ -470,7 +469,7 @@ def main(argv=None):
                 metrics_file.flush()
             if wandb_run:
                 wandb_run.log(rec, step=step)
-            acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log = None, 0.0, 0.0, time.time(), 0, 0
+            acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log, flops_log = None, 0.0, 0.0, time.time(), 0, 0, 0
 
         stopping_here = step == c["stop_at_step"] and step < total_steps
         saving = c["save_interval"] > 0 and (step % c["save_interval"] == 0 or step == total_steps)
