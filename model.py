@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from attention import attend, build_mask
@@ -373,7 +374,7 @@ def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, 
     bs, B, S = cfg.block_size, *input_ids.shape
     gamma = gamma or default_gamma(bs)
     if features is None:
-        with torch.no_grad():
+        with torch.no_grad(), record_function("dflash: target forward"):
             features, _ = capture_features(target, input_ids, cfg.target_layer_ids)
     anchors, keep = sample_anchors(loss_mask, num_anchors, generator)
     N = anchors.shape[1]
@@ -386,9 +387,11 @@ def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, 
     with torch.no_grad():
         embeds = target.get_input_embeddings()(block_ids.view(B, N * bs))
 
-    mask = build_mask(anchors, keep, S, bs, use_flex)
+    with record_function("dflash: block mask"):
+        mask = build_mask(anchors, keep, S, bs, use_flex)
     context_positions = torch.arange(S, device=input_ids.device)[None].expand(B, -1)
-    hidden = drafter(embeds, features, positions.view(B, N * bs), context_positions, mask)
+    with record_function("dflash: drafter"):
+        hidden = drafter(embeds, features, positions.view(B, N * bs), context_positions, mask)
 
     # SAME-position labels: slot k of the block anchored at a predicts token[a + k], k >= 1
     label_pos = positions[:, :, 1:]
@@ -407,7 +410,8 @@ def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, 
     lm_weight = target.get_output_embeddings().weight
     ces, hits = [], []
     for h_c, y_c in zip(h.split(ce_chunk_tokens), flat_labels.split(ce_chunk_tokens)):
-        ce, hit = checkpoint(_ce_chunk, h_c.to(lm_weight.dtype), lm_weight, y_c, use_reentrant=False)
+        with record_function("dflash: lm_head + CE"):
+            ce, hit = checkpoint(_ce_chunk, h_c.to(lm_weight.dtype), lm_weight, y_c, use_reentrant=False)
         ces.append(ce)
         hits.append(hit)
     ce = torch.cat(ces).view(B, N, bs - 1)

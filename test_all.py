@@ -375,6 +375,14 @@ def test_model_flop_count_by_hand():
     assert b == 6 * 2 * 9296 * 24 + 4 * 64 * 32 * 24
 
 
+def test_profile_prints_the_phases_of_a_step(tmp_path, capsys):
+    assert T.main(train_args(tmp_path, max_steps=8, profile_steps=2)) == 0
+    out = capsys.readouterr().out
+    for phase in ("target forward", "block mask", "drafter", "lm_head + CE", "backward", "optimizer"):
+        assert f"profile dflash: {phase}" in out
+    assert (tmp_path / "run" / "profile_trace.json").stat().st_size > 0
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     """6 steps in one go == 3 steps, stop, then the same command again: same losses, same weights."""
     a, b = tmp_path / "a", tmp_path / "b"

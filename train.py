@@ -84,6 +84,7 @@ DEFAULTS = dict(
     eval_max_new_tokens=128,
     max_bad_steps=5,              # consecutive non-finite steps before the run stops
     wandb=False,
+    profile_steps=0,              # > 0: profile that many steps after 5 warm-up steps, print the top ops
 )
 CHOICES = dict(enable_thinking={"auto", "on", "off"}, lr_schedule={"cosine", "wsd", "constant"},
                device={"auto", "cuda", "cpu"}, dtype={"auto", "bf16", "fp32"},
@@ -392,6 +393,11 @@ def main(argv=None):
     if device_kind == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stop_reason = None
+    profiler = None
+    if c["profile_steps"]:  # where a step's time goes: target, mask, drafter, lm_head + CE, optimizer, comms
+        profiler = torch.profiler.profile(schedule=torch.profiler.schedule(
+            wait=0, warmup=5, active=c["profile_steps"], repeat=1), record_shapes=False)
+        profiler.start()
     while step < total_steps:
         lr = get_lr(step, total_steps, c)
         for group in optimizer.param_groups:
@@ -410,7 +416,8 @@ def main(argv=None):
             drafter.set_requires_gradient_sync(micro == c["grad_accum"] - 1)
             ls, ws, st = M.dflash_loss(drafter, target, input_ids, loss_mask, c["num_anchors"],
                                        c["gamma"] or None, use_flex, gen, ce_chunk_tokens=c["ce_chunk_tokens"])
-            ls.backward()  # un-normalised: the gradient is scaled once the step's total weight is known
+            with torch.profiler.record_function("dflash: backward"):
+                ls.backward()  # un-normalised: the gradient is scaled once the step's total weight is known
             loss_sum += ls.detach()
             weight_sum += ws
             step_stats = st if step_stats is None else {k: step_stats[k] + st[k] for k in st}
@@ -439,9 +446,24 @@ def main(argv=None):
             step += 1
             continue
         bad_steps = 0
-        optimizer.step()
+        with torch.profiler.record_function("dflash: optimizer"):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if profiler:
+            profiler.step()
+            if profiler.step_num == 5 + c["profile_steps"]:
+                profiler.stop()
+                events, n = profiler.key_averages(), c["profile_steps"]
+                for e in sorted((e for e in events if e.key.startswith("dflash:")), key=lambda e: e.key):
+                    dev = getattr(e, "device_time_total", 0) / 1e3 / n
+                    log(f"profile {e.key:24s} {e.cpu_time_total / 1e3 / n:8.1f} ms/step on the host, "
+                        f"{dev:8.1f} ms/step on the device")
+                sort = "self_cuda_time_total" if device_kind == "cuda" else "self_cpu_time_total"
+                log(events.table(sort_by=sort, row_limit=20))
+                if rank == 0:
+                    profiler.export_chrome_trace(os.path.join(c["out_dir"], "profile_trace.json"))
+                profiler = None
 
         for k in ("correct_per_slot", "count_per_slot"):
             dist.all_reduce(step_stats[k])
