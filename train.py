@@ -411,7 +411,7 @@ def main(argv=None):
             loss_mask = batch["loss_mask"].to(device, non_blocking=True)
             # anchors depend only on (seed, epoch, row): re-sampled every epoch, re-drawn exactly by a
             # resumed run, and the same whatever the batch size, accumulation or number of ranks
-            gen = [torch.Generator().manual_seed(hash((c["seed"], batch["epoch"], int(r))) % 2**62)
+            gen = [torch.Generator().manual_seed((c["seed"] * 1_000_003 + batch["epoch"]) * 100_000_007 + int(r))
                    for r in batch["row_ids"]]
             drafter.set_requires_gradient_sync(micro == c["grad_accum"] - 1)
             ls, ws, st = M.dflash_loss(drafter, target, input_ids, loss_mask, c["num_anchors"],
