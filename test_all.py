@@ -383,6 +383,33 @@ def test_profile_prints_the_phases_of_a_step(tmp_path, capsys):
     assert (tmp_path / "run" / "profile_trace.json").stat().st_size > 0
 
 
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
+    """Steps 3 and 4 give a NaN loss: both skipped without touching the weights; with max_bad_steps=2
+    the run stops with exit 1 and a checkpoint that holds the step-2 weights."""
+    real, calls = M.dflash_loss, []
+
+    def flaky(*args, **kw):
+        loss, w, st = real(*args, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 2 else loss), w, st
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert T.main(train_args(a, max_steps=6, stop_at_step=2)) == 0  # the weights after two good steps
+    monkeypatch.setattr(M, "dflash_loss", flaky)
+    assert T.main(train_args(b, max_steps=6, max_bad_steps=2)) == 1
+    out = capsys.readouterr().out
+    assert "step 2: non-finite loss or gradient, step skipped (1 in a row)" in out
+    assert "stopping: 2 non-finite steps in a row" in out
+    ckpt = C.latest_checkpoint(str(b / "run"))
+    assert ckpt.endswith("step_00000003")
+    sd, _, _ = C.read_checkpoint(ckpt)
+    good, _, _ = C.read_checkpoint(str(a / "run"))
+    assert all(torch.equal(sd[k], good[k]) for k in good)
+    with open(os.path.join(ckpt, "train_state.json")) as f:
+        assert json.load(f)["skipped_steps"] == 2
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     """6 steps in one go == 3 steps, stop, then the same command again: same losses, same weights."""
     a, b = tmp_path / "a", tmp_path / "b"
