@@ -246,7 +246,8 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
                   max_rows=0):
     """Tokenised (ids, loss_mask) rows; max_rows > 0 keeps the first max_rows conversations that load."""
     convs, skipped = load_conversations(source)
-    if max_rows:
+    used = f"the first {max_rows} of {len(convs)}" if 0 < max_rows < len(convs) else f"{len(convs)}"
+    if max_rows:  # rows the reader skipped are counted over the whole source, as read
         convs = convs[:max_rows]
     out = []
     for msgs in convs:
@@ -263,7 +264,7 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
             continue
         out.append((ids, mask))
     why = ", ".join(f"{n} {r}" for r, n in skipped.most_common()) or "none"
-    log(f"data: {len(out)} rows kept, skipped: {why}")
+    log(f"data: {len(out)} rows kept of {used} conversations read; skipped: {why}")
     return out
 
 

@@ -604,7 +604,7 @@ def test_malformed_rows_counted(tmp_path):
     logs = []
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=1, log=logs.append)
     assert len(ds) == 2 and len(logs) == 1
-    assert logs[0].startswith("data: 2 rows kept, skipped: ") and "1 no assistant content" in logs[0] and "1 malformed json" in logs[0]
+    assert logs[0].startswith("data: 2 rows kept of 3 conversations read; skipped: ") and "1 no assistant content" in logs[0] and "1 malformed json" in logs[0]
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=4, log=logs.append)
     assert len(ds) == 1 and "1 too few loss tokens" in logs[-1]  # "y", "o", <|im_end|> with this tiny vocab
     # a truncated JSON array (as ShareGPT's is): every whole record is read, the tail is one bad row
