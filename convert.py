@@ -25,7 +25,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model import DFlashConfig, DFlashDrafter
+from model import DFlashConfig, DFlashDrafter, rope_theta
 
 STEP_DIR = re.compile(r"step_(\d+)")  # fullmatch: "step_00000100.tmp" is a save in progress
 # keys of config.json that describe the drafter, not the target it was trained for
@@ -44,13 +44,6 @@ def _text_config(target_config):
         target_config = target_config.to_dict()
     tc = target_config.get("text_config") or target_config  # multimodal targets nest it
     return {k: v for k, v in tc.items() if not k.startswith("_")}
-
-
-def _rope_theta(tc):
-    theta = tc.get("rope_theta")
-    if theta is None:  # transformers >= 5 writes it inside rope_parameters
-        theta = (tc.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    return float(theta)
 
 
 def expected_shapes(cfg):
@@ -76,7 +69,7 @@ def validate(state_dict, cfg, target_config=None):
                   "num_key_value_heads": tc.get("num_key_value_heads") or heads,
                   "head_dim": tc.get("head_dim") or (hidden // heads if hidden and heads else None),
                   "intermediate_size": tc.get("intermediate_size"), "vocab_size": rows,
-                  "num_target_layers": L, "rope_theta": _rope_theta(tc)}
+                  "num_target_layers": L, "rope_theta": rope_theta(tc)}
         for field, want in target.items():
             if getattr(cfg, field) != want:
                 problems.append(f"drafter {field}={getattr(cfg, field)} but the target config has {want}")
@@ -271,7 +264,7 @@ def config_from_serving(config, source="config.json"):
                  num_key_value_heads=config.get("num_key_value_heads") or heads,
                  head_dim=config.get("head_dim") or config["hidden_size"] // heads,
                  intermediate_size=config["intermediate_size"], rms_norm_eps=config["rms_norm_eps"],
-                 rope_theta=_rope_theta(config), vocab_size=config["vocab_size"],
+                 rope_theta=rope_theta(config), vocab_size=config["vocab_size"],
                  max_position_embeddings=config["max_position_embeddings"],
                  num_target_layers=config["num_target_layers"],
                  target_layer_ids=list(dflash["target_layer_ids"]),

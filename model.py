@@ -73,10 +73,12 @@ def build_target_layer_ids(num_target_layers, num_features):
     return ids
 
 
-def _rope_theta(cfg):
-    theta = getattr(cfg, "rope_theta", None)
+def rope_theta(cfg):
+    """The target's RoPE theta from an HF config object or its dict."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k, None)
+    theta = get("rope_theta")
     if theta is None:  # transformers >= 5 keeps it in rope_parameters
-        theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        theta = (get("rope_parameters") or {}).get("rope_theta", 10000.0)
     return float(theta)
 
 
@@ -93,7 +95,7 @@ def config_from_target(target_config, num_hidden_layers=5, block_size=16, target
         num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
         head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
         intermediate_size=tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
-        rope_theta=_rope_theta(tc), vocab_size=tc.vocab_size,
+        rope_theta=rope_theta(tc), vocab_size=tc.vocab_size,
         max_position_embeddings=tc.max_position_embeddings, num_target_layers=L,
         target_layer_ids=list(target_layer_ids or build_target_layer_ids(L, num_features)),
         mask_token_id=int(mask_token_id), num_hidden_layers=num_hidden_layers, block_size=block_size)
@@ -258,24 +260,37 @@ def draft_block(drafter, target, new_features, context_positions, block_ids, sta
 # ----------------------------------------------------------------------------------------------
 # The target: an unmodified HF causal LM, frozen, with forward hooks on the captured layers
 
+def _is_folder(path_or_config):
+    import os
+    return isinstance(path_or_config, (str, os.PathLike)) and os.path.isdir(path_or_config)
+
+
+def load_target_config(path_or_config):
+    """The target's HF config from an HF folder, a config .json path, a dict or a PretrainedConfig:
+    cheap, so a drafter can be checked against it before any weights load."""
+    import json
+    from transformers import AutoConfig
+    if _is_folder(path_or_config):
+        return AutoConfig.from_pretrained(path_or_config)
+    cfg = path_or_config
+    if not isinstance(cfg, dict) and not hasattr(cfg, "to_dict"):
+        with open(cfg) as f:
+            cfg = json.load(f)
+    if isinstance(cfg, dict):
+        cfg = dict(cfg)
+        cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    return cfg
+
+
 def load_target(path_or_config, dtype=torch.bfloat16, device="cpu"):
     """An HF folder (from_pretrained), or an HF config (dict, json path or PretrainedConfig) with
     random weights: step timing does not depend on the weights."""
-    import json
-    import os
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if isinstance(path_or_config, (str, os.PathLike)) and os.path.isdir(path_or_config):
+    from transformers import AutoModelForCausalLM
+    if _is_folder(path_or_config):
         model = AutoModelForCausalLM.from_pretrained(path_or_config, dtype=dtype)
     else:
-        cfg = path_or_config
-        if isinstance(cfg, (str, os.PathLike)):
-            with open(cfg) as f:
-                cfg = json.load(f)
-        if isinstance(cfg, dict):
-            cfg = dict(cfg)
-            cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(load_target_config(path_or_config), dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     return model
 

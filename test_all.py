@@ -1345,7 +1345,9 @@ def test_qwen3_8b_config():
     c = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size) == (36, 4096, 12288, 151936)
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (32, 8, 128)
-    assert M._rope_theta(c) == 1e6 and c.tie_word_embeddings is False
+    assert M.rope_theta(c) == 1e6 and c.tie_word_embeddings is False
+    assert M.load_target_config(path).to_dict() == c.to_dict()  # what train.py and load_target read
+    assert M.rope_theta(c.to_dict()) == 1e6                    # convert.py reads dicts
 
 
 # ----------------------------------------------------------------------------------------------

@@ -277,7 +277,7 @@ def setup_distributed(device_kind):
 def main(argv=None):
     c = parse_config(sys.argv[1:] if argv is None else argv)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
     import data as D
 
     device_kind = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
@@ -293,12 +293,7 @@ def main(argv=None):
 
     # --- the drafter's shape is fixed by the target's config: check it before loading weights
     is_folder = os.path.isdir(c["target"])
-    if is_folder:
-        target_config = AutoConfig.from_pretrained(c["target"])
-    else:
-        with open(c["target"]) as f:
-            raw = json.load(f)
-        target_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    target_config = M.load_target_config(c["target"])
     text_config = getattr(target_config, "text_config", None) or target_config
     try:
         dcfg = M.config_from_target(text_config, c["num_draft_layers"], c["block_size"],
