@@ -430,8 +430,8 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), c["grad_clip"])
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        loss = (totals[0] / totals[1].clamp(min=1e-6)).item()  # the step's one host sync
-        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+        loss, grad_norm = torch.stack([totals[0] / totals[1].clamp(min=1e-6), grad_norm]).tolist()  # one host sync
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             bad_steps, skipped_total = bad_steps + 1, skipped_total + 1
             log(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
@@ -460,8 +460,9 @@ def main(argv=None):
                     profiler.export_chrome_trace(os.path.join(c["out_dir"], "profile_trace.json"))
                 profiler = None
 
-        for k in ("correct_per_slot", "count_per_slot"):
-            dist.all_reduce(step_stats[k])
+        slot_counts = torch.stack([step_stats["correct_per_slot"], step_stats["count_per_slot"]])
+        dist.all_reduce(slot_counts)  # one collective for both per-slot sums
+        step_stats = {"correct_per_slot": slot_counts[0], "count_per_slot": slot_counts[1]}
         acc_stats = step_stats if acc_stats is None else {k: acc_stats[k] + step_stats[k] for k in ("correct_per_slot", "count_per_slot")}
         acc_loss, acc_w = acc_loss + loss, acc_w + 1
         if step % c["log_interval"] == 0 or step == total_steps:
@@ -472,7 +473,7 @@ def main(argv=None):
             eta = (time.time() - t_start) / max(1, step - step_at_start) * (total_steps - step)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device_kind == "cuda" else 0.0
             rec = dict(step=step, epoch=position["epoch"], loss=acc_loss / acc_w, acc=acc.tolist(),
-                       acc_1=acc[0].item(), expected_accept_len=exp_len, lr=lr, grad_norm=grad_norm.item(),
+                       acc_1=acc[0].item(), expected_accept_len=exp_len, lr=lr, grad_norm=grad_norm,
                        samples_per_s=sps, tokens_per_s=tokens_log * world / dt,
                        tflops_per_gpu=tflops, mfu=tflops / c["peak_tflops"], peak_mem_gib=mem,
                        skipped_steps=skipped_total, time=time.time())
