@@ -56,13 +56,18 @@ def build_mask(anchors, keep, context_len, block_size, use_flex):
     """Once per batch: a BlockMask for flex_attention, or a dense bool mask for SDPA."""
     if not use_flex:
         return dense_mask(anchors, keep, context_len, block_size)
+    global _compiled_create
+    create = create_block_mask
+    if anchors.is_cuda:  # uncompiled, it materialises B x Q x KV int64 index tensors (GBs per batch)
+        if _compiled_create is None:
+            _compiled_create = torch.compile(create_block_mask)
+        create = _compiled_create
     q_len = anchors.shape[1] * block_size
-    return create_block_mask(dflash_mask_mod(anchors, keep, context_len, block_size),
-                             B=anchors.shape[0], H=None, Q_LEN=q_len, KV_LEN=context_len + q_len,
-                             device=anchors.device)
+    return create(dflash_mask_mod(anchors, keep, context_len, block_size),
+                  B=anchors.shape[0], H=None, Q_LEN=q_len, KV_LEN=context_len + q_len, device=anchors.device)
 
 
-_compiled_flex = None
+_compiled_flex = _compiled_create = None
 
 
 def attend(q, k, v, mask):

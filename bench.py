@@ -464,6 +464,20 @@ def time_synthetic(target, drafter, args, runners, tau=6.49):
     return dict(results, ratio=ratio, implied_speedup=tau / ratio)
 
 
+def static_len(args, tokenizer, prompt_sets):
+    """The static caches' length when --max-len is not given: the longest conversation this run can
+    reach (all turns, max_new_tokens per answer, some slack for the template), rounded up to 256.
+    Compiled steps attend over the whole buffer, so its length is paid on every step: on one H200
+    (Qwen3-8B shapes) a DFlash step cost 1.60 baseline steps with an 8,192 buffer (prompt 128) and
+    1.20 with a 2,048 one (prompt 1,024), the 16-token verify then costing no more than a 1-token one."""
+    if args.prompt_len is not None:
+        need = args.prompt_len + (args.steps + 2) * args.block_size
+    else:
+        need = max(len(render(tokenizer, [{"role": "user", "content": "\n".join(p["turns"])}]))
+                   + len(p["turns"]) * (args.max_new_tokens + 64) for ps in prompt_sets.values() for p in ps)
+    return -(-(need + 2 * args.block_size + 1) // 256) * 256
+
+
 def random_drafter(target, block_size, layers=5, dtype=None):
     """Random weights for timing: mask id 151669 (Qwen3's unused row) where the vocabulary has it."""
     vocab = target.get_input_embeddings().weight.shape[0]
@@ -494,7 +508,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="static caches + torch.compile (CUDA graphs on GPU)")
-    ap.add_argument("--max-len", type=int, default=8192, help="static cache length for --compile")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="static cache length for --compile (default: the longest conversation of the run)")
     ap.add_argument("--prompt-len", type=int, default=None, help="time synthetic prompts of N tokens")
     ap.add_argument("--steps", type=int, default=64, help="steps per run with --prompt-len")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode with --prompt-len (median)")
@@ -517,19 +532,22 @@ def main(argv=None):
         drafter, _ = load_drafter(args.draft, args.device, dtype)
     M.check_fits_target(drafter.config, target)
     args.block_size = args.block_size or drafter.config.block_size
+    tokenizer, prompt_sets = None, {}
+    if args.prompt_len is None:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
+        prompt_sets = {name: data.load_prompts(name)[: args.num_prompts] for name in args.dataset}
     runners = {}
     if args.compile:
-        runners = {bs: StaticRunner(target, drafter, bs, args.max_len) for bs in (1, args.block_size)}
+        max_len = args.max_len or static_len(args, tokenizer, prompt_sets)
+        runners = {bs: StaticRunner(target, drafter, bs, max_len) for bs in (1, args.block_size)}
     if args.prompt_len is not None:
         return time_synthetic(target, drafter, args, runners)
 
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
     out_file = open(args.out, "w") if args.out else None
     summaries = []
     try:
-        for name in args.dataset:
-            prompts = data.load_prompts(name)[: args.num_prompts]
+        for name, prompts in prompt_sets.items():
             warm = dict(args.__dict__, max_new_tokens=min(args.max_new_tokens, 64))
             bench_prompts(target, drafter, tokenizer, prompts[:1], argparse.Namespace(**warm), runners, "warm-up")
             summaries.append(bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file))

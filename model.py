@@ -299,6 +299,14 @@ def decoder_layers(target):
     return target.get_decoder().layers
 
 
+def compile_target_layers(target):
+    """torch.compile each decoder layer's forward: HF eager runs RMSNorm, rotary and SwiGLU as
+    separate elementwise kernels with fp32 casts, the non-matmul part of the target forward. The
+    forward is compiled, not the module, so capture hooks (and FSDP's) stay outside the graph."""
+    for layer in decoder_layers(target):
+        layer.forward = torch.compile(layer.forward, dynamic=False)
+
+
 class _StopForward(Exception):
     pass
 
@@ -381,8 +389,11 @@ def _ce_chunk(hidden, lm_weight, labels):
     return ce, logits.argmax(-1) == labels
 
 
+_ce_chunk_compiled = None
+
+
 def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, use_flex=False,
-                generator=None, features=None, ce_chunk_tokens=4096):
+                generator=None, features=None, ce_chunk_tokens=4096, compile_ce=False):
     """The training forward for a batch. Returns (weighted CE sum, weight sum, stats): the caller
     divides by the weight sum of the WHOLE optimizer step (all micro-batches, all ranks)."""
     cfg = drafter.config
@@ -423,10 +434,14 @@ def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, 
     h = hidden.view(B, N, bs, -1)[:, :, 1:].reshape(-1, cfg.hidden_size)
     flat_labels = labels.reshape(-1)
     lm_weight = target.get_output_embeddings().weight
+    global _ce_chunk_compiled
+    if compile_ce and _ce_chunk_compiled is None:  # one fused kernel chain instead of fp32 logits in memory
+        _ce_chunk_compiled = torch.compile(_ce_chunk, dynamic=False)
+    ce_fn = _ce_chunk_compiled if compile_ce else _ce_chunk
     ces, hits = [], []
     for h_c, y_c in zip(h.split(ce_chunk_tokens), flat_labels.split(ce_chunk_tokens)):
         with record_function("dflash: lm_head + CE"):
-            ce, hit = checkpoint(_ce_chunk, h_c.to(lm_weight.dtype), lm_weight, y_c, use_reentrant=False)
+            ce, hit = checkpoint(ce_fn, h_c.to(lm_weight.dtype), lm_weight, y_c, use_reentrant=False)
         ces.append(ce)
         hits.append(hit)
     ce = torch.cat(ces).view(B, N, bs - 1)

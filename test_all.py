@@ -1,5 +1,6 @@
 """The test suite: `python -m pytest -q test_all.py`. CPU, fp32, small random models built here, and
 the SmolLM2 assets of `python data.py fetch` where a test needs a real model or template."""
+import argparse
 import copy
 import dataclasses
 import json
@@ -607,6 +608,12 @@ def test_malformed_rows_counted(tmp_path):
     assert logs[0].startswith("data: 2 rows kept of 3 conversations read; skipped: ") and "1 no assistant content" in logs[0] and "1 malformed json" in logs[0]
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=4, log=logs.append)
     assert len(ds) == 1 and "1 too few loss tokens" in logs[-1]  # "y", "o", <|im_end|> with this tiny vocab
+    # tokenising in forked workers gives the same rows, in the same order, and the same skip counts
+    write_lines(p, lines * 25)  # 75 conversations: past the 64 under which one process does it
+    one, two = [], []
+    assert data.build_dataset(qwen_tokenizer(), str(p), 64, 4, log=one.append, workers=1) == \
+        data.build_dataset(qwen_tokenizer(), str(p), 64, 4, log=two.append, workers=2)
+    assert one == two and "25 too few loss tokens" in one[0] and "25 malformed json" in one[0]
     # a truncated JSON array (as ShareGPT's is): every whole record is read, the tail is one bad row
     arr = tmp_path / "arr.json"
     arr.write_text("[" + json.dumps(good) + ",\n" + json.dumps(sharegpt) + ",\n" + json.dumps(good)[:20])
@@ -1401,3 +1408,61 @@ def test_sampled_dflash_runs_and_is_reproducible(models):
     a = bench.spec_generate(t, d, ids, 20, [], 4, temperature=1.0, generator=torch.Generator().manual_seed(7))
     b = bench.spec_generate(t, d, ids, 20, [], 4, temperature=1.0, generator=torch.Generator().manual_seed(7))
     assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 20
+
+
+def test_static_cache_length_fits_the_longest_conversation(models):
+    # hand-worked: 1000 + (64 + 2) * 16 + 2 * 16 + 1 = 2089 -> 2304 (multiple of 256)
+    args = argparse.Namespace(prompt_len=1000, steps=64, block_size=16, max_new_tokens=0)
+    assert bench.static_len(args, None, {}) == 2304
+    t, d = models
+    tok = char_tokenizer()  # one token per character: long turns make long prompts
+    rows = [{"id": "a", "turns": ["x" * 150, "y" * 90]}, {"id": "b", "turns": ["z" * 40]}]
+    args = argparse.Namespace(prompt_len=None, block_size=4, max_new_tokens=30)
+    L = bench.static_len(args, tok, {"set": rows})
+    assert L % 256 == 0
+    runner = bench.StaticRunner(t, d, 4, L, compile=False)
+    for r in rows:  # the whole conversation runs in a static cache of that length
+        res = bench.run_turns(t, d, tok, r["turns"], 30, [], 4, runner=runner)
+        assert all(len(x["prompt_ids"]) + len(x["tokens"]) + 2 * 4 + 1 <= L for x in res)
+    runner.close()
+
+
+def test_first_exchanges_drop_rows_that_contain_an_eval_prompt(tmp_path):
+    (tmp_path / "prompts").mkdir()
+    prompt = "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences."
+    write_lines(tmp_path / "prompts" / "mt-bench.jsonl", [json.dumps({"id": "81", "turns": [prompt, "Rewrite it."]})])
+    turn = lambda who, text: {"from": who, "value": text}
+    rows = [
+        {"id": "a_0", "conversations": [turn("human", "Hi!\n\n" + prompt.upper().replace(" ", "  ")), turn("gpt", "x")]},
+        {"id": "b_0", "conversations": [turn("human", "Compose an engaging travel blog"), turn("gpt", "y"),
+                                        turn("human", "more"), turn("gpt", "z")]},
+        {"id": "c_1", "conversations": [turn("gpt", "a continuation"), turn("human", "q")]},
+        {"id": "d_0", "conversations": [turn("human", "only a question")]},
+    ]
+    write_lines(tmp_path / "sharegpt_train.jsonl", [json.dumps(r) for r in rows])
+    counts = data.first_exchanges(assets_dir=str(tmp_path))
+    kept = [json.loads(line) for line in (tmp_path / "sharegpt_first.jsonl").read_text().splitlines()]
+    # a: the prompt with other case and spacing is inside the user turn; b: only a short piece of it
+    assert kept == [{"id": "b_0", "conversations": rows[1]["conversations"][:2]}]
+    assert counts == {"overlaps an evaluation prompt": 1, "no human -> gpt opening": 2, "kept": 1}
+
+
+def test_compiled_target_layers_and_ce_keep_the_maths(tmp_path):
+    """compile_target (torch.compile of the target's layers and of the lm_head + CE chunks) is a speed
+    lever only: the same losses and weights as the eager run."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert T.main(train_args(a, max_steps=3)) == 0
+    assert T.main(train_args(b, max_steps=3, compile_target=True)) == 0
+    assert losses(b / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
+    wa, wb = final_weights(a / "run"), final_weights(b / "run")
+    for k in wa:
+        torch.testing.assert_close(wb[k].float(), wa[k].float(), atol=1e-5, rtol=1e-4)
+    # hooks on compiled layers still capture exactly what output_hidden_states reports
+    t = tiny_target(layers=6)
+    ids = torch.randint(0, 63, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = t(ids, output_hidden_states=True).hidden_states
+        M.compile_target_layers(t)
+        feats, _ = M.capture_features(t, ids, [1, 4])
+    torch.testing.assert_close(feats, torch.cat([ref[2], ref[5]], -1), atol=1e-5, rtol=1e-5)

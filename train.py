@@ -71,6 +71,7 @@ DEFAULTS = dict(
     dtype="auto",                 # compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     shard_target=False,
     compile=False,                # torch.compile each drafter layer
+    compile_target=False,         # also torch.compile the target's decoder layers and the lm_head + CE chunks
     attention="auto",             # auto (flex on GPU, dense on CPU) | flex | dense
     peak_tflops=989.0,            # for MFU: dense bf16 peak of one GPU (H100/H200 SXM)
     # bookkeeping
@@ -312,8 +313,9 @@ def main(argv=None):
         if tokenizer is None:
             raise SystemExit("config error: data from conversations needs a target folder with a tokenizer")
         thinking = {"auto": None, "on": True, "off": False}[c["enable_thinking"]]
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks of this host share its cores
         dataset = D.build_dataset(tokenizer, c["data"], c["max_length"], c["min_loss_tokens"], thinking, log=log,
-                                  max_rows=c["max_rows"])
+                                  max_rows=c["max_rows"], workers=max(1, min(16, (os.cpu_count() or 1) // local_world)))
     steps_per_epoch = D.steps_per_epoch(dataset, c["batch_size"] * c["grad_accum"], world)
     if steps_per_epoch < 1:
         raise SystemExit(f"data error: {len(dataset)} rows cannot fill one step of "
@@ -324,6 +326,8 @@ def main(argv=None):
     # --- models
     torch.manual_seed(c["seed"])  # a target built from a config gets the same random weights on every rank
     target = M.load_target(c["target"], dtype=dtype, device=device)
+    if c["compile_target"]:
+        M.compile_target_layers(target)
     M.check_fits_target(dcfg, target)
     torch.manual_seed(c["seed"])  # same init on every rank: fully_shard keeps each rank's slice
     drafter = M.build_drafter(dcfg, device=device, dtype=torch.float32)
@@ -384,7 +388,7 @@ def main(argv=None):
 
     # --- the loop
     acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log, flops_log = None, 0.0, 0.0, time.time(), 0, 0, 0
-    t_start, step_at_start = time.time(), step
+    t_first_log, step_first_log, step_at_log = None, step, step
     if device_kind == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stop_reason = None
@@ -410,7 +414,8 @@ def main(argv=None):
                    for r in batch["row_ids"]]
             drafter.set_requires_gradient_sync(micro == c["grad_accum"] - 1)
             ls, ws, st = M.dflash_loss(drafter, target, input_ids, loss_mask, c["num_anchors"],
-                                       c["gamma"] or None, use_flex, gen, ce_chunk_tokens=c["ce_chunk_tokens"])
+                                       c["gamma"] or None, use_flex, gen, ce_chunk_tokens=c["ce_chunk_tokens"],
+                                       compile_ce=c["compile_target"])
             with torch.profiler.record_function("dflash: backward"):
                 ls.backward()  # un-normalised: the gradient is scaled once the step's total weight is known
             loss_sum += ls.detach()
@@ -470,7 +475,11 @@ def main(argv=None):
             acc, exp_len = M.acceptance_metrics(acc_stats["correct_per_slot"].cpu(), acc_stats["count_per_slot"].cpu())
             sps = samples_log * world / dt
             tflops = flops_log / dt / 1e12  # this rank's, i.e. per GPU
-            eta = (time.time() - t_start) / max(1, step - step_at_start) * (total_steps - step)
+            # the rate since the first log line: the first interval carries the compile warm-up
+            since = (time.time() - t_first_log) / (step - step_first_log) if t_first_log else dt / max(1, step - step_at_log)
+            eta = since * (total_steps - step)
+            if not t_first_log:
+                t_first_log, step_first_log = time.time(), step
             mem = torch.cuda.max_memory_allocated() / 2**30 if device_kind == "cuda" else 0.0
             rec = dict(step=step, epoch=position["epoch"], loss=acc_loss / acc_w, acc=acc.tolist(),
                        acc_1=acc[0].item(), expected_accept_len=exp_len, lr=lr, grad_norm=grad_norm,
@@ -488,6 +497,7 @@ def main(argv=None):
             if wandb_run:
                 wandb_run.log(rec, step=step)
             acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log, flops_log = None, 0.0, 0.0, time.time(), 0, 0, 0
+            step_at_log = step
 
         stopping_here = step == c["stop_at_step"] and step < total_steps
         saving = c["save_interval"] > 0 and (step % c["save_interval"] == 0 or step == total_steps)
@@ -548,7 +558,8 @@ def evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log)
         plain = M.DFlashDrafter(dcfg).to(device=next(target.parameters()).device, dtype=target.dtype)
         plain.load_state_dict(sd)
         plain.eval()
-        tau = bench.measure_tau(target, plain, tokenizer, prompts, c["eval_max_new_tokens"])
+        with torch.compiler.set_stance("force_eager"):  # compiled target layers: decode shapes vary every step
+            tau = bench.measure_tau(target, plain, tokenizer, prompts, c["eval_max_new_tokens"])
         log(f"eval step {step}: tau {tau:.2f} on {len(prompts)} {c['eval_prompts']} prompts")
         if metrics_file:
             metrics_file.write(json.dumps(dict(step=step, eval_tau=tau, eval_prompts=len(prompts))) + "\n")
