@@ -266,10 +266,6 @@ def _tokenize_range(lo, hi):
 _TOKENIZE_STATE = None
 
 
-def _tokenize_range_star(bounds):
-    return _tokenize_range(*bounds)
-
-
 def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_thinking=None, log=print,
                   max_rows=0, workers=1):
     """Tokenised (ids, loss_mask) rows; max_rows > 0 keeps the first max_rows conversations that load.
@@ -285,7 +281,7 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
         if workers > 1 and len(convs) >= 64 and "fork" in mp.get_all_start_methods():
             step = -(-len(convs) // (4 * workers))
             with mp.get_context("fork").Pool(workers) as pool:
-                parts = pool.map(_tokenize_range_star, [(lo, lo + step) for lo in range(0, len(convs), step)])
+                parts = pool.starmap(_tokenize_range, [(lo, lo + step) for lo in range(0, len(convs), step)])
         else:
             parts = [_tokenize_range(0, len(convs))]
     finally:
@@ -672,11 +668,12 @@ def first_exchanges(src=None, out=None, assets_dir=None, key_chars=80):
     keys = set()
     for path in sorted(glob.glob(os.path.join(assets_dir, "prompts", "*.jsonl"))):
         for row in load_prompts(path):
-            keys.update(_fold(t)[:key_chars] for t in row["turns"] if len(_fold(t)) >= 20)
+            keys.update(k[:key_chars] for k in map(_fold, row["turns"]) if len(k) >= 20)
     counts, kept = collections.Counter(), []
     with open(src) as f:
         for line in f:
-            conv = json.loads(line).get("conversations") or []
+            row = json.loads(line)
+            conv = row.get("conversations") or []
             if len(conv) < 2 or conv[0].get("from") != "human" or conv[1].get("from") != "gpt" \
                     or not str(conv[0].get("value", "")).strip() or not str(conv[1].get("value", "")).strip():
                 counts["no human -> gpt opening"] += 1
@@ -685,7 +682,7 @@ def first_exchanges(src=None, out=None, assets_dir=None, key_chars=80):
             if any(k in user for k in keys):
                 counts["overlaps an evaluation prompt"] += 1
                 continue
-            kept.append({"id": json.loads(line).get("id"), "conversations": conv[:2]})
+            kept.append({"id": row.get("id"), "conversations": conv[:2]})
     _write_jsonl(out, kept)
     counts["kept"] = len(kept)
     print(f"first exchanges: {len(kept)} written to {out}; "

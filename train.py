@@ -388,7 +388,7 @@ def main(argv=None):
 
     # --- the loop
     acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log, flops_log = None, 0.0, 0.0, time.time(), 0, 0, 0
-    t_first_log, step_first_log, step_at_log = None, step, step
+    t_first_log, step_first_log = None, step  # step_first_log: the start step until the first log line
     if device_kind == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stop_reason = None
@@ -476,7 +476,7 @@ def main(argv=None):
             sps = samples_log * world / dt
             tflops = flops_log / dt / 1e12  # this rank's, i.e. per GPU
             # the rate since the first log line: the first interval carries the compile warm-up
-            since = (time.time() - t_first_log) / (step - step_first_log) if t_first_log else dt / max(1, step - step_at_log)
+            since = (time.time() - t_first_log if t_first_log else dt) / max(1, step - step_first_log)
             eta = since * (total_steps - step)
             if not t_first_log:
                 t_first_log, step_first_log = time.time(), step
@@ -497,7 +497,6 @@ def main(argv=None):
             if wandb_run:
                 wandb_run.log(rec, step=step)
             acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log, flops_log = None, 0.0, 0.0, time.time(), 0, 0, 0
-            step_at_log = step
 
         stopping_here = step == c["stop_at_step"] and step < total_steps
         saving = c["save_interval"] > 0 and (step % c["save_interval"] == 0 or step == total_steps)
