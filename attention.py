@@ -19,7 +19,7 @@ mask for SDPA.
 """
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 def dflash_mask_mod(anchors, keep, context_len, block_size):
@@ -52,22 +52,43 @@ def dense_mask(anchors, keep, context_len, block_size):
     return dflash_mask_mod(anchors, keep, context_len, block_size)(b, None, q, kv)[:, None]
 
 
+def block_tile_counts(anchors, keep, context_len, block_size, tile=128):
+    """How many (query, key) pairs each [tile x tile] tile of the mask allows: int [B, Q/tile, KV/tile]
+    (both lengths padded up to the tile; padding allows nothing). A query row allows two intervals,
+    [0, anchor) of the context and its own block, so a tile's count is a sum of interval overlaps:
+    B x Q x KV/tile numbers instead of create_block_mask's B x Q x KV mask evaluations."""
+    B, N = anchors.shape
+    dev, Q = anchors.device, N * block_size
+    QT, KT = -(-Q // tile), -(-(context_len + Q) // tile)
+    kv0 = torch.arange(KT, device=dev) * tile                                  # tile starts [KT]
+    overlap = lambda lo, hi: (torch.minimum(hi[..., None], kv0 + tile) - torch.maximum(lo[..., None], kv0)).clamp(min=0)
+    row_anchor = anchors.repeat_interleave(block_size, 1)                      # [B, Q]
+    own = context_len + torch.arange(Q, device=dev) // block_size * block_size  # [Q] own block start
+    rows = overlap(torch.zeros_like(row_anchor), row_anchor) + overlap(own.expand(B, Q), own.expand(B, Q) + block_size)
+    rows = rows * keep.repeat_interleave(block_size, 1)[..., None]             # a dropped slot sees nothing
+    rows = F.pad(rows, (0, 0, 0, QT * tile - Q))
+    return rows.view(B, QT, tile, KT).sum(2)
+
+
 def build_mask(anchors, keep, context_len, block_size, use_flex):
-    """Once per batch: a BlockMask for flex_attention, or a dense bool mask for SDPA."""
+    """Once per batch: a BlockMask for flex_attention, or a dense bool mask for SDPA. The BlockMask's
+    tile lists come from block_tile_counts (empty / partial / full tiles), not from evaluating the
+    mask_mod everywhere: eager create_block_mask materialises B x Q x KV index tensors (GBs per
+    batch at 3K context) and compiling it cost minutes of warm-up on the GPU."""
     if not use_flex:
         return dense_mask(anchors, keep, context_len, block_size)
-    global _compiled_create
-    create = create_block_mask
-    if anchors.is_cuda:  # uncompiled, it materialises B x Q x KV int64 index tensors (GBs per batch)
-        if _compiled_create is None:
-            _compiled_create = torch.compile(create_block_mask)
-        create = _compiled_create
+    tile = 128
+    counts = block_tile_counts(anchors, keep, context_len, block_size, tile)
+    partial, full = (counts > 0) & (counts < tile * tile), counts == tile * tile
+    lists = lambda m: (m.sum(-1, dtype=torch.int32)[:, None],                # [B, 1, QT]: one mask for all heads
+                       torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, None])  # listed first
     q_len = anchors.shape[1] * block_size
-    return create(dflash_mask_mod(anchors, keep, context_len, block_size),
-                  B=anchors.shape[0], H=None, Q_LEN=q_len, KV_LEN=context_len + q_len, device=anchors.device)
+    return BlockMask.from_kv_blocks(*lists(partial), *lists(full), BLOCK_SIZE=tile,
+                                    mask_mod=dflash_mask_mod(anchors, keep, context_len, block_size),
+                                    seq_lengths=(q_len, context_len + q_len))
 
 
-_compiled_flex = _compiled_create = None
+_compiled_flex = None
 
 
 def attend(q, k, v, mask):

@@ -227,7 +227,7 @@ def measure_tau(target, drafter, tokenizer, prompts, max_new_tokens):
 
 
 # ----------------------------------------------------------------------------------------------
-# The fast path: static caches, compiled (CUDA-graphed on GPU) draft and verify steps
+# The fast path: static caches, compiled draft and verify steps, replayed as CUDA graphs on GPU
 
 class StaticDraftCache:
     """DraftCache with preallocated buffers: context K/V are written at self.pos (absolute positions);
@@ -247,12 +247,41 @@ class StaticDraftCache:
         return self.k[i], self.v[i]
 
 
+class CUDAGraphStep:
+    """A compiled step over fixed shapes, captured once as a CUDA graph and then replayed: a call
+    copies its tensor arguments into the captured input buffers and launches the graph, with no
+    Python, guard checks or allocator work per step (torch.compile's reduce-overhead mode does those on
+    every call: one H200, Qwen3-8B shapes, the baseline step went from 7.83 to 7.00 ms).
+    Sound here because a step is idempotent (it rewrites the same cache slots for the same inputs) and
+    its shapes never change. Outputs live in the graph's memory: the caller clones them."""
+
+    def __init__(self, fn):
+        self.fn, self.graph = fn, None
+
+    def __call__(self, *args):
+        if self.graph is None:
+            self.inputs = [a.clone() for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compile and autotune outside the capture
+                for _ in range(2):
+                    self.fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.fn(*self.inputs)
+        for buf, a in zip(self.inputs, args):
+            buf.copy_(a, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+
 class StaticRunner:
     """EagerRunner's interface over static caches: the target's HF StaticCache (rewound by setting its
     write position, never cropped: positions past the query are causally masked and overwritten) and a
     StaticDraftCache. draft and verify have fixed shapes ([B] tokens; the new draft context is always
     the B verify rows, of which the uncommitted ones are masked), so torch.compile builds one graph of
-    each, CUDA-graphed on GPU (mode reduce-overhead). The only host sync is the acceptance read.
+    each, captured as a CUDA graph on GPU (CUDAGraphStep). The only host sync is the acceptance read.
     Prefill and the first draft (prompt-length context) run eagerly. Reuse one runner per block size."""
 
     def __init__(self, target, drafter, block_size, max_len, compile=True):
@@ -270,9 +299,10 @@ class StaticRunner:
         self.offsets = torch.arange(max(block_size, 1), device=self.device)
         self._verify, self._draft = self._verify_impl, self._draft_impl
         if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._verify = torch.compile(self._verify_impl, mode=mode, fullgraph=True, dynamic=False)
-            self._draft = torch.compile(self._draft_impl, mode=mode, fullgraph=True, dynamic=False)
+            self._verify = torch.compile(self._verify_impl, fullgraph=True, dynamic=False)
+            self._draft = torch.compile(self._draft_impl, fullgraph=True, dynamic=False)
+            if self.device.type == "cuda":
+                self._verify, self._draft = CUDAGraphStep(self._verify), CUDAGraphStep(self._draft)
         self.ctx = self.length = None
         self.pos_host = torch.zeros(2, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self.pos = torch.zeros(2, dtype=torch.long, device=self.device)
@@ -316,8 +346,6 @@ class StaticRunner:
         if start + self.block_size >= self.max_len:
             raise ValueError(f"generation reached the static cache length {self.max_len}: raise --max-len")
         assert start == self.length, (start, self.length)
-        if self._verify is not self._verify_impl and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
         logits, feats = self._verify(block, self.pos[0])
         return logits.clone(), None if feats is None else feats.clone()
 
@@ -338,8 +366,6 @@ class StaticRunner:
             return anchor.view(1)
         assert start == self.length, (start, self.length)
         fn = self._draft if self.ctx.shape[0] == self.block_size else self._draft_impl  # prompt: eager
-        if fn is not self._draft_impl and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
         return fn(anchor, self.pos[0], self.ctx, self.pos[1]).clone()
 
     def commit(self, length, feats, n_new):

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
-from torch.utils.checkpoint import checkpoint
 
 from attention import attend, build_mask
 
@@ -384,9 +383,44 @@ def sample_anchors(loss_mask, num_anchors, generator=None):
 
 
 def _ce_chunk(hidden, lm_weight, labels):
+    """One chunk of query tokens: per-token CE of lm_head(hidden) (fp32 softmax), top-1 hits, and
+    d CE / d hidden = (softmax - onehot) @ lm_head, the softmax's gradient going back through lm_head
+    in lm_head's dtype as autograd would send it."""
     logits = F.linear(hidden, lm_weight).float()
-    ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
-    return ce, logits.argmax(-1) == labels
+    y = labels.clamp(min=0)  # ignored slots (-100) get weight 0: any label will do
+    hit = logits.argmax(-1) == labels
+    lse = logits.logsumexp(-1)
+    ce = lse - logits.gather(-1, y[:, None]).squeeze(-1)
+    p = logits.sub_(lse[:, None]).exp_()
+    p[torch.arange(len(y), device=y.device), y] -= 1
+    return ce, hit, p.to(lm_weight.dtype) @ lm_weight
+
+
+class LMHeadCE(torch.autograd.Function):
+    """Per-token CE of the frozen lm_head over hidden [T, H], chunk by chunk. The gradient w.r.t.
+    hidden is computed in the forward, while each chunk's [chunk, vocab] logits exist anyway: backward
+    neither keeps nor recomputes logits (a checkpointed chunk would run the lm_head matmul a third
+    time); it scales the saved [T, H] gradient by dLoss/dCE. lm_head gets no gradient (frozen)."""
+
+    @staticmethod
+    def forward(ctx, hidden, lm_weight, labels, chunk_tokens, chunk_fn):
+        ces, hits, grads = [], [], []
+        for h, y in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens)):
+            with record_function("dflash: lm_head + CE"):
+                ce, hit, g = chunk_fn(h.to(lm_weight.dtype), lm_weight, y)
+            ces.append(ce)
+            hits.append(hit)
+            grads.append(g)
+        hit = torch.cat(hits)
+        ctx.save_for_backward(torch.cat(grads))
+        ctx.mark_non_differentiable(hit)
+        ctx.hidden_dtype = hidden.dtype
+        return torch.cat(ces), hit
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_hit):
+        (g,) = ctx.saved_tensors
+        return (grad_ce[:, None] * g).to(ctx.hidden_dtype), None, None, None, None
 
 
 _ce_chunk_compiled = None
@@ -429,23 +463,16 @@ def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, 
     slot_weight = torch.exp(-(offsets[1:].float() - 1) / gamma)                  # [bs - 1]
     weights = valid.float() * slot_weight
 
-    # lm_head + CE in chunks of query tokens, recomputed in backward: fp32 logits for the whole
-    # vocab never exist for all N * (bs - 1) tokens at once
+    # lm_head + CE in chunks of query tokens, with the gradient formed in the forward (LMHeadCE):
+    # fp32 logits for the whole vocab never exist for all N * (bs - 1) tokens at once
     h = hidden.view(B, N, bs, -1)[:, :, 1:].reshape(-1, cfg.hidden_size)
-    flat_labels = labels.reshape(-1)
     lm_weight = target.get_output_embeddings().weight
     global _ce_chunk_compiled
     if compile_ce and _ce_chunk_compiled is None:  # one fused kernel chain instead of fp32 logits in memory
         _ce_chunk_compiled = torch.compile(_ce_chunk, dynamic=False)
-    ce_fn = _ce_chunk_compiled if compile_ce else _ce_chunk
-    ces, hits = [], []
-    for h_c, y_c in zip(h.split(ce_chunk_tokens), flat_labels.split(ce_chunk_tokens)):
-        with record_function("dflash: lm_head + CE"):
-            ce, hit = checkpoint(ce_fn, h_c.to(lm_weight.dtype), lm_weight, y_c, use_reentrant=False)
-        ces.append(ce)
-        hits.append(hit)
-    ce = torch.cat(ces).view(B, N, bs - 1)
-    hit = torch.cat(hits).view(B, N, bs - 1)
+    ce, hit = LMHeadCE.apply(h, lm_weight.detach(), labels.reshape(-1), ce_chunk_tokens,
+                             _ce_chunk_compiled if compile_ce else _ce_chunk)
+    ce, hit = ce.view(B, N, bs - 1), hit.view(B, N, bs - 1)
 
     loss_sum = (ce * weights).sum()
     stats = {  # sums, so the caller can add them over micro-batches and ranks

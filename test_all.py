@@ -20,6 +20,7 @@ import convert as C
 import data
 import model as M
 import train as T
+import attention as A
 from attention import build_mask, dense_mask, flex_attention
 
 
@@ -87,6 +88,30 @@ def test_flex_block_mask_matches_dense_reference():
     ref = torch.softmax(scores.masked_fill(~ref_mask, -math.inf), -1).nan_to_num(0.0) @ v
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert out[0, :, 5 * bs:].abs().max() == 0  # a dropped slot sees nothing
+
+
+def test_block_mask_tiles_equal_create_block_mask():
+    """build_mask lists its tiles from interval overlaps; create_block_mask finds them by evaluating the
+    mask_mod on every pair. Same empty / partial / full tiles, same dense mask, with S and Q not
+    multiples of the 128 tile and with overlapping, dropped and end-of-sequence anchors."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    torch.manual_seed(0)
+    for S, N, bs in ((300, 40, 4), (256, 16, 16), (1000, 33, 8)):
+        anchors = torch.sort(torch.randint(0, S - 1, (2, N)), 1).values
+        anchors[1, -3:] = S - 2
+        keep = torch.rand(2, N) > 0.2
+        ours = build_mask(anchors, keep, S, bs, use_flex=True)
+        ref = create_block_mask(A.dflash_mask_mod(anchors, keep, S, bs), B=2, H=None, Q_LEN=N * bs,
+                                KV_LEN=S + N * bs, device="cpu")
+        assert torch.equal(ours.to_dense(), ref.to_dense())
+        assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+        assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
+        for a, b, n in ((ours.kv_indices, ref.kv_indices, ref.kv_num_blocks),
+                        (ours.full_kv_indices, ref.full_kv_indices, ref.full_kv_num_blocks)):
+            for i in range(n.shape[-1]):
+                k = int(n[0, 0, i]), int(n[1, 0, i])
+                assert set(a[0, 0, i, :k[0]].tolist()) == set(b[0, 0, i, :k[0]].tolist())
+                assert set(a[1, 0, i, :k[1]].tolist()) == set(b[1, 0, i, :k[1]].tolist())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +318,28 @@ def test_loss_weights_and_gradients():
     assert all(p.grad is None and not p.requires_grad for p in t.parameters())
 
 
+def test_lm_head_ce_gradient_equals_autograd_of_dense_logits():
+    """LMHeadCE forms d CE / d hidden in its forward, chunk by chunk; the reference is autograd through
+    the whole [T, V] logits and F.cross_entropy, with ignored (-100) labels and uneven chunks."""
+    g = torch.Generator().manual_seed(0)
+    T, H, V = 23, 16, 50
+    W = torch.randn(V, H, generator=g)
+    labels = torch.randint(0, V, (T,), generator=g)
+    labels[[2, 9]] = -100
+    upstream = torch.rand(T, generator=g) * (labels >= 0)  # the loss weights: 0 where ignored
+    h1 = torch.randn(T, H, generator=g, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    ce, hit = M.LMHeadCE.apply(h1, W, labels, 5, M._ce_chunk)
+    (ce * upstream).sum().backward()
+    logits = h2 @ W.T
+    ref = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    (ref * upstream).sum().backward()
+    assert torch.allclose(ce, ref, atol=1e-5)
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-5)
+    assert hit.tolist() == (logits.argmax(-1) == labels).tolist()
+    assert not hit[[2, 9]].any()
+
+
 def test_expected_acceptance_length():
     acc, tau = M.acceptance_metrics(torch.tensor([8.0, 4.0, 0.0]), torch.tensor([10.0, 8.0, 5.0]))
     assert acc.tolist() == pytest.approx([0.8, 0.5, 0.0])
@@ -377,7 +424,7 @@ def test_model_flop_count_by_hand():
 
 
 def test_profile_prints_the_phases_of_a_step(tmp_path, capsys):
-    assert T.main(train_args(tmp_path, max_steps=8, profile_steps=2)) == 0
+    assert T.main(train_args(tmp_path, max_steps=8, profile_steps=2, profile_trace=True)) == 0
     out = capsys.readouterr().out
     for phase in ("target forward", "block mask", "drafter", "lm_head + CE", "backward", "optimizer"):
         assert f"profile dflash: {phase}" in out
@@ -1157,19 +1204,22 @@ def test_dflash_equals_greedy(models, kind):
 
 @pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
 def test_compiled_fast_path_same_tokens(models, monkeypatch):
+    """On a GPU (when there is one) this is the CUDA-graph replay path; the reference is CPU greedy."""
     t, d = models
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tc, dc = copy.deepcopy(t).to(dev), copy.deepcopy(d).to(dev)
     ids = prompts(1)[0]
     ref = greedy(t, ids, 30)
     for bs in (1, 4):
-        run = bench.StaticRunner(t, d, bs, 128, compile=True)
+        run = bench.StaticRunner(tc, dc, bs, 128, compile=True)
         for p in (ids, ids[:, :3]):  # a second prompt reuses the graphs
-            assert bench.spec_generate(t, d, p, 30, [], bs, runner=run)["tokens"] == greedy(t, p, 30)
+            assert bench.spec_generate(tc, dc, p.to(dev), 30, [], bs, runner=run)["tokens"] == greedy(t, p, 30)
         run.close()
     # accepted multi-token steps through the compiled draft graph: the drafter still sees exactly
     # the committed context
     seen = guide(monkeypatch, bench.StaticRunner, ref, ids.shape[1], corrupt={5})
-    run = bench.StaticRunner(t, d, 4, 128, compile=True)
-    r = bench.spec_generate(t, d, ids, 30, [], 4, runner=run)
+    run = bench.StaticRunner(tc, dc, 4, 128, compile=True)
+    r = bench.spec_generate(tc, dc, ids.to(dev), 30, [], 4, runner=run)
     assert r["tokens"] == ref and max(r["acceptance"]) == 4
     check_real_proposals(t, d, ids, ref, seen, 4)
 
@@ -1188,7 +1238,7 @@ def guide(monkeypatch, cls, ref, P, corrupt=()):
         j = start - P  # index of the anchor in the new tokens
         props = [ref[i] if i < len(ref) else 0 for i in range(j + 1, j + len(block))]
         props = [(x + 1) % 63 if i in corrupt else x for i, x in zip(range(j + 1, j + len(block)), props)]
-        return torch.tensor([ref[j], *props])
+        return torch.tensor([ref[j], *props], device=block.device)
 
     monkeypatch.setattr(cls, "draft", draft)
     return seen

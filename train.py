@@ -86,6 +86,7 @@ DEFAULTS = dict(
     max_bad_steps=5,              # consecutive non-finite steps before the run stops
     wandb=False,
     profile_steps=0,              # > 0: profile that many steps after 5 warm-up steps, print the top ops
+    profile_trace=False,          # also write profile_trace.json (Chrome trace; minutes for an 8B step)
 )
 CHOICES = dict(enable_thinking={"auto", "on", "off"}, lr_schedule={"cosine", "wsd", "constant"},
                device={"auto", "cuda", "cpu"}, dtype={"auto", "bf16", "fp32"},
@@ -461,7 +462,7 @@ def main(argv=None):
                         f"{dev:8.1f} ms/step on the device")
                 sort = "self_cuda_time_total" if device_kind == "cuda" else "self_cpu_time_total"
                 log(events.table(sort_by=sort, row_limit=20))
-                if rank == 0:
+                if rank == 0 and c["profile_trace"]:
                     profiler.export_chrome_trace(os.path.join(c["out_dir"], "profile_trace.json"))
                 profiler = None
 
