@@ -64,7 +64,7 @@ def block_tile_counts(anchors, keep, context_len, block_size, tile=128):
     overlap = lambda lo, hi: (torch.minimum(hi[..., None], kv0 + tile) - torch.maximum(lo[..., None], kv0)).clamp(min=0)
     row_anchor = anchors.repeat_interleave(block_size, 1)                      # [B, Q]
     own = context_len + torch.arange(Q, device=dev) // block_size * block_size  # [Q] own block start
-    rows = overlap(torch.zeros_like(row_anchor), row_anchor) + overlap(own.expand(B, Q), own.expand(B, Q) + block_size)
+    rows = overlap(torch.zeros_like(row_anchor), row_anchor) + overlap(own, own + block_size)  # [B, Q, KT]
     rows = rows * keep.repeat_interleave(block_size, 1)[..., None]             # a dropped slot sees nothing
     rows = F.pad(rows, (0, 0, 0, QT * tile - Q))
     return rows.view(B, QT, tile, KT).sum(2)

@@ -108,10 +108,10 @@ def test_block_mask_tiles_equal_create_block_mask():
         assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
         for a, b, n in ((ours.kv_indices, ref.kv_indices, ref.kv_num_blocks),
                         (ours.full_kv_indices, ref.full_kv_indices, ref.full_kv_num_blocks)):
-            for i in range(n.shape[-1]):
-                k = int(n[0, 0, i]), int(n[1, 0, i])
-                assert set(a[0, 0, i, :k[0]].tolist()) == set(b[0, 0, i, :k[0]].tolist())
-                assert set(a[1, 0, i, :k[1]].tolist()) == set(b[1, 0, i, :k[1]].tolist())
+            for row in range(2):
+                for i in range(n.shape[-1]):
+                    k = int(n[row, 0, i])
+                    assert set(a[row, 0, i, :k].tolist()) == set(b[row, 0, i, :k].tolist())
 
 
 # ------------------------------------------------------------------------------------------------
