@@ -656,12 +656,13 @@ def _fold(text):
     return " ".join(text.lower().split())
 
 
-def first_exchanges(src=None, out=None, assets_dir=None, key_chars=80):
-    """The opening user turn and answer of each ShareGPT conversation in src (default: the fetched
-    assets/sharegpt_train.jsonl), written to out (default: assets/sharegpt_first.jsonl), minus every
-    row that overlaps an evaluation prompt: a row goes if the first key_chars characters (case and
-    whitespace folded) of any prompt in assets/prompts/*.jsonl occur anywhere in its user turn.
-    Returns the counts; this is how the end-to-end run keeps its benchmark prompts out of training."""
+def first_exchanges(src=None, out=None, assets_dir=None, key_chars=80, turns=1):
+    """The opening exchanges (up to `turns` user turns and their answers) of each ShareGPT
+    conversation in src (default: the fetched assets/sharegpt_train.jsonl), written to out (default:
+    assets/sharegpt_first.jsonl), minus every row that overlaps an evaluation prompt: a row goes if
+    the first key_chars characters (case and whitespace folded) of any prompt in
+    assets/prompts/*.jsonl occur anywhere in one of its user turns. Returns the counts; this is how
+    the end-to-end run keeps its benchmark prompts out of training."""
     assets_dir = assets_dir or _default_assets()
     src = src or os.path.join(assets_dir, "sharegpt_train.jsonl")
     out = out or os.path.join(assets_dir, "sharegpt_first.jsonl")
@@ -669,24 +670,33 @@ def first_exchanges(src=None, out=None, assets_dir=None, key_chars=80):
     for path in sorted(glob.glob(os.path.join(assets_dir, "prompts", "*.jsonl"))):
         for row in load_prompts(path):
             keys.update(k[:key_chars] for k in map(_fold, row["turns"]) if len(k) >= 20)
+    said = lambda m, who: m.get("from") == who and str(m.get("value", "")).strip()
     counts, kept = collections.Counter(), []
     with open(src) as f:
         for line in f:
             row = json.loads(line)
             conv = row.get("conversations") or []
-            if len(conv) < 2 or conv[0].get("from") != "human" or conv[1].get("from") != "gpt" \
-                    or not str(conv[0].get("value", "")).strip() or not str(conv[1].get("value", "")).strip():
+            # ShareGPT split long conversations into parts; a later part opens with the answer to a
+            # question it does not hold: start at its first user turn
+            while conv and conv[0].get("from") != "human":
+                conv = conv[1:]
+            n = 0  # human -> gpt pairs from the start, at most `turns`
+            while n < turns and 2 * n + 1 < len(conv) and said(conv[2 * n], "human") and said(conv[2 * n + 1], "gpt"):
+                n += 1
+            if n == 0:
                 counts["no human -> gpt opening"] += 1
                 continue
-            user = _fold(conv[0]["value"])
-            if any(k in user for k in keys):
+            conv = conv[:2 * n]
+            users = [_fold(m["value"]) for m in conv[::2]]
+            if any(k in u for u in users for k in keys):
                 counts["overlaps an evaluation prompt"] += 1
                 continue
-            kept.append({"id": row.get("id"), "conversations": conv[:2]})
+            kept.append({"id": row.get("id"), "conversations": conv})
     _write_jsonl(out, kept)
     counts["kept"] = len(kept)
-    print(f"first exchanges: {len(kept)} written to {out}; "
-          + ", ".join(f"{n} {r}" for r, n in counts.items() if r != "kept") + f" ({len(keys)} evaluation prompt keys)")
+    print(f"first exchanges: {len(kept)} written to {out} ({sum(len(r['conversations']) // 2 for r in kept)} "
+          f"user turns); " + ", ".join(f"{n} {r}" for r, n in counts.items() if r != "kept")
+          + f" ({len(keys)} evaluation prompt keys)")
     return counts
 
 
@@ -698,6 +708,7 @@ def main(argv=None):
     t = sub.add_parser("first-turns", help="ShareGPT opening exchanges without evaluation-prompt overlap")
     t.add_argument("--dir", default=None, help="asset dir (default: $DFLASH_ASSETS or <repo>/assets)")
     t.add_argument("--out", default=None, help="default: <dir>/sharegpt_first.jsonl")
+    t.add_argument("--turns", type=int, default=1, help="user turns (with their answers) kept per conversation")
     r = sub.add_parser("regenerate", help="replace assistant turns with the target's own responses")
     r.add_argument("--target", required=True)
     r.add_argument("--data", required=True)
@@ -715,7 +726,7 @@ def main(argv=None):
     if a.cmd == "fetch":
         fetch(a.dir)
     elif a.cmd == "first-turns":
-        first_exchanges(out=a.out, assets_dir=a.dir)
+        first_exchanges(out=a.out, assets_dir=a.dir, turns=a.turns)
     else:
         regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
                    a.limit, a.max_turns, None if a.thinking is None else a.thinking == "on", a.max_prompt_tokens)

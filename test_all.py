@@ -1477,7 +1477,7 @@ def test_static_cache_length_fits_the_longest_conversation(models):
     runner.close()
 
 
-def test_first_exchanges_drop_rows_that_contain_an_eval_prompt(tmp_path):
+def test_first_exchanges_keep_opening_turns_and_drop_rows_that_contain_an_eval_prompt(tmp_path):
     (tmp_path / "prompts").mkdir()
     prompt = "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences."
     write_lines(tmp_path / "prompts" / "mt-bench.jsonl", [json.dumps({"id": "81", "turns": [prompt, "Rewrite it."]})])
@@ -1488,13 +1488,23 @@ def test_first_exchanges_drop_rows_that_contain_an_eval_prompt(tmp_path):
                                         turn("human", "more"), turn("gpt", "z")]},
         {"id": "c_1", "conversations": [turn("gpt", "a continuation"), turn("human", "q")]},
         {"id": "d_0", "conversations": [turn("human", "only a question")]},
+        {"id": "e_1", "conversations": [turn("gpt", "the answer to a turn not here"), turn("human", "q2"), turn("gpt", "a2"),
+                                        turn("human", "q3"), turn("gpt", "a3"), turn("human", "q4")]},
+        {"id": "f_0", "conversations": [turn("human", "fine?"), turn("gpt", "ok"), turn("human", prompt), turn("gpt", "w")]},
     ]
     write_lines(tmp_path / "sharegpt_train.jsonl", [json.dumps(r) for r in rows])
     counts = data.first_exchanges(assets_dir=str(tmp_path))
     kept = [json.loads(line) for line in (tmp_path / "sharegpt_first.jsonl").read_text().splitlines()]
-    # a: the prompt with other case and spacing is inside the user turn; b: only a short piece of it
-    assert kept == [{"id": "b_0", "conversations": rows[1]["conversations"][:2]}]
-    assert counts == {"overlaps an evaluation prompt": 1, "no human -> gpt opening": 2, "kept": 1}
+    # a: the prompt with other case and spacing is inside the user turn; b: only a short piece of it;
+    # e: a later part of a split conversation starts at its first user turn
+    conv = lambda k, lo, hi: {"id": rows[k]["id"], "conversations": rows[k]["conversations"][lo:hi]}
+    assert kept == [conv(1, 0, 2), conv(4, 1, 3), conv(5, 0, 2)]
+    assert counts == {"overlaps an evaluation prompt": 1, "no human -> gpt opening": 2, "kept": 3}
+    # two turns: f's second user turn holds the prompt; e stops before its unanswered q4
+    counts = data.first_exchanges(assets_dir=str(tmp_path), turns=2)
+    kept = [json.loads(line) for line in (tmp_path / "sharegpt_first.jsonl").read_text().splitlines()]
+    assert kept == [conv(1, 0, 4), conv(4, 1, 5)]
+    assert counts == {"overlaps an evaluation prompt": 2, "no human -> gpt opening": 2, "kept": 2}
 
 
 def test_compiled_target_layers_and_ce_keep_the_maths(tmp_path):
