@@ -297,6 +297,19 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
 # -----------------------------------------------------------------------------
 # batching
 
+def split_heldout(dataset, n):
+    """(training rows, n held-out rows). The held-out rows are spread evenly over the data (row
+    floor(k * len / n) for k < n), so they sample every shard and prompt length, and the same data
+    gives the same split in every run and after a resume."""
+    if n <= 0:
+        return dataset, []
+    if n >= len(dataset):
+        raise ValueError(f"val_rows={n} holds out all {len(dataset)} rows: lower val_rows")
+    held = sorted({k * len(dataset) // n for k in range(n)})
+    out = set(held)
+    return [r for i, r in enumerate(dataset) if i not in out], [dataset[i] for i in held]
+
+
 def steps_per_epoch(dataset, batch_size, world_size):
     return len(dataset) // (batch_size * world_size)
 

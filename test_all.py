@@ -488,6 +488,36 @@ def test_kill_during_checkpoint_write_leaves_a_resumable_run(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_path):
+    """split_heldout on a hand case; then a run with val_rows=4: its val record equals the loss and
+    expected acceptance recomputed from the saved drafter on those 4 rows (every position is an
+    anchor, so the numbers do not depend on how anchors were drawn)."""
+    rows = [([i], [1]) for i in range(10)]
+    train, held = data.split_heldout(rows, 3)
+    assert [r[0][0] for r in held] == [0, 3, 6] and [r[0][0] for r in train] == [1, 2, 4, 5, 7, 8, 9]
+    assert data.split_heldout(rows, 0) == (rows, [])
+    with pytest.raises(ValueError, match="val_rows=10 holds out all 10 rows"):
+        data.split_heldout(rows, 10)
+    with pytest.raises(SystemExit, match="1 held-out rows per rank, less than batch_size=2"):
+        T.main(train_args(tmp_path, val_rows=1))
+
+    assert T.main(train_args(tmp_path, val_rows=4, num_anchors=32, max_steps=3)) == 0
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        (val,) = [r for r in map(json.loads, f) if "val_loss" in r]
+    assert val["step"] == 3 and val["val_rows"] == 4
+    torch.manual_seed(0)
+    target = M.load_target(str(tmp_path / "tiny_target.json"), dtype=torch.float32)
+    drafter, cfg = C.load_drafter(str(tmp_path / "run"))
+    ids = torch.randint(0, cfg.vocab_size, (256, 32), generator=torch.Generator().manual_seed(0))
+    x = ids[[0, 64, 128, 192]]  # the synthetic rows floor(k * 256 / 4)
+    with torch.no_grad():
+        ls, ws, st = M.dflash_loss(drafter, target, x, torch.ones_like(x), num_anchors=32)
+    acc, exp_len = M.acceptance_metrics(st["correct_per_slot"], st["count_per_slot"])
+    assert val["val_loss"] == pytest.approx((ls / ws).item(), rel=1e-4)
+    assert val["val_expected_accept_len"] == pytest.approx(exp_len, rel=1e-4)
+    assert val["val_acc"] == pytest.approx(acc.tolist(), abs=1e-6)
+
+
 def test_grad_accumulation_matches_larger_batch(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()

@@ -79,6 +79,9 @@ DEFAULTS = dict(
     save_interval=500,            # 0: never save or export (throughput benchmarks only)
     keep_checkpoints=2,
     export_every_save=False,
+    val_rows=0,                   # conversations held out of training: loss and expected acceptance on
+                                  # them (what the drafter does on text it never saw) every val_interval steps
+    val_interval=0,               # 0: at the end only
     eval_interval=0,              # steps between real speculative-decoding evaluations (0: end only)
     eval_prompts="sharegpt",      # a data.load_prompts name or file; "" disables evaluation
     eval_num_prompts=8,
@@ -166,6 +169,7 @@ def check_config(c):
          "never uses (Qwen3: 151669, SmolLM2: 16)")
     need(c["save_interval"] >= 0 and c["log_interval"] >= 1, "save_interval must be >= 0, log_interval >= 1")
     need(c["keep_checkpoints"] >= 1, "keep_checkpoints must be >= 1")
+    need(c["val_rows"] >= 0 and c["val_interval"] >= 0, "val_rows and val_interval must be >= 0")
     need(os.path.exists(c["target"]), f"target={c['target']!r} does not exist (run `python data.py fetch` "
          "for the default assets, or point target at an HF folder or config .json)")
     looks_local = c["data"].startswith(("/", ".")) or c["data"].endswith((".json", ".jsonl"))
@@ -317,6 +321,13 @@ def main(argv=None):
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks of this host share its cores
         dataset = D.build_dataset(tokenizer, c["data"], c["max_length"], c["min_loss_tokens"], thinking, log=log,
                                   max_rows=c["max_rows"], workers=max(1, min(16, (os.cpu_count() or 1) // local_world)))
+    try:
+        dataset, val_rows = D.split_heldout(dataset, c["val_rows"])
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}")
+    if val_rows and len(val_rows) // world < c["batch_size"]:
+        raise SystemExit(f"config error: val_rows={c['val_rows']} gives {len(val_rows) // world} held-out rows "
+                         f"per rank, less than batch_size={c['batch_size']}: raise val_rows")
     steps_per_epoch = D.steps_per_epoch(dataset, c["batch_size"] * c["grad_accum"], world)
     if steps_per_epoch < 1:
         raise SystemExit(f"data error: {len(dataset)} rows cannot fill one step of "
@@ -509,6 +520,8 @@ def main(argv=None):
             log(f"saved {path}")
             if c["export_every_save"] and step != total_steps:
                 export(drafter, dcfg, target_config_dict, os.path.join(path, "export"), c, rank)
+        if val_rows and (step == total_steps or (c["val_interval"] and step % c["val_interval"] == 0)):
+            validate(drafter, target, val_rows, c, use_flex, pad_id, device, step, rank, world, metrics_file, log)
         if c["eval_interval"] and step % c["eval_interval"] == 0 and step != total_steps:
             evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log)
         if stopping_here:
@@ -534,6 +547,37 @@ def main(argv=None):
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+@torch.no_grad()
+def validate(drafter, target, val_rows, c, use_flex, pad_id, device, step, rank, world, metrics_file, log):
+    """Loss and expected acceptance length on the held-out rows, each row with the same anchors every
+    time. On conversations the drafter never trained on, this estimate tracks bench.py's tau (README);
+    its gap to the training estimate is what the drafter memorised."""
+    import data as D
+    n = len(val_rows) // world // c["batch_size"] * c["batch_size"]  # every rank runs as many forwards (FSDP)
+    sums = None
+    for lo in range(rank * n, (rank + 1) * n, c["batch_size"]):
+        batch = D.collate(val_rows[lo:lo + c["batch_size"]], c["pad_multiple"], pad_id, c["max_length"])
+        gen = [torch.Generator().manual_seed(c["seed"] * 1_000_003 + 999_999_937 + i)
+               for i in range(lo, lo + c["batch_size"])]
+        ls, ws, st = M.dflash_loss(drafter, target, batch["input_ids"].to(device), batch["loss_mask"].to(device),
+                                   c["num_anchors"], c["gamma"] or None, use_flex, gen,
+                                   ce_chunk_tokens=c["ce_chunk_tokens"], compile_ce=c["compile_target"])
+        part = torch.cat([torch.stack([ls, ws]), st["correct_per_slot"], st["count_per_slot"]])
+        sums = part if sums is None else sums + part
+    dist.all_reduce(sums)
+    sums = sums.cpu()
+    k = (len(sums) - 2) // 2
+    acc, exp_len = M.acceptance_metrics(sums[2:2 + k], sums[2 + k:])
+    loss = (sums[0] / sums[1].clamp(min=1e-6)).item()
+    log(f"val step {step}: loss {loss:.4f} | acc@1 {acc[0].item():.3f} | exp accept {exp_len:.2f} "
+        f"on {n * world} held-out rows")
+    if metrics_file:
+        metrics_file.write(json.dumps(dict(step=step, val_loss=loss, val_acc=acc.tolist(),
+                                           val_expected_accept_len=exp_len, val_rows=n * world)) + "\n")
+        metrics_file.flush()
+    return loss, exp_len
 
 
 def export(drafter, dcfg, target_config, out, c, rank):
