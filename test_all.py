@@ -1126,8 +1126,8 @@ def _fsdp_rank(rank, world, ckpt, full_path, cfg, target_config):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: a free port picked by the parent can be taken before the ranks bind it
+    dist.init_process_group("gloo", init_method="file://" + full_path + ".rdzv", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         d = M.build_drafter(cfg)
@@ -1155,11 +1155,7 @@ def _fsdp_rank(rank, world, ckpt, full_path, cfg, target_config):
 
 
 def test_two_rank_fsdp_checkpoint(tmp_path):
-    import socket
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["TEST_PORT"] = str(s.getsockname()[1])
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
     t = tiny_target()
     cfg = tiny_drafter(t, layers=2).config
@@ -1230,6 +1226,27 @@ def test_dflash_equals_greedy(models, kind):
             assert r["tokens"] == ref, (bs, ids)
             assert sum(r["acceptance"]) == len(r["tokens"]) - 1
             assert all(1 <= a <= bs for a in r["acceptance"])
+
+
+def test_gqa_attention_keeps_logits_and_tokens(models):
+    """--gqa swaps the target's attention function: the same logits as transformers' SDPA path
+    (prefill without a mask, and through a static cache, where a mask is always passed) and the
+    same speculative tokens as greedy decoding with the unmodified target."""
+    from transformers import StaticCache
+    t, d = models
+    g = copy.deepcopy(t)
+    bench.use_sdpa_gqa(g)
+    assert g.config._attn_implementation == "sdpa_gqa" and t.config._attn_implementation == "sdpa"
+    ids = prompts(1)[0]
+    torch.testing.assert_close(g(ids).logits, t(ids).logits, rtol=1e-5, atol=1e-5)
+    outs = []
+    for m in (t, g):
+        kv = StaticCache(config=m.config, max_cache_len=32)
+        m(ids[:, :-2], **{bench._cache_kw(m): kv}, use_cache=True)
+        outs.append(m(ids[:, -2:], **{bench._cache_kw(m): kv}, use_cache=True).logits)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for ids in prompts():
+        assert bench.spec_generate(g, d, ids, 24, [], block_size=4)["tokens"] == greedy(t, ids, 24)
 
 
 @pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
