@@ -305,7 +305,7 @@ def split_heldout(dataset, n):
         return dataset, []
     if n >= len(dataset):
         raise ValueError(f"val_rows={n} holds out all {len(dataset)} rows: lower val_rows")
-    held = sorted({k * len(dataset) // n for k in range(n)})
+    held = [k * len(dataset) // n for k in range(n)]  # increasing and distinct: len / n > 1
     out = set(held)
     return [r for i, r in enumerate(dataset) if i not in out], [dataset[i] for i in held]
 

@@ -556,7 +556,7 @@ def validate(drafter, target, val_rows, c, use_flex, pad_id, device, step, rank,
     its gap to the training estimate is what the drafter memorised."""
     import data as D
     n = len(val_rows) // world // c["batch_size"] * c["batch_size"]  # every rank runs as many forwards (FSDP)
-    sums = None
+    totals = slots = 0  # [loss sum, weight sum], [correct per slot, count per slot]
     for lo in range(rank * n, (rank + 1) * n, c["batch_size"]):
         batch = D.collate(val_rows[lo:lo + c["batch_size"]], c["pad_multiple"], pad_id, c["max_length"])
         gen = [torch.Generator().manual_seed(c["seed"] * 1_000_003 + 999_999_937 + i)
@@ -564,20 +564,18 @@ def validate(drafter, target, val_rows, c, use_flex, pad_id, device, step, rank,
         ls, ws, st = M.dflash_loss(drafter, target, batch["input_ids"].to(device), batch["loss_mask"].to(device),
                                    c["num_anchors"], c["gamma"] or None, use_flex, gen,
                                    ce_chunk_tokens=c["ce_chunk_tokens"], compile_ce=c["compile_target"])
-        part = torch.cat([torch.stack([ls, ws]), st["correct_per_slot"], st["count_per_slot"]])
-        sums = part if sums is None else sums + part
-    dist.all_reduce(sums)
-    sums = sums.cpu()
-    k = (len(sums) - 2) // 2
-    acc, exp_len = M.acceptance_metrics(sums[2:2 + k], sums[2 + k:])
-    loss = (sums[0] / sums[1].clamp(min=1e-6)).item()
+        totals = totals + torch.stack([ls, ws])
+        slots = slots + torch.stack([st["correct_per_slot"], st["count_per_slot"]])
+    dist.all_reduce(totals)
+    dist.all_reduce(slots)
+    acc, exp_len = M.acceptance_metrics(*slots.cpu())
+    loss = (totals[0] / totals[1].clamp(min=1e-6)).item()
     log(f"val step {step}: loss {loss:.4f} | acc@1 {acc[0].item():.3f} | exp accept {exp_len:.2f} "
         f"on {n * world} held-out rows")
     if metrics_file:
         metrics_file.write(json.dumps(dict(step=step, val_loss=loss, val_acc=acc.tolist(),
                                            val_expected_accept_len=exp_len, val_rows=n * world)) + "\n")
         metrics_file.flush()
-    return loss, exp_len
 
 
 def export(drafter, dcfg, target_config, out, c, rank):
