@@ -229,26 +229,6 @@ def measure_tau(target, drafter, tokenizer, prompts, max_new_tokens):
 # ----------------------------------------------------------------------------------------------
 # The fast path: static caches, compiled draft and verify steps, replayed as CUDA graphs on GPU
 
-def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """The target's attention as transformers' SDPA path computes it, but with K/V read once per KV
-    head: transformers repeats K/V to every query head whenever a mask is passed, and over a static
-    cache a mask is always passed (4x the K/V reads at Qwen3-8B shapes)."""
-    if is_causal is None:
-        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=0.0, scale=scaling, is_causal=is_causal,
-        enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None
-
-
-def use_sdpa_gqa(target):
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-    AttentionInterface.register("sdpa_gqa", sdpa_gqa)
-    AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
-    target.set_attn_implementation("sdpa_gqa")
-
-
 class StaticDraftCache:
     """DraftCache with preallocated buffers: context K/V are written at self.pos (absolute positions);
     positions >= the anchor are hidden by the attention mask, and overwritten by the next step."""
@@ -580,7 +560,7 @@ def main(argv=None):
         drafter, _ = load_drafter(args.draft, args.device, dtype)
     M.check_fits_target(drafter.config, target)
     if args.gqa:
-        use_sdpa_gqa(target)
+        M.use_sdpa_gqa(target)
     args.block_size = args.block_size or drafter.config.block_size
     tokenizer, prompt_sets = None, {}
     if args.prompt_len is None:

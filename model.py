@@ -306,6 +306,34 @@ def compile_target_layers(target):
         layer.forward = torch.compile(layer.forward, dynamic=False)
 
 
+GQA_MAX_QUERIES = 64
+
+
+def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """The target's attention as transformers' SDPA path computes it, but with K/V read once per KV
+    head for short queries (decode, verify): transformers repeats K/V to every query head whenever a
+    mask is passed, and over a static cache a mask is always passed (4x the K/V reads at Qwen3-8B
+    shapes). With a mask, SDPA runs enable_gqa in its math kernel, which holds every score: fine for a
+    few queries, not for a prefill, which keeps the repeat and the memory-efficient kernel."""
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    gqa = query.shape[1] != key.shape[1]
+    if gqa and attention_mask is not None and query.shape[2] > GQA_MAX_QUERIES:
+        rep = query.shape[1] // key.shape[1]
+        key, value, gqa = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), False
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                         scale=scaling, is_causal=is_causal, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_sdpa_gqa(target):
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register("sdpa_gqa", sdpa_gqa)
+    AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
+    target.set_attn_implementation("sdpa_gqa")
+
+
 class _StopForward(Exception):
     pass
 

@@ -4,6 +4,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import textwrap
 import math
 import os
 import subprocess
@@ -781,7 +782,7 @@ def regen_input(tmp_path):
 def test_regenerate_greedy_aligned_and_resumable(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
-    args = ["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--max-new-tokens", "6", "--batch-size", "2", "--max-turns", "2"]
+    args = ["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--max-new-tokens", "6", "--batch-size", "2", "--max-turns", "2", "--max-prompt-tokens", "96"]
     data.main(args + ["--limit", "2"])
     assert sorted(json.loads(line)["index"] for line in open(out)) == [0, 1]
     with open(out, "a") as f:
@@ -816,12 +817,30 @@ def test_regenerate_greedy_aligned_and_resumable(tmp_path):
 @need_assets
 def test_regenerate_shards(tmp_path):
     inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
-    paths = [data.regenerate(SMOL, str(inp), str(out), max_new_tokens=1, batch_size=8, num_shards=2, shard=k, log=lambda s: None) for k in range(2)]
+    paths = [data.regenerate(SMOL, str(inp), str(out), max_new_tokens=1, batch_size=8, num_shards=2, shard=k, max_prompt_tokens=64, log=lambda s: None) for k in range(2)]
     assert [os.path.basename(p) for p in paths] == ["out.00-of-02.jsonl", "out.01-of-02.jsonl"]
     got = [[json.loads(line)["index"] for line in open(p)] for p in paths]
     assert sorted(got[0]) == [0, 2] and sorted(got[1]) == [1, 3]
     convs, skipped = data.load_conversations(str(tmp_path / "out.*-of-02.jsonl"))
     assert len(convs) == 4 and not skipped
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_batch_decoder_equals_greedy_decoding_of_each_prompt(models, compiled):
+    """Left-padded rows of different lengths, a filler row, a stop token, the cache reused by a second
+    batch: every row is what greedy decoding of its prompt alone gives, cut after the stop."""
+    t = copy.deepcopy(models[0])
+    M.use_sdpa_gqa(t)
+    ps = [p[0].tolist() for p in prompts(3)]
+    refs = [greedy(models[0], torch.tensor([p]), 10) for p in ps]
+    stop = refs[1][4]
+    expect = [r[: r.index(stop) + 1] if stop in r else r for r in refs]
+    assert any(len(e) < 10 for e in expect) and any(len(e) == 10 for e in expect)
+    decode = data.BatchDecoder(t, 4, 12, 10, [stop], 0, compile=compiled)
+    assert decode(ps) == expect
+    assert decode(ps[::-1]) == expect[::-1]
+    with pytest.raises(ValueError, match="at most 12 tokens"):
+        decode([[1] * 13])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1228,14 +1247,14 @@ def test_dflash_equals_greedy(models, kind):
             assert all(1 <= a <= bs for a in r["acceptance"])
 
 
-def test_gqa_attention_keeps_logits_and_tokens(models):
+def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
     """--gqa swaps the target's attention function: the same logits as transformers' SDPA path
-    (prefill without a mask, and through a static cache, where a mask is always passed) and the
-    same speculative tokens as greedy decoding with the unmodified target."""
+    (prefill without a mask, through a static cache, where a mask is always passed, and a left-padded
+    prefill, which repeats K/V) and the same speculative tokens as greedy decoding."""
     from transformers import StaticCache
     t, d = models
     g = copy.deepcopy(t)
-    bench.use_sdpa_gqa(g)
+    M.use_sdpa_gqa(g)
     assert g.config._attn_implementation == "sdpa_gqa" and t.config._attn_implementation == "sdpa"
     ids = prompts(1)[0]
     torch.testing.assert_close(g(ids).logits, t(ids).logits, rtol=1e-5, atol=1e-5)
@@ -1247,6 +1266,11 @@ def test_gqa_attention_keeps_logits_and_tokens(models):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     for ids in prompts():
         assert bench.spec_generate(g, d, ids, 24, [], block_size=4)["tokens"] == greedy(t, ids, 24)
+    pad = torch.ones_like(ids)
+    pad[:, :2] = 0  # a left-padded prefill: a mask, and more queries than GQA_MAX_QUERIES below
+    monkeypatch.setattr(M, "GQA_MAX_QUERIES", 2)
+    torch.testing.assert_close(g(ids, attention_mask=pad).logits[:, 2:], t(ids, attention_mask=pad).logits[:, 2:],
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
@@ -1553,6 +1577,70 @@ def test_first_exchanges_keep_opening_turns_and_drop_rows_that_contain_an_eval_p
     assert kept == [conv(1, 0, 4), conv(4, 1, 5)]
     assert counts == {"overlaps an evaluation prompt": 2, "no human -> gpt opening": 2, "kept": 2}
 
+
+
+def test_code_prompts_are_signature_and_docstring_minus_eval_problems(tmp_path):
+    src = tmp_path / "lib"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "mod.py").write_text(textwrap.dedent('''
+        def add(a, b=1):
+            """Return the sum of a and b, numbers or anything else with +."""
+            return a + b
+
+        def _private(x):
+            """A private helper, long enough to count otherwise."""
+
+        class K:
+            async def fetch(self, url, *, timeout=3) -> bytes:
+                """Fetch url and return its body; raise after timeout seconds."""
+                return b""
+
+        def short():
+            """Too short."""
+
+        def clash(n: int):
+            """The clash number sequence is defined as follows: clash(0) == 0 and so on."""
+        '''))
+    (src / "test").mkdir()
+    (src / "test" / "t.py").write_text('def skipped():\n    """A test module function with a long docstring."""\n')
+    (src / "bad.py").write_text("def broken(:\n")
+    (tmp_path / "prompts").mkdir()
+    clash = 'def clash(n: int):\n    """The clash number sequence is defined as follows: clash(0) == 0 and so on."""'
+    write_lines(tmp_path / "prompts" / "humaneval.jsonl", [json.dumps({"id": "HumanEval/0", "turns": [data.HUMANEVAL_FMT.format(clash)]})])
+    rows = data.code_prompts(str(tmp_path / "code.jsonl"), str(tmp_path), root=str(src))
+    assert [json.loads(line) for line in open(tmp_path / "code.jsonl")] == rows
+    expect = ['def add(a, b=1):\n    """Return the sum of a and b, numbers or anything else with +."""',
+              'async def fetch(self, url, *, timeout=3) -> bytes:\n    """Fetch url and return its body; raise after timeout seconds."""']
+    assert [r["turns"] for r in rows] == [[data.HUMANEVAL_FMT.format(e)] for e in expect]
+    assert [r["id"] for r in rows] == ["stdlib-pkg/mod.py:2", "stdlib-pkg/mod.py:10"]
+
+
+@need_assets
+def test_self_prompts_open_with_the_template_and_a_seed_and_are_filtered(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    (tmp_path / "prompts").mkdir()
+    held = "Compute the sum of all the prime numbers below one hundred, and show every step of the working."
+    write_lines(tmp_path / "prompts" / "math500.jsonl", [json.dumps({"id": "m", "turns": [held + data.MATH_SUFFIX]})])
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    samples = [ids(" the equation x + 1 = 2 for x.") + [2], ids(" it") + [2], ids(" the equation x + 1 = 2 for x.") + [2],
+               ids(" all primes below one hundred"), ids(": " + held) + [2], ids(" the area of a circle of radius 2.") + [2]]
+
+    class FakeDecoder:
+        def __init__(self, model, batch_size, prompt_len, max_new_tokens, stops, pad_id, compile):
+            assert 2 in stops and batch_size == 6
+        def __call__(self, prompts, temperature, generator):
+            texts = [tok.decode(p) for p in prompts]
+            assert all(t.startswith("<|im_start|>system\n") for t in texts)
+            assert [t.rsplit("<|im_start|>user\n", 1)[1] for t in texts] == ["Solve", "Find"] * 3
+            return samples
+
+    monkeypatch.setattr(data, "BatchDecoder", FakeDecoder)
+    rows = data.self_prompts(SMOL, str(tmp_path / "p.jsonl"), 2, ("Solve", "Find"), "!", batch_size=6,
+                             assets_dir=str(tmp_path))
+    assert rows == [{"id": "self-0-0", "turns": ["Solve the equation x + 1 = 2 for x.!"]},
+                    {"id": "self-0-1", "turns": ["Find the area of a circle of radius 2.!"]}]
+    assert [json.loads(line) for line in open(tmp_path / "p.jsonl")] == rows
 
 def test_compiled_target_layers_and_ce_keep_the_maths(tmp_path):
     """compile_target (torch.compile of the target's layers and of the lm_head + CE chunks) is a speed
