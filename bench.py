@@ -16,7 +16,6 @@ At temperature T > 0 the target's token at every slot is a sample from softmax(l
 proposal is accepted iff it equals that sample: speculative sampling with a point-mass (greedy) draft.
 """
 import argparse
-import inspect
 import json
 import time
 from collections import Counter
@@ -51,11 +50,6 @@ def accept(block, target_tokens):
 # ----------------------------------------------------------------------------------------------
 # The eager runner: HF DynamicCache for the target, model.DraftCache for the drafter
 
-def _cache_kw(target):
-    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (5.17 has the old name)."""
-    return "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
-
-
 class EagerRunner:
     """Dynamic caches: the target's DynamicCache is cropped to the committed length after every step;
     the DraftCache only ever receives K/V of committed context (block K/V is never stored)."""
@@ -64,7 +58,7 @@ class EagerRunner:
         from transformers import DynamicCache
         self.target, self.drafter, self.block_size = target, drafter, block_size
         self.layer_ids = list(drafter.config.target_layer_ids) if block_size > 1 else []
-        self.kv, self.cache_kw = DynamicCache(config=target.config), _cache_kw(target)
+        self.kv, self.cache_kw = DynamicCache(config=target.config), M.cache_kwarg(target)
         self.draft_kv, self.ctx = M.DraftCache(), None
 
     def target_forward(self, ids, logits_to_keep=0):
@@ -288,7 +282,7 @@ class StaticRunner:
         from transformers import StaticCache
         self.target, self.drafter, self.block_size, self.max_len = target, drafter, block_size, max_len
         self.device = target.get_input_embeddings().weight.device
-        self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), _cache_kw(target)
+        self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), M.cache_kwarg(target)
         self.layer_ids = list(drafter.config.target_layer_ids) if block_size > 1 else []
         self.captured, self.handles = {}, []
         for k in self.layer_ids:  # hooks live as long as the runner: a compiled graph traces them once
@@ -322,22 +316,17 @@ class StaticRunner:
             return None
         return torch.cat([self.captured.pop(k) for k in self.layer_ids], -1)[0]
 
-    def _set_length(self, length):
-        for layer in self.kv.layers:
-            if getattr(layer, "is_initialized", False):
-                layer.cumulative_length.copy_(length)
-
     def prefill(self, input_ids):
         P = input_ids.shape[1]
         if P + 1 + 2 * self.block_size > self.max_len:
             raise ValueError(f"prompt of {P} tokens does not fit the static cache of {self.max_len}: raise --max-len")
-        self._set_length(torch.zeros((), dtype=torch.long, device=self.device))
+        M.set_cache_length(self.kv, torch.zeros((), dtype=torch.long, device=self.device))
         out = self.target(input_ids=input_ids, position_ids=torch.arange(P, device=self.device)[None],
                           use_cache=True, logits_to_keep=1, **{self.cache_kw: self.kv})
         return out.logits[0], self._features()
 
     def _verify_impl(self, block, start):
-        self._set_length(start)
+        M.set_cache_length(self.kv, start)
         positions = (start + self.offsets[: block.shape[0]])[None]
         out = self.target(input_ids=block[None], position_ids=positions, use_cache=True, **{self.cache_kw: self.kv})
         return out.logits[0], self._features()

@@ -17,7 +17,6 @@ import collections
 import glob
 import gzip
 import hashlib
-import inspect
 import json
 import multiprocessing as mp
 import os
@@ -418,6 +417,17 @@ def _done_indices(path):
     return {json.loads(line)["index"] for line in keep.decode("utf-8").split("\n") if line.strip()}
 
 
+def load_writer(target):
+    """(tokenizer, model, stop ids) of the target that writes text here: bf16 on GPU, fp32 on CPU,
+    K/V read once per KV head in decode steps (model.sdpa_gqa)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16 if dev == "cuda" else torch.float32).to(dev).eval()
+    M.use_sdpa_gqa(model)
+    return tok, model, stop_ids(tok, model)
+
+
 class BatchDecoder:
     """Greedy (or sampled) continuations of up to `batch_size` token-id prompts at once, over a static
     KV cache of prompt_len + max_new_tokens slots. Prompts are left-padded to prompt_len, so every
@@ -433,21 +443,16 @@ class BatchDecoder:
         self.C, self.pad_id = prompt_len + max_new_tokens, pad_id
         self.dev = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=self.C)
-        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_kw = M.cache_kwarg(model)
         self.stops = torch.tensor(stops, device=self.dev)
         self.slots = torch.arange(self.C, device=self.dev)
         compile = self.dev.type == "cuda" if compile is None else compile
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False,
                                   mode="reduce-overhead" if self.dev.type == "cuda" else None) if compile else self._step
 
-    def _set_length(self, n):
-        for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", False):
-                layer.cumulative_length.copy_(n)
-
     def _step(self, tok, slot, pad):
         """One token per row at cache slot `slot` (the same for every row: they are left-padded)."""
-        self._set_length(slot)
+        M.set_cache_length(self.cache, slot)
         mask = ((self.slots >= pad[:, None]) & (self.slots <= slot))[:, None, None]
         out = self.model(input_ids=tok[:, None], position_ids=(slot - pad)[:, None], attention_mask=mask,
                          use_cache=True, **{self.cache_kw: self.cache})
@@ -467,7 +472,7 @@ class BatchDecoder:
         # a padding query sees itself: some SDPA kernels return NaN for a row with nothing to attend
         # to, and its cached K/V would carry it into the real rows (masked weight 0 times NaN is NaN)
         mask = ((self.slots >= pad[:, None, None]) & (self.slots <= q)) | (self.slots == q)
-        self._set_length(0)
+        M.set_cache_length(self.cache, 0)
         logits = self.model(input_ids=ids, position_ids=(self.slots[:P] - pad[:, None]).clamp(min=0),
                             attention_mask=mask[:, None], use_cache=True, logits_to_keep=1,
                             **{self.cache_kw: self.cache}).logits[:, -1].float()
@@ -496,7 +501,6 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     """Write {"id", "index", "messages"} rows whose assistant turns are the target's own answers
     (with their "token_ids"). Turn t+1 is prompted with the target's answer to turn t, as text
     rendered by the template. Rows already in OUT are skipped, so a killed run just restarts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     out = shard_path(out, shard, num_shards)
     done = _done_indices(out)
     todo, skipped = [], collections.Counter()
@@ -517,11 +521,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     log(f"regenerate: {len(todo)} rows to do, {len(done)} already in {out}, skipped: {dict(skipped)}")
     if not todo:
         return out
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16 if dev == "cuda" else torch.float32).to(dev).eval()
-    M.use_sdpa_gqa(model)
-    stops = stop_ids(tok, model)
+    tok, model, stops = load_writer(target)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
     # shortest prompts first: a run stopped by a time limit has answered the most rows
@@ -835,20 +835,15 @@ def self_prompts(target, out, num, seeds=("",), suffix="", temperature=1.0, max_
     `suffix`. Answered by `regenerate`, they give training text in domains no registry here carries
     (seed "Solve" plus MATH-500's suffix: maths). Unfinished, short and repeated prompts and any that
     overlap an evaluation prompt are dropped and counted."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     keys = eval_keys(assets_dir)
-    tok = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16 if dev == "cuda" else torch.float32).to(dev).eval()
-    M.use_sdpa_gqa(model)
-    stops = stop_ids(tok, model)
+    tok, model, stops = load_writer(target)
     mark = "\x00"
     text = render_chat(tok, [{"role": "user", "content": mark}], None, tokenize=False)
     prefix = text[:text.index(mark)]  # the template up to the user's first word (with its system prompt)
     starts = [tok(prefix + s, add_special_tokens=False)["input_ids"] for s in seeds]
     # a few short batches: compiling the step would cost more than it saves
     decode = BatchDecoder(model, batch_size, max(map(len, starts)), max_new_tokens, stops, stops[0], compile=False)
-    g = torch.Generator(device=dev).manual_seed(seed)
+    g = torch.Generator(device=model.device).manual_seed(seed)
     rows, seen, counts, t0, k = [], set(), collections.Counter(), time.time(), 0
     while len(rows) < num and k < 4 * num:
         idx = [(k + j) % len(seeds) for j in range(batch_size)]

@@ -9,6 +9,7 @@ queries come from the block, and keys/values from [context; block] through the s
 ("KV injection"). Its logits come from the target's frozen lm_head. It owns no embedding and no
 lm_head, so its state_dict is exactly the serving format (fc, hidden_norm, norm, layers.*).
 """
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -304,6 +305,19 @@ def compile_target_layers(target):
     forward is compiled, not the module, so capture hooks (and FSDP's) stay outside the graph."""
     for layer in decoder_layers(target):
         layer.forward = torch.compile(layer.forward, dynamic=False)
+
+
+def cache_kwarg(target):
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (5.17 has the old name)."""
+    return "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
+
+
+def set_cache_length(cache, length):
+    """Rewind (or advance) an HF StaticCache to `length` committed tokens: the next forward writes its
+    K/V there and masks by it. A tensor, so a compiled step that calls this is not recompiled."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.cumulative_length.copy_(length)
 
 
 GQA_MAX_QUERIES = 64

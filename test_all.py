@@ -1261,8 +1261,8 @@ def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
     outs = []
     for m in (t, g):
         kv = StaticCache(config=m.config, max_cache_len=32)
-        m(ids[:, :-2], **{bench._cache_kw(m): kv}, use_cache=True)
-        outs.append(m(ids[:, -2:], **{bench._cache_kw(m): kv}, use_cache=True).logits)
+        m(ids[:, :-2], **{M.cache_kwarg(m): kv}, use_cache=True)
+        outs.append(m(ids[:, -2:], **{M.cache_kwarg(m): kv}, use_cache=True).logits)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     for ids in prompts():
         assert bench.spec_generate(g, d, ids, 24, [], block_size=4)["tokens"] == greedy(t, ids, 24)
