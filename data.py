@@ -8,6 +8,7 @@ regenerate the assistant turns with the target itself, and fetch the offline def
     python data.py code-prompts --out F              # HumanEval-shaped prompts from the standard library
     python data.py self-prompts --target DIR --out F --num N [--seeds "Solve|Find"] [--suffix math]
     python data.py regenerate --target DIR --data IN --out OUT [--max-new-tokens 512] ...
+    python data.py overlap --data "runs/regen/*.jsonl"   # evaluation prompts quoted in training rows (exit 1)
 
 Runs on the GPU machines too, which have no `datasets`, no `gguf` and no network: those two are
 imported only inside the functions that need them.
@@ -20,6 +21,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -746,6 +748,51 @@ def eval_keys(assets_dir=None, key_chars=80):
     return keys
 
 
+def _word_ngrams(text, n):
+    """Word n-grams (lower case, letters and digits only) of text, with the instructions every prompt of a
+    set shares cut out first, so that no n-gram spans one: they are the set's format, not its problems."""
+    for shared in (MATH_SUFFIX, *HUMANEVAL_FMT.split("{}")):
+        text = text.replace(shared, "\0")
+    grams = set()
+    for part in text.split("\0"):
+        w = re.findall(r"[a-z0-9]+", part.lower())
+        grams.update(" ".join(w[i:i + n]) for i in range(len(w) - n + 1))
+    return grams
+
+
+def overlap(data, assets_dir=None, n=13, num_prompts=None, sets=None):
+    """The evaluation prompts (assets/prompts/*.jsonl or the named sets, the first num_prompts of each) that share a word
+    n-gram with the training rows in data (a JSONL glob): {set: {"turns": t, "prompts": {id: row id},
+    "responses": {id: row id}}}, split by whether the n-gram is in a training user turn or an answer.
+    Stricter than first-turns' 80-character keys: it also finds a prompt quoted from its middle."""
+    owner = collections.defaultdict(list)  # n-gram -> the (set, prompt id) it comes from
+    found = {}
+    for path in sorted(glob.glob(os.path.join(assets_dir or _default_assets(), "prompts", "*.jsonl"))):
+        name = os.path.basename(path)[:-len(".jsonl")]
+        if sets and name not in sets:
+            continue
+        rows = load_prompts(path)[:num_prompts]
+        found[name] = {"turns": sum(len(r["turns"]) for r in rows), "prompts": {}, "responses": {}}
+        for r in rows:
+            for g in set().union(*(_word_ngrams(t, n) for t in r["turns"])):
+                owner[g].append((name, r["id"]))
+    if not found:
+        raise FileNotFoundError(f"no evaluation prompts in {assets_dir or _default_assets()}/prompts: run `python data.py fetch`")
+    skipped = 0
+    for i, row in read_rows(data):
+        try:
+            msgs = parse_messages(row, need_assistant=False)
+        except BadRow:
+            skipped += 1
+            continue
+        for m in msgs:
+            where = "prompts" if m["role"] == "user" else "responses"
+            for g in _word_ngrams(m["content"], n) & owner.keys():
+                for name, pid in owner[g]:
+                    found[name][where].setdefault(pid, str(row.get("id", i)))
+    return found, skipped
+
+
 def first_exchanges(src=None, out=None, assets_dir=None, key_chars=80, turns=1):
     """The opening exchanges (up to `turns` user turns and their answers) of each ShareGPT
     conversation in src (default: the fetched assets/sharegpt_train.jsonl), written to out (default:
@@ -894,6 +941,12 @@ def main(argv=None):
     c = sub.add_parser("code-prompts", help="HumanEval-shaped prompts from the Python standard library")
     c.add_argument("--out", required=True)
     c.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
+    o = sub.add_parser("overlap", help="evaluation prompts that share a word n-gram with training rows")
+    o.add_argument("--data", required=True, help="training rows: JSONL (a glob)")
+    o.add_argument("--num-prompts", type=int, default=None, help="the first N of each set (default: all)")
+    o.add_argument("--sets", default=None, help="comma-separated prompt sets (default: every file in prompts/)")
+    o.add_argument("--n", type=int, default=13, help="words per n-gram")
+    o.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
     s = sub.add_parser("self-prompts", help="user prompts written by the target itself (Magpie)")
     s.add_argument("--target", required=True)
     s.add_argument("--out", required=True)
@@ -912,6 +965,16 @@ def main(argv=None):
         first_exchanges(out=a.out, assets_dir=a.dir, turns=a.turns)
     elif a.cmd == "code-prompts":
         code_prompts(a.out, a.dir)
+    elif a.cmd == "overlap":
+        found, skipped = overlap(a.data, a.dir, a.n, a.num_prompts, a.sets and a.sets.split(","))
+        for name, f in found.items():
+            print(f"{name}: {f['turns']} turns; {len(f['prompts'])} prompts share a {a.n}-word sequence with a "
+                  f"training prompt, {len(f['responses'])} with a training answer")
+            for where in ("prompts", "responses"):
+                for pid, rid in f[where].items():
+                    print(f"  {name} {pid}: in training row {rid}'s {where[:-1]}")
+        print(f"overlap: {skipped} malformed training rows skipped")
+        sys.exit(1 if any(f["prompts"] for f in found.values()) else 0)  # a benchmark prompt was trained on
     elif a.cmd == "self-prompts":
         self_prompts(a.target, a.out, a.num, a.seeds.split("|"), MATH_SUFFIX if a.suffix == "math" else "",
                      a.temperature, a.max_new_tokens, a.batch_size, a.seed, a.dir)

@@ -1615,6 +1615,34 @@ def test_code_prompts_are_signature_and_docstring_minus_eval_problems(tmp_path):
     assert [r["id"] for r in rows] == ["stdlib-pkg/mod.py:2", "stdlib-pkg/mod.py:10"]
 
 
+def test_overlap_finds_a_prompt_quoted_mid_turn_and_ignores_the_shared_instructions(tmp_path):
+    story = "Write a short story about a lighthouse keeper who finds a message in a bottle sent by his younger self."
+    problem = 'def fizz(n: int):\n    """Return the count of numbers below n divisible by eleven or thirteen."""'
+    question = "Find the remainder when the sum of the first one hundred odd integers is divided by seven."
+    (tmp_path / "prompts").mkdir()
+    write_lines(tmp_path / "prompts" / "mt-bench.jsonl", [json.dumps({"id": "1", "turns": [story, "Now make it rhyme."]}),
+                                                          json.dumps({"id": "2", "turns": ["Name three rivers."]})])
+    write_lines(tmp_path / "prompts" / "humaneval.jsonl", [json.dumps({"id": "H0", "turns": [data.HUMANEVAL_FMT.format(problem)]})])
+    write_lines(tmp_path / "prompts" / "math500.jsonl", [json.dumps({"id": "M0", "turns": [question + data.MATH_SUFFIX]})])
+    words = story.split()
+    chat = lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    rows = [
+        {"id": "a", **chat("Please help: " + " ".join(words[5:18]).upper() + ", thanks", "ok")},  # 13 words from its middle
+        {"id": "b", **chat(" ".join(words[5:17]), "ok")},                                         # 12 words
+        {"id": "c", **chat(data.HUMANEVAL_FMT.format('def other(x):\n    """Return x."""'), "ok")},  # HumanEval's instruction only
+        {"id": "d", **chat("What is 14 divided by seven." + data.MATH_SUFFIX, "We are asked: " + question)},
+    ]
+    write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in rows] + ["{not json"])
+    found, skipped = data.overlap(str(tmp_path / "train.jsonl"), str(tmp_path))
+    assert skipped == 1
+    assert found == {"humaneval": {"turns": 1, "prompts": {}, "responses": {}},
+                     "math500": {"turns": 1, "prompts": {}, "responses": {"M0": "d"}},
+                     "mt-bench": {"turns": 3, "prompts": {"1": "a"}, "responses": {}}}
+    write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in rows[1:]])
+    found, _ = data.overlap(str(tmp_path / "train.jsonl"), str(tmp_path), n=12, sets=["mt-bench"])
+    assert found == {"mt-bench": {"turns": 3, "prompts": {"1": "b"}, "responses": {}}}
+
+
 @need_assets
 def test_self_prompts_open_with_the_template_and_a_seed_and_are_filtered(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
