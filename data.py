@@ -734,17 +734,26 @@ def _fold(text):
     return " ".join(text.lower().split())
 
 
+def eval_prompts(assets_dir=None):
+    """{set name: prompt rows} of every assets/prompts/*.jsonl; raises if there are none."""
+    d = os.path.join(assets_dir or _default_assets(), "prompts")
+    sets = {os.path.basename(p)[:-len(".jsonl")]: load_prompts(p) for p in sorted(glob.glob(os.path.join(d, "*.jsonl")))}
+    if not sets:
+        raise FileNotFoundError(f"no evaluation prompts in {d}: run `python data.py fetch` "
+                                "(they are needed to keep them out of training)")
+    return sets
+
+
 def eval_keys(assets_dir=None, key_chars=80):
     """The first key_chars characters (case and whitespace folded) of every evaluation prompt in
     assets/prompts/*.jsonl (of the problem, for HumanEval's): a training prompt that contains one of
     them is dropped."""
     keys, wrapper = set(), HUMANEVAL_FMT.split("{}")[0]  # every HumanEval prompt opens with it: key the problem
-    for path in sorted(glob.glob(os.path.join(assets_dir or _default_assets(), "prompts", "*.jsonl"))):
-        for row in load_prompts(path):
+    for rows in eval_prompts(assets_dir).values():
+        for row in rows:
             keys.update(k[:key_chars] for k in (_fold(t.removeprefix(wrapper)) for t in row["turns"]) if len(k) >= 20)
     if not keys:
-        raise FileNotFoundError(f"no evaluation prompts in {assets_dir or _default_assets()}/prompts: run `python data.py fetch` "
-                                "(they are needed to keep them out of training)")
+        raise ValueError("every evaluation prompt is under 20 characters: nothing to keep out of training")
     return keys
 
 
@@ -766,18 +775,15 @@ def overlap(data, assets_dir=None, n=13, num_prompts=None, sets=None):
     "responses": {id: row id}}}, split by whether the n-gram is in a training user turn or an answer.
     Stricter than first-turns' 80-character keys: it also finds a prompt quoted from its middle."""
     owner = collections.defaultdict(list)  # n-gram -> the (set, prompt id) it comes from
-    found = {}
-    for path in sorted(glob.glob(os.path.join(assets_dir or _default_assets(), "prompts", "*.jsonl"))):
-        name = os.path.basename(path)[:-len(".jsonl")]
-        if sets and name not in sets:
-            continue
-        rows = load_prompts(path)[:num_prompts]
+    found, available = {}, eval_prompts(assets_dir)
+    for name in sets or available:
+        if name not in available:
+            raise ValueError(f"no prompt set {name!r}: the sets are {', '.join(available)}")
+        rows = available[name][:num_prompts]
         found[name] = {"turns": sum(len(r["turns"]) for r in rows), "prompts": {}, "responses": {}}
         for r in rows:
             for g in set().union(*(_word_ngrams(t, n) for t in r["turns"])):
                 owner[g].append((name, r["id"]))
-    if not found:
-        raise FileNotFoundError(f"no evaluation prompts in {assets_dir or _default_assets()}/prompts: run `python data.py fetch`")
     skipped = 0
     for i, row in read_rows(data):
         try:

@@ -1641,6 +1641,8 @@ def test_overlap_finds_a_prompt_quoted_mid_turn_and_ignores_the_shared_instructi
     write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in rows[1:]])
     found, _ = data.overlap(str(tmp_path / "train.jsonl"), str(tmp_path), n=12, sets=["mt-bench"])
     assert found == {"mt-bench": {"turns": 3, "prompts": {"1": "b"}, "responses": {}}}
+    with pytest.raises(ValueError, match="no prompt set 'aime': the sets are humaneval, math500, mt-bench"):
+        data.overlap(str(tmp_path / "train.jsonl"), str(tmp_path), sets=["mt-bench", "aime"])
 
 
 @need_assets
