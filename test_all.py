@@ -7,6 +7,7 @@ import json
 import textwrap
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -403,6 +404,38 @@ def test_config_errors_name_the_key(tmp_path):
     # the mask id is checked against the target's vocab before the weights are loaded
     with pytest.raises(SystemExit, match="mask_token_id=64"):
         T.main(train_args(tmp_path, mask_token_id=64))
+
+
+def test_help_lists_every_key_and_loads_nothing():
+    r = subprocess.run([sys.executable, "-c", "import sys, train; train.parse_config(['--help'])"],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for key, default in T.DEFAULTS.items():
+        assert re.search(rf"--{key} +{type(default).__name__} ", r.stdout), key
+    for group in ("model", "data", "optimisation", "checkpoints and evaluation", "speed"):
+        assert f"\n{group}:" in r.stdout
+    r = subprocess.run([sys.executable, "train.py", "-h", "--target=/nonexistent"], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage: " in r.stdout and r.stderr == ""
+
+
+def test_config_numbers_files_and_yaml_errors(tmp_path):
+    c = T.parse_config(train_args(tmp_path) + ["--lr=3e-4", "--min_lr=1E-5"])  # the README's example
+    assert c["lr"] == 3e-4 and c["min_lr"] == 1e-5
+    (tmp_path / "exp.yaml").write_text("lr: 2e-4\nweight_decay: 1e-2\n")
+    c = T.parse_config([a for a in train_args(tmp_path) if not a.startswith("--lr=")]
+                       + [f"--config={tmp_path / 'exp.yaml'}"])
+    assert c["lr"] == 2e-4 and c["weight_decay"] == 0.01
+    with pytest.raises(SystemExit, match=r"--config '/nonexistent.yaml' does not exist"):
+        T.parse_config(["--config", "/nonexistent.yaml"])
+    (tmp_path / "broken.yaml").write_text("lr: [1,\n")
+    with pytest.raises(SystemExit, match="broken.yaml: not valid YAML"):
+        T.parse_config([f"--config={tmp_path / 'broken.yaml'}"])
+    # through the script: one line, exit 2, no traceback (and under torchrun: printed once)
+    for nproc in (1, 2):
+        r = run_train(train_args(tmp_path, lr="abc"), nproc=nproc)
+        assert r.returncode != 0 and "Traceback" not in r.stderr + r.stdout, r.stderr[-2000:]
+        assert (r.stderr + r.stdout).count("config error: lr='abc' should be a float") == 1
 
 
 def test_lr_schedules():

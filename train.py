@@ -26,84 +26,101 @@ import model as M
 
 # ------------------------------------------------------------------------------------------------
 # Config: plain data. Every key can be set in the YAML file or on the command line (--key=value).
+# Each key: (default, one line of meaning); `python train.py --help` prints these groups.
 
-DEFAULTS = dict(
-    # what to train against
-    target="assets/SmolLM2-135M-Instruct",  # HF folder, or an HF config .json (random weights)
-    data="assets/sharegpt_train.jsonl",      # conversations (JSON/JSONL/HF dataset) or "synthetic"
-    out_dir="runs/quickstart",
-    init_from="",                 # a training checkpoint or serving folder to fine-tune from
-    # the drafter
-    num_draft_layers=5,
-    block_size=16,
-    num_features=5,
-    target_layer_ids=[],          # empty: the published formula over the target's layers
-    mask_token_id=-1,             # a target embedding row real text never uses (required)
-    # data
-    max_length=3072,
-    min_loss_tokens=16,
-    max_rows=0,                   # > 0: use only the first max_rows conversations (quick runs)
-    enable_thinking="auto",       # auto | on | off (templates that support it)
-    pad_multiple=128,
-    # objective
-    num_anchors=512,
-    gamma=0.0,                    # 0: the paper's value for the block size (7 for 16)
-    ce_chunk_tokens=4096,
-    # optimisation
-    batch_size=1,                 # sequences per rank per micro-batch
-    grad_accum=1,
-    epochs=6,
-    max_steps=0,                  # 0: epochs decide
-    stop_at_step=0,               # end this invocation after step N with a checkpoint (job time limits);
-                                  # the same command without it resumes; the schedule still spans max_steps
-    lr=6e-4,
-    min_lr=0.0,
-    lr_schedule="cosine",         # cosine | wsd | constant
-    warmup_ratio=0.04,
-    decay_ratio=0.2,              # wsd: fraction of steps spent decaying to min_lr
-    weight_decay=0.0,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,
-    seed=0,
-    # system
-    device="auto",                # auto | cuda | cpu
-    dtype="auto",                 # compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    shard_target=False,
-    compile=False,                # torch.compile each drafter layer
-    compile_target=False,         # also torch.compile the target's decoder layers and the lm_head + CE chunks
-    attention="auto",             # auto (flex on GPU, dense on CPU) | flex | dense
-    peak_tflops=989.0,            # for MFU: dense bf16 peak of one GPU (H100/H200 SXM)
-    # bookkeeping
-    log_interval=10,
-    save_interval=500,            # 0: never save or export (throughput benchmarks only)
-    keep_checkpoints=2,
-    export_every_save=False,
-    val_rows=0,                   # conversations held out of training: loss and expected acceptance on
-                                  # them (what the drafter does on text it never saw) every val_interval steps
-    val_interval=0,               # 0: at the end only
-    eval_interval=0,              # steps between real speculative-decoding evaluations (0: end only)
-    eval_prompts="sharegpt",      # a data.load_prompts name or file; "" disables evaluation
-    eval_num_prompts=8,
-    eval_max_new_tokens=128,
-    max_bad_steps=5,              # consecutive non-finite steps before the run stops
-    wandb=False,
-    profile_steps=0,              # > 0: profile that many steps after 5 warm-up steps, print the top ops
-    profile_trace=False,          # also write profile_trace.json (Chrome trace; minutes for an 8B step)
-)
+CONFIG = {
+    "model": dict(
+        target=("assets/SmolLM2-135M-Instruct", "HF folder, or an HF config .json (random weights)"),
+        init_from=("", "a training checkpoint or serving folder to fine-tune from"),
+        num_draft_layers=(5, "decoder layers in the drafter"),
+        block_size=(16, "tokens per block: the anchor plus block_size - 1 drafted tokens"),
+        num_features=(5, "target layers captured as context"),
+        target_layer_ids=([], "0-based target layers captured; empty: the published formula"),
+        mask_token_id=(-1, "a target embedding row real text never uses (required)"),
+    ),
+    "data": dict(
+        data=("assets/sharegpt_train.jsonl", "conversations (JSON/JSONL glob, HF dataset) or 'synthetic'"),
+        max_length=(3072, "tokens per training row (longer rows are cut)"),
+        min_loss_tokens=(16, "rows with fewer trained tokens are skipped (counted)"),
+        max_rows=(0, "> 0: use only the first max_rows conversations (quick runs)"),
+        enable_thinking=("auto", "auto | on | off: the chat template's thinking mode; match serving"),
+        pad_multiple=(128, "pad batch lengths to a multiple of this (fewer compiled shapes)"),
+        val_rows=(0, "conversations held out of training, scored every val_interval steps"),
+    ),
+    "optimisation": dict(
+        num_anchors=(512, "blocks sampled per sequence (fixed slot count: static shapes)"),
+        gamma=(0.0, "loss decay exp(-(k-1)/gamma); 0: the paper's value for the block size"),
+        batch_size=(1, "sequences per rank per micro-batch"),
+        grad_accum=(1, "micro-batches per optimizer step"),
+        epochs=(6, "passes over the data (when max_steps is 0)"),
+        max_steps=(0, "optimizer steps; 0: epochs decide"),
+        lr=(6e-4, "peak learning rate (AdamW)"),
+        min_lr=(0.0, "learning rate at the end of the schedule"),
+        lr_schedule=("cosine", "cosine | wsd | constant"),
+        warmup_ratio=(0.04, "fraction of steps warming up linearly"),
+        decay_ratio=(0.2, "wsd: fraction of steps spent decaying to min_lr"),
+        weight_decay=(0.0, "AdamW weight decay on matrices"),
+        beta1=(0.9, "AdamW beta1"),
+        beta2=(0.95, "AdamW beta2"),
+        grad_clip=(1.0, "clip the global gradient norm to this"),
+        seed=(0, "seed for data order, anchors and init"),
+        max_bad_steps=(5, "consecutive non-finite steps before the run stops"),
+    ),
+    "checkpoints and evaluation": dict(
+        out_dir=("runs/quickstart", "run folder: checkpoints, metrics.jsonl, the exported drafter"),
+        save_interval=(500, "steps between checkpoints; 0: never save or export (speed runs)"),
+        keep_checkpoints=(2, "newest checkpoints kept"),
+        stop_at_step=(0, "end this invocation after step N with a checkpoint (job time limits); "
+                         "the same command resumes"),
+        export_every_save=(False, "also write a serving folder beside every checkpoint"),
+        log_interval=(10, "steps between log lines"),
+        val_interval=(0, "steps between held-out scores (0: at the end only)"),
+        eval_interval=(0, "steps between real speculative-decoding evaluations (0: end only)"),
+        eval_prompts=("sharegpt", "a data.load_prompts name or file; '' disables evaluation"),
+        eval_num_prompts=(8, "prompts decoded per evaluation"),
+        eval_max_new_tokens=(128, "tokens generated per evaluation prompt"),
+        wandb=(False, "also log to Weights & Biases"),
+    ),
+    "speed": dict(
+        device=("auto", "auto | cuda | cpu"),
+        dtype=("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"),
+        attention=("auto", "auto (flex on GPU, dense on CPU) | flex | dense"),
+        compile=(False, "torch.compile each drafter layer"),
+        compile_target=(False, "also torch.compile the target's decoder layers and the lm_head + CE chunks"),
+        shard_target=(False, "shard the frozen target's layers with FSDP2 too (large targets)"),
+        ce_chunk_tokens=(4096, "block tokens per lm_head + CE chunk (memory)"),
+        peak_tflops=(989.0, "dense bf16 peak of one GPU, for MFU (H100/H200 SXM)"),
+        profile_steps=(0, "> 0: profile that many steps after 5 warm-up steps, print the top ops"),
+        profile_trace=(False, "also write profile_trace.json (Chrome trace; minutes for an 8B step)"),
+    ),
+}
+DEFAULTS = {key: default for group in CONFIG.values() for key, (default, _) in group.items()}
 CHOICES = dict(enable_thinking={"auto", "on", "off"}, lr_schedule={"cosine", "wsd", "constant"},
                device={"auto", "cuda", "cpu"}, dtype={"auto", "bf16", "fp32"},
                attention={"auto", "flex", "dense"})
 
 
+def usage():
+    lines = ["usage: torchrun [--nproc_per_node=N] train.py --config FILE.yaml [--key=value ...]",
+             "       (or python train.py ...: one process). Config keys, YAML or command line:"]
+    for group, keys in CONFIG.items():
+        lines.append(f"\n{group}:")
+        for key, (default, meaning) in keys.items():
+            lines.append(f"  --{key:<20s} {type(default).__name__:5s} {default!r:<30} {meaning}")
+    return "\n".join(lines)
+
+
 def parse_config(argv):
     """--config FILE and --key=value overrides -> a checked dict. Fails naming the key."""
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        raise SystemExit(0)
     cfg, overrides, i = dict(DEFAULTS), {}, 0
     file_values = {}
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise SystemExit(f"config error: unexpected argument {arg!r}; use --key=value")
+            raise SystemExit(f"config error: unexpected argument {arg!r}; use --key=value (--help lists the keys)")
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(argv):
@@ -111,24 +128,45 @@ def parse_config(argv):
             value, i = argv[i + 1], i + 1
         key = key.replace("-", "_")
         if key == "config":
-            with open(value) as f:
-                file_values = yaml.safe_load(f) or {}
+            file_values = read_yaml(value)
         else:
-            overrides[key] = yaml.safe_load(value)
+            overrides[key] = parse_value(value, f"--{key}")
         i += 1
     for source, values in (("config file", file_values), ("command line", overrides)):
         for key, value in values.items():
             if key not in DEFAULTS:
                 close = [k for k in DEFAULTS if key.split("_")[0] in k]
                 raise SystemExit(f"config error: unknown key {key!r} in the {source}"
-                                 + (f"; did you mean one of {close}?" if close else ""))
+                                 + (f"; did you mean one of {close}?" if close else " (--help lists the keys)"))
             cfg[key] = coerce(key, value)
     check_config(cfg)
     return cfg
 
 
+def parse_value(text, where):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SystemExit(f"config error: {where}: not valid YAML ({str(e).splitlines()[0]})")
+
+
+def read_yaml(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"config error: --config {path!r} does not exist (see configs/ for examples)")
+    with open(path) as f:
+        values = parse_value(f.read(), path) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"config error: {path} should hold `key: value` lines, not a {type(values).__name__}")
+    return values
+
+
 def coerce(key, value):
     default = DEFAULTS[key]
+    if isinstance(default, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
@@ -611,4 +649,20 @@ def evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        # a config or data error: one line, once, exit 2, no traceback
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(e.code, file=sys.stderr, flush=True)
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            # torchrun answers any failed worker with its own traceback, which buries the one line
+            # that matters; every rank fails the same check, so end this host's launcher quietly
+            # (local rank 0 first, after printing; the others only if it has not)
+            launcher = os.getppid()
+            time.sleep(0 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 5)
+            if os.getppid() == launcher:  # not yet ended (an orphan's parent is init: never signal it)
+                os.kill(launcher, signal.SIGKILL)
+        os._exit(2)
