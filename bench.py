@@ -211,13 +211,16 @@ def run_turns(target, drafter, tokenizer, turns, max_new_tokens, stop_ids, block
 
 
 def measure_tau(target, drafter, tokenizer, prompts, max_new_tokens):
-    """Mean acceptance length over all steps of the first turn of each prompt, at temperature 0."""
+    """(tau, turns identical to greedy decoding): the mean acceptance length over all steps of the first
+    turn of each prompt at temperature 0; each turn is also decoded plainly (block size 1) and compared."""
     stops = data.stop_ids(tokenizer, target)
-    steps = []
+    steps, same = [], 0
     for p in prompts:
-        turn = p["turns"][0] if isinstance(p, dict) else p
-        steps += run_turns(target, drafter, tokenizer, [turn], max_new_tokens, stops, None)[0]["acceptance"]
-    return sum(steps) / max(len(steps), 1)
+        turn = [p["turns"][0] if isinstance(p, dict) else p]
+        spec, plain = (run_turns(target, drafter, tokenizer, turn, max_new_tokens, stops, bs)[0] for bs in (None, 1))
+        steps += spec["acceptance"]
+        same += spec["tokens"] == plain["tokens"]
+    return sum(steps) / max(len(steps), 1), same
 
 
 # ----------------------------------------------------------------------------------------------

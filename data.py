@@ -512,6 +512,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         return out
     tok, model, stops = load_writer(target)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    batch_size = min(batch_size, len(todo))  # a static batch: no wider than the rows
     decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
     # shortest prompts first: a run stopped by a time limit has answered the most rows
     first = [len(render_chat(tok, r["system"] + [{"role": "user", "content": r["users"][0]}], enable_thinking, True)) for r in todo]

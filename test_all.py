@@ -1398,7 +1398,8 @@ def test_measure_tau(models, monkeypatch):
     guide(monkeypatch, bench.EagerRunner, ref, ids.shape[1])
     stops = data.stop_ids(tok, t)
     want = bench.spec_generate(t, d, ids, 16, stops)["acceptance"]
-    assert bench.measure_tau(t, d, tok, [{"turns": ["abc"]}], 16) == pytest.approx(sum(want) / len(want))
+    tau, same = bench.measure_tau(t, d, tok, [{"turns": ["abc"]}], 16)
+    assert tau == pytest.approx(sum(want) / len(want)) and same == 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -579,9 +579,11 @@ def main(argv=None):
         out = os.path.join(c["out_dir"], "drafter")
         export(drafter, dcfg, target_config_dict, out, c, rank)
         log(f"exported the drafter (serving format) to {out}")
-    tau = evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log)
-    if tau is not None:
-        log(f"measured acceptance length (real speculative decoding): tau = {tau:.2f}")
+    results = evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log)
+    if results:
+        log("acceptance length measured by real speculative decoding (temperature 0):")
+    for name, kind, n, tau, same in results:
+        log(f"  tau = {tau:.2f} on {n} {kind} prompts ({name}); {same}/{n} outputs identical to greedy decoding")
     dist.barrier()
     dist.destroy_process_group()
     return 0
@@ -625,27 +627,41 @@ def export(drafter, dcfg, target_config, out, c, rank):
 
 
 def evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log):
-    """Real speculative decoding (bench.py's loop) on held-out prompts, on rank 0 with a plain copy of
-    the drafter, next to the training estimate of the acceptance length."""
+    """Real speculative decoding (bench.py's loop, temperature 0) on each eval_prompts set, on rank 0
+    with a plain copy of the drafter, each turn checked against plain greedy decoding. A set that is
+    the training data says whether the pipeline learns; a held-out set, what generalises.
+    Returns [(set, kind, prompts, tau, turns identical to greedy)]."""
     if not c["eval_prompts"] or tokenizer is None or c["shard_target"]:
-        return None  # a sharded target cannot decode on one rank alone
+        return []  # a sharded target cannot decode on one rank alone
     sd = full_state_dict(drafter)
-    tau = None
+    results = []
     if rank == 0:
         import bench
         import data as D
-        prompts = D.load_prompts(c["eval_prompts"])[:c["eval_num_prompts"]]
-        plain = M.DFlashDrafter(dcfg).to(device=next(target.parameters()).device, dtype=target.dtype)
+        dtype, device = target.dtype, next(target.parameters()).device
+        if device.type == "cpu":  # speculative == greedy holds exactly in fp32; in bf16 argmax near-ties
+            target.float()        # can flip between a 16-token and a 1-token forward (SPEC 8)
+        plain = M.DFlashDrafter(dcfg).to(device=device, dtype=target.dtype)
         plain.load_state_dict(sd)
         plain.eval()
-        with torch.compiler.set_stance("force_eager"):  # compiled target layers: decode shapes vary every step
-            tau = bench.measure_tau(target, plain, tokenizer, prompts, c["eval_max_new_tokens"])
-        log(f"eval step {step}: tau {tau:.2f} on {len(prompts)} {c['eval_prompts']} prompts")
-        if metrics_file:
-            metrics_file.write(json.dumps(dict(step=step, eval_tau=tau, eval_prompts=len(prompts))) + "\n")
-            metrics_file.flush()
+        trained = {os.path.abspath(f) for f in glob.glob(c["data"])}
+        for name in c["eval_prompts"].split(","):
+            prompts = D.load_prompts(name)[:c["eval_num_prompts"]]
+            kind = "training" if os.path.abspath(name) in trained else "held-out"
+            log(f"eval step {step}: decoding {len(prompts)} {kind} prompts ({name}), speculative and plain...", flush=True)
+            t0 = time.time()
+            with torch.compiler.set_stance("force_eager"):  # compiled target layers: decode shapes vary every step
+                tau, same = bench.measure_tau(target, plain, tokenizer, prompts, c["eval_max_new_tokens"])
+            log(f"eval step {step}: tau {tau:.2f} on {len(prompts)} {kind} prompts ({name}); "
+                f"{same}/{len(prompts)} identical to greedy decoding ({time.time() - t0:.0f} s)")
+            results.append((name, kind, len(prompts), tau, same))
+            if metrics_file:
+                metrics_file.write(json.dumps(dict(step=step, eval_set=name, eval_kind=kind, eval_tau=tau,
+                                                   eval_prompts=len(prompts), eval_lossless=same)) + "\n")
+                metrics_file.flush()
+        target.to(dtype)  # bf16 -> fp32 -> bf16 is exact
     dist.barrier()
-    return tau
+    return results
 
 
 if __name__ == "__main__":

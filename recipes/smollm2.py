@@ -212,6 +212,172 @@ def self_prompts(target, out, num, seeds=("",), suffix="", temperature=1.0, max_
     return rows
 
 
+# -----------------------------------------------------------------------------
+# The whole recipe as one resumable command: prompts -> regeneration -> training -> export -> bench
+
+MATHS_SEEDS = ("Solve for $x$:|Find the value of|Compute|What is the sum of|How many positive integers|Simplify|Let $|"
+               "If $|Evaluate|Find all real|What is the probability that|Find the remainder when|Calculate|A rectangle|"
+               "The sum of|Express")
+CODE_SEEDS = ("Write a Python function|Write a function|Implement a Python class|Write a Python program|Complete the "
+              "following Python function|Write a Python function that takes a list|Fix the bug in this Python code|"
+              "Write a recursive Python function")
+GENERAL_SEEDS = "|Write|Explain|Give|Describe|What|How|Compose|Rewrite|Imagine|Can you"
+BENCH_SETS = ("mt-bench", "humaneval", "math500", "alpaca")
+# Rates measured on H200s with this recipe (results/smollm2-e2e.md): training ~100 sequences/s per GPU,
+# regeneration ~25 K new tokens/s per GPU with 3 processes; the budget is split by these.
+TRAIN_SEQ_PER_S = 100
+
+
+def plan_run(budget_min, gpus, bench_prompts, max_new_tokens):
+    """Stage sizes for a time budget (minutes, all stages) on `gpus` GPUs: what a 25-minute, one-H200 run
+    spends where. Written once to plan.json, so a resumed run keeps the first run's choices."""
+    s, g = budget_min * 60, max(gpus, 1)
+    scale = s * g / 1500  # 1.0 = 25 minutes on one GPU
+    train_s = 0.40 * s - 90  # minus compiling and the first steps
+    return dict(budget_minutes=budget_min, gpus=gpus, self_prompts=[int(4000 * scale), int(2500 * scale), int(2500 * scale)],
+                regen_seconds=int(max(60, 0.30 * s)), train_steps=max(20, int(train_s * TRAIN_SEQ_PER_S * g / 64)),
+                bench_prompts=bench_prompts, bench_max_new_tokens=max_new_tokens)
+
+
+def _stage(out, name, plan, fn):
+    """Run fn once: a stage is done when its marker exists, so a rerun after a kill skips it."""
+    marker = os.path.join(out, "stages", name + ".done")
+    if os.path.exists(marker):
+        print(f"recipe: {name}: done earlier, skipped", flush=True)
+        return
+    t0 = time.time()
+    print(f"recipe: {name}: start", flush=True)
+    fn()
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(f"{time.time() - t0:.0f}\n")
+    print(f"recipe: {name}: done in {time.time() - t0:.0f} s", flush=True)
+
+
+def _procs(cmds, gpus, deadline=None):
+    """Run the commands at once, spread over the GPUs; stop them at the deadline (their output so far
+    stays: regenerate and bench write whole lines). Raises if one fails."""
+    import signal
+    import subprocess
+    ps = [subprocess.Popen(c, cwd=os.path.dirname(HERE), env={**os.environ, **({"CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus else {})})
+          for k, c in enumerate(cmds)]
+    while any(p.poll() is None for p in ps):
+        if deadline and time.time() > deadline:
+            for p in ps:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in ps:
+                p.wait()
+            print("recipe: time budget of the stage reached; stopped with what is written", flush=True)
+            return False
+        time.sleep(2)
+    if any(p.returncode for p in ps):
+        raise SystemExit(f"recipe: a stage process failed: {[p.args for p in ps if p.returncode]}")
+    return True
+
+
+def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=30, max_new_tokens=384, procs_per_gpu=3, train_args=()):
+    """Every stage of the SmolLM2 recipe, resumable: rerunning the same command after a kill continues."""
+    import torch
+    py, target = sys.executable, os.path.join(D.assets_dir(), "SmolLM2-135M-Instruct")
+    if not os.path.isdir(target):
+        raise SystemExit(f"recipe: {target} is missing: run `python recipes/fetch.py` first (or copy assets/ here)")
+    gpus = torch.cuda.device_count()
+    os.makedirs(out, exist_ok=True)
+    plan_file = os.path.join(out, "plan.json")
+    if os.path.exists(plan_file):
+        plan = json.load(open(plan_file))
+    else:
+        plan = plan_run(budget_minutes, gpus, bench_prompts, max_new_tokens)
+        json.dump(plan, open(plan_file, "w"), indent=1)
+    print(f"recipe: plan {json.dumps(plan)}", flush=True)
+    p = lambda *a: os.path.join(out, *a)
+
+    def prompts():
+        first_exchanges(out=p("prompts", "sharegpt_first.jsonl"), turns=2)
+        code_prompts(p("prompts", "code.jsonl"))
+        for (name, seeds, suffix), num, seed in zip((("maths", MATHS_SEEDS, F.MATH_SUFFIX), ("code", CODE_SEEDS, ""),
+                                                      ("general", GENERAL_SEEDS, "")), plan["self_prompts"], (1, 2, 3)):
+            if num:
+                self_prompts(target, p("prompts", f"self_{name}.jsonl"), num, seeds.split("|"), suffix,
+                             temperature=0.8, batch_size=min(512, max(16, num)), seed=seed)
+        with open(p("prompts", "all.jsonl"), "w") as f:
+            for name in ("sharegpt_first", "code", "self_maths", "self_code", "self_general"):
+                if os.path.exists(p("prompts", name + ".jsonl")):
+                    f.write(open(p("prompts", name + ".jsonl")).read())
+
+    def regenerate():
+        # the time left of this stage's budget: a resumed run spends only what the killed one did not
+        spent_file = p("stages", "regenerate.spent")
+        spent = float(open(spent_file).read()) if os.path.exists(spent_file) else 0.0
+        n = procs_per_gpu * max(gpus, 1)
+        cmds = [[py, "data.py", "regenerate", "--target", target, "--data", p("prompts", "all.jsonl"),
+                 "--out", p("regen", "rows.jsonl"), "--num-shards", str(n), "--shard", str(k), "--max-new-tokens", "512",
+                 "--batch-size", "256", "--max-turns", "2", "--max-prompt-tokens", "1024"] for k in range(n)]
+        t0 = time.time()
+        try:
+            _procs(cmds, gpus, deadline=t0 + max(0.0, plan["regen_seconds"] - spent))
+        finally:
+            os.makedirs(p("stages"), exist_ok=True)
+            open(spent_file, "w").write(f"{spent + time.time() - t0:.0f}")
+
+    def train():
+        nproc = max(gpus, 1)
+        cmd = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+               "--config", "configs/smollm2.yaml", f"--data={p('regen', '*.jsonl')}", f"--out_dir={p('train')}",
+               f"--max_steps={plan['train_steps']}", f"--batch_size={64 // nproc}",
+               f"--val_interval={max(1, plan['train_steps'] // 4)}", f"--save_interval={max(1, plan['train_steps'] // 4)}",
+               *train_args]
+        _procs([cmd], 0)
+
+    def bench():
+        sets = [(name, name) for name in BENCH_SETS] + [(os.path.splitext(os.path.basename(f))[0], f) for f in extra_prompts]
+        todo = [(name, src) for name, src in sets if not os.path.exists(p("bench", name + ".jsonl"))]
+        os.makedirs(p("bench"), exist_ok=True)
+        cmds = [[py, "bench.py", "--target", target, "--draft", p("train", "drafter"), "--dataset", src,
+                 "--num-prompts", str(plan["bench_prompts"]), "--max-new-tokens", str(plan["bench_max_new_tokens"]),
+                 "--dtype", "fp32", "--out", p("bench", name + ".jsonl.tmp")] + (["--compile"] if gpus else [])
+                for name, src in todo]
+        _procs(cmds, gpus)
+        for name, _ in todo:
+            os.replace(p("bench", name + ".jsonl.tmp"), p("bench", name + ".jsonl"))
+
+    t_start = time.time()
+    _stage(out, "prompts", plan, prompts)
+    _stage(out, "regenerate", plan, regenerate)
+    _stage(out, "train", plan, train)
+    _stage(out, "bench", plan, bench)
+    return results_table(out, plan, time.time() - t_start)
+
+
+def results_table(out, plan, seconds):
+    """results.md and results.json from the bench records: tau, lossless turns and speed per prompt set."""
+    rows = []
+    for f in sorted(glob.glob(os.path.join(out, "bench", "*.jsonl"))):
+        recs = [json.loads(line) for line in open(f)]
+        steps = [a for r in recs for a in r["dflash"]["acceptance"]]
+        tokens = lambda k: sum(len(r[k]["tokens"]) for r in recs)
+        decode = lambda k: sum(r[k]["decode_s"] for r in recs)
+        checked = [r for r in recs if r.get("match") is not None]
+        rows.append(dict(set=os.path.basename(f)[:-len(".jsonl")], turns=len(recs), steps=len(steps),
+                         tau=sum(steps) / max(len(steps), 1), lossless=sum(r["match"] for r in checked), checked=len(checked),
+                         tpot_baseline_ms=1e3 * decode("baseline") / max(tokens("baseline"), 1),
+                         tpot_dflash_ms=1e3 * decode("dflash") / max(tokens("dflash"), 1)))
+    named = [r for r in rows if r["set"] in BENCH_SETS]
+    mean_tau = sum(r["tau"] for r in named) / max(len(named), 1)
+    stage_s = {os.path.basename(m)[:-5]: int(open(m).read()) for m in glob.glob(os.path.join(out, "stages", "*.done"))}
+    lines = ["| set | turns | DFlash steps | tau | lossless | TPOT baseline / DFlash | speedup |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['set']} | {r['turns']} | {r['steps']} | {r['tau']:.2f} | {r['lossless']}/{r['checked']} | "
+                     f"{r['tpot_baseline_ms']:.2f} / {r['tpot_dflash_ms']:.2f} ms | {r['tpot_baseline_ms'] / max(r['tpot_dflash_ms'], 1e-9):.2f}x |")
+    lines.append(f"| mean of the four sets | | | **{mean_tau:.2f}** | | | |")
+    text = (f"plan: {json.dumps(plan)}\n\nstage seconds: {json.dumps(stage_s)}\n\n" + "\n".join(lines) + "\n")
+    open(os.path.join(out, "results.md"), "w").write(text)
+    json.dump(dict(plan=plan, stage_seconds=stage_s, sets=rows, mean_tau=mean_tau), open(os.path.join(out, "results.json"), "w"), indent=1)
+    print(text, flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -239,7 +405,16 @@ def main(argv=None):
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
+    u = sub.add_parser("run", help="every stage: prompts, regeneration, training, export, bench; resumable")
+    u.add_argument("--out", default="runs/smollm2-recipe")
+    u.add_argument("--budget-minutes", type=float, default=25.0, help="all stages together; sizes the data and steps")
+    u.add_argument("--extra-prompts", action="append", default=[], help="JSONL of {\"turns\": [...]} rows, benched as its own row")
+    u.add_argument("--bench-prompts", type=int, default=30, help="prompts per benchmark set")
+    u.add_argument("--max-new-tokens", type=int, default=384, help="per benchmark turn")
+    u.add_argument("--train", action="append", default=[], help="extra train.py override, e.g. --train=--compile=false")
     a = ap.parse_args(argv)
+    if a.cmd == "run":
+        return run(a.out, a.budget_minutes, a.extra_prompts, a.bench_prompts, a.max_new_tokens, train_args=a.train)
     if a.cmd == "first-turns":
         first_exchanges(out=a.out, assets_dir=a.dir, turns=a.turns)
     elif a.cmd == "code-prompts":
