@@ -322,7 +322,7 @@ def test_rope_equals_transformers(name):
         want_inv, want_scale = ROPE_INIT_FUNCTIONS[kind](t.config, "cpu")
         torch.testing.assert_close(inv, want_inv, rtol=1e-6, atol=0)
         assert scale == pytest.approx(want_scale, rel=1e-12)
-    for T in (40, 700):
+    for T in (40, 100, 700):  # inside the original context (64), past it, past max_position_embeddings (256)
         pos = torch.arange(T)[None]
         want = LlamaRotaryEmbedding(t.config)(torch.zeros(1), pos)  # a fresh module: no state across calls
         got = M.rope_cos_sin(pos, *M.rope_frequencies(cfg, pos.max() + 1))
@@ -1710,6 +1710,44 @@ def test_cli_synthetic_timing(tmp_path, capsys):
                       "--repeats", "1", "--block-size", "4", "--dtype", "fp32", "--device", "cpu"])
     assert res["dflash"]["steps"] == 5 and res["baseline"]["steps"] == 5
     assert "speedup implied at tau 6.49" in capsys.readouterr().out
+
+
+def test_llama31_8b_configs():
+    """configs/llama3.1-8b.json (shapes) and .yaml (recipe): the drafter inherits llama3 RoPE at the
+    real head_dim, the layer ids are the published spacing for 32 layers, and the throughput config
+    runs at these shapes with --target and --mask_token_id."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    path = os.path.join(HERE, "configs", "llama3.1-8b.json")
+    c = M.load_target_config(path)
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size) == (32, 4096, 14336, 128256)
+    recipe = T.parse_config(["--config", os.path.join(HERE, "configs", "llama3.1-8b.yaml"), f"--target={path}",
+                             "--data=synthetic"])
+    cfg = M.config_from_target(c, recipe["num_draft_layers"], recipe["block_size"],
+                               num_features=recipe["num_features"], mask_token_id=recipe["mask_token_id"])
+    assert cfg.target_layer_ids == [1, 8, 15, 22, 29] and cfg.head_dim == 128 and cfg.rope_theta == 5e5
+    assert cfg.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    torch.testing.assert_close(M.rope_frequencies(cfg)[0], ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")[0], rtol=1e-6, atol=0)
+    run = T.parse_config(["--config", os.path.join(HERE, "configs", "qwen3-8b-throughput.yaml"),
+                          f"--target={path}", "--mask_token_id=128002"])
+    M.config_from_target(c, mask_token_id=run["mask_token_id"], num_features=run["num_features"])
+
+
+def test_llama31_style_target_trains_exports_and_benches(tmp_path, capsys):
+    """A user's path on a llama3-RoPE target: train.py, its exported drafter (both rope schemas),
+    bench.py with that drafter; and a target rope type the drafter cannot reproduce stops train.py."""
+    target = {**TINY_TARGET, "model_type": "llama", "max_position_embeddings": 256,
+              "rope_parameters": ROPES["llama3"]}
+    (tmp_path / "llama.json").write_text(json.dumps(target))
+    assert T.main(train_args(tmp_path, max_steps=2) + [f"--target={tmp_path / 'llama.json'}"]) == 0
+    raw = json.loads((tmp_path / "run" / "drafter" / "config.json").read_text())
+    assert raw["rope_scaling"]["rope_type"] == raw["rope_parameters"]["rope_type"] == "llama3"
+    res = bench.main(["--target", str(tmp_path / "llama.json"), "--draft", str(tmp_path / "run" / "drafter"),
+                      "--prompt-len", "20", "--steps", "3", "--repeats", "1", "--dtype", "fp32", "--device", "cpu"])
+    assert res["dflash"]["steps"] == 3
+    (tmp_path / "axial.json").write_text(json.dumps({**target, "rope_parameters": {"rope_type": "axial"}}))
+    with pytest.raises(SystemExit, match="config error: rope_type='axial': the drafter cannot reproduce"):
+        T.main(train_args(tmp_path) + [f"--target={tmp_path / 'axial.json'}"])
 
 
 def test_qwen3_8b_config():
