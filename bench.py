@@ -346,11 +346,11 @@ class StaticRunner:
         ctx_pos = (ctx_start + torch.arange(feats.shape[0], device=feats.device))[None]
         self.draft_kv.pos = ctx_pos[0]
         block = torch.cat([anchor.view(1), torch.full((B - 1,), cfg.mask_token_id, device=anchor.device)])
-        embeds = self.target.get_input_embeddings()(block[None])
+        embeds = M.embed_tokens(self.target, block[None])
         visible = torch.arange(self.draft_kv.size, device=anchor.device) < start  # committed context
         mask = torch.cat([visible, visible.new_ones(B)])[None, None, None].expand(1, 1, B, -1)
         hidden = self.drafter(embeds, feats[None], (start + self.offsets)[None], ctx_pos, mask, self.draft_kv)
-        logits = self.target.get_output_embeddings()(hidden[0, 1:].to(self.target.dtype))
+        logits = M.target_logits(self.target, hidden[0, 1:])
         return torch.cat([anchor.view(1), logits.argmax(-1)])
 
     def draft(self, anchor, start):

@@ -25,7 +25,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model import DFlashConfig, DFlashDrafter, rope_theta
+from model import DFlashConfig, DFlashDrafter, rope_config, rope_mismatch
 
 STEP_DIR = re.compile(r"step_(\d+)")  # fullmatch: "step_00000100.tmp" is a save in progress
 # keys of config.json that describe the drafter, not the target it was trained for
@@ -69,10 +69,15 @@ def validate(state_dict, cfg, target_config=None):
                   "num_key_value_heads": tc.get("num_key_value_heads") or heads,
                   "head_dim": tc.get("head_dim") or (hidden // heads if hidden and heads else None),
                   "intermediate_size": tc.get("intermediate_size"), "vocab_size": rows,
-                  "num_target_layers": L, "rope_theta": rope_theta(tc)}
+                  "num_target_layers": L}
         for field, want in target.items():
             if getattr(cfg, field) != want:
                 problems.append(f"drafter {field}={getattr(cfg, field)} but the target config has {want}")
+        try:
+            problems.append(rope_mismatch(cfg, tc))
+        except ValueError as e:  # a target rope type the drafter cannot reproduce
+            problems.append(f"target {e}")
+        problems = [p for p in problems if p]
     if rows is None or not 0 <= cfg.mask_token_id < rows:
         problems.append(f"mask_token_id={cfg.mask_token_id} is outside the target's {rows} embedding rows")
     bad = [i for i in cfg.target_layer_ids if L is None or not 0 <= i < L]
@@ -216,22 +221,23 @@ def serving_config(cfg, target_config):
     """config.json: the target's text config, re-dimensioned as the drafter, plus the DFlash fields.
     The target values it overwrites go to target_config_diff so --import can restore the target."""
     tc = _text_config(target_config)
-    out = {k: v for k, v in tc.items() if k not in DRAFTER_KEYS}
+    # partial_rotary_factor: the drafter rotates all of head_dim (model.rope_config says why)
+    out = {k: v for k, v in tc.items() if k not in DRAFTER_KEYS and k != "partial_rotary_factor"}
     out.update(
         architectures=["DFlashDraftModel"], model_type="qwen3",  # the drafter is always Qwen3-style
         hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
         intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
-        # explicit, since a pre-5 transformers ignores rope_parameters and would default to 1e4
-        rope_theta=cfg.rope_theta, vocab_size=cfg.vocab_size,
+        # the drafter's RoPE in both schemas: transformers 5 reads rope_parameters; SGLang, vLLM and a
+        # pre-5 transformers read rope_theta and rope_scaling (and without them lose the scaling silently)
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
+        rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.max_position_embeddings, num_hidden_layers=cfg.num_hidden_layers,
         layer_types=["full_attention"] * cfg.num_hidden_layers, attention_bias=False,
         tie_word_embeddings=False, dtype="bfloat16", block_size=cfg.block_size,
         num_target_layers=cfg.num_target_layers,
         dflash_config={"target_layer_ids": list(cfg.target_layer_ids), "mask_token_id": cfg.mask_token_id})
-    if isinstance(out.get("rope_parameters"), dict):
-        out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": cfg.rope_theta}
-    out["target_config_diff"] = {"changed": {k: tc[k] for k in out if k in tc and tc[k] != out[k]},
+    out["target_config_diff"] = {"changed": {k: tc[k] for k in sorted(tc) if k not in out or out[k] != tc[k]},
                                  "added": sorted(k for k in out if k not in tc)}
     return out
 
@@ -264,7 +270,8 @@ def config_from_serving(config, source="config.json"):
                  num_key_value_heads=config.get("num_key_value_heads") or heads,
                  head_dim=config.get("head_dim") or config["hidden_size"] // heads,
                  intermediate_size=config["intermediate_size"], rms_norm_eps=config["rms_norm_eps"],
-                 rope_theta=rope_theta(config), vocab_size=config["vocab_size"],
+                 rope_theta=rope_config(config)[0], rope_scaling=rope_config(config)[1],
+                 vocab_size=config["vocab_size"],
                  max_position_embeddings=config["max_position_embeddings"],
                  num_target_layers=config["num_target_layers"],
                  target_layer_ids=list(dflash["target_layer_ids"]),

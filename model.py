@@ -9,7 +9,9 @@ queries come from the block, and keys/values from [context; block] through the s
 ("KV injection"). Its logits come from the target's frozen lm_head. It owns no embedding and no
 lm_head, so its state_dict is exactly the serving format (fc, hidden_norm, norm, layers.*).
 """
+import dataclasses
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,7 @@ class DFlashConfig:
     mask_token_id: int
     num_hidden_layers: int = 5
     block_size: int = 16
+    rope_scaling: dict = None  # {"rope_type": ..., its parameters}; None = plain RoPE (rope_config)
 
     def __post_init__(self):
         if self.block_size < 2:
@@ -55,6 +58,15 @@ class DFlashConfig:
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id={self.mask_token_id} is outside the target's "
                              f"{self.vocab_size} embedding rows; pick an unused row (Qwen3: 151669)")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"rope_type={kind!r}: the drafter cannot reproduce this RoPE (it implements "
+                             f"{', '.join(ROPE_TYPES)}); add it to model.rope_frequencies, checked against "
+                             "transformers' ROPE_INIT_FUNCTIONS")
+        missing = [k for k in ROPE_NEEDS.get(kind, ()) if (self.rope_scaling or {}).get(k) is None]
+        if missing:
+            raise ValueError(f"rope_scaling {self.rope_scaling} lacks {missing[0]!r}, which rope_type "
+                             f"{kind!r} needs; copy the target's rope_parameters")
 
     @property
     def num_features(self):
@@ -73,13 +85,113 @@ def build_target_layer_ids(num_target_layers, num_features):
     return ids
 
 
-def rope_theta(cfg):
-    """The target's RoPE theta from an HF config object or its dict."""
+# RoPE. The drafter inherits its target's RoPE: theta and scaling, as the published drafters copy
+# their target's rope config (Llama-3.1: llama3; gpt-oss: yarn). What it does not inherit, and why:
+# - a per-layer-type RoPE (Gemma 3/4: {"sliding_attention": ..., "full_attention": ...}) gives the
+#   drafter the full-attention one: draft layers attend over the whole context, as those layers do;
+# - partial_rotary_factor (Qwen3-Next, Qwen3.5, GLM-4): draft layers rotate all of head_dim, as SGLang's
+#   DFlash drafter does (rotary_dim=head_dim); only "proportional" keeps it, since there it defines
+#   which frequencies are zero and the head stays full-size;
+# - mrope sections (Qwen3.5 and VL models): a text position is the same on every axis, so M-RoPE is
+#   plain 1-D RoPE for the drafter, as the published Qwen3.5 drafters have it.
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional")
+ROPE_NEEDS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("original_max_position_embeddings",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}
+
+
+def rope_config(cfg):
+    """(rope_theta, rope_scaling) of an HF config object or dict, target's or drafter's, as the drafter
+    uses them (the rules above). Reads transformers 5's rope_parameters and the legacy rope_theta /
+    rope_scaling; rope_scaling is None for plain RoPE."""
     get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k, None)
-    theta = get("rope_theta")
-    if theta is None:  # transformers >= 5 keeps it in rope_parameters
-        theta = (get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    return float(theta)
+    params = get("rope_scaling") or get("rope_parameters") or {}  # transformers also prefers rope_scaling
+    params = params.get("full_attention") or params
+    kind = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params.get("rope_theta") or get("rope_theta") or 10000.0)
+    if kind in ("default", "mrope"):
+        return theta, None
+    drop = {"rope_type", "type", "rope_theta", "mrope_section", "mrope_interleaved"}
+    if kind != "proportional":
+        drop.add("partial_rotary_factor")
+    scaling = {"rope_type": kind, **{k: v for k, v in params.items() if k not in drop}}
+    if kind in ("yarn", "llama3", "longrope"):  # as transformers fills it in (Phi-3 keeps it outside)
+        scaling["original_max_position_embeddings"] = (get("original_max_position_embeddings")
+                                                       or scaling.get("original_max_position_embeddings")
+                                                       or get("max_position_embeddings"))
+    return theta, scaling
+
+
+def rope_frequencies(cfg, seq_len=None, device=None):
+    """The drafter's RoPE inverse frequencies [head_dim // 2] and attention scaling (cos and sin are
+    multiplied by it), as transformers' ROPE_INIT_FUNCTIONS compute them for the same rope config
+    (written out here, checked against them in test_all). seq_len, a tensor (longest position + 1 of
+    this forward), matters only past the original context, to dynamic and longrope, which transformers
+    also re-evaluate per forward; tensor maths, so a compiled step has no host sync."""
+    r = cfg.rope_scaling or {}
+    kind, d, base, factor = r.get("rope_type", "default"), cfg.head_dim, cfg.rope_theta, r.get("factor")
+    orig, scaling = r.get("original_max_position_embeddings"), 1.0
+    exponent = torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d
+    inv_freq = 1.0 / base ** exponent
+    if kind == "linear":  # positions divided by factor
+        inv_freq = inv_freq / factor
+    elif kind == "dynamic":  # NTK: a larger base once the sequence outgrows max_position_embeddings
+        L = cfg.max_position_embeddings
+        s = L if seq_len is None else torch.clamp(seq_len, min=L)
+        inv_freq = 1.0 / (base * (factor * s / L - (factor - 1)) ** (d / (d - 2))) ** exponent
+    elif kind == "yarn":
+        # dimensions turning fewer than beta_slow times over the original context are interpolated
+        # (divided by factor), more than beta_fast kept, a linear ramp between; cos/sin scaled by mscale
+        factor = factor or cfg.max_position_embeddings / orig
+        def mscale(m):
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+        scaling = r.get("attention_factor")
+        if scaling is None:
+            m, m_all = r.get("mscale"), r.get("mscale_all_dim")
+            scaling = mscale(m) / mscale(m_all) if m and m_all else mscale(1)
+        def dim_for(turns):
+            return d * math.log(orig / (turns * 2 * math.pi)) / (2 * math.log(base))
+        low, high = dim_for(r.get("beta_fast") or 32), dim_for(r.get("beta_slow") or 1)
+        if r.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        ramp = ((torch.arange(d // 2, device=device).float() - low) / ((high - low) or 0.001)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    elif kind == "llama3":
+        # wavelengths over orig / low_freq_factor interpolated by factor, under orig / high_freq_factor
+        # kept, a smooth blend between
+        lo, hi = r["low_freq_factor"], r["high_freq_factor"]
+        smooth = ((orig * inv_freq / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif kind == "longrope":  # per-frequency factors, the long ones past the original context
+        factor = factor or cfg.max_position_embeddings / orig
+        scaling = r.get("attention_factor")
+        if scaling is None:
+            scaling = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        ext = torch.tensor(r["short_factor"], dtype=torch.float32, device=device)
+        if seq_len is not None:
+            ext = torch.where(seq_len > orig, torch.tensor(r["long_factor"], dtype=torch.float32, device=device), ext)
+        inv_freq = 1.0 / (ext * base ** exponent)
+    elif kind == "proportional":  # Gemma 4: only the first partial_rotary_factor of the angles turn
+        n = int(r.get("partial_rotary_factor", 1.0) * d // 2)
+        inv_freq = torch.where(torch.arange(d // 2, device=device) < n, inv_freq, 0.0) / (factor or 1.0)
+    return inv_freq, scaling
+
+
+def rope_mismatch(cfg, target_config):
+    """None if the drafter rotates q and k as the target's config implies, else the problem in one
+    line. Frequencies are compared, inside and past the original context, not dict spellings (a null
+    rope_scaling and {"rope_type": "default"} agree). Raises ValueError for a target rope type the
+    drafter cannot reproduce."""
+    theta, scaling = rope_config(target_config)
+    want = dataclasses.replace(cfg, rope_theta=theta, rope_scaling=scaling)
+    for seq_len in (None, torch.tensor(4 * cfg.max_position_embeddings)):
+        (f, s), (g, t) = rope_frequencies(cfg, seq_len), rope_frequencies(want, seq_len)
+        if s != t or not torch.allclose(f, g, rtol=1e-6, atol=0):
+            return (f"drafter RoPE (theta {cfg.rope_theta}, rope_scaling {cfg.rope_scaling}) differs from "
+                    f"the target's (theta {theta}, rope_scaling {scaling}): it would see other positions "
+                    "than the target; use a drafter built for this target's rope config")
+    return None
 
 
 def config_from_target(target_config, num_hidden_layers=5, block_size=16, target_layer_ids=None,
@@ -87,6 +199,7 @@ def config_from_target(target_config, num_hidden_layers=5, block_size=16, target
     """Drafter dimensions are the target's; only depth, block size, layer ids and mask id are ours."""
     tc = getattr(target_config, "text_config", None) or target_config
     L = tc.num_hidden_layers
+    theta, scaling = rope_config(tc)
     if mask_token_id is None:
         raise ValueError("mask_token_id is not set: choose an embedding row that real text never "
                          "uses (Qwen3: 151669; SmolLM2: 16) and put it in the config")
@@ -95,7 +208,7 @@ def config_from_target(target_config, num_hidden_layers=5, block_size=16, target
         num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
         head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
         intermediate_size=tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
-        rope_theta=rope_theta(tc), vocab_size=tc.vocab_size,
+        rope_theta=theta, rope_scaling=scaling, vocab_size=tc.vocab_size,
         max_position_embeddings=tc.max_position_embeddings, num_target_layers=L,
         target_layer_ids=list(target_layer_ids or build_target_layer_ids(L, num_features)),
         mask_token_id=int(mask_token_id), num_hidden_layers=num_hidden_layers, block_size=block_size)
@@ -114,6 +227,9 @@ def check_fits_target(cfg, target):
     if not 0 <= cfg.mask_token_id < rows:
         raise ValueError(f"mask_token_id={cfg.mask_token_id} is outside the target's {rows} "
                          "embedding rows")
+    problem = rope_mismatch(cfg, tc)
+    if problem:
+        raise ValueError(problem)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,12 +248,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions, head_dim, theta):
+def rope_cos_sin(positions, inv_freq, scaling=1.0):
     """Absolute RoPE: positions [B, T] -> cos, sin [B, 1, T, head_dim] in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], -1)[:, None]
-    return emb.cos(), emb.sin()
+    return emb.cos() * scaling, emb.sin() * scaling
 
 
 def apply_rope(x, cos, sin):
@@ -220,8 +335,12 @@ class DFlashDrafter(nn.Module):
         cfg = self.config
         context = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
         x = block_embeds.to(context.dtype)
-        rope_block = rope_cos_sin(block_positions, cfg.head_dim, cfg.rope_theta)
-        rope_context = rope_cos_sin(context_positions, cfg.head_dim, cfg.rope_theta)
+        seq_len = None
+        if (cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope"):
+            seq_len = torch.cat([block_positions.flatten(), context_positions.flatten()]).max() + 1
+        rope = rope_frequencies(cfg, seq_len, block_positions.device)
+        rope_block = rope_cos_sin(block_positions, *rope)
+        rope_context = rope_cos_sin(context_positions, *rope)
         for i, layer in enumerate(self.layers):
             x = layer(x, context, rope_block, rope_context, mask, cache, i)
         return self.norm(x)
@@ -245,6 +364,34 @@ class DraftCache:
         return self.k[0].shape[2] if self.k else 0
 
 
+# The drafter's input and output go through the target's own embedding and head, with whatever the
+# target's forward applies around them, as the serving engines do for the drafter:
+# - embedding scale (Gemma 2/3/4: sqrt(hidden_size)): transformers applies it inside the embedding
+#   module (Gemma3TextScaledWordEmbedding), so calling the module is the whole transform;
+# - tied weights: get_output_embeddings() is the embedding matrix itself, unscaled, as the target uses it;
+# - final logit soft-capping (Gemma 2/4, Gemma 3 where set): cap * tanh(logits / cap) after the head.
+#   tanh is monotonic, so drafted tokens (argmax) are the same with or without it; it changes the
+#   distribution, so the training CE and sampling at temperature > 0 use the capped logits.
+
+def embed_tokens(target, ids):
+    """Token ids embedded as the target embeds its own input (embedding scale included)."""
+    return target.get_input_embeddings()(ids)
+
+
+def logit_softcap(target):
+    """The target's final_logit_softcapping, or None."""
+    return getattr(target.config.get_text_config(), "final_logit_softcapping", None)
+
+
+def softcap(logits, cap):
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def target_logits(target, hidden):
+    """Logits of hidden states [..., H] as the target computes its own: its lm_head, then soft-capping."""
+    return softcap(target.get_output_embeddings()(hidden.to(target.dtype)), logit_softcap(target))
+
+
 @torch.no_grad()
 def draft_block(drafter, target, new_features, context_positions, block_ids, start, cache):
     """Inference step: append the newly committed context to the draft cache and fill one block.
@@ -252,9 +399,9 @@ def draft_block(drafter, target, new_features, context_positions, block_ids, sta
     Returns the drafter's logits [B, T, V] (slot 0 is the anchor and is never used)."""
     T = block_ids.shape[1]
     positions = torch.arange(start, start + T, device=block_ids.device)[None].expand(block_ids.shape[0], -1)
-    embeds = target.get_input_embeddings()(block_ids)
+    embeds = embed_tokens(target, block_ids)
     hidden = drafter(embeds, new_features, positions, context_positions, mask=None, cache=cache)
-    return target.get_output_embeddings()(hidden.to(target.dtype))
+    return target_logits(target, hidden)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,18 +571,23 @@ def sample_anchors(loss_mask, num_anchors, generator=None):
     return torch.where(keep, anchors, 0), keep
 
 
-def _ce_chunk(hidden, lm_weight, labels):
-    """One chunk of query tokens: per-token CE of lm_head(hidden) (fp32 softmax), top-1 hits, and
-    d CE / d hidden = (softmax - onehot) @ lm_head, the softmax's gradient going back through lm_head
-    in lm_head's dtype as autograd would send it."""
+def _ce_chunk(hidden, lm_weight, labels, cap=None):
+    """One chunk of query tokens: per-token CE of the target's logits softcap(lm_head(hidden)) (fp32
+    softmax), top-1 hits, and d CE / d hidden = ((softmax - onehot) * d capped / d logits) @ lm_head,
+    the gradient going back through lm_head in lm_head's dtype as autograd would send it."""
     logits = F.linear(hidden, lm_weight).float()
+    if cap is not None:  # the target's soft-capping, as softcap() writes it
+        tanh = torch.tanh(logits / cap)
+        logits = tanh * cap
     y = labels.clamp(min=0)  # ignored slots (-100) get weight 0: any label will do
     hit = logits.argmax(-1) == labels
     lse = logits.logsumexp(-1)
     ce = lse - logits.gather(-1, y[:, None]).squeeze(-1)
-    p = logits.sub_(lse[:, None]).exp_()
-    p[torch.arange(len(y), device=y.device), y] -= 1
-    return ce, hit, p.to(lm_weight.dtype) @ lm_weight
+    g = logits.sub_(lse[:, None]).exp_()
+    g[torch.arange(len(y), device=y.device), y] -= 1
+    if cap is not None:  # d(cap * tanh(l / cap)) / dl
+        g.mul_(1 - tanh.square_())
+    return ce, hit, g.to(lm_weight.dtype) @ lm_weight
 
 
 class LMHeadCE(torch.autograd.Function):
@@ -445,11 +597,11 @@ class LMHeadCE(torch.autograd.Function):
     time); it scales the saved [T, H] gradient by dLoss/dCE. lm_head gets no gradient (frozen)."""
 
     @staticmethod
-    def forward(ctx, hidden, lm_weight, labels, chunk_tokens, chunk_fn):
+    def forward(ctx, hidden, lm_weight, labels, chunk_tokens, chunk_fn, cap=None):
         ces, hits, grads = [], [], []
         for h, y in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens)):
             with record_function("dflash: lm_head + CE"):
-                ce, hit, g = chunk_fn(h.to(lm_weight.dtype), lm_weight, y)
+                ce, hit, g = chunk_fn(h.to(lm_weight.dtype), lm_weight, y, cap)
             ces.append(ce)
             hits.append(hit)
             grads.append(g)
@@ -462,7 +614,7 @@ class LMHeadCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce, grad_hit):
         (g,) = ctx.saved_tensors
-        return (grad_ce[:, None] * g).to(ctx.hidden_dtype), None, None, None, None
+        return (grad_ce[:, None] * g).to(ctx.hidden_dtype), None, None, None, None, None
 
 
 _ce_chunk_compiled = None
@@ -487,7 +639,7 @@ def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, 
     block_ids = torch.full((B, N, bs), cfg.mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
     block_ids[:, :, 0] = input_ids.gather(1, anchors)
     with torch.no_grad():
-        embeds = target.get_input_embeddings()(block_ids.view(B, N * bs))
+        embeds = embed_tokens(target, block_ids.view(B, N * bs))
 
     with record_function("dflash: block mask"):
         mask = build_mask(anchors, keep, S, bs, use_flex)
@@ -505,15 +657,15 @@ def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, 
     slot_weight = torch.exp(-(offsets[1:].float() - 1) / gamma)                  # [bs - 1]
     weights = valid.float() * slot_weight
 
-    # lm_head + CE in chunks of query tokens, with the gradient formed in the forward (LMHeadCE):
-    # fp32 logits for the whole vocab never exist for all N * (bs - 1) tokens at once
+    # lm_head (+ the target's soft-capping) + CE in chunks of query tokens, with the gradient formed in
+    # the forward (LMHeadCE): fp32 logits for the whole vocab never exist for all N * (bs - 1) tokens
     h = hidden.view(B, N, bs, -1)[:, :, 1:].reshape(-1, cfg.hidden_size)
     lm_weight = target.get_output_embeddings().weight
     global _ce_chunk_compiled
     if compile_ce and _ce_chunk_compiled is None:  # one fused kernel chain instead of fp32 logits in memory
         _ce_chunk_compiled = torch.compile(_ce_chunk, dynamic=False)
     ce, hit = LMHeadCE.apply(h, lm_weight.detach(), labels.reshape(-1), ce_chunk_tokens,
-                             _ce_chunk_compiled if compile_ce else _ce_chunk)
+                             _ce_chunk_compiled if compile_ce else _ce_chunk, logit_softcap(target))
     ce, hit = ce.view(B, N, bs - 1), hit.view(B, N, bs - 1)
 
     loss_sum = (ce * weights).sum()

@@ -37,6 +37,32 @@ def tiny_target(family="qwen3", layers=6, vocab=64, hidden=32, tie=True, seed=0)
     return M.load_target(cfg, dtype=torch.float32)
 
 
+# one rope config per type the drafter reproduces; max_position_embeddings 256, original context 64
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    "yarn_gpt_oss": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                     "original_max_position_embeddings": 64, "rope_theta": 150000.0},
+    "yarn_mscale": {"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+                    "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.0, 2.0, 4.0, 8.0],
+                 "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    "proportional": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 10000.0},
+}
+
+
+def rope_target(rope, family="llama", seed=0):
+    cfg = dict(model_type=family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+               tie_word_embeddings=False, rms_norm_eps=1e-6, rope_parameters=copy.deepcopy(rope))
+    torch.manual_seed(seed)
+    return M.load_target(cfg, dtype=torch.float32)
+
+
 def tiny_drafter(target, layers=2, block_size=4, layer_ids=(1, 3), mask_token_id=None, seed=1):
     cfg = M.config_from_target(target.config, num_hidden_layers=layers, block_size=block_size,
                                target_layer_ids=list(layer_ids),
@@ -190,9 +216,10 @@ def test_hook_capture_equals_output_hidden_states(family, tie):
 # ------------------------------------------------------------------------------------------------
 # model.py: the drafter against references
 
-def reference_block_forward(sd, cfg, embeds, ctx_feats, start):
+def reference_block_forward(sd, cfg, embeds, ctx_feats, start, rope=None):
     """One block, no mask, written from the SPEC with raw tensors: fc -> hidden_norm context; per layer
-    q = rope(q_norm(q_proj x)), k = rope(k_norm(k_proj [ctx; x])), v = v_proj [ctx; x]; softmax over all."""
+    q = rope(q_norm(q_proj x)), k = rope(k_norm(k_proj [ctx; x])), v = v_proj [ctx; x]; softmax over all.
+    rope: (inverse frequencies, attention scaling) from elsewhere; default plain RoPE of rope_theta."""
     def rms(x, w):
         return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
 
@@ -200,9 +227,9 @@ def reference_block_forward(sd, cfg, embeds, ctx_feats, start):
     ctx = rms(ctx_feats @ sd["fc.weight"].T, sd["hidden_norm.weight"])
     S, T = ctx.shape[0], embeds.shape[0]
     pos = torch.cat([torch.arange(S), torch.arange(start, start + T)]).double()
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2).double() / D)
-    ang = pos[:, None] * inv[None]
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1).float(), torch.cat([ang.sin(), ang.sin()], -1).float()
+    inv, scale = rope or (1.0 / cfg.rope_theta ** (torch.arange(0, D, 2).double() / D), 1.0)
+    ang = pos[:, None] * inv.double()[None]
+    cos, sin = (torch.cat([f(ang), f(ang)], -1).float() * scale for f in (torch.cos, torch.sin))
 
     def rope(x, c, s):
         half = D // 2
@@ -227,8 +254,10 @@ def reference_block_forward(sd, cfg, embeds, ctx_feats, start):
     return rms(x, sd["norm.weight"])
 
 
-def test_drafter_matches_raw_tensor_reference():
-    t = tiny_target()
+@pytest.mark.parametrize("rope", [None, "llama3", "yarn"])
+def test_drafter_matches_raw_tensor_reference(rope):
+    """With a scaled RoPE the reference rotates by transformers' own frequencies for the target."""
+    t = rope_target(ROPES[rope]) if rope else tiny_target()
     d = tiny_drafter(t, block_size=5)
     with torch.no_grad():
         for p in d.parameters():  # non-trivial norm weights, so a skipped norm shows
@@ -236,8 +265,13 @@ def test_drafter_matches_raw_tensor_reference():
                 p.uniform_(0.5, 1.5)
     feats = torch.randn(1, 9, 2 * 32)
     embeds = torch.randn(1, 5, 32)
-    out = d(embeds, feats, torch.arange(9, 14)[None], torch.arange(9)[None])
-    ref = reference_block_forward(d.state_dict(), d.config, embeds[0], feats[0], 9)
+    start = 300 if rope else 9  # past the original context of ROPES (64)
+    out = d(embeds, feats, torch.arange(start, start + 5)[None], torch.arange(9)[None])
+    hf = None
+    if rope:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        hf = ROPE_INIT_FUNCTIONS[rope](t.config, "cpu")
+    ref = reference_block_forward(d.state_dict(), d.config, embeds[0], feats[0], start, hf)
     torch.testing.assert_close(out[0], ref, atol=1e-5, rtol=1e-5)
 
 
@@ -270,6 +304,178 @@ def test_batched_training_forward_equals_per_block_dense():
             sl = slice(j * bs, (j + 1) * bs)
             ref = d(embeds[b:b + 1, sl], feats[b:b + 1, :a], pos[b:b + 1, sl], ctx_pos[b:b + 1, :a])
             torch.testing.assert_close(out[b:b + 1, sl], ref, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# model.py: RoPE as the target's config says; embedding and head as the target applies them
+
+@pytest.mark.parametrize("name", list(ROPES))
+def test_rope_equals_transformers(name):
+    """The drafter's inverse frequencies, attention scaling and cos/sin for a target's rope config equal
+    transformers' (ROPE_INIT_FUNCTIONS; its rotary module with its per-forward updates for dynamic and
+    longrope), inside the original context and past max_position_embeddings."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    t = rope_target(ROPES[name])
+    cfg = tiny_drafter(t).config
+    kind = ROPES[name]["rope_type"]
+    assert (cfg.rope_scaling or {}).get("rope_type", "default") == kind and cfg.rope_theta == ROPES[name]["rope_theta"]
+    if kind in ROPE_INIT_FUNCTIONS:
+        inv, scale = M.rope_frequencies(cfg)
+        want_inv, want_scale = ROPE_INIT_FUNCTIONS[kind](t.config, "cpu")
+        torch.testing.assert_close(inv, want_inv, rtol=1e-6, atol=0)
+        assert scale == pytest.approx(want_scale, rel=1e-12)
+    for T in (40, 100, 700):  # inside the original context (64), past it, past max_position_embeddings (256)
+        pos = torch.arange(T)[None]
+        want = LlamaRotaryEmbedding(t.config)(torch.zeros(1), pos)  # a fresh module: no state across calls
+        got = M.rope_cos_sin(pos, *M.rope_frequencies(cfg, pos.max() + 1))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g[:, 0], w, rtol=0, atol=1e-4)
+
+
+def test_drafter_inherits_the_targets_rope():
+    """What a drafter takes from its target's config (model.py's RoPE comment says why)."""
+    from transformers import AutoConfig
+    llama = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 8192}
+    c = AutoConfig.for_model("llama", rope_parameters={**llama, "rope_theta": 5e5}, max_position_embeddings=131072)
+    assert M.rope_config(c) == M.rope_config(c.to_dict()) == (5e5, llama)
+    legacy = {"rope_theta": 5e5, "rope_scaling": {**llama, "type": "llama3"}, "max_position_embeddings": 131072}
+    assert M.rope_config(legacy) == (5e5, llama)  # a pre-5 config.json
+    # Gemma 3: one rope per layer type; draft layers take the full-attention one
+    g = AutoConfig.for_model("gemma3_text", rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    assert M.rope_config(g) == (1e6, {"rope_type": "linear", "factor": 8.0})
+    # partial rotation and M-RoPE sections: the drafter rotates all of head_dim with 1-D positions
+    assert M.rope_config(AutoConfig.for_model("qwen3_next")) == (1e4, None)
+    assert M.rope_config({"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "rope_theta": 1e6}) == (1e6, None)
+    # Gemma 4's proportional RoPE keeps its fraction: it says which frequencies are zero
+    assert M.rope_config(AutoConfig.for_model("gemma4_text")) == (1e6, {"rope_type": "proportional",
+                                                                        "partial_rotary_factor": 0.25})
+
+
+def test_exported_rope_in_both_schemas_and_kept_on_import(tmp_path):
+    """A Llama-3.1-style target: config.json carries rope_parameters AND the legacy rope_theta /
+    rope_scaling; transformers' Qwen3 rotary embedding (the authors' loader) built from either schema
+    alone rotates as our drafter does; --import keeps the scaling; a partial_rotary_factor is dropped."""
+    from transformers import AutoConfig
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+    t = rope_target({**ROPES["llama3"], "partial_rotary_factor": 0.5})
+    d = tiny_drafter(t)
+    assert d.config.rope_scaling == {k: v for k, v in ROPES["llama3"].items() if k != "rope_theta"}
+    out = tmp_path / "served"
+    C.export_drafter(d.state_dict(), d.config, t.config, str(out))
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["rope_theta"] == 10000.0 and raw["rope_scaling"] == d.config.rope_scaling
+    assert raw["rope_parameters"] == ROPES["llama3"]
+    assert "partial_rotary_factor" not in raw
+    pos = torch.arange(300)[None]
+    ours = M.rope_cos_sin(pos, *M.rope_frequencies(d.config))
+    legacy = {k: v for k, v in raw.items() if k != "rope_parameters"}
+    new = {k: v for k, v in raw.items() if k not in ("rope_theta", "rope_scaling")}
+    for hf in (AutoConfig.from_pretrained(str(out)), AutoConfig.for_model(**copy.deepcopy(legacy)),
+               AutoConfig.for_model(**copy.deepcopy(new))):
+        for g, w in zip(ours, Qwen3RotaryEmbedding(hf)(torch.zeros(1), pos)):
+            torch.testing.assert_close(g[:, 0], w, rtol=0, atol=1e-5)
+    assert C.main(["--import", str(out), str(tmp_path / "ckpt")]) == 0
+    sd, cfg, target_config = C.read_checkpoint(str(tmp_path / "ckpt"))
+    assert cfg == d.config and cfg.rope_scaling["rope_type"] == "llama3"
+    assert target_config["rope_parameters"]["partial_rotary_factor"] == 0.5  # the target's, restored
+    # a released drafter whose config has only the legacy fields keeps its scaling too
+    legacy.pop("target_config_diff")
+    (out / "config.json").write_text(json.dumps(legacy))
+    assert C.read_serving(str(out))[1] == d.config
+
+
+def test_rope_bad_input_is_named():
+    t = rope_target(ROPES["llama3"])
+    d = tiny_drafter(t)
+    with pytest.raises(ValueError, match=r"rope_type='axial': the drafter cannot reproduce"):
+        dataclasses.replace(d.config, rope_scaling={"rope_type": "axial"})
+    with pytest.raises(ValueError, match=r"lacks 'low_freq_factor'"):
+        dataclasses.replace(d.config, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    plain = dataclasses.replace(d.config, rope_scaling=None)  # trained with plain RoPE, served to a llama3 target
+    with pytest.raises(ValueError, match=r"drafter RoPE .* differs from the target's .*llama3"):
+        M.check_fits_target(plain, t)
+    with pytest.raises(ValueError, match=r"differs from the target's"):
+        C.validate(d.state_dict(), plain, t.config)
+    M.check_fits_target(d.config, t)
+    # another spelling of the same frequencies is not a mismatch
+    same = dataclasses.replace(plain, rope_scaling={"rope_type": "linear", "factor": 1.0})
+    M.check_fits_target(same, tiny_target())
+    with pytest.raises(ValueError, match="rope_type='axial'"):
+        C.config_from_serving({**C.serving_config(d.config, t.config), "rope_scaling": {"rope_type": "axial"}})
+
+
+def tiny_gemma3(softcap=3.0, seed=0):
+    """Gemma 3 text: sqrt(hidden) embedding scale, tied lm_head, final logit soft-capping, and a
+    per-layer-type RoPE (linear x8 on full attention). Embedding rows scaled up so the cap matters."""
+    cfg = dict(model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+               rms_norm_eps=1e-6, final_logit_softcapping=softcap, sliding_window=8, tie_word_embeddings=True,
+               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    torch.manual_seed(seed)
+    t = M.load_target(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        t.get_input_embeddings().weight.mul_(50.0)
+    return t
+
+
+def test_gemma3_embedding_and_logits_as_the_target_applies_them():
+    """embed_tokens is what Gemma 3's first layer receives (E[ids] * sqrt(hidden)); target_logits of
+    the final normed hidden states are the model's own logits (tied E, then cap * tanh(l / cap)); the
+    drafter's RoPE is the full-attention layers' (transformers' Gemma 3 rotary module for that type)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+    t = tiny_gemma3()
+    E, cap = t.get_input_embeddings().weight.detach(), 3.0
+    assert t.get_output_embeddings().weight is t.get_input_embeddings().weight  # tied
+    ids = torch.randint(0, 64, (2, 12))
+    seen = {}
+    h1 = M.decoder_layers(t)[0].register_forward_pre_hook(
+        lambda m, a, k: seen.update(embeds=a[0] if a else k["hidden_states"]), with_kwargs=True)
+    h2 = t.model.norm.register_forward_hook(lambda m, a, o: seen.update(normed=o))
+    out = t(ids)
+    h1.remove(), h2.remove()
+    torch.testing.assert_close(M.embed_tokens(t, ids), seen["embeds"], rtol=0, atol=0)
+    torch.testing.assert_close(M.embed_tokens(t, ids), E[ids] * 32 ** 0.5)
+    logits = M.target_logits(t, seen["normed"])
+    torch.testing.assert_close(logits, out.logits, rtol=1e-6, atol=1e-6)
+    raw = seen["normed"] @ E.T
+    torch.testing.assert_close(logits, torch.tanh(raw / cap) * cap)
+    assert (raw - logits).abs().max() > 1.0 and torch.equal(raw.argmax(-1), logits.argmax(-1))
+    d = tiny_drafter(t)
+    assert (d.config.rope_theta, d.config.rope_scaling) == (1e6, {"rope_type": "linear", "factor": 8.0})
+    pos = torch.arange(40)[None]
+    want = Gemma3RotaryEmbedding(t.config)(torch.zeros(1), pos, layer_type="full_attention")
+    for g, w in zip(M.rope_cos_sin(pos, *M.rope_frequencies(d.config)), want):
+        torch.testing.assert_close(g[:, 0], w, rtol=0, atol=1e-5)
+
+
+def test_gemma3_training_loss_uses_scaled_embeddings_and_capped_logits():
+    """dflash_loss on Gemma 3 against a dense reference written by hand: block embeddings E[ids] *
+    sqrt(hidden), features from output_hidden_states, logits cap * tanh(h E^T / cap), F.cross_entropy."""
+    t = tiny_gemma3()
+    d = tiny_drafter(t, block_size=4)
+    S, N, bs, cap = 16, 3, 4, 3.0
+    ids = torch.randint(0, 63, (1, S))
+    _, _, stats = M.dflash_loss(d, t, ids, torch.ones(1, S), N, generator=torch.Generator().manual_seed(0))
+    anchors, keep = M.sample_anchors(torch.ones(1, S), N, torch.Generator().manual_seed(0))
+    E = t.get_input_embeddings().weight.detach()
+    block = torch.full((1, N, bs), d.config.mask_token_id)
+    block[:, :, 0] = ids.gather(1, anchors)
+    hs = t(ids, output_hidden_states=True).hidden_states
+    feats = torch.cat([hs[k + 1] for k in d.config.target_layer_ids], -1)
+    pos = anchors[:, :, None] + torch.arange(bs)
+    hidden = d(E[block].view(1, N * bs, -1) * 32 ** 0.5, feats, pos.view(1, -1), torch.arange(S)[None],
+               build_mask(anchors, keep, S, bs, use_flex=False)).view(N, bs, -1)[:, 1:]
+    logits = torch.tanh(hidden @ E.T / cap) * cap
+    valid = (pos[0, :, 1:] < S) & keep[0, :, None]
+    labels = ids[0, pos[0, :, 1:].clamp(max=S - 1)]
+    ce = F.cross_entropy(logits[valid], labels[valid], reduction="sum")
+    assert stats["ce_sum"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert stats["count_per_slot"].sum().item() == valid.sum().item()
 
 
 def test_sample_anchors_fixed_slots_sorted_and_valid():
@@ -323,9 +529,11 @@ def test_loss_weights_and_gradients():
     assert all(p.grad is None and not p.requires_grad for p in t.parameters())
 
 
-def test_lm_head_ce_gradient_equals_autograd_of_dense_logits():
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_lm_head_ce_gradient_equals_autograd_of_dense_logits(cap):
     """LMHeadCE forms d CE / d hidden in its forward, chunk by chunk; the reference is autograd through
-    the whole [T, V] logits and F.cross_entropy, with ignored (-100) labels and uneven chunks."""
+    the whole [T, V] logits (soft-capped as Gemma's are, with cap) and F.cross_entropy, with ignored
+    (-100) labels and uneven chunks."""
     g = torch.Generator().manual_seed(0)
     T, H, V = 23, 16, 50
     W = torch.randn(V, H, generator=g)
@@ -334,9 +542,11 @@ def test_lm_head_ce_gradient_equals_autograd_of_dense_logits():
     upstream = torch.rand(T, generator=g) * (labels >= 0)  # the loss weights: 0 where ignored
     h1 = torch.randn(T, H, generator=g, requires_grad=True)
     h2 = h1.detach().clone().requires_grad_(True)
-    ce, hit = M.LMHeadCE.apply(h1, W, labels, 5, M._ce_chunk)
+    ce, hit = M.LMHeadCE.apply(h1, W, labels, 5, M._ce_chunk, cap)
     (ce * upstream).sum().backward()
     logits = h2 @ W.T
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
     ref = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
     (ref * upstream).sum().backward()
     assert torch.allclose(ce, ref, atol=1e-5)
@@ -1106,6 +1316,8 @@ def broken_checkpoint(tmp_path, trained, case):
         tc["num_hidden_layers"] = 3  # the drafter was trained for a 6-layer target
     elif case == "target_hidden":
         tc["hidden_size"] = 48
+    elif case == "target_rope":  # a Llama-3.1 target for a drafter trained with plain RoPE
+        tc["rope_parameters"] = {**ROPES["llama3"], "original_max_position_embeddings": 256}
     elif case == "nan":
         sd["norm.weight"] = torch.full((32,), float("nan"))
     ckpt = tmp_path / "bad" / "checkpoints" / "step_00000005"
@@ -1121,6 +1333,7 @@ def broken_checkpoint(tmp_path, trained, case):
     ("layer_id", r"target_layer_ids \[6\] are outside the target"),
     ("target_layers", r"num_target_layers=6 but the target config has 3.*target_layer_ids \[3\] are outside"),
     ("target_hidden", r"hidden_size=32 but the target config has 48"),
+    ("target_rope", r"drafter RoPE \(theta 10000.0, rope_scaling None\) differs from the target's"),
     ("nan", r"non-finite values \(NaN/inf\) in norm\.weight"),
 ])
 def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, message):
@@ -1503,6 +1716,44 @@ def test_cli_synthetic_timing(tmp_path, capsys):
     assert "speedup implied at tau 6.49" in capsys.readouterr().out
 
 
+def test_llama31_8b_configs():
+    """configs/llama3.1-8b.json (shapes) and .yaml (recipe): the drafter inherits llama3 RoPE at the
+    real head_dim, the layer ids are the published spacing for 32 layers, and the throughput config
+    runs at these shapes with --target and --mask_token_id."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    path = os.path.join(HERE, "configs", "llama3.1-8b.json")
+    c = M.load_target_config(path)
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size) == (32, 4096, 14336, 128256)
+    recipe = T.parse_config(["--config", os.path.join(HERE, "configs", "llama3.1-8b.yaml"), f"--target={path}",
+                             "--data=synthetic"])
+    cfg = M.config_from_target(c, recipe["num_draft_layers"], recipe["block_size"],
+                               num_features=recipe["num_features"], mask_token_id=recipe["mask_token_id"])
+    assert cfg.target_layer_ids == [1, 8, 15, 22, 29] and cfg.head_dim == 128 and cfg.rope_theta == 5e5
+    assert cfg.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    torch.testing.assert_close(M.rope_frequencies(cfg)[0], ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")[0], rtol=1e-6, atol=0)
+    run = T.parse_config(["--config", os.path.join(HERE, "configs", "qwen3-8b-throughput.yaml"),
+                          f"--target={path}", "--mask_token_id=128002"])
+    M.config_from_target(c, mask_token_id=run["mask_token_id"], num_features=run["num_features"])
+
+
+def test_llama31_style_target_trains_exports_and_benches(tmp_path, capsys):
+    """A user's path on a llama3-RoPE target: train.py, its exported drafter (both rope schemas),
+    bench.py with that drafter; and a target rope type the drafter cannot reproduce stops train.py."""
+    target = {**TINY_TARGET, "model_type": "llama", "max_position_embeddings": 256,
+              "rope_parameters": ROPES["llama3"]}
+    (tmp_path / "llama.json").write_text(json.dumps(target))
+    assert T.main(train_args(tmp_path, max_steps=2) + [f"--target={tmp_path / 'llama.json'}"]) == 0
+    raw = json.loads((tmp_path / "run" / "drafter" / "config.json").read_text())
+    assert raw["rope_scaling"]["rope_type"] == raw["rope_parameters"]["rope_type"] == "llama3"
+    res = bench.main(["--target", str(tmp_path / "llama.json"), "--draft", str(tmp_path / "run" / "drafter"),
+                      "--prompt-len", "20", "--steps", "3", "--repeats", "1", "--dtype", "fp32", "--device", "cpu"])
+    assert res["dflash"]["steps"] == 3
+    (tmp_path / "axial.json").write_text(json.dumps({**target, "rope_parameters": {"rope_type": "axial"}}))
+    with pytest.raises(SystemExit, match="config error: rope_type='axial': the drafter cannot reproduce"):
+        T.main(train_args(tmp_path) + [f"--target={tmp_path / 'axial.json'}"])
+
+
 def test_qwen3_8b_config():
     path = os.path.join(os.path.dirname(bench.__file__), "configs", "qwen3-8b.json")
     cfg = json.load(open(path))
@@ -1510,9 +1761,9 @@ def test_qwen3_8b_config():
     c = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size) == (36, 4096, 12288, 151936)
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (32, 8, 128)
-    assert M.rope_theta(c) == 1e6 and c.tie_word_embeddings is False
+    assert M.rope_config(c) == (1e6, None) and c.tie_word_embeddings is False
     assert M.load_target_config(path).to_dict() == c.to_dict()  # what train.py and load_target read
-    assert M.rope_theta(c.to_dict()) == 1e6                    # convert.py reads dicts
+    assert M.rope_config(c.to_dict()) == (1e6, None)           # convert.py reads dicts
 
 
 # ----------------------------------------------------------------------------------------------
