@@ -325,8 +325,8 @@ def test_rope_equals_transformers(name):
         want_inv, want_scale = ROPE_INIT_FUNCTIONS[kind](t.config, "cpu")
         torch.testing.assert_close(inv, want_inv, rtol=1e-6, atol=0)
         assert scale == pytest.approx(want_scale, rel=1e-12)
-    for T in (40, 100, 700):  # inside the original context (64), past it, past max_position_embeddings (256)
-        pos = torch.arange(T)[None]
+    for n in (40, 100, 700):  # inside the original context (64), past it, past max_position_embeddings (256)
+        pos = torch.arange(n)[None]
         want = LlamaRotaryEmbedding(t.config)(torch.zeros(1), pos)  # a fresh module: no state across calls
         got = M.rope_cos_sin(pos, *M.rope_frequencies(cfg, pos.max() + 1))
         for g, w in zip(got, want):
