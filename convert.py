@@ -8,10 +8,13 @@ Training layout: RUN/checkpoints/step_XXXXXXXX/ holds a torch.distributed.checkp
 dflash_config.json (asdict(DFlashConfig)) and target_config.json (the target's HF config dict).
 Serving layout: model.safetensors (bf16, exactly the SPEC names) + config.json + README.md, the
 folder SGLang and vLLM load. Both directions validate before anything is written and publish the
-output folder with a rename, so a failed conversion leaves no folder behind.
+output folder with a rename, so a failed conversion leaves no folder behind. Both layouts carry
+checksums.json (sha256 of every file), verified before they are read. OUT is replaced only where
+it is a serving folder this tool wrote (or with --overwrite), never a checkpoint or a run folder.
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -131,6 +134,66 @@ def _read_json(path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Checksums: sha256 of every file of a checkpoint or serving folder, recorded when it is written
+# (checksums.json, last) and verified before it is read: a flipped byte or a truncated copy is a
+# named error instead of a weight that silently became 7e36
+
+CHECKSUMS = "checksums.json"
+
+
+class ChecksumError(ValueError):
+    pass
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(folder, rank=0, world=1):
+    """{name: sha256} of this rank's share of the files directly in folder (ranks split the reading)."""
+    names = sorted(n for n in os.listdir(folder) if n != CHECKSUMS and os.path.isfile(os.path.join(folder, n)))
+    return {n: _sha256(os.path.join(folder, n)) for n in names[rank::world]}
+
+
+def write_checksums(folder, digests=None):
+    _write_json(os.path.join(folder, CHECKSUMS), digests or file_digests(folder))
+
+
+def checksum_problems(folder, rank=0, world=1):
+    """The files of this rank's share that differ from checksums.json or are missing, one phrase
+    each. A folder without checksums.json (older runs, released drafters) has none: unverified."""
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            want = json.load(f)
+    except ValueError:
+        want = None
+    if not isinstance(want, dict):
+        return [f"{CHECKSUMS} is unreadable"] if rank == 0 else []
+    problems = []
+    for name in sorted(want)[rank::world]:
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            problems.append(f"{name} is missing")
+        elif _sha256(file) != want[name]:
+            problems.append(f"{name} differs from the sha256 recorded when it was saved")
+    return problems
+
+
+def verify_checksums(folder):
+    problems = checksum_problems(folder)
+    if problems:
+        raise ChecksumError(f"checksum mismatch in {folder}: {'; '.join(problems)} (the files changed after "
+                            "they were written: a disk, copy or transfer error; use another checkpoint or copy)")
+
+
+# ----------------------------------------------------------------------------------------------
 # Training checkpoints (DCP)
 
 def latest_checkpoint(run_dir):
@@ -183,6 +246,7 @@ def read_checkpoint(path):
     """A run folder (its newest complete checkpoint) or a checkpoint folder -> (fp32 state dict,
     DFlashConfig, target config dict). Works without a process group, from any number of ranks."""
     ckpt = _checkpoint_dir(path)
+    verify_checksums(ckpt)
     cfg = _make_config(_read_json(os.path.join(ckpt, "dflash_config.json")),
                        os.path.join(ckpt, "dflash_config.json"))
     target_config = _read_json(os.path.join(ckpt, "target_config.json"))
@@ -198,7 +262,7 @@ def read_checkpoint(path):
     return sd, cfg, target_config
 
 
-def write_checkpoint(state_dict, cfg, target_config, out_dir):
+def write_checkpoint(state_dict, cfg, target_config, out_dir, overwrite=False):
     """A checkpoint folder in the training layout ({"model": fp32 state dict} only)."""
     validate(state_dict, cfg, target_config)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
@@ -210,8 +274,9 @@ def write_checkpoint(state_dict, cfg, target_config, out_dir):
         _write_json(os.path.join(tmp, "dflash_config.json"), dataclasses.asdict(cfg))
         _write_json(os.path.join(tmp, "target_config.json"), target_config)
         validate(_dcp_model_tensors(tmp), cfg, target_config)
+        write_checksums(tmp)
 
-    _publish(out_dir, write)
+    _publish(out_dir, write, overwrite)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +349,7 @@ def config_from_serving(config, source="config.json"):
 
 def read_serving(path):
     """A serving folder -> (fp32 state dict, DFlashConfig, target config dict)."""
+    verify_checksums(path)
     config = _read_json(os.path.join(path, "config.json"))
     cfg = config_from_serving(config, os.path.join(path, "config.json"))
     target_config = target_config_from_serving(config)
@@ -332,7 +398,7 @@ vllm serve {target} --speculative-config '{spec}'
 """
 
 
-def export_drafter(state_dict, cfg, target_config, out_dir, target_name=None):
+def export_drafter(state_dict, cfg, target_config, out_dir, target_name=None, overwrite=False):
     """Write the serving folder: validated, then published with a rename (nothing half-written)."""
     validate(state_dict, cfg, target_config)
     want = expected_shapes(cfg)
@@ -352,8 +418,9 @@ def export_drafter(state_dict, cfg, target_config, out_dir, target_name=None):
                 raise ValueError("model.safetensors was written with a dtype other than bf16")
             validate({k: torch.empty(s.get_shape(), device="meta") for k, s in written.items()},
                      config_from_serving(_read_json(os.path.join(tmp, "config.json"))), target_config)
+        write_checksums(tmp)
 
-    _publish(out_dir, write)
+    _publish(out_dir, write, overwrite)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,17 +432,19 @@ def _write_json(path, obj):
         f.write("\n")
 
 
-def _publish(out_dir, write):
+def _publish(out_dir, write, overwrite=False):
     """Run write(tmp) in a fresh folder next to out_dir, then rename it into place. An existing
-    out_dir is replaced only after the new folder is complete, and only if it is one of ours."""
+    out_dir is replaced only after the new folder is complete, and only if it is one of ours
+    (or overwrite)."""
     out_dir = os.path.abspath(out_dir)
     parent, name = os.path.split(out_dir)
-    if os.path.exists(out_dir):
+    if os.path.exists(out_dir) and not overwrite:
         ours = {"config.json", "model.safetensors", ".metadata", "dflash_config.json"}
         if not os.path.isdir(out_dir) or (os.listdir(out_dir) and not ours & set(os.listdir(out_dir))):
             raise ValueError(f"{out_dir} exists and is not a drafter or checkpoint folder; "
                              "refusing to replace it")
     os.makedirs(parent, exist_ok=True)
+    _remove_leftovers(parent, name)
     tmp = os.path.join(parent, f"{name}.tmp-{uuid.uuid4().hex[:8]}")
     os.mkdir(tmp)
     try:
@@ -396,6 +465,16 @@ def _publish(out_dir, write):
         raise
 
 
+def _remove_leftovers(parent, name):
+    """What an interrupted _publish left beside out_dir: NAME.tmp-* (a write that never finished)
+    always, NAME.old-* (the replaced folder, not yet deleted) once out_dir exists again."""
+    for leftover in sorted(os.listdir(parent)):
+        kind = re.fullmatch(re.escape(name) + r"\.(tmp|old)-[0-9a-f]{8}", leftover)
+        if kind and (kind.group(1) == "tmp" or os.path.isdir(os.path.join(parent, name))):
+            shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
+            print(f"removed {os.path.join(parent, leftover)}, left by an interrupted write")
+
+
 def load_drafter(path, device="cpu", dtype=torch.float32):
     """A serving folder or a training run/checkpoint folder -> (DFlashDrafter in eval mode, config)."""
     # a serving folder has its weights beside config.json; a run folder holds checkpoints/ instead
@@ -410,14 +489,41 @@ def load_drafter(path, device="cpu", dtype=torch.float32):
 # ----------------------------------------------------------------------------------------------
 # CLI
 
+def out_problem(out, import_=False):
+    """Why writing OUT could destroy something, or None. The CLI refuses OUT where it holds or lies
+    inside a training checkpoint, and where it exists as anything but a serving folder this tool
+    wrote (export) or an empty folder, unless --overwrite is given."""
+    out = os.path.realpath(out)
+    up = os.path.dirname(out)
+    while up != os.path.dirname(up):
+        if os.path.isfile(os.path.join(up, ".metadata")):
+            return f"{out} lies inside the training checkpoint {up}"
+        up = os.path.dirname(up)
+    if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+        return None
+    if os.path.isfile(os.path.join(out, ".metadata")) or latest_checkpoint(out):
+        return f"{out} holds a training checkpoint; writing there would replace it"
+    if import_:
+        return f"{out} exists and is not empty"
+    try:  # serving_config writes target_config_diff; a released drafter or other folder has none
+        ours = "target_config_diff" in _read_json(os.path.join(out, "config.json"))
+    except (ValueError, TypeError):
+        ours = False
+    return None if ours else f"{out} exists and is not a serving folder this tool wrote"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Convert DFlash drafters between the training "
                                 "checkpoint layout and the SGLang/vLLM serving layout.")
     p.add_argument("--import", dest="import_", action="store_true",
                    help="SRC is a serving folder (config.json + model.safetensors); write a checkpoint")
     p.add_argument("--target-name", help="target model name or path for the README (export only)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write OUT even where it holds or lies inside a training checkpoint, or is a "
+                   "folder this tool did not write (its contents are replaced)")
     p.add_argument("src", help="run folder, checkpoint folder, or (with --import) serving folder")
-    p.add_argument("out", help="output folder (replaced only once the new one is complete)")
+    p.add_argument("out", help="output folder (a serving folder this tool wrote is replaced, only once "
+                   "the new one is complete; anything else needs --overwrite)")
     args = p.parse_args(argv)
     try:
         if not os.path.isdir(args.src):
@@ -425,12 +531,15 @@ def main(argv=None):
         src, out = os.path.realpath(args.src), os.path.realpath(args.out)
         if src == out or src.startswith(out + os.sep):
             raise ValueError(f"{args.out} would replace the input {args.src}; choose another output")
+        problem = None if args.overwrite else out_problem(args.out, args.import_)
+        if problem:
+            raise ValueError(f"{problem}; choose another output, or pass --overwrite to replace it")
         if args.import_:
             sd, cfg, target_config = read_serving(args.src)
-            write_checkpoint(sd, cfg, target_config, args.out)
+            write_checkpoint(sd, cfg, target_config, args.out, args.overwrite)
         else:
             sd, cfg, target_config = read_checkpoint(args.src)
-            export_drafter(sd, cfg, target_config, args.out, args.target_name)
+            export_drafter(sd, cfg, target_config, args.out, args.target_name, args.overwrite)
     except (ValueError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ where an HF dataset name is read. The offline default assets come from recipes/f
 """
 import argparse
 import collections
+import contextlib
 import glob
 import json
 import multiprocessing as mp
@@ -237,9 +238,9 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None)
     return ids[:max_length], mask[:max_length]
 
 
-def _tokenize_range(lo, hi):
+def _tokenize_range(bounds):
     """Rows lo..hi of the conversations build_dataset put in _TOKENIZE_STATE (inherited by forked workers)."""
-    tokenizer, convs, max_length, min_loss_tokens, enable_thinking = _TOKENIZE_STATE
+    (lo, hi), (tokenizer, convs, max_length, min_loss_tokens, enable_thinking) = bounds, _TOKENIZE_STATE
     out, skipped = [], collections.Counter()
     for msgs in convs[lo:hi]:
         try:
@@ -258,6 +259,19 @@ def _tokenize_range(lo, hi):
 
 
 _TOKENIZE_STATE = None
+PROGRESS_S = 5.0  # long work (tokenising, evaluation) logs a progress line at most this often
+
+
+def progress(log, what, total, unit):
+    """tick(done) logs `what done/total unit (elapsed)` when PROGRESS_S have passed since the last line."""
+    t0 = last = time.time()
+
+    def tick(done):
+        nonlocal last
+        if done < total and time.time() - last >= PROGRESS_S:
+            last = time.time()
+            log(f"{what} {done:,}/{total:,} {unit} ({time.time() - t0:.0f} s)")
+    return tick
 
 
 def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_thinking=None, log=print,
@@ -266,25 +280,28 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
     workers > 1 tokenises in forked processes (about 7 ms a row with a chat template: 17 K rows
     take 2 minutes in one process); the rows and their order are the same for any workers."""
     global _TOKENIZE_STATE
-    convs, skipped = load_conversations(source)
-    used = f"the first {max_rows} of {len(convs)}" if 0 < max_rows < len(convs) else f"{len(convs)}"
-    if max_rows:  # rows the reader skipped are counted over the whole source, as read
-        convs = convs[:max_rows]
+    all_convs, read_skipped = load_conversations(source)
+    convs = all_convs[:max_rows] if max_rows else all_convs
     _TOKENIZE_STATE = (tokenizer, convs, max_length, min_loss_tokens, enable_thinking)
+    pool = workers > 1 and len(convs) >= 64 and "fork" in mp.get_all_start_methods()
+    step = -(-len(convs) // (4 * workers)) if pool else 256
+    chunks = [(lo, min(lo + step, len(convs))) for lo in range(0, len(convs), step)]
+    tick, parts = progress(log, "data: tokenised", len(convs), "conversations"), []
     try:
-        if workers > 1 and len(convs) >= 64 and "fork" in mp.get_all_start_methods():
-            step = -(-len(convs) // (4 * workers))
-            with mp.get_context("fork").Pool(workers) as pool:
-                parts = pool.starmap(_tokenize_range, [(lo, lo + step) for lo in range(0, len(convs), step)])
-        else:
-            parts = [_tokenize_range(0, len(convs))]
+        with mp.get_context("fork").Pool(workers) if pool else contextlib.nullcontext() as p:
+            results = p.imap(_tokenize_range, chunks) if pool else map(_tokenize_range, chunks)  # in order
+            for (_, hi), part in zip(chunks, results):
+                parts.append(part)
+                tick(hi)
     finally:
         _TOKENIZE_STATE = None
     out = [row for rows, _ in parts for row in rows]
-    for _, s in parts:
-        skipped.update(s)
-    why = ", ".join(f"{n} {r}" for r, n in skipped.most_common()) or "none"
-    log(f"data: {len(out)} rows kept of {used} conversations read; skipped: {why}")
+    token_skipped = sum((s for _, s in parts), collections.Counter())
+    # the arithmetic in view: rows read = skipped + conversations; tokenised = skipped + kept
+    skips = lambda c: f"{c.total()} skipped" + (f" ({', '.join(f'{n} {r}' for r, n in c.most_common())})" if c else "")
+    unused = f" (max_rows={max_rows}: {len(all_convs) - len(convs)} more unused)" if len(convs) < len(all_convs) else ""
+    log(f"data: {len(all_convs) + read_skipped.total()} rows read = {skips(read_skipped)} + {len(all_convs)} "
+        f"conversations; {len(convs)} tokenised{unused} = {skips(token_skipped)} + {len(out)} kept")
     return out
 
 

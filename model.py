@@ -224,6 +224,9 @@ def check_fits_target(cfg, target):
     if cfg.num_target_layers != tc.num_hidden_layers:
         raise ValueError(f"drafter num_target_layers={cfg.num_target_layers} != target's "
                          f"{tc.num_hidden_layers} layers: this drafter was built for another target")
+    if cfg.vocab_size != tc.vocab_size:  # its predictions go through this target's lm_head
+        raise ValueError(f"drafter vocab_size={cfg.vocab_size} != target vocab_size={tc.vocab_size}: "
+                         "this drafter was built for another target (another tokenizer)")
     if not 0 <= cfg.mask_token_id < rows:
         raise ValueError(f"mask_token_id={cfg.mask_token_id} is outside the target's {rows} "
                          "embedding rows")

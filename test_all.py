@@ -8,6 +8,7 @@ import textwrap
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -591,6 +592,12 @@ def final_weights(run_dir):
     return load_file(os.path.join(run_dir, "drafter", "model.safetensors"))
 
 
+def flip_byte(path, offset=None):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 if offset is None else offset] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
 def run_train(args, env=None, nproc=1):
     cmd = [sys.executable, "train.py"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
@@ -729,10 +736,59 @@ def test_kill_during_checkpoint_write_leaves_a_resumable_run(tmp_path):
     assert r.returncode == -9, r.stderr[-2000:]
     ckpts = sorted(os.listdir(b / "run" / "checkpoints"))
     assert ckpts == ["step_00000002", "step_00000004.tmp"]
+    with open(b / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1')  # and a record the kill cut mid-line
     assert T.main(train_args(b, save_interval=2)) == 0  # the same command resumes from step 2
-    assert losses(b / "run")[-4:] == losses(a / "run")[-4:]
+    # metrics.jsonl reads as if the run never stopped: steps 3 and 4, logged before the kill, once
+    steps = [json.loads(line)["step"] for line in open(b / "run" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6] and losses(b / "run") == losses(a / "run")
     wa, wb = final_weights(a / "run"), final_weights(b / "run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
+    """A flipped byte in the newest checkpoint: the run names it and the file, moves it aside and resumes
+    from the one before; the result equals the uninterrupted run."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert T.main(train_args(a, save_interval=2)) == 0
+    assert T.main(train_args(b, save_interval=2, stop_at_step=4)) == 0
+    newest = b / "run" / "checkpoints" / "step_00000004"
+    shard = next(newest.glob("*.distcp"))
+    flip_byte(shard)
+    capsys.readouterr()
+    assert T.main(train_args(b, save_interval=2)) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest} is damaged ({shard.name} differs from the sha256 recorded" in out
+    assert f"resumed from {newest.parent / 'step_00000002'} at step 2" in out
+    assert (newest.parent / "step_00000004.damaged").is_dir()
+    assert losses(b / "run") == losses(a / "run")
+    wa, wb = final_weights(a / "run"), final_weights(b / "run")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys):
+    """Long work logs a line every PROGRESS_S seconds (0 here: after every chunk or prompt): tokenising
+    in build_dataset, and the evaluation at the end of training (a tiny target folder with a tokenizer)."""
+    monkeypatch.setattr(data, "PROGRESS_S", 0.0)
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    write_lines(tmp_path / "d.jsonl", [json.dumps(good)] * 80)
+    logs = []
+    data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, workers=2)
+    assert [re.sub(r"\(\d+ s\)", "(T)", line) for line in logs[:2]] == [
+        "data: tokenised 10/80 conversations (T)", "data: tokenised 20/80 conversations (T)"]
+    assert len(logs) == 8 and logs[-1].endswith("+ 80 kept")
+    t = tiny_target()
+    t.save_pretrained(tmp_path / "target")
+    char_tokenizer().save_pretrained(tmp_path / "target")
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"turns": [f"hello {c}"]}) for c in "abc"])
+    assert T.main(train_args(tmp_path, target=str(tmp_path / "target"), max_steps=2, eval_prompts=str(tmp_path / "p.jsonl"),
+                             eval_num_prompts=3, eval_max_new_tokens=4)) == 0
+    out = capsys.readouterr().out
+    assert (f"eval step 2: decoding 3 held-out prompts ({tmp_path / 'p.jsonl'}) speculatively and plainly, "
+            "up to 4 tokens each") in out
+    assert "eval: decoded 1/3 prompts" in out and "eval: decoded 2/3 prompts" in out
+    assert out.index("eval: decoded 2/3") < out.index("acceptance length measured by real speculative decoding")
 
 
 def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_path):
@@ -929,7 +985,8 @@ def test_malformed_rows_counted(tmp_path):
     logs = []
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=1, log=logs.append)
     assert len(ds) == 2 and len(logs) == 1
-    assert logs[0].startswith("data: 2 rows kept of 3 conversations read; skipped: ") and "1 no assistant content" in logs[0] and "1 malformed json" in logs[0]
+    assert logs[0].startswith("data: 11 rows read = 8 skipped (") and logs[0].endswith("+ 2 kept")
+    assert "1 no assistant content" in logs[0] and "1 malformed json" in logs[0]
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=4, log=logs.append)
     assert len(ds) == 1 and "1 too few loss tokens" in logs[-1]  # "y", "o", <|im_end|> with this tiny vocab
     # tokenising in forked workers gives the same rows, in the same order, and the same skip counts
@@ -943,6 +1000,26 @@ def test_malformed_rows_counted(tmp_path):
     arr.write_text("[" + json.dumps(good) + ",\n" + json.dumps(sharegpt) + ",\n" + json.dumps(good)[:20])
     convs, skipped = data.load_conversations(str(arr))
     assert len(convs) == 2 and skipped == {"malformed json": 1}
+
+
+def test_data_summary_adds_up_to_rows_read(tmp_path):
+    """11 rows: 8 the reader skips, 3 conversations; max_rows=2 tokenises the first 2 (1 of them has an
+    empty answer), so: 11 = 8 + 3 and 2 = 1 + 1, with the 1 unused conversation named."""
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    empty = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}
+    lines = [json.dumps(empty), json.dumps(good), "{bad json", json.dumps({"foo": 1}), json.dumps({"messages": []}),
+             json.dumps([1, 2]), json.dumps({"messages": "hi"}), "{", "[", json.dumps({"messages": []}), json.dumps(good)]
+    write_lines(tmp_path / "d.jsonl", lines)
+    logs = []
+    rows = data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, max_rows=2)
+    m = re.fullmatch(r"data: (\d+) rows read = (\d+) skipped \((.*)\) \+ (\d+) conversations; (\d+) tokenised "
+                     r"\(max_rows=2: (\d+) more unused\) = (\d+) skipped \((.*)\) \+ (\d+) kept", logs[-1])
+    assert m, logs
+    read, skipped, why, convs, used, unused, tok_skipped, tok_why, kept = m.groups()
+    assert (int(read), int(skipped), int(convs)) == (len(lines), 8, 3)
+    assert sum(int(n) for n in re.findall(r"(\d+) [a-z]", why)) == 8
+    assert (int(used), int(unused), int(tok_skipped), int(kept)) == (2, 1, 1, len(rows)) and len(rows) == 1
+    assert tok_why == "1 no assistant content"
 
 
 def fake_dataset(n=37):
@@ -1182,7 +1259,7 @@ def test_export_then_load_gives_identical_logits(trained, tmp_path):
     # the training checkpoint loads too, in fp32 and unrounded
     from_ckpt, _ = C.load_drafter(str(run))
     assert torch.equal(logits(from_ckpt, t), logits(d, t))
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checksums.json", "config.json", "model.safetensors"]
     assert leftovers(out) == ["served"]
 
 
@@ -1243,6 +1320,74 @@ def test_export_from_live_objects(trained, tmp_path):
     loaded, _ = C.load_drafter(str(out))
     assert torch.equal(logits(loaded, t), logits(bf16_copy(d), t))
     assert "Qwen/Qwen3-8B" in (out / "README.md").read_text()
+
+
+def test_convert_refuses_an_out_that_holds_or_lies_inside_a_checkpoint(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    newest = run / "checkpoints" / "step_00000002"
+    before = (newest / ".metadata").read_bytes()
+    released = tmp_path / "released"
+    authors_style_folder(released)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("keep")
+    shutil.copytree(run, tmp_path / "run_copy")
+    for out, why in ((newest, "holds a training checkpoint"), (tmp_path / "run_copy", "holds a training checkpoint"),
+                     (newest / "export", "lies inside the training checkpoint"),
+                     (released, "not a serving folder this tool wrote"), (notes, "not a serving folder")):
+        assert C.main([str(run), str(out)]) == 1
+        err = capsys.readouterr().err
+        assert why in err and "pass --overwrite" in err, (out, err)
+    assert (newest / ".metadata").read_bytes() == before and not (newest / "export").exists()
+    assert (notes / "a.txt").read_text() == "keep" and (released / "model.safetensors").exists()
+    assert C.main(["--import", str(released), str(newest)]) == 1  # --import: the same rule
+    assert "holds a training checkpoint" in capsys.readouterr().err
+    assert C.main(["--import", str(released), str(notes)]) == 1 and "is not empty" in capsys.readouterr().err
+    C.read_checkpoint(str(run))  # still whole
+    # a serving folder this tool wrote is replaced; anything else only with --overwrite
+    assert C.main([str(run), str(tmp_path / "served")]) == 0 and C.main([str(run), str(tmp_path / "served")]) == 0
+    assert C.main(["--overwrite", str(run), str(notes)]) == 0
+    assert sorted(p.name for p in notes.iterdir()) == ["README.md", "checksums.json", "config.json", "model.safetensors"]
+
+
+def test_interrupted_export_leftovers_are_removed(trained, tmp_path, capsys):
+    """A kill mid-export leaves served.tmp-XXXXXXXX (and, between its two renames, served.old-XXXXXXXX):
+    the next export removes them and says so; a look-alike name of someone else's stays."""
+    run, _, _ = trained
+    out = tmp_path / "served"
+    for name in ("served.tmp-0123abcd", "served.old-89abcdef", "served.tmp-notes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    assert C.main([str(run), str(out)]) == 0
+    assert sorted(leftovers(out)) == ["served", "served.old-89abcdef", "served.tmp-notes"]  # old: out was missing
+    assert C.main([str(run), str(out)]) == 0
+    assert sorted(leftovers(out)) == ["served", "served.tmp-notes"]
+    printed = capsys.readouterr().out
+    assert "served.tmp-0123abcd, left by an interrupted write" in printed and "served.old-89abcdef" in printed
+
+
+def test_flipped_byte_is_a_named_checksum_error(trained, tmp_path):
+    """Serving folders and checkpoints record the sha256 of every file; one flipped bit in the weights
+    (otherwise a silently wrong weight) fails export, import and load, naming the file."""
+    run, _, _ = trained
+    served, ckpt = tmp_path / "served", tmp_path / "ckpt"
+    assert C.main([str(run), str(served)]) == 0 and C.main(["--import", str(served), str(ckpt)]) == 0
+    assert set(json.loads((served / "checksums.json").read_text())) == {"README.md", "config.json", "model.safetensors"}
+    assert {".metadata", "dflash_config.json"} < set(json.loads((ckpt / "checksums.json").read_text()))
+    flip_byte(served / "model.safetensors", offset=-1)  # the last weight's bytes
+    with pytest.raises(C.ChecksumError, match=r"checksum mismatch in .*served: model\.safetensors differs"):
+        C.load_drafter(str(served))
+    assert C.main(["--import", str(served), str(tmp_path / "ckpt2")]) == 1 and not (tmp_path / "ckpt2").exists()
+    shard = next(ckpt.glob("*.distcp"))
+    flip_byte(shard)
+    with pytest.raises(C.ChecksumError, match=rf"{shard.name} differs from the sha256 recorded"):
+        C.read_checkpoint(str(ckpt))
+    assert C.main([str(ckpt), str(tmp_path / "served2")]) == 1 and not (tmp_path / "served2").exists()
+    flip_byte(shard)  # flipped back: whole again
+    (ckpt / "target_config.json").unlink()
+    with pytest.raises(C.ChecksumError, match="target_config.json is missing"):
+        C.read_checkpoint(str(ckpt))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1704,6 +1849,43 @@ def test_cli_end_to_end(models, tmp_path, capsys, draft):
     assert summaries[0]["tau"] >= 1 and not summaries[0]["mismatches"]
     printed = capsys.readouterr().out
     assert "speedup" in printed and "acceptance:" in printed and "lossless: 4/4" in printed
+
+
+def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
+    """An unknown --dataset lists the prompt sets without touching the network; --num-prompts < 1 and a
+    drafter built for another vocabulary are errors before any decoding."""
+    import time
+    t0 = time.time()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--target", "x", "--dataset", "mt-bench,mtbench"])
+    err = capsys.readouterr().err
+    assert "--dataset mtbench: no such prompt set or file" in err and ", ".join(data.PROMPT_SETS) in err
+    assert time.time() - t0 < 5
+    for n in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--num-prompts", n])
+        assert f"--num-prompts {n}: give 1 or more" in capsys.readouterr().err
+    t, d = models
+    C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
+    (tmp_path / "big_vocab.json").write_text(json.dumps(dict(TINY_TARGET, vocab_size=80)))  # same shapes otherwise
+    with pytest.raises(SystemExit, match=r"does not fit --target .*drafter vocab_size=64 != target vocab_size=80"):
+        bench.main(["--target", str(tmp_path / "big_vocab.json"), "--draft", str(tmp_path / "drafter"),
+                    "--prompt-len", "8", "--steps", "2", "--repeats", "1", "--dtype", "fp32", "--device", "cpu"])
+
+
+def test_sampled_bench_says_which_check_ran_instead_of_the_lossless_line(models, tmp_path, capsys):
+    t, d = models
+    t.save_pretrained(tmp_path / "target")
+    char_tokenizer().save_pretrained(tmp_path / "target")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "q0", "turns": ["hello"]}) + "\n")
+    args = ["--target", str(tmp_path / "target"), "--dataset", str(tmp_path / "p.jsonl"), "--max-new-tokens", "6",
+            "--block-size", "4", "--dtype", "fp32", "--device", "cpu"]
+    bench.main(args + ["--temperature", "0.7"])
+    out = capsys.readouterr().out
+    assert "lossless: not checked token by token: at temperature 0.7" in out
+    assert "test_sampling_keeps_target_distribution" in out
+    bench.main(args)
+    assert "lossless: 1/1 turns identical" in capsys.readouterr().out
 
 
 def test_cli_synthetic_timing(tmp_path, capsys):

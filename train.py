@@ -245,6 +245,7 @@ def checkpoint_dir(out_dir, step):
 def save_checkpoint(out_dir, step, drafter, optimizer, train_state, dcfg, target_config, keep, rank):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    from convert import STEP_DIR  # fullmatch: not step_N.tmp (a save in progress) nor step_N.damaged
     final = checkpoint_dir(out_dir, step)
     tmp = final + ".tmp"
     if rank == 0:
@@ -258,14 +259,71 @@ def save_checkpoint(out_dir, step, drafter, optimizer, train_state, dcfg, target
                           ("target_config.json", target_config)):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=1)
+    dist.barrier()
+    record_checksums(tmp, rank)  # last: a folder with checksums.json is complete
+    if rank == 0:
         if os.environ.get("DFLASH_TEST_KILL_DURING_SAVE") == str(step):  # the crash-safety test only
             os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, final)
-        old = sorted(d for d in os.listdir(os.path.dirname(final)) if d.startswith("step_") and not d.endswith(".tmp"))
+        old = sorted(d for d in os.listdir(os.path.dirname(final)) if STEP_DIR.fullmatch(d))
         for d in old[:-keep]:
             shutil.rmtree(os.path.join(os.path.dirname(final), d), ignore_errors=True)
     dist.barrier()
     return final
+
+
+def record_checksums(folder, rank):
+    """sha256 of every file of the checkpoint, the ranks splitting the reading; rank 0 writes checksums.json."""
+    from convert import file_digests, write_checksums
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, file_digests(folder, rank, len(parts)))
+    if rank == 0:
+        write_checksums(folder, dict(sorted(kv for part in parts for kv in part.items())))
+
+
+def checksum_problems(folder, rank):
+    """Every rank gets the whole list: the files that differ from checksums.json or are missing."""
+    import convert
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, convert.checksum_problems(folder, rank, len(parts)))
+    return [p for part in parts for p in part]
+
+
+def resume_checkpoint(out_dir, drafter, optimizer, rank, log):
+    """Load the newest intact checkpoint -> (its path, train state), or (None, None). A damaged one
+    (a file that differs from its checksum or is missing) is named, moved to step_N.damaged, and the
+    one before it is tried: a flipped byte costs the steps since that checkpoint, not the run."""
+    from convert import latest_checkpoint  # complete checkpoints only: *.tmp is an interrupted save
+    while path := latest_checkpoint(out_dir):
+        problems = checksum_problems(path, rank)
+        if not problems:
+            return path, load_checkpoint(path, drafter, optimizer)
+        log(f"checkpoint {path} is damaged ({'; '.join(problems)}): moved to {path}.damaged; "
+            "resuming from the newest intact one before it")
+        if rank == 0:
+            shutil.rmtree(path + ".damaged", ignore_errors=True)
+            os.rename(path, path + ".damaged")
+        dist.barrier()
+    return None, None
+
+
+def trim_metrics(path, step):
+    """Keep metrics.jsonl's records up to `step`, where this run starts: a killed run's records past
+    its last checkpoint are written again by the resumed run, so the file reads as if never stopped
+    (a line cut by the kill goes too)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line.rstrip("\n") + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, drafter, optimizer):
@@ -409,10 +467,8 @@ def main(argv=None):
 
     # --- resume: the same command after a crash continues from the newest complete checkpoint
     step, position, bad_steps, skipped_total = 0, None, 0, 0
-    from convert import latest_checkpoint  # complete checkpoints only: *.tmp is an interrupted save
-    resume = latest_checkpoint(c["out_dir"])
+    resume, state = resume_checkpoint(c["out_dir"], drafter, optimizer, rank, log)
     if resume:
-        state = load_checkpoint(resume, drafter, optimizer)
         step, position, skipped_total = state["step"], state["data_position"], state["skipped_steps"]
         torch.set_rng_state(torch.tensor(state["cpu_rng"], dtype=torch.uint8))
         log(f"resumed from {resume} at step {step}")
@@ -424,6 +480,8 @@ def main(argv=None):
                                 pad_multiple=c["pad_multiple"], pad_id=pad_id, start=position,
                                 max_length=c["max_length"])
     flops_a, flops_b = flops_per_token_counts(target, dcfg, c["num_anchors"])
+    if rank == 0:
+        trim_metrics(os.path.join(c["out_dir"], "metrics.jsonl"), step)
     metrics_file = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a") if rank == 0 else None
     wandb_run = None
     if c["wandb"] and rank == 0:
@@ -648,10 +706,11 @@ def evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log)
         for name in c["eval_prompts"].split(","):
             prompts = D.load_prompts(name)[:c["eval_num_prompts"]]
             kind = "training" if os.path.abspath(name) in trained else "held-out"
-            log(f"eval step {step}: decoding {len(prompts)} {kind} prompts ({name}), speculative and plain...", flush=True)
+            log(f"eval step {step}: decoding {len(prompts)} {kind} prompts ({name}) speculatively and plainly, "
+                f"up to {c['eval_max_new_tokens']} tokens each")
             t0 = time.time()
             with torch.compiler.set_stance("force_eager"):  # compiled target layers: decode shapes vary every step
-                tau, same = bench.measure_tau(target, plain, tokenizer, prompts, c["eval_max_new_tokens"])
+                tau, same = bench.measure_tau(target, plain, tokenizer, prompts, c["eval_max_new_tokens"], log)
             log(f"eval step {step}: tau {tau:.2f} on {len(prompts)} {kind} prompts ({name}); "
                 f"{same}/{len(prompts)} identical to greedy decoding ({time.time() - t0:.0f} s)")
             results.append((name, kind, len(prompts), tau, same))
