@@ -8,6 +8,7 @@ regenerate the assistant turns with the target itself, and fetch the offline def
     python data.py code-prompts --out F              # HumanEval-shaped prompts from the standard library
     python data.py self-prompts --target DIR --out F --num N [--seeds "Solve|Find"] [--suffix math]
     python data.py regenerate --target DIR --data IN --out OUT [--max-new-tokens 512] ...
+    python data.py regenerate --target DIR --server http://host:8000 --concurrency 256 ...  # vLLM / SGLang
     python data.py overlap --data "runs/regen/*.jsonl"   # evaluation prompts quoted in training rows (exit 1)
 
 Runs on the GPU machines too, which have no `datasets`, no `gguf` and no network: those two are
@@ -390,8 +391,8 @@ def stop_ids(tokenizer, model=None):
     """The tokens that end a turn: the tokenizer's eos, the generation config's eos ids and the
     common end-of-turn tokens the vocabulary has. Never <|im_start|>: transformers names it the eos
     of GGUF-converted SmolLM2 folders (SPEC 8), and a turn never ends on it."""
-    ids = set()
-    for v in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    ids, gen = set(), getattr(model, "generation_config", model)  # a model or its generation config
+    for v in (tokenizer.eos_token_id, getattr(gen, "eos_token_id", None)):
         ids |= set(v) if isinstance(v, (list, tuple)) else {v} if v is not None else set()
     vocab = tokenizer.get_vocab()
     ids |= {vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>") if t in vocab}
@@ -417,6 +418,15 @@ def _done_indices(path):
         with open(path, "wb") as f:
             f.write(keep)
     return {json.loads(line)["index"] for line in keep.decode("utf-8").split("\n") if line.strip()}
+
+
+def writer_generation_config(target):
+    """The generation config a model loaded from `target` gets, without loading its weights."""
+    from transformers import AutoConfig, GenerationConfig
+    try:
+        return GenerationConfig.from_pretrained(target)
+    except OSError:  # no generation_config.json: transformers derives it from config.json
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(target))
 
 
 def load_writer(target):
@@ -498,11 +508,147 @@ class BatchDecoder:
         return res
 
 
+def _answer(tokenizer, ids, stops, finished=False):
+    """The assistant message of generated ids: cut at the first stop token, which is not kept."""
+    cut = next((k for k, t in enumerate(ids) if t in stops), None)
+    if cut is not None:
+        ids, finished = ids[:cut], True
+    return {"role": "assistant", "content": tokenizer.decode(ids), "token_ids": ids, "finished": finished}
+
+
+def _conversation(tokenizer, row, enable_thinking, max_prompt_tokens):
+    """The turns of one row, shared by the local and the server paths: yields each turn's prompt ids
+    (rendered by the training template), is sent the answer message, returns the row's messages.
+    Turn t+1 is prompted with the answer to turn t; a prompt over max_prompt_tokens ends the row."""
+    hist = row["system"]
+    for u in row["users"]:
+        user = {"role": "user", "content": u}
+        prompt = render_chat(tokenizer, hist + [user], enable_thinking, True)
+        if len(prompt) > max_prompt_tokens:
+            break
+        hist = hist + [user, (yield prompt)]
+    return hist
+
+
+def _advance(conv, answer=None):
+    """(next prompt, None) or (None, the finished row's messages)."""
+    try:
+        return conv.send(answer), None
+    except StopIteration as e:
+        return None, e.value
+
+
+def _progress(log, t0, done, total, ntok):
+    el = time.time() - t0
+    eta = (total - done) * el / max(done, 1)
+    log(f"regenerate: {done}/{total} rows, {ntok} tokens, {ntok / max(el, 1e-9):.0f} tok/s, "
+        f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+
+
+class ServerError(RuntimeError):
+    """A server failure that retrying does not fix (or no longer fixed)."""
+
+
+def _http(url, body=None, timeout=60.0):
+    """GET (body None) or POST a JSON body; the decoded JSON answer. $OPENAI_API_KEY is sent if set."""
+    import urllib.request
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = "Bearer " + os.environ["OPENAI_API_KEY"]
+    req = urllib.request.Request(url, None if body is None else json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _retrying(url, body, timeout, retries, backoff, log):
+    """_http with retries on timeouts, dropped connections, bad JSON, 5xx and 429, waiting backoff,
+    2 x backoff, ... (at most 60 s, jittered); any other HTTP error is the request's fault: raised."""
+    import http.client
+    import random
+    import urllib.error
+    for attempt in range(retries + 1):
+        try:
+            return _http(url, body, timeout)
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code != 429:
+                raise ServerError(f"{url} answered HTTP {e.code}: {e.read()[:500].decode('utf-8', 'replace')}")
+            why = f"HTTP {e.code}"
+        except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, refused/reset connections, bad JSON
+            why = f"{type(e).__name__}: {e}"
+        if attempt == retries:
+            raise ServerError(f"{url} failed {retries + 1} times, last with {why}")
+        wait = min(60.0, backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+        log(f"regenerate: request failed ({why}), retry {attempt + 1}/{retries} in {wait:.1f} s")
+        time.sleep(wait)
+
+
+def server_model(server, target, model=None, context=0, timeout=30.0):
+    """The name under which an OpenAI-compatible server serves the target; SystemExit at once if it
+    cannot be reached, serves another model (judged by the folder name of --target, or exactly
+    --model) or has a shorter context than `context` tokens."""
+    import http.client
+    import urllib.error
+    url = server.rstrip("/").removesuffix("/v1") + "/v1/models"
+    try:
+        listing = _http(url, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"regenerate error: {url} answered HTTP {e.code}: --server must be an OpenAI-compatible "
+                         f"server (vllm serve, python -m sglang.launch_server)")
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        raise SystemExit(f"regenerate error: no server answers at {server} ({getattr(e, 'reason', e)}): start it "
+                         f"(vllm serve / python -m sglang.launch_server) or fix --server")
+    cards = listing.get("data") or [] if isinstance(listing, dict) else []
+    want = model or os.path.basename(os.path.normpath(target))
+    names = lambda c: {c.get("id")} if model else {os.path.basename(os.path.normpath(str(c.get(k) or ""))).lower() for k in ("id", "root")}
+    match = [c for c in cards if (want if model else want.lower()) in names(c)]
+    if not match:
+        raise SystemExit(f"regenerate error: {server} serves {[c.get('id') for c in cards]}, not the target {want!r}: "
+                         f"serve --target there, or pass --model NAME if it is the same model under another name")
+    n = match[0].get("max_model_len")
+    if n and context > n:
+        raise SystemExit(f"regenerate error: {server} serves {want} with a {n}-token context, less than "
+                         f"--max-prompt-tokens + --max-new-tokens = {context}: lower them or raise the server's --max-model-len")
+    return match[0]["id"]
+
+
+def server_answerer(server, name, tokenizer, stops, max_new_tokens, temperature, timeout=600.0, retries=10,
+                    backoff=1.0, log=print):
+    """prompt ids -> the answer message, from the server's completions endpoint. Sampling is the local
+    path's: temperature only (top-p, top-k, min-p and repetition penalty are sent off, so a server's
+    generation_config defaults do not apply), the same stop ids. The prompt goes as token ids (the
+    training template's rendering, so no server-side template or BOS); the answer's ids are the
+    server's where it returns them (vLLM: return_token_ids), else the text re-tokenised, kept only
+    if it decodes back to the same text (else the turn is kept as text, re-tokenised by training)."""
+    url = server.rstrip("/").removesuffix("/v1") + "/v1/completions"
+    body = {"model": name, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0, "top_k": -1,
+            "min_p": 0.0, "repetition_penalty": 1.0, "stop_token_ids": list(stops), "skip_special_tokens": False,
+            "return_token_ids": True, "n": 1, "stream": False}
+
+    def answer(prompt):
+        res = _retrying(url, {**body, "prompt": prompt}, timeout, retries, backoff, log)
+        try:
+            c = res["choices"][0]
+            text, ids, finished = c.get("text") or "", c.get("token_ids"), c.get("finish_reason") == "stop"
+        except (KeyError, IndexError, TypeError):
+            raise ServerError(f"{url} answered without choices: {str(res)[:300]}")
+        if ids is None:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if tokenizer.decode(ids) != text:
+                return {"role": "assistant", "content": text, "finished": finished}
+        return _answer(tokenizer, list(ids), stops, finished)
+    return answer
+
+
 def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_size=64, num_shards=1,
-               shard=0, limit=None, max_turns=1, enable_thinking=None, max_prompt_tokens=1024, compile=None, log=print):
+               shard=0, limit=None, max_turns=1, enable_thinking=None, max_prompt_tokens=1024, compile=None, log=print,
+               server=None, concurrency=64, served_model_name=None, timeout=600.0, retries=10, backoff=1.0):
     """Write {"id", "index", "messages"} rows whose assistant turns are the target's own answers
     (with their "token_ids"). Turn t+1 is prompted with the target's answer to turn t, as text
-    rendered by the template. Rows already in OUT are skipped, so a killed run just restarts."""
+    rendered by the template. Rows already in OUT are skipped, so a killed run just restarts.
+    With `server` (an OpenAI-compatible URL) the target answers there, `concurrency` rows at a
+    time, instead of in this process; the rows are the same."""
+    if server:  # before any other work: a wrong URL or model fails at once
+        name = server_model(server, target, served_model_name, max_prompt_tokens + max_new_tokens)
     out = shard_path(out, shard, num_shards)
     done = _done_indices(out)
     todo, skipped = [], collections.Counter()
@@ -523,42 +669,87 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     log(f"regenerate: {len(todo)} rows to do, {len(done)} already in {out}, skipped: {dict(skipped)}")
     if not todo:
         return out
-    tok, model, stops = load_writer(target)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-    decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
+    if server:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(target)
+        stops = stop_ids(tok, writer_generation_config(target))
+        answer = server_answerer(server, name, tok, stops, max_new_tokens, temperature, timeout, retries, backoff, log)
+    else:
+        tok, model, stops = load_writer(target)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+        decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
     # shortest prompts first: a run stopped by a time limit has answered the most rows
     first = [len(render_chat(tok, r["system"] + [{"role": "user", "content": r["users"][0]}], enable_thinking, True)) for r in todo]
     order = sorted((k for k in range(len(todo)) if first[k] <= max_prompt_tokens), key=lambda k: first[k])
     if len(order) < len(todo):
         log(f"regenerate: skipping {len(todo) - len(order)} rows whose prompt is over {max_prompt_tokens} tokens")
-    t0, ntok = time.time(), 0
+    rows = [todo[k] for k in order]
+    conversation = lambda r: _conversation(tok, r, enable_thinking, max_prompt_tokens)
+    t0, ntok, written = time.time(), 0, 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
-        for b in range(0, len(order), batch_size):
-            rows = [todo[k] for k in order[b:b + batch_size]]
-            hist = [r["system"] for r in rows]
-            for t in range(max(len(r["users"]) for r in rows)):
-                live, prompts = [], []
-                for j, r in enumerate(rows):
-                    if t < len(r["users"]):
-                        p = render_chat(tok, hist[j] + [{"role": "user", "content": r["users"][t]}], enable_thinking, True)
-                        if len(p) <= max_prompt_tokens:  # else the row ends with its previous answer
-                            live.append(j)
-                            prompts.append(p)
-                            hist[j] = hist[j] + [{"role": "user", "content": r["users"][t]}]
-                if not live:
-                    break
-                gens = decode(prompts, temperature)
-                for j, g in zip(live, gens):
-                    ntok += len(g)
-                    finished = bool(g) and g[-1] in stops
-                    ids = g[:-1] if finished else g
-                    hist[j] = hist[j] + [{"role": "assistant", "content": tok.decode(ids), "token_ids": ids, "finished": finished}]
-            for r, h in zip(rows, hist):
-                f.write(json.dumps({"id": r["id"], "index": r["index"], "messages": h}, ensure_ascii=False) + "\n")
-                f.flush()  # a kill leaves only whole lines (plus at most one partial, cut on resume)
-            log(f"regenerate: {min(b + batch_size, len(order))}/{len(order)} rows, {ntok} tokens, {ntok / (time.time() - t0):.0f} tok/s")
+        def write(r, msgs):
+            nonlocal ntok, written
+            f.write(json.dumps({"id": r["id"], "index": r["index"], "messages": msgs}, ensure_ascii=False) + "\n")
+            f.flush()  # a kill leaves only whole lines (plus at most one partial, cut on resume)
+            ntok += sum(len(m.get("token_ids", ())) for m in msgs if m["role"] == "assistant")
+            written += 1
+        if server:
+            _serve_rows(rows, conversation, answer, concurrency, write, lambda: _progress(log, t0, written, len(rows), ntok))
+        else:
+            for b in range(0, len(rows), batch_size):
+                convs = [conversation(r) for r in rows[b:b + batch_size]]
+                state = [_advance(c) for c in convs]  # the turns of a batch are decoded in lockstep
+                while any(p is not None for p, _ in state):
+                    live = [j for j, (p, _) in enumerate(state) if p is not None]
+                    gens = decode([state[j][0] for j in live], temperature)
+                    for j, g in zip(live, gens):
+                        state[j] = _advance(convs[j], _answer(tok, g, stops))
+                for r, (_, msgs) in zip(rows[b:b + batch_size], state):
+                    write(r, msgs)
+                _progress(log, t0, written, len(rows), ntok)
     return out
+
+
+def _serve_rows(rows, conversation, answer, concurrency, write, progress, every=10.0):
+    """Each row's turns in one of `concurrency` threads, so that many requests are always in flight
+    (no batch waits for its longest answer); rows are written here, in the order they finish. The
+    threads are daemons: an error ends the run without waiting for requests still in flight."""
+    import queue
+    import threading
+    jobs, results = queue.Queue(), queue.Queue()
+    for r in rows:
+        jobs.put(r)
+
+    def work():
+        while True:
+            try:
+                r = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                conv = conversation(r)
+                prompt, msgs = _advance(conv)
+                while msgs is None:
+                    prompt, msgs = _advance(conv, answer(prompt))
+                results.put((r, msgs))
+            except BaseException as e:  # handed to the writer, which stops the run
+                results.put((r, e))
+                return
+    for _ in range(min(concurrency, len(rows))):
+        threading.Thread(target=work, daemon=True).start()
+    last = time.time()
+    for _ in range(len(rows)):
+        r, msgs = results.get()
+        if isinstance(msgs, BaseException):
+            if isinstance(msgs, ServerError):
+                raise SystemExit(f"regenerate error: {msgs} (rows written so far are kept: rerun to resume)")
+            raise msgs
+        write(r, msgs)
+        if time.time() - last >= every:
+            progress()
+            last = time.time()
+    progress()
 
 
 # -----------------------------------------------------------------------------
@@ -942,8 +1133,15 @@ def main(argv=None):
     r.add_argument("--max-turns", type=int, default=1, help="user turns answered per row, each seeing the earlier answers")
     r.add_argument("--max-prompt-tokens", type=int, default=1024,
                    help="longer prompts are skipped (counted); the static KV cache holds this + --max-new-tokens")
-    r.add_argument("--thinking", choices=["on", "off"], default=None, help="enable_thinking for the chat template")
+    r.add_argument("--enable-thinking", "--thinking", choices=["on", "off"], default=None,
+                   help="enable_thinking for the chat template (train with the same enable_thinking)")
     r.add_argument("--no-compile", action="store_true", help="eager decode steps (default: compiled on GPU)")
+    r.add_argument("--server", default=None, help="an OpenAI-compatible server (vLLM, SGLang) serving --target, "
+                   "e.g. http://host:8000; --target then only gives the tokenizer and chat template")
+    r.add_argument("--concurrency", type=int, default=64, help="with --server: rows in flight at once")
+    r.add_argument("--served-model-name", default=None, help="with --server: the server's name of the target "
+                   "(default: the served model whose name ends with --target's folder name)")
+    r.add_argument("--timeout", type=float, default=600.0, help="with --server: seconds one request may take before it is retried")
     c = sub.add_parser("code-prompts", help="HumanEval-shaped prompts from the Python standard library")
     c.add_argument("--out", required=True)
     c.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
@@ -986,8 +1184,9 @@ def main(argv=None):
                      a.temperature, a.max_new_tokens, a.batch_size, a.seed, a.dir)
     else:
         regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
-                   a.limit, a.max_turns, None if a.thinking is None else a.thinking == "on", a.max_prompt_tokens,
-                   False if a.no_compile else None)
+                   a.limit, a.max_turns, None if a.enable_thinking is None else a.enable_thinking == "on",
+                   a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
+                   served_model_name=a.served_model_name, timeout=a.timeout)
 
 
 if __name__ == "__main__":
