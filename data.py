@@ -190,7 +190,7 @@ def _common_prefix(a, b):
     return lo
 
 
-def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None):
+def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None, supervise=None):
     """(input_ids, loss_mask) of the whole conversation rendered by the target's chat template;
     loss_mask is 1 on each assistant turn's content and its end-of-turn token, 0 elsewhere.
 
@@ -200,7 +200,10 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None)
     supervised. Unlike rendering growing prefixes this also works for templates that rewrite
     earlier turns (Qwen3 drops the <think> of past turns), and working on characters avoids
     tokens that merge differently at the edge of an empty content. Assistant messages carrying
-    `token_ids` (written by `regenerate`) get those exact ids in place of the re-tokenized text."""
+    `token_ids` (written by `regenerate`) get those exact ids in place of the re-tokenized text, and
+    where the template renders the turn as the generation prompt followed by that text, the span is
+    all of it (with thinking on, the <think> the target wrote too). `supervise`: the indices of the
+    messages to supervise (default: every assistant turn)."""
     text = render_chat(tokenizer, messages, enable_thinking, tokenize=False)
     # long chats: tokenize only a head of the text that surely holds max_length tokens; the 64
     # spare tokens keep the cut (which can change the last word's tokens) past what we keep
@@ -213,15 +216,19 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None)
     ends = _end_ids(tokenizer)
     pieces, pos, k = [], 0, 0  # pieces: (ids, supervised)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or not m["content"]:
+        if m["role"] != "assistant" or not m["content"] or (supervise is not None and i not in supervise):
             continue
         if k >= max_length:
             break  # later turns are truncated away anyway
-        other = render_chat(tokenizer, messages[:i] + [{"role": "assistant", "content": ""}] + messages[i + 1:], enable_thinking, tokenize=False)
-        cs = _common_prefix(text, other)
-        ce = cs + len(text) - len(other)  # the content emitted verbatim, the usual case
-        if text[ce:] != other[cs:]:  # it was split up (Qwen3: <think> reasoning, template text, answer)
-            ce = len(text) - _common_prefix(text[cs:][::-1], other[cs:][::-1])
+        prompt = render_chat(tokenizer, messages[:i], enable_thinking, True, tokenize=False) if "token_ids" in m else None
+        if prompt is not None and text.startswith(prompt + m["content"]):  # exactly what the target generated
+            cs, ce = len(prompt), len(prompt) + len(m["content"])
+        else:
+            other = render_chat(tokenizer, messages[:i] + [{"role": "assistant", "content": ""}] + messages[i + 1:], enable_thinking, tokenize=False)
+            cs = _common_prefix(text, other)
+            ce = cs + len(text) - len(other)  # the content emitted verbatim, the usual case
+            if text[ce:] != other[cs:]:  # it was split up (Qwen3: <think> reasoning, template text, answer)
+                ce = len(text) - _common_prefix(text[cs:][::-1], other[cs:][::-1])
         if ce <= cs:
             continue  # the template dropped this content (e.g. a past turn that was only <think>)
         if cs < pos:
@@ -251,23 +258,50 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None)
     return ids[:max_length], mask[:max_length]
 
 
+def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
+    """The (input_ids, loss_mask) rows of one conversation: one per assistant turn that the template
+    renders differently once the conversation goes on (Qwen3 drops past reasoning, and with thinking
+    off the empty think block the target answered after): that row is the conversation up to the
+    turn as the template rendered it when the target wrote the turn, supervising the turn and the
+    earlier ones not yet in a row. A template that renders every turn the same way later (most)
+    gives one row. A row whose turns are all past max_length ends the conversation's rows."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"]]
+    if not turns:
+        raise BadRow("no assistant content")
+    texts = {i: render_chat(tokenizer, messages[:i + 1], enable_thinking, tokenize=False) for i in turns}
+    rows, group = [], []
+    for k, i in enumerate(turns):
+        group.append(i)
+        if k + 1 < len(turns) and all(texts[turns[k + 1]].startswith(texts[j]) for j in group):
+            continue  # every turn so far still reads as it was written: one row goes on
+        try:
+            rows.append(tokenize_conversation(tokenizer, messages[:i + 1], max_length, enable_thinking, set(group)))
+        except BadRow:
+            if not rows:
+                raise
+            break
+        group = []
+    return rows
+
+
 def _tokenize_range(lo, hi):
     """Rows lo..hi of the conversations build_dataset put in _TOKENIZE_STATE (inherited by forked workers)."""
     tokenizer, convs, max_length, min_loss_tokens, enable_thinking = _TOKENIZE_STATE
     out, skipped = [], collections.Counter()
     for msgs in convs[lo:hi]:
         try:
-            ids, mask = tokenize_conversation(tokenizer, msgs, max_length, enable_thinking)
+            rows = conversation_rows(tokenizer, msgs, max_length, enable_thinking)
         except BadRow as e:
             skipped[str(e)] += 1
             continue
         except Exception as e:  # a template that raises on this row (e.g. "roles must alternate")
             skipped[f"template error ({type(e).__name__})"] += 1
             continue
-        if sum(mask) < min_loss_tokens:
-            skipped["too few loss tokens"] += 1
-            continue
-        out.append((ids, mask))
+        for ids, mask in rows:
+            if sum(mask) < min_loss_tokens:
+                skipped["too few loss tokens"] += 1
+                continue
+            out.append((ids, mask))
     return out, skipped
 
 

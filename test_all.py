@@ -645,6 +645,49 @@ def test_mask_prefers_generated_ids():
     assert sup[-len(gen) - 1:] == gen + [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_thinking_rows_one_per_turn_with_the_history_the_target_saw(tmp_path, monkeypatch):
+    tok = qwen_tokenizer()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def gen(text):  # an answer as regenerate writes it
+        return {"role": "assistant", "content": text, "token_ids": tok.encode(text, add_special_tokens=False), "finished": True}
+    head = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a red fruit.<|im_end|>\n<|im_start|>assistant\n"
+    turn2 = "<|im_start|>user\nAnd a yellow one?<|im_end|>\n<|im_start|>assistant\n"
+    for thinking, a1, a2, think in ((True, "<think>\nred fruits: apple\n</think>\n\nAn apple.", "<think>\nyellow\n</think>\n\nA banana.", ""),
+                                    (False, "An apple.", "A banana.", "<think>\n\n</think>\n\n")):
+        conv = CHAT[:2] + [gen(a1), CHAT[3], gen(a2)]
+        rows = data.conversation_rows(tok, conv, 4096, thinking)
+        # each turn is a row: the prompt the target answered (turn 1's reasoning dropped from turn 2's
+        # history, as the template drops it) and, supervised, exactly the ids it generated and its end
+        assert [tok.decode(ids) for ids, _ in rows] == [head + think + a1 + "<|im_end|>\n",
+                                                       head + "An apple.<|im_end|>\n" + turn2 + think + a2 + "<|im_end|>\n"]
+        for (ids, mask), m in zip(rows, conv[2::2]):
+            assert [i for i, k in zip(ids, mask) if k] == m["token_ids"] + [end]
+            first = mask.index(1)
+            assert all(mask[first:first + len(m["token_ids"]) + 1]) and sum(mask) == len(m["token_ids"]) + 1
+        # build_dataset (training) gives the same rows
+        p = tmp_path / f"conv{thinking}.jsonl"
+        write_lines(p, [json.dumps({"messages": conv})])
+        assert data.build_dataset(tok, str(p), 4096, enable_thinking=thinking, log=lambda s: None) == rows
+    # a template that renders past turns as they were written keeps one row, every turn supervised
+    tok.chat_template = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endfor %}"
+                         "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}")
+    conv = CHAT[:2] + [gen("<think>\nr\n</think>\n\nAn apple."), CHAT[3], gen("A banana.")]
+    rows = data.conversation_rows(tok, conv, 4096, True)
+    assert len(rows) == 1 and rows[0] == data.tokenize_conversation(tok, conv, 4096, True)
+    assert masked_text(tok, *rows[0]) == "<think>\nr\n</think>\n\nAn apple.<|im_end|>A banana.<|im_end|>"
+    # --enable-thinking reaches regeneration and training alike (YAML's unquoted on/off included)
+    seen = {}
+    monkeypatch.setattr(data, "regenerate", lambda *a, **k: seen.update(thinking=a[10]))
+    for flag, want in (("on", True), ("off", False)):
+        data.main(["regenerate", "--target", "T", "--data", "D", "--out", "O", "--enable-thinking", flag])
+        assert seen["thinking"] is want
+        assert T.parse_config(["--mask-token-id", "16", "--enable-thinking", flag])["enable_thinking"] == flag
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"enable_thinking: {flag}\n")
+        assert T.parse_config(["--mask-token-id", "16", "--config", str(cfg)])["enable_thinking"] == flag
+
+
 @need_assets
 def test_mask_smollm2_three_turns():
     from transformers import AutoTokenizer

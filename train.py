@@ -129,6 +129,8 @@ def parse_config(argv):
 
 def coerce(key, value):
     default = DEFAULTS[key]
+    if isinstance(value, bool) and {"on", "off"} <= CHOICES.get(key, set()):
+        value = "on" if value else "off"  # YAML reads an unquoted on/off as a boolean
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
