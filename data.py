@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 
@@ -579,6 +580,9 @@ def _progress(log, t0, done, total, ntok):
         f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
 
 
+_TOKENIZER_LOCK = threading.Lock()  # one thread at a time in the tokenizer: HF's fast ones are not thread-safe
+
+
 class ServerError(RuntimeError):
     """A server failure that retrying does not fix (or no longer fixed)."""
 
@@ -616,10 +620,10 @@ def _retrying(url, body, timeout, retries, backoff, log):
         time.sleep(wait)
 
 
-def server_model(server, target, model=None, context=0, timeout=30.0):
+def server_model(server, target, served_model_name=None, context=0, timeout=30.0):
     """The name under which an OpenAI-compatible server serves the target; SystemExit at once if it
     cannot be reached, serves another model (judged by the folder name of --target, or exactly
-    --model) or has a shorter context than `context` tokens."""
+    --served-model-name) or has a shorter context than `context` tokens."""
     import http.client
     import urllib.error
     url = server.rstrip("/").removesuffix("/v1") + "/v1/models"
@@ -632,12 +636,14 @@ def server_model(server, target, model=None, context=0, timeout=30.0):
         raise SystemExit(f"regenerate error: no server answers at {server} ({getattr(e, 'reason', e)}): start it "
                          f"(vllm serve / python -m sglang.launch_server) or fix --server")
     cards = listing.get("data") or [] if isinstance(listing, dict) else []
-    want = model or os.path.basename(os.path.normpath(target))
-    names = lambda c: {c.get("id")} if model else {os.path.basename(os.path.normpath(str(c.get(k) or ""))).lower() for k in ("id", "root")}
-    match = [c for c in cards if (want if model else want.lower()) in names(c)]
+    want = served_model_name or os.path.basename(os.path.normpath(target))
+    if served_model_name:
+        match = [c for c in cards if c.get("id") == want]
+    else:  # vLLM: id is --served-model-name (default the path served), root the path
+        match = [c for c in cards if want.lower() in {os.path.basename(os.path.normpath(str(c.get(k) or ""))).lower() for k in ("id", "root")}]
     if not match:
-        raise SystemExit(f"regenerate error: {server} serves {[c.get('id') for c in cards]}, not the target {want!r}: "
-                         f"serve --target there, or pass --model NAME if it is the same model under another name")
+        raise SystemExit(f"regenerate error: {server} serves {[c.get('id') for c in cards]}, not the target {want!r}: serve "
+                         f"--target there, or pass --served-model-name NAME if it is the same model under another name")
     n = match[0].get("max_model_len")
     if n and context > n:
         raise SystemExit(f"regenerate error: {server} serves {want} with a {n}-token context, less than "
@@ -665,11 +671,12 @@ def server_answerer(server, name, tokenizer, stops, max_new_tokens, temperature,
             text, ids, finished = c.get("text") or "", c.get("token_ids"), c.get("finish_reason") == "stop"
         except (KeyError, IndexError, TypeError):
             raise ServerError(f"{url} answered without choices: {str(res)[:300]}")
-        if ids is None:
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if tokenizer.decode(ids) != text:
-                return {"role": "assistant", "content": text, "finished": finished}
-        return _answer(tokenizer, list(ids), stops, finished)
+        with _TOKENIZER_LOCK:
+            if ids is None:
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if tokenizer.decode(ids) != text:
+                    return {"role": "assistant", "content": text, "finished": finished}
+            return _answer(tokenizer, list(ids), stops, finished)
     return answer
 
 
@@ -750,22 +757,24 @@ def _serve_rows(rows, conversation, answer, concurrency, write, progress, every=
     (no batch waits for its longest answer); rows are written here, in the order they finish. The
     threads are daemons: an error ends the run without waiting for requests still in flight."""
     import queue
-    import threading
-    jobs, results = queue.Queue(), queue.Queue()
+    jobs, results, stop = queue.Queue(), queue.Queue(), threading.Event()
     for r in rows:
         jobs.put(r)
 
     def work():
-        while True:
+        while not stop.is_set():
             try:
                 r = jobs.get_nowait()
             except queue.Empty:
                 return
             try:
                 conv = conversation(r)
-                prompt, msgs = _advance(conv)
+                with _TOKENIZER_LOCK:
+                    prompt, msgs = _advance(conv)
                 while msgs is None:
-                    prompt, msgs = _advance(conv, answer(prompt))
+                    msg = answer(prompt)
+                    with _TOKENIZER_LOCK:
+                        prompt, msgs = _advance(conv, msg)
                 results.put((r, msgs))
             except BaseException as e:  # handed to the writer, which stops the run
                 results.put((r, e))
@@ -776,6 +785,7 @@ def _serve_rows(rows, conversation, answer, concurrency, write, progress, every=
     for _ in range(len(rows)):
         r, msgs = results.get()
         if isinstance(msgs, BaseException):
+            stop.set()
             if isinstance(msgs, ServerError):
                 raise SystemExit(f"regenerate error: {msgs} (rows written so far are kept: rerun to resume)")
             raise msgs
