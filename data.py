@@ -1,9 +1,11 @@
 """
 Data for DFlash drafters: read chat data, tokenize it with the target's chat template and a loss
 mask on the assistant tokens, batch it deterministically (seeded, resumable, sharded over ranks),
-and regenerate the assistant turns with the target itself (the largest lever on acceptance).
+and regenerate the assistant turns with the target itself (the largest lever on acceptance), in
+process or through a serving engine.
 
     python data.py regenerate --target DIR --data IN --out OUT [--max-new-tokens 512] ...
+    python data.py regenerate --target DIR --server http://host:8000 --concurrency 256 ...  # vLLM / SGLang
 
 Runs on the GPU machines too, which have no `datasets` and no network: `datasets` is imported only
 where an HF dataset name is read. The offline default assets come from recipes/fetch.py.
@@ -15,6 +17,7 @@ import glob
 import json
 import multiprocessing as mp
 import os
+import threading
 import time
 
 import torch
@@ -177,7 +180,7 @@ def _common_prefix(a, b):
     return lo
 
 
-def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None):
+def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None, supervise=None):
     """(input_ids, loss_mask) of the whole conversation rendered by the target's chat template;
     loss_mask is 1 on each assistant turn's content and its end-of-turn token, 0 elsewhere.
 
@@ -187,7 +190,10 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None)
     supervised. Unlike rendering growing prefixes this also works for templates that rewrite
     earlier turns (Qwen3 drops the <think> of past turns), and working on characters avoids
     tokens that merge differently at the edge of an empty content. Assistant messages carrying
-    `token_ids` (written by `regenerate`) get those exact ids in place of the re-tokenized text."""
+    `token_ids` (written by `regenerate`) get those exact ids in place of the re-tokenized text, and
+    where the template renders the turn as the generation prompt followed by that text, the span is
+    all of it (with thinking on, the <think> the target wrote too). `supervise`: the indices of the
+    messages to supervise (default: every assistant turn)."""
     text = render_chat(tokenizer, messages, enable_thinking, tokenize=False)
     # long chats: tokenize only a head of the text that surely holds max_length tokens; the 64
     # spare tokens keep the cut (which can change the last word's tokens) past what we keep
@@ -200,15 +206,19 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None)
     ends = _end_ids(tokenizer)
     pieces, pos, k = [], 0, 0  # pieces: (ids, supervised)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or not m["content"]:
+        if m["role"] != "assistant" or not m["content"] or (supervise is not None and i not in supervise):
             continue
         if k >= max_length:
             break  # later turns are truncated away anyway
-        other = render_chat(tokenizer, messages[:i] + [{"role": "assistant", "content": ""}] + messages[i + 1:], enable_thinking, tokenize=False)
-        cs = _common_prefix(text, other)
-        ce = cs + len(text) - len(other)  # the content emitted verbatim, the usual case
-        if text[ce:] != other[cs:]:  # it was split up (Qwen3: <think> reasoning, template text, answer)
-            ce = len(text) - _common_prefix(text[cs:][::-1], other[cs:][::-1])
+        prompt = render_chat(tokenizer, messages[:i], enable_thinking, True, tokenize=False) if "token_ids" in m else None
+        if prompt is not None and text.startswith(prompt + m["content"]):  # exactly what the target generated
+            cs, ce = len(prompt), len(prompt) + len(m["content"])
+        else:
+            other = render_chat(tokenizer, messages[:i] + [{"role": "assistant", "content": ""}] + messages[i + 1:], enable_thinking, tokenize=False)
+            cs = _common_prefix(text, other)
+            ce = cs + len(text) - len(other)  # the content emitted verbatim, the usual case
+            if text[ce:] != other[cs:]:  # it was split up (Qwen3: <think> reasoning, template text, answer)
+                ce = len(text) - _common_prefix(text[cs:][::-1], other[cs:][::-1])
         if ce <= cs:
             continue  # the template dropped this content (e.g. a past turn that was only <think>)
         if cs < pos:
@@ -238,24 +248,53 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None)
     return ids[:max_length], mask[:max_length]
 
 
+def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
+    """The (input_ids, loss_mask) rows of one conversation: one per assistant turn that the template
+    renders differently once the conversation goes on (Qwen3 drops past reasoning, and with thinking
+    off the empty think block the target answered after): that row is the conversation up to the
+    turn as the template rendered it when the target wrote the turn, supervising the turn and the
+    earlier ones not yet in a row. A template that renders every turn the same way later (most)
+    gives one row. A row whose turns are all past max_length ends the conversation's rows."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"]]
+    if not turns:
+        raise BadRow("no assistant content")
+    texts = {i: render_chat(tokenizer, messages[:i + 1], enable_thinking, tokenize=False) for i in turns}
+    rows, group = [], []
+    for k, i in enumerate(turns):
+        group.append(i)
+        if k + 1 < len(turns) and all(texts[turns[k + 1]].startswith(texts[j]) for j in group):
+            continue  # every turn so far still reads as it was written: one row goes on
+        try:
+            rows.append(tokenize_conversation(tokenizer, messages[:i + 1], max_length, enable_thinking, set(group)))
+        except BadRow:
+            if not rows:
+                raise
+            break
+        group = []
+    return rows
+
+
 def _tokenize_range(bounds):
-    """Rows lo..hi of the conversations build_dataset put in _TOKENIZE_STATE (inherited by forked workers)."""
+    """Rows lo..hi of the conversations build_dataset put in _TOKENIZE_STATE (inherited by forked workers):
+    (training rows, skipped conversations by reason, conversations kept)."""
     (lo, hi), (tokenizer, convs, max_length, min_loss_tokens, enable_thinking) = bounds, _TOKENIZE_STATE
-    out, skipped = [], collections.Counter()
+    out, skipped, kept = [], collections.Counter(), 0
     for msgs in convs[lo:hi]:
         try:
-            ids, mask = tokenize_conversation(tokenizer, msgs, max_length, enable_thinking)
+            rows = conversation_rows(tokenizer, msgs, max_length, enable_thinking)
         except BadRow as e:
             skipped[str(e)] += 1
             continue
         except Exception as e:  # a template that raises on this row (e.g. "roles must alternate")
             skipped[f"template error ({type(e).__name__})"] += 1
             continue
-        if sum(mask) < min_loss_tokens:
+        rows = [(ids, mask) for ids, mask in rows if sum(mask) >= min_loss_tokens]
+        if not rows:
             skipped["too few loss tokens"] += 1
             continue
-        out.append((ids, mask))
-    return out, skipped
+        out += rows
+        kept += 1
+    return out, skipped, kept
 
 
 _TOKENIZE_STATE = None
@@ -295,13 +334,15 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
                 tick(hi)
     finally:
         _TOKENIZE_STATE = None
-    out = [row for rows, _ in parts for row in rows]
-    token_skipped = sum((s for _, s in parts), collections.Counter())
+    out = [row for rows, _, _ in parts for row in rows]
+    token_skipped = sum((s for _, s, _ in parts), collections.Counter())
+    kept = sum(k for _, _, k in parts)
     # the arithmetic in view: rows read = skipped + conversations; tokenised = skipped + kept
     skips = lambda c: f"{c.total()} skipped" + (f" ({', '.join(f'{n} {r}' for r, n in c.most_common())})" if c else "")
     unused = f" (max_rows={max_rows}: {len(all_convs) - len(convs)} more unused)" if len(convs) < len(all_convs) else ""
     log(f"data: {len(all_convs) + read_skipped.total()} rows read = {skips(read_skipped)} + {len(all_convs)} "
-        f"conversations; {len(convs)} tokenised{unused} = {skips(token_skipped)} + {len(out)} kept")
+        f"conversations; {len(convs)} tokenised{unused} = {skips(token_skipped)} + {kept} kept, "
+        f"as {len(out)} training rows")
     return out
 
 
@@ -394,8 +435,8 @@ def stop_ids(tokenizer, model=None):
     """The tokens that end a turn: the tokenizer's eos, the generation config's eos ids and the
     common end-of-turn tokens the vocabulary has. Never <|im_start|>: transformers names it the eos
     of GGUF-converted SmolLM2 folders (SPEC 8), and a turn never ends on it."""
-    ids = set()
-    for v in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    ids, gen = set(), getattr(model, "generation_config", model)  # a model or its generation config
+    for v in (tokenizer.eos_token_id, getattr(gen, "eos_token_id", None)):
         ids |= set(v) if isinstance(v, (list, tuple)) else {v} if v is not None else set()
     vocab = tokenizer.get_vocab()
     ids |= {vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>") if t in vocab}
@@ -421,6 +462,15 @@ def _done_indices(path):
         with open(path, "wb") as f:
             f.write(keep)
     return {json.loads(line)["index"] for line in keep.decode("utf-8").split("\n") if line.strip()}
+
+
+def writer_generation_config(target):
+    """The generation config a model loaded from `target` gets, without loading its weights."""
+    from transformers import AutoConfig, GenerationConfig
+    try:
+        return GenerationConfig.from_pretrained(target)
+    except OSError:  # no generation_config.json: transformers derives it from config.json
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(target))
 
 
 def load_writer(target):
@@ -502,11 +552,153 @@ class BatchDecoder:
         return res
 
 
+def _answer(tokenizer, ids, stops, finished=False):
+    """The assistant message of generated ids: cut at the first stop token, which is not kept."""
+    cut = next((k for k, t in enumerate(ids) if t in stops), None)
+    if cut is not None:
+        ids, finished = ids[:cut], True
+    return {"role": "assistant", "content": tokenizer.decode(ids), "token_ids": ids, "finished": finished}
+
+
+def _conversation(tokenizer, row, enable_thinking, max_prompt_tokens):
+    """The turns of one row, shared by the local and the server paths: yields each turn's prompt ids
+    (rendered by the training template), is sent the answer message, returns the row's messages.
+    Turn t+1 is prompted with the answer to turn t; a prompt over max_prompt_tokens ends the row."""
+    hist = row["system"]
+    for u in row["users"]:
+        user = {"role": "user", "content": u}
+        prompt = render_chat(tokenizer, hist + [user], enable_thinking, True)
+        if len(prompt) > max_prompt_tokens:
+            break
+        hist = hist + [user, (yield prompt)]
+    return hist
+
+
+def _advance(conv, answer=None):
+    """(next prompt, None) or (None, the finished row's messages)."""
+    try:
+        return conv.send(answer), None
+    except StopIteration as e:
+        return None, e.value
+
+
+def _progress(log, t0, done, total, ntok):
+    el = time.time() - t0
+    eta = (total - done) * el / max(done, 1)
+    log(f"regenerate: {done}/{total} rows, {ntok} tokens, {ntok / max(el, 1e-9):.0f} tok/s, "
+        f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+
+
+_TOKENIZER_LOCK = threading.Lock()  # one thread at a time in the tokenizer: HF's fast ones are not thread-safe
+
+
+class ServerError(RuntimeError):
+    """A server failure that retrying does not fix (or no longer fixed)."""
+
+
+def _http(url, body=None, timeout=60.0):
+    """GET (body None) or POST a JSON body; the decoded JSON answer. $OPENAI_API_KEY is sent if set."""
+    import urllib.request
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = "Bearer " + os.environ["OPENAI_API_KEY"]
+    req = urllib.request.Request(url, None if body is None else json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _retrying(url, body, timeout, retries, backoff, log):
+    """_http with retries on timeouts, dropped connections, bad JSON, 5xx and 429, waiting backoff,
+    2 x backoff, ... (at most 60 s, jittered); any other HTTP error is the request's fault: raised."""
+    import http.client
+    import random
+    import urllib.error
+    for attempt in range(retries + 1):
+        try:
+            return _http(url, body, timeout)
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code != 429:
+                raise ServerError(f"{url} answered HTTP {e.code}: {e.read()[:500].decode('utf-8', 'replace')}")
+            why = f"HTTP {e.code}"
+        except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, refused/reset connections, bad JSON
+            why = f"{type(e).__name__}: {e}"
+        if attempt == retries:
+            raise ServerError(f"{url} failed {retries + 1} times, last with {why}")
+        wait = min(60.0, backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+        log(f"regenerate: request failed ({why}), retry {attempt + 1}/{retries} in {wait:.1f} s")
+        time.sleep(wait)
+
+
+def server_model(server, target, served_model_name=None, context=0, timeout=30.0):
+    """The name under which an OpenAI-compatible server serves the target; SystemExit at once if it
+    cannot be reached, serves another model (judged by the folder name of --target, or exactly
+    --served-model-name) or has a shorter context than `context` tokens."""
+    import http.client
+    import urllib.error
+    url = server.rstrip("/").removesuffix("/v1") + "/v1/models"
+    try:
+        listing = _http(url, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"regenerate error: {url} answered HTTP {e.code}: --server must be an OpenAI-compatible "
+                         f"server (vllm serve, python -m sglang.launch_server)")
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        raise SystemExit(f"regenerate error: no server answers at {server} ({getattr(e, 'reason', e)}): start it "
+                         f"(vllm serve / python -m sglang.launch_server) or fix --server")
+    cards = listing.get("data") or [] if isinstance(listing, dict) else []
+    want = served_model_name or os.path.basename(os.path.normpath(target))
+    if served_model_name:
+        match = [c for c in cards if c.get("id") == want]
+    else:  # vLLM: id is --served-model-name (default the path served), root the path
+        match = [c for c in cards if want.lower() in {os.path.basename(os.path.normpath(str(c.get(k) or ""))).lower() for k in ("id", "root")}]
+    if not match:
+        raise SystemExit(f"regenerate error: {server} serves {[c.get('id') for c in cards]}, not the target {want!r}: serve "
+                         f"--target there, or pass --served-model-name NAME if it is the same model under another name")
+    n = match[0].get("max_model_len")
+    if n and context > n:
+        raise SystemExit(f"regenerate error: {server} serves {want} with a {n}-token context, less than "
+                         f"--max-prompt-tokens + --max-new-tokens = {context}: lower them or raise the server's --max-model-len")
+    return match[0]["id"]
+
+
+def server_answerer(server, name, tokenizer, stops, max_new_tokens, temperature, timeout=600.0, retries=10,
+                    backoff=1.0, log=print):
+    """prompt ids -> the answer message, from the server's completions endpoint. Sampling is the local
+    path's: temperature only (top-p, top-k, min-p and repetition penalty are sent off, so a server's
+    generation_config defaults do not apply), the same stop ids. The prompt goes as token ids (the
+    training template's rendering, so no server-side template or BOS); the answer's ids are the
+    server's where it returns them (vLLM: return_token_ids), else the text re-tokenised, kept only
+    if it decodes back to the same text (else the turn is kept as text, re-tokenised by training)."""
+    url = server.rstrip("/").removesuffix("/v1") + "/v1/completions"
+    body = {"model": name, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0, "top_k": -1,
+            "min_p": 0.0, "repetition_penalty": 1.0, "stop_token_ids": list(stops), "skip_special_tokens": False,
+            "return_token_ids": True, "n": 1, "stream": False}
+
+    def answer(prompt):
+        res = _retrying(url, {**body, "prompt": prompt}, timeout, retries, backoff, log)
+        try:
+            c = res["choices"][0]
+            text, ids, finished = c.get("text") or "", c.get("token_ids"), c.get("finish_reason") == "stop"
+        except (KeyError, IndexError, TypeError):
+            raise ServerError(f"{url} answered without choices: {str(res)[:300]}")
+        with _TOKENIZER_LOCK:
+            if ids is None:
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if tokenizer.decode(ids) != text:
+                    return {"role": "assistant", "content": text, "finished": finished}
+            return _answer(tokenizer, list(ids), stops, finished)
+    return answer
+
+
 def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_size=64, num_shards=1,
-               shard=0, limit=None, max_turns=1, enable_thinking=None, max_prompt_tokens=1024, compile=None, log=print):
+               shard=0, limit=None, max_turns=1, enable_thinking=None, max_prompt_tokens=1024, compile=None, log=print,
+               server=None, concurrency=64, served_model_name=None, timeout=600.0, retries=10, backoff=1.0):
     """Write {"id", "index", "messages"} rows whose assistant turns are the target's own answers
     (with their "token_ids"). Turn t+1 is prompted with the target's answer to turn t, as text
-    rendered by the template. Rows already in OUT are skipped, so a killed run just restarts."""
+    rendered by the template. Rows already in OUT are skipped, so a killed run just restarts.
+    With `server` (an OpenAI-compatible URL) the target answers there, `concurrency` rows at a
+    time, instead of in this process; the rows are the same."""
+    if server:  # before any other work: a wrong URL or model fails at once
+        name = server_model(server, target, served_model_name, max_prompt_tokens + max_new_tokens)
     out = shard_path(out, shard, num_shards)
     done = _done_indices(out)
     todo, skipped = [], collections.Counter()
@@ -527,48 +719,102 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     log(f"regenerate: {len(todo)} rows to do, {len(done)} already in {out}, skipped: {dict(skipped)}")
     if not todo:
         return out
-    tok, model, stops = load_writer(target)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-    batch_size = min(batch_size, len(todo))  # a static batch: no wider than the rows
-    decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
+    if server:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(target)
+        stops = stop_ids(tok, writer_generation_config(target))
+        answer = server_answerer(server, name, tok, stops, max_new_tokens, temperature, timeout, retries, backoff, log)
+    else:
+        tok, model, stops = load_writer(target)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+        batch_size = min(batch_size, len(todo))  # a static batch: no wider than the rows
+        decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
     # shortest prompts first: a run stopped by a time limit has answered the most rows
     first = [len(render_chat(tok, r["system"] + [{"role": "user", "content": r["users"][0]}], enable_thinking, True)) for r in todo]
     order = sorted((k for k in range(len(todo)) if first[k] <= max_prompt_tokens), key=lambda k: first[k])
     if len(order) < len(todo):
         log(f"regenerate: skipping {len(todo) - len(order)} rows whose prompt is over {max_prompt_tokens} tokens")
-    t0, ntok = time.time(), 0
+    rows = [todo[k] for k in order]
+    conversation = lambda r: _conversation(tok, r, enable_thinking, max_prompt_tokens)
+    t0, ntok, written = time.time(), 0, 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
-        for b in range(0, len(order), batch_size):
-            rows = [todo[k] for k in order[b:b + batch_size]]
-            hist = [r["system"] for r in rows]
-            for t in range(max(len(r["users"]) for r in rows)):
-                live, prompts = [], []
-                for j, r in enumerate(rows):
-                    if t < len(r["users"]):
-                        p = render_chat(tok, hist[j] + [{"role": "user", "content": r["users"][t]}], enable_thinking, True)
-                        if len(p) <= max_prompt_tokens:  # else the row ends with its previous answer
-                            live.append(j)
-                            prompts.append(p)
-                            hist[j] = hist[j] + [{"role": "user", "content": r["users"][t]}]
-                if not live:
-                    break
-                gens = decode(prompts, temperature)
-                for j, g in zip(live, gens):
-                    ntok += len(g)
-                    finished = bool(g) and g[-1] in stops
-                    ids = g[:-1] if finished else g
-                    hist[j] = hist[j] + [{"role": "assistant", "content": tok.decode(ids), "token_ids": ids, "finished": finished}]
-            for r, h in zip(rows, hist):
-                f.write(json.dumps({"id": r["id"], "index": r["index"], "messages": h}, ensure_ascii=False) + "\n")
-                f.flush()  # a kill leaves only whole lines (plus at most one partial, cut on resume)
-            log(f"regenerate: {min(b + batch_size, len(order))}/{len(order)} rows, {ntok} tokens, {ntok / (time.time() - t0):.0f} tok/s")
+        def write(r, msgs):
+            nonlocal ntok, written
+            f.write(json.dumps({"id": r["id"], "index": r["index"], "messages": msgs}, ensure_ascii=False) + "\n")
+            f.flush()  # a kill leaves only whole lines (plus at most one partial, cut on resume)
+            ntok += sum(len(m.get("token_ids", ())) for m in msgs if m["role"] == "assistant")
+            written += 1
+        if server:
+            _serve_rows(rows, conversation, answer, concurrency, write, lambda: _progress(log, t0, written, len(rows), ntok))
+        else:
+            for b in range(0, len(rows), batch_size):
+                convs = [conversation(r) for r in rows[b:b + batch_size]]
+                state = [_advance(c) for c in convs]  # the turns of a batch are decoded in lockstep
+                while any(p is not None for p, _ in state):
+                    live = [j for j, (p, _) in enumerate(state) if p is not None]
+                    gens = decode([state[j][0] for j in live], temperature)
+                    for j, g in zip(live, gens):
+                        state[j] = _advance(convs[j], _answer(tok, g, stops))
+                for r, (_, msgs) in zip(rows[b:b + batch_size], state):
+                    write(r, msgs)
+                _progress(log, t0, written, len(rows), ntok)
     return out
+
+
+def _serve_rows(rows, conversation, answer, concurrency, write, progress, every=10.0):
+    """Each row's turns in one of `concurrency` threads, so that many requests are always in flight
+    (no batch waits for its longest answer); rows are written here, in the order they finish. The
+    threads are daemons: an error ends the run without waiting for requests still in flight."""
+    import queue
+    jobs, results, stop = queue.Queue(), queue.Queue(), threading.Event()
+    for r in rows:
+        jobs.put(r)
+
+    def work():
+        while not stop.is_set():
+            try:
+                r = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                conv = conversation(r)
+                with _TOKENIZER_LOCK:
+                    prompt, msgs = _advance(conv)
+                while msgs is None:
+                    msg = answer(prompt)
+                    with _TOKENIZER_LOCK:
+                        prompt, msgs = _advance(conv, msg)
+                results.put((r, msgs))
+            except BaseException as e:  # handed to the writer, which stops the run
+                results.put((r, e))
+                return
+    for _ in range(min(concurrency, len(rows))):
+        threading.Thread(target=work, daemon=True).start()
+    last = time.time()
+    for _ in range(len(rows)):
+        r, msgs = results.get()
+        if isinstance(msgs, BaseException):
+            stop.set()
+            if isinstance(msgs, ServerError):
+                raise SystemExit(f"regenerate error: {msgs} (rows written so far are kept: rerun to resume)")
+            raise msgs
+        write(r, msgs)
+        if time.time() - last >= every:
+            progress()
+            last = time.time()
+    progress()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="download and unpack the offline default assets")
+    f.add_argument("--dir", default=None, help="asset dir (default: $DFLASH_ASSETS or <repo>/assets)")
+    t = sub.add_parser("first-turns", help="ShareGPT opening exchanges without evaluation-prompt overlap")
+    t.add_argument("--dir", default=None, help="asset dir (default: $DFLASH_ASSETS or <repo>/assets)")
+    t.add_argument("--out", default=None, help="default: <dir>/sharegpt_first.jsonl")
+    t.add_argument("--turns", type=int, default=1, help="user turns (with their answers) kept per conversation")
     r = sub.add_parser("regenerate", help="replace assistant turns with the target's own responses")
     r.add_argument("--target", required=True)
     r.add_argument("--data", required=True)
@@ -582,12 +828,40 @@ def main(argv=None):
     r.add_argument("--max-turns", type=int, default=1, help="user turns answered per row, each seeing the earlier answers")
     r.add_argument("--max-prompt-tokens", type=int, default=1024,
                    help="longer prompts are skipped (counted); the static KV cache holds this + --max-new-tokens")
-    r.add_argument("--thinking", choices=["on", "off"], default=None, help="enable_thinking for the chat template")
+    r.add_argument("--enable-thinking", "--thinking", choices=["on", "off"], default=None,
+                   help="enable_thinking for the chat template (train with the same enable_thinking)")
     r.add_argument("--no-compile", action="store_true", help="eager decode steps (default: compiled on GPU)")
+    r.add_argument("--server", default=None, help="an OpenAI-compatible server (vLLM, SGLang) serving --target, "
+                   "e.g. http://host:8000; --target then only gives the tokenizer and chat template")
+    r.add_argument("--concurrency", type=int, default=64, help="with --server: rows in flight at once")
+    r.add_argument("--served-model-name", default=None, help="with --server: the server's name of the target "
+                   "(default: the served model whose name ends with --target's folder name)")
+    r.add_argument("--timeout", type=float, default=600.0, help="with --server: seconds one request may take before it is retried")
+    c = sub.add_parser("code-prompts", help="HumanEval-shaped prompts from the Python standard library")
+    c.add_argument("--out", required=True)
+    c.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
+    o = sub.add_parser("overlap", help="evaluation prompts that share a word n-gram with training rows")
+    o.add_argument("--data", required=True, help="training rows: JSONL (a glob)")
+    o.add_argument("--num-prompts", type=int, default=None, help="the first N of each set (default: all)")
+    o.add_argument("--sets", default=None, help="comma-separated prompt sets (default: every file in prompts/)")
+    o.add_argument("--n", type=int, default=13, help="words per n-gram")
+    o.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
+    s = sub.add_parser("self-prompts", help="user prompts written by the target itself (Magpie)")
+    s.add_argument("--target", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--num", type=int, required=True)
+    s.add_argument("--seeds", default="", help="|-separated openings, used in turn (default: none)")
+    s.add_argument("--suffix", choices=["none", "math"], default="none", help="math: MATH-500's answer instruction")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--max-new-tokens", type=int, default=160)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dir", default=None, help="asset dir with prompts/ (default: $DFLASH_ASSETS or <repo>/assets)")
     a = ap.parse_args(argv)
     regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
-               a.limit, a.max_turns, None if a.thinking is None else a.thinking == "on", a.max_prompt_tokens,
-               False if a.no_compile else None)
+               a.limit, a.max_turns, None if a.enable_thinking is None else a.enable_thinking == "on",
+               a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
+               served_model_name=a.served_model_name, timeout=a.timeout)
 
 
 if __name__ == "__main__":

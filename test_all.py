@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import textwrap
+import time
 import math
 import os
 import re
@@ -777,7 +778,7 @@ def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys)
     data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, workers=2)
     assert [re.sub(r"\(\d+ s\)", "(T)", line) for line in logs[:2]] == [
         "data: tokenised 10/80 conversations (T)", "data: tokenised 20/80 conversations (T)"]
-    assert len(logs) == 8 and logs[-1].endswith("+ 80 kept")
+    assert len(logs) == 8 and logs[-1].endswith("+ 80 kept, as 80 training rows")
     t = tiny_target()
     t.save_pretrained(tmp_path / "target")
     char_tokenizer().save_pretrained(tmp_path / "target")
@@ -946,6 +947,49 @@ def test_mask_prefers_generated_ids():
     assert sup[-len(gen) - 1:] == gen + [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_thinking_rows_one_per_turn_with_the_history_the_target_saw(tmp_path, monkeypatch):
+    tok = qwen_tokenizer()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def gen(text):  # an answer as regenerate writes it
+        return {"role": "assistant", "content": text, "token_ids": tok.encode(text, add_special_tokens=False), "finished": True}
+    head = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a red fruit.<|im_end|>\n<|im_start|>assistant\n"
+    turn2 = "<|im_start|>user\nAnd a yellow one?<|im_end|>\n<|im_start|>assistant\n"
+    for thinking, a1, a2, think in ((True, "<think>\nred fruits: apple\n</think>\n\nAn apple.", "<think>\nyellow\n</think>\n\nA banana.", ""),
+                                    (False, "An apple.", "A banana.", "<think>\n\n</think>\n\n")):
+        conv = CHAT[:2] + [gen(a1), CHAT[3], gen(a2)]
+        rows = data.conversation_rows(tok, conv, 4096, thinking)
+        # each turn is a row: the prompt the target answered (turn 1's reasoning dropped from turn 2's
+        # history, as the template drops it) and, supervised, exactly the ids it generated and its end
+        assert [tok.decode(ids) for ids, _ in rows] == [head + think + a1 + "<|im_end|>\n",
+                                                       head + "An apple.<|im_end|>\n" + turn2 + think + a2 + "<|im_end|>\n"]
+        for (ids, mask), m in zip(rows, conv[2::2]):
+            assert [i for i, k in zip(ids, mask) if k] == m["token_ids"] + [end]
+            first = mask.index(1)
+            assert all(mask[first:first + len(m["token_ids"]) + 1]) and sum(mask) == len(m["token_ids"]) + 1
+        # build_dataset (training) gives the same rows
+        p = tmp_path / f"conv{thinking}.jsonl"
+        write_lines(p, [json.dumps({"messages": conv})])
+        assert data.build_dataset(tok, str(p), 4096, enable_thinking=thinking, log=lambda s: None) == rows
+    # a template that renders past turns as they were written keeps one row, every turn supervised
+    tok.chat_template = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endfor %}"
+                         "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}")
+    conv = CHAT[:2] + [gen("<think>\nr\n</think>\n\nAn apple."), CHAT[3], gen("A banana.")]
+    rows = data.conversation_rows(tok, conv, 4096, True)
+    assert len(rows) == 1 and rows[0] == data.tokenize_conversation(tok, conv, 4096, True)
+    assert masked_text(tok, *rows[0]) == "<think>\nr\n</think>\n\nAn apple.<|im_end|>A banana.<|im_end|>"
+    # --enable-thinking reaches regeneration and training alike (YAML's unquoted on/off included)
+    seen = {}
+    monkeypatch.setattr(data, "regenerate", lambda *a, **k: seen.update(thinking=a[10]))
+    for flag, want in (("on", True), ("off", False)):
+        data.main(["regenerate", "--target", "T", "--data", "D", "--out", "O", "--enable-thinking", flag])
+        assert seen["thinking"] is want
+        assert T.parse_config(["--mask-token-id", "16", "--enable-thinking", flag])["enable_thinking"] == flag
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"enable_thinking: {flag}\n")
+        assert T.parse_config(["--mask-token-id", "16", "--config", str(cfg)])["enable_thinking"] == flag
+
+
 @need_assets
 def test_mask_smollm2_three_turns():
     from transformers import AutoTokenizer
@@ -985,7 +1029,7 @@ def test_malformed_rows_counted(tmp_path):
     logs = []
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=1, log=logs.append)
     assert len(ds) == 2 and len(logs) == 1
-    assert logs[0].startswith("data: 11 rows read = 8 skipped (") and logs[0].endswith("+ 2 kept")
+    assert logs[0].startswith("data: 11 rows read = 8 skipped (") and "+ 2 kept, as 2 training rows" in logs[0]
     assert "1 no assistant content" in logs[0] and "1 malformed json" in logs[0]
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=4, log=logs.append)
     assert len(ds) == 1 and "1 too few loss tokens" in logs[-1]  # "y", "o", <|im_end|> with this tiny vocab
@@ -1013,12 +1057,12 @@ def test_data_summary_adds_up_to_rows_read(tmp_path):
     logs = []
     rows = data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, max_rows=2)
     m = re.fullmatch(r"data: (\d+) rows read = (\d+) skipped \((.*)\) \+ (\d+) conversations; (\d+) tokenised "
-                     r"\(max_rows=2: (\d+) more unused\) = (\d+) skipped \((.*)\) \+ (\d+) kept", logs[-1])
+                     r"\(max_rows=2: (\d+) more unused\) = (\d+) skipped \((.*)\) \+ (\d+) kept, as (\d+) training rows", logs[-1])
     assert m, logs
-    read, skipped, why, convs, used, unused, tok_skipped, tok_why, kept = m.groups()
+    read, skipped, why, convs, used, unused, tok_skipped, tok_why, kept, rows_out = m.groups()
     assert (int(read), int(skipped), int(convs)) == (len(lines), 8, 3)
     assert sum(int(n) for n in re.findall(r"(\d+) [a-z]", why)) == 8
-    assert (int(used), int(unused), int(tok_skipped), int(kept)) == (2, 1, 1, len(rows)) and len(rows) == 1
+    assert (int(used), int(unused), int(tok_skipped), int(kept), int(rows_out)) == (2, 1, 1, 1, len(rows)) and len(rows) == 1
     assert tok_why == "1 no assistant content"
 
 
@@ -1146,6 +1190,214 @@ def test_regenerate_shards(tmp_path):
     assert sorted(got[0]) == [0, 2] and sorted(got[1]) == [1, 3]
     convs, skipped = data.load_conversations(str(tmp_path / "out.*-of-02.jsonl"))
     assert len(convs) == 4 and not skipped
+
+
+# a stand-in for `vllm serve` / `sglang.launch_server`: the SmolLM2 target answering the OpenAI
+# completions shape through transformers' own generate(), on 127.0.0.1, told to fail or stall
+
+_SERVED = {}
+
+
+def served_smollm2():
+    if not _SERVED:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        _SERVED["tok"] = AutoTokenizer.from_pretrained(SMOL)
+        _SERVED["model"] = AutoModelForCausalLM.from_pretrained(SMOL, dtype=torch.float32).eval()
+    return _SERVED["tok"], _SERVED["model"]
+
+
+class CompletionServer:
+    """POST n of /v1/completions: 503 if n in fail, 400 if n in refuse, answered after `stall_s` if n in stall, held until
+    `release` is set if n > hold_after; text only (no token_ids) unless return_ids."""
+
+    def __init__(self, name="SmolLM2-135M-Instruct", return_ids=True, fail=(), refuse=(), stall=(), stall_s=3.0,
+                 hold_after=None, max_model_len=2048):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.tok, self.model = served_smollm2()
+        self.name, self.return_ids, self.fail, self.stall, self.stall_s = name, return_ids, set(fail), set(stall), stall_s
+        self.refuse, self.hold_after, self.release, self.max_model_len = set(refuse), hold_after, threading.Event(), max_model_len
+        self.requests, self.lock = [], threading.Lock()
+        srv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def reply(self, code, obj):
+                raw = json.dumps(obj).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                except OSError:  # the client gave up on a stalled request
+                    pass
+
+            def do_GET(self):
+                if self.path.rstrip("/") != "/v1/models":
+                    return self.reply(404, {"error": "not found"})
+                self.reply(200, {"object": "list", "data": [{"id": srv.name, "object": "model", "root": srv.name,
+                                                             "max_model_len": srv.max_model_len}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with srv.lock:
+                    srv.requests.append(body)
+                    n = len(srv.requests)
+                if self.path != "/v1/completions" or body.get("model") != srv.name:
+                    return self.reply(400, {"error": {"message": f"bad path or model {body.get('model')}"}})
+                if n in srv.refuse:
+                    return self.reply(400, {"error": {"message": "prompt too long"}})
+                if n in srv.fail:
+                    return self.reply(503, {"error": {"message": "overloaded"}})
+                if n in srv.stall:
+                    time.sleep(srv.stall_s)
+                if srv.hold_after is not None and n > srv.hold_after:
+                    srv.release.wait(60)
+                self.reply(200, srv.complete(body))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def complete(self, body):
+        ids = body["prompt"] if isinstance(body["prompt"], list) else self.tok.encode(body["prompt"])
+        stops = body.get("stop_token_ids") or [self.tok.eos_token_id]
+        with self.lock, torch.no_grad():
+            out = self.model.generate(torch.tensor([ids]), max_new_tokens=body["max_tokens"], do_sample=body["temperature"] > 0,
+                                      eos_token_id=stops, pad_token_id=stops[0])[0, len(ids):].tolist()
+        cut = next((k + 1 for k, t in enumerate(out) if t in stops), len(out))
+        out = out[:cut]
+        choice = {"index": 0, "text": self.tok.decode(out, skip_special_tokens=True), "logprobs": None,
+                  "finish_reason": "stop" if out and out[-1] in stops else "length"}
+        if self.return_ids and body.get("return_token_ids"):
+            choice["token_ids"] = out  # as vLLM: the stop token included
+        return {"id": "cmpl-1", "object": "text_completion", "model": self.name, "choices": [choice],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out)}}
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+def read_out(path):
+    return {r["index"]: r for r in map(json.loads, open(path))}
+
+
+REGEN = dict(max_new_tokens=8, max_turns=2, max_prompt_tokens=96, log=lambda s: None)
+
+
+def server_reference_rows(tmp_path):
+    """The rows of an undisturbed server run over regen_input (computed once)."""
+    if "ref" not in _SERVED:
+        with CompletionServer() as srv:
+            _SERVED["ref"] = read_out(data.regenerate(SMOL, str(regen_input(tmp_path)), str(tmp_path / "ref.jsonl"), server=srv.url, **REGEN))
+    return _SERVED["ref"]
+
+
+@need_assets
+def test_regenerate_through_a_server_writes_the_local_rows(tmp_path):
+    inp = regen_input(tmp_path)
+    local = read_out(data.regenerate(SMOL, str(inp), str(tmp_path / "local.jsonl"), batch_size=4, **REGEN))
+    assert sorted(local) == [0, 1, 2, 3]
+    for return_ids in (True, False):  # the server's token ids, or its text re-tokenised
+        with CompletionServer(return_ids=return_ids) as srv:
+            out = tmp_path / f"server{return_ids}.jsonl"
+            data.main(["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--server", srv.url + "/v1",
+                       "--concurrency", "3", "--max-new-tokens", "8", "--max-turns", "2", "--max-prompt-tokens", "96"])
+        assert read_out(out) == local and len(open(out).readlines()) == 4
+        _SERVED.setdefault("ref", local)
+        tok, model = served_smollm2()
+        assert len(srv.requests) == 5  # row b has two turns
+        for body in srv.requests:  # the local path's sampling: greedy, 8 tokens, its stop ids, nothing else
+            assert (body["temperature"], body["max_tokens"], body["top_p"], body["top_k"]) == (0.0, 8, 1.0, -1)
+            assert body["stop_token_ids"] == data.stop_ids(tok, model) and body["model"] == "SmolLM2-135M-Instruct"
+        b = local[1]["messages"]  # turn 2 is prompted with the training template's rendering of turn 1's answer
+        assert data.render_chat(tok, b[:3], None, True) in [body["prompt"] for body in srv.requests]
+
+
+@need_assets
+def test_regenerate_server_killed_then_resumed(tmp_path):
+    inp, out, ref = regen_input(tmp_path), tmp_path / "out.jsonl", server_reference_rows(tmp_path)
+    with CompletionServer(hold_after=2) as srv:  # two answers, then every request waits
+        args = ["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--server", srv.url,
+                "--concurrency", "1", "--max-new-tokens", "8", "--max-turns", "2", "--max-prompt-tokens", "96"]
+        proc = subprocess.Popen([sys.executable, "data.py", *args], cwd=os.path.dirname(os.path.abspath(data.__file__)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 180
+            while not (out.exists() and out.read_text().count("\n") >= 1) and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert proc.poll() is None, "the client ended before it was killed"
+            assert 1 <= out.read_text().count("\n") < 4
+        finally:
+            proc.kill()
+            proc.wait(30)
+        with open(out, "a") as f:
+            f.write('{"id": "zz", "index": 3, "messa')  # as if killed mid-line too
+        srv.release.set()
+        data.main(args)
+    rows = [json.loads(line) for line in open(out)]
+    assert sorted(r["index"] for r in rows) == [0, 1, 2, 3]  # none lost, none twice
+    assert {r["index"]: r for r in rows} == ref
+
+
+@need_assets
+def test_regenerate_server_errors_retried_then_named(tmp_path):
+    inp, ref, logs = regen_input(tmp_path), server_reference_rows(tmp_path), []
+    # two 503s, then a request that stalls past the client's timeout: retried, and the rows are the same
+    with CompletionServer(fail=(1, 2), stall=(3,), stall_s=10.0) as srv:
+        out = data.regenerate(SMOL, str(inp), str(tmp_path / "out.jsonl"), server=srv.url, concurrency=1, timeout=4.0,
+                              backoff=0.01, **{**REGEN, "log": logs.append})
+        assert read_out(out) == ref and len(srv.requests) >= 5 + 3
+    # every request past the 5 answers was a logged retry (a slow machine may time out more than one)
+    assert sum("retry" in s for s in logs) == len(srv.requests) - 5 and any("HTTP 503" in s for s in logs) and any("timed out" in s for s in logs)
+    assert any(s.endswith("s") and "tok/s, ETA" in s for s in logs)
+    # a server that keeps failing: named after the retries, the rows done so far kept
+    with CompletionServer(fail=range(3, 100)) as srv:
+        with pytest.raises(SystemExit, match=r"failed 3 times, last with HTTP 503.*rerun to resume"):
+            data.regenerate(SMOL, str(inp), str(tmp_path / "part.jsonl"), server=srv.url, concurrency=1, retries=2,
+                            backoff=0.01, **REGEN)
+    assert len(open(tmp_path / "part.jsonl").readlines()) in (1, 2)  # the rows answered before the failures
+    # a request the server refuses (4xx) is the request's fault: named at once, not retried
+    with CompletionServer(refuse=(1,)) as srv:
+        with pytest.raises(SystemExit, match="answered HTTP 400: .*prompt too long"):
+            data.regenerate(SMOL, str(inp), str(tmp_path / "x.jsonl"), server=srv.url, concurrency=1, **REGEN)
+        assert len(srv.requests) == 1
+
+
+@need_assets
+def test_regenerate_server_unreachable_or_wrong_model_fails_at_once(tmp_path):
+    import socket
+    inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=f"no server answers at http://127.0.0.1:{port}.*start it"):
+        data.main(["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--server", f"http://127.0.0.1:{port}"])
+    assert time.time() - t0 < 10 and not out.exists()
+    with CompletionServer(name="Qwen3-8B") as srv:
+        with pytest.raises(SystemExit, match=r"serves \['Qwen3-8B'\], not the target 'SmolLM2-135M-Instruct'"):
+            data.regenerate(SMOL, str(inp), str(out), server=srv.url, **REGEN)
+        with pytest.raises(SystemExit, match=r"serves \['Qwen3-8B'\], not the target 'qwen'"):
+            data.regenerate(SMOL, str(inp), str(out), server=srv.url, served_model_name="qwen", **REGEN)
+        assert not srv.requests and not out.exists()
+        # the same model under another name, told by --served-model-name
+        data.regenerate(SMOL, str(inp), str(out), server=srv.url, served_model_name="Qwen3-8B", **{**REGEN, "max_new_tokens": 1})
+        assert len(open(out).readlines()) == 4
+    with CompletionServer(max_model_len=100) as srv:
+        with pytest.raises(SystemExit, match="100-token context, less than --max-prompt-tokens \\+ --max-new-tokens = 104"):
+            data.regenerate(SMOL, str(inp), str(tmp_path / "y.jsonl"), server=srv.url, **REGEN)
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -167,6 +167,8 @@ def coerce(key, value):
             value = float(value)
         except ValueError:
             pass
+    if isinstance(value, bool) and {"on", "off"} <= CHOICES.get(key, set()):
+        value = "on" if value else "off"  # YAML reads an unquoted on/off as a boolean
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
