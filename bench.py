@@ -4,16 +4,18 @@
     python bench.py --target configs/qwen3-8b.json --prompt-len 128 --device cuda --dtype bf16 --compile
 
 One speculative step (spec_generate below is the whole algorithm):
-  draft   the drafter fills [last committed token, MASK x (B-1)] in one forward (greedy proposals)
+  draft   the drafter fills [last committed token, MASK x (B-1)] in one forward; the proposals are
+          its argmax at T = 0, samples of its softmax(logits / T) at T > 0
   verify  the target runs the whole block in one forward over its KV cache; forward hooks on the
           unmodified HF model capture the features of the same pass
-  accept  the longest prefix of proposals equal to the target's own token for that position, plus the
-          target's token after it (correction or bonus): acceptance length = accepted + 1
+  accept  the longest prefix of accepted proposals, plus one token of the target's after it
+          (correction or bonus): acceptance length = accepted + 1 (accept() below has the two rules)
   commit  the target cache is cut back to the committed length; the features of the committed
           tokens become the drafter's next context (no extra target forward)
 block_size = 1 is plain decoding through the same code (no drafter call): the baseline.
-At temperature T > 0 the target's token at every slot is a sample from softmax(logits / T) and a
-proposal is accepted iff it equals that sample: speculative sampling with a point-mass (greedy) draft.
+At temperature T > 0 (--sampling speculative, the default) the verify is speculative sampling: the
+emitted tokens follow the target's softmax(logits / T) exactly. --sampling match is the older rule
+(greedy proposals, accepted iff equal to the target's sample): also exact, but it accepts less.
 """
 import argparse
 import glob
@@ -30,22 +32,42 @@ import model as M
 # ----------------------------------------------------------------------------------------------
 # Sampling and acceptance
 
+def draw(weights, generator=None):
+    """[..., V] non-negative weights (not necessarily normalised) -> [...] an exact sample of each row
+    by the exponential race (argmax w / E, E ~ Exp(1)): no host sync."""
+    race = torch.empty_like(weights).exponential_(1.0, generator=generator)
+    return (weights / race).argmax(-1)
+
+
 def sample(logits, temperature, generator=None):
-    """[..., V] logits -> [...] tokens: argmax at temperature 0, else an exact sample from
-    softmax(logits / T) by the exponential race (argmax p / E, E ~ Exp(1)): no host sync."""
+    """[..., V] logits -> [...] tokens: argmax at temperature 0, else a sample of softmax(logits / T)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(-1)
+    return draw(torch.softmax(logits.float() / temperature, -1), generator)
 
 
-def accept(block, target_tokens):
-    """block [B] = [anchor, d_1 .. d_{B-1}], target_tokens [B] = the target's token after each slot.
-    d_k is accepted while d_1..d_k all equal the target's tokens for their positions (target_tokens[k-1]).
-    Returns n (a device scalar). The step emits target_tokens[:n + 1]: the n accepted proposals
-    (equal to the target's own tokens) and the target's token after them."""
-    return (block[1:] == target_tokens[:-1]).cumprod(0).sum()
+def accept(block, logits, draft_logits, temperature, generator=None, sampling="speculative"):
+    """One verify. block [B] = [anchor, d_1 .. d_{B-1}]; logits [B, V]: the target's, row k predicts the
+    token after slot k; draft_logits [B-1, V]: the drafter's, row k-1 the one d_k was drawn from.
+    Returns (n, tokens [B]), n a device scalar: the step emits tokens[:n + 1], the n accepted proposals
+    and the target's token after them (correction or bonus). No host sync.
+      match (and both rules at T = 0): d_k is accepted while d_1..d_k all equal the target's own tokens
+        (its argmax, or samples of p = softmax(logits / T)), which are the emitted tokens.
+      speculative: d_k ~ q_k = softmax(draft_logits / T) is accepted with probability min(1, p_k / q_k)
+        (u q_k(d_k) < p_k(d_k), u ~ U[0, 1)); the first rejected slot emits a sample of
+        norm(max(0, p_k - q_k)), a fully accepted block the bonus ~ p_B. Every emitted token follows p
+        and a slot accepts with probability sum_x min(p_k(x), q_k(x)) (Leviathan et al. 2023)."""
+    if temperature <= 0 or sampling == "match":
+        target_tokens = sample(logits, temperature, generator)
+        return (block[1:] == target_tokens[:-1]).cumprod(0).sum(), target_tokens
+    p = torch.softmax(logits.float() / temperature, -1)
+    q = torch.softmax(draft_logits.float() / temperature, -1)
+    d = block[1:, None]
+    u = torch.rand(d.shape, device=p.device, generator=generator)
+    n = (u * q.gather(-1, d) < p[:-1].gather(-1, d)).cumprod(0).sum()
+    fix = draw(torch.cat([(p[:-1] - q).clamp(min=0), p[-1:]]), generator)  # residual per slot; bonus last
+    slot = torch.arange(len(block), device=block.device)
+    return n, torch.where(slot < n, torch.cat([block[1:], block[:1]]), fix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,15 +96,15 @@ class EagerRunner:
         return self.target_forward(input_ids, logits_to_keep=1)
 
     def draft(self, anchor, start):
-        """[B] = [anchor, greedy proposals for positions start+1 .. start+B-1]."""
+        """[B-1, V]: the drafter's logits for positions start+1 .. start+B-1 (no rows at block size 1)."""
         if self.block_size == 1:
-            return anchor.view(1)
+            return torch.empty(0, 1, device=anchor.device)
         feats, ctx_start = self.ctx
         ctx_pos = torch.arange(ctx_start, ctx_start + feats.shape[0], device=feats.device)[None]
         block = torch.full((1, self.block_size), self.drafter.config.mask_token_id, device=anchor.device)
         block[0, 0] = anchor
         logits = M.draft_block(self.drafter, self.target, feats[None], ctx_pos, block, start, self.draft_kv)
-        return torch.cat([anchor.view(1), logits[0, 1:].argmax(-1)])
+        return logits[0, 1:]
 
     def verify(self, block, start):
         return self.target_forward(block[None])
@@ -138,11 +160,13 @@ def _top2_gap(logits):
 
 @torch.no_grad()
 def spec_generate(target, drafter, input_ids, max_new_tokens, stop_ids, block_size=None,
-                  temperature=0.0, generator=None, max_steps=None, runner=None, record_gaps=False):
+                  temperature=0.0, generator=None, max_steps=None, runner=None, record_gaps=False,
+                  sampling="speculative"):
     """Generate up to max_new_tokens after input_ids [1, P]; stop after the first stop token (which is
     emitted). Returns tokens (new ids), acceptance (tokens emitted per step: accepted + 1,
     less in a last step cut by a stop token or the limit; sum = len(tokens) - 1), draft_s, verify_s,
-    prefill_s, decode_s (total_s - prefill_s) and total_s. block_size=1: plain decoding, no drafter."""
+    prefill_s, decode_s (total_s - prefill_s) and total_s. block_size=1: plain decoding, no drafter.
+    sampling (T > 0 only): "speculative" or "match", see accept()."""
     B = block_size or drafter.config.block_size
     device = input_ids.device
     if temperature > 0 and generator is None:
@@ -162,14 +186,15 @@ def spec_generate(target, drafter, input_ids, max_new_tokens, stop_ids, block_si
     while out[-1] not in stop and len(out) < max_new_tokens and len(acceptance) < (max_steps or 1 << 62):
         start = P + len(out) - 1                            # position of the anchor (last committed token)
         t0 = clock.mark()
-        block = run.draft(token, start)                     # [B]: anchor + B-1 proposals
+        draft_logits = run.draft(token, start)              # [B-1, V]
+        proposals = sample(draft_logits, temperature if sampling == "speculative" else 0, generator)
+        block = torch.cat([token.view(1), proposals])       # [B]: anchor + B-1 proposals
         t1 = clock.mark()
         logits, feats = run.verify(block, start)            # [B, V], [B, n*H]: one target pass
         clock.step(t0, t1, clock.mark())
-        target_tokens = sample(logits, temperature, generator)
-        n = accept(block, target_tokens)
-        n, *emitted = torch.cat([n.view(1), target_tokens]).tolist()   # the step's one host sync
-        token = target_tokens[n]
+        n, tokens = accept(block, logits, draft_logits, temperature, generator, sampling)
+        n, *emitted = torch.cat([n.view(1), tokens]).tolist()   # the step's one host sync
+        token = tokens[n]
         run.commit(start + n + 1, feats, n + 1)             # anchor + n accepted proposals are committed
         emitted = emitted[: min(n + 1, max_new_tokens - len(out))]
         cut = next((i + 1 for i, t in enumerate(emitted) if t in stop), len(emitted))
@@ -196,7 +221,7 @@ def render(tokenizer, messages):
 
 
 def run_turns(target, drafter, tokenizer, turns, max_new_tokens, stop_ids, block_size, temperature=0.0,
-              generator=None, runner=None):
+              generator=None, runner=None, sampling="speculative"):
     """All turns of one prompt; turn k's chat history holds this run's own answers to turns < k."""
     device = target.get_input_embeddings().weight.device
     messages, results = [], []
@@ -204,7 +229,7 @@ def run_turns(target, drafter, tokenizer, turns, max_new_tokens, stop_ids, block
         messages.append({"role": "user", "content": text})
         ids = render(tokenizer, messages)
         r = spec_generate(target, drafter, torch.tensor([ids], device=device), max_new_tokens, stop_ids,
-                          block_size, temperature, generator, runner=runner)
+                          block_size, temperature, generator, runner=runner, sampling=sampling)
         answer = tokenizer.decode(r["tokens"], skip_special_tokens=True)
         messages.append({"role": "assistant", "content": answer})
         results.append(dict(r, prompt_ids=ids, answer=answer))
@@ -353,12 +378,11 @@ class StaticRunner:
         visible = torch.arange(self.draft_kv.size, device=anchor.device) < start  # committed context
         mask = torch.cat([visible, visible.new_ones(B)])[None, None, None].expand(1, 1, B, -1)
         hidden = self.drafter(embeds, feats[None], (start + self.offsets)[None], ctx_pos, mask, self.draft_kv)
-        logits = M.target_logits(self.target, hidden[0, 1:])
-        return torch.cat([anchor.view(1), logits.argmax(-1)])
+        return M.target_logits(self.target, hidden[0, 1:])
 
     def draft(self, anchor, start):
         if self.block_size == 1:
-            return anchor.view(1)
+            return torch.empty(0, 1, device=anchor.device)
         assert start == self.length, (start, self.length)
         fn = self._draft if self.ctx.shape[0] == self.block_size else self._draft_impl  # prompt: eager
         return fn(anchor, self.pos[0], self.ctx, self.pos[1]).clone()
@@ -398,7 +422,7 @@ def diagnose(target, drafter, prompt_ids, pos, block_size, stop_ids, runners):
     return out
 
 
-def summarize(name, records, block_size, temperature=0.0):
+def summarize(name, records, block_size, temperature=0.0, sampling="speculative"):
     """Print tau, TPOT of both runs, speedup, the per-step time breakdown and the acceptance histogram."""
     steps = [a for r in records for a in r["dflash"]["acceptance"]]
     timed = [r for r in records if r["dflash"]["acceptance"] and r["baseline"]["acceptance"]]
@@ -409,14 +433,16 @@ def summarize(name, records, block_size, temperature=0.0):
     res = dict(dataset=name, turns=len(records), steps=len(steps), tau=mean(steps),
                baseline_tpot_ms=1e3 * base_tpot, dflash_tpot_ms=1e3 * dfl_tpot,
                speedup=base_tpot / dfl_tpot if dfl_tpot else float("nan"),
-               histogram={k: v for k, v in sorted(Counter(steps).items())})
+               histogram={k: v for k, v in sorted(Counter(steps).items())}, temperature=temperature,
+               sampling=sampling if temperature > 0 else "greedy")
     for k in ("baseline", "dflash"):
         d, v, t = per_step(k, "draft_s"), per_step(k, "verify_s"), per_step(k, "decode_s")
         res[k + "_step_ms"] = dict(draft=d, verify=v, other=t - d - v)
     checked = [r for r in records if r.get("match") is not None]
     res["mismatches"] = [dict(id=r["id"], turn=r["turn"], pos=r["first_diff"], **(r.get("gaps") or {}))
                          for r in checked if not r["match"]]
-    print(f"\n== {name}: {len(records)} turns, {len(steps)} DFlash steps, block {block_size}")
+    mode = f"T {temperature}, {sampling} sampling" if temperature > 0 else "greedy"
+    print(f"\n== {name}: {len(records)} turns, {len(steps)} DFlash steps, block {block_size}, {mode}")
     print(f"  tau {res['tau']:.2f} | TPOT baseline {res['baseline_tpot_ms']:.2f} ms, DFlash "
           f"{res['dflash_tpot_ms']:.2f} ms | speedup {res['speedup']:.2f}x")
     for k in ("baseline", "dflash"):
@@ -447,7 +473,7 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
         for key, bs in (("baseline", 1), ("dflash", B)):
             gen = torch.Generator(device).manual_seed(args.seed)
             runs[key] = run_turns(target, drafter, tokenizer, p["turns"], args.max_new_tokens, stops, bs,
-                                  args.temperature, gen, runners.get(bs))
+                                  args.temperature, gen, runners.get(bs), args.sampling)
         for k, (b, d) in enumerate(zip(runs["baseline"], runs["dflash"])):
             keep = ("tokens", "acceptance", "draft_s", "verify_s", "prefill_s", "decode_s")
             rec = dict(dataset=name, id=p.get("id"), turn=k, prompt_len=len(d["prompt_ids"]),
@@ -462,7 +488,7 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
             if out_file:
                 out_file.write(json.dumps(rec) + "\n")
                 out_file.flush()
-    return summarize(name, records, B, args.temperature)
+    return summarize(name, records, B, args.temperature, args.sampling)
 
 
 def time_synthetic(target, drafter, args, runners, tau=6.49):
@@ -529,6 +555,9 @@ def parse_args(argv=None):
     ap.add_argument("--num-prompts", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=2048)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--sampling", choices=["speculative", "match"], default="speculative",
+                    help="the verify at T > 0: speculative sampling with the drafter's probabilities, or "
+                    "match (greedy proposals accepted iff equal to the target's sample); both exact")
     ap.add_argument("--block-size", type=int, default=None, help="default: the drafter's (16 for random)")
     ap.add_argument("--out", default=None, help="JSONL, one record per prompt and turn")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")

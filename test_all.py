@@ -1931,6 +1931,10 @@ def test_compiled_fast_path_same_tokens(models, monkeypatch):
         run = bench.StaticRunner(tc, dc, bs, 128, compile=True)
         for p in (ids, ids[:, :3]):  # a second prompt reuses the graphs
             assert bench.spec_generate(tc, dc, p.to(dev), 30, [], bs, runner=run)["tokens"] == greedy(t, p, 30)
+        for sampling in ("speculative", "match"):  # T > 0: the same rule as the eager loop (same seed)
+            a, b = (bench.spec_generate(tc, dc, ids.to(dev), 30, [], bs, temperature=1.0, runner=r, sampling=sampling,
+                                        generator=torch.Generator(dev).manual_seed(3)) for r in (run, None))
+            assert a["tokens"] == b["tokens"] and a["acceptance"] == b["acceptance"], sampling
         run.close()
     # accepted multi-token steps through the compiled draft graph: the drafter still sees exactly
     # the committed context
@@ -1944,18 +1948,25 @@ def test_compiled_fast_path_same_tokens(models, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # acceptance with known proposals
 
+def point_mass(tokens, V):
+    """Drafter logits [len(tokens), V] whose distribution at any temperature is one-hot at tokens."""
+    logits = torch.full((len(tokens), V), -float("inf"))
+    logits[torch.arange(len(tokens)), torch.as_tensor(tokens)] = 0.0
+    return logits
+
+
 def guide(monkeypatch, cls, ref, P, corrupt=()):
     """Run the real drafter (so its caches are exercised) but propose the known greedy continuation
     `ref`, wrong (shifted by one) at the new-token indices in `corrupt`. Records the real proposals."""
     real_draft, seen = cls.draft, []
 
     def draft(self, anchor, start):
-        block = real_draft(self, anchor, start)
-        seen.append((start, block.tolist()))
+        logits = real_draft(self, anchor, start)
+        seen.append((start, logits.argmax(-1).tolist()))
         j = start - P  # index of the anchor in the new tokens
-        props = [ref[i] if i < len(ref) else 0 for i in range(j + 1, j + len(block))]
-        props = [(x + 1) % 63 if i in corrupt else x for i, x in zip(range(j + 1, j + len(block)), props)]
-        return torch.tensor([ref[j], *props], device=block.device)
+        props = [ref[i] if i < len(ref) else 0 for i in range(j + 1, j + 1 + len(logits))]
+        props = [(x + 1) % 63 if i in corrupt else x for i, x in zip(range(j + 1, j + 1 + len(logits)), props)]
+        return point_mass(props, logits.shape[-1]).to(logits.device)
 
     monkeypatch.setattr(cls, "draft", draft)
     return seen
@@ -1964,13 +1975,13 @@ def guide(monkeypatch, cls, ref, P, corrupt=()):
 def check_real_proposals(t, d, ids, ref, seen, bs):
     """The drafter's proposals at each step equal a from-scratch forward over the committed context."""
     P = ids.shape[1]
-    for start, block in seen:
+    for start, props in seen:
         seq = torch.cat([ids, torch.tensor([ref[: start - P]], dtype=torch.long)], 1)
         feats, _ = M.capture_features(t, seq, d.config.target_layer_ids)
         blk = torch.full((1, bs), d.config.mask_token_id)
         blk[0, 0] = ref[start - P]
         logits = M.draft_block(d, t, feats, torch.arange(start)[None], blk, start, M.DraftCache())
-        assert block[1:] == logits[0, 1:].argmax(-1).tolist(), start
+        assert props == logits[0, 1:].argmax(-1).tolist(), start
 
 
 @pytest.mark.parametrize("cls", [bench.EagerRunner, bench.StaticRunner])
@@ -2213,44 +2224,109 @@ def chi2_pvalue(counts, expected):
     return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat.double() / 2).item()
 
 
-def test_sampling_keeps_target_distribution(monkeypatch):
-    """The first drafted position (new token 1, right after the first block's anchor) follows the
-    target's distribution, with proposals that are mostly right and with ones that are mostly wrong."""
-    V, T, N = 16, 0.7, 1500
+@pytest.mark.parametrize("sampling", ["speculative", "match"])
+def test_sampling_keeps_target_distribution(monkeypatch, sampling):
+    """New tokens 1 and 2 (the first block's drafted positions) follow the target's distribution, with a
+    drafter that is mostly right and one that is mostly wrong. The drafter's distribution per slot is
+    q = 0.8 one-hot + 0.2 uniform: speculative samples proposals from it, match takes its argmax."""
+    V, T, N = 16, 0.7, 1000
     t = tiny_target(vocab=V, layers=2, tie=False, seed=4)
     with torch.no_grad():
         t.get_output_embeddings().weight.mul_(10.0)  # a non-uniform distribution over 16 tokens
     d = tiny_drafter(t, layers=1, block_size=4, layer_ids=(0, 1), mask_token_id=V - 1)
     ids = torch.tensor([[3, 1, 4, 1, 5]])
-    with torch.no_grad():
+    every = torch.arange(V)
+    with torch.no_grad():  # the target's next-token distributions after every 1- and 2-token continuation
         p0 = torch.softmax(t(ids).logits[0, -1] / T, -1)
-        p1 = torch.stack([torch.softmax(t(torch.cat([ids, torch.tensor([[a]])], 1)).logits[0, -1] / T, -1)
-                          for a in range(V)])
-    marginal = (p0[:, None] * p1).sum(0)  # P(new token 1 = x)
-    low = int(marginal.argsort()[V // 4])  # a token the target rarely samples
-    assert 0.005 < marginal[low] < 0.05 and marginal.max() < 0.6
-    proposers = {"mostly right": lambda a: int(p1[a].argmax()), "mostly wrong": lambda a: low}
-    for name, propose in proposers.items():
-        monkeypatch.setattr(bench.EagerRunner, "draft",
-                            lambda self, anchor, start: torch.tensor([int(anchor), propose(int(anchor)), 0, 0]))
+        p1 = torch.softmax(t(torch.cat([ids.expand(V, -1), every[:, None]], 1)).logits[:, -1] / T, -1)
+        seq2 = torch.cat([ids.expand(V * V, -1), every.repeat_interleave(V)[:, None], every.repeat(V)[:, None]], 1)
+        p2 = torch.softmax(t(seq2).logits[:, -1] / T, -1).view(V, V, V)
+    marginal1 = (p0[:, None] * p1).sum(0)  # P(new token 1 = x)
+    marginal2 = torch.einsum("a,ab,abx->x", p0, p1, p2)  # P(new token 2 = x)
+    low = int(marginal1.argsort()[V // 4])  # a token the target rarely samples
+    assert 0.005 < marginal1[low] < 0.05 and marginal1.max() < 0.6
+
+    def q_logits(tokens):  # drafter logits over the 3 slots whose softmax(. / T) is 0.8 one-hot + 0.2 uniform
+        return T * (0.8 * torch.nn.functional.one_hot(torch.tensor(tokens), V) + 0.2 / V).log()
+
+    right = lambda a: [int(p1[a].argmax()), int(p2[a, p1[a].argmax()].argmax()), 0]
+    drafters = {"mostly right": right, "mostly wrong": lambda a: [low, low, low]}
+    for name, propose in drafters.items():
+        monkeypatch.setattr(bench.EagerRunner, "draft", lambda self, anchor, start: q_logits(propose(int(anchor))))
         gen = torch.Generator().manual_seed(1234)
-        runs = [bench.spec_generate(t, d, ids, 2, [], 4, temperature=T, generator=gen) for _ in range(N)]
-        second = torch.tensor([r["tokens"][1] for r in runs])
-        counts = torch.bincount(second, minlength=V).double()
-        p = chi2_pvalue(counts, N * marginal.double())
-        assert p > 1e-4, (name, p, counts.tolist())
+        runs = [bench.spec_generate(t, d, ids, 3, [], 4, temperature=T, generator=gen, sampling=sampling)
+                for _ in range(N)]
+        for k, marginal in ((1, marginal1), (2, marginal2)):
+            counts = torch.bincount(torch.tensor([r["tokens"][k] for r in runs]), minlength=V).double()
+            p = chi2_pvalue(counts, N * marginal.double())
+            assert p > 1e-4, (name, k, p, counts.tolist())
     # the test has power: counts from the wrong rule "accept the proposal always" are rejected
     wrong = torch.zeros(V, dtype=torch.float64)
     wrong[low] = N
-    assert chi2_pvalue(wrong, N * marginal.double()) < 1e-10
+    assert chi2_pvalue(wrong, N * marginal1.double()) < 1e-10
 
 
-def test_sampled_dflash_runs_and_is_reproducible(models):
+def test_speculative_acceptance_hand_worked():
+    """p = (.5, .3, .1, .1), q = (.1, .6, .2, .1) at T = 0.5: a proposal x ~ q is accepted with probability
+    min(1, p(x)/q(x)) = (1, .5, .5, 1), in all sum_x min(p(x), q(x)) = .6; on rejection the residual
+    norm(max(0, p - q)) = one-hot at 0; the emitted token follows p; the bonus (after an accepted block)
+    comes from the last row (one-hot at 2 here). The match rule accepts p(argmax q) = p(1) = .3."""
+    T, N = 0.5, 4000
+    p0, q = torch.tensor([0.5, 0.3, 0.1, 0.1]), torch.tensor([0.1, 0.6, 0.2, 0.1])
+    logits = T * torch.stack([p0, torch.tensor([0.0, 0.0, 1.0, 0.0])]).log()  # softmax(logits / T) = p
+    draft_logits = T * q.log()[None]
+    se = lambda prob, n: 5 * (prob * (1 - prob) / n) ** 0.5  # 5 standard errors
+    for sampling, accept_rate in (("speculative", 0.6), ("match", 0.3)):
+        gen = torch.Generator().manual_seed(0)
+        props, ns, firsts = [], [], []
+        for _ in range(N):
+            x = bench.sample(draft_logits, T if sampling == "speculative" else 0, gen)
+            n, tokens = bench.accept(torch.cat([torch.tensor([7]), x]), logits, draft_logits, T, gen, sampling)
+            props.append(int(x))
+            ns.append(int(n))
+            firsts.append(int(tokens[0]))
+            assert n == 0 or tokens.tolist() == [int(x), 2]  # accepted: the proposal, then the bonus
+        ns, props = torch.tensor(ns, dtype=torch.float64), torch.tensor(props)
+        assert abs(ns.mean() - accept_rate) < se(accept_rate, N), (sampling, ns.mean())
+        counts = torch.bincount(torch.tensor(firsts), minlength=4).double()
+        assert chi2_pvalue(counts, N * p0.double()) > 1e-4, (sampling, counts.tolist())
+        if sampling == "speculative":
+            assert abs(props.bincount(minlength=4) / N - q).max() < se(0.6, N)  # proposals drawn from q
+            for x, rate in enumerate((1.0, 0.5, 0.5, 1.0)):
+                got = ns[props == x].mean()
+                assert abs(got - rate) <= max(se(rate, int((props == x).sum())), 1e-9), (x, got)
+            rejected = torch.tensor(firsts)[ns == 0]
+            assert (rejected == 0).all()  # the residual max(0, p - q) is all on token 0
+
+
+@pytest.mark.parametrize("sampling", ["speculative", "match"])
+def test_sampled_dflash_runs_and_is_reproducible(models, sampling):
+    """Same seed, same tokens: twice eagerly and once through the static runner (the same rule)."""
     t, d = models
     ids = prompts(1)[0]
-    a = bench.spec_generate(t, d, ids, 20, [], 4, temperature=1.0, generator=torch.Generator().manual_seed(7))
-    b = bench.spec_generate(t, d, ids, 20, [], 4, temperature=1.0, generator=torch.Generator().manual_seed(7))
-    assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 20
+    runs = [bench.spec_generate(t, d, ids, 20, [], 4, temperature=1.0, generator=torch.Generator().manual_seed(7),
+                                runner=runner_for(kind, t, d, 4), sampling=sampling)
+            for kind in ("eager", "eager", "static")]
+    assert runs[0]["tokens"] == runs[1]["tokens"] == runs[2]["tokens"] and len(runs[0]["tokens"]) == 20
+    assert runs[0]["acceptance"] == runs[2]["acceptance"]
+
+
+@pytest.mark.parametrize("kind", ["eager", "static"])
+def test_speculative_sampling_near_zero_temperature_is_greedy(models, monkeypatch, kind):
+    """As T -> 0, p and q become one-hot: speculative sampling is greedy decoding, with the acceptance
+    lengths of the T = 0 rule (the hand-worked case of test_acceptance_lengths)."""
+    t, d = models
+    T = 1e-4
+    for ids in prompts():
+        ref = greedy(t, ids, 24)
+        for bs in (1, 4, 8):
+            r = bench.spec_generate(t, d, ids, 24, [], bs, temperature=T, runner=runner_for(kind, t, d, bs))
+            assert r["tokens"] == ref, (bs, ids)
+    ids = prompts(1, seed=3)[0]
+    ref = greedy(t, ids, 20)
+    guide(monkeypatch, bench.EagerRunner if kind == "eager" else bench.StaticRunner, ref, ids.shape[1], corrupt={2, 9})
+    r = bench.spec_generate(t, d, ids, 20, [], 4, temperature=T, runner=runner_for(kind, t, d, 4))
+    assert r["tokens"] == ref and r["acceptance"] == [2, 4, 3, 4, 4, 2]
 
 
 def test_static_cache_length_fits_the_longest_conversation(models):
