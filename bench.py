@@ -22,6 +22,7 @@ from collections import Counter
 
 import torch
 
+import attention as A
 import data
 import model as M
 
@@ -235,7 +236,7 @@ class StaticDraftCache:
             torch._dynamo.mark_static_address(t)
         self.size, self.pos = size, None
 
-    def append(self, i, k, v):
+    def append(self, i, k, v, window=None):  # a sliding layer's window is applied by its mask
         self.k[i].index_copy_(2, self.pos, k.to(self.k[i].dtype))
         self.v[i].index_copy_(2, self.pos, v.to(self.v[i].dtype))
         return self.k[i], self.v[i]
@@ -346,6 +347,9 @@ class StaticRunner:
         embeds = self.target.get_input_embeddings()(block[None])
         visible = torch.arange(self.draft_kv.size, device=anchor.device) < start  # committed context
         mask = torch.cat([visible, visible.new_ones(B)])[None, None, None].expand(1, 1, B, -1)
+        if cfg.sliding_window is not None:  # sliding layers: the last W positions up to each slot, causal block
+            mask = {"full_attention": mask, "sliding_attention": mask & A.dense_mask(
+                start.view(1, 1), mask.new_ones(1, 1), self.draft_kv.size, B, cfg.sliding_window)}
         hidden = self.drafter(embeds, feats[None], (start + self.offsets)[None], ctx_pos, mask, self.draft_kv)
         logits = self.target.get_output_embeddings()(hidden[0, 1:].to(self.target.dtype))
         return torch.cat([anchor.view(1), logits.argmax(-1)])
@@ -392,6 +396,24 @@ def diagnose(target, drafter, prompt_ids, pos, block_size, stop_ids, runners):
     return out
 
 
+POSITION_BUCKETS = ((0, "0-512"), (512, "512-1K"), (1024, "1K-2K"), (2048, "2K-4K"), (4096, "4K+"))
+
+
+def tau_by_position(records):
+    """Tau per bucket of the context position at which a step starts (its anchor: the prompt length
+    plus the tokens emitted before it), so a drafter's acceptance past its training length shows.
+    {bucket: {"steps": n, "tau": mean acceptance}} for the buckets that have steps."""
+    steps = {}
+    for r in records:
+        start = r["prompt_len"]
+        for a in r["dflash"]["acceptance"]:
+            label = [lbl for lo, lbl in POSITION_BUCKETS if start >= lo][-1]
+            steps.setdefault(label, []).append(a)
+            start += a
+    return {lbl: dict(steps=len(steps[lbl]), tau=sum(steps[lbl]) / len(steps[lbl]))
+            for _, lbl in POSITION_BUCKETS if lbl in steps}
+
+
 def summarize(name, records, block_size):
     """Print tau, TPOT of both runs, speedup, the per-step time breakdown and the acceptance histogram."""
     steps = [a for r in records for a in r["dflash"]["acceptance"]]
@@ -403,7 +425,7 @@ def summarize(name, records, block_size):
     res = dict(dataset=name, turns=len(records), steps=len(steps), tau=mean(steps),
                baseline_tpot_ms=1e3 * base_tpot, dflash_tpot_ms=1e3 * dfl_tpot,
                speedup=base_tpot / dfl_tpot if dfl_tpot else float("nan"),
-               histogram={k: v for k, v in sorted(Counter(steps).items())})
+               histogram={k: v for k, v in sorted(Counter(steps).items())}, tau_by_position=tau_by_position(records))
     for k in ("baseline", "dflash"):
         d, v, t = per_step(k, "draft_s"), per_step(k, "verify_s"), per_step(k, "decode_s")
         res[k + "_step_ms"] = dict(draft=d, verify=v, other=t - d - v)
@@ -416,6 +438,8 @@ def summarize(name, records, block_size):
     for k in ("baseline", "dflash"):
         s = res[k + "_step_ms"]
         print(f"  {k:8s} step: draft {s['draft']:.2f} ms, verify {s['verify']:.2f} ms, other {s['other']:.2f} ms")
+    print("  tau by step start position: " + ", ".join(
+        f"{k} {v['tau']:.2f} ({v['steps']} steps)" for k, v in res["tau_by_position"].items()))
     total = max(len(steps), 1)
     print("  acceptance: " + " ".join(f"{k}:{100 * v / total:.1f}%" for k, v in res["histogram"].items()))
     if checked:
@@ -441,6 +465,7 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
             rec = dict(dataset=name, id=p.get("id"), turn=k, prompt_len=len(d["prompt_ids"]),
                        baseline={f: b[f] for f in keep}, dflash={f: d[f] for f in keep},
                        same_prompt=b["prompt_ids"] == d["prompt_ids"], match=None)
+            rec["tau_by_position"] = tau_by_position([rec])
             if args.temperature == 0 and rec["same_prompt"]:
                 pos = _first_diff(b["tokens"], d["tokens"])
                 rec.update(match=pos is None, first_diff=pos)
