@@ -22,7 +22,6 @@ from collections import Counter
 
 import torch
 
-import attention as A
 import data
 import model as M
 
@@ -226,20 +225,37 @@ def measure_tau(target, drafter, tokenizer, prompts, max_new_tokens):
 
 class StaticDraftCache:
     """DraftCache with preallocated buffers: context K/V are written at self.pos (absolute positions);
-    positions >= the anchor are hidden by the attention mask, and overwritten by the next step."""
+    positions >= the anchor are hidden by the attention mask, and overwritten by the next step.
+    A sliding layer keeps a ring of W + block slots instead (position t in slot t mod ring): the W - 1
+    positions its next block can see survive the step's uncommitted writes, and it attends over the
+    ring, not the whole buffer."""
 
-    def __init__(self, cfg, size, device, dtype):
-        shape = (1, cfg.num_key_value_heads, size, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+    def __init__(self, cfg, size, device, dtype, block_size=None):
+        self.ring = min(size, cfg.sliding_window + (block_size or cfg.block_size)) if cfg.sliding_window else size
+        sizes = [self.ring if t == "sliding_attention" else size for t in cfg.layer_types]
+        shape = lambda n: (1, cfg.num_key_value_heads, n, cfg.head_dim)
+        self.k = [torch.zeros(shape(n), device=device, dtype=dtype) for n in sizes]
+        self.v = [torch.zeros(shape(n), device=device, dtype=dtype) for n in sizes]
         for t in self.k + self.v:
             torch._dynamo.mark_static_address(t)
         self.size, self.pos = size, None
 
-    def append(self, i, k, v, window=None):  # a sliding layer's window is applied by its mask
-        self.k[i].index_copy_(2, self.pos, k.to(self.k[i].dtype))
-        self.v[i].index_copy_(2, self.pos, v.to(self.v[i].dtype))
+    def append(self, i, k, v, window=None):
+        pos = self.pos
+        if window:  # the ring: the newest rows only (a prompt may be longer than the ring)
+            k, v, pos = k[:, :, -self.ring:], v[:, :, -self.ring:], pos[-self.ring:] % self.ring
+        self.k[i].index_copy_(2, pos, k.to(self.k[i].dtype))
+        self.v[i].index_copy_(2, pos, v.to(self.v[i].dtype))
         return self.k[i], self.v[i]
+
+    def sliding_mask(self, start, block_size, window):
+        """[1, 1, T, ring + T]: ring slot r holds the newest position p < start with p = r mod ring; slot k
+        of the block at `start` sees those in [start + k - W + 1, start) and block slots <= k."""
+        r = torch.arange(self.ring, device=self.k[0].device)
+        held = start - 1 - (start - 1 - r) % self.ring
+        k = torch.arange(block_size, device=r.device)[:, None]
+        ctx = (held >= 0) & (held > start + k - window)
+        return torch.cat([ctx, k >= torch.arange(block_size, device=r.device)], -1)[None, None]
 
 
 class CUDAGraphStep:
@@ -290,7 +306,7 @@ class StaticRunner:
             self.handles.append(M.decoder_layers(target)[k].register_forward_hook(self._hook(k)))
         if block_size > 1:
             self.draft_kv = StaticDraftCache(drafter.config, max_len + block_size, self.device,
-                                             drafter.fc.weight.dtype)
+                                             drafter.fc.weight.dtype, block_size)
         self.offsets = torch.arange(max(block_size, 1), device=self.device)
         self._verify, self._draft = self._verify_impl, self._draft_impl
         if compile:
@@ -347,9 +363,9 @@ class StaticRunner:
         embeds = self.target.get_input_embeddings()(block[None])
         visible = torch.arange(self.draft_kv.size, device=anchor.device) < start  # committed context
         mask = torch.cat([visible, visible.new_ones(B)])[None, None, None].expand(1, 1, B, -1)
-        if cfg.sliding_window is not None:  # sliding layers: the last W positions up to each slot, causal block
-            mask = {"full_attention": mask, "sliding_attention": mask & A.dense_mask(
-                start.view(1, 1), mask.new_ones(1, 1), self.draft_kv.size, B, cfg.sliding_window)}
+        if cfg.sliding_window is not None:  # one mask per layer type
+            mask = {"full_attention": mask,
+                    "sliding_attention": self.draft_kv.sliding_mask(start, B, cfg.sliding_window)}
         hidden = self.drafter(embeds, feats[None], (start + self.offsets)[None], ctx_pos, mask, self.draft_kv)
         logits = self.target.get_output_embeddings()(hidden[0, 1:].to(self.target.dtype))
         return torch.cat([anchor.view(1), logits.argmax(-1)])

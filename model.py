@@ -206,8 +206,8 @@ class Attention(nn.Module):
         if mask is None and self.window:
             # one block whose context ends just before its anchor (inference, or a reference run):
             # the sliding rule for anchor = context length
-            C = k_ctx.shape[2]
-            mask = dense_mask(torch.tensor([[C]], device=x.device), torch.ones(1, 1, dtype=torch.bool, device=x.device),
+            C, dev = k_ctx.shape[2], x.device
+            mask = dense_mask(torch.tensor([[C]], device=dev), torch.ones(1, 1, dtype=torch.bool, device=dev),
                               C, T, self.window)
         k_blk, v_blk = self.project_kv(x, *rope_block)
         out = attend(q, torch.cat([k_ctx, k_blk], 2), torch.cat([v_ctx, v_blk], 2), mask)

@@ -483,7 +483,8 @@ def test_layout_and_loss_errors_before_the_target_loads(tmp_path):
         (dict(layer_types=["full_attention"]), "layer_types has 1 entries for 2 draft layers"),
         (dict(layer_types=["full_attention", "local"]), r"layer_types has unknown type\(s\) \['local'\]"),
         (dict(layer_types=["sliding_attention", "full_attention"]), "no sliding_window: set sliding_window"),
-        (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=3), "sliding_window=3 is smaller than block_size=4"),
+        (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=3),
+         "sliding_window=3 is smaller than block_size=4"),
         (dict(sliding_window=64), "sliding_window=64 but no layer is sliding_attention"),
         (dict(loss="dpace", dpace_alpha=1.5), r"dpace_alpha=1.5 must be in \[0, 1\]"),
         (dict(loss="dpace", dpace_alpha=-0.1), r"dpace_alpha=-0.1 must be in \[0, 1\]"),
@@ -1529,16 +1530,20 @@ def test_acceptance_lengths(models, monkeypatch, cls):
 
 @pytest.mark.parametrize("cls", [bench.EagerRunner, bench.StaticRunner])
 def test_sliding_drafter_caches_see_what_a_fresh_draft_sees(models, monkeypatch, cls):
-    """A drafter with sliding layers (window 8 = block 8) over 40+ positions: every proposal of the
-    runner's caches (DraftCache trimmed to W - 1; the static cache masked per layer type) equals
-    draft_block from scratch over the whole committed context, and decoding stays lossless."""
+    """A drafter with sliding layers (window 8 = block 8) over 60 positions: every proposal of the
+    runner's caches (DraftCache trimmed to W - 1; the static cache's sliding layers a ring of 16 slots,
+    shorter than the 21-token prompt) equals draft_block from scratch over the whole committed
+    context, and decoding stays lossless."""
     t, _ = models
     d = scaled(tiny_drafter(t, block_size=8, layers=3, sliding_window=8,
                             layer_types=["sliding_attention", "full_attention", "sliding_attention"]), 10.0)
-    ids = prompts(1, seed=3)[0]
+    ids = torch.randint(0, 63, (1, 21), generator=torch.Generator().manual_seed(3))
     ref = greedy(t, ids, 40)
     runner = (lambda bs: None) if cls is bench.EagerRunner else (lambda bs: bench.StaticRunner(t, d, bs, 128, False))
-    assert bench.spec_generate(t, d, ids, 40, [], block_size=8, runner=runner(8))["tokens"] == ref
+    run = runner(8)
+    assert bench.spec_generate(t, d, ids, 40, [], block_size=8, runner=run)["tokens"] == ref
+    if run:
+        assert [k.shape[2] for k in run.draft_kv.k] == [16, 136, 16]
     seen = guide(monkeypatch, cls, ref, ids.shape[1], corrupt={3, 17})
     r = bench.spec_generate(t, d, ids, 40, [], block_size=8, runner=runner(8))
     assert r["tokens"] == ref and max(r["acceptance"]) == 8

@@ -211,8 +211,8 @@ def check_config(c):
                               c["sliding_window"] or None, c["num_draft_layers"], c["block_size"])
     need(layout is None, layout)
     need(0 <= c["dpace_alpha"] <= 1, f"dpace_alpha={c['dpace_alpha']} must be in [0, 1]")
-    need(c["loss"] == "dpace" or c["dpace_alpha"] == DEFAULTS["dpace_alpha"], f"dpace_alpha={c['dpace_alpha']} applies to "
-         "loss=dpace only: set loss=dpace or drop dpace_alpha")
+    need(c["loss"] == "dpace" or c["dpace_alpha"] == DEFAULTS["dpace_alpha"],
+         f"dpace_alpha={c['dpace_alpha']} applies to loss=dpace only: set loss=dpace or drop dpace_alpha")
     need(c["loss"] == "dflash" or c["gamma"] == 0, f"gamma={c['gamma']} applies to loss=dflash only; "
          "loss=dpace weights slots by acceptance (drop gamma)")
     need(c["mask_token_id"] >= 0, "mask_token_id is not set: choose a target embedding row real text "
