@@ -256,20 +256,37 @@ def measure_tau(target, drafter, tokenizer, prompts, max_new_tokens, log=None):
 
 class StaticDraftCache:
     """DraftCache with preallocated buffers: context K/V are written at self.pos (absolute positions);
-    positions >= the anchor are hidden by the attention mask, and overwritten by the next step."""
+    positions >= the anchor are hidden by the attention mask, and overwritten by the next step.
+    A sliding layer keeps a ring of W + block slots instead (position t in slot t mod ring): the W - 1
+    positions its next block can see survive the step's uncommitted writes, and it attends over the
+    ring, not the whole buffer."""
 
-    def __init__(self, cfg, size, device, dtype):
-        shape = (1, cfg.num_key_value_heads, size, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+    def __init__(self, cfg, size, device, dtype, block_size=None):
+        self.ring = min(size, cfg.sliding_window + (block_size or cfg.block_size)) if cfg.sliding_window else size
+        sizes = [self.ring if t == "sliding_attention" else size for t in cfg.layer_types]
+        shape = lambda n: (1, cfg.num_key_value_heads, n, cfg.head_dim)
+        self.k = [torch.zeros(shape(n), device=device, dtype=dtype) for n in sizes]
+        self.v = [torch.zeros(shape(n), device=device, dtype=dtype) for n in sizes]
         for t in self.k + self.v:
             torch._dynamo.mark_static_address(t)
         self.size, self.pos = size, None
 
-    def append(self, i, k, v):
-        self.k[i].index_copy_(2, self.pos, k.to(self.k[i].dtype))
-        self.v[i].index_copy_(2, self.pos, v.to(self.v[i].dtype))
+    def append(self, i, k, v, window=None):
+        pos = self.pos
+        if window:  # the ring: the newest rows only (a prompt may be longer than the ring)
+            k, v, pos = k[:, :, -self.ring:], v[:, :, -self.ring:], pos[-self.ring:] % self.ring
+        self.k[i].index_copy_(2, pos, k.to(self.k[i].dtype))
+        self.v[i].index_copy_(2, pos, v.to(self.v[i].dtype))
         return self.k[i], self.v[i]
+
+    def sliding_mask(self, start, block_size, window):
+        """[1, 1, T, ring + T]: ring slot r holds the newest position p < start with p = r mod ring; slot k
+        of the block at `start` sees those in [start + k - W + 1, start) and block slots <= k."""
+        r = torch.arange(self.ring, device=self.k[0].device)
+        held = start - 1 - (start - 1 - r) % self.ring
+        k = torch.arange(block_size, device=r.device)[:, None]
+        ctx = (held >= 0) & (held > start + k - window)
+        return torch.cat([ctx, k >= torch.arange(block_size, device=r.device)], -1)[None, None]
 
 
 class CUDAGraphStep:
@@ -320,7 +337,7 @@ class StaticRunner:
             self.handles.append(M.decoder_layers(target)[k].register_forward_hook(self._hook(k)))
         if block_size > 1:
             self.draft_kv = StaticDraftCache(drafter.config, max_len + block_size, self.device,
-                                             drafter.fc.weight.dtype)
+                                             drafter.fc.weight.dtype, block_size)
         self.offsets = torch.arange(max(block_size, 1), device=self.device)
         self._verify, self._draft = self._verify_impl, self._draft_impl
         if compile:
@@ -377,6 +394,9 @@ class StaticRunner:
         embeds = M.embed_tokens(self.target, block[None])
         visible = torch.arange(self.draft_kv.size, device=anchor.device) < start  # committed context
         mask = torch.cat([visible, visible.new_ones(B)])[None, None, None].expand(1, 1, B, -1)
+        if cfg.sliding_window is not None:  # one mask per layer type
+            mask = {"full_attention": mask,
+                    "sliding_attention": self.draft_kv.sliding_mask(start, B, cfg.sliding_window)}
         hidden = self.drafter(embeds, feats[None], (start + self.offsets)[None], ctx_pos, mask, self.draft_kv)
         return M.target_logits(self.target, hidden[0, 1:])
 
@@ -422,6 +442,24 @@ def diagnose(target, drafter, prompt_ids, pos, block_size, stop_ids, runners):
     return out
 
 
+POSITION_BUCKETS = ((0, "0-512"), (512, "512-1K"), (1024, "1K-2K"), (2048, "2K-4K"), (4096, "4K+"))
+
+
+def tau_by_position(records):
+    """Tau per bucket of the context position at which a step starts (its anchor: the prompt length
+    plus the tokens emitted before it), so a drafter's acceptance past its training length shows.
+    {bucket: {"steps": n, "tau": mean acceptance}} for the buckets that have steps."""
+    steps = {}
+    for r in records:
+        start = r["prompt_len"]
+        for a in r["dflash"]["acceptance"]:
+            label = [lbl for lo, lbl in POSITION_BUCKETS if start >= lo][-1]
+            steps.setdefault(label, []).append(a)
+            start += a
+    return {lbl: dict(steps=len(steps[lbl]), tau=sum(steps[lbl]) / len(steps[lbl]))
+            for _, lbl in POSITION_BUCKETS if lbl in steps}
+
+
 def summarize(name, records, block_size, temperature=0.0, sampling="speculative"):
     """Print tau, TPOT of both runs, speedup, the per-step time breakdown and the acceptance histogram."""
     steps = [a for r in records for a in r["dflash"]["acceptance"]]
@@ -434,7 +472,7 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
                baseline_tpot_ms=1e3 * base_tpot, dflash_tpot_ms=1e3 * dfl_tpot,
                speedup=base_tpot / dfl_tpot if dfl_tpot else float("nan"),
                histogram={k: v for k, v in sorted(Counter(steps).items())}, temperature=temperature,
-               sampling=sampling if temperature > 0 else "greedy")
+               sampling=sampling if temperature > 0 else "greedy", tau_by_position=tau_by_position(records))
     for k in ("baseline", "dflash"):
         d, v, t = per_step(k, "draft_s"), per_step(k, "verify_s"), per_step(k, "decode_s")
         res[k + "_step_ms"] = dict(draft=d, verify=v, other=t - d - v)
@@ -448,6 +486,8 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
     for k in ("baseline", "dflash"):
         s = res[k + "_step_ms"]
         print(f"  {k:8s} step: draft {s['draft']:.2f} ms, verify {s['verify']:.2f} ms, other {s['other']:.2f} ms")
+    print("  tau by step start position: " + ", ".join(
+        f"{k} {v['tau']:.2f} ({v['steps']} steps)" for k, v in res["tau_by_position"].items()))
     total = max(len(steps), 1)
     print("  acceptance: " + " ".join(f"{k}:{100 * v / total:.1f}%" for k, v in res["histogram"].items()))
     if checked:
@@ -479,6 +519,7 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
             rec = dict(dataset=name, id=p.get("id"), turn=k, prompt_len=len(d["prompt_ids"]),
                        baseline={f: b[f] for f in keep}, dflash={f: d[f] for f in keep},
                        same_prompt=b["prompt_ids"] == d["prompt_ids"], match=None)
+            rec["tau_by_position"] = tau_by_position([rec])
             if args.temperature == 0 and rec["same_prompt"]:
                 pos = _first_diff(b["tokens"], d["tokens"])
                 rec.update(match=pos is None, first_diff=pos)

@@ -298,10 +298,12 @@ def serving_config(cfg, target_config):
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
         rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.max_position_embeddings, num_hidden_layers=cfg.num_hidden_layers,
-        layer_types=["full_attention"] * cfg.num_hidden_layers, attention_bias=False,
+        layer_types=list(cfg.layer_types), attention_bias=False,
         tie_word_embeddings=False, dtype="bfloat16", block_size=cfg.block_size,
         num_target_layers=cfg.num_target_layers,
         dflash_config={"target_layer_ids": list(cfg.target_layer_ids), "mask_token_id": cfg.mask_token_id})
+    # Qwen3Config (the authors' loader) keeps sliding_window only when use_sliding_window is true
+    out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
     out["target_config_diff"] = {"changed": {k: tc[k] for k in sorted(tc) if k not in out or out[k] != tc[k]},
                                  "added": sorted(k for k in out if k not in tc)}
     return out
@@ -316,9 +318,20 @@ def target_config_from_serving(config):
     if diff:
         tc.update(diff.get("changed", {}))
     else:
-        tc.pop("tie_word_embeddings", None)  # the drafter's own statement, not the target's
+        for k in ("tie_word_embeddings", "use_sliding_window", "sliding_window"):
+            tc.pop(k, None)  # the drafter's own statements, not the target's
         tc["num_hidden_layers"] = config["num_target_layers"]
     return tc
+
+
+def serving_layout(config):
+    """layer_types and sliding_window as Qwen3Config reads them: the window counts only with
+    use_sliding_window, and a config without layer_types slides from layer max_window_layers on."""
+    window = config.get("sliding_window") if config.get("use_sliding_window") else None
+    types = config.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= config.get("max_window_layers", 28) else "full_attention"
+        for i in range(config["num_hidden_layers"])]
+    return dict(layer_types=list(types), sliding_window=window if "sliding_attention" in types else None)
 
 
 def config_from_serving(config, source="config.json"):
@@ -341,7 +354,7 @@ def config_from_serving(config, source="config.json"):
                  num_target_layers=config["num_target_layers"],
                  target_layer_ids=list(dflash["target_layer_ids"]),
                  mask_token_id=dflash["mask_token_id"], num_hidden_layers=config["num_hidden_layers"],
-                 block_size=config["block_size"])
+                 block_size=config["block_size"], **serving_layout(config))
     except KeyError as e:
         raise ValueError(f"{source} lacks {e.args[0]!r}") from None
     return _make_config(d, source)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from attention import attend, build_mask
+from attention import attend, build_mask, dense_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,6 +42,8 @@ class DFlashConfig:
     num_hidden_layers: int = 5
     block_size: int = 16
     rope_scaling: dict = None  # {"rope_type": ..., its parameters}; None = plain RoPE (rope_config)
+    layer_types: list = None      # per draft layer: full_attention | sliding_attention (None: all full)
+    sliding_window: int = None    # W of the sliding layers (None when no layer slides)
 
     def __post_init__(self):
         if self.block_size < 2:
@@ -67,10 +69,37 @@ class DFlashConfig:
         if missing:
             raise ValueError(f"rope_scaling {self.rope_scaling} lacks {missing[0]!r}, which rope_type "
                              f"{kind!r} needs; copy the target's rope_parameters")
+        self.layer_types = list(self.layer_types or ["full_attention"] * self.num_hidden_layers)
+        problem = layout_problem(self.layer_types, self.sliding_window, self.num_hidden_layers, self.block_size)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def num_features(self):
         return len(self.target_layer_ids)
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layout_problem(layer_types, window, num_layers, block_size):
+    """What is wrong with a layer layout (one line naming the fix), or None."""
+    unknown = [t for t in layer_types if t not in LAYER_TYPES]
+    if unknown:
+        return f"layer_types has unknown type(s) {unknown}; use {' or '.join(LAYER_TYPES)}"
+    if len(layer_types) != num_layers:
+        return (f"layer_types has {len(layer_types)} entries for {num_layers} draft layers; "
+                "give one type per layer")
+    sliding = "sliding_attention" in layer_types
+    if sliding and not window:
+        return "layer_types has sliding_attention layers but no sliding_window: set sliding_window (e.g. 2048)"
+    if not sliding and window:
+        return (f"sliding_window={window} but no layer is sliding_attention: add one to layer_types "
+                "or drop sliding_window")
+    if sliding and window < block_size:
+        return (f"sliding_window={window} is smaller than block_size={block_size}: a block must fit in "
+                "the window; use sliding_window >= block_size")
+    return None
 
 
 def build_target_layer_ids(num_target_layers, num_features):
@@ -195,7 +224,7 @@ def rope_mismatch(cfg, target_config):
 
 
 def config_from_target(target_config, num_hidden_layers=5, block_size=16, target_layer_ids=None,
-                       num_features=5, mask_token_id=None):
+                       num_features=5, mask_token_id=None, layer_types=None, sliding_window=None):
     """Drafter dimensions are the target's; only depth, block size, layer ids and mask id are ours."""
     tc = getattr(target_config, "text_config", None) or target_config
     L = tc.num_hidden_layers
@@ -211,7 +240,8 @@ def config_from_target(target_config, num_hidden_layers=5, block_size=16, target
         rope_theta=theta, rope_scaling=scaling, vocab_size=tc.vocab_size,
         max_position_embeddings=tc.max_position_embeddings, num_target_layers=L,
         target_layer_ids=list(target_layer_ids or build_target_layer_ids(L, num_features)),
-        mask_token_id=int(mask_token_id), num_hidden_layers=num_hidden_layers, block_size=block_size)
+        mask_token_id=int(mask_token_id), num_hidden_layers=num_hidden_layers, block_size=block_size,
+        layer_types=layer_types, sliding_window=sliding_window)
 
 
 def check_fits_target(cfg, target):
@@ -265,8 +295,9 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_type="full_attention"):
         super().__init__()
+        self.window = cfg.sliding_window if layer_type == "sliding_attention" else None
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         H = cfg.hidden_size
         self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=False)
@@ -289,7 +320,13 @@ class Attention(nn.Module):
         q = apply_rope(q, *rope_block)
         k_ctx, v_ctx = self.project_kv(context, *rope_context)
         if cache is not None:  # inference: earlier committed context is already projected
-            k_ctx, v_ctx = cache.append(layer_idx, k_ctx, v_ctx)
+            k_ctx, v_ctx = cache.append(layer_idx, k_ctx, v_ctx, self.window)
+        if mask is None and self.window:
+            # one block whose context ends just before its anchor (inference, or a reference run):
+            # the sliding rule for anchor = context length
+            C, dev = k_ctx.shape[2], x.device
+            mask = dense_mask(torch.tensor([[C]], device=dev), torch.ones(1, 1, dtype=torch.bool, device=dev),
+                              C, T, self.window)
         k_blk, v_blk = self.project_kv(x, *rope_block)
         out = attend(q, torch.cat([k_ctx, k_blk], 2), torch.cat([v_ctx, v_blk], 2), mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -307,10 +344,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_type="full_attention"):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_type)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -328,13 +365,14 @@ class DFlashDrafter(nn.Module):
         H = cfg.hidden_size
         self.fc = nn.Linear(cfg.num_features * H, H, bias=False)
         self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, t) for t in cfg.layer_types)
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
 
     def forward(self, block_embeds, features, block_positions, context_positions, mask=None, cache=None):
         """block_embeds [B, T, H] (target-embedded block tokens), features [B, S, n*H] (captured
-        target layers of the context), positions [B, T] and [B, S] (absolute). Returns the final
-        normed hidden states [B, T, H]; the target lm_head turns them into logits."""
+        target layers of the context), positions [B, T] and [B, S] (absolute). mask: None (one block
+        per row after all of its context), one mask for every layer, or a dict {layer type: mask}.
+        Returns the final normed hidden states [B, T, H]; the target lm_head turns them into logits."""
         cfg = self.config
         context = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
         x = block_embeds.to(context.dtype)
@@ -345,26 +383,30 @@ class DFlashDrafter(nn.Module):
         rope_block = rope_cos_sin(block_positions, *rope)
         rope_context = rope_cos_sin(context_positions, *rope)
         for i, layer in enumerate(self.layers):
-            x = layer(x, context, rope_block, rope_context, mask, cache, i)
+            layer_mask = mask[cfg.layer_types[i]] if isinstance(mask, dict) else mask
+            x = layer(x, context, rope_block, rope_context, layer_mask, cache, i)
         return self.norm(x)
 
 
 class DraftCache:
     """K/V of the committed context, per draft layer. Block K/V is never stored: the next block is
-    drafted at new positions, so the cache only ever holds committed positions."""
+    drafted at new positions, so the cache only ever holds committed positions. A sliding layer keeps
+    only the last W - 1 of them: the most its next block's first slot can see."""
 
     def __init__(self):
         self.k, self.v = {}, {}
 
-    def append(self, i, k, v):
+    def append(self, i, k, v, window=None):
         if i in self.k:
             k, v = torch.cat([self.k[i], k], 2), torch.cat([self.v[i], v], 2)
+        if window:
+            k, v = k[:, :, -(window - 1):], v[:, :, -(window - 1):]
         self.k[i], self.v[i] = k, v
         return k, v
 
     @property
-    def length(self):
-        return self.k[0].shape[2] if self.k else 0
+    def length(self):  # committed positions held by a full layer (a sliding one holds at most W - 1)
+        return max((k.shape[2] for k in self.k.values()), default=0)
 
 
 # The drafter's input and output go through the target's own embedding and head, with whatever the
@@ -623,10 +665,21 @@ class LMHeadCE(torch.autograd.Function):
 _ce_chunk_compiled = None
 
 
+def dpace_weights(p, valid, alpha=0.5):
+    """D-PACE (arXiv 2605.18810) slot weights over the last dim: with s_i = (1 - alpha) p_i + alpha,
+    w_k = sum over valid j >= k of prod_{i <= j} s_i. Invalid slots are 1 in the products, absent from
+    the sums (and get weight 0). p: the drafter's probability of each label, detached by the caller."""
+    s = torch.where(valid, (1 - alpha) * p + alpha, torch.ones_like(p))
+    reach = torch.cumprod(s, -1) * valid                      # prod_{i <= j} s_i at valid j, else 0
+    return reach.flip(-1).cumsum(-1).flip(-1) * valid         # suffix sums over j >= k
+
+
 def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, use_flex=False,
-                generator=None, features=None, ce_chunk_tokens=4096, compile_ce=False):
+                generator=None, features=None, ce_chunk_tokens=4096, compile_ce=False,
+                loss="dflash", dpace_alpha=0.5):
     """The training forward for a batch. Returns (weighted CE sum, weight sum, stats): the caller
-    divides by the weight sum of the WHOLE optimizer step (all micro-batches, all ranks)."""
+    divides by the weight sum of the WHOLE optimizer step (all micro-batches, all ranks).
+    loss="dflash": slot k weighted exp(-(k-1)/gamma); "dpace": weighted by dpace_weights."""
     cfg = drafter.config
     bs, B, S = cfg.block_size, *input_ids.shape
     gamma = gamma or default_gamma(bs)
@@ -645,7 +698,9 @@ def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, 
         embeds = embed_tokens(target, block_ids.view(B, N * bs))
 
     with record_function("dflash: block mask"):
-        mask = build_mask(anchors, keep, S, bs, use_flex)
+        # one mask per layer type in the drafter, built once per batch
+        mask = {t: build_mask(anchors, keep, S, bs, use_flex, cfg.sliding_window if t == "sliding_attention" else None)
+                for t in dict.fromkeys(cfg.layer_types)}
     context_positions = torch.arange(S, device=input_ids.device)[None].expand(B, -1)
     with record_function("dflash: drafter"):
         hidden = drafter(embeds, features, positions.view(B, N * bs), context_positions, mask)
@@ -657,8 +712,6 @@ def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, 
     labels = input_ids.gather(1, label_pos.view(B, -1)).view(B, N, bs - 1)
     valid = in_range & keep[:, :, None] & (loss_mask.gather(1, label_pos.view(B, -1)).view(B, N, bs - 1) > 0)
     labels = torch.where(valid, labels, -100)
-    slot_weight = torch.exp(-(offsets[1:].float() - 1) / gamma)                  # [bs - 1]
-    weights = valid.float() * slot_weight
 
     # lm_head (+ the target's soft-capping) + CE in chunks of query tokens, with the gradient formed in
     # the forward (LMHeadCE): fp32 logits for the whole vocab never exist for all N * (bs - 1) tokens
@@ -670,6 +723,15 @@ def dflash_loss(drafter, target, input_ids, loss_mask, num_anchors, gamma=None, 
     ce, hit = LMHeadCE.apply(h, lm_weight.detach(), labels.reshape(-1), ce_chunk_tokens,
                              _ce_chunk_compiled if compile_ce else _ce_chunk, logit_softcap(target))
     ce, hit = ce.view(B, N, bs - 1), hit.view(B, N, bs - 1)
+    if loss == "dpace":
+        # normalised like the decay weights, by the step's sum of these weights (the caller's weight
+        # sum): the loss stays a weighted mean CE, so its gradient scale does not grow ~10x as the
+        # drafter improves (w_1 goes from ~1 at p = 0 to bs - 1 at p = 1), which would act as a
+        # hidden learning-rate schedule; the weights are detached, so this adds no gradient term
+        weights = dpace_weights(torch.exp(-ce.detach()), valid, dpace_alpha)
+    else:
+        slot_weight = torch.exp(-(offsets[1:].float() - 1) / gamma)              # [bs - 1]
+        weights = valid.float() * slot_weight
 
     loss_sum = (ce * weights).sum()
     stats = {  # sums, so the caller can add them over micro-batches and ranks

@@ -65,10 +65,12 @@ def rope_target(rope, family="llama", seed=0):
     return M.load_target(cfg, dtype=torch.float32)
 
 
-def tiny_drafter(target, layers=2, block_size=4, layer_ids=(1, 3), mask_token_id=None, seed=1):
+def tiny_drafter(target, layers=2, block_size=4, layer_ids=(1, 3), mask_token_id=None, seed=1,
+                 layer_types=None, sliding_window=None):
     cfg = M.config_from_target(target.config, num_hidden_layers=layers, block_size=block_size,
                                target_layer_ids=list(layer_ids),
-                               mask_token_id=target.config.vocab_size - 1 if mask_token_id is None else mask_token_id)
+                               mask_token_id=target.config.vocab_size - 1 if mask_token_id is None else mask_token_id,
+                               layer_types=layer_types, sliding_window=sliding_window)
     torch.manual_seed(seed)
     return M.build_drafter(cfg)
 
@@ -76,18 +78,23 @@ def tiny_drafter(target, layers=2, block_size=4, layer_ids=(1, 3), mask_token_id
 # ------------------------------------------------------------------------------------------------
 # attention.py: the block mask
 
-def loop_mask(anchors, keep, S, bs):
-    """The rule written out pair by pair, independently of the mask_mod."""
+def loop_mask(anchors, keep, S, bs, window=None):
+    """The rule written out pair by pair, independently of the mask_mod. With a window W (a sliding
+    layer), slot k at position p = a + k sees context [p - W + 1, a) and its block's slots 0..k."""
     B, N = anchors.shape
     out = torch.zeros(B, 1, N * bs, S + N * bs, dtype=torch.bool)
     for b in range(B):
         for j in range(N):
             if not keep[b, j]:
                 continue
-            for qi in range(j * bs, (j + 1) * bs):
-                for t in range(int(anchors[b, j])):
+            a = int(anchors[b, j])
+            for k in range(bs):
+                qi = j * bs + k
+                lo = 0 if window is None else max(0, a + k - window + 1)
+                for t in range(lo, a):
                     out[b, 0, qi, t] = True
-                out[b, 0, qi, S + j * bs: S + (j + 1) * bs] = True
+                hi = bs if window is None else k + 1
+                out[b, 0, qi, S + j * bs: S + j * bs + hi] = True
     return out
 
 
@@ -108,33 +115,48 @@ def test_dense_mask_equals_loop_reference():
         assert torch.equal(dense_mask(anchors, keep, 30, 3), loop_mask(anchors, keep, 30, 3))
 
 
-def test_flex_block_mask_matches_dense_reference():
+def test_sliding_mask_equals_loop_reference():
+    anchors, keep, S, bs = mask_case()
+    for window in (4, 5, 9, 40):  # the window cuts the context (4-9), or nothing (40)
+        assert torch.equal(dense_mask(anchors, keep, S, bs, window), loop_mask(anchors, keep, S, bs, window))
+    assert not torch.equal(dense_mask(anchors, keep, S, bs, 5), dense_mask(anchors, keep, S, bs))
+    torch.manual_seed(0)
+    for _ in range(3):
+        anchors = torch.randint(0, 30, (2, 9))
+        keep = torch.rand(2, 9) > 0.3
+        assert torch.equal(dense_mask(anchors, keep, 30, 3, 7), loop_mask(anchors, keep, 30, 3, 7))
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_flex_block_mask_matches_dense_reference(window):
     """The BlockMask (Q_LEN = 24 padded to 128 inside flex) attends exactly like the loop mask."""
     anchors, keep, S, bs = mask_case()
     B, N = anchors.shape
     Q, KV = N * bs, S + N * bs
     torch.manual_seed(0)
     q, k, v = torch.randn(B, 2, Q, 8), torch.randn(B, 2, KV, 8), torch.randn(B, 2, KV, 8)
-    out = flex_attention(q, k, v, block_mask=build_mask(anchors, keep, S, bs, use_flex=True))
-    ref_mask = loop_mask(anchors, keep, S, bs)
+    out = flex_attention(q, k, v, block_mask=build_mask(anchors, keep, S, bs, use_flex=True, window=window))
+    ref_mask = loop_mask(anchors, keep, S, bs, window)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
     ref = torch.softmax(scores.masked_fill(~ref_mask, -math.inf), -1).nan_to_num(0.0) @ v
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert out[0, :, 5 * bs:].abs().max() == 0  # a dropped slot sees nothing
 
 
-def test_block_mask_tiles_equal_create_block_mask():
+@pytest.mark.parametrize("window", [None, 16, 200])
+def test_block_mask_tiles_equal_create_block_mask(window):
     """build_mask lists its tiles from interval overlaps; create_block_mask finds them by evaluating the
     mask_mod on every pair. Same empty / partial / full tiles, same dense mask, with S and Q not
-    multiples of the 128 tile and with overlapping, dropped and end-of-sequence anchors."""
+    multiples of the 128 tile and with overlapping, dropped and end-of-sequence anchors; for a sliding
+    layer (window) too, whose window and causal block leave tiles partly covered."""
     from torch.nn.attention.flex_attention import create_block_mask
     torch.manual_seed(0)
     for S, N, bs in ((300, 40, 4), (256, 16, 16), (1000, 33, 8)):
         anchors = torch.sort(torch.randint(0, S - 1, (2, N)), 1).values
         anchors[1, -3:] = S - 2
         keep = torch.rand(2, N) > 0.2
-        ours = build_mask(anchors, keep, S, bs, use_flex=True)
-        ref = create_block_mask(A.dflash_mask_mod(anchors, keep, S, bs), B=2, H=None, Q_LEN=N * bs,
+        ours = build_mask(anchors, keep, S, bs, use_flex=True, window=window)
+        ref = create_block_mask(A.dflash_mask_mod(anchors, keep, S, bs, window), B=2, H=None, Q_LEN=N * bs,
                                 KV_LEN=S + N * bs, device="cpu")
         assert torch.equal(ours.to_dense(), ref.to_dense())
         assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
@@ -277,11 +299,18 @@ def test_drafter_matches_raw_tensor_reference(rope):
     torch.testing.assert_close(out[0], ref, atol=1e-5, rtol=1e-5)
 
 
-def test_batched_training_forward_equals_per_block_dense():
+LAYOUTS = {"full": {}, "mixed": dict(layers=3, sliding_window=5,
+                                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])}
+
+
+@pytest.mark.parametrize("layout", ["full", "mixed"])
+def test_batched_training_forward_equals_per_block_dense(layout):
     """The one test that proves mask, positions and KV injection agree: every kept block of the
-    packed training forward equals that block run alone over exactly the context it may see."""
+    packed training forward equals that block run alone over exactly the context it may see, and
+    (logits) draft_block's inference step over a DraftCache filled in two steps. Mixed: sliding layers
+    (window 5, block 4) next to a full one, one mask per layer type."""
     t = tiny_target()
-    d = tiny_drafter(t, block_size=4)
+    d = tiny_drafter(t, block_size=4, **LAYOUTS[layout])
     B, S, N, bs = 2, 24, 7, 4
     ids = torch.randint(0, 63, (B, S))
     feats, _ = M.capture_features(t, ids, d.config.target_layer_ids)
@@ -297,7 +326,10 @@ def test_batched_training_forward_equals_per_block_dense():
     block_ids[:, :, 0] = ids.gather(1, anchors)
     embeds = t.get_input_embeddings()(block_ids.view(B, -1))
     ctx_pos = torch.arange(S)[None].expand(B, -1)
-    out = d(embeds, feats, pos, ctx_pos, build_mask(anchors, keep, S, bs, use_flex=False))
+    masks = {"full_attention": build_mask(anchors, keep, S, bs, use_flex=False),
+             "sliding_attention": build_mask(anchors, keep, S, bs, use_flex=False, window=5)}
+    out = d(embeds, feats, pos, ctx_pos, masks)
+    lm_head = t.get_output_embeddings()
     for b in range(B):
         for j in range(N):
             if not keep[b, j]:
@@ -306,6 +338,13 @@ def test_batched_training_forward_equals_per_block_dense():
             sl = slice(j * bs, (j + 1) * bs)
             ref = d(embeds[b:b + 1, sl], feats[b:b + 1, :a], pos[b:b + 1, sl], ctx_pos[b:b + 1, :a])
             torch.testing.assert_close(out[b:b + 1, sl], ref, atol=1e-5, rtol=1e-5)
+            cache, c1 = M.DraftCache(), a // 2  # context committed in two steps, as at inference
+            if c1:
+                M.draft_block(d, t, feats[b:b + 1, :c1], ctx_pos[b:b + 1, :c1], block_ids[b:b + 1, j], c1, cache)
+            step = M.draft_block(d, t, feats[b:b + 1, c1:a], ctx_pos[b:b + 1, c1:a], block_ids[b:b + 1, j], a, cache)
+            torch.testing.assert_close(lm_head(out[b:b + 1, sl]), step, atol=1e-5, rtol=1e-5)
+            if layout == "mixed":  # the sliding layers keep only the last W - 1 = 4 context positions
+                assert cache.k[0].shape[2] == min(a, 4) and cache.k[1].shape[2] == a
 
 
 # ------------------------------------------------------------------------------------------------
@@ -517,6 +556,39 @@ def test_loss_hand_worked_case():
     assert stats["anchors"].item() == 1
 
 
+def test_dpace_weights_hand_worked():
+    """alpha 0.5, p = [0.8, 0.3, 0.5, 0.2] with slot 2 invalid: s = [0.9, 1 (invalid), 0.75, 0.6],
+    prefix products at valid slots 0.9, 0.675, 0.405; w_k = their sums over j >= k."""
+    p = torch.tensor([[0.8, 0.3, 0.5, 0.2], [1.0, 1.0, 1.0, 1.0]])
+    valid = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    w = M.dpace_weights(p, valid, 0.5)
+    assert w[0].tolist() == pytest.approx([0.9 + 0.675 + 0.405, 0.0, 0.675 + 0.405, 0.405])
+    assert w[1].tolist() == pytest.approx([4, 3, 2, 1])  # a perfect drafter: w_k = slots left
+    assert M.dpace_weights(p, valid, 1.0)[0].tolist() == pytest.approx([3, 0, 2, 1])  # alpha 1: p ignored
+
+
+def test_dpace_loss_hand_worked_case():
+    """The zero-drafter block of test_loss_hand_worked_case with labels at slots 1 and 3 (slot 2's
+    label is masked): every MASK slot has the same softmax, so p and CE of each label are known by hand,
+    and the loss is w1 * CE1 + w3 * CE3 with w1 = s1 + s1 s3, w3 = s1 s3 (s2 = 1: invalid)."""
+    t = tiny_target(vocab=16, hidden=8)
+    d = tiny_drafter(t, layers=1, block_size=4, layer_ids=(1,), mask_token_id=15)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.zero_() if p.dim() == 2 else p.fill_(1.0)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10]])
+    loss_mask = torch.tensor([[0, 0, 0, 0, 1, 1, 0, 1]])  # one anchor (4): labels 8 (slot 1), 10 (slot 3)
+    loss_sum, w_sum, stats = M.dflash_loss(d, t, ids, loss_mask, num_anchors=1, loss="dpace", dpace_alpha=0.3)
+    E = t.get_input_embeddings().weight.detach().double()
+    h = E[15] * torch.rsqrt(E[15].pow(2).mean() + 1e-6)
+    prob = torch.softmax(E @ h, 0)
+    s1, s3 = 0.7 * prob[8].item() + 0.3, 0.7 * prob[10].item() + 0.3
+    w1, w3 = s1 + s1 * s3, s1 * s3
+    assert stats["count_per_slot"].tolist() == [1.0, 0.0, 1.0]
+    assert w_sum.item() == pytest.approx(w1 + w3, rel=1e-5)
+    assert loss_sum.item() == pytest.approx(-w1 * math.log(prob[8].item()) - w3 * math.log(prob[10].item()), rel=1e-5)
+
+
 def test_loss_weights_and_gradients():
     t = tiny_target()
     d = tiny_drafter(t, block_size=4)
@@ -626,6 +698,30 @@ def test_config_errors_name_the_key(tmp_path):
     # the mask id is checked against the target's vocab before the weights are loaded
     with pytest.raises(SystemExit, match="mask_token_id=64"):
         T.main(train_args(tmp_path, mask_token_id=64))
+
+
+def test_layout_and_loss_errors_before_the_target_loads(tmp_path):
+    for over, message in [
+        (dict(layer_types=["full_attention"]), "layer_types has 1 entries for 2 draft layers"),
+        (dict(layer_types=["full_attention", "local"]), r"layer_types has unknown type\(s\) \['local'\]"),
+        (dict(layer_types=["sliding_attention", "full_attention"]), "no sliding_window: set sliding_window"),
+        (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=3),
+         "sliding_window=3 is smaller than block_size=4"),
+        (dict(sliding_window=64), "sliding_window=64 but no layer is sliding_attention"),
+        (dict(loss="dpace", dpace_alpha=1.5), r"dpace_alpha=1.5 must be in \[0, 1\]"),
+        (dict(loss="dpace", dpace_alpha=-0.1), r"dpace_alpha=-0.1 must be in \[0, 1\]"),
+        (dict(dpace_alpha=0.3), "dpace_alpha=0.3 applies to loss=dpace only"),
+        (dict(loss="dpace", gamma=7.0), "gamma=7.0 applies to loss=dflash only"),
+        (dict(loss="pace"), "loss='pace'"),
+    ]:
+        with pytest.raises(SystemExit, match=message) as e:
+            T.parse_config(train_args(tmp_path, target="/nonexistent/target", **over))  # checked before the target
+        assert str(e.value).startswith("config error: ")
+    c = T.parse_config(train_args(tmp_path, loss="dpace", sliding_window=4,
+                                  layer_types=["sliding_attention", "full_attention"]))
+    assert c["layer_types"] == ["sliding_attention", "full_attention"] and c["loss"] == "dpace"
+    r = run_train(train_args(tmp_path, layer_types=["local", "full_attention"]))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown type" in r.stderr
 
 
 def test_help_lists_every_key_and_loads_nothing():
@@ -823,26 +919,35 @@ def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_p
     assert val["val_acc"] == pytest.approx(acc.tolist(), abs=1e-6)
 
 
-def test_grad_accumulation_matches_larger_batch(tmp_path):
+# D-PACE weights depend on the drafter's own probabilities, normalised over the whole step like the
+# decay weights; with sliding layers the same equivalences must hold
+DPACE_MIXED = dict(loss="dpace", layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+
+
+@pytest.mark.parametrize("over", [{}, DPACE_MIXED], ids=["dflash", "dpace_mixed"])
+def test_grad_accumulation_matches_larger_batch(tmp_path, over):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    assert T.main(train_args(a, batch_size=2, grad_accum=1, max_steps=2)) == 0
-    assert T.main(train_args(b, batch_size=1, grad_accum=2, max_steps=2)) == 0
+    assert T.main(train_args(a, batch_size=2, grad_accum=1, max_steps=2, **over)) == 0
+    assert T.main(train_args(b, batch_size=1, grad_accum=2, max_steps=2, **over)) == 0
     assert losses(a / "run") == pytest.approx(losses(b / "run"), rel=1e-5)
     wa, wb = final_weights(a / "run"), final_weights(b / "run")
     for k in wa:
         torch.testing.assert_close(wa[k].float(), wb[k].float(), atol=1e-2, rtol=1e-2)
 
 
-def test_two_rank_gloo_run_matches_one_rank(tmp_path):
+@pytest.mark.parametrize("over", [{}, DPACE_MIXED], ids=["dflash", "dpace_mixed"])
+def test_two_rank_gloo_run_matches_one_rank(tmp_path, over):
     """torchrun with 2 CPU ranks: FSDP2 shards the drafter; 2 ranks x batch 1 == 1 rank x batch 2."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    assert T.main(train_args(a, batch_size=2, max_steps=3)) == 0
-    r = run_train(train_args(b, batch_size=1, max_steps=3), nproc=2)
+    assert T.main(train_args(a, batch_size=2, max_steps=3, **over)) == 0
+    r = run_train(train_args(b, batch_size=1, max_steps=3, **over), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "on 2 x cpu" in r.stdout
     assert losses(b / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
+    if over:
+        return
     # the frozen target sharded too (targets that do not fit one GPU): the same maths
     c = tmp_path / "c"
     c.mkdir()
@@ -1551,6 +1656,42 @@ def test_config_json_round_trips_through_autoconfig(trained, tmp_path):
     assert '"num_speculative_tokens": 3' in card
 
 
+def test_sliding_layout_exports_as_the_authors_loader_reads_it(tmp_path):
+    """A mixed drafter's config.json gives the authors' DFlashDraftModel (a Qwen3Config: per layer
+    config.layer_types[i], and config.sliding_window, which Qwen3Config keeps only with
+    use_sliding_window) our layer types and window; the keys are the SPEC's; --import reads it back."""
+    from transformers import AutoConfig
+    from safetensors import safe_open
+    t = tiny_target()
+    types = ["sliding_attention", "full_attention"]
+    d = tiny_drafter(t, layer_types=types, sliding_window=6)
+    out, ckpt, again = tmp_path / "served", tmp_path / "ckpt", tmp_path / "again"
+    C.export_drafter(d.state_dict(), d.config, target_dict(t), str(out))
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["layer_types"] == types and raw["use_sliding_window"] is True and raw["sliding_window"] == 6
+    hf = AutoConfig.from_pretrained(str(out))
+    assert hf.layer_types == types and hf.sliding_window == 6 and hf.num_hidden_layers == 2
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == SPEC_KEYS_2_LAYERS
+    assert C.main(["--import", str(out), str(ckpt)]) == 0
+    sd, cfg, target_config = C.read_checkpoint(str(ckpt))
+    assert cfg == d.config and cfg.layer_types == types and cfg.sliding_window == 6
+    assert target_config["use_sliding_window"] is False and target_config["sliding_window"] is None  # the target's
+    assert C.main([str(ckpt), str(again)]) == 0
+    assert (out / "config.json").read_bytes() == (again / "config.json").read_bytes()
+    loaded, _ = C.load_drafter(str(out))
+    assert torch.equal(logits(loaded, t), logits(bf16_copy(d), t))
+    # an all-full drafter: no window, as Qwen3Config would read it
+    full = tiny_drafter(t)
+    C.export_drafter(full.state_dict(), full.config, target_dict(t), str(tmp_path / "full"))
+    hf = AutoConfig.from_pretrained(str(tmp_path / "full"))
+    assert hf.layer_types == ["full_attention"] * 2 and hf.sliding_window is None
+    # sliding layers whose window Qwen3Config would drop (use_sliding_window false): refused, named
+    raw.update(use_sliding_window=False)
+    with pytest.raises(ValueError, match="sliding_attention layers but no sliding_window"):
+        C.config_from_serving(raw)
+
+
 def test_export_replaces_only_its_own_folders(trained, tmp_path):
     run, _, _ = trained
     out = tmp_path / "served"
@@ -2012,6 +2153,42 @@ def test_acceptance_lengths(models, monkeypatch, cls):
     assert r["tokens"] == ref[:20]
     assert r["acceptance"] == [2, 4, 3, 4, 4, 2]
     check_real_proposals(t, d, ids, ref, seen, 4)
+
+
+@pytest.mark.parametrize("cls", [bench.EagerRunner, bench.StaticRunner])
+def test_sliding_drafter_caches_see_what_a_fresh_draft_sees(models, monkeypatch, cls):
+    """A drafter with sliding layers (window 8 = block 8) over 60 positions: every proposal of the
+    runner's caches (DraftCache trimmed to W - 1; the static cache's sliding layers a ring of 16 slots,
+    shorter than the 21-token prompt) equals draft_block from scratch over the whole committed
+    context, and decoding stays lossless."""
+    t, _ = models
+    d = scaled(tiny_drafter(t, block_size=8, layers=3, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"]), 10.0)
+    ids = torch.randint(0, 63, (1, 21), generator=torch.Generator().manual_seed(3))
+    ref = greedy(t, ids, 40)
+    runner = (lambda bs: None) if cls is bench.EagerRunner else (lambda bs: bench.StaticRunner(t, d, bs, 128, False))
+    run = runner(8)
+    assert bench.spec_generate(t, d, ids, 40, [], block_size=8, runner=run)["tokens"] == ref
+    if run:
+        assert [k.shape[2] for k in run.draft_kv.k] == [16, 136, 16]
+    seen = guide(monkeypatch, cls, ref, ids.shape[1], corrupt={3, 17})
+    r = bench.spec_generate(t, d, ids, 40, [], block_size=8, runner=runner(8))
+    assert r["tokens"] == ref and max(r["acceptance"]) == 8
+    assert seen[-1][0] > 8 + ids.shape[1]  # late steps: the window cuts the context
+    check_real_proposals(t, d, ids, ref, seen, 8)
+
+
+def test_tau_by_position_buckets_steps_by_their_start():
+    """Steps start at the prompt length plus the tokens emitted before them."""
+    rec = lambda P, acc: {"prompt_len": P, "dflash": {"acceptance": acc}}
+    records = [rec(500, [10, 6, 4]),            # starts 500, 510, 516
+               rec(1000, [16, 8, 1, 16]),       # 1000, 1016, 1024, 1025
+               rec(4090, [3, 5, 2])]            # 4090, 4093, 4098
+    got = bench.tau_by_position(records)
+    assert got == {"0-512": dict(steps=2, tau=8.0), "512-1K": dict(steps=3, tau=(4 + 16 + 8) / 3),
+                   "1K-2K": dict(steps=2, tau=8.5), "2K-4K": dict(steps=2, tau=4.0), "4K+": dict(steps=1, tau=2.0)}
+    assert list(got) == ["0-512", "512-1K", "1K-2K", "2K-4K", "4K+"]
+    assert bench.tau_by_position([rec(10, [])]) == {}
 
 
 def test_measure_tau(models, monkeypatch):

@@ -37,6 +37,8 @@ CONFIG = {
         num_features=(5, "target layers captured as context"),
         target_layer_ids=([], "0-based target layers captured; empty: the published formula"),
         mask_token_id=(-1, "a target embedding row real text never uses (required)"),
+        layer_types=([], "one per draft layer: full_attention | sliding_attention; empty: all full"),
+        sliding_window=(0, "sliding layers see context positions >= p - W + 1 (W >= block_size); 0: none"),
     ),
     "data": dict(
         data=("assets/sharegpt_train.jsonl", "conversations (JSON/JSONL glob, HF dataset) or 'synthetic'"),
@@ -49,7 +51,9 @@ CONFIG = {
     ),
     "optimisation": dict(
         num_anchors=(512, "blocks sampled per sequence (fixed slot count: static shapes)"),
+        loss=("dflash", "dflash (decay-weighted CE) | dpace (acceptance-weighted CE, arXiv 2605.18810)"),
         gamma=(0.0, "loss decay exp(-(k-1)/gamma); 0: the paper's value for the block size"),
+        dpace_alpha=(0.5, "dpace: s_i = (1 - alpha) p_i + alpha, in [0, 1]"),
         batch_size=(1, "sequences per rank per micro-batch"),
         grad_accum=(1, "micro-batches per optimizer step"),
         epochs=(6, "passes over the data (when max_steps is 0)"),
@@ -97,7 +101,7 @@ CONFIG = {
 DEFAULTS = {key: default for group in CONFIG.values() for key, (default, _) in group.items()}
 CHOICES = dict(enable_thinking={"auto", "on", "off"}, lr_schedule={"cosine", "wsd", "constant"},
                device={"auto", "cuda", "cpu"}, dtype={"auto", "bf16", "fp32"},
-               attention={"auto", "flex", "dense"})
+               attention={"auto", "flex", "dense"}, loss={"dflash", "dpace"})
 
 
 def usage():
@@ -205,6 +209,14 @@ def check_config(c):
     need(0 <= c["warmup_ratio"] < 1, f"warmup_ratio={c['warmup_ratio']} must be in [0, 1)")
     need(0 < c["decay_ratio"] <= 1, f"decay_ratio={c['decay_ratio']} must be in (0, 1]")
     need(0 <= c["min_lr"] <= c["lr"], f"min_lr={c['min_lr']} must be in [0, lr={c['lr']}]")
+    layout = M.layout_problem(c["layer_types"] or ["full_attention"] * c["num_draft_layers"],
+                              c["sliding_window"] or None, c["num_draft_layers"], c["block_size"])
+    need(layout is None, layout)
+    need(0 <= c["dpace_alpha"] <= 1, f"dpace_alpha={c['dpace_alpha']} must be in [0, 1]")
+    need(c["loss"] == "dpace" or c["dpace_alpha"] == DEFAULTS["dpace_alpha"],
+         f"dpace_alpha={c['dpace_alpha']} applies to loss=dpace only: set loss=dpace or drop dpace_alpha")
+    need(c["loss"] == "dflash" or c["gamma"] == 0, f"gamma={c['gamma']} applies to loss=dflash only; "
+         "loss=dpace weights slots by acceptance (drop gamma)")
     need(c["mask_token_id"] >= 0, "mask_token_id is not set: choose a target embedding row real text "
          "never uses (Qwen3: 151669, SmolLM2: 16)")
     need(c["save_interval"] >= 0 and c["log_interval"] >= 1, "save_interval must be >= 0, log_interval >= 1")
@@ -401,7 +413,8 @@ def main(argv=None):
     text_config = getattr(target_config, "text_config", None) or target_config
     try:
         dcfg = M.config_from_target(text_config, c["num_draft_layers"], c["block_size"],
-                                    c["target_layer_ids"] or None, c["num_features"], c["mask_token_id"])
+                                    c["target_layer_ids"] or None, c["num_features"], c["mask_token_id"],
+                                    c["layer_types"] or None, c["sliding_window"] or None)
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
     target_config_dict = {**text_config.to_dict(), "_target_path": os.path.abspath(c["target"])}
@@ -525,7 +538,7 @@ def main(argv=None):
             drafter.set_requires_gradient_sync(micro == c["grad_accum"] - 1)
             ls, ws, st = M.dflash_loss(drafter, target, input_ids, loss_mask, c["num_anchors"],
                                        c["gamma"] or None, use_flex, gen, ce_chunk_tokens=c["ce_chunk_tokens"],
-                                       compile_ce=c["compile_target"])
+                                       compile_ce=c["compile_target"], loss=c["loss"], dpace_alpha=c["dpace_alpha"])
             with torch.profiler.record_function("dflash: backward"):
                 ls.backward()  # un-normalised: the gradient is scaled once the step's total weight is known
             loss_sum += ls.detach()
@@ -663,7 +676,8 @@ def validate(drafter, target, val_rows, c, use_flex, pad_id, device, step, rank,
                for i in range(lo, lo + c["batch_size"])]
         ls, ws, st = M.dflash_loss(drafter, target, batch["input_ids"].to(device), batch["loss_mask"].to(device),
                                    c["num_anchors"], c["gamma"] or None, use_flex, gen,
-                                   ce_chunk_tokens=c["ce_chunk_tokens"], compile_ce=c["compile_target"])
+                                   ce_chunk_tokens=c["ce_chunk_tokens"], compile_ce=c["compile_target"],
+                                   loss=c["loss"], dpace_alpha=c["dpace_alpha"])
         totals = totals + torch.stack([ls, ws])
         slots = slots + torch.stack([st["correct_per_slot"], st["count_per_slot"]])
     dist.all_reduce(totals)
