@@ -63,10 +63,13 @@ ROLLBACK = {"full_attention": "eager static", "sliding_attention": "eager static
 def check_rollback(target_config, static=False):
     """Every layer of the target must be one the chosen runner can roll back: checked on the config,
     before any weights load."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-    types, _ = get_layer_types_and_kwargs(target_config.get_text_config(decoder=True))
+    from transformers import cache_utils
+    types, _ = cache_utils.get_layer_types_and_kwargs(target_config.get_text_config(decoder=True))
     path = "static" if static else "eager"
     bad = sorted({t for t in types if path not in ROLLBACK.get(t, "").split()})
+    if not bad and {"linear_attention", "conv"} & set(types) and not hasattr(cache_utils, "LinearAttentionCacheLayerMixin"):
+        raise ValueError("this transformers keeps linear-attention states in model-specific caches that bench.py "
+                         "cannot restore: upgrade transformers (5.24 is tested)")
     if not bad:
         return
     name = target_config.get_text_config(decoder=True).model_type

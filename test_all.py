@@ -1639,6 +1639,21 @@ def test_recurrent_rollback_is_what_keeps_it_lossless(monkeypatch):
     assert bench.spec_generate(t, d, ids, 20, [], block_size=4)["tokens"] != ref
 
 
+@pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
+@pytest.mark.parametrize("family", ["mistral", "gpt_oss", "gemma3"])
+def test_compiled_sliding_families_same_tokens(family):
+    """The compiled static runner (CUDA graphs on a GPU) past the 8-token sliding window: greedy tokens."""
+    t = family_target(family)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tc, dc = copy.deepcopy(t).to(dev), copy.deepcopy(tiny_drafter(t, block_size=8)).to(dev)
+    ids = torch.randint(0, 58, (1, 6), generator=torch.Generator().manual_seed(1))
+    for bs in (1, 8):
+        run = bench.StaticRunner(tc, dc, bs, 96, compile=True)
+        for p in (ids, ids[:, :3]):
+            assert bench.spec_generate(tc, dc, p.to(dev), 30, [], bs, runner=run)["tokens"] == greedy_from_scratch(t, p, 30)
+        run.close()
+
+
 def test_unsupported_targets_fail_before_weights_load(tmp_path, monkeypatch):
     """A target whose decoder layers capture cannot find (RWKV keeps `blocks`), and layers bench.py cannot
     roll back (Falcon-H1's hybrid layers; Gated DeltaNet under --compile): one line each, no weights."""
