@@ -71,6 +71,60 @@ def accept(block, logits, draft_logits, temperature, generator=None, sampling="s
 
 
 # ----------------------------------------------------------------------------------------------
+# Rollback: what a verify pass wrote into the target cache for rejected tokens must be taken back
+
+# cache layer type (as transformers' get_layer_types_and_kwargs names it) -> the runners that roll it back.
+# Attention K/V are cut by length. A linear-attention or conv state (Gated DeltaNet in Qwen3-Next and
+# Qwen3.5, Mamba-style conv) has no positions to cut: the eager runner restores the state it had before the
+# verify and runs the committed tokens again (EagerRunner.rewind). The static runner's steps have fixed
+# shapes and cannot run a variable number of tokens again, so it refuses such targets.
+ROLLBACK = {"full_attention": "eager static", "sliding_attention": "eager static",
+            "chunked_attention": "eager static", "dummy": "eager static",  # dummy: shares another layer's K/V
+            "linear_attention": "eager", "conv": "eager"}
+
+
+def check_rollback(target_config, static=False):
+    """Every layer of the target must be one the chosen runner can roll back: checked on the config,
+    before any weights load."""
+    from transformers import cache_utils
+    types, _ = cache_utils.get_layer_types_and_kwargs(target_config.get_text_config(decoder=True))
+    path = "static" if static else "eager"
+    bad = sorted({t for t in types if path not in ROLLBACK.get(t, "").split()})
+    if not bad and {"linear_attention", "conv"} & set(types) and not hasattr(cache_utils, "LinearAttentionCacheLayerMixin"):
+        raise ValueError("this transformers keeps linear-attention states in model-specific caches that bench.py "
+                         "cannot restore: upgrade transformers (5.24 is tested)")
+    if not bad:
+        return
+    name = target_config.get_text_config(decoder=True).model_type
+    if static and all("eager" in ROLLBACK.get(t, "") for t in bad):
+        raise ValueError(f"{name} has {'/'.join(bad)} layers, whose state the compiled (static) runner cannot roll "
+                         "back after a rejected token: run bench.py without --compile (the eager runner restores "
+                         "and recomputes it)")
+    raise ValueError(f"{name} has {'/'.join(bad)} layers, which bench.py cannot roll back after a rejected token "
+                     f"(it can: {', '.join(t for t in ROLLBACK if path in ROLLBACK[t])}): add their rollback "
+                     "to bench.EagerRunner.rewind, or benchmark another target")
+
+
+def _recurrent(layer):
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+    return isinstance(layer, LinearAttentionCacheLayerMixin)
+
+
+def snapshot_states(layers):
+    """Copies of the conv and recurrent states of linear-attention cache layers."""
+    return [[{i: s.clone() for i, s in states.items() if s is not None}
+             for states in (layer.conv_states, layer.recurrent_states)] for layer in layers]
+
+
+def restore_states(layers, saved):
+    for layer, (conv, rec) in zip(layers, saved):  # in place: the states keep their addresses
+        for i, s in conv.items():
+            layer.conv_states[i].copy_(s)
+        for i, s in rec.items():
+            layer.recurrent_states[i].copy_(s)
+
+
+# ----------------------------------------------------------------------------------------------
 # The eager runner: HF DynamicCache for the target, model.DraftCache for the drafter
 
 class EagerRunner:
@@ -83,6 +137,11 @@ class EagerRunner:
         self.layer_ids = list(drafter.config.target_layer_ids) if block_size > 1 else []
         self.kv, self.cache_kw = DynamicCache(config=target.config), M.cache_kwarg(target)
         self.draft_kv, self.ctx = M.DraftCache(), None
+        for layer in self.kv.layers:  # a sliding layer keeps what a verify evicts until rewind cuts it back
+            if getattr(layer, "is_sliding", False):
+                layer.activate_past_recording()
+        self.states = [layer for layer in self.kv.layers if _recurrent(layer)]
+        self.undo = None  # (block, states before its verify) while a verify of a recurrent target is pending
 
     def target_forward(self, ids, logits_to_keep=0):
         """(logits [T, V], features [T, n*H] or None) of ids [1, T] appended to the target cache."""
@@ -107,14 +166,32 @@ class EagerRunner:
         return logits[0, 1:]
 
     def verify(self, block, start):
+        if self.states and block.shape[0] > 1:
+            self.undo = (block, snapshot_states(self.states))
         return self.target_forward(block[None])
+
+    def rewind(self, length):
+        """Cut the target cache back to `length` committed positions. Attention K/V are cut by length (a
+        sliding layer recorded what the verify evicted, so it gives the rejected positions back; cutting 0
+        trims it to its window). Linear-attention / conv states have no positions: after a rejection they
+        are restored to their value before the verify and the committed block tokens run again, one extra
+        target forward over accepted + 1 tokens (its features equal the verify's: the verify's are kept)."""
+        extra, redo = self.kv.get_seq_length() - length, None
+        if self.undo is not None and extra > 0:
+            block, saved = self.undo
+            restore_states(self.states, saved)
+            redo, extra = block[: block.shape[0] - extra], block.shape[0]
+        for layer in self.kv.layers:
+            if not _recurrent(layer):
+                layer.crop(-extra)
+        if redo is not None:
+            self.target(input_ids=redo[None], use_cache=True, logits_to_keep=1, **{self.cache_kw: self.kv})
+        self.undo = None
 
     def commit(self, length, feats, n_new):
         """Keep `length` positions in the target cache; the features of the last n_new of them
         (computed by the pass that just ran) are the drafter's next context."""
-        extra = self.kv.get_seq_length() - length
-        if extra > 0:
-            self.kv.crop(-extra)
+        self.rewind(length)
         self.ctx = None if feats is None else (feats[:n_new], length - n_new)
 
 
@@ -328,9 +405,17 @@ class StaticRunner:
 
     def __init__(self, target, drafter, block_size, max_len, compile=True):
         from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+        check_rollback(target.config, static=True)
         self.target, self.drafter, self.block_size, self.max_len = target, drafter, block_size, max_len
         self.device = target.get_input_embeddings().weight.device
         self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), M.cache_kwarg(target)
+        # sliding layers get full-length buffers: HF's sliding static layer is a ring buffer whose fill level is
+        # a host int that set_cache_length cannot rewind (silently wrong tokens once past the window); a
+        # full-length layer rewinds like the others and the model's sliding mask still limits what each query
+        # sees. Costs a full layer's K/V memory per sliding layer.
+        self.kv.layers = [StaticLayer(max_len) if isinstance(layer, StaticSlidingWindowLayer) else layer
+                          for layer in self.kv.layers]
         self.layer_ids = list(drafter.config.target_layer_ids) if block_size > 1 else []
         self.captured, self.handles = {}, []
         for k in self.layer_ids:  # hooks live as long as the runner: a compiled graph traces them once
@@ -628,6 +713,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    try:  # before any weights load: capture must find the decoder layers, and each layer must roll back
+        M.check_target(args.target)
+        check_rollback(M.load_target_config(args.target), args.compile)
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}")
     target = M.load_target(args.target, dtype, args.device)
     if args.draft == "random":
         drafter = random_drafter(target, args.block_size or 16)

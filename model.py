@@ -478,6 +478,7 @@ def load_target(path_or_config, dtype=torch.bfloat16, device="cpu"):
     """An HF folder (from_pretrained), or an HF config (dict, json path or PretrainedConfig) with
     random weights: step timing does not depend on the weights."""
     from transformers import AutoModelForCausalLM
+    check_target(path_or_config)
     if _is_folder(path_or_config):
         model = AutoModelForCausalLM.from_pretrained(path_or_config, dtype=dtype)
     else:
@@ -488,7 +489,25 @@ def load_target(path_or_config, dtype=torch.bfloat16, device="cpu"):
 
 
 def decoder_layers(target):
-    return target.get_decoder().layers
+    """The text decoder's layers wherever the model keeps them: get_decoder() finds the `language_model`
+    of a multimodal wrapper (Gemma 3, Qwen3.5-VL style); the list is `layers` (Llama style) or `h` (GPT-2
+    style). Layer k of it is output_hidden_states[k + 1]: target_layer_ids count as the authors' loader."""
+    dec = target.get_decoder()
+    layers = next((getattr(dec, n) for n in ("layers", "h") if isinstance(getattr(dec, n, None), nn.ModuleList)), None)
+    L = target.config.get_text_config().num_hidden_layers
+    if layers is None or len(layers) != L:
+        raise ValueError(f"cannot find the {L} decoder layers of {type(target).__name__} (no .layers or .h list "
+                         f"of that length in its decoder {type(dec).__name__}): capture hooks need them; use a "
+                         "decoder-only causal LM, or teach model.decoder_layers where this one keeps them")
+    return layers
+
+
+def check_target(path_or_config):
+    """Build the target on the meta device (no memory, no weights) and find its decoder layers: a model
+    whose layers capture cannot find fails here, before any weights load."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        decoder_layers(AutoModelForCausalLM.from_config(load_target_config(path_or_config)))
 
 
 def compile_target_layers(target):
