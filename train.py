@@ -412,10 +412,10 @@ def main(argv=None):
     target_config = M.load_target_config(c["target"])
     text_config = getattr(target_config, "text_config", None) or target_config
     try:
-        M.check_target(target_config)  # its decoder layers are where capture looks, on the meta device
         dcfg = M.config_from_target(text_config, c["num_draft_layers"], c["block_size"],
                                     c["target_layer_ids"] or None, c["num_features"], c["mask_token_id"],
                                     c["layer_types"] or None, c["sliding_window"] or None)
+        M.check_target(target_config)  # its decoder layers are where capture looks, on the meta device
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
     target_config_dict = {**text_config.to_dict(), "_target_path": os.path.abspath(c["target"])}
