@@ -160,10 +160,8 @@ class EagerRunner:
             return torch.empty(0, 1, device=anchor.device)
         feats, ctx_start = self.ctx
         ctx_pos = torch.arange(ctx_start, ctx_start + feats.shape[0], device=feats.device)[None]
-        block = torch.full((1, self.block_size), self.drafter.config.mask_token_id, device=anchor.device)
-        block[0, 0] = anchor
-        logits = M.draft_block(self.drafter, self.target, feats[None], ctx_pos, block, start, self.draft_kv)
-        return logits[0, 1:]
+        block = M.block_ids(anchor, self.block_size, self.drafter.config.mask_token_id)
+        return M.draft_block(self.drafter, self.target, feats[None], ctx_pos, block, start, self.draft_kv)[0, 1:]
 
     def verify(self, block, start):
         if self.states and block.shape[0] > 1:
@@ -475,15 +473,14 @@ class StaticRunner:
         cfg, B = self.drafter.config, self.block_size
         ctx_pos = (ctx_start + torch.arange(feats.shape[0], device=feats.device))[None]
         self.draft_kv.pos = ctx_pos[0]
-        block = torch.cat([anchor.view(1), torch.full((B - 1,), cfg.mask_token_id, device=anchor.device)])
-        embeds = M.embed_tokens(self.target, block[None])
-        visible = torch.arange(self.draft_kv.size, device=anchor.device) < start  # committed context
+        # the buffer holds stale positions too: mask to the committed context (and the block itself)
+        visible = torch.arange(self.draft_kv.size, device=anchor.device) < start
         mask = torch.cat([visible, visible.new_ones(B)])[None, None, None].expand(1, 1, B, -1)
         if cfg.sliding_window is not None:  # one mask per layer type
             mask = {"full_attention": mask,
                     "sliding_attention": self.draft_kv.sliding_mask(start, B, cfg.sliding_window)}
-        hidden = self.drafter(embeds, feats[None], (start + self.offsets)[None], ctx_pos, mask, self.draft_kv)
-        return M.target_logits(self.target, hidden[0, 1:])
+        block = M.block_ids(anchor, B, cfg.mask_token_id)
+        return M.draft_block(self.drafter, self.target, feats[None], ctx_pos, block, start, self.draft_kv, mask)[0, 1:]
 
     def draft(self, anchor, start):
         if self.block_size == 1:

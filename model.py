@@ -437,15 +437,21 @@ def target_logits(target, hidden):
     return softcap(target.get_output_embeddings()(hidden.to(target.dtype)), logit_softcap(target))
 
 
+def block_ids(anchor, block_size, mask_token_id):
+    """[1, block_size] = [anchor, MASK x (block_size - 1)]: what the drafter fills at inference."""
+    return torch.cat([anchor.view(1), anchor.new_full((block_size - 1,), mask_token_id)])[None]
+
+
 @torch.no_grad()
-def draft_block(drafter, target, new_features, context_positions, block_ids, start, cache):
+def draft_block(drafter, target, new_features, context_positions, block_ids, start, cache, mask=None):
     """Inference step: append the newly committed context to the draft cache and fill one block.
-    block_ids [B, T] = [last committed token, MASK...] at positions start..start+T-1.
-    Returns the drafter's logits [B, T, V] (slot 0 is the anchor and is never used)."""
+    block_ids [B, T] = [last committed token, MASK...] at positions start..start+T-1 (start: an int or a
+    device scalar). mask: None (the cache holds exactly the visible context) or what a static cache
+    needs (see bench.StaticRunner). Returns the drafter's logits [B, T, V] (slot 0, the anchor, unused)."""
     T = block_ids.shape[1]
-    positions = torch.arange(start, start + T, device=block_ids.device)[None].expand(block_ids.shape[0], -1)
+    positions = (start + torch.arange(T, device=block_ids.device))[None].expand(block_ids.shape[0], -1)
     embeds = embed_tokens(target, block_ids)
-    hidden = drafter(embeds, new_features, positions, context_positions, mask=None, cache=cache)
+    hidden = drafter(embeds, new_features, positions, context_positions, mask=mask, cache=cache)
     return target_logits(target, hidden)
 
 

@@ -390,293 +390,334 @@ def setup_distributed(device_kind):
     return dist.get_rank(), dist.get_world_size()
 
 
-def main(argv=None):
-    c = parse_config(sys.argv[1:] if argv is None else argv)
+def setup(c):
+    """Everything the loop needs, checked in order of cost: config against the target's config (no
+    weights), data, then the models, FSDP2, the optimizer. Returns the run as a plain namespace."""
+    from types import SimpleNamespace
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoTokenizer
     import data as D
 
-    device_kind = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
-    rank, world = setup_distributed(device_kind)
-    if device_kind == "cuda":
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
+    rank, world = setup_distributed(kind)
+    if kind == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    device = torch.device(device_kind, torch.cuda.current_device()) if device_kind == "cuda" else torch.device("cpu")
+    device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(c["dtype"]) or \
-        (torch.bfloat16 if device_kind == "cuda" else torch.float32)
-    use_flex = c["attention"] == "flex" or (c["attention"] == "auto" and device_kind == "cuda")
-    log = print if rank == 0 else (lambda *a, **k: None)
+        (torch.bfloat16 if kind == "cuda" else torch.float32)
+    r = SimpleNamespace(c=c, rank=rank, world=world, device=device, dtype=dtype,
+                        use_flex=c["attention"] == "flex" or (c["attention"] == "auto" and kind == "cuda"),
+                        log=print if rank == 0 else (lambda *a, **k: None))
     os.makedirs(c["out_dir"], exist_ok=True)
 
     # --- the drafter's shape is fixed by the target's config: check it before loading weights
-    is_folder = os.path.isdir(c["target"])
     target_config = M.load_target_config(c["target"])
     text_config = getattr(target_config, "text_config", None) or target_config
     try:
-        dcfg = M.config_from_target(text_config, c["num_draft_layers"], c["block_size"],
-                                    c["target_layer_ids"] or None, c["num_features"], c["mask_token_id"],
-                                    c["layer_types"] or None, c["sliding_window"] or None)
+        r.dcfg = M.config_from_target(text_config, c["num_draft_layers"], c["block_size"],
+                                      c["target_layer_ids"] or None, c["num_features"], c["mask_token_id"],
+                                      c["layer_types"] or None, c["sliding_window"] or None)
         M.check_target(target_config)  # its decoder layers are where capture looks, on the meta device
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
-    target_config_dict = {**text_config.to_dict(), "_target_path": os.path.abspath(c["target"])}
+    r.target_config = {**text_config.to_dict(), "_target_path": os.path.abspath(c["target"])}
 
     # --- data (tokenised with the target's own chat template)
-    tokenizer = AutoTokenizer.from_pretrained(c["target"]) if is_folder else None
+    r.tokenizer = AutoTokenizer.from_pretrained(c["target"]) if os.path.isdir(c["target"]) else None
     if c["data"] == "synthetic":  # fixed-length random rows: throughput work on random targets
-        g = torch.Generator().manual_seed(c["seed"])
-        ids = torch.randint(0, dcfg.vocab_size, (256, c["max_length"]), generator=g)
+        ids = torch.randint(0, r.dcfg.vocab_size, (256, c["max_length"]), generator=torch.Generator().manual_seed(c["seed"]))
         dataset = [(row.tolist(), [1] * c["max_length"]) for row in ids]
     else:
-        if tokenizer is None:
+        if r.tokenizer is None:
             raise SystemExit("config error: data from conversations needs a target folder with a tokenizer")
         thinking = {"auto": None, "on": True, "off": False}[c["enable_thinking"]]
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks of this host share its cores
-        dataset = D.build_dataset(tokenizer, c["data"], c["max_length"], c["min_loss_tokens"], thinking, log=log,
+        dataset = D.build_dataset(r.tokenizer, c["data"], c["max_length"], c["min_loss_tokens"], thinking, log=r.log,
                                   max_rows=c["max_rows"], workers=max(1, min(16, (os.cpu_count() or 1) // local_world)))
     try:
-        dataset, val_rows = D.split_heldout(dataset, c["val_rows"])
+        r.dataset, r.val_rows = D.split_heldout(dataset, c["val_rows"])
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
-    if val_rows and len(val_rows) // world < c["batch_size"]:
-        raise SystemExit(f"config error: val_rows={c['val_rows']} gives {len(val_rows) // world} held-out rows "
+    if r.val_rows and len(r.val_rows) // world < c["batch_size"]:
+        raise SystemExit(f"config error: val_rows={c['val_rows']} gives {len(r.val_rows) // world} held-out rows "
                          f"per rank, less than batch_size={c['batch_size']}: raise val_rows")
-    steps_per_epoch = D.steps_per_epoch(dataset, c["batch_size"] * c["grad_accum"], world)
-    if steps_per_epoch < 1:
-        raise SystemExit(f"data error: {len(dataset)} rows cannot fill one step of "
+    r.steps_per_epoch = D.steps_per_epoch(r.dataset, c["batch_size"] * c["grad_accum"], world)
+    if r.steps_per_epoch < 1:
+        raise SystemExit(f"data error: {len(r.dataset)} rows cannot fill one step of "
                          f"{c['batch_size']} x {c['grad_accum']} x {world} sequences")
-    total_steps = c["max_steps"] or steps_per_epoch * c["epochs"]
-    pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+    r.total_steps = c["max_steps"] or r.steps_per_epoch * c["epochs"]
+    r.pad_id = r.tokenizer.pad_token_id if r.tokenizer is not None and r.tokenizer.pad_token_id is not None else 0
 
     # --- models
     torch.manual_seed(c["seed"])  # a target built from a config gets the same random weights on every rank
-    target = M.load_target(c["target"], dtype=dtype, device=device)
+    r.target = M.load_target(c["target"], dtype=dtype, device=device)
     if c["compile_target"]:
-        M.compile_target_layers(target)
-    M.check_fits_target(dcfg, target)
+        M.compile_target_layers(r.target)
+    M.check_fits_target(r.dcfg, r.target)
     torch.manual_seed(c["seed"])  # same init on every rank: fully_shard keeps each rank's slice
-    drafter = M.build_drafter(dcfg, device=device, dtype=torch.float32)
+    r.drafter = M.build_drafter(r.dcfg, device=device, dtype=torch.float32)
     if c["init_from"]:
         from convert import load_drafter
         src, src_cfg = load_drafter(c["init_from"])
-        if src_cfg != dcfg:
+        if src_cfg != r.dcfg:
             raise SystemExit(f"config error: init_from {c['init_from']} has drafter config {src_cfg}, "
-                             f"this run builds {dcfg}")
-        drafter.load_state_dict(src.state_dict())
+                             f"this run builds {r.dcfg}")
+        r.drafter.load_state_dict(src.state_dict())
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for layer in drafter.layers:
+    mesh = init_device_mesh(kind, (world,))  # explicit: FSDP2 would pick cuda wherever one exists
+    for layer in r.drafter.layers:
         if c["compile"]:
             layer.compile()
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(drafter, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(r.drafter, mesh=mesh, mp_policy=mp)
     if c["shard_target"]:
         # only the decoder layers: embed_tokens and lm_head serve the drafter at every step, outside
         # the target's forward, so they stay whole on every rank
-        for layer in M.decoder_layers(target):
-            fully_shard(layer)
+        for layer in M.decoder_layers(r.target):
+            fully_shard(layer, mesh=mesh)
+    decay = [p for p in r.drafter.parameters() if p.dim() >= 2]
+    no_decay = [p for p in r.drafter.parameters() if p.dim() < 2]
+    r.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c["weight_decay"]},
+                                     {"params": no_decay, "weight_decay": 0.0}],
+                                    lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=1e-8, fused=kind == "cuda")
+    r.flops = flops_per_token_counts(r.target, r.dcfg, c["num_anchors"])
+    return r
 
-    decay = [p for p in drafter.parameters() if p.dim() >= 2]
-    no_decay = [p for p in drafter.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=1e-8,
-                                  fused=device_kind == "cuda")
 
-    # --- resume: the same command after a crash continues from the newest complete checkpoint
-    step, position, bad_steps, skipped_total = 0, None, 0, 0
-    resume, state = resume_checkpoint(c["out_dir"], drafter, optimizer, rank, log)
-    if resume:
-        step, position, skipped_total = state["step"], state["data_position"], state["skipped_steps"]
-        torch.set_rng_state(torch.tensor(state["cpu_rng"], dtype=torch.uint8))
-        log(f"resumed from {resume} at step {step}")
-    if rank == 0:  # not config.json: that name marks a serving folder
-        with open(os.path.join(c["out_dir"], "train_config.json"), "w") as f:
-            json.dump(c, f, indent=1)
-
-    batches = D.iterate_batches(dataset, c["batch_size"], seed=c["seed"], rank=rank, world_size=world,
-                                pad_multiple=c["pad_multiple"], pad_id=pad_id, start=position,
-                                max_length=c["max_length"])
-    flops_a, flops_b = flops_per_token_counts(target, dcfg, c["num_anchors"])
-    if rank == 0:
-        trim_metrics(os.path.join(c["out_dir"], "metrics.jsonl"), step)
-    metrics_file = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a") if rank == 0 else None
-    wandb_run = None
-    if c["wandb"] and rank == 0:
+def open_logs(r, step):
+    """metrics.jsonl (continued from `step`: records past a resumed checkpoint are dropped) and wandb."""
+    c, r.metrics_file, r.wandb_run = r.c, None, None
+    if r.rank != 0:
+        return
+    with open(os.path.join(c["out_dir"], "train_config.json"), "w") as f:  # not config.json: a serving folder's
+        json.dump(c, f, indent=1)
+    trim_metrics(os.path.join(c["out_dir"], "metrics.jsonl"), step)
+    r.metrics_file = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a")
+    if c["wandb"]:
         try:
             import wandb
-            wandb_run = wandb.init(project="dflash", config=c, dir=c["out_dir"], resume="allow")
+            r.wandb_run = wandb.init(project="dflash", config=c, dir=c["out_dir"], resume="allow")
         except ImportError:
-            log("wandb=true but wandb is not installed: logging to metrics.jsonl only")
-    log(f"training {sum(p.numel() for p in drafter.parameters()) / 1e6:.1f}M drafter params for "
-        f"{total_steps} steps ({steps_per_epoch}/epoch) on {world} x {device_kind}, {dtype}, "
-        f"{'flex' if use_flex else 'dense'} attention; layer ids {dcfg.target_layer_ids}")
+            r.log("wandb=true but wandb is not installed: logging to metrics.jsonl only")
+
+
+def record(r, rec):
+    if r.metrics_file:
+        r.metrics_file.write(json.dumps(rec) + "\n")
+        r.metrics_file.flush()
+
+
+def train_step(r, batches, step):
+    """One optimizer step's forward and backward over grad_accum micro-batches, the loss normalised over
+    the whole step (all micro-batches and ranks, SPEC 3.7). Returns (loss, grad norm, per-slot stats,
+    data position, counts for the meters); the caller applies or skips the update."""
+    c, device = r.c, r.device
+    loss_sum, weight_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    stats, counts = None, dict(samples=0, tokens=0, flops=0)
+    for micro in range(c["grad_accum"]):
+        batch, position = next(batches)
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+        # anchors depend only on (seed, epoch, row): re-sampled every epoch, re-drawn exactly by a
+        # resumed run, and the same whatever the batch size, accumulation or number of ranks
+        gen = [torch.Generator().manual_seed((c["seed"] * 1_000_003 + batch["epoch"]) * 100_000_007 + int(row))
+               for row in batch["row_ids"]]
+        r.drafter.set_requires_gradient_sync(micro == c["grad_accum"] - 1)
+        ls, ws, st = M.dflash_loss(r.drafter, r.target, input_ids, loss_mask, c["num_anchors"], c["gamma"] or None,
+                                   r.use_flex, gen, ce_chunk_tokens=c["ce_chunk_tokens"], compile_ce=c["compile_target"],
+                                   loss=c["loss"], dpace_alpha=c["dpace_alpha"])
+        with torch.profiler.record_function("dflash: backward"):
+            ls.backward()  # un-normalised: the gradient is scaled once the step's total weight is known
+        loss_sum += ls.detach()
+        weight_sum += ws
+        stats = st if stats is None else {k: stats[k] + st[k] for k in st}
+        counts["samples"] += input_ids.shape[0]
+        counts["tokens"] += int(loss_mask.numel())
+        counts["flops"] += input_ids.shape[0] * (r.flops[0] * input_ids.shape[1] + r.flops[1])
+    totals = torch.stack([loss_sum, weight_sum])
+    dist.all_reduce(totals)
+    # FSDP averages gradients over ranks; undo that and divide by the global weight instead
+    scale = r.world / totals[1].clamp(min=1e-6)
+    for p in r.drafter.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    grad_norm = torch.nn.utils.clip_grad_norm_(r.drafter.parameters(), c["grad_clip"])
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    loss, grad_norm = torch.stack([totals[0] / totals[1].clamp(min=1e-6), grad_norm]).tolist()  # one host sync
+    slots = torch.stack([stats["correct_per_slot"], stats["count_per_slot"]])
+    dist.all_reduce(slots)  # one collective for both per-slot sums
+    return loss, grad_norm, slots, position, counts
+
+
+class Meter:
+    """What the log line reports since the last one: loss, per-slot accuracy, rates, ETA."""
+
+    def __init__(self, r, step):
+        self.r, self.t_first, self.step_first = r, None, step  # the rate since the first log line
+        self.reset()
+
+    def reset(self):
+        self.slots, self.loss, self.n, self.t = 0, 0.0, 0, time.time()
+        self.counts = dict(samples=0, tokens=0, flops=0)
+
+    def add(self, loss, slots, counts):
+        self.slots, self.loss, self.n = self.slots + slots, self.loss + loss, self.n + 1
+        for k in counts:
+            self.counts[k] += counts[k]
+
+    def log(self, step, lr, grad_norm, position, skipped):
+        r, c = self.r, self.r.c
+        dt = time.time() - self.t
+        acc, exp_len = M.acceptance_metrics(*self.slots.cpu())
+        sps, tflops = self.counts["samples"] * r.world / dt, self.counts["flops"] / dt / 1e12  # TFLOP/s: per GPU
+        # the first interval carries the compile warm-up: the ETA uses the rate since the first log line
+        since = (time.time() - self.t_first if self.t_first else dt) / max(1, step - self.step_first)
+        if not self.t_first:
+            self.t_first, self.step_first = time.time(), step
+        cuda = r.device.type == "cuda"
+        mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        rec = dict(step=step, epoch=position["epoch"], loss=self.loss / self.n, acc=acc.tolist(), acc_1=acc[0].item(),
+                   expected_accept_len=exp_len, lr=lr, grad_norm=grad_norm, samples_per_s=sps,
+                   tokens_per_s=self.counts["tokens"] * r.world / dt, tflops_per_gpu=tflops,
+                   mfu=tflops / c["peak_tflops"], peak_mem_gib=mem, skipped_steps=skipped, time=time.time())
+        gpu = f" | {tflops:.0f} TFLOP/s/gpu (MFU {100 * rec['mfu']:.1f}%) | mem {mem:.1f} GiB" if cuda else ""
+        r.log(f"step {step}/{r.total_steps} ({100 * step / r.total_steps:.0f}%) | loss {rec['loss']:.4f} | "
+              f"acc@1 {rec['acc_1']:.3f} | exp accept {exp_len:.2f} | lr {lr:.2e} | gnorm {grad_norm:.2f} | "
+              f"{sps:.1f} samples/s | {rec['tokens_per_s']:.0f} tok/s{gpu} | "
+              f"ETA {fmt_time(since * (r.total_steps - step))}", flush=True)
+        record(r, rec)
+        if r.wandb_run:
+            r.wandb_run.log(rec, step=step)
+        self.reset()
+
+
+def checkpoint(r, step, position, skipped):
+    state = dict(step=step, data_position=position, skipped_steps=skipped, cpu_rng=torch.get_rng_state().tolist())
+    path = save_checkpoint(r.c["out_dir"], step, r.drafter, r.optimizer, state, r.dcfg, r.target_config,
+                           r.c["keep_checkpoints"], r.rank)
+    r.log(f"saved {path}")
+    return path
+
+
+def start_profiler(c):
+    """Where a step's time goes (target, mask, drafter, lm_head + CE, optimizer, comms): 5 warm-up steps,
+    then profile_steps profiled ones; report_profile prints them."""
+    if not c["profile_steps"]:
+        return None
+    profiler = torch.profiler.profile(schedule=torch.profiler.schedule(
+        wait=0, warmup=5, active=c["profile_steps"], repeat=1), record_shapes=False)
+    profiler.start()
+    return profiler
+
+
+def report_profile(r, profiler):
+    profiler.step()
+    if profiler.step_num < 5 + r.c["profile_steps"]:
+        return profiler
+    profiler.stop()
+    events, n = profiler.key_averages(), r.c["profile_steps"]
+    for e in sorted((e for e in events if e.key.startswith("dflash:")), key=lambda e: e.key):
+        dev = getattr(e, "device_time_total", 0) / 1e3 / n
+        r.log(f"profile {e.key:24s} {e.cpu_time_total / 1e3 / n:8.1f} ms/step on the host, {dev:8.1f} ms/step on the device")
+    r.log(events.table(sort_by="self_cuda_time_total" if r.device.type == "cuda" else "self_cpu_time_total", row_limit=20))
+    if r.rank == 0 and r.c["profile_trace"]:
+        profiler.export_chrome_trace(os.path.join(r.c["out_dir"], "profile_trace.json"))
+    return None
+
+
+def main(argv=None):
+    c = parse_config(sys.argv[1:] if argv is None else argv)
+    r = setup(c)
+    import data as D
+
+    # --- resume: the same command after a crash continues from the newest intact checkpoint
+    step, position, bad_steps, skipped = 0, None, 0, 0
+    resume, state = resume_checkpoint(c["out_dir"], r.drafter, r.optimizer, r.rank, r.log)
+    if resume:
+        step, position, skipped = state["step"], state["data_position"], state["skipped_steps"]
+        torch.set_rng_state(torch.tensor(state["cpu_rng"], dtype=torch.uint8))
+        r.log(f"resumed from {resume} at step {step}")
+    open_logs(r, step)
+    batches = D.iterate_batches(r.dataset, c["batch_size"], seed=c["seed"], rank=r.rank, world_size=r.world,
+                                pad_multiple=c["pad_multiple"], pad_id=r.pad_id, start=position, max_length=c["max_length"])
+    r.log(f"training {sum(p.numel() for p in r.drafter.parameters()) / 1e6:.1f}M drafter params for {r.total_steps} "
+          f"steps ({r.steps_per_epoch}/epoch) on {r.world} x {r.device.type}, {r.dtype}, "
+          f"{'flex' if r.use_flex else 'dense'} attention; layer ids {r.dcfg.target_layer_ids}")
+    if r.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    meter, profiler = Meter(r, step), start_profiler(c)
 
     # --- the loop
-    acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log, flops_log = None, 0.0, 0.0, time.time(), 0, 0, 0
-    t_first_log, step_first_log = None, step  # step_first_log: the start step until the first log line
-    if device_kind == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    stop_reason = None
-    profiler = None
-    if c["profile_steps"]:  # where a step's time goes: target, mask, drafter, lm_head + CE, optimizer, comms
-        profiler = torch.profiler.profile(schedule=torch.profiler.schedule(
-            wait=0, warmup=5, active=c["profile_steps"], repeat=1), record_shapes=False)
-        profiler.start()
-    while step < total_steps:
-        lr = get_lr(step, total_steps, c)
-        for group in optimizer.param_groups:
+    while step < r.total_steps:
+        lr = get_lr(step, r.total_steps, c)
+        for group in r.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        weight_sum = torch.zeros((), device=device)
-        step_stats = None
-        for micro in range(c["grad_accum"]):
-            batch, position = next(batches)
-            input_ids = batch["input_ids"].to(device, non_blocking=True)
-            loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-            # anchors depend only on (seed, epoch, row): re-sampled every epoch, re-drawn exactly by a
-            # resumed run, and the same whatever the batch size, accumulation or number of ranks
-            gen = [torch.Generator().manual_seed((c["seed"] * 1_000_003 + batch["epoch"]) * 100_000_007 + int(r))
-                   for r in batch["row_ids"]]
-            drafter.set_requires_gradient_sync(micro == c["grad_accum"] - 1)
-            ls, ws, st = M.dflash_loss(drafter, target, input_ids, loss_mask, c["num_anchors"],
-                                       c["gamma"] or None, use_flex, gen, ce_chunk_tokens=c["ce_chunk_tokens"],
-                                       compile_ce=c["compile_target"], loss=c["loss"], dpace_alpha=c["dpace_alpha"])
-            with torch.profiler.record_function("dflash: backward"):
-                ls.backward()  # un-normalised: the gradient is scaled once the step's total weight is known
-            loss_sum += ls.detach()
-            weight_sum += ws
-            step_stats = st if step_stats is None else {k: step_stats[k] + st[k] for k in st}
-            samples_log += input_ids.shape[0]
-            tokens_log += int(loss_mask.numel())
-            flops_log += input_ids.shape[0] * (flops_a * input_ids.shape[1] + flops_b)
-        # loss normalised over the whole optimizer step: all micro-batches and all ranks (SPEC 3.7)
-        totals = torch.stack([loss_sum, weight_sum])
-        dist.all_reduce(totals)
-        # FSDP averages gradients over ranks; undo that and divide by the global weight instead
-        scale = world / totals[1].clamp(min=1e-6)
-        for p in drafter.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), c["grad_clip"])
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        loss, grad_norm = torch.stack([totals[0] / totals[1].clamp(min=1e-6), grad_norm]).tolist()  # one host sync
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
-            bad_steps, skipped_total = bad_steps + 1, skipped_total + 1
-            log(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+        loss, grad_norm, slots, position, counts = train_step(r, batches, step)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # skip the update; stop if it repeats
+            r.optimizer.zero_grad(set_to_none=True)
+            bad_steps, skipped = bad_steps + 1, skipped + 1
+            r.log(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
             if bad_steps >= c["max_bad_steps"]:
-                stop_reason = f"{bad_steps} non-finite steps in a row (lower lr, check data)"
-                break
+                path = checkpoint(r, step, position, skipped)
+                r.log(f"stopping: {bad_steps} non-finite steps in a row (lower lr, check data); "
+                      f"the last good weights are in {path}")
+                dist.destroy_process_group()
+                return 1
             step += 1
             continue
         bad_steps = 0
         with torch.profiler.record_function("dflash: optimizer"):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            r.optimizer.step()
+        r.optimizer.zero_grad(set_to_none=True)
         step += 1
-        if profiler:
-            profiler.step()
-            if profiler.step_num == 5 + c["profile_steps"]:
-                profiler.stop()
-                events, n = profiler.key_averages(), c["profile_steps"]
-                for e in sorted((e for e in events if e.key.startswith("dflash:")), key=lambda e: e.key):
-                    dev = getattr(e, "device_time_total", 0) / 1e3 / n
-                    log(f"profile {e.key:24s} {e.cpu_time_total / 1e3 / n:8.1f} ms/step on the host, "
-                        f"{dev:8.1f} ms/step on the device")
-                sort = "self_cuda_time_total" if device_kind == "cuda" else "self_cpu_time_total"
-                log(events.table(sort_by=sort, row_limit=20))
-                if rank == 0 and c["profile_trace"]:
-                    profiler.export_chrome_trace(os.path.join(c["out_dir"], "profile_trace.json"))
-                profiler = None
-
-        slot_counts = torch.stack([step_stats["correct_per_slot"], step_stats["count_per_slot"]])
-        dist.all_reduce(slot_counts)  # one collective for both per-slot sums
-        step_stats = {"correct_per_slot": slot_counts[0], "count_per_slot": slot_counts[1]}
-        acc_stats = step_stats if acc_stats is None else {k: acc_stats[k] + step_stats[k] for k in ("correct_per_slot", "count_per_slot")}
-        acc_loss, acc_w = acc_loss + loss, acc_w + 1
-        if step % c["log_interval"] == 0 or step == total_steps:
-            dt = time.time() - t_log
-            acc, exp_len = M.acceptance_metrics(acc_stats["correct_per_slot"].cpu(), acc_stats["count_per_slot"].cpu())
-            sps = samples_log * world / dt
-            tflops = flops_log / dt / 1e12  # this rank's, i.e. per GPU
-            # the rate since the first log line: the first interval carries the compile warm-up
-            since = (time.time() - t_first_log if t_first_log else dt) / max(1, step - step_first_log)
-            eta = since * (total_steps - step)
-            if not t_first_log:
-                t_first_log, step_first_log = time.time(), step
-            mem = torch.cuda.max_memory_allocated() / 2**30 if device_kind == "cuda" else 0.0
-            rec = dict(step=step, epoch=position["epoch"], loss=acc_loss / acc_w, acc=acc.tolist(),
-                       acc_1=acc[0].item(), expected_accept_len=exp_len, lr=lr, grad_norm=grad_norm,
-                       samples_per_s=sps, tokens_per_s=tokens_log * world / dt,
-                       tflops_per_gpu=tflops, mfu=tflops / c["peak_tflops"], peak_mem_gib=mem,
-                       skipped_steps=skipped_total, time=time.time())
-            gpu = (f" | {tflops:.0f} TFLOP/s/gpu (MFU {100 * rec['mfu']:.1f}%) | mem {mem:.1f} GiB"
-                   if device_kind == "cuda" else "")
-            log(f"step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | loss {rec['loss']:.4f} | "
-                f"acc@1 {rec['acc_1']:.3f} | exp accept {exp_len:.2f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.2f} | "
-                f"{sps:.1f} samples/s | {rec['tokens_per_s']:.0f} tok/s{gpu} | ETA {fmt_time(eta)}", flush=True)
-            if metrics_file:
-                metrics_file.write(json.dumps(rec) + "\n")
-                metrics_file.flush()
-            if wandb_run:
-                wandb_run.log(rec, step=step)
-            acc_stats, acc_loss, acc_w, t_log, samples_log, tokens_log, flops_log = None, 0.0, 0.0, time.time(), 0, 0, 0
-
-        stopping_here = step == c["stop_at_step"] and step < total_steps
-        saving = c["save_interval"] > 0 and (step % c["save_interval"] == 0 or step == total_steps)
-        if saving or stopping_here:
-            train_state = dict(step=step, data_position=position, skipped_steps=skipped_total,
-                               cpu_rng=torch.get_rng_state().tolist())
-            path = save_checkpoint(c["out_dir"], step, drafter, optimizer, train_state, dcfg,
-                                   target_config_dict, c["keep_checkpoints"], rank)
-            log(f"saved {path}")
-            if c["export_every_save"] and step != total_steps:
-                export(drafter, dcfg, target_config_dict, os.path.join(path, "export"), c, rank)
-        if val_rows and (step == total_steps or (c["val_interval"] and step % c["val_interval"] == 0)):
-            validate(drafter, target, val_rows, c, use_flex, pad_id, device, step, rank, world, metrics_file, log)
-        if c["eval_interval"] and step % c["eval_interval"] == 0 and step != total_steps:
-            evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log)
+        profiler = profiler and report_profile(r, profiler)
+        meter.add(loss, slots, counts)
+        if step % c["log_interval"] == 0 or step == r.total_steps:
+            meter.log(step, lr, grad_norm, position, skipped)
+        stopping_here = step == c["stop_at_step"] and step < r.total_steps
+        if stopping_here or (c["save_interval"] > 0 and (step % c["save_interval"] == 0 or step == r.total_steps)):
+            path = checkpoint(r, step, position, skipped)
+            if c["export_every_save"] and step != r.total_steps:
+                export(r, os.path.join(path, "export"))
+        if r.val_rows and (step == r.total_steps or (c["val_interval"] and step % c["val_interval"] == 0)):
+            validate(r, step)
+        if c["eval_interval"] and step % c["eval_interval"] == 0 and step != r.total_steps:
+            evaluate(r, step)
         if stopping_here:
-            log(f"stop_at_step={step} reached; run the same command again to continue")
+            r.log(f"stop_at_step={step} reached; run the same command again to continue")
             dist.destroy_process_group()
             return 0
 
-    if stop_reason:
-        train_state = dict(step=step, data_position=position, skipped_steps=skipped_total,
-                           cpu_rng=torch.get_rng_state().tolist())
-        path = save_checkpoint(c["out_dir"], step, drafter, optimizer, train_state, dcfg,
-                               target_config_dict, c["keep_checkpoints"], rank)
-        log(f"stopping: {stop_reason}; the last good weights are in {path}")
-        dist.destroy_process_group()
-        return 1
+    # --- finish: the serving folder, then real speculative decoding
     if c["save_interval"] > 0:
-        out = os.path.join(c["out_dir"], "drafter")
-        export(drafter, dcfg, target_config_dict, out, c, rank)
-        log(f"exported the drafter (serving format) to {out}")
-    results = evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log)
+        export(r, os.path.join(c["out_dir"], "drafter"))
+        r.log(f"exported the drafter (serving format) to {os.path.join(c['out_dir'], 'drafter')}")
+    results = evaluate(r, step)
     if results:
-        log("acceptance length measured by real speculative decoding (temperature 0):")
+        r.log("acceptance length measured by real speculative decoding (temperature 0):")
     for name, kind, n, tau, same in results:
-        log(f"  tau = {tau:.2f} on {n} {kind} prompts ({name}); {same}/{n} outputs identical to greedy decoding")
+        r.log(f"  tau = {tau:.2f} on {n} {kind} prompts ({name}); {same}/{n} outputs identical to greedy decoding")
     dist.barrier()
     dist.destroy_process_group()
     return 0
 
 
 @torch.no_grad()
-def validate(drafter, target, val_rows, c, use_flex, pad_id, device, step, rank, world, metrics_file, log):
+def validate(r, step):
     """Loss and expected acceptance length on the held-out rows, each row with the same anchors every
     time. On conversations the drafter never trained on, this estimate tracks bench.py's tau (README);
     its gap to the training estimate is what the drafter memorised."""
     import data as D
-    n = len(val_rows) // world // c["batch_size"] * c["batch_size"]  # every rank runs as many forwards (FSDP)
+    c, n_batch = r.c, r.c["batch_size"]
+    n = len(r.val_rows) // r.world // n_batch * n_batch  # every rank runs as many forwards (FSDP)
     totals = slots = 0  # [loss sum, weight sum], [correct per slot, count per slot]
-    for lo in range(rank * n, (rank + 1) * n, c["batch_size"]):
-        batch = D.collate(val_rows[lo:lo + c["batch_size"]], c["pad_multiple"], pad_id, c["max_length"])
-        gen = [torch.Generator().manual_seed(c["seed"] * 1_000_003 + 999_999_937 + i)
-               for i in range(lo, lo + c["batch_size"])]
-        ls, ws, st = M.dflash_loss(drafter, target, batch["input_ids"].to(device), batch["loss_mask"].to(device),
-                                   c["num_anchors"], c["gamma"] or None, use_flex, gen,
+    for lo in range(r.rank * n, (r.rank + 1) * n, n_batch):
+        batch = D.collate(r.val_rows[lo:lo + n_batch], c["pad_multiple"], r.pad_id, c["max_length"])
+        gen = [torch.Generator().manual_seed(c["seed"] * 1_000_003 + 999_999_937 + i) for i in range(lo, lo + n_batch)]
+        ls, ws, st = M.dflash_loss(r.drafter, r.target, batch["input_ids"].to(r.device), batch["loss_mask"].to(r.device),
+                                   c["num_anchors"], c["gamma"] or None, r.use_flex, gen,
                                    ce_chunk_tokens=c["ce_chunk_tokens"], compile_ce=c["compile_target"],
                                    loss=c["loss"], dpace_alpha=c["dpace_alpha"])
         totals = totals + torch.stack([ls, ws])
@@ -685,56 +726,52 @@ def validate(drafter, target, val_rows, c, use_flex, pad_id, device, step, rank,
     dist.all_reduce(slots)
     acc, exp_len = M.acceptance_metrics(*slots.cpu())
     loss = (totals[0] / totals[1].clamp(min=1e-6)).item()
-    log(f"val step {step}: loss {loss:.4f} | acc@1 {acc[0].item():.3f} | exp accept {exp_len:.2f} "
-        f"on {n * world} held-out rows")
-    if metrics_file:
-        metrics_file.write(json.dumps(dict(step=step, val_loss=loss, val_acc=acc.tolist(),
-                                           val_expected_accept_len=exp_len, val_rows=n * world)) + "\n")
-        metrics_file.flush()
+    r.log(f"val step {step}: loss {loss:.4f} | acc@1 {acc[0].item():.3f} | exp accept {exp_len:.2f} "
+          f"on {n * r.world} held-out rows")
+    record(r, dict(step=step, val_loss=loss, val_acc=acc.tolist(), val_expected_accept_len=exp_len, val_rows=n * r.world))
 
 
-def export(drafter, dcfg, target_config, out, c, rank):
+def export(r, out):
     from convert import export_drafter
-    sd = full_state_dict(drafter)
-    if rank == 0:
-        export_drafter(sd, dcfg, target_config, out, target_name=c["target"])
+    sd = full_state_dict(r.drafter)
+    if r.rank == 0:
+        export_drafter(sd, r.dcfg, r.target_config, out, target_name=r.c["target"])
     dist.barrier()
 
 
-def evaluate(drafter, dcfg, target, tokenizer, c, step, rank, metrics_file, log):
+def evaluate(r, step):
     """Real speculative decoding (bench.py's loop, temperature 0) on each eval_prompts set, on rank 0
     with a plain copy of the drafter, each turn checked against plain greedy decoding. A set that is
     the training data says whether the pipeline learns; a held-out set, what generalises.
     Returns [(set, kind, prompts, tau, turns identical to greedy)]."""
-    if not c["eval_prompts"] or tokenizer is None or c["shard_target"]:
+    c, target = r.c, r.target
+    if not c["eval_prompts"] or r.tokenizer is None or c["shard_target"]:
         return []  # a sharded target cannot decode on one rank alone
-    sd = full_state_dict(drafter)
+    sd = full_state_dict(r.drafter)
     results = []
-    if rank == 0:
+    if r.rank == 0:
         import bench
         import data as D
         dtype, device = target.dtype, next(target.parameters()).device
         if device.type == "cpu":  # speculative == greedy holds exactly in fp32; in bf16 argmax near-ties
             target.float()        # can flip between a 16-token and a 1-token forward (SPEC 8)
-        plain = M.DFlashDrafter(dcfg).to(device=device, dtype=target.dtype)
+        plain = M.DFlashDrafter(r.dcfg).to(device=device, dtype=target.dtype)
         plain.load_state_dict(sd)
         plain.eval()
         trained = {os.path.abspath(f) for f in glob.glob(c["data"])}
         for name in c["eval_prompts"].split(","):
             prompts = D.load_prompts(name)[:c["eval_num_prompts"]]
             kind = "training" if os.path.abspath(name) in trained else "held-out"
-            log(f"eval step {step}: decoding {len(prompts)} {kind} prompts ({name}) speculatively and plainly, "
-                f"up to {c['eval_max_new_tokens']} tokens each")
+            r.log(f"eval step {step}: decoding {len(prompts)} {kind} prompts ({name}) speculatively and plainly, "
+                  f"up to {c['eval_max_new_tokens']} tokens each")
             t0 = time.time()
             with torch.compiler.set_stance("force_eager"):  # compiled target layers: decode shapes vary every step
-                tau, same = bench.measure_tau(target, plain, tokenizer, prompts, c["eval_max_new_tokens"], log)
-            log(f"eval step {step}: tau {tau:.2f} on {len(prompts)} {kind} prompts ({name}); "
-                f"{same}/{len(prompts)} identical to greedy decoding ({time.time() - t0:.0f} s)")
+                tau, same = bench.measure_tau(target, plain, r.tokenizer, prompts, c["eval_max_new_tokens"], r.log)
+            r.log(f"eval step {step}: tau {tau:.2f} on {len(prompts)} {kind} prompts ({name}); "
+                  f"{same}/{len(prompts)} identical to greedy decoding ({time.time() - t0:.0f} s)")
             results.append((name, kind, len(prompts), tau, same))
-            if metrics_file:
-                metrics_file.write(json.dumps(dict(step=step, eval_set=name, eval_kind=kind, eval_tau=tau,
-                                                   eval_prompts=len(prompts), eval_lossless=same)) + "\n")
-                metrics_file.flush()
+            record(r, dict(step=step, eval_set=name, eval_kind=kind, eval_tau=tau, eval_prompts=len(prompts),
+                           eval_lossless=same))
         target.to(dtype)  # bf16 -> fp32 -> bf16 is exact
     dist.barrier()
     return results

@@ -228,7 +228,7 @@ BENCH_SETS = ("mt-bench", "humaneval", "math500", "alpaca")
 TRAIN_SEQ_PER_S = 100
 
 
-def plan_run(budget_min, gpus, bench_prompts, max_new_tokens):
+def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0):
     """Stage sizes for a time budget (minutes, all stages) on `gpus` GPUs: what a 25-minute, one-H200 run
     spends where. Written once to plan.json, so a resumed run keeps the first run's choices."""
     s, g = budget_min * 60, max(gpus, 1)
@@ -236,7 +236,7 @@ def plan_run(budget_min, gpus, bench_prompts, max_new_tokens):
     train_s = 0.40 * s - 90  # minus compiling and the first steps
     return dict(budget_minutes=budget_min, gpus=gpus, self_prompts=[int(4000 * scale), int(2500 * scale), int(2500 * scale)],
                 regen_seconds=int(max(60, 0.30 * s)), train_steps=max(20, int(train_s * TRAIN_SEQ_PER_S * g / 64)),
-                bench_prompts=bench_prompts, bench_max_new_tokens=max_new_tokens)
+                bench_prompts=bench_prompts, bench_max_new_tokens=max_new_tokens, max_rows=max_rows)
 
 
 def _stage(out, name, plan, fn):
@@ -261,22 +261,29 @@ def _procs(cmds, gpus, deadline=None):
     import subprocess
     ps = [subprocess.Popen(c, cwd=os.path.dirname(HERE), env={**os.environ, **({"CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus else {})})
           for k, c in enumerate(cmds)]
-    while any(p.poll() is None for p in ps):
-        if deadline and time.time() > deadline:
-            for p in ps:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in ps:
-                p.wait()
-            print("recipe: time budget of the stage reached; stopped with what is written", flush=True)
-            return False
-        time.sleep(2)
+
+    def stop():
+        for p in ps:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in ps:
+            p.wait()
+    try:
+        while any(p.poll() is None for p in ps):
+            if deadline and time.time() > deadline:
+                stop()
+                print("recipe: time budget of the stage reached; stopped with what is written", flush=True)
+                return False
+            time.sleep(2)
+    finally:  # killed or interrupted: no stage process outlives the recipe (a rerun starts them afresh)
+        stop()
     if any(p.returncode for p in ps):
         raise SystemExit(f"recipe: a stage process failed: {[p.args for p in ps if p.returncode]}")
     return True
 
 
-def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=30, max_new_tokens=384, procs_per_gpu=3, train_args=()):
+def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=30, max_new_tokens=384, procs_per_gpu=3, train_args=(),
+        max_rows=0):
     """Every stage of the SmolLM2 recipe, resumable: rerunning the same command after a kill continues."""
     import torch
     py, target = sys.executable, os.path.join(D.assets_dir(), "SmolLM2-135M-Instruct")
@@ -288,7 +295,7 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=30, max_new_to
     if os.path.exists(plan_file):
         plan = json.load(open(plan_file))
     else:
-        plan = plan_run(budget_minutes, gpus, bench_prompts, max_new_tokens)
+        plan = plan_run(budget_minutes, gpus, bench_prompts, max_new_tokens, max_rows)
         json.dump(plan, open(plan_file, "w"), indent=1)
     print(f"recipe: plan {json.dumps(plan)}", flush=True)
     p = lambda *a: os.path.join(out, *a)
@@ -301,10 +308,14 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=30, max_new_to
             if num:
                 self_prompts(target, p("prompts", f"self_{name}.jsonl"), num, seeds.split("|"), suffix,
                              temperature=0.8, batch_size=min(512, max(16, num)), seed=seed)
+        # the sources interleaved row by row, so a regeneration cut by its time budget has answered
+        # every kind of prompt (regenerate takes each shard's shortest prompts first)
+        sources = [open(p("prompts", n + ".jsonl")).read().splitlines()
+                   for n in ("sharegpt_first", "code", "self_maths", "self_code", "self_general")
+                   if os.path.exists(p("prompts", n + ".jsonl"))]
+        rows = [src[i] for i in range(max(map(len, sources))) for src in sources if i < len(src)]
         with open(p("prompts", "all.jsonl"), "w") as f:
-            for name in ("sharegpt_first", "code", "self_maths", "self_code", "self_general"):
-                if os.path.exists(p("prompts", name + ".jsonl")):
-                    f.write(open(p("prompts", name + ".jsonl")).read())
+            f.write("\n".join(rows[:plan["max_rows"] or None]) + "\n")
 
     def regenerate():
         # the time left of this stage's budget: a resumed run spends only what the killed one did not
@@ -320,6 +331,9 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=30, max_new_to
         finally:
             os.makedirs(p("stages"), exist_ok=True)
             open(spent_file, "w").write(f"{spent + time.time() - t0:.0f}")
+        if not any(os.path.getsize(f) for f in glob.glob(p("regen", "*.jsonl"))):
+            raise SystemExit("recipe: the regeneration wrote no rows in its time: raise --budget-minutes "
+                             "(or lower --max-rows)")
 
     def train():
         nproc = max(gpus, 1)
@@ -412,9 +426,11 @@ def main(argv=None):
     u.add_argument("--bench-prompts", type=int, default=30, help="prompts per benchmark set")
     u.add_argument("--max-new-tokens", type=int, default=384, help="per benchmark turn")
     u.add_argument("--train", action="append", default=[], help="extra train.py override, e.g. --train=--compile=false")
+    u.add_argument("--max-rows", type=int, default=0, help="> 0: regenerate at most this many prompts (quick runs)")
     a = ap.parse_args(argv)
     if a.cmd == "run":
-        return run(a.out, a.budget_minutes, a.extra_prompts, a.bench_prompts, a.max_new_tokens, train_args=a.train)
+        return run(a.out, a.budget_minutes, a.extra_prompts, a.bench_prompts, a.max_new_tokens, train_args=a.train,
+                   max_rows=a.max_rows)
     if a.cmd == "first-turns":
         first_exchanges(out=a.out, assets_dir=a.dir, turns=a.turns)
     elif a.cmd == "code-prompts":
