@@ -484,6 +484,19 @@ def load_writer(target):
     return tok, model, stop_ids(tok, model)
 
 
+def check_batch_decodable(config):
+    """BatchDecoder builds one full causal mask over a left-padded static cache: right for full-attention
+    targets only (a sliding layer would see past its window, a linear-attention state would take in
+    the padding). Others regenerate through a serving engine."""
+    tc = config.get_text_config()
+    kinds = set(getattr(tc, "layer_types", None) or []) - {"full_attention"}
+    if not getattr(tc, "layer_types", None) and getattr(tc, "sliding_window", None) and getattr(tc, "use_sliding_window", True):
+        kinds.add("sliding_attention")
+    if kinds:
+        raise SystemExit(f"regenerate error: the target has {', '.join(sorted(kinds))} layers, which the in-process "
+                         "batch decoder does not handle: serve the target with vLLM or SGLang and pass --server URL")
+
+
 class BatchDecoder:
     """Greedy (or sampled) continuations of up to `batch_size` token-id prompts at once, over a static
     KV cache of prompt_len + max_new_tokens slots. Prompts are left-padded to prompt_len, so every
@@ -699,6 +712,8 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     time, instead of in this process; the rows are the same."""
     if server:  # before any other work: a wrong URL or model fails at once
         name = server_model(server, target, served_model_name, max_prompt_tokens + max_new_tokens)
+    else:
+        check_batch_decodable(M.load_target_config(target))
     out = shard_path(out, shard, num_shards)
     done = _done_indices(out)
     todo, skipped = [], collections.Counter()

@@ -2818,6 +2818,65 @@ def test_self_prompts_open_with_the_template_and_a_seed_and_are_filtered(tmp_pat
                     {"id": "self-0-1", "turns": ["Find the area of a circle of radius 2.!"]}]
     assert [json.loads(line) for line in open(tmp_path / "p.jsonl")] == rows
 
+def test_in_process_regeneration_refuses_sliding_and_linear_targets(tmp_path):
+    """data.BatchDecoder's one causal mask over left-padded rows is right for full attention only: a
+    sliding or linear-attention target is sent to --server before any weights load; Qwen3's unused
+    sliding_window (use_sliding_window false) is not."""
+    write_lines(tmp_path / "in.jsonl", [json.dumps({"turns": ["hi"]})])
+    cases = {"mistral": dict(sliding_window=8), "qwen3_next": {},
+             "gemma3_text": dict(layer_types=["sliding_attention", "full_attention"] * 3)}
+    for family, extra in cases.items():
+        cfg = dict(TINY_TARGET, model_type=family, **extra)
+        (tmp_path / family).mkdir()
+        (tmp_path / family / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(SystemExit, match="regenerate error: the target has .*(sliding|linear).* --server URL"):
+            data.regenerate(str(tmp_path / family), str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
+    data.check_batch_decodable(M.load_target_config(dict(TINY_TARGET, sliding_window=8, use_sliding_window=False)))
+    assert not os.path.exists(tmp_path / "out.jsonl")
+
+
+def test_readme_commands_use_flags_the_scripts_have():
+    """Every command of ours in the README's code blocks names a script that exists and only flags (or
+    config keys, for train.py) that the script's --help lists: a renamed flag cannot leave the README
+    behind. (The commands' behaviour is tested where each feature is.)"""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S)).replace("\\\n", " ")
+    helps, seen = {}, set()
+    for cmd in re.split(r"\n|&&|;", blocks):
+        m = re.search(r"(?:python3?|torchrun[^|]*?)\s+((?:recipes/)?\w+\.py)(.*)", cmd.split("#")[0])
+        if not m:
+            continue
+        script, args = m.groups()
+        assert os.path.exists(os.path.join(HERE, script)), script
+        if script not in helps:
+            sub = ["run"] if script == "recipes/smollm2.py" else ["regenerate"] if script == "data.py" else []
+            r = subprocess.run([sys.executable, script, *sub, "--help"], cwd=HERE, capture_output=True, text=True,
+                               timeout=120)
+            assert r.returncode == 0, (script, r.stderr[-500:])
+            helps[script] = r.stdout
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", args):
+            assert re.search(rf"(?<![\w-]){flag}(?![\w-])", helps[script]), f"README: {script} has no {flag}"
+            seen.add((script, flag))
+    assert {"train.py", "data.py", "bench.py", "convert.py", "recipes/fetch.py"} <= set(helps)
+    assert ("train.py", "--lr") in seen or ("train.py", "--config") in seen
+
+
+def test_recipe_plan_and_prompt_interleave(tmp_path):
+    """recipes/smollm2.py run: the stage plan scales with the budget and the GPUs (25 minutes on one GPU:
+    the measured rates' split), and the prompt files are interleaved row by row, a row holding U+2028
+    (which str.splitlines would cut) kept whole."""
+    p = smollm2.plan_run(25, 1, 30, 384)
+    assert p["regen_seconds"] == 375 and p["train_steps"] == int((750 - 90) * smollm2.TRAIN_SEQ_PER_S / 64)
+    assert p["self_prompts"] == [4000, 2500, 2500] and smollm2.plan_run(25, 2, 30, 384)["self_prompts"] == [8000, 5000, 5000]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"turns": [f"a{i}\u2028x"]}, ensure_ascii=False) + "\n" for i in range(3)), "utf-8")
+    write_lines(b, [json.dumps({"turns": ["b0"]})])
+    assert smollm2.interleave([str(a), str(b), str(tmp_path / "missing.jsonl")], str(tmp_path / "all.jsonl")) == 4
+    rows = [json.loads(line) for line in open(tmp_path / "all.jsonl", encoding="utf-8")]
+    assert [r["turns"][0] for r in rows] == ["a0\u2028x", "b0", "a1\u2028x", "a2\u2028x"]
+    assert smollm2.interleave([str(a), str(b)], str(tmp_path / "all.jsonl"), max_rows=2) == 2
+
+
 def test_compiled_target_layers_and_ce_keep_the_maths(tmp_path):
     """compile_target (torch.compile of the target's layers and of the lm_head + CE chunks) is a speed
     lever only: the same losses and weights as the eager run."""

@@ -223,9 +223,10 @@ CODE_SEEDS = ("Write a Python function|Write a function|Implement a Python class
               "Write a recursive Python function")
 GENERAL_SEEDS = "|Write|Explain|Give|Describe|What|How|Compose|Rewrite|Imagine|Can you"
 BENCH_SETS = ("mt-bench", "humaneval", "math500", "alpaca")
-# Rates measured on H200s with this recipe (results/smollm2-e2e.md): training ~100 sequences/s per GPU,
-# regeneration ~25 K new tokens/s per GPU with 3 processes; the budget is split by these.
-TRAIN_SEQ_PER_S = 100
+# Rates measured on one H200 with this recipe (results/smollm2-recipe.md): training ~130 sequences/s,
+# regeneration ~33 rows/s with 3 processes; prompts take ~100 s, the bench ~5 minutes. The budget is
+# split by these; training gets the largest share because steps, not rows, limited every short run.
+TRAIN_SEQ_PER_S = 130
 
 
 def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0):
@@ -233,10 +234,21 @@ def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0):
     spends where. Written once to plan.json, so a resumed run keeps the first run's choices."""
     s, g = budget_min * 60, max(gpus, 1)
     scale = s * g / 1500  # 1.0 = 25 minutes on one GPU
-    train_s = 0.40 * s - 90  # minus compiling and the first steps
+    train_s = 0.50 * s - 90  # minus compiling and the first steps
     return dict(budget_minutes=budget_min, gpus=gpus, self_prompts=[int(4000 * scale), int(2500 * scale), int(2500 * scale)],
-                regen_seconds=int(max(60, 0.30 * s)), train_steps=max(20, int(train_s * TRAIN_SEQ_PER_S * g / 64)),
+                regen_seconds=int(max(60, 0.25 * s)), train_steps=max(20, int(train_s * TRAIN_SEQ_PER_S * g / 64)),
                 bench_prompts=bench_prompts, bench_max_new_tokens=max_new_tokens, max_rows=max_rows)
+
+
+def interleave(paths, out, max_rows=0):
+    """The JSONL files' rows interleaved one by one (then the first max_rows, if > 0), so a regeneration
+    cut by its time budget has answered every kind of prompt (it takes each shard's shortest first)."""
+    # split on "\n" only: JSON written with ensure_ascii=False may hold U+2028 inside a string
+    sources = [open(f, encoding="utf-8").read().split("\n")[:-1] for f in paths if os.path.exists(f)]
+    rows = [src[i] for i in range(max(map(len, sources))) for src in sources if i < len(src)]
+    with open(out, "w", encoding="utf-8") as f:
+        f.write("".join(r + "\n" for r in rows[:max_rows or None]))
+    return len(rows[:max_rows or None])
 
 
 def _stage(out, name, plan, fn):
@@ -308,14 +320,8 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=30, max_new_to
             if num:
                 self_prompts(target, p("prompts", f"self_{name}.jsonl"), num, seeds.split("|"), suffix,
                              temperature=0.8, batch_size=min(512, max(16, num)), seed=seed)
-        # the sources interleaved row by row, so a regeneration cut by its time budget has answered
-        # every kind of prompt (regenerate takes each shard's shortest prompts first)
-        sources = [open(p("prompts", n + ".jsonl")).read().splitlines()
-                   for n in ("sharegpt_first", "code", "self_maths", "self_code", "self_general")
-                   if os.path.exists(p("prompts", n + ".jsonl"))]
-        rows = [src[i] for i in range(max(map(len, sources))) for src in sources if i < len(src)]
-        with open(p("prompts", "all.jsonl"), "w") as f:
-            f.write("\n".join(rows[:plan["max_rows"] or None]) + "\n")
+        interleave([p("prompts", n + ".jsonl") for n in ("sharegpt_first", "code", "self_maths", "self_code", "self_general")],
+                   p("prompts", "all.jsonl"), plan["max_rows"])
 
     def regenerate():
         # the time left of this stage's budget: a resumed run spends only what the killed one did not
@@ -339,6 +345,7 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=30, max_new_to
         nproc = max(gpus, 1)
         cmd = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
                "--config", "configs/smollm2.yaml", f"--data={p('regen', '*.jsonl')}", f"--out_dir={p('train')}",
+               f"--target={target}",
                f"--max_steps={plan['train_steps']}", f"--batch_size={64 // nproc}",
                f"--val_interval={max(1, plan['train_steps'] // 4)}", f"--save_interval={max(1, plan['train_steps'] // 4)}",
                *train_args]
