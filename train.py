@@ -105,7 +105,7 @@ CHOICES = dict(enable_thinking={"auto", "on", "off"}, lr_schedule={"cosine", "ws
 
 
 def usage():
-    lines = ["usage: torchrun [--nproc_per_node=N] train.py --config FILE.yaml [--key=value ...]",
+    lines = ["usage: torchrun [--nproc_per_node=N] train.py --config FILE.yaml [--key=value ...]   (--help: this list)",
              "       (or python train.py ...: one process). Config keys, YAML or command line:"]
     for group, keys in CONFIG.items():
         lines.append(f"\n{group}:")
