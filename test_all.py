@@ -532,14 +532,21 @@ def test_sample_anchors_fixed_slots_sorted_and_valid():
     assert anchors[1, 0] == 38
 
 
-def test_loss_hand_worked_case():
-    """Zero every drafter matrix: each block slot's hidden state is then norm(embedding of its input
-    token), so the logits are known by hand and the weighted CE can be computed independently."""
+def zero_drafter():
+    """A tiny target and a one-layer drafter whose matrices are zero (norm weights one): each block
+    slot's hidden state is then norm(embedding of its input token), so its logits are known by hand."""
     t = tiny_target(vocab=16, hidden=8)
     d = tiny_drafter(t, layers=1, block_size=4, layer_ids=(1,), mask_token_id=15)
     with torch.no_grad():
         for p in d.parameters():
             p.zero_() if p.dim() == 2 else p.fill_(1.0)
+    return t, d
+
+
+def test_loss_hand_worked_case():
+    """Zero every drafter matrix: each block slot's hidden state is then norm(embedding of its input
+    token), so the logits are known by hand and the weighted CE can be computed independently."""
+    t, d = zero_drafter()
     ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10]])
     loss_mask = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 0]])
     # valid anchors need loss_mask[p] and loss_mask[p+1]: only p=5 -> 2 slots, one of them dropped
@@ -571,11 +578,7 @@ def test_dpace_loss_hand_worked_case():
     """The zero-drafter block of test_loss_hand_worked_case with labels at slots 1 and 3 (slot 2's
     label is masked): every MASK slot has the same softmax, so p and CE of each label are known by hand,
     and the loss is w1 * CE1 + w3 * CE3 with w1 = s1 + s1 s3, w3 = s1 s3 (s2 = 1: invalid)."""
-    t = tiny_target(vocab=16, hidden=8)
-    d = tiny_drafter(t, layers=1, block_size=4, layer_ids=(1,), mask_token_id=15)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.zero_() if p.dim() == 2 else p.fill_(1.0)
+    t, d = zero_drafter()
     ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10]])
     loss_mask = torch.tensor([[0, 0, 0, 0, 1, 1, 0, 1]])  # one anchor (4): labels 8 (slot 1), 10 (slot 3)
     loss_sum, w_sum, stats = M.dflash_loss(d, t, ids, loss_mask, num_anchors=1, loss="dpace", dpace_alpha=0.3)
