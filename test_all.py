@@ -2878,6 +2878,19 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "all.jsonl", encoding="utf-8")]
     assert [r["turns"][0] for r in rows] == ["a0\u2028x", "b0", "a1\u2028x", "a2\u2028x"]
     assert smollm2.interleave([str(a), str(b)], str(tmp_path / "all.jsonl"), max_rows=2) == 2
+    # a stage killed midway runs again on the rerun, its time so far kept; a finished one is skipped
+    calls = []
+
+    def killed():
+        calls.append("killed")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        smollm2._stage(str(tmp_path), "train", killed)
+    assert not (tmp_path / "stages" / "train.done").exists() and (tmp_path / "stages" / "train.spent").exists()
+    (tmp_path / "stages" / "train.spent").write_text("7")
+    smollm2._stage(str(tmp_path), "train", lambda: calls.append("resumed"))
+    smollm2._stage(str(tmp_path), "train", lambda: calls.append("again"))
+    assert calls == ["killed", "resumed"] and int((tmp_path / "stages" / "train.done").read_text()) >= 7
 
 
 def test_compiled_target_layers_and_ce_keep_the_maths(tmp_path):

@@ -251,18 +251,29 @@ def interleave(paths, out, max_rows=0):
     return len(rows[:max_rows or None])
 
 
-def _stage(out, name, plan, fn):
-    """Run fn once: a stage is done when its marker exists, so a rerun after a kill skips it."""
+def _spent(out, name):
+    """Seconds a stage has run so far, over every invocation (a killed one's included)."""
+    f = os.path.join(out, "stages", name + ".spent")
+    return float(open(f).read()) if os.path.exists(f) else 0.0
+
+
+def _stage(out, name, fn):
+    """Run fn once: a stage is done when its marker exists, so a rerun after a kill skips it; a stage
+    that was killed runs again (regeneration and training continue where they stopped)."""
     marker = os.path.join(out, "stages", name + ".done")
     if os.path.exists(marker):
         print(f"recipe: {name}: done earlier, skipped", flush=True)
         return
-    t0 = time.time()
+    spent, t0 = _spent(out, name), time.time()
     print(f"recipe: {name}: start", flush=True)
-    fn()
-    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    try:
+        fn()
+    finally:  # killed or not, its time counts: the regeneration's budget and the results use it
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(os.path.join(out, "stages", name + ".spent"), "w") as f:
+            f.write(f"{spent + time.time() - t0:.0f}")
     with open(marker, "w") as f:
-        f.write(f"{time.time() - t0:.0f}\n")
+        f.write(f"{spent + time.time() - t0:.0f}\n")
     print(f"recipe: {name}: done in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -324,19 +335,12 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=30, max_new_to
                    p("prompts", "all.jsonl"), plan["max_rows"])
 
     def regenerate():
-        # the time left of this stage's budget: a resumed run spends only what the killed one did not
-        spent_file = p("stages", "regenerate.spent")
-        spent = float(open(spent_file).read()) if os.path.exists(spent_file) else 0.0
         n = procs_per_gpu * max(gpus, 1)
         cmds = [[py, "data.py", "regenerate", "--target", target, "--data", p("prompts", "all.jsonl"),
                  "--out", p("regen", "rows.jsonl"), "--num-shards", str(n), "--shard", str(k), "--max-new-tokens", "512",
                  "--batch-size", "256", "--max-turns", "2", "--max-prompt-tokens", "1024"] for k in range(n)]
-        t0 = time.time()
-        try:
-            _procs(cmds, gpus, deadline=t0 + max(0.0, plan["regen_seconds"] - spent))
-        finally:
-            os.makedirs(p("stages"), exist_ok=True)
-            open(spent_file, "w").write(f"{spent + time.time() - t0:.0f}")
+        # the time left of this stage's budget: a resumed run spends only what the killed one did not
+        _procs(cmds, gpus, deadline=time.time() + max(0.0, plan["regen_seconds"] - _spent(out, "regenerate")))
         if not any(os.path.getsize(f) for f in glob.glob(p("regen", "*.jsonl"))):
             raise SystemExit("recipe: the regeneration wrote no rows in its time: raise --budget-minutes "
                              "(or lower --max-rows)")
@@ -363,15 +367,14 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=30, max_new_to
         for name, _ in todo:
             os.replace(p("bench", name + ".jsonl.tmp"), p("bench", name + ".jsonl"))
 
-    t_start = time.time()
-    _stage(out, "prompts", plan, prompts)
-    _stage(out, "regenerate", plan, regenerate)
-    _stage(out, "train", plan, train)
-    _stage(out, "bench", plan, bench)
-    return results_table(out, plan, time.time() - t_start)
+    _stage(out, "prompts", prompts)
+    _stage(out, "regenerate", regenerate)
+    _stage(out, "train", train)
+    _stage(out, "bench", bench)
+    return results_table(out, plan)
 
 
-def results_table(out, plan, seconds):
+def results_table(out, plan):
     """results.md and results.json from the bench records: tau, lossless turns and speed per prompt set."""
     rows = []
     for f in sorted(glob.glob(os.path.join(out, "bench", "*.jsonl"))):
