@@ -488,10 +488,8 @@ def check_batch_decodable(config):
     """BatchDecoder builds one full causal mask over a left-padded static cache: right for full-attention
     targets only (a sliding layer would see past its window, a linear-attention state would take in
     the padding). Others regenerate through a serving engine."""
-    tc = config.get_text_config()
-    kinds = set(getattr(tc, "layer_types", None) or []) - {"full_attention"}
-    if not getattr(tc, "layer_types", None) and getattr(tc, "sliding_window", None) and getattr(tc, "use_sliding_window", True):
-        kinds.add("sliding_attention")
+    from transformers import cache_utils  # the layer kinds the target's cache will hold (as bench.check_rollback)
+    kinds = set(cache_utils.get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0]) - {"full_attention"}
     if kinds:
         raise SystemExit(f"regenerate error: the target has {', '.join(sorted(kinds))} layers, which the in-process "
                          "batch decoder does not handle: serve the target with vLLM or SGLang and pass --server URL")
