@@ -223,20 +223,28 @@ CODE_SEEDS = ("Write a Python function|Write a function|Implement a Python class
               "Write a recursive Python function")
 GENERAL_SEEDS = "|Write|Explain|Give|Describe|What|How|Compose|Rewrite|Imagine|Can you"
 BENCH_SETS = ("mt-bench", "humaneval", "math500", "alpaca")
-# Rates measured on one H200 with this recipe (results/smollm2-recipe.md): training ~130 sequences/s,
-# regeneration ~33 rows/s with 3 processes; prompts take ~100 s, the bench ~5 minutes. The budget is
-# split by these; training gets the largest share because steps, not rows, limited every short run.
-TRAIN_SEQ_PER_S = 130
+# Rates measured on one H200 with this recipe (results/smollm2-recipe.md): prompts take ~100 s; training
+# ~130 sequences/s after ~90 s of loading and compiling; the bench (four sets at once, compiled, fp32)
+# ~60 s of compiling, then ~25 ms per new token of the longest set (MT-Bench, two turns a prompt),
+# baseline and DFlash together. What those fixed stages leave is split 1:2 between regeneration and
+# training: steps, not rows, limited every short run.
+TRAIN_SEQ_PER_S, PROMPTS_S, BENCH_S_PER_TOKEN = 130, 100, 0.025
 
 
 def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0):
-    """Stage sizes for a time budget (minutes, all stages) on `gpus` GPUs: what a 25-minute, one-H200 run
-    spends where. Written once to plan.json, so a resumed run keeps the first run's choices."""
+    """Stage sizes for a time budget (minutes, all stages) on `gpus` GPUs: the bench and the prompts cost
+    what they cost, regeneration and training share the rest. Written once to plan.json, so a resumed run
+    keeps the first run's choices."""
     s, g = budget_min * 60, max(gpus, 1)
+    bench_s = 60 + 2 * bench_prompts * max_new_tokens * BENCH_S_PER_TOKEN / min(g, len(BENCH_SETS))
+    left = s - PROMPTS_S - bench_s
+    if left < 180:
+        raise SystemExit(f"recipe: --budget-minutes {budget_min:g} leaves {left:.0f} s for regeneration and training "
+                         f"after the prompts (~{PROMPTS_S} s) and the bench (~{bench_s:.0f} s): give at least "
+                         f"{(PROMPTS_S + bench_s + 180) / 60:.0f} minutes, or fewer --bench-prompts / --max-new-tokens")
     scale = s * g / 1500  # 1.0 = 25 minutes on one GPU
-    train_s = 0.50 * s - 90  # minus compiling and the first steps
     return dict(budget_minutes=budget_min, gpus=gpus, self_prompts=[int(4000 * scale), int(2500 * scale), int(2500 * scale)],
-                regen_seconds=int(max(60, 0.25 * s)), train_steps=max(20, int(train_s * TRAIN_SEQ_PER_S * g / 64)),
+                regen_seconds=int(left / 3), train_steps=int((2 * left / 3 - 90) * TRAIN_SEQ_PER_S * g / 64),
                 bench_prompts=bench_prompts, bench_max_new_tokens=max_new_tokens, max_rows=max_rows)
 
 
@@ -305,7 +313,7 @@ def _procs(cmds, gpus, deadline=None):
     return True
 
 
-def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=30, max_new_tokens=384, procs_per_gpu=3, train_args=(),
+def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_tokens=256, procs_per_gpu=3, train_args=(),
         max_rows=0):
     """Every stage of the SmolLM2 recipe, resumable: rerunning the same command after a kill continues."""
     import torch
@@ -433,8 +441,8 @@ def main(argv=None):
     u.add_argument("--out", default="runs/smollm2-recipe")
     u.add_argument("--budget-minutes", type=float, default=25.0, help="all stages together; sizes the data and steps")
     u.add_argument("--extra-prompts", action="append", default=[], help="JSONL of {\"turns\": [...]} rows, benched as its own row")
-    u.add_argument("--bench-prompts", type=int, default=30, help="prompts per benchmark set")
-    u.add_argument("--max-new-tokens", type=int, default=384, help="per benchmark turn")
+    u.add_argument("--bench-prompts", type=int, default=20, help="prompts per benchmark set")
+    u.add_argument("--max-new-tokens", type=int, default=256, help="per benchmark turn")
     u.add_argument("--train", action="append", default=[], help="extra train.py override, e.g. --train=--compile=false")
     u.add_argument("--max-rows", type=int, default=0, help="> 0: regenerate at most this many prompts (quick runs)")
     a = ap.parse_args(argv)
