@@ -2869,11 +2869,13 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     the measured rates' split), and the prompt files are interleaved row by row, a row holding U+2028
     (which str.splitlines would cut) kept whole."""
     # 25 minutes, one GPU, 20 prompts x 256 tokens: the bench ~60 + 2 * 20 * 256 * 25 ms = 316 s, the prompts
-    # 100 s, so 1,084 s are left: a third regenerates, the rest trains after 90 s of start-up
+    # 40 + 9,000 / 53 = 210 s, so 974 s are left: a third regenerates, the rest trains after 90 s of start-up
     p = smollm2.plan_run(25, 1, 20, 256)
-    assert p["regen_seconds"] == 361 and p["train_steps"] == int((2 * 1084 / 3 - 90) * smollm2.TRAIN_SEQ_PER_S / 64)
+    left = 1500 - 316 - (40 + 9000 / 53)
+    assert p["regen_seconds"] == int(left / 3) == 324
+    assert p["train_steps"] == int((2 * left / 3 - 90) * smollm2.TRAIN_SEQ_PER_S / 64)
     assert p["self_prompts"] == [4000, 2500, 2500] and smollm2.plan_run(25, 2, 20, 256)["self_prompts"] == [8000, 5000, 5000]
-    with pytest.raises(SystemExit, match="give at least 10 minutes"):
+    with pytest.raises(SystemExit, match="give at least 11 minutes"):
         smollm2.plan_run(5, 1, 20, 256)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"turns": [f"a{i}\u2028x"]}, ensure_ascii=False) + "\n" for i in range(3)), "utf-8")

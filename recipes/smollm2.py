@@ -10,6 +10,7 @@ import argparse
 import collections
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -223,12 +224,13 @@ CODE_SEEDS = ("Write a Python function|Write a function|Implement a Python class
               "Write a recursive Python function")
 GENERAL_SEEDS = "|Write|Explain|Give|Describe|What|How|Compose|Rewrite|Imagine|Can you"
 BENCH_SETS = ("mt-bench", "humaneval", "math500", "alpaca")
-# Rates measured on one H200 with this recipe (results/smollm2-recipe.md): prompts take ~100 s; training
-# ~130 sequences/s after ~90 s of loading and compiling; the bench (four sets at once, compiled, fp32)
-# ~60 s of compiling, then ~25 ms per new token of the longest set (MT-Bench, two turns a prompt),
-# baseline and DFlash together. What those fixed stages leave is split 1:2 between regeneration and
-# training: steps, not rows, limited every short run.
-TRAIN_SEQ_PER_S, PROMPTS_S, BENCH_S_PER_TOKEN = 130, 100, 0.025
+# Rates measured on one H200 with this recipe (results/smollm2-recipe.md): prompts ~40 s plus ~53
+# self-written prompts/s (98 s for 3,240, 172 s for 7,200); training ~130 sequences/s after ~90 s of
+# loading and compiling; the bench (four sets at once, compiled, fp32) ~60 s of compiling, then ~25 ms per
+# new token of the longest set (MT-Bench, two turns a prompt), baseline and DFlash together. What those
+# stages cost comes off the budget first; the rest is split 1:2 between regeneration and training:
+# steps, not rows, limited every short run.
+TRAIN_SEQ_PER_S, SELF_PROMPTS_PER_S, BENCH_S_PER_TOKEN = 130, 53, 0.025
 
 
 def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0):
@@ -236,14 +238,17 @@ def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0):
     what they cost, regeneration and training share the rest. Written once to plan.json, so a resumed run
     keeps the first run's choices."""
     s, g = budget_min * 60, max(gpus, 1)
+    scale = s * g / 1500  # 1.0 = 25 minutes on one GPU
+    n_self = [int(4000 * scale), int(2500 * scale), int(2500 * scale)]
+    prompts_s = 40 + sum(n_self) / SELF_PROMPTS_PER_S  # written on one GPU
     bench_s = 60 + 2 * bench_prompts * max_new_tokens * BENCH_S_PER_TOKEN / min(g, len(BENCH_SETS))
-    left = s - PROMPTS_S - bench_s
+    left = s - prompts_s - bench_s
     if left < 180:
         raise SystemExit(f"recipe: --budget-minutes {budget_min:g} leaves {left:.0f} s for regeneration and training "
-                         f"after the prompts (~{PROMPTS_S} s) and the bench (~{bench_s:.0f} s): give at least "
-                         f"{(PROMPTS_S + bench_s + 180) / 60:.0f} minutes, or fewer --bench-prompts / --max-new-tokens")
-    scale = s * g / 1500  # 1.0 = 25 minutes on one GPU
-    return dict(budget_minutes=budget_min, gpus=gpus, self_prompts=[int(4000 * scale), int(2500 * scale), int(2500 * scale)],
+                         f"after the prompts (~{prompts_s:.0f} s) and the bench (~{bench_s:.0f} s): give at least "
+                         f"{math.ceil((40 + bench_s + 180) / (1 - 9000 * g / 1500 / SELF_PROMPTS_PER_S) / 60)} minutes, "
+                         "or fewer --bench-prompts / --max-new-tokens")
+    return dict(budget_minutes=budget_min, gpus=gpus, self_prompts=n_self,
                 regen_seconds=int(left / 3), train_steps=int((2 * left / 3 - 90) * TRAIN_SEQ_PER_S * g / 64),
                 bench_prompts=bench_prompts, bench_max_new_tokens=max_new_tokens, max_rows=max_rows)
 
