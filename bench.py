@@ -15,11 +15,16 @@ One speculative step (spec_generate below is the whole algorithm):
 block_size = 1 is plain decoding through the same code (no drafter call): the baseline.
 At temperature T > 0 (--sampling speculative, the default) the verify is speculative sampling: the
 emitted tokens follow the target's softmax(logits / T) exactly. --sampling match is the older rule
-(greedy proposals, accepted iff equal to the target's sample): also exact, but it accepts less.
+(greedy proposals, accepted iff equal to the target's sample): also exact; it accepted less at T 1.0
+and as much at T 0.6 on the SmolLM2 drafter (results/sampling-smollm2.md).
+--replay ROWS.jsonl measures tau at temperature 0 without decoding, from the target's known greedy
+answers (rows written by `data.py regenerate`): one target forward per row, one drafter pass per step.
 """
 import argparse
+import contextlib
 import glob
 import json
+import os
 import time
 from collections import Counter
 
@@ -614,6 +619,75 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
     return summarize(name, records, B, args.temperature, args.sampling)
 
 
+# ----------------------------------------------------------------------------------------------
+# Replay: tau at temperature 0 from answers the target already gave greedily
+
+@torch.no_grad()
+def replay(target, drafter, ids, spans, block_size):
+    """Acceptance lengths per DFlash step for each answer ids[s:e] (s, e in spans) of ids [S], a conversation
+    whose answers are the target's greedy ones (a regenerated row). At temperature 0 a lossless loop emits
+    exactly those answers, so each step's acceptance is the drafter's block checked against them: what
+    spec_generate gives on the same answers, at one target forward per row and one drafter pass per step.
+    As in the loop, an answer's first token is the target's (prefill), a step drafts from its anchor with
+    every position before the anchor as context, and the last step is cut where the answer ends."""
+    feats, _ = M.capture_features(target, ids[None], list(drafter.config.target_layer_ids))
+    pos = torch.arange(ids.shape[0], device=ids.device)[None]
+    out = []
+    for s, e in spans:
+        cache, ctx, t, acceptance = M.DraftCache(), 0, s, []
+        while t < e - 1:  # t: the anchor's position
+            block = M.block_ids(ids[t], block_size, drafter.config.mask_token_id)
+            logits = M.draft_block(drafter, target, feats[:, ctx:t], pos[:, ctx:t], block, t, cache)[0, 1:]
+            ctx, ref = t, ids[t + 1: min(t + block_size, e)]
+            n = int((logits[: len(ref)].argmax(-1) == ref).cumprod(0).sum())
+            acceptance.append(min(n + 1, e - t - 1))
+            t += acceptance[-1]
+        out.append(acceptance)
+    return out
+
+
+def answer_spans(mask):
+    """(start, end) of each run of 1s in a loss mask: the answers of a tokenised conversation."""
+    edges = [i for i in range(len(mask) + 1) if (mask[i] if i < len(mask) else 0) != (mask[i - 1] if i else 0)]
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
+    """Replay every answer of the regenerated rows in path (the first --num-prompts rows): records as
+    bench_prompts writes them (no baseline), and the summary lines. An answer cut by the regeneration's
+    token limit ("finished": false) ends before the end-of-turn token the template adds to it."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    records, skipped = [], 0
+    for i, row in data.read_rows(path):
+        if args.num_prompts and i >= args.num_prompts:
+            break
+        answers = [m for m in (row or {}).get("messages") or [] if isinstance(m, dict) and m.get("role") == "assistant"]
+        if not answers or not all("token_ids" in m for m in answers):  # answers the target did not give
+            skipped += 1
+            continue
+        ids, mask = data.tokenize_conversation(tokenizer, data.parse_messages(row), 1 << 30)
+        finished = [m.get("finished", True) for m in answers]
+        spans = [(s, e if done else e - 1) for (s, e), done in zip(answer_spans(mask), finished)]
+        for turn, ((s, e), acc) in enumerate(zip(spans, replay(target, drafter, torch.tensor(ids, device=args.device),
+                                                               spans, args.block_size))):
+            rec = dict(dataset=name, id=str(row.get("id", i)), turn=turn, prompt_len=s,
+                       dflash=dict(acceptance=acc, tokens=ids[s:e]))
+            rec["tau_by_position"] = tau_by_position([rec])
+            records.append(rec)
+            if out_file:
+                out_file.write(json.dumps(rec) + "\n")
+    if skipped:
+        print(f"replay: {path}: {skipped} rows skipped: not regenerated (no assistant token_ids), so not the target's answers")
+    steps = [a for r in records for a in r["dflash"]["acceptance"]]
+    res = dict(dataset=name, turns=len(records), steps=len(steps), tau=sum(steps) / max(len(steps), 1),
+               histogram=dict(sorted(Counter(steps).items())), tau_by_position=tau_by_position(records))
+    print(f"\n== {name}: replay of {len(records)} greedy answers, {len(steps)} DFlash steps, block {args.block_size}")
+    print(f"  tau {res['tau']:.2f} | by step start position: " + ", ".join(
+        f"{b} {v['tau']:.2f} ({v['steps']} steps)" for b, v in res["tau_by_position"].items()))
+    print("  acceptance: " + " ".join(f"{a}:{100 * c / max(len(steps), 1):.1f}%" for a, c in res["histogram"].items()))
+    return res
+
+
 def time_synthetic(target, drafter, args, runners, tau=6.49):
     """Random prompt of --prompt-len tokens, --steps steps of each run, no stop token."""
     B, steps = args.block_size, args.steps
@@ -675,6 +749,8 @@ def parse_args(argv=None):
     ap.add_argument("--draft", default="random", help="serving folder or training checkpoint, or 'random'")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --target)")
     ap.add_argument("--dataset", action="append", default=[], help="name or JSONL; repeat or comma-separate")
+    ap.add_argument("--replay", action="append", default=[], help="JSONL of regenerated rows (data.py regenerate at "
+                    "temperature 0): tau from the target's recorded greedy answers, no decoding; repeat or comma-separate")
     ap.add_argument("--num-prompts", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=2048)
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -697,8 +773,14 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dataset = [x for d in args.dataset for x in d.split(",") if x]
-    if not args.dataset and args.prompt_len is None:
-        ap.error("give --dataset or --prompt-len")
+    args.replay = [x for d in args.replay for x in d.split(",") if x]
+    if sum(map(bool, (args.dataset, args.replay, args.prompt_len is not None))) != 1:
+        ap.error("give one of --dataset, --replay or --prompt-len")
+    missing = [f for f in args.replay if not os.path.isfile(f)]
+    if missing:
+        ap.error(f"--replay {missing[0]}: no such file (rows written by `data.py regenerate`)")
+    if args.replay and (args.temperature > 0 or args.compile):
+        ap.error("--replay measures temperature 0 with the eager drafter: drop --temperature / --compile")
     unknown = [d for d in args.dataset if d not in data.PROMPT_SETS and not glob.glob(d)]
     if unknown:  # before any download or model load
         ap.error(f"--dataset {unknown[0]}: no such prompt set or file (nothing is downloaded); prompt sets: {', '.join(data.PROMPT_SETS)}")
@@ -729,6 +811,11 @@ def main(argv=None):
         M.use_sdpa_gqa(target)
     args.block_size = args.block_size or drafter.config.block_size
     tokenizer, prompt_sets = None, {}
+    if args.replay:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
+        with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
+            return [replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]
     if args.prompt_len is None:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)

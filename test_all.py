@@ -2617,6 +2617,70 @@ def test_sampling_keeps_target_distribution(monkeypatch, sampling):
     assert chi2_pvalue(wrong, N * marginal1.double()) < 1e-10
 
 
+def test_replay_gives_the_acceptance_of_decoding():
+    """bench.replay reads each DFlash step's acceptance off known greedy answers. It must equal what
+    spec_generate's loop gives on the same prompts: for a drafter trained on the answers (long accepted
+    runs) and an untrained one with a sliding layer (rejections), for two answers in one conversation,
+    one cut by the token limit and one by a stop token."""
+    t = scaled(tiny_target(), 30.0)
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.randint(0, 60, (1, 6), generator=g)
+    g0 = greedy(t, p0, 24)
+    prefix1 = torch.cat([p0, torch.tensor([g0]), torch.randint(0, 60, (1, 5), generator=g)], 1)
+    g1 = greedy(t, prefix1, 20)
+    stop_at = next(i for i in range(8, 20) if g1[i] not in g1[:i])  # the stop token's first occurrence
+    seq = torch.cat([prefix1, torch.tensor([g1])], 1)
+    spans = [(6, 30), (prefix1.shape[1], prefix1.shape[1] + stop_at + 1)]
+    assert bench.answer_spans([0] * 6 + [1] * 24 + [0] * 5 + [1] * 20) == [(6, 30), (35, 55)]
+
+    trained = tiny_drafter(t, layers=1, block_size=8, layer_ids=(1, 3))
+    loss_mask = torch.zeros_like(seq)
+    loss_mask[:, 6:30] = loss_mask[:, 35:] = 1
+    feats, _ = M.capture_features(t, seq, [1, 3])
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-2)
+    for step in range(60):
+        loss_sum, w_sum, _ = M.dflash_loss(trained, t, seq, loss_mask, num_anchors=24, features=feats,
+                                           generator=torch.Generator().manual_seed(step))
+        (loss_sum / w_sum).backward()
+        opt.step()
+        opt.zero_grad()
+    sliding = tiny_drafter(t, layers=2, block_size=8, layer_ids=(1, 3), layer_types=["sliding_attention", "full_attention"],
+                           sliding_window=8)
+    taus = []
+    for d in (trained, sliding):
+        want = [bench.spec_generate(t, d, p0, 24, [], block_size=8)["acceptance"],
+                bench.spec_generate(t, d, prefix1, 20, [g1[stop_at]], block_size=8)["acceptance"]]
+        assert sum(want[1]) == stop_at  # the loop stopped at the stop token (the first token is the prefill's)
+        assert bench.replay(t, d, seq[0], spans, 8) == want
+        taus.append(sum(want[0] + want[1]) / len(want[0] + want[1]))
+    assert taus[0] > 1.5 and taus[1] < 1.5, taus  # the equality held for long runs and for rejections
+
+
+@need_assets
+def test_replay_cli_on_regenerated_rows_matches_the_decoding_bench(tmp_path, capsys):
+    """bench.py --replay on rows from data.py regenerate: per turn, the same tokens and acceptance lengths
+    as bench.py decoding the same prompts (a turn cut by the token limit included), and rows that are not
+    the target's answers are skipped and counted."""
+    inp, regen = tmp_path / "prompts.jsonl", tmp_path / "regen.jsonl"
+    write_lines(inp, [json.dumps({"id": "p0", "turns": ["Name a color.", "Name another one."]}),
+                      json.dumps({"id": "p1", "turns": ["What is 2+2? Answer with one number."]})])
+    data.main(["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(regen), "--max-new-tokens", "10",
+               "--max-turns", "2", "--max-prompt-tokens", "96"])
+    with open(regen, "a") as f:
+        f.write(json.dumps({"id": "x", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    common = ["--target", SMOL, "--draft", "random", "--dtype", "fp32", "--device", "cpu"]
+    bench.main(common + ["--dataset", str(inp), "--max-new-tokens", "10", "--out", str(tmp_path / "decoded.jsonl")])
+    [res] = bench.main(common + ["--replay", str(regen), "--out", str(tmp_path / "replayed.jsonl")])
+    assert "1 rows skipped: not regenerated" in capsys.readouterr().out
+    decoded = {(r["id"], r["turn"]): r["dflash"] for r in map(json.loads, open(tmp_path / "decoded.jsonl"))}
+    replayed = {(r["id"], r["turn"]): r["dflash"] for r in map(json.loads, open(tmp_path / "replayed.jsonl"))}
+    assert sorted(replayed) == sorted(decoded) == [("p0", 0), ("p0", 1), ("p1", 0)]
+    for k in decoded:
+        assert replayed[k]["tokens"] == decoded[k]["tokens"] and replayed[k]["acceptance"] == decoded[k]["acceptance"], k
+    assert any(len(d["tokens"]) == 10 for d in decoded.values())  # a turn cut by the limit
+    assert res["steps"] == sum(len(d["acceptance"]) for d in decoded.values())
+
+
 def test_speculative_acceptance_hand_worked():
     """p = (.5, .3, .1, .1), q = (.1, .6, .2, .1) at T = 0.5: a proposal x ~ q is accepted with probability
     min(1, p(x)/q(x)) = (1, .5, .5, 1), in all sum_x min(p(x), q(x)) = .6; on rejection the residual
