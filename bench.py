@@ -703,15 +703,46 @@ def time_synthetic(target, drafter, args, runners, tau=6.49):
         n = len(r["acceptance"])
         results[key] = dict(step_ms=1e3 * r["decode_s"] / n, draft_ms=1e3 * r["draft_s"] / n,
                             verify_ms=1e3 * r["verify_s"] / n, steps=n)
+    if args.profile:
+        for key, bs in (("baseline", 1), ("dflash", B)):
+            results[key].update(profile_steps(target, drafter, ids, bs, min(steps, 16), runners.get(bs), key, args.profile))
     base, dfl = results["baseline"], results["dflash"]
     ratio = dfl["step_ms"] / base["step_ms"]
     print(f"prompt {args.prompt_len} tokens, {steps} steps, block {B}, {args.dtype}, {args.device}, "
           f"compile={args.compile}")
-    print(f"  baseline: {base['step_ms']:.2f} ms/token (verify {base['verify_ms']:.2f} ms)")
+    counts = lambda res: "".join(f", {v:.1f} {k.replace('_per_step', '').replace('_', ' ')}/step" for k, v in res.items()
+                                 if k.endswith("_per_step"))  # with --profile
+    print(f"  baseline: {base['step_ms']:.2f} ms/token (verify {base['verify_ms']:.2f} ms{counts(base)})")
     print(f"  DFlash:   {dfl['step_ms']:.2f} ms/step (draft {dfl['draft_ms']:.2f} ms, verify {dfl['verify_ms']:.2f} ms, "
-          f"other {dfl['step_ms'] - dfl['draft_ms'] - dfl['verify_ms']:.2f} ms)")
+          f"other {dfl['step_ms'] - dfl['draft_ms'] - dfl['verify_ms']:.2f} ms{counts(dfl)})")
     print(f"  one DFlash step = {ratio:.2f} baseline steps; speedup implied at tau {tau}: {tau / ratio:.2f}x")
     return dict(results, ratio=ratio, implied_speedup=tau / ratio)
+
+
+def profile_steps(target, drafter, ids, block_size, steps, runner, name, out_dir):
+    """--profile: one run of `steps` steps under torch.profiler. Prints the launches per step (CUDA
+    kernels and graph launches from the host; aten ops on CPU) and the ops that take the time, and writes
+    a Chrome trace: where a step's time goes, so a fix can be aimed at it."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = ids.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        r = spec_generate(target, drafter, ids, steps * block_size + 1, [], block_size, max_steps=steps, runner=runner)
+    n, events = max(len(r["acceptance"]), 1), prof.key_averages()
+    if cuda:
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch",
+                                                           "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        counts = dict(launches_per_step=launches / n, kernels_per_step=kernels / n)
+    else:
+        top = lambda e: e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+        counts = dict(aten_ops_per_step=sum(map(top, prof.events())) / n)  # dispatched ops, not their nested calls
+    os.makedirs(out_dir, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(out_dir, f"{name}.json"))
+    print(f"\n-- profile of {n} {name} steps: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in counts.items())
+          + f" (trace: {os.path.join(out_dir, name + '.json')})")
+    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12))
+    return counts
 
 
 def static_len(args, tokenizer, prompt_sets):
@@ -770,6 +801,8 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-len", type=int, default=None, help="time synthetic prompts of N tokens")
     ap.add_argument("--steps", type=int, default=64, help="steps per run with --prompt-len")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode with --prompt-len (median)")
+    ap.add_argument("--profile", default=None, metavar="DIR", help="with --prompt-len: profile each step kind too "
+                    "(launches per step, the ops that take the time; Chrome traces written to DIR)")
     args = ap.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dataset = [x for d in args.dataset for x in d.split(",") if x]
@@ -779,6 +812,8 @@ def parse_args(argv=None):
     missing = [f for f in args.replay if not os.path.isfile(f)]
     if missing:
         ap.error(f"--replay {missing[0]}: no such file (rows written by `data.py regenerate`)")
+    if args.profile and args.prompt_len is None:
+        ap.error("--profile goes with --prompt-len (synthetic prompts, fixed step counts)")
     if args.replay and (args.temperature > 0 or args.compile):
         ap.error("--replay measures temperature 0 with the eager drafter: drop --temperature / --compile")
     unknown = [d for d in args.dataset if d not in data.PROMPT_SETS and not glob.glob(d)]

@@ -2342,6 +2342,17 @@ def test_cli_synthetic_timing(tmp_path, capsys):
                       "--repeats", "1", "--block-size", "4", "--dtype", "fp32", "--device", "cpu"])
     assert res["dflash"]["steps"] == 5 and res["baseline"]["steps"] == 5
     assert "speedup implied at tau 6.49" in capsys.readouterr().out
+    # --profile: launches per step beside the step times, and a trace per step kind
+    res = bench.main(["--target", str(tmp_path / "cfg.json"), "--prompt-len", "20", "--steps", "5", "--repeats", "1",
+                      "--block-size", "4", "--dtype", "fp32", "--device", "cpu", "--profile", str(tmp_path / "prof")])
+    out = capsys.readouterr().out
+    base, dfl = res["baseline"]["aten_ops_per_step"], res["dflash"]["aten_ops_per_step"]
+    assert 20 < base < dfl, (base, dfl)  # a DFlash step runs the target's ops and the drafter's
+    assert f"{base:.1f} aten ops/step" in out and "-- profile of 5 dflash steps" in out
+    for kind in ("baseline", "dflash"):
+        assert any(e.get("name", "").startswith("aten::") for e in json.load(open(tmp_path / "prof" / f"{kind}.json"))["traceEvents"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--profile", "d"])
 
 
 def test_llama31_8b_configs():
@@ -2961,6 +2972,31 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     smollm2._stage(str(tmp_path), "train", lambda: calls.append("resumed"))
     smollm2._stage(str(tmp_path), "train", lambda: calls.append("again"))
     assert calls == ["killed", "resumed"] and int((tmp_path / "stages" / "train.done").read_text()) >= 7
+
+
+def test_ablation_table_from_replay_records(tmp_path):
+    """recipes/smollm2.py ablate: the table's tau per set and mean, held-out estimate and position buckets
+    are those of the arms' replay records and metrics, worked by hand; bad arms and data are named at once."""
+    plan = dict(arms=["dflash", "dpace"])
+    for arm, accs in (("dflash", [[1, 3], [2]]), ("dpace", [[4, 4], [1]])):
+        os.makedirs(tmp_path / arm)
+        recs = [dict(dataset=s, prompt_len=500, dflash=dict(acceptance=accs[0] if s == "mt-bench" else accs[1]))
+                for s in smollm2.BENCH_SETS]
+        write_lines(tmp_path / arm / "replay.jsonl", [json.dumps(r) for r in recs])
+        write_lines(tmp_path / arm / "metrics.jsonl", [json.dumps(dict(step=1, loss=1.0)),
+                                                       json.dumps(dict(step=2, val_expected_accept_len=1.5 if arm == "dflash" else 2.5))])
+    rows = smollm2.ablation_table(str(tmp_path), plan)
+    assert [r["sets"]["mt-bench"] for r in rows] == [2.0, 4.0] and [r["sets"]["alpaca"] for r in rows] == [2.0, 1.0]
+    assert [r["mean"] for r in rows] == [2.0, 1.75] and [r["held_out"] for r in rows] == [1.5, 2.5]
+    # mt-bench's steps start at 500 and 501 (dflash) / 500 and 504 (dpace): buckets 0-512 and 512-1K
+    assert rows[1]["by_position"] == {"0-512": dict(steps=5, tau=(4 + 4 + 1 + 1 + 1) / 5)}
+    assert rows[0]["by_position"]["0-512"]["steps"] == 5
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| dpace | 4.00 | 1.00 | 1.00 | 1.00 | **1.75** | 2.50 | 2.20 (5) |" in table
+    with pytest.raises(SystemExit, match="unknown arm depth9"):
+        smollm2.ablate(str(tmp_path / "x"), str(tmp_path / "*.jsonl"), arms=["dflash", "depth9"])
+    with pytest.raises(SystemExit, match="matches no file"):
+        smollm2.ablate(str(tmp_path / "x"), str(tmp_path / "none*.jsonl"))
 
 
 def test_compiled_target_layers_and_ce_keep_the_maths(tmp_path):

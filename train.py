@@ -466,6 +466,11 @@ def setup(c):
         r.drafter.load_state_dict(src.state_dict())
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     mesh = init_device_mesh(kind, (world,))  # explicit: FSDP2 would pick cuda wherever one exists
+    if c["compile"] and c["layer_types"]:
+        # each (padded length, layer kind) takes its own graph: a sliding + full drafter needs 2 x (max_length /
+        # pad_multiple) of them, past dynamo's default limit of 8, after which it would run flex attention eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   4 * -(-c["max_length"] // c["pad_multiple"]))
     for layer in r.drafter.layers:
         if c["compile"]:
             layer.compile()

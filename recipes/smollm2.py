@@ -5,6 +5,8 @@ from the benchmark prompts (results/smollm2-e2e.md).
     python recipes/smollm2.py code-prompts --out F      # HumanEval-shaped prompts from the standard library
     python recipes/smollm2.py self-prompts --target DIR --out F --num N [--seeds "Solve|Find"] [--suffix math]
     python recipes/smollm2.py overlap --data "runs/regen/*.jsonl"   # benchmark prompts quoted in training rows (exit 1)
+    python recipes/smollm2.py run [--budget-minutes 25]             # every stage, one resumable command
+    python recipes/smollm2.py ablate [--data "runs/smollm2-recipe/regen/*.jsonl"]   # same-budget arms on its rows
 """
 import argparse
 import collections
@@ -415,6 +417,96 @@ def results_table(out, plan):
     return rows
 
 
+# The same-budget ablation: the same regenerated rows, steps, batch and seed for every arm; one change each
+ARMS = {
+    "dflash": [],  # the paper's decay-weighted CE, five full-attention layers (configs/smollm2.yaml)
+    "dpace": ["--loss=dpace"],
+    # four sliding layers and one full one, as the engines serve them; 256 tokens matter at these lengths
+    "sliding": ["--layer_types=[sliding_attention,sliding_attention,sliding_attention,sliding_attention,full_attention]",
+                "--sliding_window=256"],
+    "depth3": ["--num_draft_layers=3"],
+}
+
+
+def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, max_new_tokens=256, steps=0, train_args=()):
+    """Train each arm on the same rows, then measure tau on the same greedy answers of the four benchmark
+    sets (bench.py --replay: regenerated once, read by every arm), resumable like run."""
+    import torch
+    py, target = sys.executable, os.path.join(D.assets_dir(), "SmolLM2-135M-Instruct")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not glob.glob(data):
+        raise SystemExit(f"ablate: unknown arm {unknown[0]} (arms: {', '.join(ARMS)})" if unknown else
+                         f"ablate: --data {data} matches no file: give the rows of a `run` (runs/smollm2-recipe/regen/*.jsonl)")
+    if not os.path.isdir(target):
+        raise SystemExit(f"ablate: {target} is missing: run `python recipes/fetch.py` first")
+    gpus = torch.cuda.device_count()
+    plan_file, p = os.path.join(out, "plan.json"), lambda *a: os.path.join(out, *a)
+    os.makedirs(out, exist_ok=True)
+    if not os.path.exists(plan_file):  # what the answers (~60 s) and the replays (~120 s) leave, per arm
+        per_arm = (budget_minutes * 60 - 180) / len(arms) - 90
+        json.dump(dict(arms=list(arms), data=data, eval_prompts=eval_prompts, max_new_tokens=max_new_tokens,
+                       steps=steps or max(20, int(per_arm * TRAIN_SEQ_PER_S * max(gpus, 1) / 64)), gpus=gpus),
+                  open(plan_file, "w"), indent=1)
+    plan = json.load(open(plan_file))
+    print(f"ablate: plan {json.dumps(plan)}", flush=True)
+    answers = [p("answers", s + ".jsonl") for s in BENCH_SETS]
+
+    def greedy_answers():
+        _procs([[py, "data.py", "regenerate", "--target", target, "--data", os.path.join(D.assets_dir(), "prompts", s + ".jsonl"),
+                 "--out", a, "--limit", str(plan["eval_prompts"]), "--max-new-tokens", str(plan["max_new_tokens"]),
+                 "--max-turns", "2", "--max-prompt-tokens", "1536", "--batch-size", "64"]
+                for s, a in zip(BENCH_SETS, answers)], gpus)
+
+    def train(arm):
+        nproc = max(gpus, 1)
+        _procs([[py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+                 "--config", "configs/smollm2.yaml", f"--data={plan['data']}", f"--out_dir={p(arm)}", f"--target={target}",
+                 f"--max_steps={plan['steps']}", f"--batch_size={64 // nproc}", f"--val_interval={plan['steps']}",
+                 f"--save_interval={max(1, plan['steps'] // 2)}", *ARMS[arm], *train_args]], 0)
+
+    def replay():
+        todo = [arm for arm in plan["arms"] if not os.path.exists(p(arm, "replay.jsonl"))]
+        _procs([[py, "bench.py", "--target", target, "--draft", p(arm, "drafter"), "--replay", ",".join(answers),
+                 "--dtype", "bf16" if gpus else "fp32", "--out", p(arm, "replay.jsonl.tmp")] for arm in todo], gpus)
+        for arm in todo:
+            os.replace(p(arm, "replay.jsonl.tmp"), p(arm, "replay.jsonl"))
+
+    _stage(out, "answers", greedy_answers)
+    for arm in plan["arms"]:
+        _stage(out, "train-" + arm, lambda: train(arm))
+    _stage(out, "replay", replay)
+    return ablation_table(out, plan)
+
+
+def ablation_table(out, plan):
+    """ablation.md and ablation.json: per arm, tau per set and their mean, the held-out estimate, and tau by
+    the position where a step starts (the four sets pooled)."""
+    import bench  # the repo's bench.py: its position buckets
+    rows = []
+    for arm in plan["arms"]:
+        recs = [json.loads(line) for line in open(os.path.join(out, arm, "replay.jsonl"))]
+        tau = lambda rs: sum(a for r in rs for a in r["dflash"]["acceptance"]) / max(sum(len(r["dflash"]["acceptance"]) for r in rs), 1)
+        sets = {s: tau([r for r in recs if r["dataset"] == s]) for s in BENCH_SETS}
+        val = [m for m in map(json.loads, open(os.path.join(out, arm, "metrics.jsonl"))) if "val_expected_accept_len" in m]
+        spent = os.path.join(out, "stages", f"train-{arm}.done")
+        rows.append(dict(arm=arm, changes=" ".join(ARMS[arm]) or "(configs/smollm2.yaml)", sets=sets,
+                         mean=sum(sets.values()) / len(sets), held_out=val[-1]["val_expected_accept_len"] if val else None,
+                         by_position=bench.tau_by_position(recs), train_s=int(open(spent).read()) if os.path.exists(spent) else None))
+    buckets = [b for _, b in bench.POSITION_BUCKETS if any(b in r["by_position"] for r in rows)]
+    lines = ["| arm | " + " | ".join(BENCH_SETS) + " | mean | held-out estimate | " + " | ".join(f"tau at {b}" for b in buckets) + " | train s |",
+             "|---" * (len(BENCH_SETS) + len(buckets) + 4) + "|"]
+    for r in rows:
+        pos = [f"{r['by_position'][b]['tau']:.2f} ({r['by_position'][b]['steps']})" if b in r["by_position"] else "" for b in buckets]
+        lines.append(f"| {r['arm']} | " + " | ".join(f"{r['sets'][s]:.2f}" for s in BENCH_SETS) + f" | **{r['mean']:.2f}** | "
+                     + (f"{r['held_out']:.2f}" if r["held_out"] else "") + " | " + " | ".join(pos) + f" | {r['train_s']} |")
+    text = (f"plan: {json.dumps(plan)}\n\n" + "\n".join(lines) + "\n\n"
+            + "\n".join(f"- {r['arm']}: {r['changes']}" for r in rows) + "\n")
+    open(os.path.join(out, "ablation.md"), "w").write(text)
+    json.dump(dict(plan=plan, arms=rows), open(os.path.join(out, "ablation.json"), "w"), indent=1)
+    print(text, flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -450,7 +542,18 @@ def main(argv=None):
     u.add_argument("--max-new-tokens", type=int, default=256, help="per benchmark turn")
     u.add_argument("--train", action="append", default=[], help="extra train.py override, e.g. --train=--compile=false")
     u.add_argument("--max-rows", type=int, default=0, help="> 0: regenerate at most this many prompts (quick runs)")
+    b = sub.add_parser("ablate", help="same-budget arms (loss, sliding layers, depth) on a run's rows; tau by --replay")
+    b.add_argument("--data", default="runs/smollm2-recipe/regen/*.jsonl", help="regenerated training rows (a glob)")
+    b.add_argument("--out", default="runs/smollm2-ablation")
+    b.add_argument("--budget-minutes", type=float, default=25.0, help="all arms together; sizes the steps per arm")
+    b.add_argument("--steps", type=int, default=0, help="> 0: steps per arm instead of the budget's")
+    b.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
+    b.add_argument("--eval-prompts", type=int, default=30, help="prompts per benchmark set (greedy answers, 2 turns)")
+    b.add_argument("--max-new-tokens", type=int, default=256, help="per answer")
+    b.add_argument("--train", action="append", default=[], help="extra train.py override for every arm")
     a = ap.parse_args(argv)
+    if a.cmd == "ablate":
+        return ablate(a.out, a.data, a.budget_minutes, a.arms.split(","), a.eval_prompts, a.max_new_tokens, a.steps, a.train)
     if a.cmd == "run":
         return run(a.out, a.budget_minutes, a.extra_prompts, a.bench_prompts, a.max_new_tokens, train_args=a.train,
                    max_rows=a.max_rows)
