@@ -547,6 +547,14 @@ def tau_by_position(records):
             for _, lbl in POSITION_BUCKETS if lbl in steps}
 
 
+def print_acceptance(res):
+    """The summary's tau by step start position and acceptance-length histogram lines."""
+    print("  tau by step start position: " + ", ".join(
+        f"{k} {v['tau']:.2f} ({v['steps']} steps)" for k, v in res["tau_by_position"].items()))
+    total = max(res["steps"], 1)
+    print("  acceptance: " + " ".join(f"{k}:{100 * v / total:.1f}%" for k, v in res["histogram"].items()))
+
+
 def summarize(name, records, block_size, temperature=0.0, sampling="speculative"):
     """Print tau, TPOT of both runs, speedup, the per-step time breakdown and the acceptance histogram."""
     steps = [a for r in records for a in r["dflash"]["acceptance"]]
@@ -573,10 +581,7 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
     for k in ("baseline", "dflash"):
         s = res[k + "_step_ms"]
         print(f"  {k:8s} step: draft {s['draft']:.2f} ms, verify {s['verify']:.2f} ms, other {s['other']:.2f} ms")
-    print("  tau by step start position: " + ", ".join(
-        f"{k} {v['tau']:.2f} ({v['steps']} steps)" for k, v in res["tau_by_position"].items()))
-    total = max(len(steps), 1)
-    print("  acceptance: " + " ".join(f"{k}:{100 * v / total:.1f}%" for k, v in res["histogram"].items()))
+    print_acceptance(res)
     if checked:
         print(f"  lossless: {len(checked) - len(res['mismatches'])}/{len(checked)} turns identical to the baseline"
               + (f" ({len(records) - len(checked)} later turns not compared: their histories differ)"
@@ -682,9 +687,8 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
     res = dict(dataset=name, turns=len(records), steps=len(steps), tau=sum(steps) / max(len(steps), 1),
                histogram=dict(sorted(Counter(steps).items())), tau_by_position=tau_by_position(records))
     print(f"\n== {name}: replay of {len(records)} greedy answers, {len(steps)} DFlash steps, block {args.block_size}")
-    print(f"  tau {res['tau']:.2f} | by step start position: " + ", ".join(
-        f"{b} {v['tau']:.2f} ({v['steps']} steps)" for b, v in res["tau_by_position"].items()))
-    print("  acceptance: " + " ".join(f"{a}:{100 * c / max(len(steps), 1):.1f}%" for a, c in res["histogram"].items()))
+    print(f"  tau {res['tau']:.2f}")
+    print_acceptance(res)
     return res
 
 
@@ -846,15 +850,13 @@ def main(argv=None):
         M.use_sdpa_gqa(target)
     args.block_size = args.block_size or drafter.config.block_size
     tokenizer, prompt_sets = None, {}
-    if args.replay:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
-        with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
-            return [replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]
     if args.prompt_len is None:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
         prompt_sets = {name: data.load_prompts(name)[: args.num_prompts] for name in args.dataset}
+    if args.replay:
+        with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
+            return [replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]
     runners = {}
     if args.compile:
         max_len = args.max_len or static_len(args, tokenizer, prompt_sets)

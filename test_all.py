@@ -2462,6 +2462,20 @@ def greedy_from_scratch(t, ids, n):
     return seq[0, ids.shape[1]:].tolist()
 
 
+def fit_drafter(d, t, seq, loss_mask, steps, lr=1e-2):
+    """AdamW on one repeated sequence until the drafter knows the target's continuation: the losses."""
+    feats, _ = M.capture_features(t, seq, d.config.target_layer_ids)
+    opt, losses = torch.optim.AdamW(d.parameters(), lr=lr), []
+    for step in range(steps):
+        loss_sum, w_sum, _ = M.dflash_loss(d, t, seq, loss_mask, num_anchors=24, features=feats,
+                                           generator=torch.Generator().manual_seed(step))
+        (loss_sum / w_sum).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append((loss_sum / w_sum).item())
+    return losses
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_capture_train_export_lossless(family, tmp_path):
     """Per family: hook capture equals output_hidden_states[id + 1]; a drafter trains (the loss falls on a
@@ -2489,16 +2503,7 @@ def test_family_capture_train_export_lossless(family, tmp_path):
     seq = torch.cat([prompts[0], torch.tensor([refs[0]])], 1)
     loss_mask = torch.ones_like(seq)
     loss_mask[:, :5] = 0
-    feats, _ = M.capture_features(t, seq, cfg.target_layer_ids)
-    opt = torch.optim.AdamW(d.parameters(), lr=1e-2)
-    losses = []
-    for step in range(50):
-        loss_sum, w_sum, _ = M.dflash_loss(d, t, seq, loss_mask, num_anchors=24, features=feats,
-                                           generator=torch.Generator().manual_seed(step))
-        (loss_sum / w_sum).backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append((loss_sum / w_sum).item())
+    losses = fit_drafter(d, t, seq, loss_mask, 50)
     assert losses[1] < losses[0] and losses[-1] < 0.5 * losses[0], losses[::10]
 
     C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
@@ -2647,14 +2652,7 @@ def test_replay_gives_the_acceptance_of_decoding():
     trained = tiny_drafter(t, layers=1, block_size=8, layer_ids=(1, 3))
     loss_mask = torch.zeros_like(seq)
     loss_mask[:, 6:30] = loss_mask[:, 35:] = 1
-    feats, _ = M.capture_features(t, seq, [1, 3])
-    opt = torch.optim.AdamW(trained.parameters(), lr=1e-2)
-    for step in range(60):
-        loss_sum, w_sum, _ = M.dflash_loss(trained, t, seq, loss_mask, num_anchors=24, features=feats,
-                                           generator=torch.Generator().manual_seed(step))
-        (loss_sum / w_sum).backward()
-        opt.step()
-        opt.zero_grad()
+    fit_drafter(trained, t, seq, loss_mask, 60)
     sliding = tiny_drafter(t, layers=2, block_size=8, layer_ids=(1, 3), layer_types=["sliding_attention", "full_attention"],
                            sliding_window=8)
     taus = []
