@@ -473,13 +473,14 @@ def writer_generation_config(target):
         return GenerationConfig.from_model_config(AutoConfig.from_pretrained(target))
 
 
-def load_writer(target):
-    """(tokenizer, model, stop ids) of the target that writes text here: bf16 on GPU, fp32 on CPU,
-    K/V read once per KV head in decode steps (model.sdpa_gqa)."""
+def load_writer(target, dtype=None):
+    """(tokenizer, model, stop ids) of the target that writes text here: dtype "bf16" or "fp32" (default
+    bf16 on GPU, fp32 on CPU), K/V read once per KV head in decode steps (model.sdpa_gqa)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("bf16" if dev == "cuda" else "fp32")]
     tok = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16 if dev == "cuda" else torch.float32).to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(dev).eval()
     M.use_sdpa_gqa(model)
     return tok, model, stop_ids(tok, model)
 
@@ -702,7 +703,7 @@ def server_answerer(server, name, tokenizer, stops, max_new_tokens, temperature,
 
 def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_size=64, num_shards=1,
                shard=0, limit=None, max_turns=1, enable_thinking=None, max_prompt_tokens=1024, compile=None, log=print,
-               server=None, concurrency=64, served_model_name=None, timeout=600.0, retries=10, backoff=1.0):
+               server=None, concurrency=64, served_model_name=None, timeout=600.0, retries=10, backoff=1.0, dtype=None):
     """Write {"id", "index", "messages"} rows whose assistant turns are the target's own answers
     (with their "token_ids"). Turn t+1 is prompted with the target's answer to turn t, as text
     rendered by the template. Rows already in OUT are skipped, so a killed run just restarts.
@@ -738,7 +739,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         stops = stop_ids(tok, writer_generation_config(target))
         answer = server_answerer(server, name, tok, stops, max_new_tokens, temperature, timeout, retries, backoff, log)
     else:
-        tok, model, stops = load_writer(target)
+        tok, model, stops = load_writer(target, dtype)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
         batch_size = min(batch_size, len(todo))  # a static batch: no wider than the rows
         decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
@@ -838,6 +839,8 @@ def main(argv=None):
     r.add_argument("--enable-thinking", "--thinking", choices=["on", "off"], default=None,
                    help="enable_thinking for the chat template (train with the same enable_thinking)")
     r.add_argument("--no-compile", action="store_true", help="eager decode steps (default: compiled on GPU)")
+    r.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="the target's dtype here (default: bf16 on "
+                   "GPU, fp32 on CPU); fp32 answers are the ones bench.py --dtype fp32 decodes")
     r.add_argument("--server", default=None, help="an OpenAI-compatible server (vLLM, SGLang) serving --target, "
                    "e.g. http://host:8000; --target then only gives the tokenizer and chat template")
     r.add_argument("--concurrency", type=int, default=64, help="with --server: rows in flight at once")
@@ -848,7 +851,7 @@ def main(argv=None):
     regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
                a.limit, a.max_turns, None if a.enable_thinking is None else a.enable_thinking == "on",
                a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
-               served_model_name=a.served_model_name, timeout=a.timeout)
+               served_model_name=a.served_model_name, timeout=a.timeout, dtype=a.dtype)
 
 
 if __name__ == "__main__":

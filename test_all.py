@@ -2688,6 +2688,7 @@ def test_replay_cli_on_regenerated_rows_matches_the_decoding_bench(tmp_path, cap
         assert replayed[k]["tokens"] == decoded[k]["tokens"] and replayed[k]["acceptance"] == decoded[k]["acceptance"], k
     assert any(len(d["tokens"]) == 10 for d in decoded.values())  # a turn cut by the limit
     assert res["steps"] == sum(len(d["acceptance"]) for d in decoded.values())
+    assert data.load_writer(SMOL, "bf16")[1].dtype == torch.bfloat16  # regenerate --dtype reaches the model
 
 
 def test_speculative_acceptance_hand_worked():

@@ -430,7 +430,8 @@ ARMS = {
 
 def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, max_new_tokens=256, steps=0, train_args=()):
     """Train each arm on the same rows, then measure tau on the same greedy answers of the four benchmark
-    sets (bench.py --replay: regenerated once, read by every arm), resumable like run."""
+    sets (bench.py --replay: regenerated once, read by every arm), resumable like run. Answers and replays
+    are fp32, as the recipe's bench decodes, so the taus compare with its table (results/replay-check.md)."""
     import torch
     py, target = sys.executable, os.path.join(D.assets_dir(), "SmolLM2-135M-Instruct")
     unknown = [a for a in arms if a not in ARMS]
@@ -454,7 +455,7 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
     def greedy_answers():
         _procs([[py, "data.py", "regenerate", "--target", target, "--data", os.path.join(D.assets_dir(), "prompts", s + ".jsonl"),
                  "--out", a, "--limit", str(plan["eval_prompts"]), "--max-new-tokens", str(plan["max_new_tokens"]),
-                 "--max-turns", "2", "--max-prompt-tokens", "1536", "--batch-size", "64"]
+                 "--max-turns", "2", "--max-prompt-tokens", "1536", "--batch-size", "64", "--dtype", "fp32"]
                 for s, a in zip(BENCH_SETS, answers)], gpus)
 
     def train(arm):
@@ -467,7 +468,7 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
     def replay():
         todo = [arm for arm in plan["arms"] if not os.path.exists(p(arm, "replay.jsonl"))]
         _procs([[py, "bench.py", "--target", target, "--draft", p(arm, "drafter"), "--replay", ",".join(answers),
-                 "--dtype", "bf16" if gpus else "fp32", "--out", p(arm, "replay.jsonl.tmp")] for arm in todo], gpus)
+                 "--dtype", "fp32", "--out", p(arm, "replay.jsonl.tmp")] for arm in todo], gpus)
         for arm in todo:
             os.replace(p(arm, "replay.jsonl.tmp"), p(arm, "replay.jsonl"))
 
