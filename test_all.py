@@ -2973,6 +2973,37 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     assert calls == ["killed", "resumed"] and int((tmp_path / "stages" / "train.done").read_text()) >= 7
 
 
+@need_assets
+def test_recipe_benches_extra_prompts_as_their_own_rows(tmp_path, monkeypatch):
+    """recipes/smollm2.py run --extra-prompts F: the finished stages are skipped, F is benched like the four
+    sets (its file as --dataset, its name as the row), and the mean is the four sets' only."""
+    out = tmp_path / "run"
+    os.makedirs(out / "stages")
+    for stage in ("prompts", "regenerate", "train"):
+        (out / "stages" / f"{stage}.done").write_text("5\n")
+    extra = tmp_path / "mine.jsonl"
+    write_lines(extra, [json.dumps({"turns": ["hi"]})])
+    cmds = []
+
+    def fake_bench(batch, gpus, deadline=None):  # what bench.py writes: one record per turn
+        for cmd in batch:
+            cmds.append(cmd)
+            name = cmd[cmd.index("--dataset") + 1]
+            acc = [3, 3] if name == str(extra) else [2]
+            rec = dict(dflash=dict(acceptance=acc, tokens=[0] * sum(acc), decode_s=1.0),
+                       baseline=dict(acceptance=[1] * sum(acc), tokens=[0] * sum(acc), decode_s=2.0), match=True)
+            write_lines(cmd[cmd.index("--out") + 1], [json.dumps(rec)])
+        return True
+    monkeypatch.setattr(smollm2, "_procs", fake_bench)
+    rows = smollm2.run(str(out), budget_minutes=25, extra_prompts=[str(extra)])
+    assert sorted(c[c.index("--dataset") + 1] for c in cmds) == sorted([*smollm2.BENCH_SETS, str(extra)])
+    by_set = {r["set"]: r for r in rows}
+    assert by_set["mine"]["tau"] == 3.0 and by_set["mine"]["steps"] == 2 and by_set["mt-bench"]["tau"] == 2.0
+    summary = json.load(open(out / "results.json"))
+    assert summary["mean_tau"] == 2.0 and len(summary["sets"]) == 5  # (4 x 2 + 3) / 5 if "mine" counted
+    assert "| mine | 1 | 2 | 3.00 | 1/1 |" in (out / "results.md").read_text()
+
+
 def test_ablation_table_from_replay_records(tmp_path):
     """recipes/smollm2.py ablate: the table's tau per set and mean, held-out estimate and position buckets
     are those of the arms' replay records and metrics, worked by hand; bad arms and data are named at once."""
