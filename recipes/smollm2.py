@@ -320,6 +320,16 @@ def _procs(cmds, gpus, deadline=None):
     return True
 
 
+def _train(out_dir, data, target, steps, gpus, val_interval, extra=()):
+    """train.py with configs/smollm2.yaml under torchrun on every GPU, 64 sequences a step; a checkpoint
+    every quarter of the steps, so a killed stage resumes."""
+    nproc = max(gpus, 1)
+    _procs([[sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+             "--config", "configs/smollm2.yaml", f"--data={data}", f"--out_dir={out_dir}", f"--target={target}",
+             f"--max_steps={steps}", f"--batch_size={64 // nproc}", f"--val_interval={val_interval}",
+             f"--save_interval={max(1, steps // 4)}", *extra]], 0)
+
+
 def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_tokens=256, procs_per_gpu=3, train_args=(),
         max_rows=0):
     """Every stage of the SmolLM2 recipe, resumable: rerunning the same command after a kill continues."""
@@ -361,14 +371,7 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_to
                              "(or lower --max-rows)")
 
     def train():
-        nproc = max(gpus, 1)
-        cmd = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
-               "--config", "configs/smollm2.yaml", f"--data={p('regen', '*.jsonl')}", f"--out_dir={p('train')}",
-               f"--target={target}",
-               f"--max_steps={plan['train_steps']}", f"--batch_size={64 // nproc}",
-               f"--val_interval={max(1, plan['train_steps'] // 4)}", f"--save_interval={max(1, plan['train_steps'] // 4)}",
-               *train_args]
-        _procs([cmd], 0)
+        _train(p("train"), p("regen", "*.jsonl"), target, plan["train_steps"], gpus, max(1, plan["train_steps"] // 4), train_args)
 
     def bench():
         sets = [(name, name) for name in BENCH_SETS] + [(os.path.splitext(os.path.basename(f))[0], f) for f in extra_prompts]
@@ -458,13 +461,6 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
                  "--max-turns", "2", "--max-prompt-tokens", "1536", "--batch-size", "64", "--dtype", "fp32"]
                 for s, a in zip(BENCH_SETS, answers)], gpus)
 
-    def train(arm):
-        nproc = max(gpus, 1)
-        _procs([[py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
-                 "--config", "configs/smollm2.yaml", f"--data={plan['data']}", f"--out_dir={p(arm)}", f"--target={target}",
-                 f"--max_steps={plan['steps']}", f"--batch_size={64 // nproc}", f"--val_interval={plan['steps']}",
-                 f"--save_interval={max(1, plan['steps'] // 2)}", *ARMS[arm], *train_args]], 0)
-
     def replay():
         todo = [arm for arm in plan["arms"] if not os.path.exists(p(arm, "replay.jsonl"))]
         _procs([[py, "bench.py", "--target", target, "--draft", p(arm, "drafter"), "--replay", ",".join(answers),
@@ -474,7 +470,8 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
 
     _stage(out, "answers", greedy_answers)
     for arm in plan["arms"]:
-        _stage(out, "train-" + arm, lambda: train(arm))
+        _stage(out, "train-" + arm, lambda: _train(p(arm), plan["data"], target, plan["steps"], gpus, plan["steps"],
+                                                   [*ARMS[arm], *train_args]))
     _stage(out, "replay", replay)
     return ablation_table(out, plan)
 
