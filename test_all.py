@@ -3001,7 +3001,9 @@ def test_recipe_benches_extra_prompts_as_their_own_rows(tmp_path, monkeypatch):
     assert by_set["mine"]["tau"] == 3.0 and by_set["mine"]["steps"] == 2 and by_set["mt-bench"]["tau"] == 2.0
     summary = json.load(open(out / "results.json"))
     assert summary["mean_tau"] == 2.0 and len(summary["sets"]) == 5  # (4 x 2 + 3) / 5 if "mine" counted
-    assert "| mine | 1 | 2 | 3.00 | 1/1 |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| mine | 1 | 2 | 3.00 | 1/1 |" in table
+    assert "(5 processes per GPU)" in table and "not the loop's alone" in table  # 5 sets at once on 1 device
 
 
 def test_ablation_table_from_replay_records(tmp_path):
