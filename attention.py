@@ -105,19 +105,34 @@ def build_mask(anchors, keep, context_len, block_size, use_flex, window=None):
 _compiled_flex = None
 
 
-def attend(q, k, v, mask):
-    """q [B, Hq, Q, D], k/v [B, Hkv, KV, D]; mask: BlockMask, dense bool [B, 1, Q, KV] or None."""
+def attend(q, k, v, mask, scale=None):
+    """q [B, Hq, Q, D], k/v [B, Hkv, KV, D]; mask: BlockMask, dense bool [B, 1, Q, KV] or None; scale: the
+    score scale (default 1 / sqrt(D))."""
     global _compiled_flex
     if isinstance(mask, BlockMask):
         if _compiled_flex is None:  # compile once; uncompiled flex_attention is a slow reference
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return _compiled_flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     # SDPA gives NaN for a row with no visible key (dropped slots), and NaN would leak into the
     # gradients of k and v. Let such rows see everything, then zero their output: their upstream
     # gradient is then exactly zero, which is what flex_attention does for fully masked rows.
     visible = mask.any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~visible, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~visible, scale=scale, enable_gqa=gqa)
     return out.masked_fill(~visible, 0.0)
+
+
+def causal_decode_mask(start, q_len, kv_len, tile=128):
+    """The target's causal mask over a static KV buffer of kv_len slots, for q_len queries at positions
+    start.. (start: a device scalar, so one compiled graph serves every step): query i sees slots
+    <= start + i. Tiles past the last query's position are left out of the BlockMask, so FlexAttention
+    reads only the filled part of the buffer; SDPA with a dense mask reads all of it on every step."""
+    n = -(-kv_len // tile)
+    idx = torch.arange(n, dtype=torch.int32, device=start.device)
+    full = (start + 1) // tile  # tiles that every query sees whole
+    last = (start + q_len - 1) // tile + 1  # one past the last tile that any query sees
+    return BlockMask.from_kv_blocks((last - full).to(torch.int32).view(1, 1, 1), (idx + full).clamp(max=n - 1).view(1, 1, 1, n),
+                                    full.to(torch.int32).view(1, 1, 1), idx.view(1, 1, 1, n), BLOCK_SIZE=(128, tile),
+                                    mask_mod=lambda b, h, q, kv: kv <= start + q, seq_lengths=(q_len, kv_len))

@@ -30,6 +30,7 @@ from collections import Counter
 
 import torch
 
+import attention as A
 import data
 import model as M
 
@@ -406,11 +407,17 @@ class StaticRunner:
     each, captured as a CUDA graph on GPU (CUDAGraphStep). The only host sync is the acceptance read.
     Prefill and the first draft (prompt-length context) run eagerly. Reuse one runner per block size."""
 
-    def __init__(self, target, drafter, block_size, max_len, compile=True):
+    def __init__(self, target, drafter, block_size, max_len, compile=True, flex=False):
         from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer, get_layer_types_and_kwargs
         check_rollback(target.config, static=True)
-        self.target, self.drafter, self.block_size, self.max_len = target, drafter, block_size, max_len
+        if flex:  # the decode mask is plain causal: a window would be ignored
+            types, _ = get_layer_types_and_kwargs(target.config.get_text_config(decoder=True))
+            if set(types) - {"full_attention"}:
+                raise ValueError(f"--flex runs full-attention targets only; this one has {'/'.join(sorted(set(types)))} "
+                                 "layers: drop --flex")
+            M.use_sdpa_gqa(target, flex=True)
+        self.target, self.drafter, self.block_size, self.max_len, self.flex = target, drafter, block_size, max_len, flex
         self.device = target.get_input_embeddings().weight.device
         self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), M.cache_kwarg(target)
         # sliding layers get full-length buffers: HF's sliding static layer is a ring buffer whose fill level is
@@ -464,7 +471,9 @@ class StaticRunner:
     def _verify_impl(self, block, start):
         M.set_cache_length(self.kv, start)
         positions = (start + self.offsets[: block.shape[0]])[None]
-        out = self.target(input_ids=block[None], position_ids=positions, use_cache=True, **{self.cache_kw: self.kv})
+        # --flex: a BlockMask over the filled part of the buffer (model.flex_static); else transformers' dense mask
+        mask = {"attention_mask": A.causal_decode_mask(start, block.shape[0], self.max_len)} if self.flex else {}
+        out = self.target(input_ids=block[None], position_ids=positions, use_cache=True, **{self.cache_kw: self.kv}, **mask)
         return out.logits[0], self._features()
 
     def verify(self, block, start):
@@ -800,6 +809,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="static caches + torch.compile (CUDA graphs on GPU)")
     ap.add_argument("--gqa", action="store_true", help="the target's attention reads each K/V head once "
                     "(SDPA enable_gqa) instead of transformers' repeat to every query head")
+    ap.add_argument("--flex", action="store_true", help="with --compile: the target attends through FlexAttention "
+                    "over the filled part of the static cache only, each K/V head once (full-attention targets)")
     ap.add_argument("--max-len", type=int, default=None,
                     help="static cache length for --compile (default: the longest conversation of the run)")
     ap.add_argument("--prompt-len", type=int, default=None, help="time synthetic prompts of N tokens")
@@ -818,6 +829,8 @@ def parse_args(argv=None):
         ap.error(f"--replay {missing[0]}: no such file (rows written by `data.py regenerate`)")
     if args.profile and args.prompt_len is None:
         ap.error("--profile goes with --prompt-len (synthetic prompts, fixed step counts)")
+    if args.flex and not args.compile:
+        ap.error("--flex changes the compiled (static cache) steps: add --compile")
     if args.replay and (args.temperature > 0 or args.compile):
         ap.error("--replay measures temperature 0 with the eager drafter: drop --temperature / --compile")
     unknown = [d for d in args.dataset if d not in data.PROMPT_SETS and not glob.glob(d)]
@@ -847,7 +860,7 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"bench.py: error: --draft {args.draft} does not fit --target {args.target}: {e}")
     if args.gqa:
-        M.use_sdpa_gqa(target)
+        M.use_sdpa_gqa(target)  # --flex switches the target's attention in StaticRunner
     args.block_size = args.block_size or drafter.config.block_size
     tokenizer, prompt_sets = None, {}
     if args.prompt_len is None:
@@ -860,7 +873,10 @@ def main(argv=None):
     runners = {}
     if args.compile:
         max_len = args.max_len or static_len(args, tokenizer, prompt_sets)
-        runners = {bs: StaticRunner(target, drafter, bs, max_len) for bs in (1, args.block_size)}
+        try:
+            runners = {bs: StaticRunner(target, drafter, bs, max_len, flex=args.flex) for bs in (1, args.block_size)}
+        except ValueError as e:
+            raise SystemExit(f"bench.py: error: {e}")
     if args.prompt_len is not None:
         return time_synthetic(target, drafter, args, runners)
 

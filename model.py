@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from attention import attend, build_mask, dense_mask
+from attention import BlockMask, attend, build_mask, dense_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,12 +557,24 @@ def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_sdpa_gqa(target):
+def flex_static(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """sdpa_gqa, except where the caller passes a BlockMask (bench.StaticRunner's compiled steps pass
+    attention.causal_decode_mask): then FlexAttention, which skips the static buffer's unfilled tiles and
+    reads each K/V head once. The prefill gets transformers' dense mask and takes the SDPA path."""
+    if not isinstance(attention_mask, BlockMask):
+        return sdpa_gqa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    out = attend(query, key, value, attention_mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_sdpa_gqa(target, flex=False):
+    """The target's attention: sdpa_gqa, or flex_static (full-attention targets: it ignores windows)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
-    AttentionInterface.register("sdpa_gqa", sdpa_gqa)
-    AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
-    target.set_attn_implementation("sdpa_gqa")
+    name, fn = ("flex_static", flex_static) if flex else ("sdpa_gqa", sdpa_gqa)
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    target.set_attn_implementation(name)
 
 
 class _StopForward(Exception):

@@ -127,6 +127,22 @@ def test_sliding_mask_equals_loop_reference():
         assert torch.equal(dense_mask(anchors, keep, 30, 3, 7), loop_mask(anchors, keep, 30, 3, 7))
 
 
+@pytest.mark.parametrize("q_len", [1, 16])
+def test_causal_decode_mask_reads_only_the_filled_tiles(q_len):
+    """attention.causal_decode_mask (bench --flex): FlexAttention over a 512-slot static buffer equals SDPA
+    with the dense causal mask (query i sees slots <= start + i), at starts on and across the 128-slot
+    tile edges, through one compiled graph; and the BlockMask lists only the tiles up to the last query."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 8, q_len, 16, generator=g), torch.randn(1, 2, 512, 16, generator=g), torch.randn(1, 2, 512, 16, generator=g)
+    for start in (0, 5, 126, 127, 128, 300, 495):
+        mask = A.causal_decode_mask(torch.tensor(start), q_len, 512)
+        dense = torch.arange(512)[None] <= start + torch.arange(q_len)[:, None]
+        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=dense, scale=0.3)
+        torch.testing.assert_close(A.attend(q, k, v, mask, scale=0.3), ref, rtol=1e-5, atol=1e-5)
+        tiles = int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
+        assert tiles == (start + q_len - 1) // 128 + 1, (start, tiles)  # tiles past the last query: not read
+
+
 @pytest.mark.parametrize("window", [None, 6])
 def test_flex_block_mask_matches_dense_reference(window):
     """The BlockMask (Q_LEN = 24 padded to 128 inside flex) attends exactly like the loop mask."""
@@ -2020,22 +2036,28 @@ def greedy(t, ids, n):
 
 
 def runner_for(kind, t, d, bs):
-    return None if kind == "eager" else bench.StaticRunner(t, d, bs, 128, compile=kind == "compiled")
+    return None if kind == "eager" else bench.StaticRunner(t, d, bs, 128, compile=kind == "compiled", flex=kind.endswith("flex"))
 
 
 # ----------------------------------------------------------------------------------------------
 # lossless at temperature 0
 
-@pytest.mark.parametrize("kind", ["eager", "static"])
-def test_dflash_equals_greedy(models, kind):
+@pytest.mark.parametrize("kind", ["eager", "static", "static-flex"])
+def test_dflash_equals_greedy(models, kind, monkeypatch):
     t, d = models
+    g = copy.deepcopy(t) if kind.endswith("flex") else t  # --flex swaps the target's attention function
+    flex_calls = []
+    attend = M.attend
+    monkeypatch.setattr(M, "attend", lambda q, k, v, mask, **kw: flex_calls.append(isinstance(mask, A.BlockMask))
+                        or attend(q, k, v, mask, **kw))
     for ids in prompts():
         ref = greedy(t, ids, 24)
         for bs in (1, 2, 4, 8):
-            r = bench.spec_generate(t, d, ids, 24, [], block_size=bs, runner=runner_for(kind, t, d, bs))
+            r = bench.spec_generate(g, d, ids, 24, [], block_size=bs, runner=runner_for(kind, g, d, bs))
             assert r["tokens"] == ref, (bs, ids)
             assert sum(r["acceptance"]) == len(r["tokens"]) - 1
             assert all(1 <= a <= bs for a in r["acceptance"])
+    assert any(flex_calls) == kind.endswith("flex")  # the verify steps attended through the BlockMask
 
 
 def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
@@ -2065,7 +2087,8 @@ def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
 
 
 @pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
-def test_compiled_fast_path_same_tokens(models, monkeypatch):
+@pytest.mark.parametrize("flex", [False, True])
+def test_compiled_fast_path_same_tokens(models, monkeypatch, flex):
     """On a GPU (when there is one) this is the CUDA-graph replay path; the reference is CPU greedy."""
     t, d = models
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -2073,7 +2096,7 @@ def test_compiled_fast_path_same_tokens(models, monkeypatch):
     ids = prompts(1)[0]
     ref = greedy(t, ids, 30)
     for bs in (1, 4):
-        run = bench.StaticRunner(tc, dc, bs, 128, compile=True)
+        run = bench.StaticRunner(tc, dc, bs, 128, compile=True, flex=flex)
         for p in (ids, ids[:, :3]):  # a second prompt reuses the graphs
             assert bench.spec_generate(tc, dc, p.to(dev), 30, [], bs, runner=run)["tokens"] == greedy(t, p, 30)
         for sampling in ("speculative", "match"):  # T > 0: the same rule as the eager loop (same seed)
@@ -2084,7 +2107,7 @@ def test_compiled_fast_path_same_tokens(models, monkeypatch):
     # accepted multi-token steps through the compiled draft graph: the drafter still sees exactly
     # the committed context
     seen = guide(monkeypatch, bench.StaticRunner, ref, ids.shape[1], corrupt={5})
-    run = bench.StaticRunner(tc, dc, 4, 128, compile=True)
+    run = bench.StaticRunner(tc, dc, 4, 128, compile=True, flex=flex)
     r = bench.spec_generate(tc, dc, ids.to(dev), 30, [], 4, runner=run)
     assert r["tokens"] == ref and max(r["acceptance"]) == 4
     check_real_proposals(t, d, ids, ref, seen, 4)
@@ -2310,6 +2333,11 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
     for n in ("0", "-1"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--num-prompts", n])
+    with pytest.raises(SystemExit):  # --flex changes the compiled steps only
+        bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--flex"])
+    assert "add --compile" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="full-attention targets only.*sliding_attention"):
+        bench.StaticRunner(family_target("gpt_oss"), None, 4, 64, compile=False, flex=True)
         assert f"--num-prompts {n}: give 1 or more" in capsys.readouterr().err
     t, d = models
     C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
