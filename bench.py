@@ -416,7 +416,7 @@ class StaticRunner:
             if set(types) - {"full_attention"}:
                 raise ValueError(f"--flex runs full-attention targets only; this one has {'/'.join(sorted(set(types)))} "
                                  "layers: drop --flex")
-            M.use_sdpa_gqa(target, flex=True)
+            M.use_gqa_attention(target, flex=True)
         self.target, self.drafter, self.block_size, self.max_len, self.flex = target, drafter, block_size, max_len, flex
         self.device = target.get_input_embeddings().weight.device
         self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), M.cache_kwarg(target)
@@ -860,7 +860,7 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"bench.py: error: --draft {args.draft} does not fit --target {args.target}: {e}")
     if args.gqa:
-        M.use_sdpa_gqa(target)  # --flex switches the target's attention in StaticRunner
+        M.use_gqa_attention(target)  # --flex switches the target's attention in StaticRunner
     args.block_size = args.block_size or drafter.config.block_size
     tokenizer, prompt_sets = None, {}
     if args.prompt_len is None:

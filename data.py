@@ -481,7 +481,7 @@ def load_writer(target, dtype=None):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("bf16" if dev == "cuda" else "fp32")]
     tok = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(dev).eval()
-    M.use_sdpa_gqa(model)
+    M.use_gqa_attention(model)
     return tok, model, stop_ids(tok, model)
 
 

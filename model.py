@@ -567,8 +567,9 @@ def flex_static(module, query, key, value, attention_mask, dropout=0.0, scaling=
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_sdpa_gqa(target, flex=False):
-    """The target's attention: sdpa_gqa, or flex_static (full-attention targets: it ignores windows)."""
+def use_gqa_attention(target, flex=False):
+    """The target's attention reads each K/V head once: sdpa_gqa, or with flex flex_static (full-attention
+    targets: the decode mask has no window)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
     name, fn = ("flex_static", flex_static) if flex else ("sdpa_gqa", sdpa_gqa)

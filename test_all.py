@@ -1530,7 +1530,7 @@ def test_batch_decoder_equals_greedy_decoding_of_each_prompt(models, compiled):
     """Left-padded rows of different lengths, a filler row, a stop token, the cache reused by a second
     batch: every row is what greedy decoding of its prompt alone gives, cut after the stop."""
     t = copy.deepcopy(models[0])
-    M.use_sdpa_gqa(t)
+    M.use_gqa_attention(t)
     ps = [p[0].tolist() for p in prompts(3)]
     refs = [greedy(models[0], torch.tensor([p]), 10) for p in ps]
     stop = refs[1][4]
@@ -2067,7 +2067,7 @@ def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
     from transformers import StaticCache
     t, d = models
     g = copy.deepcopy(t)
-    M.use_sdpa_gqa(g)
+    M.use_gqa_attention(g)
     assert g.config._attn_implementation == "sdpa_gqa" and t.config._attn_implementation == "sdpa"
     ids = prompts(1)[0]
     torch.testing.assert_close(g(ids).logits, t(ids).logits, rtol=1e-5, atol=1e-5)
