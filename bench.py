@@ -93,7 +93,7 @@ def check_rollback(target_config, static=False):
     """Every layer of the target must be one the chosen runner can roll back: checked on the config,
     before any weights load."""
     from transformers import cache_utils
-    types, _ = cache_utils.get_layer_types_and_kwargs(target_config.get_text_config(decoder=True))
+    types = M.layer_kinds(target_config)
     path = "static" if static else "eager"
     bad = sorted({t for t in types if path not in ROLLBACK.get(t, "").split()})
     if not bad and {"linear_attention", "conv"} & set(types) and not hasattr(cache_utils, "LinearAttentionCacheLayerMixin"):
@@ -409,13 +409,13 @@ class StaticRunner:
 
     def __init__(self, target, drafter, block_size, max_len, compile=True, flex=False):
         from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer, get_layer_types_and_kwargs
+        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
         check_rollback(target.config, static=True)
-        if flex:  # the decode mask is plain causal: a window would be ignored
-            types, _ = get_layer_types_and_kwargs(target.config.get_text_config(decoder=True))
-            if set(types) - {"full_attention"}:
-                raise ValueError(f"--flex runs full-attention targets only; this one has {'/'.join(sorted(set(types)))} "
-                                 "layers: drop --flex")
+        kinds = set(M.layer_kinds(target.config))
+        if flex and kinds - {"full_attention"}:  # the decode mask is plain causal: a window would be ignored
+            raise ValueError(f"--flex runs full-attention targets only; this one has {'/'.join(sorted(kinds))} "
+                             "layers: drop --flex")
+        if flex:
             M.use_gqa_attention(target, flex=True)
         self.target, self.drafter, self.block_size, self.max_len, self.flex = target, drafter, block_size, max_len, flex
         self.device = target.get_input_embeddings().weight.device
@@ -556,6 +556,13 @@ def tau_by_position(records):
             for _, lbl in POSITION_BUCKETS if lbl in steps}
 
 
+def acceptance_summary(records):
+    """Turns, DFlash steps, tau (tokens per step), the acceptance-length histogram and tau by position."""
+    steps = [a for r in records for a in r["dflash"]["acceptance"]]
+    return dict(turns=len(records), steps=len(steps), tau=sum(steps) / max(len(steps), 1),
+                histogram=dict(sorted(Counter(steps).items())), tau_by_position=tau_by_position(records))
+
+
 def print_acceptance(res):
     """The summary's tau by step start position and acceptance-length histogram lines."""
     print("  tau by step start position: " + ", ".join(
@@ -566,17 +573,14 @@ def print_acceptance(res):
 
 def summarize(name, records, block_size, temperature=0.0, sampling="speculative"):
     """Print tau, TPOT of both runs, speedup, the per-step time breakdown and the acceptance histogram."""
-    steps = [a for r in records for a in r["dflash"]["acceptance"]]
     timed = [r for r in records if r["dflash"]["acceptance"] and r["baseline"]["acceptance"]]
     tpot = lambda r, k: r[k]["decode_s"] / len(r[k]["tokens"])  # prefill excluded, as the authors count
     mean = lambda xs: sum(xs) / max(len(xs), 1)
     base_tpot, dfl_tpot = mean([tpot(r, "baseline") for r in timed]), mean([tpot(r, "dflash") for r in timed])
     per_step = lambda k, f: 1e3 * sum(r[k][f] for r in records) / max(sum(len(r[k]["acceptance"]) for r in records), 1)
-    res = dict(dataset=name, turns=len(records), steps=len(steps), tau=mean(steps),
-               baseline_tpot_ms=1e3 * base_tpot, dflash_tpot_ms=1e3 * dfl_tpot,
-               speedup=base_tpot / dfl_tpot if dfl_tpot else float("nan"),
-               histogram={k: v for k, v in sorted(Counter(steps).items())}, temperature=temperature,
-               sampling=sampling if temperature > 0 else "greedy", tau_by_position=tau_by_position(records))
+    res = dict(dataset=name, **acceptance_summary(records), baseline_tpot_ms=1e3 * base_tpot, dflash_tpot_ms=1e3 * dfl_tpot,
+               speedup=base_tpot / dfl_tpot if dfl_tpot else float("nan"), temperature=temperature,
+               sampling=sampling if temperature > 0 else "greedy")
     for k in ("baseline", "dflash"):
         d, v, t = per_step(k, "draft_s"), per_step(k, "verify_s"), per_step(k, "decode_s")
         res[k + "_step_ms"] = dict(draft=d, verify=v, other=t - d - v)
@@ -584,7 +588,7 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
     res["mismatches"] = [dict(id=r["id"], turn=r["turn"], pos=r["first_diff"], **(r.get("gaps") or {}))
                          for r in checked if not r["match"]]
     mode = f"T {temperature}, {sampling} sampling" if temperature > 0 else "greedy"
-    print(f"\n== {name}: {len(records)} turns, {len(steps)} DFlash steps, block {block_size}, {mode}")
+    print(f"\n== {name}: {len(records)} turns, {res['steps']} DFlash steps, block {block_size}, {mode}")
     print(f"  tau {res['tau']:.2f} | TPOT baseline {res['baseline_tpot_ms']:.2f} ms, DFlash "
           f"{res['dflash_tpot_ms']:.2f} ms | speedup {res['speedup']:.2f}x")
     for k in ("baseline", "dflash"):
@@ -692,10 +696,8 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
                 out_file.write(json.dumps(rec) + "\n")
     if skipped:
         print(f"replay: {path}: {skipped} rows skipped: not regenerated (no assistant token_ids), so not the target's answers")
-    steps = [a for r in records for a in r["dflash"]["acceptance"]]
-    res = dict(dataset=name, turns=len(records), steps=len(steps), tau=sum(steps) / max(len(steps), 1),
-               histogram=dict(sorted(Counter(steps).items())), tau_by_position=tau_by_position(records))
-    print(f"\n== {name}: replay of {len(records)} greedy answers, {len(steps)} DFlash steps, block {args.block_size}")
+    res = dict(dataset=name, **acceptance_summary(records))
+    print(f"\n== {name}: replay of {len(records)} greedy answers, {res['steps']} DFlash steps, block {args.block_size}")
     print(f"  tau {res['tau']:.2f}")
     print_acceptance(res)
     return res

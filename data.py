@@ -489,8 +489,7 @@ def check_batch_decodable(config):
     """BatchDecoder builds one full causal mask over a left-padded static cache: right for full-attention
     targets only (a sliding layer would see past its window, a linear-attention state would take in
     the padding). Others regenerate through a serving engine."""
-    from transformers import cache_utils  # the layer kinds the target's cache will hold (as bench.check_rollback)
-    kinds = set(cache_utils.get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0]) - {"full_attention"}
+    kinds = set(M.layer_kinds(config)) - {"full_attention"}
     if kinds:
         raise SystemExit(f"regenerate error: the target has {', '.join(sorted(kinds))} layers, which the in-process "
                          "batch decoder does not handle: serve the target with vLLM or SGLang and pass --server URL")

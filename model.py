@@ -508,6 +508,13 @@ def decoder_layers(target):
     return layers
 
 
+def layer_kinds(target_config):
+    """The kinds of the target's decoder layers (full_attention, sliding_attention, linear_attention, ...)
+    as transformers reads them from the config for its cache: the one reading every layer check uses."""
+    from transformers import cache_utils
+    return cache_utils.get_layer_types_and_kwargs(target_config.get_text_config(decoder=True))[0]
+
+
 def check_target(path_or_config):
     """Build the target on the meta device (no memory, no weights) and find its decoder layers: a model
     whose layers capture cannot find fails here, before any weights load."""

@@ -3018,7 +3018,7 @@ def test_recipe_benches_extra_prompts_as_their_own_rows(tmp_path, monkeypatch):
             cmds.append(cmd)
             name = cmd[cmd.index("--dataset") + 1]
             acc = [3, 3] if name == str(extra) else [2]
-            rec = dict(dflash=dict(acceptance=acc, tokens=[0] * sum(acc), decode_s=1.0),
+            rec = dict(prompt_len=10, dflash=dict(acceptance=acc, tokens=[0] * sum(acc), decode_s=1.0),
                        baseline=dict(acceptance=[1] * sum(acc), tokens=[0] * sum(acc), decode_s=2.0), match=True)
             write_lines(cmd[cmd.index("--out") + 1], [json.dumps(rec)])
         return True

@@ -468,7 +468,8 @@ def setup(c):
     mesh = init_device_mesh(kind, (world,))  # explicit: FSDP2 would pick cuda wherever one exists
     if c["compile"] and c["layer_types"]:
         # each (padded length, layer kind) takes its own graph: a sliding + full drafter needs 2 x (max_length /
-        # pad_multiple) of them, past dynamo's default limit of 8, after which it would run flex attention eagerly
+        # pad_multiple) of them (twice that allowed here), past dynamo's default limit of 8, after which it
+        # would run flex attention eagerly
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                    4 * -(-c["max_length"] // c["pad_multiple"]))
     for layer in r.drafter.layers:

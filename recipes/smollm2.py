@@ -394,15 +394,16 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_to
 
 def results_table(out, plan):
     """results.md and results.json from the bench records: tau, lossless turns and speed per prompt set."""
+    import bench  # the repo's bench.py: tau from its records
     rows = []
     for f in sorted(glob.glob(os.path.join(out, "bench", "*.jsonl"))):
         recs = [json.loads(line) for line in open(f)]
-        steps = [a for r in recs for a in r["dflash"]["acceptance"]]
+        acc = bench.acceptance_summary(recs)
         tokens = lambda k: sum(len(r[k]["tokens"]) for r in recs)
         decode = lambda k: sum(r[k]["decode_s"] for r in recs)
         checked = [r for r in recs if r.get("match") is not None]
-        rows.append(dict(set=os.path.basename(f)[:-len(".jsonl")], turns=len(recs), steps=len(steps),
-                         tau=sum(steps) / max(len(steps), 1), lossless=sum(r["match"] for r in checked), checked=len(checked),
+        rows.append(dict(set=os.path.basename(f)[:-len(".jsonl")], turns=acc["turns"], steps=acc["steps"],
+                         tau=acc["tau"], lossless=sum(r["match"] for r in checked), checked=len(checked),
                          tpot_baseline_ms=1e3 * decode("baseline") / max(tokens("baseline"), 1),
                          tpot_dflash_ms=1e3 * decode("dflash") / max(tokens("dflash"), 1)))
     named = [r for r in rows if r["set"] in BENCH_SETS]
@@ -484,12 +485,11 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
 def ablation_table(out, plan):
     """ablation.md and ablation.json: per arm, tau per set and their mean, the held-out estimate, and tau by
     the position where a step starts (the four sets pooled)."""
-    import bench  # the repo's bench.py: its position buckets
+    import bench  # the repo's bench.py: tau and its position buckets
     rows = []
     for arm in plan["arms"]:
         recs = [json.loads(line) for line in open(os.path.join(out, arm, "replay.jsonl"))]
-        tau = lambda rs: sum(a for r in rs for a in r["dflash"]["acceptance"]) / max(sum(len(r["dflash"]["acceptance"]) for r in rs), 1)
-        sets = {s: tau([r for r in recs if r["dataset"] == s]) for s in BENCH_SETS}
+        sets = {s: bench.acceptance_summary([r for r in recs if r["dataset"] == s])["tau"] for s in BENCH_SETS}
         val = [m for m in map(json.loads, open(os.path.join(out, arm, "metrics.jsonl"))) if "val_expected_accept_len" in m]
         spent = os.path.join(out, "stages", f"train-{arm}.done")
         rows.append(dict(arm=arm, changes=" ".join(ARMS[arm]) or "(configs/smollm2.yaml)", sets=sets,
