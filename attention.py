@@ -122,17 +122,3 @@ def attend(q, k, v, mask, scale=None):
     visible = mask.any(-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~visible, scale=scale, enable_gqa=gqa)
     return out.masked_fill(~visible, 0.0)
-
-
-def causal_decode_mask(start, q_len, kv_len, tile=128):
-    """The target's causal mask over a static KV buffer of kv_len slots, for q_len queries at positions
-    start.. (start: a device scalar, so one compiled graph serves every step): query i sees slots
-    <= start + i. Tiles past the last query's position are left out of the BlockMask, so FlexAttention
-    reads only the filled part of the buffer; SDPA with a dense mask reads all of it on every step."""
-    n = -(-kv_len // tile)
-    idx = torch.arange(n, dtype=torch.int32, device=start.device)
-    full = (start + 1) // tile  # tiles that every query sees whole
-    last = (start + q_len - 1) // tile + 1  # one past the last tile that any query sees
-    return BlockMask.from_kv_blocks((last - full).to(torch.int32).view(1, 1, 1), (idx + full).clamp(max=n - 1).view(1, 1, 1, n),
-                                    full.to(torch.int32).view(1, 1, 1), idx.view(1, 1, 1, n), BLOCK_SIZE=(128, tile),
-                                    mask_mod=lambda b, h, q, kv: kv <= start + q, seq_lengths=(q_len, kv_len))

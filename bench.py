@@ -19,6 +19,8 @@ emitted tokens follow the target's softmax(logits / T) exactly. --sampling match
 and as much at T 0.6 on the SmolLM2 drafter (results/sampling-smollm2.md).
 --replay ROWS.jsonl measures tau at temperature 0 without decoding, from the target's known greedy
 answers (rows written by `data.py regenerate`): one target forward per row, one drafter pass per step.
+Elsewhere: --compile's static caches and CUDA graphs in fast_decode.py; --replay, --profile and the
+acceptance statistics in measure.py; the rollback of each kind of target layer in targets.py.
 """
 import argparse
 import contextlib
@@ -26,13 +28,15 @@ import glob
 import json
 import os
 import time
-from collections import Counter
 
 import torch
 
-import attention as A
 import data
+import fast_decode
+import measure
 import model as M
+import targets
+from convert import load_drafter
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,60 +81,6 @@ def accept(block, logits, draft_logits, temperature, generator=None, sampling="s
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollback: what a verify pass wrote into the target cache for rejected tokens must be taken back
-
-# cache layer type (as transformers' get_layer_types_and_kwargs names it) -> the runners that roll it back.
-# Attention K/V are cut by length. A linear-attention or conv state (Gated DeltaNet in Qwen3-Next and
-# Qwen3.5, Mamba-style conv) has no positions to cut: the eager runner restores the state it had before the
-# verify and runs the committed tokens again (EagerRunner.rewind). The static runner's steps have fixed
-# shapes and cannot run a variable number of tokens again, so it refuses such targets.
-ROLLBACK = {"full_attention": "eager static", "sliding_attention": "eager static",
-            "chunked_attention": "eager static", "dummy": "eager static",  # dummy: shares another layer's K/V
-            "linear_attention": "eager", "conv": "eager"}
-
-
-def check_rollback(target_config, static=False):
-    """Every layer of the target must be one the chosen runner can roll back: checked on the config,
-    before any weights load."""
-    from transformers import cache_utils
-    types = M.layer_kinds(target_config)
-    path = "static" if static else "eager"
-    bad = sorted({t for t in types if path not in ROLLBACK.get(t, "").split()})
-    if not bad and {"linear_attention", "conv"} & set(types) and not hasattr(cache_utils, "LinearAttentionCacheLayerMixin"):
-        raise ValueError("this transformers keeps linear-attention states in model-specific caches that bench.py "
-                         "cannot restore: upgrade transformers (5.24 is tested)")
-    if not bad:
-        return
-    name = target_config.get_text_config(decoder=True).model_type
-    if static and all("eager" in ROLLBACK.get(t, "") for t in bad):
-        raise ValueError(f"{name} has {'/'.join(bad)} layers, whose state the compiled (static) runner cannot roll "
-                         "back after a rejected token: run bench.py without --compile (the eager runner restores "
-                         "and recomputes it)")
-    raise ValueError(f"{name} has {'/'.join(bad)} layers, which bench.py cannot roll back after a rejected token "
-                     f"(it can: {', '.join(t for t in ROLLBACK if path in ROLLBACK[t])}): add their rollback "
-                     "to bench.EagerRunner.rewind, or benchmark another target")
-
-
-def _recurrent(layer):
-    from transformers.cache_utils import LinearAttentionCacheLayerMixin
-    return isinstance(layer, LinearAttentionCacheLayerMixin)
-
-
-def snapshot_states(layers):
-    """Copies of the conv and recurrent states of linear-attention cache layers."""
-    return [[{i: s.clone() for i, s in states.items() if s is not None}
-             for states in (layer.conv_states, layer.recurrent_states)] for layer in layers]
-
-
-def restore_states(layers, saved):
-    for layer, (conv, rec) in zip(layers, saved):  # in place: the states keep their addresses
-        for i, s in conv.items():
-            layer.conv_states[i].copy_(s)
-        for i, s in rec.items():
-            layer.recurrent_states[i].copy_(s)
-
-
-# ----------------------------------------------------------------------------------------------
 # The eager runner: HF DynamicCache for the target, model.DraftCache for the drafter
 
 class EagerRunner:
@@ -141,12 +91,12 @@ class EagerRunner:
         from transformers import DynamicCache
         self.target, self.drafter, self.block_size = target, drafter, block_size
         self.layer_ids = list(drafter.config.target_layer_ids) if block_size > 1 else []
-        self.kv, self.cache_kw = DynamicCache(config=target.config), M.cache_kwarg(target)
+        self.kv, self.cache_kw = DynamicCache(config=target.config), targets.cache_kwarg(target)
         self.draft_kv, self.ctx = M.DraftCache(), None
         for layer in self.kv.layers:  # a sliding layer keeps what a verify evicts until rewind cuts it back
             if getattr(layer, "is_sliding", False):
                 layer.activate_past_recording()
-        self.states = [layer for layer in self.kv.layers if _recurrent(layer)]
+        self.states = [layer for layer in self.kv.layers if targets.is_recurrent(layer)]
         self.undo = None  # (block, states before its verify) while a verify of a recurrent target is pending
 
     def target_forward(self, ids, logits_to_keep=0):
@@ -171,7 +121,7 @@ class EagerRunner:
 
     def verify(self, block, start):
         if self.states and block.shape[0] > 1:
-            self.undo = (block, snapshot_states(self.states))
+            self.undo = (block, targets.snapshot_states(self.states))
         return self.target_forward(block[None])
 
     def rewind(self, length):
@@ -183,10 +133,10 @@ class EagerRunner:
         extra, redo = self.kv.get_seq_length() - length, None
         if self.undo is not None and extra > 0:
             block, saved = self.undo
-            restore_states(self.states, saved)
+            targets.restore_states(self.states, saved)
             redo, extra = block[: block.shape[0] - extra], block.shape[0]
         for layer in self.kv.layers:
-            if not _recurrent(layer):
+            if not targets.is_recurrent(layer):
                 layer.crop(-extra)
         if redo is not None:
             self.target(input_ids=redo[None], use_cache=True, logits_to_keep=1, **{self.cache_kw: self.kv})
@@ -333,185 +283,6 @@ def measure_tau(target, drafter, tokenizer, prompts, max_new_tokens, log=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The fast path: static caches, compiled draft and verify steps, replayed as CUDA graphs on GPU
-
-class StaticDraftCache:
-    """DraftCache with preallocated buffers: context K/V are written at self.pos (absolute positions);
-    positions >= the anchor are hidden by the attention mask, and overwritten by the next step.
-    A sliding layer keeps a ring of W + block slots instead (position t in slot t mod ring): the W - 1
-    positions its next block can see survive the step's uncommitted writes, and it attends over the
-    ring, not the whole buffer."""
-
-    def __init__(self, cfg, size, device, dtype, block_size=None):
-        self.ring = min(size, cfg.sliding_window + (block_size or cfg.block_size)) if cfg.sliding_window else size
-        sizes = [self.ring if t == "sliding_attention" else size for t in cfg.layer_types]
-        shape = lambda n: (1, cfg.num_key_value_heads, n, cfg.head_dim)
-        self.k = [torch.zeros(shape(n), device=device, dtype=dtype) for n in sizes]
-        self.v = [torch.zeros(shape(n), device=device, dtype=dtype) for n in sizes]
-        for t in self.k + self.v:
-            torch._dynamo.mark_static_address(t)
-        self.size, self.pos = size, None
-
-    def append(self, i, k, v, window=None):
-        pos = self.pos
-        if window:  # the ring: the newest rows only (a prompt may be longer than the ring)
-            k, v, pos = k[:, :, -self.ring:], v[:, :, -self.ring:], pos[-self.ring:] % self.ring
-        self.k[i].index_copy_(2, pos, k.to(self.k[i].dtype))
-        self.v[i].index_copy_(2, pos, v.to(self.v[i].dtype))
-        return self.k[i], self.v[i]
-
-    def sliding_mask(self, start, block_size, window):
-        """[1, 1, T, ring + T]: ring slot r holds the newest position p < start with p = r mod ring; slot k
-        of the block at `start` sees those in [start + k - W + 1, start) and block slots <= k."""
-        r = torch.arange(self.ring, device=self.k[0].device)
-        held = start - 1 - (start - 1 - r) % self.ring
-        k = torch.arange(block_size, device=r.device)[:, None]
-        ctx = (held >= 0) & (held > start + k - window)
-        return torch.cat([ctx, k >= torch.arange(block_size, device=r.device)], -1)[None, None]
-
-
-class CUDAGraphStep:
-    """A compiled step over fixed shapes, captured once as a CUDA graph and then replayed: a call
-    copies its tensor arguments into the captured input buffers and launches the graph, with no
-    Python, guard checks or allocator work per step (torch.compile's reduce-overhead mode does those on
-    every call: one H200, Qwen3-8B shapes, the baseline step went from 7.83 to 7.00 ms).
-    Sound here because a step is idempotent (it rewrites the same cache slots for the same inputs) and
-    its shapes never change. Outputs live in the graph's memory: the caller clones them."""
-
-    def __init__(self, fn):
-        self.fn, self.graph = fn, None
-
-    def __call__(self, *args):
-        if self.graph is None:
-            self.inputs = [a.clone() for a in args]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compile and autotune outside the capture
-                for _ in range(2):
-                    self.fn(*self.inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = self.fn(*self.inputs)
-        for buf, a in zip(self.inputs, args):
-            buf.copy_(a, non_blocking=True)
-        self.graph.replay()
-        return self.outputs
-
-
-class StaticRunner:
-    """EagerRunner's interface over static caches: the target's HF StaticCache (rewound by setting its
-    write position, never cropped: positions past the query are causally masked and overwritten) and a
-    StaticDraftCache. draft and verify have fixed shapes ([B] tokens; the new draft context is always
-    the B verify rows, of which the uncommitted ones are masked), so torch.compile builds one graph of
-    each, captured as a CUDA graph on GPU (CUDAGraphStep). The only host sync is the acceptance read.
-    Prefill and the first draft (prompt-length context) run eagerly. Reuse one runner per block size."""
-
-    def __init__(self, target, drafter, block_size, max_len, compile=True, flex=False):
-        from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
-        check_rollback(target.config, static=True)
-        kinds = set(M.layer_kinds(target.config))
-        if flex and kinds - {"full_attention"}:  # the decode mask is plain causal: a window would be ignored
-            raise ValueError(f"--flex runs full-attention targets only; this one has {'/'.join(sorted(kinds))} "
-                             "layers: drop --flex")
-        if flex:
-            M.use_gqa_attention(target, flex=True)
-        self.target, self.drafter, self.block_size, self.max_len, self.flex = target, drafter, block_size, max_len, flex
-        self.device = target.get_input_embeddings().weight.device
-        self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), M.cache_kwarg(target)
-        # sliding layers get full-length buffers: HF's sliding static layer is a ring buffer whose fill level is
-        # a host int that set_cache_length cannot rewind (silently wrong tokens once past the window); a
-        # full-length layer rewinds like the others and the model's sliding mask still limits what each query
-        # sees. Costs a full layer's K/V memory per sliding layer.
-        self.kv.layers = [StaticLayer(max_len) if isinstance(layer, StaticSlidingWindowLayer) else layer
-                          for layer in self.kv.layers]
-        self.layer_ids = list(drafter.config.target_layer_ids) if block_size > 1 else []
-        self.captured, self.handles = {}, []
-        for k in self.layer_ids:  # hooks live as long as the runner: a compiled graph traces them once
-            self.handles.append(M.decoder_layers(target)[k].register_forward_hook(self._hook(k)))
-        if block_size > 1:
-            self.draft_kv = StaticDraftCache(drafter.config, max_len + block_size, self.device,
-                                             drafter.fc.weight.dtype, block_size)
-        self.offsets = torch.arange(max(block_size, 1), device=self.device)
-        self._verify, self._draft = self._verify_impl, self._draft_impl
-        if compile:
-            self._verify = torch.compile(self._verify_impl, fullgraph=True, dynamic=False)
-            self._draft = torch.compile(self._draft_impl, fullgraph=True, dynamic=False)
-            if self.device.type == "cuda":
-                self._verify, self._draft = CUDAGraphStep(self._verify), CUDAGraphStep(self._draft)
-        self.ctx = self.length = None
-        self.pos_host = torch.zeros(2, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self.pos = torch.zeros(2, dtype=torch.long, device=self.device)
-
-    def _hook(self, k):
-        def hook(module, args, output):
-            self.captured[k] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def _features(self):
-        if not self.layer_ids:
-            return None
-        return torch.cat([self.captured.pop(k) for k in self.layer_ids], -1)[0]
-
-    def prefill(self, input_ids):
-        P = input_ids.shape[1]
-        if P + 1 + 2 * self.block_size > self.max_len:
-            raise ValueError(f"prompt of {P} tokens does not fit the static cache of {self.max_len}: raise --max-len")
-        M.set_cache_length(self.kv, torch.zeros((), dtype=torch.long, device=self.device))
-        out = self.target(input_ids=input_ids, position_ids=torch.arange(P, device=self.device)[None],
-                          use_cache=True, logits_to_keep=1, **{self.cache_kw: self.kv})
-        return out.logits[0], self._features()
-
-    def _verify_impl(self, block, start):
-        M.set_cache_length(self.kv, start)
-        positions = (start + self.offsets[: block.shape[0]])[None]
-        # --flex: a BlockMask over the filled part of the buffer (model.flex_static); else transformers' dense mask
-        mask = {"attention_mask": A.causal_decode_mask(start, block.shape[0], self.max_len)} if self.flex else {}
-        out = self.target(input_ids=block[None], position_ids=positions, use_cache=True, **{self.cache_kw: self.kv}, **mask)
-        return out.logits[0], self._features()
-
-    def verify(self, block, start):
-        if start + self.block_size >= self.max_len:
-            raise ValueError(f"generation reached the static cache length {self.max_len}: raise --max-len")
-        assert start == self.length, (start, self.length)
-        logits, feats = self._verify(block, self.pos[0])
-        return logits.clone(), None if feats is None else feats.clone()
-
-    def _draft_impl(self, anchor, start, feats, ctx_start):
-        cfg, B = self.drafter.config, self.block_size
-        ctx_pos = (ctx_start + torch.arange(feats.shape[0], device=feats.device))[None]
-        self.draft_kv.pos = ctx_pos[0]
-        # the buffer holds stale positions too: mask to the committed context (and the block itself)
-        visible = torch.arange(self.draft_kv.size, device=anchor.device) < start
-        mask = torch.cat([visible, visible.new_ones(B)])[None, None, None].expand(1, 1, B, -1)
-        if cfg.sliding_window is not None:  # one mask per layer type
-            mask = {"full_attention": mask,
-                    "sliding_attention": self.draft_kv.sliding_mask(start, B, cfg.sliding_window)}
-        block = M.block_ids(anchor, B, cfg.mask_token_id)
-        return M.draft_block(self.drafter, self.target, feats[None], ctx_pos, block, start, self.draft_kv, mask)[0, 1:]
-
-    def draft(self, anchor, start):
-        if self.block_size == 1:
-            return torch.empty(0, 1, device=anchor.device)
-        assert start == self.length, (start, self.length)
-        fn = self._draft if self.ctx.shape[0] == self.block_size else self._draft_impl  # prompt: eager
-        return fn(anchor, self.pos[0], self.ctx, self.pos[1]).clone()
-
-    def commit(self, length, feats, n_new):
-        """Nothing to cut: the next verify rewinds the target cache to `length`. Positions travel as one
-        asynchronous copy from pinned memory."""
-        self.length, self.ctx = length, feats  # all B verify rows: fixed shape; the mask hides the rest
-        self.pos_host[0], self.pos_host[1] = length, length - n_new
-        self.pos.copy_(self.pos_host, non_blocking=True)  # the last copy finished before the step's sync
-
-
-# ----------------------------------------------------------------------------------------------
 # Benchmark: per-turn records, the lossless check, the summary
 
 def _first_diff(a, b):
@@ -538,39 +309,6 @@ def diagnose(target, drafter, prompt_ids, pos, block_size, stop_ids, runners):
     return out
 
 
-POSITION_BUCKETS = ((0, "0-512"), (512, "512-1K"), (1024, "1K-2K"), (2048, "2K-4K"), (4096, "4K+"))
-
-
-def tau_by_position(records):
-    """Tau per bucket of the context position at which a step starts (its anchor: the prompt length
-    plus the tokens emitted before it), so a drafter's acceptance past its training length shows.
-    {bucket: {"steps": n, "tau": mean acceptance}} for the buckets that have steps."""
-    steps = {}
-    for r in records:
-        start = r["prompt_len"]
-        for a in r["dflash"]["acceptance"]:
-            label = [lbl for lo, lbl in POSITION_BUCKETS if start >= lo][-1]
-            steps.setdefault(label, []).append(a)
-            start += a
-    return {lbl: dict(steps=len(steps[lbl]), tau=sum(steps[lbl]) / len(steps[lbl]))
-            for _, lbl in POSITION_BUCKETS if lbl in steps}
-
-
-def acceptance_summary(records):
-    """Turns, DFlash steps, tau (tokens per step), the acceptance-length histogram and tau by position."""
-    steps = [a for r in records for a in r["dflash"]["acceptance"]]
-    return dict(turns=len(records), steps=len(steps), tau=sum(steps) / max(len(steps), 1),
-                histogram=dict(sorted(Counter(steps).items())), tau_by_position=tau_by_position(records))
-
-
-def print_acceptance(res):
-    """The summary's tau by step start position and acceptance-length histogram lines."""
-    print("  tau by step start position: " + ", ".join(
-        f"{k} {v['tau']:.2f} ({v['steps']} steps)" for k, v in res["tau_by_position"].items()))
-    total = max(res["steps"], 1)
-    print("  acceptance: " + " ".join(f"{k}:{100 * v / total:.1f}%" for k, v in res["histogram"].items()))
-
-
 def summarize(name, records, block_size, temperature=0.0, sampling="speculative"):
     """Print tau, TPOT of both runs, speedup, the per-step time breakdown and the acceptance histogram."""
     timed = [r for r in records if r["dflash"]["acceptance"] and r["baseline"]["acceptance"]]
@@ -578,7 +316,7 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
     mean = lambda xs: sum(xs) / max(len(xs), 1)
     base_tpot, dfl_tpot = mean([tpot(r, "baseline") for r in timed]), mean([tpot(r, "dflash") for r in timed])
     per_step = lambda k, f: 1e3 * sum(r[k][f] for r in records) / max(sum(len(r[k]["acceptance"]) for r in records), 1)
-    res = dict(dataset=name, **acceptance_summary(records), baseline_tpot_ms=1e3 * base_tpot, dflash_tpot_ms=1e3 * dfl_tpot,
+    res = dict(dataset=name, **measure.acceptance_summary(records), baseline_tpot_ms=1e3 * base_tpot, dflash_tpot_ms=1e3 * dfl_tpot,
                speedup=base_tpot / dfl_tpot if dfl_tpot else float("nan"), temperature=temperature,
                sampling=sampling if temperature > 0 else "greedy")
     for k in ("baseline", "dflash"):
@@ -594,7 +332,7 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
     for k in ("baseline", "dflash"):
         s = res[k + "_step_ms"]
         print(f"  {k:8s} step: draft {s['draft']:.2f} ms, verify {s['verify']:.2f} ms, other {s['other']:.2f} ms")
-    print_acceptance(res)
+    measure.print_acceptance(res)
     if checked:
         print(f"  lossless: {len(checked) - len(res['mismatches'])}/{len(checked)} turns identical to the baseline"
               + (f" ({len(records) - len(checked)} later turns not compared: their histories differ)"
@@ -624,7 +362,7 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
             rec = dict(dataset=name, id=p.get("id"), turn=k, prompt_len=len(d["prompt_ids"]),
                        baseline={f: b[f] for f in keep}, dflash={f: d[f] for f in keep},
                        same_prompt=b["prompt_ids"] == d["prompt_ids"], match=None)
-            rec["tau_by_position"] = tau_by_position([rec])
+            rec["tau_by_position"] = measure.tau_by_position([rec])
             if args.temperature == 0 and rec["same_prompt"]:
                 pos = _first_diff(b["tokens"], d["tokens"])
                 rec.update(match=pos is None, first_diff=pos)
@@ -635,72 +373,6 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
                 out_file.write(json.dumps(rec) + "\n")
                 out_file.flush()
     return summarize(name, records, B, args.temperature, args.sampling)
-
-
-# ----------------------------------------------------------------------------------------------
-# Replay: tau at temperature 0 from answers the target already gave greedily
-
-@torch.no_grad()
-def replay(target, drafter, ids, spans, block_size):
-    """Acceptance lengths per DFlash step for each answer ids[s:e] (s, e in spans) of ids [S], a conversation
-    whose answers are the target's greedy ones (a regenerated row). At temperature 0 a lossless loop emits
-    exactly those answers, so each step's acceptance is the drafter's block checked against them: what
-    spec_generate gives on the same answers, at one target forward per row and one drafter pass per step.
-    As in the loop, an answer's first token is the target's (prefill), a step drafts from its anchor with
-    every position before the anchor as context, and the last step is cut where the answer ends."""
-    feats, _ = M.capture_features(target, ids[None], list(drafter.config.target_layer_ids))
-    pos = torch.arange(ids.shape[0], device=ids.device)[None]
-    out = []
-    for s, e in spans:
-        cache, ctx, t, acceptance = M.DraftCache(), 0, s, []
-        while t < e - 1:  # t: the anchor's position
-            block = M.block_ids(ids[t], block_size, drafter.config.mask_token_id)
-            logits = M.draft_block(drafter, target, feats[:, ctx:t], pos[:, ctx:t], block, t, cache)[0, 1:]
-            ctx, ref = t, ids[t + 1: min(t + block_size, e)]
-            n = int((logits[: len(ref)].argmax(-1) == ref).cumprod(0).sum())
-            acceptance.append(min(n + 1, e - t - 1))
-            t += acceptance[-1]
-        out.append(acceptance)
-    return out
-
-
-def answer_spans(mask):
-    """(start, end) of each run of 1s in a loss mask: the answers of a tokenised conversation."""
-    edges = [i for i in range(len(mask) + 1) if (mask[i] if i < len(mask) else 0) != (mask[i - 1] if i else 0)]
-    return list(zip(edges[::2], edges[1::2]))
-
-
-def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
-    """Replay every answer of the regenerated rows in path (the first --num-prompts rows): records as
-    bench_prompts writes them (no baseline), and the summary lines. An answer cut by the regeneration's
-    token limit ("finished": false) ends before the end-of-turn token the template adds to it."""
-    name = os.path.splitext(os.path.basename(path))[0]
-    records, skipped = [], 0
-    for i, row in data.read_rows(path):
-        if args.num_prompts and i >= args.num_prompts:
-            break
-        answers = [m for m in (row or {}).get("messages") or [] if isinstance(m, dict) and m.get("role") == "assistant"]
-        if not answers or not all("token_ids" in m for m in answers):  # answers the target did not give
-            skipped += 1
-            continue
-        ids, mask = data.tokenize_conversation(tokenizer, data.parse_messages(row), 1 << 30)
-        finished = [m.get("finished", True) for m in answers]
-        spans = [(s, e if done else e - 1) for (s, e), done in zip(answer_spans(mask), finished)]
-        for turn, ((s, e), acc) in enumerate(zip(spans, replay(target, drafter, torch.tensor(ids, device=args.device),
-                                                               spans, args.block_size))):
-            rec = dict(dataset=name, id=str(row.get("id", i)), turn=turn, prompt_len=s,
-                       dflash=dict(acceptance=acc, tokens=ids[s:e]))
-            rec["tau_by_position"] = tau_by_position([rec])
-            records.append(rec)
-            if out_file:
-                out_file.write(json.dumps(rec) + "\n")
-    if skipped:
-        print(f"replay: {path}: {skipped} rows skipped: not regenerated (no assistant token_ids), so not the target's answers")
-    res = dict(dataset=name, **acceptance_summary(records))
-    print(f"\n== {name}: replay of {len(records)} greedy answers, {res['steps']} DFlash steps, block {args.block_size}")
-    print(f"  tau {res['tau']:.2f}")
-    print_acceptance(res)
-    return res
 
 
 def time_synthetic(target, drafter, args, runners, tau=6.49):
@@ -719,8 +391,10 @@ def time_synthetic(target, drafter, args, runners, tau=6.49):
         results[key] = dict(step_ms=1e3 * r["decode_s"] / n, draft_ms=1e3 * r["draft_s"] / n,
                             verify_ms=1e3 * r["verify_s"] / n, steps=n)
     if args.profile:
+        n = min(steps, 16)
         for key, bs in (("baseline", 1), ("dflash", B)):
-            results[key].update(profile_steps(target, drafter, ids, bs, min(steps, 16), runners.get(bs), key, args.profile))
+            run = lambda: spec_generate(target, drafter, ids, n * bs + 1, [], bs, max_steps=n, runner=runners.get(bs))
+            results[key].update(measure.profile_steps(run, ids.device.type == "cuda", key, args.profile))
     base, dfl = results["baseline"], results["dflash"]
     ratio = dfl["step_ms"] / base["step_ms"]
     print(f"prompt {args.prompt_len} tokens, {steps} steps, block {B}, {args.dtype}, {args.device}, "
@@ -732,32 +406,6 @@ def time_synthetic(target, drafter, args, runners, tau=6.49):
           f"other {dfl['step_ms'] - dfl['draft_ms'] - dfl['verify_ms']:.2f} ms{counts(dfl)})")
     print(f"  one DFlash step = {ratio:.2f} baseline steps; speedup implied at tau {tau}: {tau / ratio:.2f}x")
     return dict(results, ratio=ratio, implied_speedup=tau / ratio)
-
-
-def profile_steps(target, drafter, ids, block_size, steps, runner, name, out_dir):
-    """--profile: one run of `steps` steps under torch.profiler. Prints the launches per step (CUDA
-    kernels and graph launches from the host; aten ops on CPU) and the ops that take the time, and writes
-    a Chrome trace: where a step's time goes, so a fix can be aimed at it."""
-    from torch.profiler import ProfilerActivity, profile
-    cuda = ids.device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        r = spec_generate(target, drafter, ids, steps * block_size + 1, [], block_size, max_steps=steps, runner=runner)
-    n, events = max(len(r["acceptance"]), 1), prof.key_averages()
-    if cuda:
-        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch",
-                                                           "cudaLaunchKernelExC", "cuLaunchKernelEx"))
-        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-        counts = dict(launches_per_step=launches / n, kernels_per_step=kernels / n)
-    else:
-        top = lambda e: e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
-        counts = dict(aten_ops_per_step=sum(map(top, prof.events())) / n)  # dispatched ops, not their nested calls
-    os.makedirs(out_dir, exist_ok=True)
-    prof.export_chrome_trace(os.path.join(out_dir, f"{name}.json"))
-    print(f"\n-- profile of {n} {name} steps: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in counts.items())
-          + f" (trace: {os.path.join(out_dir, name + '.json')})")
-    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12))
-    return counts
 
 
 def static_len(args, tokenizer, prompt_sets):
@@ -772,21 +420,6 @@ def static_len(args, tokenizer, prompt_sets):
         need = max(len(render(tokenizer, [{"role": "user", "content": "\n".join(p["turns"])}]))
                    + len(p["turns"]) * (args.max_new_tokens + 64) for ps in prompt_sets.values() for p in ps)
     return -(-(need + 2 * args.block_size + 1) // 256) * 256
-
-
-def random_drafter(target, block_size, layers=5, dtype=None):
-    """Random weights for timing: mask id 151669 (Qwen3's unused row) where the vocabulary has it."""
-    vocab = target.get_input_embeddings().weight.shape[0]
-    L = target.config.get_text_config().num_hidden_layers
-    for n in (5, 3, 2, 1):  # 5 captured layers; fewer where a tiny test target has no room
-        try:
-            layer_ids = M.build_target_layer_ids(L, n)
-            break
-        except ValueError:
-            continue
-    cfg = M.config_from_target(target.config, num_hidden_layers=layers, block_size=block_size,
-                               target_layer_ids=layer_ids, mask_token_id=151669 if vocab > 151669 else vocab - 1)
-    return M.build_drafter(cfg, device=target.device, dtype=dtype or target.dtype)
 
 
 def parse_args(argv=None):
@@ -847,22 +480,21 @@ def main(argv=None):
     args = parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     try:  # before any weights load: capture must find the decoder layers, and each layer must roll back
-        M.check_target(args.target)
-        check_rollback(M.load_target_config(args.target), args.compile)
+        targets.check_target(args.target)
+        targets.check_rollback(targets.load_target_config(args.target), args.compile)
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
-    target = M.load_target(args.target, dtype, args.device)
+    target = targets.load_target(args.target, dtype, args.device)
     if args.draft == "random":
-        drafter = random_drafter(target, args.block_size or 16)
+        drafter = measure.random_drafter(target, args.block_size or 16)
     else:
-        from convert import load_drafter  # lazily: bench.py works before convert.py exists
         drafter, _ = load_drafter(args.draft, args.device, dtype)
     try:
         M.check_fits_target(drafter.config, target)
     except ValueError as e:
         raise SystemExit(f"bench.py: error: --draft {args.draft} does not fit --target {args.target}: {e}")
     if args.gqa:
-        M.use_gqa_attention(target)  # --flex switches the target's attention in StaticRunner
+        fast_decode.use_gqa_attention(target)  # --flex switches the target's attention in StaticRunner
     args.block_size = args.block_size or drafter.config.block_size
     tokenizer, prompt_sets = None, {}
     if args.prompt_len is None:
@@ -871,12 +503,12 @@ def main(argv=None):
         prompt_sets = {name: data.load_prompts(name)[: args.num_prompts] for name in args.dataset}
     if args.replay:
         with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
-            return [replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]
+            return [measure.replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]
     runners = {}
     if args.compile:
         max_len = args.max_len or static_len(args, tokenizer, prompt_sets)
         try:
-            runners = {bs: StaticRunner(target, drafter, bs, max_len, flex=args.flex) for bs in (1, args.block_size)}
+            runners = {bs: fast_decode.StaticRunner(target, drafter, bs, max_len, flex=args.flex) for bs in (1, args.block_size)}
         except ValueError as e:
             raise SystemExit(f"bench.py: error: {e}")
     if args.prompt_len is not None:

@@ -14,7 +14,6 @@ it is a serving folder this tool wrote (or with --overwrite), never a checkpoint
 """
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -28,10 +27,10 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model import DFlashConfig, DFlashDrafter, rope_config, rope_mismatch
+from checkpoints import latest_checkpoint, verify_checksums, write_checksums, write_json
+from model import DFlashConfig, DFlashDrafter
+from targets import rope_config, rope_mismatch
 
-STEP_DIR = re.compile(r"step_(\d+)")  # fullmatch: "step_00000100.tmp" is a save in progress
-# keys of config.json that describe the drafter, not the target it was trained for
 DRAFTER_KEYS = {"architectures", "auto_map", "block_size", "num_target_layers", "dflash_config",
                 "layer_types", "target_config_diff"}
 
@@ -134,78 +133,7 @@ def _read_json(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checksums: sha256 of every file of a checkpoint or serving folder, recorded when it is written
-# (checksums.json, last) and verified before it is read: a flipped byte or a truncated copy is a
-# named error instead of a weight that silently became 7e36
-
-CHECKSUMS = "checksums.json"
-
-
-class ChecksumError(ValueError):
-    pass
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_digests(folder, rank=0, world=1):
-    """{name: sha256} of this rank's share of the files directly in folder (ranks split the reading)."""
-    names = sorted(n for n in os.listdir(folder) if n != CHECKSUMS and os.path.isfile(os.path.join(folder, n)))
-    return {n: sha256(os.path.join(folder, n)) for n in names[rank::world]}
-
-
-def write_checksums(folder, digests=None):
-    _write_json(os.path.join(folder, CHECKSUMS), digests or file_digests(folder))
-
-
-def checksum_problems(folder, rank=0, world=1):
-    """The files of this rank's share that differ from checksums.json or are missing, one phrase
-    each. A folder without checksums.json (older runs, released drafters) has none: unverified."""
-    path = os.path.join(folder, CHECKSUMS)
-    if not os.path.exists(path):
-        return []
-    try:
-        with open(path) as f:
-            want = json.load(f)
-    except ValueError:
-        want = None
-    if not isinstance(want, dict):
-        return [f"{CHECKSUMS} is unreadable"] if rank == 0 else []
-    problems = []
-    for name in sorted(want)[rank::world]:
-        file = os.path.join(folder, name)
-        if not os.path.isfile(file):
-            problems.append(f"{name} is missing")
-        elif sha256(file) != want[name]:
-            problems.append(f"{name} differs from the sha256 recorded when it was saved")
-    return problems
-
-
-def verify_checksums(folder):
-    problems = checksum_problems(folder)
-    if problems:
-        raise ChecksumError(f"checksum mismatch in {folder}: {'; '.join(problems)} (the files changed after "
-                            "they were written: a disk, copy or transfer error; use another checkpoint or copy)")
-
-
-# ----------------------------------------------------------------------------------------------
 # Training checkpoints (DCP)
-
-def latest_checkpoint(run_dir):
-    """The complete checkpoint with the highest step under RUN/checkpoints (or RUN itself), or None."""
-    for d in (os.path.join(run_dir, "checkpoints"), run_dir):
-        if os.path.isdir(d):
-            steps = [(int(m.group(1)), name) for name in os.listdir(d)
-                     if (m := STEP_DIR.fullmatch(name)) and os.path.isdir(os.path.join(d, name))]
-            if steps:
-                return os.path.join(d, max(steps)[1])
-    return None
-
 
 def _checkpoint_dir(path):
     if os.path.isfile(os.path.join(path, ".metadata")):
@@ -271,8 +199,8 @@ def write_checkpoint(state_dict, cfg, target_config, out_dir, overwrite=False):
 
     def write(tmp):
         _quiet_dcp(dcp.save, {"model": sd}, checkpoint_id=tmp)
-        _write_json(os.path.join(tmp, "dflash_config.json"), dataclasses.asdict(cfg))
-        _write_json(os.path.join(tmp, "target_config.json"), target_config)
+        write_json(os.path.join(tmp, "dflash_config.json"), dataclasses.asdict(cfg))
+        write_json(os.path.join(tmp, "target_config.json"), target_config)
         validate(_dcp_model_tensors(tmp), cfg, target_config)
         write_checksums(tmp)
 
@@ -286,7 +214,7 @@ def serving_config(cfg, target_config):
     """config.json: the target's text config, re-dimensioned as the drafter, plus the DFlash fields.
     The target values it overwrites go to target_config_diff so --import can restore the target."""
     tc = _text_config(target_config)
-    # partial_rotary_factor: the drafter rotates all of head_dim (model.rope_config says why)
+    # partial_rotary_factor: the drafter rotates all of head_dim (targets.rope_config says why)
     out = {k: v for k, v in tc.items() if k not in DRAFTER_KEYS and k != "partial_rotary_factor"}
     out.update(
         architectures=["DFlashDraftModel"], model_type="qwen3",  # the drafter is always Qwen3-style
@@ -421,7 +349,7 @@ def export_drafter(state_dict, cfg, target_config, out_dir, target_name=None, ov
 
     def write(tmp):
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        _write_json(os.path.join(tmp, "config.json"), config)
+        write_json(os.path.join(tmp, "config.json"), config)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(card)
         # read back what a serving engine will read: the header and the config, not the data
@@ -434,15 +362,6 @@ def export_drafter(state_dict, cfg, target_config, out_dir, target_name=None, ov
         write_checksums(tmp)
 
     _publish(out_dir, write, overwrite)
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
 
 
 def _publish(out_dir, write, overwrite=False):

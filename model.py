@@ -1,5 +1,6 @@
-"""The DFlash drafter (plain PyTorch), the frozen HF target with hook-based layer capture, and the
-training objective. Every DFlash rule lives in this file and in attention.py (the mask).
+"""The DFlash drafter (plain PyTorch), hook-based capture of the frozen HF target's layers, and the
+training objective. Every DFlash rule lives in this file and in attention.py (the mask); loading the
+target and what differs between target families (RoPE variants, layer kinds) is in targets.py.
 
 A DFlash drafter is a few Qwen3-style decoder layers that fill a whole block of `block_size` tokens in
 ONE forward pass. Its input is the block [anchor token, MASK, MASK, ...] embedded with the target's
@@ -9,9 +10,6 @@ queries come from the block, and keys/values from [context; block] through the s
 ("KV injection"). Its logits come from the target's frozen lm_head. It owns no embedding and no
 lm_head, so its state_dict is exactly the serving format (fc, hidden_norm, norm, layers.*).
 """
-import dataclasses
-import inspect
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from attention import BlockMask, attend, build_mask, dense_mask
+from attention import attend, build_mask, dense_mask
+from targets import ROPE_NEEDS, ROPE_TYPES, decoder_layers, rope_config, rope_frequencies, rope_mismatch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,7 +62,7 @@ class DFlashConfig:
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         if kind not in ROPE_TYPES:
             raise ValueError(f"rope_type={kind!r}: the drafter cannot reproduce this RoPE (it implements "
-                             f"{', '.join(ROPE_TYPES)}); add it to model.rope_frequencies, checked against "
+                             f"{', '.join(ROPE_TYPES)}); add it to targets.rope_frequencies, checked against "
                              "transformers' ROPE_INIT_FUNCTIONS")
         missing = [k for k in ROPE_NEEDS.get(kind, ()) if (self.rope_scaling or {}).get(k) is None]
         if missing:
@@ -77,192 +76,6 @@ class DFlashConfig:
     @property
     def num_features(self):
         return len(self.target_layer_ids)
-
-
-LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-def layout_problem(layer_types, window, num_layers, block_size):
-    """What is wrong with a layer layout (one line naming the fix), or None."""
-    unknown = [t for t in layer_types if t not in LAYER_TYPES]
-    if unknown:
-        return f"layer_types has unknown type(s) {unknown}; use {' or '.join(LAYER_TYPES)}"
-    if len(layer_types) != num_layers:
-        return (f"layer_types has {len(layer_types)} entries for {num_layers} draft layers; "
-                "give one type per layer")
-    sliding = "sliding_attention" in layer_types
-    if sliding and not window:
-        return "layer_types has sliding_attention layers but no sliding_window: set sliding_window (e.g. 2048)"
-    if not sliding and window:
-        return (f"sliding_window={window} but no layer is sliding_attention: add one to layer_types "
-                "or drop sliding_window")
-    if sliding and window < block_size:
-        return (f"sliding_window={window} is smaller than block_size={block_size}: a block must fit in "
-                "the window; use sliding_window >= block_size")
-    return None
-
-
-def build_target_layer_ids(num_target_layers, num_features):
-    """The published spacing: spread n captured layers from layer 1 to layer L-3."""
-    L, n = num_target_layers, num_features
-    if n < 1:
-        raise ValueError(f"num_features={n}: capture at least one target layer")
-    ids = [L // 2] if n == 1 else [int(round(1 + i * (L - 4) / (n - 1))) for i in range(n)]
-    if any(not 0 <= i < L for i in ids) or len(set(ids)) != n:
-        raise ValueError(f"cannot place {n} captured layers in a {L}-layer target (got {ids}); "
-                         "use fewer features or list target_layer_ids explicitly")
-    return ids
-
-
-# RoPE. The drafter inherits its target's RoPE: theta and scaling, as the published drafters copy
-# their target's rope config (Llama-3.1: llama3; gpt-oss: yarn). What it does not inherit, and why:
-# - a per-layer-type RoPE (Gemma 3/4: {"sliding_attention": ..., "full_attention": ...}) gives the
-#   drafter the full-attention one: draft layers attend over the whole context, as those layers do;
-# - partial_rotary_factor (Qwen3-Next, Qwen3.5, GLM-4): draft layers rotate all of head_dim, as SGLang's
-#   DFlash drafter does (rotary_dim=head_dim); only "proportional" keeps it, since there it defines
-#   which frequencies are zero and the head stays full-size;
-# - mrope sections (Qwen3.5 and VL models): a text position is the same on every axis, so M-RoPE is
-#   plain 1-D RoPE for the drafter, as the published Qwen3.5 drafters have it.
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional")
-ROPE_NEEDS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("original_max_position_embeddings",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-              "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}
-
-
-def rope_config(cfg):
-    """(rope_theta, rope_scaling) of an HF config object or dict, target's or drafter's, as the drafter
-    uses them (the rules above). Reads transformers 5's rope_parameters and the legacy rope_theta /
-    rope_scaling; rope_scaling is None for plain RoPE."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k, None)
-    params = get("rope_scaling") or get("rope_parameters") or {}  # transformers also prefers rope_scaling
-    params = params.get("full_attention") or params
-    kind = params.get("rope_type") or params.get("type") or "default"
-    theta = float(params.get("rope_theta") or get("rope_theta") or 10000.0)
-    if kind in ("default", "mrope"):
-        return theta, None
-    drop = {"rope_type", "type", "rope_theta", "mrope_section", "mrope_interleaved"}
-    if kind != "proportional":
-        drop.add("partial_rotary_factor")
-    scaling = {"rope_type": kind, **{k: v for k, v in params.items() if k not in drop}}
-    if kind in ("yarn", "llama3", "longrope"):  # as transformers fills it in (Phi-3 keeps it outside)
-        scaling["original_max_position_embeddings"] = (get("original_max_position_embeddings")
-                                                       or scaling.get("original_max_position_embeddings")
-                                                       or get("max_position_embeddings"))
-    return theta, scaling
-
-
-def rope_frequencies(cfg, seq_len=None, device=None):
-    """The drafter's RoPE inverse frequencies [head_dim // 2] and attention scaling (cos and sin are
-    multiplied by it), as transformers' ROPE_INIT_FUNCTIONS compute them for the same rope config
-    (written out here, checked against them in test_all). seq_len, a tensor (longest position + 1 of
-    this forward), matters only past the original context, to dynamic and longrope, which transformers
-    also re-evaluate per forward; tensor maths, so a compiled step has no host sync."""
-    r = cfg.rope_scaling or {}
-    kind, d, base, factor = r.get("rope_type", "default"), cfg.head_dim, cfg.rope_theta, r.get("factor")
-    orig, scaling = r.get("original_max_position_embeddings"), 1.0
-    exponent = torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d
-    inv_freq = 1.0 / base ** exponent
-    if kind == "linear":  # positions divided by factor
-        inv_freq = inv_freq / factor
-    elif kind == "dynamic":  # NTK: a larger base once the sequence outgrows max_position_embeddings
-        L = cfg.max_position_embeddings
-        s = L if seq_len is None else torch.clamp(seq_len, min=L)
-        inv_freq = 1.0 / (base * (factor * s / L - (factor - 1)) ** (d / (d - 2))) ** exponent
-    elif kind == "yarn":
-        # dimensions turning fewer than beta_slow times over the original context are interpolated
-        # (divided by factor), more than beta_fast kept, a linear ramp between; cos/sin scaled by mscale
-        factor = factor or cfg.max_position_embeddings / orig
-        def mscale(m):
-            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
-        scaling = r.get("attention_factor")
-        if scaling is None:
-            m, m_all = r.get("mscale"), r.get("mscale_all_dim")
-            scaling = mscale(m) / mscale(m_all) if m and m_all else mscale(1)
-        def dim_for(turns):
-            return d * math.log(orig / (turns * 2 * math.pi)) / (2 * math.log(base))
-        low, high = dim_for(r.get("beta_fast") or 32), dim_for(r.get("beta_slow") or 1)
-        if r.get("truncate", True):
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, d - 1)
-        ramp = ((torch.arange(d // 2, device=device).float() - low) / ((high - low) or 0.001)).clamp(0, 1)
-        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
-    elif kind == "llama3":
-        # wavelengths over orig / low_freq_factor interpolated by factor, under orig / high_freq_factor
-        # kept, a smooth blend between
-        lo, hi = r["low_freq_factor"], r["high_freq_factor"]
-        smooth = ((orig * inv_freq / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)
-        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    elif kind == "longrope":  # per-frequency factors, the long ones past the original context
-        factor = factor or cfg.max_position_embeddings / orig
-        scaling = r.get("attention_factor")
-        if scaling is None:
-            scaling = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
-        ext = torch.tensor(r["short_factor"], dtype=torch.float32, device=device)
-        if seq_len is not None:
-            ext = torch.where(seq_len > orig, torch.tensor(r["long_factor"], dtype=torch.float32, device=device), ext)
-        inv_freq = 1.0 / (ext * base ** exponent)
-    elif kind == "proportional":  # Gemma 4: only the first partial_rotary_factor of the angles turn
-        n = int(r.get("partial_rotary_factor", 1.0) * d // 2)
-        inv_freq = torch.where(torch.arange(d // 2, device=device) < n, inv_freq, 0.0) / (factor or 1.0)
-    return inv_freq, scaling
-
-
-def rope_mismatch(cfg, target_config):
-    """None if the drafter rotates q and k as the target's config implies, else the problem in one
-    line. Frequencies are compared, inside and past the original context, not dict spellings (a null
-    rope_scaling and {"rope_type": "default"} agree). Raises ValueError for a target rope type the
-    drafter cannot reproduce."""
-    theta, scaling = rope_config(target_config)
-    want = dataclasses.replace(cfg, rope_theta=theta, rope_scaling=scaling)
-    for seq_len in (None, torch.tensor(4 * cfg.max_position_embeddings)):
-        (f, s), (g, t) = rope_frequencies(cfg, seq_len), rope_frequencies(want, seq_len)
-        if s != t or not torch.allclose(f, g, rtol=1e-6, atol=0):
-            return (f"drafter RoPE (theta {cfg.rope_theta}, rope_scaling {cfg.rope_scaling}) differs from "
-                    f"the target's (theta {theta}, rope_scaling {scaling}): it would see other positions "
-                    "than the target; use a drafter built for this target's rope config")
-    return None
-
-
-def config_from_target(target_config, num_hidden_layers=5, block_size=16, target_layer_ids=None,
-                       num_features=5, mask_token_id=None, layer_types=None, sliding_window=None):
-    """Drafter dimensions are the target's; only depth, block size, layer ids and mask id are ours."""
-    tc = getattr(target_config, "text_config", None) or target_config
-    L = tc.num_hidden_layers
-    theta, scaling = rope_config(tc)
-    if mask_token_id is None:
-        raise ValueError("mask_token_id is not set: choose an embedding row that real text never "
-                         "uses (Qwen3: 151669; SmolLM2: 16) and put it in the config")
-    return DFlashConfig(
-        hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
-        num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
-        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
-        intermediate_size=tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
-        rope_theta=theta, rope_scaling=scaling, vocab_size=tc.vocab_size,
-        max_position_embeddings=tc.max_position_embeddings, num_target_layers=L,
-        target_layer_ids=list(target_layer_ids or build_target_layer_ids(L, num_features)),
-        mask_token_id=int(mask_token_id), num_hidden_layers=num_hidden_layers, block_size=block_size,
-        layer_types=layer_types, sliding_window=sliding_window)
-
-
-def check_fits_target(cfg, target):
-    """A drafter trained for one target is useless on another: fail before any forward."""
-    tc = getattr(target.config, "text_config", None) or target.config
-    rows = target.get_input_embeddings().weight.shape[0]
-    if cfg.hidden_size != tc.hidden_size:
-        raise ValueError(f"drafter hidden_size={cfg.hidden_size} != target hidden_size="
-                         f"{tc.hidden_size}: this drafter was built for another target")
-    if cfg.num_target_layers != tc.num_hidden_layers:
-        raise ValueError(f"drafter num_target_layers={cfg.num_target_layers} != target's "
-                         f"{tc.num_hidden_layers} layers: this drafter was built for another target")
-    if cfg.vocab_size != tc.vocab_size:  # its predictions go through this target's lm_head
-        raise ValueError(f"drafter vocab_size={cfg.vocab_size} != target vocab_size={tc.vocab_size}: "
-                         "this drafter was built for another target (another tokenizer)")
-    if not 0 <= cfg.mask_token_id < rows:
-        raise ValueError(f"mask_token_id={cfg.mask_token_id} is outside the target's {rows} "
-                         "embedding rows")
-    problem = rope_mismatch(cfg, tc)
-    if problem:
-        raise ValueError(problem)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,6 +222,86 @@ class DraftCache:
         return max((k.shape[2] for k in self.k.values()), default=0)
 
 
+# ----------------------------------------------------------------------------------------------
+# Fitting a drafter to its target: layer layout, captured layers, dimensions
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layout_problem(layer_types, window, num_layers, block_size):
+    """What is wrong with a layer layout (one line naming the fix), or None."""
+    unknown = [t for t in layer_types if t not in LAYER_TYPES]
+    if unknown:
+        return f"layer_types has unknown type(s) {unknown}; use {' or '.join(LAYER_TYPES)}"
+    if len(layer_types) != num_layers:
+        return (f"layer_types has {len(layer_types)} entries for {num_layers} draft layers; "
+                "give one type per layer")
+    sliding = "sliding_attention" in layer_types
+    if sliding and not window:
+        return "layer_types has sliding_attention layers but no sliding_window: set sliding_window (e.g. 2048)"
+    if not sliding and window:
+        return (f"sliding_window={window} but no layer is sliding_attention: add one to layer_types "
+                "or drop sliding_window")
+    if sliding and window < block_size:
+        return (f"sliding_window={window} is smaller than block_size={block_size}: a block must fit in "
+                "the window; use sliding_window >= block_size")
+    return None
+
+
+def build_target_layer_ids(num_target_layers, num_features):
+    """The published spacing: spread n captured layers from layer 1 to layer L-3."""
+    L, n = num_target_layers, num_features
+    if n < 1:
+        raise ValueError(f"num_features={n}: capture at least one target layer")
+    ids = [L // 2] if n == 1 else [int(round(1 + i * (L - 4) / (n - 1))) for i in range(n)]
+    if any(not 0 <= i < L for i in ids) or len(set(ids)) != n:
+        raise ValueError(f"cannot place {n} captured layers in a {L}-layer target (got {ids}); "
+                         "use fewer features or list target_layer_ids explicitly")
+    return ids
+
+
+def config_from_target(target_config, num_hidden_layers=5, block_size=16, target_layer_ids=None,
+                       num_features=5, mask_token_id=None, layer_types=None, sliding_window=None):
+    """Drafter dimensions are the target's; only depth, block size, layer ids and mask id are ours."""
+    tc = getattr(target_config, "text_config", None) or target_config
+    L = tc.num_hidden_layers
+    theta, scaling = rope_config(tc)
+    if mask_token_id is None:
+        raise ValueError("mask_token_id is not set: choose an embedding row that real text never "
+                         "uses (Qwen3: 151669; SmolLM2: 16) and put it in the config")
+    return DFlashConfig(
+        hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
+        num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
+        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+        intermediate_size=tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
+        rope_theta=theta, rope_scaling=scaling, vocab_size=tc.vocab_size,
+        max_position_embeddings=tc.max_position_embeddings, num_target_layers=L,
+        target_layer_ids=list(target_layer_ids or build_target_layer_ids(L, num_features)),
+        mask_token_id=int(mask_token_id), num_hidden_layers=num_hidden_layers, block_size=block_size,
+        layer_types=layer_types, sliding_window=sliding_window)
+
+
+def check_fits_target(cfg, target):
+    """A drafter trained for one target is useless on another: fail before any forward."""
+    tc = getattr(target.config, "text_config", None) or target.config
+    rows = target.get_input_embeddings().weight.shape[0]
+    if cfg.hidden_size != tc.hidden_size:
+        raise ValueError(f"drafter hidden_size={cfg.hidden_size} != target hidden_size="
+                         f"{tc.hidden_size}: this drafter was built for another target")
+    if cfg.num_target_layers != tc.num_hidden_layers:
+        raise ValueError(f"drafter num_target_layers={cfg.num_target_layers} != target's "
+                         f"{tc.num_hidden_layers} layers: this drafter was built for another target")
+    if cfg.vocab_size != tc.vocab_size:  # its predictions go through this target's lm_head
+        raise ValueError(f"drafter vocab_size={cfg.vocab_size} != target vocab_size={tc.vocab_size}: "
+                         "this drafter was built for another target (another tokenizer)")
+    if not 0 <= cfg.mask_token_id < rows:
+        raise ValueError(f"mask_token_id={cfg.mask_token_id} is outside the target's {rows} "
+                         "embedding rows")
+    problem = rope_mismatch(cfg, tc)
+    if problem:
+        raise ValueError(problem)
+
+
 # The drafter's input and output go through the target's own embedding and head, with whatever the
 # target's forward applies around them, as the serving engines do for the drafter:
 # - embedding scale (Gemma 2/3/4: sqrt(hidden_size)): transformers applies it inside the embedding
@@ -447,7 +340,7 @@ def draft_block(drafter, target, new_features, context_positions, block_ids, sta
     """Inference step: append the newly committed context to the draft cache and fill one block.
     block_ids [B, T] = [last committed token, MASK...] at positions start..start+T-1 (start: an int or a
     device scalar). mask: None (the cache holds exactly the visible context) or what a static cache
-    needs (see bench.StaticRunner). Returns the drafter's logits [B, T, V] (slot 0, the anchor, unused)."""
+    needs (see fast_decode.StaticRunner). Returns the drafter's logits [B, T, V] (slot 0, the anchor, unused)."""
     T = block_ids.shape[1]
     positions = (start + torch.arange(T, device=block_ids.device))[None].expand(block_ids.shape[0], -1)
     embeds = embed_tokens(target, block_ids)
@@ -456,134 +349,7 @@ def draft_block(drafter, target, new_features, context_positions, block_ids, sta
 
 
 # ----------------------------------------------------------------------------------------------
-# The target: an unmodified HF causal LM, frozen, with forward hooks on the captured layers
-
-def _is_folder(path_or_config):
-    import os
-    return isinstance(path_or_config, (str, os.PathLike)) and os.path.isdir(path_or_config)
-
-
-def load_target_config(path_or_config):
-    """The target's HF config from an HF folder, a config .json path, a dict or a PretrainedConfig:
-    cheap, so a drafter can be checked against it before any weights load."""
-    import json
-    from transformers import AutoConfig
-    if _is_folder(path_or_config):
-        return AutoConfig.from_pretrained(path_or_config)
-    cfg = path_or_config
-    if not isinstance(cfg, dict) and not hasattr(cfg, "to_dict"):
-        with open(cfg) as f:
-            cfg = json.load(f)
-    if isinstance(cfg, dict):
-        cfg = dict(cfg)
-        cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    return cfg
-
-
-def load_target(path_or_config, dtype=torch.bfloat16, device="cpu"):
-    """An HF folder (from_pretrained), or an HF config (dict, json path or PretrainedConfig) with
-    random weights: step timing does not depend on the weights."""
-    from transformers import AutoModelForCausalLM
-    check_target(path_or_config)
-    if _is_folder(path_or_config):
-        model = AutoModelForCausalLM.from_pretrained(path_or_config, dtype=dtype)
-    else:
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(load_target_config(path_or_config), dtype=dtype)
-    model.to(device).eval().requires_grad_(False)
-    return model
-
-
-def decoder_layers(target):
-    """The text decoder's layers wherever the model keeps them: get_decoder() finds the `language_model`
-    of a multimodal wrapper (Gemma 3, Qwen3.5-VL style); the list is `layers` (Llama style) or `h` (GPT-2
-    style). Layer k of it is output_hidden_states[k + 1]: target_layer_ids count as the authors' loader."""
-    dec = target.get_decoder()
-    layers = next((getattr(dec, n) for n in ("layers", "h") if isinstance(getattr(dec, n, None), nn.ModuleList)), None)
-    L = target.config.get_text_config().num_hidden_layers
-    if layers is None or len(layers) != L:
-        raise ValueError(f"cannot find the {L} decoder layers of {type(target).__name__} (no .layers or .h list "
-                         f"of that length in its decoder {type(dec).__name__}): capture hooks need them; use a "
-                         "decoder-only causal LM, or teach model.decoder_layers where this one keeps them")
-    return layers
-
-
-def layer_kinds(target_config):
-    """The kinds of the target's decoder layers (full_attention, sliding_attention, linear_attention, ...)
-    as transformers reads them from the config for its cache: the one reading every layer check uses."""
-    from transformers import cache_utils
-    return cache_utils.get_layer_types_and_kwargs(target_config.get_text_config(decoder=True))[0]
-
-
-def check_target(path_or_config):
-    """Build the target on the meta device (no memory, no weights) and find its decoder layers: a model
-    whose layers capture cannot find fails here, before any weights load."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        decoder_layers(AutoModelForCausalLM.from_config(load_target_config(path_or_config)))
-
-
-def compile_target_layers(target):
-    """torch.compile each decoder layer's forward: HF eager runs RMSNorm, rotary and SwiGLU as
-    separate elementwise kernels with fp32 casts, the non-matmul part of the target forward. The
-    forward is compiled, not the module, so capture hooks (and FSDP's) stay outside the graph."""
-    for layer in decoder_layers(target):
-        layer.forward = torch.compile(layer.forward, dynamic=False)
-
-
-def cache_kwarg(target):
-    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (5.17 has the old name)."""
-    return "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
-
-
-def set_cache_length(cache, length):
-    """Rewind (or advance) an HF StaticCache to `length` committed tokens: the next forward writes its
-    K/V there and masks by it. A tensor, so a compiled step that calls this is not recompiled."""
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            layer.cumulative_length.copy_(length)
-
-
-GQA_MAX_QUERIES = 64
-
-
-def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """The target's attention as transformers' SDPA path computes it, but with K/V read once per KV
-    head for short queries (decode, verify): transformers repeats K/V to every query head whenever a
-    mask is passed, and over a static cache a mask is always passed (4x the K/V reads at Qwen3-8B
-    shapes). With a mask, SDPA runs enable_gqa in its math kernel, which holds every score: fine for a
-    few queries, not for a prefill, which keeps the repeat and the memory-efficient kernel."""
-    if is_causal is None:
-        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    gqa = query.shape[1] != key.shape[1]
-    if gqa and attention_mask is not None and query.shape[2] > GQA_MAX_QUERIES:
-        rep = query.shape[1] // key.shape[1]
-        key, value, gqa = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), False
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                         scale=scaling, is_causal=is_causal, enable_gqa=gqa)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def flex_static(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """sdpa_gqa, except where the caller passes a BlockMask (bench.StaticRunner's compiled steps pass
-    attention.causal_decode_mask): then FlexAttention, which skips the static buffer's unfilled tiles and
-    reads each K/V head once. The prefill gets transformers' dense mask and takes the SDPA path."""
-    if not isinstance(attention_mask, BlockMask):
-        return sdpa_gqa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    out = attend(query, key, value, attention_mask, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def use_gqa_attention(target, flex=False):
-    """The target's attention reads each K/V head once: sdpa_gqa, or with flex flex_static (full-attention
-    targets: the decode mask has no window)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-    name, fn = ("flex_static", flex_static) if flex else ("sdpa_gqa", sdpa_gqa)
-    AttentionInterface.register(name, fn)
-    AttentionMaskInterface.register(name, sdpa_mask)
-    target.set_attn_implementation(name)
-
+# The target's features: forward hooks on the captured layers of the unmodified HF model
 
 class _StopForward(Exception):
     pass

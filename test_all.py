@@ -20,8 +20,14 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
 import bench
+import checkpoints
 import convert as C
 import data
+import fast_decode
+import measure
+import regenerate
+import targets
+import train_config
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes"))
 import fetch  # noqa: E402  (recipes/)
 import smollm2  # noqa: E402  (recipes/)
@@ -36,7 +42,7 @@ def tiny_target(family="qwen3", layers=6, vocab=64, hidden=32, tie=True, seed=0)
                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                max_position_embeddings=512, tie_word_embeddings=tie, rms_norm_eps=1e-6, rope_theta=10000.0)
     torch.manual_seed(seed)
-    return M.load_target(cfg, dtype=torch.float32)
+    return targets.load_target(cfg, dtype=torch.float32)
 
 
 # one rope config per type the drafter reproduces; max_position_embeddings 256, original context 64
@@ -62,7 +68,7 @@ def rope_target(rope, family="llama", seed=0):
                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
                tie_word_embeddings=False, rms_norm_eps=1e-6, rope_parameters=copy.deepcopy(rope))
     torch.manual_seed(seed)
-    return M.load_target(cfg, dtype=torch.float32)
+    return targets.load_target(cfg, dtype=torch.float32)
 
 
 def tiny_drafter(target, layers=2, block_size=4, layer_ids=(1, 3), mask_token_id=None, seed=1,
@@ -135,7 +141,7 @@ def test_causal_decode_mask_reads_only_the_filled_tiles(q_len):
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 8, q_len, 16, generator=g), torch.randn(1, 2, 512, 16, generator=g), torch.randn(1, 2, 512, 16, generator=g)
     for start in (0, 5, 126, 127, 128, 300, 495):
-        mask = A.causal_decode_mask(torch.tensor(start), q_len, 512)
+        mask = fast_decode.causal_decode_mask(torch.tensor(start), q_len, 512)
         dense = torch.arange(512)[None] <= start + torch.arange(q_len)[:, None]
         ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=dense, scale=0.3)
         torch.testing.assert_close(A.attend(q, k, v, mask, scale=0.3), ref, rtol=1e-5, atol=1e-5)
@@ -245,12 +251,12 @@ def test_hook_capture_equals_output_hidden_states(family, tie):
     layer_ids = [0, 2, 4]
     ref = t(ids, output_hidden_states=True).hidden_states
     want = torch.cat([ref[k + 1] for k in layer_ids], -1)
-    hooks_before = [dict(layer._forward_hooks) for layer in M.decoder_layers(t)]
+    hooks_before = [dict(layer._forward_hooks) for layer in targets.decoder_layers(t)]
     for stop_early in (True, False):
         feats, _ = M.capture_features(t, ids, layer_ids, stop_early=stop_early)
         torch.testing.assert_close(feats, want)
     # transformers may keep its own output-recording hooks; ours must all be gone
-    assert [dict(layer._forward_hooks) for layer in M.decoder_layers(t)] == hooks_before
+    assert [dict(layer._forward_hooks) for layer in targets.decoder_layers(t)] == hooks_before
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,14 +384,14 @@ def test_rope_equals_transformers(name):
     kind = ROPES[name]["rope_type"]
     assert (cfg.rope_scaling or {}).get("rope_type", "default") == kind and cfg.rope_theta == ROPES[name]["rope_theta"]
     if kind in ROPE_INIT_FUNCTIONS:
-        inv, scale = M.rope_frequencies(cfg)
+        inv, scale = targets.rope_frequencies(cfg)
         want_inv, want_scale = ROPE_INIT_FUNCTIONS[kind](t.config, "cpu")
         torch.testing.assert_close(inv, want_inv, rtol=1e-6, atol=0)
         assert scale == pytest.approx(want_scale, rel=1e-12)
     for n in (40, 100, 700):  # inside the original context (64), past it, past max_position_embeddings (256)
         pos = torch.arange(n)[None]
         want = LlamaRotaryEmbedding(t.config)(torch.zeros(1), pos)  # a fresh module: no state across calls
-        got = M.rope_cos_sin(pos, *M.rope_frequencies(cfg, pos.max() + 1))
+        got = M.rope_cos_sin(pos, *targets.rope_frequencies(cfg, pos.max() + 1))
         for g, w in zip(got, want):
             torch.testing.assert_close(g[:, 0], w, rtol=0, atol=1e-4)
 
@@ -396,19 +402,19 @@ def test_drafter_inherits_the_targets_rope():
     llama = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
              "original_max_position_embeddings": 8192}
     c = AutoConfig.for_model("llama", rope_parameters={**llama, "rope_theta": 5e5}, max_position_embeddings=131072)
-    assert M.rope_config(c) == M.rope_config(c.to_dict()) == (5e5, llama)
+    assert targets.rope_config(c) == targets.rope_config(c.to_dict()) == (5e5, llama)
     legacy = {"rope_theta": 5e5, "rope_scaling": {**llama, "type": "llama3"}, "max_position_embeddings": 131072}
-    assert M.rope_config(legacy) == (5e5, llama)  # a pre-5 config.json
+    assert targets.rope_config(legacy) == (5e5, llama)  # a pre-5 config.json
     # Gemma 3: one rope per layer type; draft layers take the full-attention one
     g = AutoConfig.for_model("gemma3_text", rope_parameters={
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
-    assert M.rope_config(g) == (1e6, {"rope_type": "linear", "factor": 8.0})
+    assert targets.rope_config(g) == (1e6, {"rope_type": "linear", "factor": 8.0})
     # partial rotation and M-RoPE sections: the drafter rotates all of head_dim with 1-D positions
-    assert M.rope_config(AutoConfig.for_model("qwen3_next")) == (1e4, None)
-    assert M.rope_config({"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "rope_theta": 1e6}) == (1e6, None)
+    assert targets.rope_config(AutoConfig.for_model("qwen3_next")) == (1e4, None)
+    assert targets.rope_config({"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "rope_theta": 1e6}) == (1e6, None)
     # Gemma 4's proportional RoPE keeps its fraction: it says which frequencies are zero
-    assert M.rope_config(AutoConfig.for_model("gemma4_text")) == (1e6, {"rope_type": "proportional",
+    assert targets.rope_config(AutoConfig.for_model("gemma4_text")) == (1e6, {"rope_type": "proportional",
                                                                         "partial_rotary_factor": 0.25})
 
 
@@ -428,7 +434,7 @@ def test_exported_rope_in_both_schemas_and_kept_on_import(tmp_path):
     assert raw["rope_parameters"] == ROPES["llama3"]
     assert "partial_rotary_factor" not in raw
     pos = torch.arange(300)[None]
-    ours = M.rope_cos_sin(pos, *M.rope_frequencies(d.config))
+    ours = M.rope_cos_sin(pos, *targets.rope_frequencies(d.config))
     legacy = {k: v for k, v in raw.items() if k != "rope_parameters"}
     new = {k: v for k, v in raw.items() if k not in ("rope_theta", "rope_scaling")}
     for hf in (AutoConfig.from_pretrained(str(out)), AutoConfig.for_model(**copy.deepcopy(legacy)),
@@ -475,7 +481,7 @@ def tiny_gemma3(softcap=3.0, seed=0):
                rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     torch.manual_seed(seed)
-    t = M.load_target(cfg, dtype=torch.float32)
+    t = targets.load_target(cfg, dtype=torch.float32)
     with torch.no_grad():
         t.get_input_embeddings().weight.mul_(50.0)
     return t
@@ -491,7 +497,7 @@ def test_gemma3_embedding_and_logits_as_the_target_applies_them():
     assert t.get_output_embeddings().weight is t.get_input_embeddings().weight  # tied
     ids = torch.randint(0, 64, (2, 12))
     seen = {}
-    h1 = M.decoder_layers(t)[0].register_forward_pre_hook(
+    h1 = targets.decoder_layers(t)[0].register_forward_pre_hook(
         lambda m, a, k: seen.update(embeds=a[0] if a else k["hidden_states"]), with_kwargs=True)
     h2 = t.model.norm.register_forward_hook(lambda m, a, o: seen.update(normed=o))
     out = t(ids)
@@ -507,7 +513,7 @@ def test_gemma3_embedding_and_logits_as_the_target_applies_them():
     assert (d.config.rope_theta, d.config.rope_scaling) == (1e6, {"rope_type": "linear", "factor": 8.0})
     pos = torch.arange(40)[None]
     want = Gemma3RotaryEmbedding(t.config)(torch.zeros(1), pos, layer_type="full_attention")
-    for g, w in zip(M.rope_cos_sin(pos, *M.rope_frequencies(d.config)), want):
+    for g, w in zip(M.rope_cos_sin(pos, *targets.rope_frequencies(d.config)), want):
         torch.testing.assert_close(g[:, 0], w, rtol=0, atol=1e-5)
 
 
@@ -700,20 +706,20 @@ def run_train(args, env=None, nproc=1):
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(SystemExit, match="unknown key 'learning_rate'"):
-        T.parse_config(train_args(tmp_path, learning_rate=1e-3))
+        train_config.parse_config(train_args(tmp_path, learning_rate=1e-3))
     with pytest.raises(SystemExit, match="num_anchors='many' should be a int"):
-        T.parse_config(train_args(tmp_path, num_anchors="many"))
+        train_config.parse_config(train_args(tmp_path, num_anchors="many"))
     with pytest.raises(SystemExit, match="lr_schedule='linear'"):
-        T.parse_config(train_args(tmp_path, lr_schedule="linear"))
+        train_config.parse_config(train_args(tmp_path, lr_schedule="linear"))
     with pytest.raises(SystemExit, match="block_size=1"):
-        T.parse_config(train_args(tmp_path, block_size=1))
+        train_config.parse_config(train_args(tmp_path, block_size=1))
     with pytest.raises(SystemExit, match="min_lr"):
-        T.parse_config(train_args(tmp_path, min_lr=1.0))
+        train_config.parse_config(train_args(tmp_path, min_lr=1.0))
     with pytest.raises(SystemExit, match="target=.*does not exist"):
-        T.parse_config(train_args(tmp_path) + ["--target=/nonexistent"])
+        train_config.parse_config(train_args(tmp_path) + ["--target=/nonexistent"])
     (tmp_path / "bad.yaml").write_text("block_size: 16\nanchors: 512\n")
     with pytest.raises(SystemExit, match="unknown key 'anchors' in the config file"):
-        T.parse_config(train_args(tmp_path) + [f"--config={tmp_path / 'bad.yaml'}"])
+        train_config.parse_config(train_args(tmp_path) + [f"--config={tmp_path / 'bad.yaml'}"])
     # the mask id is checked against the target's vocab before the weights are loaded
     with pytest.raises(SystemExit, match="mask_token_id=64"):
         T.main(train_args(tmp_path, mask_token_id=64))
@@ -734,9 +740,9 @@ def test_layout_and_loss_errors_before_the_target_loads(tmp_path):
         (dict(loss="pace"), "loss='pace'"),
     ]:
         with pytest.raises(SystemExit, match=message) as e:
-            T.parse_config(train_args(tmp_path, target="/nonexistent/target", **over))  # checked before the target
+            train_config.parse_config(train_args(tmp_path, target="/nonexistent/target", **over))  # checked before the target
         assert str(e.value).startswith("config error: ")
-    c = T.parse_config(train_args(tmp_path, loss="dpace", sliding_window=4,
+    c = train_config.parse_config(train_args(tmp_path, loss="dpace", sliding_window=4,
                                   layer_types=["sliding_attention", "full_attention"]))
     assert c["layer_types"] == ["sliding_attention", "full_attention"] and c["loss"] == "dpace"
     r = run_train(train_args(tmp_path, layer_types=["local", "full_attention"]))
@@ -747,7 +753,7 @@ def test_help_lists_every_key_and_loads_nothing():
     r = subprocess.run([sys.executable, "-c", "import sys, train; train.parse_config(['--help'])"],
                        cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for key, default in T.DEFAULTS.items():
+    for key, default in train_config.DEFAULTS.items():
         assert re.search(rf"--{key} +{type(default).__name__} ", r.stdout), key
     for group in ("model", "data", "optimisation", "checkpoints and evaluation", "speed"):
         assert f"\n{group}:" in r.stdout
@@ -757,17 +763,17 @@ def test_help_lists_every_key_and_loads_nothing():
 
 
 def test_config_numbers_files_and_yaml_errors(tmp_path):
-    c = T.parse_config(train_args(tmp_path) + ["--lr=3e-4", "--min_lr=1E-5"])  # the README's example
+    c = train_config.parse_config(train_args(tmp_path) + ["--lr=3e-4", "--min_lr=1E-5"])  # the README's example
     assert c["lr"] == 3e-4 and c["min_lr"] == 1e-5
     (tmp_path / "exp.yaml").write_text("lr: 2e-4\nweight_decay: 1e-2\n")
-    c = T.parse_config([a for a in train_args(tmp_path) if not a.startswith("--lr=")]
+    c = train_config.parse_config([a for a in train_args(tmp_path) if not a.startswith("--lr=")]
                        + [f"--config={tmp_path / 'exp.yaml'}"])
     assert c["lr"] == 2e-4 and c["weight_decay"] == 0.01
     with pytest.raises(SystemExit, match=r"--config '/nonexistent.yaml' does not exist"):
-        T.parse_config(["--config", "/nonexistent.yaml"])
+        train_config.parse_config(["--config", "/nonexistent.yaml"])
     (tmp_path / "broken.yaml").write_text("lr: [1,\n")
     with pytest.raises(SystemExit, match="broken.yaml: not valid YAML"):
-        T.parse_config([f"--config={tmp_path / 'broken.yaml'}"])
+        train_config.parse_config([f"--config={tmp_path / 'broken.yaml'}"])
     # through the script: one line, exit 2, no traceback (and under torchrun: printed once)
     for nproc in (1, 2):
         r = run_train(train_args(tmp_path, lr="abc"), nproc=nproc)
@@ -776,7 +782,7 @@ def test_config_numbers_files_and_yaml_errors(tmp_path):
 
 
 def test_lr_schedules():
-    c = dict(T.DEFAULTS, lr=1.0, min_lr=0.1, warmup_ratio=0.1, decay_ratio=0.2)
+    c = dict(train_config.DEFAULTS, lr=1.0, min_lr=0.1, warmup_ratio=0.1, decay_ratio=0.2)
     assert T.get_lr(0, 100, c) == pytest.approx(0.1) and T.get_lr(9, 100, c) == pytest.approx(1.0)
     assert T.get_lr(100, 100, dict(c, lr_schedule="cosine")) == pytest.approx(0.1)
     wsd = dict(c, lr_schedule="wsd")
@@ -820,7 +826,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     assert "step 2: non-finite loss or gradient, step skipped (1 in a row)" in out
     assert "stopping: 2 non-finite steps in a row" in out
-    ckpt = C.latest_checkpoint(str(b / "run"))
+    ckpt = checkpoints.latest_checkpoint(str(b / "run"))
     assert ckpt.endswith("step_00000003")
     sd, _, _ = C.read_checkpoint(ckpt)
     good, _, _ = C.read_checkpoint(str(a / "run"))
@@ -926,7 +932,7 @@ def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_p
         (val,) = [r for r in map(json.loads, f) if "val_loss" in r]
     assert val["step"] == 3 and val["val_rows"] == 4
     torch.manual_seed(0)
-    target = M.load_target(str(tmp_path / "tiny_target.json"), dtype=torch.float32)
+    target = targets.load_target(str(tmp_path / "tiny_target.json"), dtype=torch.float32)
     drafter, cfg = C.load_drafter(str(tmp_path / "run"))
     ids = torch.randint(0, cfg.vocab_size, (256, 32), generator=torch.Generator().manual_seed(0))
     x = ids[[0, 64, 128, 192]]  # the synthetic rows floor(k * 256 / 4)
@@ -1105,14 +1111,14 @@ def test_thinking_rows_one_per_turn_with_the_history_the_target_saw(tmp_path, mo
     assert masked_text(tok, *rows[0]) == "<think>\nr\n</think>\n\nAn apple.<|im_end|>A banana.<|im_end|>"
     # --enable-thinking reaches regeneration and training alike (YAML's unquoted on/off included)
     seen = {}
-    monkeypatch.setattr(data, "regenerate", lambda *a, **k: seen.update(thinking=a[10]))
+    monkeypatch.setattr(regenerate, "regenerate", lambda *a, **k: seen.update(thinking=a[10]))
     for flag, want in (("on", True), ("off", False)):
-        data.main(["regenerate", "--target", "T", "--data", "D", "--out", "O", "--enable-thinking", flag])
+        regenerate.main(["regenerate", "--target", "T", "--data", "D", "--out", "O", "--enable-thinking", flag])
         assert seen["thinking"] is want
-        assert T.parse_config(["--mask-token-id", "16", "--enable-thinking", flag])["enable_thinking"] == flag
+        assert train_config.parse_config(["--mask-token-id", "16", "--enable-thinking", flag])["enable_thinking"] == flag
         cfg = tmp_path / "c.yaml"
         cfg.write_text(f"enable_thinking: {flag}\n")
-        assert T.parse_config(["--mask-token-id", "16", "--config", str(cfg)])["enable_thinking"] == flag
+        assert train_config.parse_config(["--mask-token-id", "16", "--config", str(cfg)])["enable_thinking"] == flag
 
 
 @need_assets
@@ -1275,14 +1281,14 @@ def test_regenerate_greedy_aligned_and_resumable(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
     args = ["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--max-new-tokens", "6", "--batch-size", "2", "--max-turns", "2", "--max-prompt-tokens", "96"]
-    data.main(args + ["--limit", "2"])
+    regenerate.main(args + ["--limit", "2"])
     assert sorted(json.loads(line)["index"] for line in open(out)) == [0, 1]
     with open(out, "a") as f:
         f.write('{"id": "zz", "index": 3, "messa')  # a kill mid-write
-    data.main(args)
+    regenerate.main(args)
     rows = [json.loads(line) for line in open(out)]
     assert sorted(r["index"] for r in rows) == [0, 1, 2, 3] and len(rows) == 4
-    data.main(args)  # a finished run does nothing
+    regenerate.main(args)  # a finished run does nothing
     assert len(open(out).read().split("\n")) == 5  # 4 lines and the final newline
     tok = AutoTokenizer.from_pretrained(SMOL)
     model = AutoModelForCausalLM.from_pretrained(SMOL, dtype=torch.float32)
@@ -1309,7 +1315,7 @@ def test_regenerate_greedy_aligned_and_resumable(tmp_path):
 @need_assets
 def test_regenerate_shards(tmp_path):
     inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
-    paths = [data.regenerate(SMOL, str(inp), str(out), max_new_tokens=1, batch_size=8, num_shards=2, shard=k, max_prompt_tokens=64, log=lambda s: None) for k in range(2)]
+    paths = [regenerate.regenerate(SMOL, str(inp), str(out), max_new_tokens=1, batch_size=8, num_shards=2, shard=k, max_prompt_tokens=64, log=lambda s: None) for k in range(2)]
     assert [os.path.basename(p) for p in paths] == ["out.00-of-02.jsonl", "out.01-of-02.jsonl"]
     got = [[json.loads(line)["index"] for line in open(p)] for p in paths]
     assert sorted(got[0]) == [0, 2] and sorted(got[1]) == [1, 3]
@@ -1425,19 +1431,19 @@ def server_reference_rows(tmp_path):
     """The rows of an undisturbed server run over regen_input (computed once)."""
     if "ref" not in _SERVED:
         with CompletionServer() as srv:
-            _SERVED["ref"] = read_out(data.regenerate(SMOL, str(regen_input(tmp_path)), str(tmp_path / "ref.jsonl"), server=srv.url, **REGEN))
+            _SERVED["ref"] = read_out(regenerate.regenerate(SMOL, str(regen_input(tmp_path)), str(tmp_path / "ref.jsonl"), server=srv.url, **REGEN))
     return _SERVED["ref"]
 
 
 @need_assets
 def test_regenerate_through_a_server_writes_the_local_rows(tmp_path):
     inp = regen_input(tmp_path)
-    local = read_out(data.regenerate(SMOL, str(inp), str(tmp_path / "local.jsonl"), batch_size=4, **REGEN))
+    local = read_out(regenerate.regenerate(SMOL, str(inp), str(tmp_path / "local.jsonl"), batch_size=4, **REGEN))
     assert sorted(local) == [0, 1, 2, 3]
     for return_ids in (True, False):  # the server's token ids, or its text re-tokenised
         with CompletionServer(return_ids=return_ids) as srv:
             out = tmp_path / f"server{return_ids}.jsonl"
-            data.main(["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--server", srv.url + "/v1",
+            regenerate.main(["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--server", srv.url + "/v1",
                        "--concurrency", "3", "--max-new-tokens", "8", "--max-turns", "2", "--max-prompt-tokens", "96"])
         assert read_out(out) == local and len(open(out).readlines()) == 4
         _SERVED.setdefault("ref", local)
@@ -1470,7 +1476,7 @@ def test_regenerate_server_killed_then_resumed(tmp_path):
         with open(out, "a") as f:
             f.write('{"id": "zz", "index": 3, "messa')  # as if killed mid-line too
         srv.release.set()
-        data.main(args)
+        regenerate.main(args)
     rows = [json.loads(line) for line in open(out)]
     assert sorted(r["index"] for r in rows) == [0, 1, 2, 3]  # none lost, none twice
     assert {r["index"]: r for r in rows} == ref
@@ -1481,7 +1487,7 @@ def test_regenerate_server_errors_retried_then_named(tmp_path):
     inp, ref, logs = regen_input(tmp_path), server_reference_rows(tmp_path), []
     # two 503s, then a request that stalls past the client's timeout: retried, and the rows are the same
     with CompletionServer(fail=(1, 2), stall=(3,), stall_s=10.0) as srv:
-        out = data.regenerate(SMOL, str(inp), str(tmp_path / "out.jsonl"), server=srv.url, concurrency=1, timeout=4.0,
+        out = regenerate.regenerate(SMOL, str(inp), str(tmp_path / "out.jsonl"), server=srv.url, concurrency=1, timeout=4.0,
                               backoff=0.01, **{**REGEN, "log": logs.append})
         assert read_out(out) == ref and len(srv.requests) >= 5 + 3
     # every request past the 5 answers was a logged retry (a slow machine may time out more than one)
@@ -1490,13 +1496,13 @@ def test_regenerate_server_errors_retried_then_named(tmp_path):
     # a server that keeps failing: named after the retries, the rows done so far kept
     with CompletionServer(fail=range(3, 100)) as srv:
         with pytest.raises(SystemExit, match=r"failed 3 times, last with HTTP 503.*rerun to resume"):
-            data.regenerate(SMOL, str(inp), str(tmp_path / "part.jsonl"), server=srv.url, concurrency=1, retries=2,
+            regenerate.regenerate(SMOL, str(inp), str(tmp_path / "part.jsonl"), server=srv.url, concurrency=1, retries=2,
                             backoff=0.01, **REGEN)
     assert len(open(tmp_path / "part.jsonl").readlines()) in (1, 2)  # the rows answered before the failures
     # a request the server refuses (4xx) is the request's fault: named at once, not retried
     with CompletionServer(refuse=(1,)) as srv:
         with pytest.raises(SystemExit, match="answered HTTP 400: .*prompt too long"):
-            data.regenerate(SMOL, str(inp), str(tmp_path / "x.jsonl"), server=srv.url, concurrency=1, **REGEN)
+            regenerate.regenerate(SMOL, str(inp), str(tmp_path / "x.jsonl"), server=srv.url, concurrency=1, **REGEN)
         assert len(srv.requests) == 1
 
 
@@ -1509,20 +1515,20 @@ def test_regenerate_server_unreachable_or_wrong_model_fails_at_once(tmp_path):
         port = s.getsockname()[1]
     t0 = time.time()
     with pytest.raises(SystemExit, match=f"no server answers at http://127.0.0.1:{port}.*start it"):
-        data.main(["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--server", f"http://127.0.0.1:{port}"])
+        regenerate.main(["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--server", f"http://127.0.0.1:{port}"])
     assert time.time() - t0 < 10 and not out.exists()
     with CompletionServer(name="Qwen3-8B") as srv:
         with pytest.raises(SystemExit, match=r"serves \['Qwen3-8B'\], not the target 'SmolLM2-135M-Instruct'"):
-            data.regenerate(SMOL, str(inp), str(out), server=srv.url, **REGEN)
+            regenerate.regenerate(SMOL, str(inp), str(out), server=srv.url, **REGEN)
         with pytest.raises(SystemExit, match=r"serves \['Qwen3-8B'\], not the target 'qwen'"):
-            data.regenerate(SMOL, str(inp), str(out), server=srv.url, served_model_name="qwen", **REGEN)
+            regenerate.regenerate(SMOL, str(inp), str(out), server=srv.url, served_model_name="qwen", **REGEN)
         assert not srv.requests and not out.exists()
         # the same model under another name, told by --served-model-name
-        data.regenerate(SMOL, str(inp), str(out), server=srv.url, served_model_name="Qwen3-8B", **{**REGEN, "max_new_tokens": 1})
+        regenerate.regenerate(SMOL, str(inp), str(out), server=srv.url, served_model_name="Qwen3-8B", **{**REGEN, "max_new_tokens": 1})
         assert len(open(out).readlines()) == 4
     with CompletionServer(max_model_len=100) as srv:
         with pytest.raises(SystemExit, match="100-token context, less than --max-prompt-tokens \\+ --max-new-tokens = 104"):
-            data.regenerate(SMOL, str(inp), str(tmp_path / "y.jsonl"), server=srv.url, **REGEN)
+            regenerate.regenerate(SMOL, str(inp), str(tmp_path / "y.jsonl"), server=srv.url, **REGEN)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -1530,13 +1536,13 @@ def test_batch_decoder_equals_greedy_decoding_of_each_prompt(models, compiled):
     """Left-padded rows of different lengths, a filler row, a stop token, the cache reused by a second
     batch: every row is what greedy decoding of its prompt alone gives, cut after the stop."""
     t = copy.deepcopy(models[0])
-    M.use_gqa_attention(t)
+    fast_decode.use_gqa_attention(t)
     ps = [p[0].tolist() for p in prompts(3)]
     refs = [greedy(models[0], torch.tensor([p]), 10) for p in ps]
     stop = refs[1][4]
     expect = [r[: r.index(stop) + 1] if stop in r else r for r in refs]
     assert any(len(e) < 10 for e in expect) and any(len(e) == 10 for e in expect)
-    decode = data.BatchDecoder(t, 4, 12, 10, [stop], 0, compile=compiled)
+    decode = regenerate.BatchDecoder(t, 4, 12, 10, [stop], 0, compile=compiled)
     assert decode(ps) == expect
     assert decode(ps[::-1]) == expect[::-1]
     with pytest.raises(ValueError, match="at most 12 tokens"):
@@ -1621,9 +1627,9 @@ def leftovers(out):
 
 def test_latest_checkpoint_skips_tmp(trained, tmp_path):
     run, _, _ = trained
-    assert C.latest_checkpoint(str(run)) == str(run / "checkpoints" / "step_00000002")
-    assert C.latest_checkpoint(str(run / "checkpoints")) == str(run / "checkpoints" / "step_00000002")
-    assert C.latest_checkpoint(str(tmp_path)) is None
+    assert checkpoints.latest_checkpoint(str(run)) == str(run / "checkpoints" / "step_00000002")
+    assert checkpoints.latest_checkpoint(str(run / "checkpoints")) == str(run / "checkpoints" / "step_00000002")
+    assert checkpoints.latest_checkpoint(str(tmp_path)) is None
 
 
 def test_export_then_load_gives_identical_logits(trained, tmp_path):
@@ -1789,17 +1795,17 @@ def test_flipped_byte_is_a_named_checksum_error(trained, tmp_path):
     assert set(json.loads((served / "checksums.json").read_text())) == {"README.md", "config.json", "model.safetensors"}
     assert {".metadata", "dflash_config.json"} < set(json.loads((ckpt / "checksums.json").read_text()))
     flip_byte(served / "model.safetensors", offset=-1)  # the last weight's bytes
-    with pytest.raises(C.ChecksumError, match=r"checksum mismatch in .*served: model\.safetensors differs"):
+    with pytest.raises(checkpoints.ChecksumError, match=r"checksum mismatch in .*served: model\.safetensors differs"):
         C.load_drafter(str(served))
     assert C.main(["--import", str(served), str(tmp_path / "ckpt2")]) == 1 and not (tmp_path / "ckpt2").exists()
     shard = next(ckpt.glob("*.distcp"))
     flip_byte(shard)
-    with pytest.raises(C.ChecksumError, match=rf"{shard.name} differs from the sha256 recorded"):
+    with pytest.raises(checkpoints.ChecksumError, match=rf"{shard.name} differs from the sha256 recorded"):
         C.read_checkpoint(str(ckpt))
     assert C.main([str(ckpt), str(tmp_path / "served2")]) == 1 and not (tmp_path / "served2").exists()
     flip_byte(shard)  # flipped back: whole again
     (ckpt / "target_config.json").unlink()
-    with pytest.raises(C.ChecksumError, match="target_config.json is missing"):
+    with pytest.raises(checkpoints.ChecksumError, match="target_config.json is missing"):
         C.read_checkpoint(str(ckpt))
 
 
@@ -1848,7 +1854,7 @@ def test_import_of_a_released_drafter(tmp_path):
     assert cfg == d.config and sd["fc.weight"].dtype == torch.float32
     assert target_config["num_hidden_layers"] == 6 and target_config["model_type"] == "qwen3"
     assert not C.DRAFTER_KEYS & set(target_config)
-    rebuilt = M.load_target(target_config, dtype=torch.float32)  # usable to build a random target
+    rebuilt = targets.load_target(target_config, dtype=torch.float32)  # usable to build a random target
     M.check_fits_target(cfg, rebuilt)
     loaded, _ = C.load_drafter(str(tmp_path / "released"))
     assert torch.equal(logits(loaded, t), logits(bf16_copy(d), t))
@@ -2036,7 +2042,7 @@ def greedy(t, ids, n):
 
 
 def runner_for(kind, t, d, bs):
-    return None if kind == "eager" else bench.StaticRunner(t, d, bs, 128, compile=kind == "compiled", flex=kind.endswith("flex"))
+    return None if kind == "eager" else fast_decode.StaticRunner(t, d, bs, 128, compile=kind == "compiled", flex=kind.endswith("flex"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2048,7 +2054,7 @@ def test_dflash_equals_greedy(models, kind, monkeypatch):
     g = copy.deepcopy(t) if kind.endswith("flex") else t  # --flex swaps the target's attention function
     flex_calls = []
     attend = M.attend
-    monkeypatch.setattr(M, "attend", lambda q, k, v, mask, **kw: flex_calls.append(isinstance(mask, A.BlockMask))
+    monkeypatch.setattr(fast_decode, "attend", lambda q, k, v, mask, **kw: flex_calls.append(isinstance(mask, A.BlockMask))
                         or attend(q, k, v, mask, **kw))
     for ids in prompts():
         ref = greedy(t, ids, 24)
@@ -2067,21 +2073,21 @@ def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
     from transformers import StaticCache
     t, d = models
     g = copy.deepcopy(t)
-    M.use_gqa_attention(g)
+    fast_decode.use_gqa_attention(g)
     assert g.config._attn_implementation == "sdpa_gqa" and t.config._attn_implementation == "sdpa"
     ids = prompts(1)[0]
     torch.testing.assert_close(g(ids).logits, t(ids).logits, rtol=1e-5, atol=1e-5)
     outs = []
     for m in (t, g):
         kv = StaticCache(config=m.config, max_cache_len=32)
-        m(ids[:, :-2], **{M.cache_kwarg(m): kv}, use_cache=True)
-        outs.append(m(ids[:, -2:], **{M.cache_kwarg(m): kv}, use_cache=True).logits)
+        m(ids[:, :-2], **{targets.cache_kwarg(m): kv}, use_cache=True)
+        outs.append(m(ids[:, -2:], **{targets.cache_kwarg(m): kv}, use_cache=True).logits)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     for ids in prompts():
         assert bench.spec_generate(g, d, ids, 24, [], block_size=4)["tokens"] == greedy(t, ids, 24)
     pad = torch.ones_like(ids)
     pad[:, :2] = 0  # a left-padded prefill: a mask, and more queries than GQA_MAX_QUERIES below
-    monkeypatch.setattr(M, "GQA_MAX_QUERIES", 2)
+    monkeypatch.setattr(fast_decode, "GQA_MAX_QUERIES", 2)
     torch.testing.assert_close(g(ids, attention_mask=pad).logits[:, 2:], t(ids, attention_mask=pad).logits[:, 2:],
                                rtol=1e-5, atol=1e-5)
 
@@ -2096,7 +2102,7 @@ def test_compiled_fast_path_same_tokens(models, monkeypatch, flex):
     ids = prompts(1)[0]
     ref = greedy(t, ids, 30)
     for bs in (1, 4):
-        run = bench.StaticRunner(tc, dc, bs, 128, compile=True, flex=flex)
+        run = fast_decode.StaticRunner(tc, dc, bs, 128, compile=True, flex=flex)
         for p in (ids, ids[:, :3]):  # a second prompt reuses the graphs
             assert bench.spec_generate(tc, dc, p.to(dev), 30, [], bs, runner=run)["tokens"] == greedy(t, p, 30)
         for sampling in ("speculative", "match"):  # T > 0: the same rule as the eager loop (same seed)
@@ -2106,8 +2112,8 @@ def test_compiled_fast_path_same_tokens(models, monkeypatch, flex):
         run.close()
     # accepted multi-token steps through the compiled draft graph: the drafter still sees exactly
     # the committed context
-    seen = guide(monkeypatch, bench.StaticRunner, ref, ids.shape[1], corrupt={5})
-    run = bench.StaticRunner(tc, dc, 4, 128, compile=True, flex=flex)
+    seen = guide(monkeypatch, fast_decode.StaticRunner, ref, ids.shape[1], corrupt={5})
+    run = fast_decode.StaticRunner(tc, dc, 4, 128, compile=True, flex=flex)
     r = bench.spec_generate(tc, dc, ids.to(dev), 30, [], 4, runner=run)
     assert r["tokens"] == ref and max(r["acceptance"]) == 4
     check_real_proposals(t, d, ids, ref, seen, 4)
@@ -2154,13 +2160,13 @@ def check_real_proposals(t, d, ids, ref, seen, bs):
         assert props == logits[0, 1:].argmax(-1).tolist(), start
 
 
-@pytest.mark.parametrize("cls", [bench.EagerRunner, bench.StaticRunner])
+@pytest.mark.parametrize("cls", [bench.EagerRunner, fast_decode.StaticRunner])
 def test_acceptance_lengths(models, monkeypatch, cls):
     t, d = models
     ids = prompts(1, seed=3)[0]
     P = ids.shape[1]
     ref = greedy(t, ids, 40)
-    runner = (lambda bs: None) if cls is bench.EagerRunner else (lambda bs: bench.StaticRunner(t, d, bs, 128, False))
+    runner = (lambda bs: None) if cls is bench.EagerRunner else (lambda bs: fast_decode.StaticRunner(t, d, bs, 128, False))
     seen = guide(monkeypatch, cls, ref, P)
     r = bench.spec_generate(t, d, ids, 30, [], block_size=8, runner=runner(8))
     assert r["tokens"] == ref[:30]
@@ -2181,7 +2187,7 @@ def test_acceptance_lengths(models, monkeypatch, cls):
     check_real_proposals(t, d, ids, ref, seen, 4)
 
 
-@pytest.mark.parametrize("cls", [bench.EagerRunner, bench.StaticRunner])
+@pytest.mark.parametrize("cls", [bench.EagerRunner, fast_decode.StaticRunner])
 def test_sliding_drafter_caches_see_what_a_fresh_draft_sees(models, monkeypatch, cls):
     """A drafter with sliding layers (window 8 = block 8) over 60 positions: every proposal of the
     runner's caches (DraftCache trimmed to W - 1; the static cache's sliding layers a ring of 16 slots,
@@ -2192,7 +2198,7 @@ def test_sliding_drafter_caches_see_what_a_fresh_draft_sees(models, monkeypatch,
                             layer_types=["sliding_attention", "full_attention", "sliding_attention"]), 10.0)
     ids = torch.randint(0, 63, (1, 21), generator=torch.Generator().manual_seed(3))
     ref = greedy(t, ids, 40)
-    runner = (lambda bs: None) if cls is bench.EagerRunner else (lambda bs: bench.StaticRunner(t, d, bs, 128, False))
+    runner = (lambda bs: None) if cls is bench.EagerRunner else (lambda bs: fast_decode.StaticRunner(t, d, bs, 128, False))
     run = runner(8)
     assert bench.spec_generate(t, d, ids, 40, [], block_size=8, runner=run)["tokens"] == ref
     if run:
@@ -2210,11 +2216,11 @@ def test_tau_by_position_buckets_steps_by_their_start():
     records = [rec(500, [10, 6, 4]),            # starts 500, 510, 516
                rec(1000, [16, 8, 1, 16]),       # 1000, 1016, 1024, 1025
                rec(4090, [3, 5, 2])]            # 4090, 4093, 4098
-    got = bench.tau_by_position(records)
+    got = measure.tau_by_position(records)
     assert got == {"0-512": dict(steps=2, tau=8.0), "512-1K": dict(steps=3, tau=(4 + 16 + 8) / 3),
                    "1K-2K": dict(steps=2, tau=8.5), "2K-4K": dict(steps=2, tau=4.0), "4K+": dict(steps=1, tau=2.0)}
     assert list(got) == ["0-512", "512-1K", "1K-2K", "2K-4K", "4K+"]
-    assert bench.tau_by_position([rec(10, [])]) == {}
+    assert measure.tau_by_position([rec(10, [])]) == {}
 
 
 def test_measure_tau(models, monkeypatch):
@@ -2337,7 +2343,7 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
         bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--flex"])
     assert "add --compile" in capsys.readouterr().err
     with pytest.raises(ValueError, match="full-attention targets only.*sliding_attention"):
-        bench.StaticRunner(family_target("gpt_oss"), None, 4, 64, compile=False, flex=True)
+        fast_decode.StaticRunner(family_target("gpt_oss"), None, 4, 64, compile=False, flex=True)
         assert f"--num-prompts {n}: give 1 or more" in capsys.readouterr().err
     t, d = models
     C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
@@ -2389,17 +2395,17 @@ def test_llama31_8b_configs():
     runs at these shapes with --target and --mask_token_id."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     path = os.path.join(HERE, "configs", "llama3.1-8b.json")
-    c = M.load_target_config(path)
+    c = targets.load_target_config(path)
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size) == (32, 4096, 14336, 128256)
-    recipe = T.parse_config(["--config", os.path.join(HERE, "configs", "llama3.1-8b.yaml"), f"--target={path}",
+    recipe = train_config.parse_config(["--config", os.path.join(HERE, "configs", "llama3.1-8b.yaml"), f"--target={path}",
                              "--data=synthetic"])
     cfg = M.config_from_target(c, recipe["num_draft_layers"], recipe["block_size"],
                                num_features=recipe["num_features"], mask_token_id=recipe["mask_token_id"])
     assert cfg.target_layer_ids == [1, 8, 15, 22, 29] and cfg.head_dim == 128 and cfg.rope_theta == 5e5
     assert cfg.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    torch.testing.assert_close(M.rope_frequencies(cfg)[0], ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")[0], rtol=1e-6, atol=0)
-    run = T.parse_config(["--config", os.path.join(HERE, "configs", "qwen3-8b-throughput.yaml"),
+    torch.testing.assert_close(targets.rope_frequencies(cfg)[0], ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")[0], rtol=1e-6, atol=0)
+    run = train_config.parse_config(["--config", os.path.join(HERE, "configs", "qwen3-8b-throughput.yaml"),
                           f"--target={path}", "--mask_token_id=128002"])
     M.config_from_target(c, mask_token_id=run["mask_token_id"], num_features=run["num_features"])
 
@@ -2428,9 +2434,9 @@ def test_qwen3_8b_config():
     c = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size) == (36, 4096, 12288, 151936)
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (32, 8, 128)
-    assert M.rope_config(c) == (1e6, None) and c.tie_word_embeddings is False
-    assert M.load_target_config(path).to_dict() == c.to_dict()  # what train.py and load_target read
-    assert M.rope_config(c.to_dict()) == (1e6, None)           # convert.py reads dicts
+    assert targets.rope_config(c) == (1e6, None) and c.tie_word_embeddings is False
+    assert targets.load_target_config(path).to_dict() == c.to_dict()  # what train.py and load_target read
+    assert targets.rope_config(c.to_dict()) == (1e6, None)           # convert.py reads dicts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2477,7 +2483,7 @@ def family_target(family):
     """Weights scaled up (as in `models`) until greedy continuations are varied: by 10, by 20 where
     10 still repeats one or two tokens (qwen3_moe), by 5 where 10 already does (gemma3: softcapped)."""
     torch.manual_seed(0)
-    return scaled(M.load_target(family_config(family), dtype=torch.float32), {"qwen3_moe": 20.0, "gemma3": 5.0}.get(family, 10.0))
+    return scaled(targets.load_target(family_config(family), dtype=torch.float32), {"qwen3_moe": 20.0, "gemma3": 5.0}.get(family, 10.0))
 
 
 def greedy_from_scratch(t, ids, n):
@@ -2515,7 +2521,7 @@ def test_family_capture_train_export_lossless(family, tmp_path):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 58, (2, 11), generator=g)
     ref = t(ids, output_hidden_states=True).hidden_states
-    assert len(ref) == 7 and len(M.decoder_layers(t)) == 6
+    assert len(ref) == 7 and len(targets.decoder_layers(t)) == 6
     for stop_early in (True, False):
         feats, _ = M.capture_features(t, ids, [0, 2, 4], stop_early=stop_early)
         torch.testing.assert_close(feats, torch.cat([ref[k + 1] for k in (0, 2, 4)], -1))
@@ -2543,7 +2549,7 @@ def test_family_capture_train_export_lossless(family, tmp_path):
     static = "linear_attention" not in str(family_config(family))
     if not static:  # a recurrent state: the static runner refuses, by name, before any step
         with pytest.raises(ValueError, match="linear_attention.*without --compile"):
-            bench.StaticRunner(t, loaded, 16, 96, compile=False)
+            fast_decode.StaticRunner(t, loaded, 16, 96, compile=False)
     for kind in ("eager", "static") if static else ("eager",):
         taus = []
         for p, r in zip(prompts, refs):
@@ -2562,7 +2568,7 @@ def test_recurrent_rollback_is_what_keeps_it_lossless(monkeypatch):
     d = tiny_drafter(t, block_size=16)
     for bs in (2, 16):
         assert bench.spec_generate(t, d, ids, 20, [], block_size=bs)["tokens"] == ref, bs
-    monkeypatch.setattr(bench, "restore_states", lambda layers, saved: None)
+    monkeypatch.setattr(targets, "restore_states", lambda layers, saved: None)
     assert bench.spec_generate(t, d, ids, 20, [], block_size=4)["tokens"] != ref
 
 
@@ -2575,7 +2581,7 @@ def test_compiled_sliding_families_same_tokens(family):
     tc, dc = copy.deepcopy(t).to(dev), copy.deepcopy(tiny_drafter(t, block_size=8, mask_token_id=63)).to(dev)
     ids = torch.randint(0, 58, (1, 6), generator=torch.Generator().manual_seed(1))
     for bs in (1, 8):
-        run = bench.StaticRunner(tc, dc, bs, 96, compile=True)
+        run = fast_decode.StaticRunner(tc, dc, bs, 96, compile=True)
         for p in (ids, ids[:, :3]):
             assert bench.spec_generate(tc, dc, p.to(dev), 30, [], bs, runner=run)["tokens"] == greedy_from_scratch(t, p, 30)
         run.close()
@@ -2588,8 +2594,8 @@ def test_unsupported_targets_fail_before_weights_load(tmp_path, monkeypatch):
     rwkv = AutoConfig.for_model("rwkv", vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
                                 intermediate_size=64)
     with pytest.raises(ValueError, match="cannot find the 2 decoder layers of RwkvForCausalLM"):
-        M.load_target(rwkv)
-    monkeypatch.setattr(M, "load_target", lambda *a, **k: pytest.fail("weights loaded"))
+        targets.load_target(rwkv)
+    monkeypatch.setattr(targets, "load_target", lambda *a, **k: pytest.fail("weights loaded"))
     falcon = AutoConfig.for_model("falcon_h1", vocab_size=64, hidden_size=32, num_hidden_layers=2)
     cases = [(rwkv, [], "cannot find the 2 decoder layers"),
              (falcon, [], "falcon_h1 has hybrid layers, which bench.py cannot roll back"),
@@ -2602,8 +2608,8 @@ def test_unsupported_targets_fail_before_weights_load(tmp_path, monkeypatch):
             bench.main(["--target", str(path), "--prompt-len", "8", "--device", "cpu", *extra])
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="without --compile"):  # what --compile builds, called directly
-        bench.check_rollback(AutoConfig.for_model(**family_config("qwen3_next")), static=True)
-    bench.check_rollback(AutoConfig.for_model(**family_config("qwen3_next")))  # the eager runner rolls it back
+        targets.check_rollback(AutoConfig.for_model(**family_config("qwen3_next")), static=True)
+    targets.check_rollback(AutoConfig.for_model(**family_config("qwen3_next")))  # the eager runner rolls it back
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2662,7 +2668,7 @@ def test_sampling_keeps_target_distribution(monkeypatch, sampling):
 
 
 def test_replay_gives_the_acceptance_of_decoding():
-    """bench.replay reads each DFlash step's acceptance off known greedy answers. It must equal what
+    """measure.replay reads each DFlash step's acceptance off known greedy answers. It must equal what
     spec_generate's loop gives on the same prompts: for a drafter trained on the answers (long accepted
     runs) and an untrained one with a sliding layer (rejections), for two answers in one conversation,
     one cut by the token limit and one by a stop token."""
@@ -2675,7 +2681,7 @@ def test_replay_gives_the_acceptance_of_decoding():
     stop_at = next(i for i in range(8, 20) if g1[i] not in g1[:i])  # the stop token's first occurrence
     seq = torch.cat([prefix1, torch.tensor([g1])], 1)
     spans = [(6, 30), (prefix1.shape[1], prefix1.shape[1] + stop_at + 1)]
-    assert bench.answer_spans([0] * 6 + [1] * 24 + [0] * 5 + [1] * 20) == [(6, 30), (35, 55)]
+    assert measure.answer_spans([0] * 6 + [1] * 24 + [0] * 5 + [1] * 20) == [(6, 30), (35, 55)]
 
     trained = tiny_drafter(t, layers=1, block_size=8, layer_ids=(1, 3))
     loss_mask = torch.zeros_like(seq)
@@ -2688,7 +2694,7 @@ def test_replay_gives_the_acceptance_of_decoding():
         want = [bench.spec_generate(t, d, p0, 24, [], block_size=8)["acceptance"],
                 bench.spec_generate(t, d, prefix1, 20, [g1[stop_at]], block_size=8)["acceptance"]]
         assert sum(want[1]) == stop_at  # the loop stopped at the stop token (the first token is the prefill's)
-        assert bench.replay(t, d, seq[0], spans, 8) == want
+        assert measure.replay(t, d, seq[0], spans, 8) == want
         taus.append(sum(want[0] + want[1]) / len(want[0] + want[1]))
     assert taus[0] > 1.5 and taus[1] < 1.5, taus  # the equality held for long runs and for rejections
 
@@ -2701,7 +2707,7 @@ def test_replay_cli_on_regenerated_rows_matches_the_decoding_bench(tmp_path, cap
     inp, regen = tmp_path / "prompts.jsonl", tmp_path / "regen.jsonl"
     write_lines(inp, [json.dumps({"id": "p0", "turns": ["Name a color.", "Name another one."]}),
                       json.dumps({"id": "p1", "turns": ["What is 2+2? Answer with one number."]})])
-    data.main(["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(regen), "--max-new-tokens", "10",
+    regenerate.main(["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(regen), "--max-new-tokens", "10",
                "--max-turns", "2", "--max-prompt-tokens", "96"])
     with open(regen, "a") as f:
         f.write(json.dumps({"id": "x", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
@@ -2716,7 +2722,7 @@ def test_replay_cli_on_regenerated_rows_matches_the_decoding_bench(tmp_path, cap
         assert replayed[k]["tokens"] == decoded[k]["tokens"] and replayed[k]["acceptance"] == decoded[k]["acceptance"], k
     assert any(len(d["tokens"]) == 10 for d in decoded.values())  # a turn cut by the limit
     assert res["steps"] == sum(len(d["acceptance"]) for d in decoded.values())
-    assert data.load_writer(SMOL, "bf16")[1].dtype == torch.bfloat16  # regenerate --dtype reaches the model
+    assert regenerate.load_writer(SMOL, "bf16")[1].dtype == torch.bfloat16  # regenerate --dtype reaches the model
 
 
 def test_speculative_acceptance_hand_worked():
@@ -2777,7 +2783,7 @@ def test_speculative_sampling_near_zero_temperature_is_greedy(models, monkeypatc
             assert r["tokens"] == ref, (bs, ids)
     ids = prompts(1, seed=3)[0]
     ref = greedy(t, ids, 20)
-    guide(monkeypatch, bench.EagerRunner if kind == "eager" else bench.StaticRunner, ref, ids.shape[1], corrupt={2, 9})
+    guide(monkeypatch, bench.EagerRunner if kind == "eager" else fast_decode.StaticRunner, ref, ids.shape[1], corrupt={2, 9})
     r = bench.spec_generate(t, d, ids, 20, [], 4, temperature=T, runner=runner_for(kind, t, d, 4))
     assert r["tokens"] == ref and r["acceptance"] == [2, 4, 3, 4, 4, 2]
 
@@ -2792,7 +2798,7 @@ def test_static_cache_length_fits_the_longest_conversation(models):
     args = argparse.Namespace(prompt_len=None, block_size=4, max_new_tokens=30)
     L = bench.static_len(args, tok, {"set": rows})
     assert L % 256 == 0
-    runner = bench.StaticRunner(t, d, 4, L, compile=False)
+    runner = fast_decode.StaticRunner(t, d, 4, L, compile=False)
     for r in rows:  # the whole conversation runs in a static cache of that length
         res = bench.run_turns(t, d, tok, r["turns"], 30, [], 4, runner=runner)
         assert all(len(x["prompt_ids"]) + len(x["tokens"]) + 2 * 4 + 1 <= L for x in res)
@@ -2916,7 +2922,7 @@ def test_self_prompts_open_with_the_template_and_a_seed_and_are_filtered(tmp_pat
             assert [t.rsplit("<|im_start|>user\n", 1)[1] for t in texts] == ["Solve", "Find"] * 3
             return samples
 
-    monkeypatch.setattr(data, "BatchDecoder", FakeDecoder)
+    monkeypatch.setattr(regenerate, "BatchDecoder", FakeDecoder)
     rows = smollm2.self_prompts(SMOL, str(tmp_path / "p.jsonl"), 2, ("Solve", "Find"), "!", batch_size=6,
                              assets_dir=str(tmp_path))
     assert rows == [{"id": "self-0-0", "turns": ["Solve the equation x + 1 = 2 for x.!"]},
@@ -2924,7 +2930,7 @@ def test_self_prompts_open_with_the_template_and_a_seed_and_are_filtered(tmp_pat
     assert [json.loads(line) for line in open(tmp_path / "p.jsonl")] == rows
 
 def test_in_process_regeneration_refuses_sliding_and_linear_targets(tmp_path):
-    """data.BatchDecoder's one causal mask over left-padded rows is right for full attention only: a
+    """regenerate.BatchDecoder's one causal mask over left-padded rows is right for full attention only: a
     sliding or linear-attention target is sent to --server before any weights load; Qwen3's unused
     sliding_window (use_sliding_window false) is not."""
     write_lines(tmp_path / "in.jsonl", [json.dumps({"turns": ["hi"]})])
@@ -2935,8 +2941,8 @@ def test_in_process_regeneration_refuses_sliding_and_linear_targets(tmp_path):
         (tmp_path / family).mkdir()
         (tmp_path / family / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(SystemExit, match="regenerate error: the target has .*(sliding|linear).* --server URL"):
-            data.regenerate(str(tmp_path / family), str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
-    data.check_batch_decodable(M.load_target_config(dict(TINY_TARGET, sliding_window=8, use_sliding_window=False)))
+            regenerate.regenerate(str(tmp_path / family), str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
+    regenerate.check_batch_decodable(targets.load_target_config(dict(TINY_TARGET, sliding_window=8, use_sliding_window=False)))
     assert not os.path.exists(tmp_path / "out.jsonl")
 
 
@@ -3075,6 +3081,6 @@ def test_compiled_target_layers_and_ce_keep_the_maths(tmp_path):
     ids = torch.randint(0, 63, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = t(ids, output_hidden_states=True).hidden_states
-        M.compile_target_layers(t)
+        targets.compile_target_layers(t)
         feats, _ = M.capture_features(t, ids, [1, 4])
     torch.testing.assert_close(feats, torch.cat([ref[2], ref[5]], -1), atol=1e-5, rtol=1e-5)

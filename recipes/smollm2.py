@@ -21,9 +21,11 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repo's data.py and model.py, and recipes/fetch.py
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repo's files, and recipes/fetch.py
 import data as D  # noqa: E402
 import fetch as F  # noqa: E402  (the benchmark prompt formats)
+import measure  # noqa: E402  (tau and its position buckets from bench records)
+import regenerate  # noqa: E402
 
 def _fold(text):
     return " ".join(text.lower().split())
@@ -184,13 +186,13 @@ def self_prompts(target, out, num, seeds=("",), suffix="", temperature=1.0, max_
     (seed "Solve" plus MATH-500's suffix: maths). Unfinished, short and repeated prompts and any that
     overlap an evaluation prompt are dropped and counted."""
     keys = eval_keys(assets_dir)
-    tok, model, stops = D.load_writer(target)
+    tok, model, stops = regenerate.load_writer(target)
     mark = "\x00"
     text = D.render_chat(tok, [{"role": "user", "content": mark}], None, tokenize=False)
     prefix = text[:text.index(mark)]  # the template up to the user's first word (with its system prompt)
     starts = [tok(prefix + s, add_special_tokens=False)["input_ids"] for s in seeds]
     # a few short batches: compiling the step would cost more than it saves
-    decode = D.BatchDecoder(model, batch_size, max(map(len, starts)), max_new_tokens, stops, stops[0], compile=False)
+    decode = regenerate.BatchDecoder(model, batch_size, max(map(len, starts)), max_new_tokens, stops, stops[0], compile=False)
     g = torch.Generator(device=model.device).manual_seed(seed)
     rows, seen, counts, t0, k = [], set(), collections.Counter(), time.time(), 0
     while len(rows) < num and k < 4 * num:
@@ -394,11 +396,10 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_to
 
 def results_table(out, plan):
     """results.md and results.json from the bench records: tau, lossless turns and speed per prompt set."""
-    import bench  # the repo's bench.py: tau from its records
     rows = []
     for f in sorted(glob.glob(os.path.join(out, "bench", "*.jsonl"))):
         recs = [json.loads(line) for line in open(f)]
-        acc = bench.acceptance_summary(recs)
+        acc = measure.acceptance_summary(recs)
         tokens = lambda k: sum(len(r[k]["tokens"]) for r in recs)
         decode = lambda k: sum(r[k]["decode_s"] for r in recs)
         checked = [r for r in recs if r.get("match") is not None]
@@ -485,17 +486,16 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
 def ablation_table(out, plan):
     """ablation.md and ablation.json: per arm, tau per set and their mean, the held-out estimate, and tau by
     the position where a step starts (the four sets pooled)."""
-    import bench  # the repo's bench.py: tau and its position buckets
     rows = []
     for arm in plan["arms"]:
         recs = [json.loads(line) for line in open(os.path.join(out, arm, "replay.jsonl"))]
-        sets = {s: bench.acceptance_summary([r for r in recs if r["dataset"] == s])["tau"] for s in BENCH_SETS}
+        sets = {s: measure.acceptance_summary([r for r in recs if r["dataset"] == s])["tau"] for s in BENCH_SETS}
         val = [m for m in map(json.loads, open(os.path.join(out, arm, "metrics.jsonl"))) if "val_expected_accept_len" in m]
         spent = os.path.join(out, "stages", f"train-{arm}.done")
         rows.append(dict(arm=arm, changes=" ".join(ARMS[arm]) or "(configs/smollm2.yaml)", sets=sets,
                          mean=sum(sets.values()) / len(sets), held_out=val[-1]["val_expected_accept_len"] if val else None,
-                         by_position=bench.tau_by_position(recs), train_s=int(open(spent).read()) if os.path.exists(spent) else None))
-    buckets = [b for _, b in bench.POSITION_BUCKETS if any(b in r["by_position"] for r in rows)]
+                         by_position=measure.tau_by_position(recs), train_s=int(open(spent).read()) if os.path.exists(spent) else None))
+    buckets = [b for _, b in measure.POSITION_BUCKETS if any(b in r["by_position"] for r in rows)]
     lines = ["| arm | " + " | ".join(BENCH_SETS) + " | mean | held-out estimate | " + " | ".join(f"tau at {b}" for b in buckets) + " | train s |",
              "|---" * (len(BENCH_SETS) + len(buckets) + 4) + "|"]
     for r in rows:

@@ -1,0 +1,203 @@
+"""The run format: how a training run keeps its state on disk so that a kill, a crash or a damaged file
+never costs more than the steps since the last checkpoint.
+
+    RUN/checkpoints/step_N/   DCP shards (model + optimizer), train_state.json, dflash_config.json,
+                              target_config.json, checksums.json (sha256 of every file, written last)
+    RUN/metrics.jsonl         one record per log interval, validation and evaluation
+
+A checkpoint is written into step_N.tmp and renamed when complete; a folder whose files differ from its
+checksums is named, set aside as step_N.damaged, and the run resumes from the one before. Serving
+folders (convert.py) carry the same checksums.json.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+
+import torch.distributed as dist
+
+
+STEP_DIR = re.compile(r"step_(\d+)")  # fullmatch: "step_00000100.tmp" is a save in progress
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums: sha256 of every file of a checkpoint or serving folder, recorded when it is written
+# (checksums.json, last) and verified before it is read: a flipped byte or a truncated copy is a
+# named error instead of a weight that silently became 7e36
+
+CHECKSUMS = "checksums.json"
+
+
+class ChecksumError(ValueError):
+    pass
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(folder, rank=0, world=1):
+    """{name: sha256} of this rank's share of the files directly in folder (ranks split the reading)."""
+    names = sorted(n for n in os.listdir(folder) if n != CHECKSUMS and os.path.isfile(os.path.join(folder, n)))
+    return {n: sha256(os.path.join(folder, n)) for n in names[rank::world]}
+
+
+def write_checksums(folder, digests=None):
+    write_json(os.path.join(folder, CHECKSUMS), digests or file_digests(folder))
+
+
+def checksum_problems(folder, rank=0, world=1):
+    """The files of this rank's share that differ from checksums.json or are missing, one phrase
+    each. A folder without checksums.json (older runs, released drafters) has none: unverified."""
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            want = json.load(f)
+    except ValueError:
+        want = None
+    if not isinstance(want, dict):
+        return [f"{CHECKSUMS} is unreadable"] if rank == 0 else []
+    problems = []
+    for name in sorted(want)[rank::world]:
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            problems.append(f"{name} is missing")
+        elif sha256(file) != want[name]:
+            problems.append(f"{name} differs from the sha256 recorded when it was saved")
+    return problems
+
+
+def verify_checksums(folder):
+    problems = checksum_problems(folder)
+    if problems:
+        raise ChecksumError(f"checksum mismatch in {folder}: {'; '.join(problems)} (the files changed after "
+                            "they were written: a disk, copy or transfer error; use another checkpoint or copy)")
+
+
+def latest_checkpoint(run_dir):
+    """The complete checkpoint with the highest step under RUN/checkpoints (or RUN itself), or None."""
+    for d in (os.path.join(run_dir, "checkpoints"), run_dir):
+        if os.path.isdir(d):
+            steps = [(int(m.group(1)), name) for name in os.listdir(d)
+                     if (m := STEP_DIR.fullmatch(name)) and os.path.isdir(os.path.join(d, name))]
+            if steps:
+                return os.path.join(d, max(steps)[1])
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Training checkpoints: DCP into step_N.tmp, then one rename; a kill mid-save leaves the last one intact
+
+def checkpoint_dir(out_dir, step):
+    return os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
+
+
+def save_checkpoint(out_dir, step, drafter, optimizer, train_state, dcfg, target_config, keep, rank):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final = checkpoint_dir(out_dir, step)
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(drafter, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    if rank == 0:
+        for name, obj in (("train_state.json", train_state), ("dflash_config.json", dcfg.__dict__),
+                          ("target_config.json", target_config)):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=1)
+    dist.barrier()
+    record_checksums(tmp, rank)  # last: a folder with checksums.json is complete
+    if rank == 0:
+        if os.environ.get("DFLASH_TEST_KILL_DURING_SAVE") == str(step):  # the crash-safety test only
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace(tmp, final)
+        old = sorted(d for d in os.listdir(os.path.dirname(final)) if STEP_DIR.fullmatch(d))  # not .tmp nor .damaged
+        for d in old[:-keep]:
+            shutil.rmtree(os.path.join(os.path.dirname(final), d), ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def record_checksums(folder, rank):
+    """sha256 of every file of the checkpoint, the ranks splitting the reading; rank 0 writes checksums.json."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, file_digests(folder, rank, len(parts)))
+    if rank == 0:
+        write_checksums(folder, dict(sorted(kv for part in parts for kv in part.items())))
+
+
+def gathered_checksum_problems(folder, rank):
+    """Every rank gets the whole list: the files that differ from checksums.json or are missing."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, checksum_problems(folder, rank, len(parts)))
+    return [p for part in parts for p in part]
+
+
+def resume_checkpoint(out_dir, drafter, optimizer, rank, log):
+    """Load the newest intact checkpoint -> (its path, train state), or (None, None). A damaged one
+    (a file that differs from its checksum or is missing) is named, moved to step_N.damaged, and the
+    one before it is tried: a flipped byte costs the steps since that checkpoint, not the run."""
+    while path := latest_checkpoint(out_dir):  # complete checkpoints only: *.tmp is an interrupted save
+        problems = gathered_checksum_problems(path, rank)
+        if not problems:
+            return path, load_checkpoint(path, drafter, optimizer)
+        log(f"checkpoint {path} is damaged ({'; '.join(problems)}): moved to {path}.damaged; "
+            "resuming from the newest intact one before it")
+        if rank == 0:
+            shutil.rmtree(path + ".damaged", ignore_errors=True)
+            os.rename(path, path + ".damaged")
+        dist.barrier()
+    return None, None
+
+
+def trim_metrics(path, step):
+    """Keep metrics.jsonl's records up to `step`, where this run starts: a killed run's records past
+    its last checkpoint are written again by the resumed run, so the file reads as if never stopped
+    (a line cut by the kill goes too)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line.rstrip("\n") + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, drafter, optimizer):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(drafter, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(drafter, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "train_state.json")) as f:
+        return json.load(f)
+
+
+def full_state_dict(drafter):
+    """All ranks call; rank 0 gets the whole fp32 drafter on CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(drafter, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")

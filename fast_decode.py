@@ -1,0 +1,257 @@
+"""bench.py --compile: the decode loop's fast path. Static caches (the target's HF StaticCache and a
+StaticDraftCache), draft and verify steps compiled over fixed shapes and replayed as CUDA graphs on GPU,
+the target attention that reads each K/V head once (--gqa), and with --flex a FlexAttention mask over
+the filled part of the cache only. The eager runner in bench.py is the reference: every test of this
+path checks it emits the same tokens. regenerate.py's batch decoder uses the same cache helpers.
+"""
+import torch
+import torch.nn.functional as F
+
+import model as M
+import targets
+from attention import BlockMask, attend
+
+
+# ----------------------------------------------------------------------------------------------
+# The target's attention over a static cache
+
+def set_cache_length(cache, length):
+    """Rewind (or advance) an HF StaticCache to `length` committed tokens: the next forward writes its
+    K/V there and masks by it. A tensor, so a compiled step that calls this is not recompiled."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.cumulative_length.copy_(length)
+
+
+GQA_MAX_QUERIES = 64
+
+
+def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """The target's attention as transformers' SDPA path computes it, but with K/V read once per KV
+    head for short queries (decode, verify): transformers repeats K/V to every query head whenever a
+    mask is passed, and over a static cache a mask is always passed (4x the K/V reads at Qwen3-8B
+    shapes). With a mask, SDPA runs enable_gqa in its math kernel, which holds every score: fine for a
+    few queries, not for a prefill, which keeps the repeat and the memory-efficient kernel."""
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    gqa = query.shape[1] != key.shape[1]
+    if gqa and attention_mask is not None and query.shape[2] > GQA_MAX_QUERIES:
+        rep = query.shape[1] // key.shape[1]
+        key, value, gqa = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), False
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                         scale=scaling, is_causal=is_causal, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def flex_static(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """sdpa_gqa, except where the caller passes a BlockMask (StaticRunner's compiled steps pass
+    causal_decode_mask): then FlexAttention, which skips the static buffer's unfilled tiles and
+    reads each K/V head once. The prefill gets transformers' dense mask and takes the SDPA path."""
+    if not isinstance(attention_mask, BlockMask):
+        return sdpa_gqa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    out = attend(query, key, value, attention_mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_gqa_attention(target, flex=False):
+    """The target's attention reads each K/V head once: sdpa_gqa, or with flex flex_static (full-attention
+    targets: the decode mask has no window)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    name, fn = ("flex_static", flex_static) if flex else ("sdpa_gqa", sdpa_gqa)
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    target.set_attn_implementation(name)
+
+
+def causal_decode_mask(start, q_len, kv_len, tile=128):
+    """The target's causal mask over a static KV buffer of kv_len slots, for q_len queries at positions
+    start.. (start: a device scalar, so one compiled graph serves every step): query i sees slots
+    <= start + i. Tiles past the last query's position are left out of the BlockMask, so FlexAttention
+    reads only the filled part of the buffer; SDPA with a dense mask reads all of it on every step."""
+    n = -(-kv_len // tile)
+    idx = torch.arange(n, dtype=torch.int32, device=start.device)
+    full = (start + 1) // tile  # tiles that every query sees whole
+    last = (start + q_len - 1) // tile + 1  # one past the last tile that any query sees
+    return BlockMask.from_kv_blocks((last - full).to(torch.int32).view(1, 1, 1), (idx + full).clamp(max=n - 1).view(1, 1, 1, n),
+                                    full.to(torch.int32).view(1, 1, 1), idx.view(1, 1, 1, n), BLOCK_SIZE=(128, tile),
+                                    mask_mod=lambda b, h, q, kv: kv <= start + q, seq_lengths=(q_len, kv_len))
+
+
+# ----------------------------------------------------------------------------------------------
+# Static caches, compiled draft and verify steps, replayed as CUDA graphs on GPU
+
+class StaticDraftCache:
+    """DraftCache with preallocated buffers: context K/V are written at self.pos (absolute positions);
+    positions >= the anchor are hidden by the attention mask, and overwritten by the next step.
+    A sliding layer keeps a ring of W + block slots instead (position t in slot t mod ring): the W - 1
+    positions its next block can see survive the step's uncommitted writes, and it attends over the
+    ring, not the whole buffer."""
+
+    def __init__(self, cfg, size, device, dtype, block_size=None):
+        self.ring = min(size, cfg.sliding_window + (block_size or cfg.block_size)) if cfg.sliding_window else size
+        sizes = [self.ring if t == "sliding_attention" else size for t in cfg.layer_types]
+        shape = lambda n: (1, cfg.num_key_value_heads, n, cfg.head_dim)
+        self.k = [torch.zeros(shape(n), device=device, dtype=dtype) for n in sizes]
+        self.v = [torch.zeros(shape(n), device=device, dtype=dtype) for n in sizes]
+        for t in self.k + self.v:
+            torch._dynamo.mark_static_address(t)
+        self.size, self.pos = size, None
+
+    def append(self, i, k, v, window=None):
+        pos = self.pos
+        if window:  # the ring: the newest rows only (a prompt may be longer than the ring)
+            k, v, pos = k[:, :, -self.ring:], v[:, :, -self.ring:], pos[-self.ring:] % self.ring
+        self.k[i].index_copy_(2, pos, k.to(self.k[i].dtype))
+        self.v[i].index_copy_(2, pos, v.to(self.v[i].dtype))
+        return self.k[i], self.v[i]
+
+    def sliding_mask(self, start, block_size, window):
+        """[1, 1, T, ring + T]: ring slot r holds the newest position p < start with p = r mod ring; slot k
+        of the block at `start` sees those in [start + k - W + 1, start) and block slots <= k."""
+        r = torch.arange(self.ring, device=self.k[0].device)
+        held = start - 1 - (start - 1 - r) % self.ring
+        k = torch.arange(block_size, device=r.device)[:, None]
+        ctx = (held >= 0) & (held > start + k - window)
+        return torch.cat([ctx, k >= torch.arange(block_size, device=r.device)], -1)[None, None]
+
+
+class CUDAGraphStep:
+    """A compiled step over fixed shapes, captured once as a CUDA graph and then replayed: a call
+    copies its tensor arguments into the captured input buffers and launches the graph, with no
+    Python, guard checks or allocator work per step (torch.compile's reduce-overhead mode does those on
+    every call: one H200, Qwen3-8B shapes, the baseline step went from 7.83 to 7.00 ms).
+    Sound here because a step is idempotent (it rewrites the same cache slots for the same inputs) and
+    its shapes never change. Outputs live in the graph's memory: the caller clones them."""
+
+    def __init__(self, fn):
+        self.fn, self.graph = fn, None
+
+    def __call__(self, *args):
+        if self.graph is None:
+            self.inputs = [a.clone() for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compile and autotune outside the capture
+                for _ in range(2):
+                    self.fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.fn(*self.inputs)
+        for buf, a in zip(self.inputs, args):
+            buf.copy_(a, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+
+class StaticRunner:
+    """EagerRunner's interface over static caches: the target's HF StaticCache (rewound by setting its
+    write position, never cropped: positions past the query are causally masked and overwritten) and a
+    StaticDraftCache. draft and verify have fixed shapes ([B] tokens; the new draft context is always
+    the B verify rows, of which the uncommitted ones are masked), so torch.compile builds one graph of
+    each, captured as a CUDA graph on GPU (CUDAGraphStep). The only host sync is the acceptance read.
+    Prefill and the first draft (prompt-length context) run eagerly. Reuse one runner per block size."""
+
+    def __init__(self, target, drafter, block_size, max_len, compile=True, flex=False):
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+        targets.check_rollback(target.config, static=True)
+        kinds = set(targets.layer_kinds(target.config))
+        if flex and kinds - {"full_attention"}:  # the decode mask is plain causal: a window would be ignored
+            raise ValueError(f"--flex runs full-attention targets only; this one has {'/'.join(sorted(kinds))} "
+                             "layers: drop --flex")
+        if flex:
+            use_gqa_attention(target, flex=True)
+        self.target, self.drafter, self.block_size, self.max_len, self.flex = target, drafter, block_size, max_len, flex
+        self.device = target.get_input_embeddings().weight.device
+        self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), targets.cache_kwarg(target)
+        # sliding layers get full-length buffers: HF's sliding static layer is a ring buffer whose fill level is
+        # a host int that set_cache_length cannot rewind (silently wrong tokens once past the window); a
+        # full-length layer rewinds like the others and the model's sliding mask still limits what each query
+        # sees. Costs a full layer's K/V memory per sliding layer.
+        self.kv.layers = [StaticLayer(max_len) if isinstance(layer, StaticSlidingWindowLayer) else layer
+                          for layer in self.kv.layers]
+        self.layer_ids = list(drafter.config.target_layer_ids) if block_size > 1 else []
+        self.captured, self.handles = {}, []
+        for k in self.layer_ids:  # hooks live as long as the runner: a compiled graph traces them once
+            self.handles.append(targets.decoder_layers(target)[k].register_forward_hook(self._hook(k)))
+        if block_size > 1:
+            self.draft_kv = StaticDraftCache(drafter.config, max_len + block_size, self.device,
+                                             drafter.fc.weight.dtype, block_size)
+        self.offsets = torch.arange(max(block_size, 1), device=self.device)
+        self._verify, self._draft = self._verify_impl, self._draft_impl
+        if compile:
+            self._verify = torch.compile(self._verify_impl, fullgraph=True, dynamic=False)
+            self._draft = torch.compile(self._draft_impl, fullgraph=True, dynamic=False)
+            if self.device.type == "cuda":
+                self._verify, self._draft = CUDAGraphStep(self._verify), CUDAGraphStep(self._draft)
+        self.ctx = self.length = None
+        self.pos_host = torch.zeros(2, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self.pos = torch.zeros(2, dtype=torch.long, device=self.device)
+
+    def _hook(self, k):
+        def hook(module, args, output):
+            self.captured[k] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _features(self):
+        if not self.layer_ids:
+            return None
+        return torch.cat([self.captured.pop(k) for k in self.layer_ids], -1)[0]
+
+    def prefill(self, input_ids):
+        P = input_ids.shape[1]
+        if P + 1 + 2 * self.block_size > self.max_len:
+            raise ValueError(f"prompt of {P} tokens does not fit the static cache of {self.max_len}: raise --max-len")
+        set_cache_length(self.kv, torch.zeros((), dtype=torch.long, device=self.device))
+        out = self.target(input_ids=input_ids, position_ids=torch.arange(P, device=self.device)[None],
+                          use_cache=True, logits_to_keep=1, **{self.cache_kw: self.kv})
+        return out.logits[0], self._features()
+
+    def _verify_impl(self, block, start):
+        set_cache_length(self.kv, start)
+        positions = (start + self.offsets[: block.shape[0]])[None]
+        # --flex: a BlockMask over the filled part of the buffer (flex_static); else transformers' dense mask
+        mask = {"attention_mask": causal_decode_mask(start, block.shape[0], self.max_len)} if self.flex else {}
+        out = self.target(input_ids=block[None], position_ids=positions, use_cache=True, **{self.cache_kw: self.kv}, **mask)
+        return out.logits[0], self._features()
+
+    def verify(self, block, start):
+        if start + self.block_size >= self.max_len:
+            raise ValueError(f"generation reached the static cache length {self.max_len}: raise --max-len")
+        assert start == self.length, (start, self.length)
+        logits, feats = self._verify(block, self.pos[0])
+        return logits.clone(), None if feats is None else feats.clone()
+
+    def _draft_impl(self, anchor, start, feats, ctx_start):
+        cfg, B = self.drafter.config, self.block_size
+        ctx_pos = (ctx_start + torch.arange(feats.shape[0], device=feats.device))[None]
+        self.draft_kv.pos = ctx_pos[0]
+        # the buffer holds stale positions too: mask to the committed context (and the block itself)
+        visible = torch.arange(self.draft_kv.size, device=anchor.device) < start
+        mask = torch.cat([visible, visible.new_ones(B)])[None, None, None].expand(1, 1, B, -1)
+        if cfg.sliding_window is not None:  # one mask per layer type
+            mask = {"full_attention": mask,
+                    "sliding_attention": self.draft_kv.sliding_mask(start, B, cfg.sliding_window)}
+        block = M.block_ids(anchor, B, cfg.mask_token_id)
+        return M.draft_block(self.drafter, self.target, feats[None], ctx_pos, block, start, self.draft_kv, mask)[0, 1:]
+
+    def draft(self, anchor, start):
+        if self.block_size == 1:
+            return torch.empty(0, 1, device=anchor.device)
+        assert start == self.length, (start, self.length)
+        fn = self._draft if self.ctx.shape[0] == self.block_size else self._draft_impl  # prompt: eager
+        return fn(anchor, self.pos[0], self.ctx, self.pos[1]).clone()
+
+    def commit(self, length, feats, n_new):
+        """Nothing to cut: the next verify rewinds the target cache to `length`. Positions travel as one
+        asynchronous copy from pinned memory."""
+        self.length, self.ctx = length, feats  # all B verify rows: fixed shape; the mask hides the rest
+        self.pos_host[0], self.pos_host[1] = length, length - n_new
+        self.pos.copy_(self.pos_host, non_blocking=True)  # the last copy finished before the step's sync

@@ -1,0 +1,159 @@
+"""bench.py's measurement tools beside the decoding benchmark: the statistics of acceptance lengths (tau,
+the histogram, tau by context position), --replay (tau at temperature 0 read off the target's
+regenerated greedy answers, without decoding: one target forward per row, one drafter pass per step,
+equal step for step to the loop: results/replay-check.md), --profile (launches and ops per decode
+step) and random drafters that time the loop at any target's shapes.
+"""
+import json
+import os
+from collections import Counter
+
+import torch
+
+import data
+import model as M
+
+
+# ----------------------------------------------------------------------------------------------
+# Acceptance statistics
+
+POSITION_BUCKETS = ((0, "0-512"), (512, "512-1K"), (1024, "1K-2K"), (2048, "2K-4K"), (4096, "4K+"))
+
+
+def tau_by_position(records):
+    """Tau per bucket of the context position at which a step starts (its anchor: the prompt length
+    plus the tokens emitted before it), so a drafter's acceptance past its training length shows.
+    {bucket: {"steps": n, "tau": mean acceptance}} for the buckets that have steps."""
+    steps = {}
+    for r in records:
+        start = r["prompt_len"]
+        for a in r["dflash"]["acceptance"]:
+            label = [lbl for lo, lbl in POSITION_BUCKETS if start >= lo][-1]
+            steps.setdefault(label, []).append(a)
+            start += a
+    return {lbl: dict(steps=len(steps[lbl]), tau=sum(steps[lbl]) / len(steps[lbl]))
+            for _, lbl in POSITION_BUCKETS if lbl in steps}
+
+
+def acceptance_summary(records):
+    """Turns, DFlash steps, tau (tokens per step), the acceptance-length histogram and tau by position."""
+    steps = [a for r in records for a in r["dflash"]["acceptance"]]
+    return dict(turns=len(records), steps=len(steps), tau=sum(steps) / max(len(steps), 1),
+                histogram=dict(sorted(Counter(steps).items())), tau_by_position=tau_by_position(records))
+
+
+def print_acceptance(res):
+    """The summary's tau by step start position and acceptance-length histogram lines."""
+    print("  tau by step start position: " + ", ".join(
+        f"{k} {v['tau']:.2f} ({v['steps']} steps)" for k, v in res["tau_by_position"].items()))
+    total = max(res["steps"], 1)
+    print("  acceptance: " + " ".join(f"{k}:{100 * v / total:.1f}%" for k, v in res["histogram"].items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Replay: tau at temperature 0 from answers the target already gave greedily
+
+@torch.no_grad()
+def replay(target, drafter, ids, spans, block_size):
+    """Acceptance lengths per DFlash step for each answer ids[s:e] (s, e in spans) of ids [S], a conversation
+    whose answers are the target's greedy ones (a regenerated row). At temperature 0 a lossless loop emits
+    exactly those answers, so each step's acceptance is the drafter's block checked against them: what
+    spec_generate gives on the same answers, at one target forward per row and one drafter pass per step.
+    As in the loop, an answer's first token is the target's (prefill), a step drafts from its anchor with
+    every position before the anchor as context, and the last step is cut where the answer ends."""
+    feats, _ = M.capture_features(target, ids[None], list(drafter.config.target_layer_ids))
+    pos = torch.arange(ids.shape[0], device=ids.device)[None]
+    out = []
+    for s, e in spans:
+        cache, ctx, t, acceptance = M.DraftCache(), 0, s, []
+        while t < e - 1:  # t: the anchor's position
+            block = M.block_ids(ids[t], block_size, drafter.config.mask_token_id)
+            logits = M.draft_block(drafter, target, feats[:, ctx:t], pos[:, ctx:t], block, t, cache)[0, 1:]
+            ctx, ref = t, ids[t + 1: min(t + block_size, e)]
+            n = int((logits[: len(ref)].argmax(-1) == ref).cumprod(0).sum())
+            acceptance.append(min(n + 1, e - t - 1))
+            t += acceptance[-1]
+        out.append(acceptance)
+    return out
+
+
+def answer_spans(mask):
+    """(start, end) of each run of 1s in a loss mask: the answers of a tokenised conversation."""
+    edges = [i for i in range(len(mask) + 1) if (mask[i] if i < len(mask) else 0) != (mask[i - 1] if i else 0)]
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
+    """Replay every answer of the regenerated rows in path (the first --num-prompts rows): records as
+    bench_prompts writes them (no baseline), and the summary lines. An answer cut by the regeneration's
+    token limit ("finished": false) ends before the end-of-turn token the template adds to it."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    records, skipped = [], 0
+    for i, row in data.read_rows(path):
+        if args.num_prompts and i >= args.num_prompts:
+            break
+        answers = [m for m in (row or {}).get("messages") or [] if isinstance(m, dict) and m.get("role") == "assistant"]
+        if not answers or not all("token_ids" in m for m in answers):  # answers the target did not give
+            skipped += 1
+            continue
+        ids, mask = data.tokenize_conversation(tokenizer, data.parse_messages(row), 1 << 30)
+        finished = [m.get("finished", True) for m in answers]
+        spans = [(s, e if done else e - 1) for (s, e), done in zip(answer_spans(mask), finished)]
+        for turn, ((s, e), acc) in enumerate(zip(spans, replay(target, drafter, torch.tensor(ids, device=args.device),
+                                                               spans, args.block_size))):
+            rec = dict(dataset=name, id=str(row.get("id", i)), turn=turn, prompt_len=s,
+                       dflash=dict(acceptance=acc, tokens=ids[s:e]))
+            rec["tau_by_position"] = tau_by_position([rec])
+            records.append(rec)
+            if out_file:
+                out_file.write(json.dumps(rec) + "\n")
+    if skipped:
+        print(f"replay: {path}: {skipped} rows skipped: not regenerated (no assistant token_ids), so not the target's answers")
+    res = dict(dataset=name, **acceptance_summary(records))
+    print(f"\n== {name}: replay of {len(records)} greedy answers, {res['steps']} DFlash steps, block {args.block_size}")
+    print(f"  tau {res['tau']:.2f}")
+    print_acceptance(res)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing: profiles of decode steps, random drafters
+
+def profile_steps(run, cuda, name, out_dir):
+    """--profile: run() (a decode of a few steps, returning spec_generate's result) under torch.profiler. Prints the launches per step (CUDA
+    kernels and graph launches from the host; aten ops on CPU) and the ops that take the time, and writes
+    a Chrome trace: where a step's time goes, so a fix can be aimed at it."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        r = run()
+    n, events = max(len(r["acceptance"]), 1), prof.key_averages()
+    if cuda:
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch",
+                                                           "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        counts = dict(launches_per_step=launches / n, kernels_per_step=kernels / n)
+    else:
+        top = lambda e: e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+        counts = dict(aten_ops_per_step=sum(map(top, prof.events())) / n)  # dispatched ops, not their nested calls
+    os.makedirs(out_dir, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(out_dir, f"{name}.json"))
+    print(f"\n-- profile of {n} {name} steps: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in counts.items())
+          + f" (trace: {os.path.join(out_dir, name + '.json')})")
+    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12))
+    return counts
+
+
+def random_drafter(target, block_size, layers=5, dtype=None):
+    """Random weights for timing: mask id 151669 (Qwen3's unused row) where the vocabulary has it."""
+    vocab = target.get_input_embeddings().weight.shape[0]
+    L = target.config.get_text_config().num_hidden_layers
+    for n in (5, 3, 2, 1):  # 5 captured layers; fewer where a tiny test target has no room
+        try:
+            layer_ids = M.build_target_layer_ids(L, n)
+            break
+        except ValueError:
+            continue
+    cfg = M.config_from_target(target.config, num_hidden_layers=layers, block_size=block_size,
+                               target_layer_ids=layer_ids, mask_token_id=151669 if vocab > 151669 else vocab - 1)
+    return M.build_drafter(cfg, device=target.device, dtype=dtype or target.dtype)

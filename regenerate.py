@@ -1,0 +1,434 @@
+"""Regenerating the assistant turns of chat data with the target itself: the largest lever on
+acceptance (SPEC 6). The target answers each user turn, in this process through a static-cache batch
+decoder, or on an OpenAI-compatible serving engine; turn t+1 is prompted with its own answer to turn t.
+The rows keep the target's token ids, so training supervises exactly what the target generated.
+
+    python data.py regenerate --target DIR --data IN --out OUT [--max-new-tokens 512] ...
+    python data.py regenerate --target DIR --server http://host:8000 --concurrency 256 ...  # vLLM / SGLang
+
+Needed only to make training data; data.py reads the rows it writes like any other chat data.
+"""
+import argparse
+import collections
+import json
+import os
+import threading
+import time
+
+import torch
+
+import fast_decode
+import targets
+from data import BadRow, parse_messages, read_rows, render_chat, stop_ids
+
+def shard_path(out, shard, num_shards):
+    if num_shards == 1:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}.{shard:02d}-of-{num_shards:02d}{ext or '.jsonl'}"
+
+
+def _done_indices(path):
+    """Indices already written; a partial last line (a kill mid-write) is cut off first."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        raw = f.read()
+    keep = raw[: raw.rfind(b"\n") + 1]
+    if len(keep) != len(raw):
+        with open(path, "wb") as f:
+            f.write(keep)
+    return {json.loads(line)["index"] for line in keep.decode("utf-8").split("\n") if line.strip()}
+
+
+def writer_generation_config(target):
+    """The generation config a model loaded from `target` gets, without loading its weights."""
+    from transformers import AutoConfig, GenerationConfig
+    try:
+        return GenerationConfig.from_pretrained(target)
+    except OSError:  # no generation_config.json: transformers derives it from config.json
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(target))
+
+
+def load_writer(target, dtype=None):
+    """(tokenizer, model, stop ids) of the target that writes text here: dtype "bf16" or "fp32" (default
+    bf16 on GPU, fp32 on CPU), K/V read once per KV head in decode steps (fast_decode.sdpa_gqa)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("bf16" if dev == "cuda" else "fp32")]
+    tok = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(dev).eval()
+    fast_decode.use_gqa_attention(model)
+    return tok, model, stop_ids(tok, model)
+
+
+def check_batch_decodable(config):
+    """BatchDecoder builds one full causal mask over a left-padded static cache: right for full-attention
+    targets only (a sliding layer would see past its window, a linear-attention state would take in
+    the padding). Others regenerate through a serving engine."""
+    kinds = set(targets.layer_kinds(config)) - {"full_attention"}
+    if kinds:
+        raise SystemExit(f"regenerate error: the target has {', '.join(sorted(kinds))} layers, which the in-process "
+                         "batch decoder does not handle: serve the target with vLLM or SGLang and pass --server URL")
+
+
+class BatchDecoder:
+    """Greedy (or sampled) continuations of up to `batch_size` token-id prompts at once, over a static
+    KV cache of prompt_len + max_new_tokens slots. Prompts are left-padded to prompt_len, so every
+    batch has the same shapes and the decode step is compiled once (CUDA graphs on GPU). Masks are
+    built here, 4D, so transformers' mask code (which changes between versions) is never involved.
+    Why not generate(): its DynamicCache is concatenated and its K/V repeated to every query head at
+    each step: SmolLM2-135M at batch 256 on an H200, ~1.2 K tokens/s per process with generate(),
+    9.5-12.7 K with this (3 processes per GPU, compiling included)."""
+
+    def __init__(self, model, batch_size, prompt_len, max_new_tokens, stops, pad_id, compile=None):
+        from transformers import StaticCache
+        self.model, self.B, self.P, self.N = model, batch_size, prompt_len, max_new_tokens
+        self.C, self.pad_id = prompt_len + max_new_tokens, pad_id
+        self.dev = next(model.parameters()).device
+        self.cache = StaticCache(config=model.config, max_cache_len=self.C)
+        self.cache_kw = targets.cache_kwarg(model)
+        self.stops = torch.tensor(stops, device=self.dev)
+        self.slots = torch.arange(self.C, device=self.dev)
+        compile = self.dev.type == "cuda" if compile is None else compile
+        self.step = torch.compile(self._step, fullgraph=True, dynamic=False,
+                                  mode="reduce-overhead" if self.dev.type == "cuda" else None) if compile else self._step
+
+    def _step(self, tok, slot, pad):
+        """One token per row at cache slot `slot` (the same for every row: they are left-padded)."""
+        fast_decode.set_cache_length(self.cache, slot)
+        mask = ((self.slots >= pad[:, None]) & (self.slots <= slot))[:, None, None]
+        out = self.model(input_ids=tok[:, None], position_ids=(slot - pad)[:, None], attention_mask=mask,
+                         use_cache=True, **{self.cache_kw: self.cache})
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def __call__(self, prompts, temperature=0.0, generator=None):
+        """New ids of each prompt, cut after the first stop token (which is kept)."""
+        n, P = len(prompts), self.P
+        if not 0 < n <= self.B or max(map(len, prompts)) > P:
+            raise ValueError(f"{n} prompts of up to {max(map(len, prompts))} tokens: the decoder takes "
+                             f"1-{self.B} prompts of at most {P} tokens")
+        prompts = prompts + [prompts[-1]] * (self.B - n)  # fixed shapes: filler rows, dropped below
+        pad = torch.tensor([P - len(p) for p in prompts], device=self.dev)
+        ids = torch.tensor([[self.pad_id] * (P - len(p)) + p for p in prompts], device=self.dev)
+        q = self.slots[:P, None]
+        # a padding query sees itself: some SDPA kernels return NaN for a row with nothing to attend
+        # to, and its cached K/V would carry it into the real rows (masked weight 0 times NaN is NaN)
+        mask = ((self.slots >= pad[:, None, None]) & (self.slots <= q)) | (self.slots == q)
+        fast_decode.set_cache_length(self.cache, 0)
+        logits = self.model(input_ids=ids, position_ids=(self.slots[:P] - pad[:, None]).clamp(min=0),
+                            attention_mask=mask[:, None], use_cache=True, logits_to_keep=1,
+                            **{self.cache_kw: self.cache}).logits[:, -1].float()
+        slot, done, new = torch.tensor(P, device=self.dev), torch.zeros(self.B, dtype=torch.bool, device=self.dev), []
+        for t in range(self.N):
+            if temperature > 0:
+                tok = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                tok = logits.argmax(-1)
+            tok = torch.where(done, self.pad_id, tok)
+            new.append(tok)
+            done = done | torch.isin(tok, self.stops)
+            if t == self.N - 1 or (t % 16 == 15 and bool(done[:n].all())):  # a host sync every 16 steps
+                break
+            logits = self.step(tok, slot, pad)
+            slot = slot + 1
+        res, stops = [], set(self.stops.tolist())
+        for row in torch.stack(new, 1)[:n].tolist():
+            cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
+            res.append(row[:cut])
+        return res
+
+
+def _answer(tokenizer, ids, stops, finished=False):
+    """The assistant message of generated ids: cut at the first stop token, which is not kept."""
+    cut = next((k for k, t in enumerate(ids) if t in stops), None)
+    if cut is not None:
+        ids, finished = ids[:cut], True
+    return {"role": "assistant", "content": tokenizer.decode(ids), "token_ids": ids, "finished": finished}
+
+
+def _conversation(tokenizer, row, enable_thinking, max_prompt_tokens):
+    """The turns of one row, shared by the local and the server paths: yields each turn's prompt ids
+    (rendered by the training template), is sent the answer message, returns the row's messages.
+    Turn t+1 is prompted with the answer to turn t; a prompt over max_prompt_tokens ends the row."""
+    hist = row["system"]
+    for u in row["users"]:
+        user = {"role": "user", "content": u}
+        prompt = render_chat(tokenizer, hist + [user], enable_thinking, True)
+        if len(prompt) > max_prompt_tokens:
+            break
+        hist = hist + [user, (yield prompt)]
+    return hist
+
+
+def _advance(conv, answer=None):
+    """(next prompt, None) or (None, the finished row's messages)."""
+    try:
+        return conv.send(answer), None
+    except StopIteration as e:
+        return None, e.value
+
+
+def _progress(log, t0, done, total, ntok):
+    el = time.time() - t0
+    eta = (total - done) * el / max(done, 1)
+    log(f"regenerate: {done}/{total} rows, {ntok} tokens, {ntok / max(el, 1e-9):.0f} tok/s, "
+        f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+
+
+_TOKENIZER_LOCK = threading.Lock()  # one thread at a time in the tokenizer: HF's fast ones are not thread-safe
+
+
+class ServerError(RuntimeError):
+    """A server failure that retrying does not fix (or no longer fixed)."""
+
+
+def _http(url, body=None, timeout=60.0):
+    """GET (body None) or POST a JSON body; the decoded JSON answer. $OPENAI_API_KEY is sent if set."""
+    import urllib.request
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = "Bearer " + os.environ["OPENAI_API_KEY"]
+    req = urllib.request.Request(url, None if body is None else json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _retrying(url, body, timeout, retries, backoff, log):
+    """_http with retries on timeouts, dropped connections, bad JSON, 5xx and 429, waiting backoff,
+    2 x backoff, ... (at most 60 s, jittered); any other HTTP error is the request's fault: raised."""
+    import http.client
+    import random
+    import urllib.error
+    for attempt in range(retries + 1):
+        try:
+            return _http(url, body, timeout)
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code != 429:
+                raise ServerError(f"{url} answered HTTP {e.code}: {e.read()[:500].decode('utf-8', 'replace')}")
+            why = f"HTTP {e.code}"
+        except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, refused/reset connections, bad JSON
+            why = f"{type(e).__name__}: {e}"
+        if attempt == retries:
+            raise ServerError(f"{url} failed {retries + 1} times, last with {why}")
+        wait = min(60.0, backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+        log(f"regenerate: request failed ({why}), retry {attempt + 1}/{retries} in {wait:.1f} s")
+        time.sleep(wait)
+
+
+def server_model(server, target, served_model_name=None, context=0, timeout=30.0):
+    """The name under which an OpenAI-compatible server serves the target; SystemExit at once if it
+    cannot be reached, serves another model (judged by the folder name of --target, or exactly
+    --served-model-name) or has a shorter context than `context` tokens."""
+    import http.client
+    import urllib.error
+    url = server.rstrip("/").removesuffix("/v1") + "/v1/models"
+    try:
+        listing = _http(url, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"regenerate error: {url} answered HTTP {e.code}: --server must be an OpenAI-compatible "
+                         f"server (vllm serve, python -m sglang.launch_server)")
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        raise SystemExit(f"regenerate error: no server answers at {server} ({getattr(e, 'reason', e)}): start it "
+                         f"(vllm serve / python -m sglang.launch_server) or fix --server")
+    cards = listing.get("data") or [] if isinstance(listing, dict) else []
+    want = served_model_name or os.path.basename(os.path.normpath(target))
+    if served_model_name:
+        match = [c for c in cards if c.get("id") == want]
+    else:  # vLLM: id is --served-model-name (default the path served), root the path
+        match = [c for c in cards if want.lower() in {os.path.basename(os.path.normpath(str(c.get(k) or ""))).lower() for k in ("id", "root")}]
+    if not match:
+        raise SystemExit(f"regenerate error: {server} serves {[c.get('id') for c in cards]}, not the target {want!r}: serve "
+                         f"--target there, or pass --served-model-name NAME if it is the same model under another name")
+    n = match[0].get("max_model_len")
+    if n and context > n:
+        raise SystemExit(f"regenerate error: {server} serves {want} with a {n}-token context, less than "
+                         f"--max-prompt-tokens + --max-new-tokens = {context}: lower them or raise the server's --max-model-len")
+    return match[0]["id"]
+
+
+def server_answerer(server, name, tokenizer, stops, max_new_tokens, temperature, timeout=600.0, retries=10,
+                    backoff=1.0, log=print):
+    """prompt ids -> the answer message, from the server's completions endpoint. Sampling is the local
+    path's: temperature only (top-p, top-k, min-p and repetition penalty are sent off, so a server's
+    generation_config defaults do not apply), the same stop ids. The prompt goes as token ids (the
+    training template's rendering, so no server-side template or BOS); the answer's ids are the
+    server's where it returns them (vLLM: return_token_ids), else the text re-tokenised, kept only
+    if it decodes back to the same text (else the turn is kept as text, re-tokenised by training)."""
+    url = server.rstrip("/").removesuffix("/v1") + "/v1/completions"
+    body = {"model": name, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0, "top_k": -1,
+            "min_p": 0.0, "repetition_penalty": 1.0, "stop_token_ids": list(stops), "skip_special_tokens": False,
+            "return_token_ids": True, "n": 1, "stream": False}
+
+    def answer(prompt):
+        res = _retrying(url, {**body, "prompt": prompt}, timeout, retries, backoff, log)
+        try:
+            c = res["choices"][0]
+            text, ids, finished = c.get("text") or "", c.get("token_ids"), c.get("finish_reason") == "stop"
+        except (KeyError, IndexError, TypeError):
+            raise ServerError(f"{url} answered without choices: {str(res)[:300]}")
+        with _TOKENIZER_LOCK:
+            if ids is None:
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if tokenizer.decode(ids) != text:
+                    return {"role": "assistant", "content": text, "finished": finished}
+            return _answer(tokenizer, list(ids), stops, finished)
+    return answer
+
+
+def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_size=64, num_shards=1,
+               shard=0, limit=None, max_turns=1, enable_thinking=None, max_prompt_tokens=1024, compile=None, log=print,
+               server=None, concurrency=64, served_model_name=None, timeout=600.0, retries=10, backoff=1.0, dtype=None):
+    """Write {"id", "index", "messages"} rows whose assistant turns are the target's own answers
+    (with their "token_ids"). Turn t+1 is prompted with the target's answer to turn t, as text
+    rendered by the template. Rows already in OUT are skipped, so a killed run just restarts.
+    With `server` (an OpenAI-compatible URL) the target answers there, `concurrency` rows at a
+    time, instead of in this process; the rows are the same."""
+    if server:  # before any other work: a wrong URL or model fails at once
+        name = server_model(server, target, served_model_name, max_prompt_tokens + max_new_tokens)
+    else:
+        check_batch_decodable(targets.load_target_config(target))
+    out = shard_path(out, shard, num_shards)
+    done = _done_indices(out)
+    todo, skipped = [], collections.Counter()
+    for i, row in read_rows(data):
+        if limit is not None and i >= limit:
+            break
+        if i % num_shards != shard or i in done:
+            continue
+        try:
+            msgs = parse_messages(row, need_assistant=False)
+        except BadRow as e:
+            skipped[str(e)] += 1
+            continue
+        system = [m for m in msgs[:1] if m["role"] == "system"]
+        users = [m["content"] for m in msgs if m["role"] == "user"][:max_turns]
+        rid = row.get("id", row.get("question_id", row.get("task_id", i)))
+        todo.append({"index": i, "id": rid, "system": system, "users": users})
+    log(f"regenerate: {len(todo)} rows to do, {len(done)} already in {out}, skipped: {dict(skipped)}")
+    if not todo:
+        return out
+    if server:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(target)
+        stops = stop_ids(tok, writer_generation_config(target))
+        answer = server_answerer(server, name, tok, stops, max_new_tokens, temperature, timeout, retries, backoff, log)
+    else:
+        tok, model, stops = load_writer(target, dtype)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+        batch_size = min(batch_size, len(todo))  # a static batch: no wider than the rows
+        decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
+    # shortest prompts first: a run stopped by a time limit has answered the most rows
+    first = [len(render_chat(tok, r["system"] + [{"role": "user", "content": r["users"][0]}], enable_thinking, True)) for r in todo]
+    order = sorted((k for k in range(len(todo)) if first[k] <= max_prompt_tokens), key=lambda k: first[k])
+    if len(order) < len(todo):
+        log(f"regenerate: skipping {len(todo) - len(order)} rows whose prompt is over {max_prompt_tokens} tokens")
+    rows = [todo[k] for k in order]
+    conversation = lambda r: _conversation(tok, r, enable_thinking, max_prompt_tokens)
+    t0, ntok, written = time.time(), 0, 0
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "a", encoding="utf-8") as f:
+        def write(r, msgs):
+            nonlocal ntok, written
+            f.write(json.dumps({"id": r["id"], "index": r["index"], "messages": msgs}, ensure_ascii=False) + "\n")
+            f.flush()  # a kill leaves only whole lines (plus at most one partial, cut on resume)
+            ntok += sum(len(m.get("token_ids", ())) for m in msgs if m["role"] == "assistant")
+            written += 1
+        if server:
+            _serve_rows(rows, conversation, answer, concurrency, write, lambda: _progress(log, t0, written, len(rows), ntok))
+        else:
+            for b in range(0, len(rows), batch_size):
+                convs = [conversation(r) for r in rows[b:b + batch_size]]
+                state = [_advance(c) for c in convs]  # the turns of a batch are decoded in lockstep
+                while any(p is not None for p, _ in state):
+                    live = [j for j, (p, _) in enumerate(state) if p is not None]
+                    gens = decode([state[j][0] for j in live], temperature)
+                    for j, g in zip(live, gens):
+                        state[j] = _advance(convs[j], _answer(tok, g, stops))
+                for r, (_, msgs) in zip(rows[b:b + batch_size], state):
+                    write(r, msgs)
+                _progress(log, t0, written, len(rows), ntok)
+    return out
+
+
+def _serve_rows(rows, conversation, answer, concurrency, write, progress, every=10.0):
+    """Each row's turns in one of `concurrency` threads, so that many requests are always in flight
+    (no batch waits for its longest answer); rows are written here, in the order they finish. The
+    threads are daemons: an error ends the run without waiting for requests still in flight."""
+    import queue
+    jobs, results, stop = queue.Queue(), queue.Queue(), threading.Event()
+    for r in rows:
+        jobs.put(r)
+
+    def work():
+        while not stop.is_set():
+            try:
+                r = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                conv = conversation(r)
+                with _TOKENIZER_LOCK:
+                    prompt, msgs = _advance(conv)
+                while msgs is None:
+                    msg = answer(prompt)
+                    with _TOKENIZER_LOCK:
+                        prompt, msgs = _advance(conv, msg)
+                results.put((r, msgs))
+            except BaseException as e:  # handed to the writer, which stops the run
+                results.put((r, e))
+                return
+    for _ in range(min(concurrency, len(rows))):
+        threading.Thread(target=work, daemon=True).start()
+    last = time.time()
+    for _ in range(len(rows)):
+        r, msgs = results.get()
+        if isinstance(msgs, BaseException):
+            stop.set()
+            if isinstance(msgs, ServerError):
+                raise SystemExit(f"regenerate error: {msgs} (rows written so far are kept: rerun to resume)")
+            raise msgs
+        write(r, msgs)
+        if time.time() - last >= every:
+            progress()
+            last = time.time()
+    progress()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("regenerate", help="replace assistant turns with the target's own responses")
+    r.add_argument("--target", required=True)
+    r.add_argument("--data", required=True)
+    r.add_argument("--out", required=True, help="JSONL; with --num-shards N shard K writes OUT-stem.KK-of-NN.jsonl")
+    r.add_argument("--max-new-tokens", type=int, default=512)
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--num-shards", type=int, default=1)
+    r.add_argument("--shard", type=int, default=0)
+    r.add_argument("--limit", type=int, default=None, help="use only the first N input rows")
+    r.add_argument("--max-turns", type=int, default=1, help="user turns answered per row, each seeing the earlier answers")
+    r.add_argument("--max-prompt-tokens", type=int, default=1024,
+                   help="longer prompts are skipped (counted); the static KV cache holds this + --max-new-tokens")
+    r.add_argument("--enable-thinking", "--thinking", choices=["on", "off"], default=None,
+                   help="enable_thinking for the chat template (train with the same enable_thinking)")
+    r.add_argument("--no-compile", action="store_true", help="eager decode steps (default: compiled on GPU)")
+    r.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="the target's dtype here (default: bf16 on "
+                   "GPU, fp32 on CPU); fp32 answers are the ones bench.py --dtype fp32 decodes")
+    r.add_argument("--server", default=None, help="an OpenAI-compatible server (vLLM, SGLang) serving --target, "
+                   "e.g. http://host:8000; --target then only gives the tokenizer and chat template")
+    r.add_argument("--concurrency", type=int, default=64, help="with --server: rows in flight at once")
+    r.add_argument("--served-model-name", default=None, help="with --server: the server's name of the target "
+                   "(default: the served model whose name ends with --target's folder name)")
+    r.add_argument("--timeout", type=float, default=600.0, help="with --server: seconds one request may take before it is retried")
+    a = ap.parse_args(argv)
+    regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
+               a.limit, a.max_turns, None if a.enable_thinking is None else a.enable_thinking == "on",
+               a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
+               served_model_name=a.served_model_name, timeout=a.timeout, dtype=a.dtype)
+
+
+if __name__ == "__main__":
+    main()

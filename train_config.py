@@ -1,0 +1,217 @@
+"""train.py's config: plain data. Every key has a default and one line of meaning (CONFIG, printed by
+`python train.py --help`), can be set in the YAML file or on the command line (--key=value), and is
+checked for its type, its choices and impossible combinations before anything expensive is loaded,
+failing with one line that names the key.
+"""
+import glob
+import os
+
+import yaml
+
+import model as M
+
+
+# ------------------------------------------------------------------------------------------------
+# Config: plain data. Every key can be set in the YAML file or on the command line (--key=value).
+# Each key: (default, one line of meaning); `python train.py --help` prints these groups.
+
+CONFIG = {
+    "model": dict(
+        target=("assets/SmolLM2-135M-Instruct", "HF folder, or an HF config .json (random weights)"),
+        init_from=("", "a training checkpoint or serving folder to fine-tune from"),
+        num_draft_layers=(5, "decoder layers in the drafter"),
+        block_size=(16, "tokens per block: the anchor plus block_size - 1 drafted tokens"),
+        num_features=(5, "target layers captured as context"),
+        target_layer_ids=([], "0-based target layers captured; empty: the published formula"),
+        mask_token_id=(-1, "a target embedding row real text never uses (required)"),
+        layer_types=([], "one per draft layer: full_attention | sliding_attention; empty: all full"),
+        sliding_window=(0, "sliding layers see context positions >= p - W + 1 (W >= block_size); 0: none"),
+    ),
+    "data": dict(
+        data=("assets/sharegpt_train.jsonl", "conversations (JSON/JSONL glob, HF dataset) or 'synthetic'"),
+        max_length=(3072, "tokens per training row (longer rows are cut)"),
+        min_loss_tokens=(16, "rows with fewer trained tokens are skipped (counted)"),
+        max_rows=(0, "> 0: use only the first max_rows conversations (quick runs)"),
+        enable_thinking=("auto", "auto | on | off: the chat template's thinking mode; match serving"),
+        pad_multiple=(128, "pad batch lengths to a multiple of this (fewer compiled shapes)"),
+        val_rows=(0, "conversations held out of training, scored every val_interval steps"),
+    ),
+    "optimisation": dict(
+        num_anchors=(512, "blocks sampled per sequence (fixed slot count: static shapes)"),
+        loss=("dflash", "dflash (decay-weighted CE) | dpace (acceptance-weighted CE, arXiv 2605.18810)"),
+        gamma=(0.0, "loss decay exp(-(k-1)/gamma); 0: the paper's value for the block size"),
+        dpace_alpha=(0.5, "dpace: s_i = (1 - alpha) p_i + alpha, in [0, 1]"),
+        batch_size=(1, "sequences per rank per micro-batch"),
+        grad_accum=(1, "micro-batches per optimizer step"),
+        epochs=(6, "passes over the data (when max_steps is 0)"),
+        max_steps=(0, "optimizer steps; 0: epochs decide"),
+        lr=(6e-4, "peak learning rate (AdamW)"),
+        min_lr=(0.0, "learning rate at the end of the schedule"),
+        lr_schedule=("cosine", "cosine | wsd | constant"),
+        warmup_ratio=(0.04, "fraction of steps warming up linearly"),
+        decay_ratio=(0.2, "wsd: fraction of steps spent decaying to min_lr"),
+        weight_decay=(0.0, "AdamW weight decay on matrices"),
+        beta1=(0.9, "AdamW beta1"),
+        beta2=(0.95, "AdamW beta2"),
+        grad_clip=(1.0, "clip the global gradient norm to this"),
+        seed=(0, "seed for data order, anchors and init"),
+        max_bad_steps=(5, "consecutive non-finite steps before the run stops"),
+    ),
+    "checkpoints and evaluation": dict(
+        out_dir=("runs/quickstart", "run folder: checkpoints, metrics.jsonl, the exported drafter"),
+        save_interval=(500, "steps between checkpoints; 0: never save or export (speed runs)"),
+        keep_checkpoints=(2, "newest checkpoints kept"),
+        stop_at_step=(0, "end this invocation after step N with a checkpoint (job time limits); "
+                         "the same command resumes"),
+        export_every_save=(False, "also write a serving folder beside every checkpoint"),
+        log_interval=(10, "steps between log lines"),
+        val_interval=(0, "steps between held-out scores (0: at the end only)"),
+        eval_interval=(0, "steps between real speculative-decoding evaluations (0: end only)"),
+        eval_prompts=("sharegpt", "a data.load_prompts name or file; '' disables evaluation"),
+        eval_num_prompts=(8, "prompts decoded per evaluation"),
+        eval_max_new_tokens=(128, "tokens generated per evaluation prompt"),
+        wandb=(False, "also log to Weights & Biases"),
+    ),
+    "speed": dict(
+        device=("auto", "auto | cuda | cpu"),
+        dtype=("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"),
+        attention=("auto", "auto (flex on GPU, dense on CPU) | flex | dense"),
+        compile=(False, "torch.compile each drafter layer"),
+        compile_target=(False, "also torch.compile the target's decoder layers and the lm_head + CE chunks"),
+        shard_target=(False, "shard the frozen target's layers with FSDP2 too (large targets)"),
+        ce_chunk_tokens=(4096, "block tokens per lm_head + CE chunk (memory)"),
+        peak_tflops=(989.0, "dense bf16 peak of one GPU, for MFU (H100/H200 SXM)"),
+        profile_steps=(0, "> 0: profile that many steps after 5 warm-up steps, print the top ops"),
+        profile_trace=(False, "also write profile_trace.json (Chrome trace; minutes for an 8B step)"),
+    ),
+}
+DEFAULTS = {key: default for group in CONFIG.values() for key, (default, _) in group.items()}
+CHOICES = dict(enable_thinking={"auto", "on", "off"}, lr_schedule={"cosine", "wsd", "constant"},
+               device={"auto", "cuda", "cpu"}, dtype={"auto", "bf16", "fp32"},
+               attention={"auto", "flex", "dense"}, loss={"dflash", "dpace"})
+
+
+def usage():
+    lines = ["usage: torchrun [--nproc_per_node=N] train.py --config FILE.yaml [--key=value ...]   (--help: this list)",
+             "       (or python train.py ...: one process). Config keys, YAML or command line:"]
+    for group, keys in CONFIG.items():
+        lines.append(f"\n{group}:")
+        for key, (default, meaning) in keys.items():
+            lines.append(f"  --{key:<20s} {type(default).__name__:5s} {default!r:<30} {meaning}")
+    return "\n".join(lines)
+
+
+def parse_config(argv):
+    """--config FILE and --key=value overrides -> a checked dict. Fails naming the key."""
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        raise SystemExit(0)
+    cfg, overrides, i = dict(DEFAULTS), {}, 0
+    file_values = {}
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"config error: unexpected argument {arg!r}; use --key=value (--help lists the keys)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"config error: --{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        key = key.replace("-", "_")
+        if key == "config":
+            file_values = read_yaml(value)
+        else:
+            overrides[key] = parse_value(value, f"--{key}")
+        i += 1
+    for source, values in (("config file", file_values), ("command line", overrides)):
+        for key, value in values.items():
+            if key not in DEFAULTS:
+                close = [k for k in DEFAULTS if key.split("_")[0] in k]
+                raise SystemExit(f"config error: unknown key {key!r} in the {source}"
+                                 + (f"; did you mean one of {close}?" if close else " (--help lists the keys)"))
+            cfg[key] = coerce(key, value)
+    check_config(cfg)
+    return cfg
+
+
+def parse_value(text, where):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SystemExit(f"config error: {where}: not valid YAML ({str(e).splitlines()[0]})")
+
+
+def read_yaml(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"config error: --config {path!r} does not exist (see configs/ for examples)")
+    with open(path) as f:
+        values = parse_value(f.read(), path) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"config error: {path} should hold `key: value` lines, not a {type(values).__name__}")
+    return values
+
+
+def coerce(key, value):
+    default = DEFAULTS[key]
+    if isinstance(default, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and {"on", "off"} <= CHOICES.get(key, set()):
+        value = "on" if value else "off"  # YAML reads an unquoted on/off as a boolean
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, str)
+        value = value if ok or value is not None else ""
+        ok = ok or value == ""
+    if not ok:
+        raise SystemExit(f"config error: {key}={value!r} should be a {type(default).__name__} "
+                         f"(default {default!r})")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise SystemExit(f"config error: {key}={value!r}; choose one of {sorted(CHOICES[key])}")
+    return value
+
+
+def check_config(c):
+    """Impossible combinations, before anything expensive is loaded."""
+    def need(cond, msg):
+        if not cond:
+            raise SystemExit(f"config error: {msg}")
+    need(c["block_size"] >= 2, f"block_size={c['block_size']}: a block is the anchor plus >= 1 drafted token")
+    need(c["num_anchors"] >= 1, f"num_anchors={c['num_anchors']}: sample at least one anchor per sequence")
+    need(c["num_draft_layers"] >= 1, "num_draft_layers must be >= 1")
+    need(c["batch_size"] >= 1 and c["grad_accum"] >= 1, "batch_size and grad_accum must be >= 1")
+    need(c["max_length"] > c["block_size"], "max_length must exceed block_size")
+    need(c["pad_multiple"] >= 1, "pad_multiple must be >= 1")
+    need(c["epochs"] >= 1 or c["max_steps"] >= 1, "set epochs >= 1 or max_steps >= 1")
+    need(0 <= c["warmup_ratio"] < 1, f"warmup_ratio={c['warmup_ratio']} must be in [0, 1)")
+    need(0 < c["decay_ratio"] <= 1, f"decay_ratio={c['decay_ratio']} must be in (0, 1]")
+    need(0 <= c["min_lr"] <= c["lr"], f"min_lr={c['min_lr']} must be in [0, lr={c['lr']}]")
+    layout = M.layout_problem(c["layer_types"] or ["full_attention"] * c["num_draft_layers"],
+                              c["sliding_window"] or None, c["num_draft_layers"], c["block_size"])
+    need(layout is None, layout)
+    need(0 <= c["dpace_alpha"] <= 1, f"dpace_alpha={c['dpace_alpha']} must be in [0, 1]")
+    need(c["loss"] == "dpace" or c["dpace_alpha"] == DEFAULTS["dpace_alpha"],
+         f"dpace_alpha={c['dpace_alpha']} applies to loss=dpace only: set loss=dpace or drop dpace_alpha")
+    need(c["loss"] == "dflash" or c["gamma"] == 0, f"gamma={c['gamma']} applies to loss=dflash only; "
+         "loss=dpace weights slots by acceptance (drop gamma)")
+    need(c["mask_token_id"] >= 0, "mask_token_id is not set: choose a target embedding row real text "
+         "never uses (Qwen3: 151669, SmolLM2: 16)")
+    need(c["save_interval"] >= 0 and c["log_interval"] >= 1, "save_interval must be >= 0, log_interval >= 1")
+    need(c["keep_checkpoints"] >= 1, "keep_checkpoints must be >= 1")
+    need(c["val_rows"] >= 0 and c["val_interval"] >= 0, "val_rows and val_interval must be >= 0")
+    need(os.path.exists(c["target"]), f"target={c['target']!r} does not exist (run `python recipes/fetch.py` "
+         "for the default assets, or point target at an HF folder or config .json)")
+    looks_local = c["data"].startswith(("/", ".")) or c["data"].endswith((".json", ".jsonl"))
+    need(c["data"] == "synthetic" or glob.glob(c["data"]) or not looks_local,
+         f"data={c['data']!r} does not exist (run `python recipes/fetch.py`, or give a file, folder or HF dataset name)")
+    need(c["init_from"] == "" or os.path.exists(c["init_from"]), f"init_from={c['init_from']!r} does not exist")
