@@ -135,6 +135,7 @@ class EagerRunner:
             block, saved = self.undo
             targets.restore_states(self.states, saved)
             redo, extra = block[: block.shape[0] - extra], block.shape[0]
+            targets.set_state_length(self.states, length - redo.shape[0])
         for layer in self.kv.layers:
             if not targets.is_recurrent(layer):
                 layer.crop(-extra)

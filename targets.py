@@ -261,3 +261,12 @@ def restore_states(layers, saved):
             layer.conv_states[i].copy_(s)
         for i, s in rec.items():
             layer.recurrent_states[i].copy_(s)
+
+
+def set_state_length(layers, length):
+    """transformers 5.25 counts the tokens each linear-attention cache layer has taken in
+    (cumulative_length_linear) and reads the cache's length there when layer 0 is one; the positions of
+    the next forward come from it. After a rollback the count goes back with the states."""
+    for layer in layers:
+        if hasattr(layer, "cumulative_length_linear"):
+            layer.cumulative_length_linear.fill_(length)
