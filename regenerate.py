@@ -50,12 +50,27 @@ def writer_generation_config(target):
         return GenerationConfig.from_model_config(AutoConfig.from_pretrained(target))
 
 
-def load_writer(target, dtype=None):
-    """(tokenizer, model, stop ids) of the target that writes text here: dtype "bf16" or "fp32" (default
-    bf16 on GPU, fp32 on CPU), K/V read once per KV head in decode steps (fast_decode.sdpa_gqa)."""
+def writer_device(shard=0, device=None):
+    """Where this process's target runs: --device if given; else, on a GPU machine, the GPU of its local
+    rank (LOCAL_RANK, as torchrun and most launchers set it) or of its shard (shard k on GPU k mod the
+    GPUs it sees: CUDA_VISIBLE_DEVICES narrows those), so one process per shard fills one GPU each."""
+    if device:
+        return device
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = os.environ.get("LOCAL_RANK")
+    return f"cuda:{int(local) if local is not None else shard % torch.cuda.device_count()}"
+
+
+def load_writer(target, dtype=None, device=None):
+    """(tokenizer, model, stop ids) of the target that writes text here, on `device` (default: cuda if
+    there is one, else cpu): dtype "bf16" or "fp32" (default bf16 on GPU, fp32 on CPU), K/V read once
+    per KV head in decode steps (fast_decode.sdpa_gqa)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("bf16" if dev == "cuda" else "fp32")]
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(dev).type == "cuda" and torch.device(dev).index is not None:
+        torch.cuda.set_device(dev)  # compiled steps and CUDA graphs are captured on the current device
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("fp32" if dev == "cpu" else "bf16")]
     tok = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(dev).eval()
     fast_decode.use_gqa_attention(model)
@@ -279,7 +294,8 @@ def server_answerer(server, name, tokenizer, stops, max_new_tokens, temperature,
 
 def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_size=64, num_shards=1,
                shard=0, limit=None, max_turns=1, enable_thinking=None, max_prompt_tokens=1024, compile=None, log=print,
-               server=None, concurrency=64, served_model_name=None, timeout=600.0, retries=10, backoff=1.0, dtype=None):
+               server=None, concurrency=64, served_model_name=None, timeout=600.0, retries=10, backoff=1.0, dtype=None,
+               device=None):
     """Write {"id", "index", "messages"} rows whose assistant turns are the target's own answers
     (with their "token_ids"). Turn t+1 is prompted with the target's answer to turn t, as text
     rendered by the template. Rows already in OUT are skipped, so a killed run just restarts.
@@ -315,7 +331,9 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         stops = stop_ids(tok, writer_generation_config(target))
         answer = server_answerer(server, name, tok, stops, max_new_tokens, temperature, timeout, retries, backoff, log)
     else:
-        tok, model, stops = load_writer(target, dtype)
+        device = writer_device(shard, device)
+        log(f"regenerate: the target writes on {device}" + (f" (shard {shard} of {num_shards})" if num_shards > 1 else ""))
+        tok, model, stops = load_writer(target, dtype, device)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
         batch_size = min(batch_size, len(todo))  # a static batch: no wider than the rows
         decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
@@ -417,6 +435,8 @@ def main(argv=None):
     r.add_argument("--no-compile", action="store_true", help="eager decode steps (default: compiled on GPU)")
     r.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="the target's dtype here (default: bf16 on "
                    "GPU, fp32 on CPU); fp32 answers are the ones bench.py --dtype fp32 decodes")
+    r.add_argument("--device", default=None, help="cuda:N or cpu (default: the GPU of LOCAL_RANK, else GPU shard mod "
+                   "the visible GPUs, else cpu)")
     r.add_argument("--server", default=None, help="an OpenAI-compatible server (vLLM, SGLang) serving --target, "
                    "e.g. http://host:8000; --target then only gives the tokenizer and chat template")
     r.add_argument("--concurrency", type=int, default=64, help="with --server: rows in flight at once")
@@ -427,7 +447,7 @@ def main(argv=None):
     regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
                a.limit, a.max_turns, None if a.enable_thinking is None else a.enable_thinking == "on",
                a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
-               served_model_name=a.served_model_name, timeout=a.timeout, dtype=a.dtype)
+               served_model_name=a.served_model_name, timeout=a.timeout, dtype=a.dtype, device=a.device)
 
 
 if __name__ == "__main__":

@@ -2439,6 +2439,37 @@ def test_regenerate_greedy_aligned_and_resumable(tmp_path):
 
 
 @need_assets
+def test_regeneration_shards_take_their_own_gpus(tmp_path, monkeypatch):
+    """One process per shard (the README's multi-GPU line) writes on GPU shard mod the GPUs it sees
+    (CUDA_VISIBLE_DEVICES narrows those); LOCAL_RANK (torchrun) and --device come first; no GPU: the CPU."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert regenerate.writer_device(3) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert [regenerate.writer_device(k) for k in range(10)] == [f"cuda:{k}" for k in range(8)] + ["cuda:0", "cuda:1"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES=K: the one GPU it sees
+    assert regenerate.writer_device(5) == "cuda:0"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert regenerate.writer_device(0) == "cuda:2" and regenerate.writer_device(0, "cpu") == "cpu"
+    # the command line as the README writes it: shards 0 and 1 ask for two different GPUs
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    asked = []
+
+    def writer(target, dtype, device):
+        asked.append(device)
+        raise SystemExit("stop before loading weights")
+    monkeypatch.setattr(regenerate, "load_writer", writer)
+    inp = regen_input(tmp_path)
+    for k in (0, 1):
+        with pytest.raises(SystemExit, match="stop before"):
+            regenerate.main(["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(tmp_path / "r.jsonl"),
+                             "--num-shards", "2", "--shard", str(k)])
+    assert asked == ["cuda:0", "cuda:1"]
+
+
+@need_assets
 def test_regenerate_shards(tmp_path):
     inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
     paths = [regenerate.regenerate(SMOL, str(inp), str(out), max_new_tokens=1, batch_size=8, num_shards=2, shard=k, max_prompt_tokens=64, log=lambda s: None) for k in range(2)]
