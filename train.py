@@ -48,6 +48,13 @@ def get_lr(step, total, c):
     return c["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (c["lr"] - c["min_lr"])
 
 
+def adamw_settings(c):
+    """AdamW's settings per parameter group (matrices, then the rest): set when the optimizer is built,
+    and again after a resume, whose optimizer state brings back the values it was saved with."""
+    betas = (c["beta1"], c["beta2"])
+    return [dict(weight_decay=c["weight_decay"], betas=betas), dict(weight_decay=0.0, betas=betas)]
+
+
 # ------------------------------------------------------------------------------------------------
 # Throughput accounting (the README explains the count)
 
@@ -173,9 +180,9 @@ def setup(c):
             fully_shard(layer, mesh=mesh)
     decay = [p for p in r.drafter.parameters() if p.dim() >= 2]
     no_decay = [p for p in r.drafter.parameters() if p.dim() < 2]
-    r.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c["weight_decay"]},
-                                     {"params": no_decay, "weight_decay": 0.0}],
-                                    lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=1e-8, fused=kind == "cuda")
+    matrices, rest = adamw_settings(c)
+    r.optimizer = torch.optim.AdamW([{"params": decay, **matrices}, {"params": no_decay, **rest}],
+                                    lr=c["lr"], eps=1e-8, fused=kind == "cuda")
     r.flops = flops_per_token_counts(r.target, r.dcfg, c["num_anchors"])
     return r
 
@@ -333,6 +340,8 @@ def main(argv=None):
         step, position, skipped = state["step"], state["data_position"], state["skipped_steps"]
         torch.set_rng_state(torch.tensor(state["cpu_rng"], dtype=torch.uint8))
         r.log(f"resumed from {resume} at step {step}")
+        for group, settings in zip(r.optimizer.param_groups, adamw_settings(c)):
+            group.update(settings)
     open_logs(r, step)
     batches = D.iterate_batches(r.dataset, c["batch_size"], seed=c["seed"], rank=r.rank, world_size=r.world,
                                 pad_multiple=c["pad_multiple"], pad_id=r.pad_id, start=position, max_length=c["max_length"])
