@@ -2921,11 +2921,26 @@ def test_config_numbers_files_and_yaml_errors(tmp_path):
     (tmp_path / "broken.yaml").write_text("lr: [1,\n")
     with pytest.raises(SystemExit, match="broken.yaml: not valid YAML"):
         train_config.parse_config([f"--config={tmp_path / 'broken.yaml'}"])
-    # through the script: one line, exit 2, no traceback (and under torchrun: printed once)
-    for nproc in (1, 2):
-        r = run_train(train_args(tmp_path, lr="abc"), nproc=nproc)
-        assert r.returncode != 0 and "Traceback" not in r.stderr + r.stdout, r.stderr[-2000:]
-        assert (r.stderr + r.stdout).count("config error: lr='abc' should be a float") == 1
+    # through the script: one line, exit 2, no traceback (under torchrun: the next test)
+    r = run_train(train_args(tmp_path, lr="abc"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr[-2000:]
+    assert (r.stderr + r.stdout).count("config error: lr='abc' should be a float") == 1
+
+
+def test_config_error_under_torchrun_is_our_line_and_the_root_cause(tmp_path):
+    """torchrun --nproc_per_node=2 train.py --bad_key=1, rank 0 started 3 s late (the case where the other
+    rank would fail first): rank 0 prints the line once, exits 2 first and hands the line to torchrun (its
+    error file), whose summary names rank 0 as the root cause with it. torchrun itself exits 1 after its own
+    traceback, whatever the workers' code: nothing is signalled ("Killed")."""
+    line = "config error: unknown key 'bad_key' in the command line; did you mean one of ['max_bad_steps']?"
+    late_rank_0 = f'if [ "$LOCAL_RANK" = 0 ]; then sleep 3; fi; exec {sys.executable} train.py --bad_key=1'
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--no-python", "sh", "-c", late_rank_0], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert r.stderr.splitlines().count(line) == 1 and line not in r.stdout
+    root_cause = r.stderr[r.stderr.index("Root Cause (first observed failure):"):]
+    assert re.search(r"rank +: 0 \(local_rank: 0\)\n +exitcode +: 2 \(pid", root_cause)
+    assert f"traceback : {line}\n" in root_cause
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import glob
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -490,15 +489,19 @@ if __name__ == "__main__":
     except SystemExit as e:
         if not isinstance(e.code, str):
             raise
-        # a config or data error: one line, once, exit 2, no traceback
+        # a config or data error: one line, once, exit 2, no traceback of ours
         if int(os.environ.get("RANK", 0)) == 0:
             print(e.code, file=sys.stderr, flush=True)
-        if "TORCHELASTIC_RUN_ID" in os.environ:
-            # torchrun answers any failed worker with its own traceback, which buries the one line
-            # that matters; every rank fails the same check, so end this host's launcher quietly
-            # (local rank 0 first, after printing; the others only if it has not)
-            launcher = os.getppid()
-            time.sleep(0 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 5)
-            if os.getppid() == launcher:  # not yet ended (an orphan's parent is init: never signal it)
-                os.kill(launcher, signal.SIGKILL)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            # under torchrun, whose summary names the first failed worker's error file as the root cause.
+            # Every rank fails the same check: local rank 0 (global rank 0 on the first host) ends first,
+            # after printing, and torchrun stops the others while they wait here (a rank alone in its
+            # error ends after 30 s). torchrun itself then prints its own traceback and exits 1 whatever
+            # the workers' code: it never passes one on
+            if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+                time.sleep(30)
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": {"message": e.code, "extraInfo": {
+                    "py_callstack": e.code, "timestamp": str(int(time.time()))}}}, f)
+        sys.stdout.flush()
         os._exit(2)
