@@ -1,9 +1,13 @@
 """The run format: how a training run keeps its state on disk so that a kill, a crash or a damaged file
 never costs more than the steps since the last checkpoint.
 
-    RUN/checkpoints/step_N/   DCP shards (model + optimizer), train_state.json, dflash_config.json,
-                              target_config.json, checksums.json (sha256 of every file, written last)
+    RUN/checkpoints/step_N/   DCP shards (model + optimizer), train_state.json (step, data position, the
+                              config and its stretches), dflash_config.json, target_config.json,
+                              checksums.json (sha256 of every file, written last)
     RUN/metrics.jsonl         one record per log interval, validation and evaluation
+    RUN/train_config.json     the resolved config, and "stretches": from which step which values held
+                              (train_config.check_resume says which keys a resume may change)
+    RUN/drafter/              the serving folder, exported at the end
 
 A checkpoint is written into step_N.tmp and renamed when complete; a folder whose files differ from its
 checksums is named, set aside as step_N.damaged, and the run resumes from the one before. Serving
@@ -144,6 +148,36 @@ def gathered_checksum_problems(folder, rank):
     return [p for part in parts for p in part]
 
 
+def saved_run(out_dir):
+    """(the newest checkpoint, its train state) for the checks before anything loads, or (None, None).
+    Its files are verified when it loads; should it be damaged then, the one before it was trained with
+    the same shape and data (a resume never changes them)."""
+    path = latest_checkpoint(out_dir)
+    try:
+        return (path, read_train_state(path, out_dir)) if path else (None, None)
+    except (OSError, ValueError):  # unreadable: the resume names the damage and falls back
+        return None, None
+
+
+def read_train_state(path, out_dir):
+    """A checkpoint's train_state.json. Checkpoints from before it kept the config get the run's
+    train_config.json as theirs: the values of the run's last invocation, the best record they have."""
+    with open(os.path.join(path, "train_state.json")) as f:
+        state = json.load(f)
+    run_config = os.path.join(out_dir, "train_config.json")
+    if "config" not in state and os.path.exists(run_config):
+        with open(run_config) as f:
+            state["config"] = json.load(f)
+    return state
+
+
+def export_is_current(folder, checkpoint):
+    """The serving folder exists and was written after the checkpoint (a run's export follows its last
+    save; one from before a later max_steps is stale)."""
+    config, saved = os.path.join(folder, "config.json"), os.path.join(checkpoint, "train_state.json")
+    return os.path.exists(config) and os.path.getmtime(config) >= os.path.getmtime(saved)
+
+
 def resume_checkpoint(out_dir, drafter, optimizer, rank, log):
     """Load the newest intact checkpoint -> (its path, train state), or (None, None). A damaged one
     (a file that differs from its checksum or is missing) is named, moved to step_N.damaged, and the
@@ -151,7 +185,8 @@ def resume_checkpoint(out_dir, drafter, optimizer, rank, log):
     while path := latest_checkpoint(out_dir):  # complete checkpoints only: *.tmp is an interrupted save
         problems = gathered_checksum_problems(path, rank)
         if not problems:
-            return path, load_checkpoint(path, drafter, optimizer)
+            load_checkpoint(path, drafter, optimizer)
+            return path, read_train_state(path, out_dir)
         log(f"checkpoint {path} is damaged ({'; '.join(problems)}): moved to {path}.damaged; "
             "resuming from the newest intact one before it")
         if rank == 0:
@@ -187,8 +222,6 @@ def load_checkpoint(path, drafter, optimizer):
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(drafter, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(path, "train_state.json")) as f:
-        return json.load(f)
 
 
 def full_state_dict(drafter):

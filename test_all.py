@@ -2787,6 +2787,98 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_with_a_changed_shape_or_data_is_one_line_before_anything_loads(tmp_path, monkeypatch):
+    """A run with a checkpoint at step 2, rerun with another drafter shape, seed or sequences per step:
+    one line naming each changed key (old -> new) and the ways forward, nothing loaded or written.
+    The same sequences per step split another way (batch 1 x accumulation 2) resume as if never stopped."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert T.main(train_args(b, stop_at_step=2)) == 0
+    run, ckpt = b / "run", b / "run" / "checkpoints" / "step_00000002"
+    written = {f: (run / f).read_bytes() for f in ("metrics.jsonl", "train_config.json")}
+    monkeypatch.setattr(T, "setup", lambda c: pytest.fail("setup ran: the check came after loading"))
+    with pytest.raises(SystemExit) as e:
+        T.main(train_args(b, num_draft_layers=3, seed=1))
+    msg = e.value.code
+    assert isinstance(msg, str) and "\n" not in msg and msg.startswith("config error: ")  # train.py prints it alone
+    assert "changed num_draft_layers 2 -> 3, seed 0 -> 1:" in msg
+    assert "train in a new out_dir" in msg and f"init_from={ckpt} (keeping num_draft_layers=2)" in msg
+    with pytest.raises(SystemExit) as e:
+        T.main(train_args(b, batch_size=1))
+    assert "changed batch_size x grad_accum x ranks 2 -> 1:" in e.value.code
+    assert "keep batch_size x grad_accum x ranks at 2 to resume" in e.value.code
+    assert {f: (run / f).read_bytes() for f in written} == written
+    monkeypatch.undo()
+    assert T.main(train_args(a)) == 0
+    assert T.main(train_args(b, batch_size=1, grad_accum=2)) == 0
+    assert losses(run) == pytest.approx(losses(a / "run"), rel=1e-5)
+
+
+def test_resume_with_a_changed_lr_takes_it_says_so_and_keeps_the_history(tmp_path, monkeypatch, capsys):
+    """Stopped at step 3, resumed with another lr, weight decay and beta2 (stopped at 5, then the same
+    again): the same losses and weights as one run whose optimizer is switched to those values by hand
+    at step 3; one line says what changed, train_config.json keeps both stretches, metrics.jsonl the lr."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    new = dict(lr=5e-4, weight_decay=0.5, beta2=0.9)
+    real_step = T.train_step
+
+    def switched_at_3(r, batches, step):
+        if step >= 3:
+            for group, decay in zip(r.optimizer.param_groups, (0.5, 0.0)):
+                group.update(lr=T.get_lr(step, 6, dict(r.c, lr=5e-4)), weight_decay=decay, betas=(0.9, 0.9))
+        return real_step(r, batches, step)
+
+    monkeypatch.setattr(T, "train_step", switched_at_3)
+    assert T.main(train_args(a)) == 0
+    monkeypatch.undo()
+    assert T.main(train_args(b, stop_at_step=3)) == 0
+    capsys.readouterr()
+    assert T.main(train_args(b, stop_at_step=5, **new)) == 0
+    assert ("resuming at step 3 with lr 0.0005 (was 0.001 for steps 0-3), weight_decay 0.5 (was 0 for steps 0-3), "
+            "beta2 0.9 (was 0.95 for steps 0-3)\n") in capsys.readouterr().out
+    assert T.main(train_args(b, **new)) == 0
+    assert "resuming at step" not in capsys.readouterr().out  # nothing changed at step 5
+    assert losses(b / "run") == losses(a / "run")
+    wa, _, _ = C.read_checkpoint(str(a / "run"))
+    wb, _, _ = C.read_checkpoint(str(b / "run"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with open(b / "run" / "metrics.jsonl") as f:
+        lrs = [rec["lr"] for rec in map(json.loads, f)]
+    c = dict(train_config.DEFAULTS, lr=1e-3, warmup_ratio=0.2)
+    assert lrs == [T.get_lr(s, 6, c) for s in range(3)] + [T.get_lr(s, 6, dict(c, lr=5e-4)) for s in range(3, 6)]
+    with open(b / "run" / "train_config.json") as f:
+        saved = json.load(f)
+    assert saved["lr"] == 5e-4 and saved["stretches"] == [
+        {"from_step": 0, "lr": 1e-3, "weight_decay": 0.0, "beta2": 0.95},
+        {"from_step": 3, "lr": 5e-4, "weight_decay": 0.5, "beta2": 0.9}]
+
+
+def test_rerun_of_a_finished_run_does_nothing_and_says_so(tmp_path, monkeypatch, capsys):
+    """A run at its last step with its drafter exported: the same command (a changed lr too: no step is
+    left to use it) prints one line and returns 0 without loading, exporting or writing anything; a
+    max_steps below the checkpoint is an error; a higher one trains on."""
+    assert T.main(train_args(tmp_path, max_steps=3)) == 0
+    run = tmp_path / "run"
+    written = {f: (run / f).read_bytes() for f in ("metrics.jsonl", "train_config.json")}
+    exported = (run / "drafter" / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(T, "setup", lambda c: pytest.fail("setup ran: the finished run loaded its models"))
+    monkeypatch.setattr(T, "export", lambda r, out: pytest.fail("exported again"))
+    capsys.readouterr()
+    assert T.main(train_args(tmp_path, max_steps=3, lr=5e-4)) == 0
+    assert capsys.readouterr().out == (f"{run} is finished: step 3 of 3, its drafter is in {run / 'drafter'}; "
+                                       "nothing to do (to train further, raise max_steps above 3 and run again)\n")
+    assert {f: (run / f).read_bytes() for f in written} == written
+    assert (run / "drafter" / "model.safetensors").stat().st_mtime_ns == exported
+    with pytest.raises(SystemExit, match=r"max_steps=2 \(epochs=6\) ends this run at step 2, but .*step_00000003 "
+                                         "is at step 3 already: raise max_steps"):
+        T.main(train_args(tmp_path, max_steps=2))
+    monkeypatch.undo()
+    assert T.main(train_args(tmp_path, max_steps=4)) == 0
+    assert "resuming at step 3 with max_steps 4 (was 3 for steps 0-3)" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 # ------------------------------------------------------------------------------------------------
 # train_config.py: keys, types, impossible combinations
 
@@ -2860,11 +2952,26 @@ def test_config_numbers_files_and_yaml_errors(tmp_path):
     (tmp_path / "broken.yaml").write_text("lr: [1,\n")
     with pytest.raises(SystemExit, match="broken.yaml: not valid YAML"):
         train_config.parse_config([f"--config={tmp_path / 'broken.yaml'}"])
-    # through the script: one line, exit 2, no traceback (and under torchrun: printed once)
-    for nproc in (1, 2):
-        r = run_train(train_args(tmp_path, lr="abc"), nproc=nproc)
-        assert r.returncode != 0 and "Traceback" not in r.stderr + r.stdout, r.stderr[-2000:]
-        assert (r.stderr + r.stdout).count("config error: lr='abc' should be a float") == 1
+    # through the script: one line, exit 2, no traceback (under torchrun: the next test)
+    r = run_train(train_args(tmp_path, lr="abc"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr[-2000:]
+    assert (r.stderr + r.stdout).count("config error: lr='abc' should be a float") == 1
+
+
+def test_config_error_under_torchrun_is_our_line_and_the_root_cause(tmp_path):
+    """torchrun --nproc_per_node=2 train.py --bad_key=1, rank 0 started 3 s late (the case where the other
+    rank would fail first): rank 0 prints the line once, exits 2 first and hands the line to torchrun (its
+    error file), whose summary names rank 0 as the root cause with it. torchrun itself exits 1 after its own
+    traceback, whatever the workers' code: nothing is signalled ("Killed")."""
+    line = "config error: unknown key 'bad_key' in the command line; did you mean one of ['max_bad_steps']?"
+    late_rank_0 = f'if [ "$LOCAL_RANK" = 0 ]; then sleep 3; fi; exec {sys.executable} train.py --bad_key=1'
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--no-python", "sh", "-c", late_rank_0], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert r.stderr.splitlines().count(line) == 1 and line not in r.stdout
+    root_cause = r.stderr[r.stderr.index("Root Cause (first observed failure):"):]
+    assert re.search(r"rank +: 0 \(local_rank: 0\)\n +exitcode +: 2 \(pid", root_cause)
+    assert f"traceback : {line}\n" in root_cause
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import glob
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -27,7 +26,7 @@ import model as M
 import targets
 from checkpoints import full_state_dict, resume_checkpoint, save_checkpoint, trim_metrics
 from convert import export_drafter, load_drafter
-from train_config import parse_config
+from train_config import check_resume, parse_config, resumed_stretches, stretch_record
 
 # ------------------------------------------------------------------------------------------------
 # Learning rate: a function of the step, so resuming needs nothing but the step
@@ -46,6 +45,13 @@ def get_lr(step, total, c):
     else:
         progress = (step - warmup) / max(1, total - warmup)
     return c["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (c["lr"] - c["min_lr"])
+
+
+def adamw_settings(c):
+    """AdamW's settings per parameter group (matrices, then the rest): set when the optimizer is built,
+    and again after a resume, whose optimizer state brings back the values it was saved with."""
+    betas = (c["beta1"], c["beta2"])
+    return [dict(weight_decay=c["weight_decay"], betas=betas), dict(weight_decay=0.0, betas=betas)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,9 +179,9 @@ def setup(c):
             fully_shard(layer, mesh=mesh)
     decay = [p for p in r.drafter.parameters() if p.dim() >= 2]
     no_decay = [p for p in r.drafter.parameters() if p.dim() < 2]
-    r.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c["weight_decay"]},
-                                     {"params": no_decay, "weight_decay": 0.0}],
-                                    lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=1e-8, fused=kind == "cuda")
+    matrices, rest = adamw_settings(c)
+    r.optimizer = torch.optim.AdamW([{"params": decay, **matrices}, {"params": no_decay, **rest}],
+                                    lr=c["lr"], eps=1e-8, fused=kind == "cuda")
     r.flops = flops_per_token_counts(r.target, r.dcfg, c["num_anchors"])
     return r
 
@@ -186,7 +192,7 @@ def open_logs(r, step):
     if r.rank != 0:
         return
     with open(os.path.join(c["out_dir"], "train_config.json"), "w") as f:  # not config.json: a serving folder's
-        json.dump(c, f, indent=1)
+        json.dump({**c, "stretches": stretch_record(r.stretches)}, f, indent=1)
     trim_metrics(os.path.join(c["out_dir"], "metrics.jsonl"), step)
     r.metrics_file = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a")
     if c["wandb"]:
@@ -289,41 +295,22 @@ class Meter:
 
 
 def checkpoint(r, step, position, skipped):
-    state = dict(step=step, data_position=position, skipped_steps=skipped, cpu_rng=torch.get_rng_state().tolist())
+    state = dict(step=step, data_position=position, skipped_steps=skipped, cpu_rng=torch.get_rng_state().tolist(),
+                 config=r.c, stretches=r.stretches, total_steps=r.total_steps, steps_per_epoch=r.steps_per_epoch,
+                 sequences_per_step=r.c["batch_size"] * r.c["grad_accum"] * r.world)  # what check_resume compares
     path = save_checkpoint(r.c["out_dir"], step, r.drafter, r.optimizer, state, r.dcfg, r.target_config,
                            r.c["keep_checkpoints"], r.rank)
     r.log(f"saved {path}")
     return path
 
 
-def start_profiler(c):
-    """Where a step's time goes (target, mask, drafter, lm_head + CE, optimizer, comms): 5 warm-up steps,
-    then profile_steps profiled ones; report_profile prints them."""
-    if not c["profile_steps"]:
-        return None
-    profiler = torch.profiler.profile(schedule=torch.profiler.schedule(
-        wait=0, warmup=5, active=c["profile_steps"], repeat=1), record_shapes=False)
-    profiler.start()
-    return profiler
-
-
-def report_profile(r, profiler):
-    profiler.step()
-    if profiler.step_num < 5 + r.c["profile_steps"]:
-        return profiler
-    profiler.stop()
-    events, n = profiler.key_averages(), r.c["profile_steps"]
-    for e in sorted((e for e in events if e.key.startswith("dflash:")), key=lambda e: e.key):
-        dev = getattr(e, "device_time_total", 0) / 1e3 / n
-        r.log(f"profile {e.key:24s} {e.cpu_time_total / 1e3 / n:8.1f} ms/step on the host, {dev:8.1f} ms/step on the device")
-    r.log(events.table(sort_by="self_cuda_time_total" if r.device.type == "cuda" else "self_cpu_time_total", row_limit=20))
-    if r.rank == 0 and r.c["profile_trace"]:
-        profiler.export_chrome_trace(os.path.join(r.c["out_dir"], "profile_trace.json"))
-    return None
-
-
 def main(argv=None):
     c = parse_config(sys.argv[1:] if argv is None else argv)
+    finished = check_resume(c)  # before anything loads: a changed shape or data stops here, a finished run ends here
+    if finished:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(finished)
+        return 0
     r = setup(c)
 
     # --- resume: the same command after a crash continues from the newest intact checkpoint
@@ -333,6 +320,9 @@ def main(argv=None):
         step, position, skipped = state["step"], state["data_position"], state["skipped_steps"]
         torch.set_rng_state(torch.tensor(state["cpu_rng"], dtype=torch.uint8))
         r.log(f"resumed from {resume} at step {step}")
+        for group, settings in zip(r.optimizer.param_groups, adamw_settings(c)):
+            group.update(settings)
+    r.stretches = resumed_stretches(state, c, step, r.log)  # a changed lr, schedule, loss...: said and recorded
     open_logs(r, step)
     batches = D.iterate_batches(r.dataset, c["batch_size"], seed=c["seed"], rank=r.rank, world_size=r.world,
                                 pad_multiple=c["pad_multiple"], pad_id=r.pad_id, start=position, max_length=c["max_length"])
@@ -396,6 +386,32 @@ def main(argv=None):
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def start_profiler(c):
+    """Where a step's time goes (target, mask, drafter, lm_head + CE, optimizer, comms): 5 warm-up steps,
+    then profile_steps profiled ones; report_profile prints them."""
+    if not c["profile_steps"]:
+        return None
+    profiler = torch.profiler.profile(schedule=torch.profiler.schedule(
+        wait=0, warmup=5, active=c["profile_steps"], repeat=1), record_shapes=False)
+    profiler.start()
+    return profiler
+
+
+def report_profile(r, profiler):
+    profiler.step()
+    if profiler.step_num < 5 + r.c["profile_steps"]:
+        return profiler
+    profiler.stop()
+    events, n = profiler.key_averages(), r.c["profile_steps"]
+    for e in sorted((e for e in events if e.key.startswith("dflash:")), key=lambda e: e.key):
+        dev = getattr(e, "device_time_total", 0) / 1e3 / n
+        r.log(f"profile {e.key:24s} {e.cpu_time_total / 1e3 / n:8.1f} ms/step on the host, {dev:8.1f} ms/step on the device")
+    r.log(events.table(sort_by="self_cuda_time_total" if r.device.type == "cuda" else "self_cpu_time_total", row_limit=20))
+    if r.rank == 0 and r.c["profile_trace"]:
+        profiler.export_chrome_trace(os.path.join(r.c["out_dir"], "profile_trace.json"))
+    return None
 
 
 @torch.no_grad()
@@ -473,15 +489,19 @@ if __name__ == "__main__":
     except SystemExit as e:
         if not isinstance(e.code, str):
             raise
-        # a config or data error: one line, once, exit 2, no traceback
+        # a config or data error: one line, once, exit 2, no traceback of ours
         if int(os.environ.get("RANK", 0)) == 0:
             print(e.code, file=sys.stderr, flush=True)
-        if "TORCHELASTIC_RUN_ID" in os.environ:
-            # torchrun answers any failed worker with its own traceback, which buries the one line
-            # that matters; every rank fails the same check, so end this host's launcher quietly
-            # (local rank 0 first, after printing; the others only if it has not)
-            launcher = os.getppid()
-            time.sleep(0 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 5)
-            if os.getppid() == launcher:  # not yet ended (an orphan's parent is init: never signal it)
-                os.kill(launcher, signal.SIGKILL)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            # under torchrun, whose summary names the first failed worker's error file as the root cause.
+            # Every rank fails the same check: local rank 0 (global rank 0 on the first host) ends first,
+            # after printing, and torchrun stops the others while they wait here (a rank alone in its
+            # error ends after 30 s). torchrun itself then prints its own traceback and exits 1 whatever
+            # the workers' code: it never passes one on
+            if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+                time.sleep(30)
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": {"message": e.code, "extraInfo": {
+                    "py_callstack": e.code, "timestamp": str(int(time.time()))}}}, f)
+        sys.stdout.flush()
         os._exit(2)

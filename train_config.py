@@ -215,3 +215,119 @@ def check_config(c):
     need(c["data"] == "synthetic" or glob.glob(c["data"]) or not looks_local,
          f"data={c['data']!r} does not exist (run `python recipes/fetch.py`, or give a file, folder or HF dataset name)")
     need(c["init_from"] == "" or os.path.exists(c["init_from"]), f"init_from={c['init_from']!r} does not exist")
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming with a changed config. The same command continues a run from its newest checkpoint; what
+# may differ from the values that checkpoint was trained with depends on what the key decides:
+# - the drafter's shape and the rows it trains on, in their order (RESUME_FIXED): the checkpoint's
+#   weights and data position mean nothing under other values. A change stops the run before anything
+#   loads, naming the keys and the ways forward. So does a changed number of sequences per step
+#   (batch_size x grad_accum x ranks): a step is that many rows of the data order, which the data
+#   position and an epochs-based run length count in. How they split between the three is a memory
+#   choice with the same maths (tested), so moving 8 GPUs to 4 with grad_accum doubled resumes;
+# - the maths of the steps still to come (RESUME_STRETCH: run length, schedule, AdamW, loss): taken,
+#   said in one line, and recorded as a new stretch of the run's history;
+# - everything else changes freely and silently: logging, checkpoint cadence, evaluation, speed knobs,
+#   max_bad_steps, pad_multiple (a row's anchors do not depend on its padding) and the batch split.
+
+RESUME_FIXED = ("target", "init_from", "num_draft_layers", "block_size", "num_features", "target_layer_ids",
+                "mask_token_id", "layer_types", "sliding_window", "data", "max_length", "min_loss_tokens",
+                "max_rows", "enable_thinking", "val_rows", "seed")
+SHAPE = RESUME_FIXED[2:9]  # the keys that init_from cannot change either: the weights have that shape
+RESUME_STRETCH = ("max_steps", "epochs", "lr", "min_lr", "lr_schedule", "warmup_ratio", "decay_ratio",
+                  "weight_decay", "beta1", "beta2", "grad_clip", "num_anchors", "loss", "gamma", "dpace_alpha")
+PER_STEP = "batch_size x grad_accum x ranks"
+
+
+def check_resume(c):
+    """Before anything loads, against the newest checkpoint in out_dir. A changed RESUME_FIXED key (or
+    sequences per step) is a one-line error; a run at its last step whose drafter is exported returns
+    the line that says so (there is nothing to do). None: train, from the start or resumed."""
+    from checkpoints import export_is_current, saved_run  # the run format's reader
+    path, state = saved_run(c["out_dir"])
+    if path is None:
+        return None
+    step = state["step"]
+    changes = fixed_changes(state, c, int(os.environ.get("WORLD_SIZE", 1)))
+    if changes:
+        raise SystemExit(fixed_error(c, path, state, changes))
+    total = c["max_steps"] or state.get("steps_per_epoch", 0) * c["epochs"]  # 0: not known before the data loads
+    if total and total < step:
+        raise SystemExit(f"config error: max_steps={c['max_steps']} (epochs={c['epochs']}) ends this run at step "
+                         f"{total}, but {path} is at step {step} already: raise max_steps to train further")
+    drafter = os.path.join(c["out_dir"], "drafter")
+    if total == step and export_is_current(drafter, path):
+        return (f"{c['out_dir']} is finished: step {step} of {total}, its drafter is in {drafter}; nothing to do "
+                f"(to train further, raise max_steps above {step} and run again)")
+    return None
+
+
+def fixed_error(c, path, state, changes):
+    """The one line for a resume with changed fixed keys: what changed, and the ways forward."""
+    old = state["config"]
+    kept = [f"{k}={show(old[k])}" for k in SHAPE if k in old and old[k] != c[k]]  # init_from needs the old shape
+    per_step = any(change.startswith(PER_STEP) for change in changes)
+    return (f"config error: resuming {c['out_dir']} (checkpoints up to step {state['step']}) with changed "
+            f"{', '.join(changes)}: a run keeps its drafter's shape, starting weights and rows throughout. "
+            f"To use the new values, train in a new out_dir, or start a new run from these weights with a new "
+            f"out_dir and init_from={path}" + (f" (keeping {' '.join(kept)})" if kept else "")
+            + (f"; or keep {PER_STEP} at {state['sequences_per_step']} to resume" if per_step else ""))
+
+
+def fixed_changes(state, c, world):
+    """'key old -> new' for each RESUME_FIXED key, and the sequences per step, that differ from a
+    checkpoint's train state (checkpoints from before it kept them: the keys it has)."""
+    old = state.get("config") or {}
+    changes = [f"{k} {show(old[k])} -> {show(c[k])}" for k in RESUME_FIXED if k in old and not same(k, old[k], c[k])]
+    per_step = c["batch_size"] * c["grad_accum"] * world
+    if state.get("sequences_per_step", per_step) != per_step:
+        changes.append(f"{PER_STEP} {state['sequences_per_step']} -> {per_step}")
+    return changes
+
+
+def same(key, old, new):
+    if key == "init_from" and not new:
+        return True  # cleared: a resume starts from its checkpoint anyway (and the source may be gone)
+    if key in ("target", "init_from", "data") and old and new:
+        return os.path.realpath(old) == os.path.realpath(new)  # the same file, however the path is written
+    return old == new
+
+
+def show(value):
+    return repr(value) if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def resumed_stretches(state, c, step, log):
+    """The run's stretches, [{"from_step": s, key: value for RESUME_STRETCH}], continued from a resumed
+    checkpoint's train state (None: a new run). Values that differ from the last stretch's start a new
+    one at `step`, said in one line. The checkpoints keep the list: a resume from an earlier checkpoint
+    forgets the stretches past it, as metrics.jsonl forgets their records."""
+    now = {k: c[k] for k in RESUME_STRETCH}
+    if state is None:
+        return [dict(from_step=0, **now)]
+    old = state.get("config") or now  # a checkpoint from before the config was kept: history starts here
+    stretches = state.get("stretches") or [dict(from_step=0, **{k: old.get(k, now[k]) for k in now})]
+    changed = [k for k in now if stretches[-1].get(k, now[k]) != now[k]]
+    if not changed:
+        return stretches
+    was = {k: f"was {show(stretches[-1][k])} for steps {held_since(stretches, k)}-{step}" for k in changed}
+    log(f"resuming at step {step} with " + ", ".join(f"{k} {show(now[k])} ({was[k]})" for k in changed))
+    return stretches + [dict(from_step=step, **now)]
+
+
+def held_since(stretches, key):
+    """The step from which the last stretch's value of key has held."""
+    start = stretches[-1]["from_step"]
+    for s in reversed(stretches[:-1]):
+        if s.get(key) != stretches[-1][key]:
+            break
+        start = s["from_step"]
+    return start
+
+
+def stretch_record(stretches):
+    """The stretches as train_config.json shows them: each one's first step and the values of the keys
+    that changed somewhere in the run (the others held their top-level value throughout)."""
+    changed = [k for k in RESUME_STRETCH if len({repr(s.get(k)) for s in stretches}) > 1]
+    return [dict(from_step=s["from_step"], **{k: s.get(k) for k in changed}) for s in stretches]
