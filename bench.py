@@ -427,6 +427,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", required=True, help="HF folder, or an HF config json (random weights)")
     ap.add_argument("--draft", default="random", help="serving folder or training checkpoint, or 'random'")
+    ap.add_argument("--accept-edited-config", action="store_true", help="use a --draft serving folder whose "
+                    "config.json or README.md was edited after export (refused otherwise, naming the file; the "
+                    "weights are still verified)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --target)")
     ap.add_argument("--dataset", action="append", default=[], help="name or JSONL; repeat or comma-separate")
     ap.add_argument("--replay", action="append", default=[], help="JSONL of regenerated rows (data.py regenerate at "
@@ -485,11 +488,14 @@ def main(argv=None):
         targets.check_rollback(targets.load_target_config(args.target), args.compile)
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
+    try:  # before the target's weights load: a damaged or edited folder is named at once
+        drafter = None if args.draft == "random" else load_drafter(args.draft, args.device, dtype,
+                                                                   args.accept_edited_config)[0]
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"bench.py: error: --draft {args.draft}: {e}")
     target = targets.load_target(args.target, dtype, args.device)
-    if args.draft == "random":
+    if drafter is None:
         drafter = measure.random_drafter(target, args.block_size or 16)
-    else:
-        drafter, _ = load_drafter(args.draft, args.device, dtype)
     try:
         M.check_fits_target(drafter.config, target)
     except ValueError as e:

@@ -1274,6 +1274,44 @@ def test_flipped_byte_is_a_named_checksum_error(trained, tmp_path):
         C.read_checkpoint(str(ckpt))
 
 
+def test_edited_serving_config_is_named_and_can_be_accepted(trained, tmp_path, capsys):
+    """People edit a serving folder's config.json (mask id, rope, window): bench.py and convert.py name the file
+    that changed after export and the two ways on, in one line, and --accept-edited-config reads the edit.
+    Changed weights stay a corruption error, with or without the flag; a bad --draft is one line too."""
+    run, _, t = trained
+    served, target = tmp_path / "served", tmp_path / "target"
+    t.save_pretrained(target)
+    assert C.main([str(run), str(served)]) == 0
+    capsys.readouterr()
+    config = json.loads((served / "config.json").read_text())
+    config["dflash_config"]["mask_token_id"] = 62  # was 63
+    (served / "config.json").write_text(json.dumps(config, indent=2))
+    assert C.main(["--import", str(served), str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"convert.py: error: config.json in {served} changed after export") and err.count("\n") == 1
+    assert "re-export the folder from its checkpoint" in err and "--accept-edited-config" in err and "disk" not in err
+    bench_args = ["--target", str(target), "--draft", str(served), "--prompt-len", "8", "--steps", "2", "--repeats", "1",
+                  "--dtype", "fp32", "--device", "cpu"]
+    p = subprocess.run([sys.executable, str(Path(HERE) / "bench.py"), *bench_args], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.startswith(f"bench.py: error: --draft {served}: config.json in {served} "
+                                                      "changed after export"), p.stderr
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    # accepted: the edited mask id is the one read
+    assert C.main(["--import", "--accept-edited-config", str(served), str(tmp_path / "ckpt")]) == 0
+    assert C.read_checkpoint(str(tmp_path / "ckpt"))[1].mask_token_id == 62
+    assert bench.main(bench_args + ["--accept-edited-config"])["dflash"]["steps"] == 2
+    # the weights are verified all the same: a flipped byte is the corruption error, named, one line
+    flip_byte(served / "model.safetensors", offset=-1)
+    for flag in ([], ["--accept-edited-config"]):
+        assert C.main(["--import", *flag, str(served), str(tmp_path / "ckpt2")]) == 1
+        err = capsys.readouterr().err
+        assert "model.safetensors differs from the sha256" in err and "disk, copy or transfer error" in err
+        with pytest.raises(SystemExit, match=r"^bench\.py: error: --draft .*model\.safetensors differs.*transfer error"):
+            bench.main(bench_args + flag)
+    with pytest.raises(SystemExit, match=r"^bench\.py: error: --draft .*nope: .*neither a DCP checkpoint"):
+        bench.main(bench_args[:3] + [str(tmp_path / "nope")] + bench_args[4:])
+
+
 # ------------------------------------------------------------------------------------------------
 # import: serving folder -> training checkpoint
 
