@@ -354,6 +354,9 @@ def export_drafter(state_dict, cfg, target_config, out_dir, target_name=None, ov
     def write(tmp):
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         write_json(os.path.join(tmp, "config.json"), config)
+        # safetensors >= 0.8 writes through a temp file created 0600 and renames it (safetensors#782):
+        # the weights get config.json's mode (umask applied), so a server running as another user reads them
+        shutil.copymode(os.path.join(tmp, "config.json"), os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(card)
         # read back what a serving engine will read: the header and the config, not the data

@@ -1312,6 +1312,20 @@ def test_edited_serving_config_is_named_and_can_be_accepted(trained, tmp_path, c
         bench.main(bench_args[:3] + [str(tmp_path / "nope")] + bench_args[4:])
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_serving_folder_files_have_the_mode_the_umask_gives(trained, tmp_path, umask):
+    """safetensors >= 0.8 creates model.safetensors 0600 (a temp file, renamed); a server running as another
+    user could not read it. Every file of the folder gets what the umask gives a new file: 0644 under 022."""
+    run, _, _ = trained
+    old = os.umask(umask)
+    try:
+        assert C.main([str(run), str(tmp_path / "served")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "served").iterdir()}
+    assert modes == dict.fromkeys(["README.md", "checksums.json", "config.json", "model.safetensors"], 0o666 & ~umask)
+
+
 # ------------------------------------------------------------------------------------------------
 # import: serving folder -> training checkpoint
 
