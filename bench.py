@@ -323,9 +323,7 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
     for k in ("baseline", "dflash"):
         d, v, t = per_step(k, "draft_s"), per_step(k, "verify_s"), per_step(k, "decode_s")
         res[k + "_step_ms"] = dict(draft=d, verify=v, other=t - d - v)
-    checked = [r for r in records if r.get("match") is not None]
-    res["mismatches"] = [dict(id=r["id"], turn=r["turn"], pos=r["first_diff"], **(r.get("gaps") or {}))
-                         for r in checked if not r["match"]]
+    res.update(measure.lossless_summary(records))
     mode = f"T {temperature}, {sampling} sampling" if temperature > 0 else "greedy"
     print(f"\n== {name}: {len(records)} turns, {res['steps']} DFlash steps, block {block_size}, {mode}")
     print(f"  tau {res['tau']:.2f} | TPOT baseline {res['baseline_tpot_ms']:.2f} ms, DFlash "
@@ -334,18 +332,7 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
         s = res[k + "_step_ms"]
         print(f"  {k:8s} step: draft {s['draft']:.2f} ms, verify {s['verify']:.2f} ms, other {s['other']:.2f} ms")
     measure.print_acceptance(res)
-    if checked:
-        print(f"  lossless: {len(checked) - len(res['mismatches'])}/{len(checked)} turns identical to the baseline"
-              + (f" ({len(records) - len(checked)} later turns not compared: their histories differ)"
-                 if len(checked) < len(records) else ""))
-        for m in res["mismatches"][:10]:
-            print(f"    mismatch {m}")
-    elif records:
-        print("  lossless: not checked token by token: " + (
-            f"at temperature {temperature} the two runs sample different random draws, so their tokens differ "
-            "by design; what holds instead is that every committed token is the target's own sample at its "
-            "position (the acceptance rule; test_sampling_keeps_target_distribution checks the distribution)"
-            if temperature > 0 else "no turn had the same prompt in both runs"))
+    measure.print_lossless(res, len(records), temperature)
     return res
 
 

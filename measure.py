@@ -51,6 +51,49 @@ def print_acceptance(res):
 
 
 # ----------------------------------------------------------------------------------------------
+# The lossless check's report: greedy DFlash must emit the baseline's tokens, turn for turn
+
+def lossless_summary(records):
+    """Turns compared, turns identical, and the divergences: near ties (the target's top two logits within
+    rounding of each other where the runs part: a flip between kernels, not a bug) and mismatches (a
+    divergence anywhere else: a bug). Each with the target's (top-2 gap, top logit) in both runs."""
+    checked = [r for r in records if r.get("match") is not None]
+    diverged = [dict(id=r["id"], turn=r["turn"], pos=r["first_diff"], **(r.get("gaps") or {}))
+                for r in checked if not r["match"]]
+    return dict(checked=len(checked), identical=len(checked) - len(diverged),
+                near_ties=[m for m in diverged if m.get("near_tie")],
+                mismatches=[m for m in diverged if not m.get("near_tie")])
+
+
+def print_lossless(res, turns, temperature):
+    """The lossless line (turns identical, near ties, mismatches), what each kind means, and each divergence."""
+    if not res["checked"]:
+        if turns:
+            print("  lossless: not checked token by token: " + (
+                f"at temperature {temperature} the two runs sample different random draws, so their tokens differ "
+                "by design; what holds instead is that every committed token is the target's own sample at its "
+                "position (the acceptance rule; test_sampling_keeps_target_distribution checks the distribution)"
+                if temperature > 0 else "no turn had the same prompt in both runs"))
+        return
+    ties, bad, later = res["near_ties"], res["mismatches"], turns - res["checked"]
+    diverged = f", {len(ties)} diverged at a near tie, {len(bad)} mismatch{'' if len(bad) == 1 else 'es'}"
+    print(f"  lossless: {res['identical']}/{res['checked']} turns identical to the baseline" + (diverged if ties or bad else "")
+          + (f" ({later} later turns not compared: their histories differ)" if later else ""))
+    if ties:
+        print("    near ties: the target's top two logits within rounding of each other where the runs part; the "
+              "verify (a block) and the decode (one token) round differently and the argmax flips: not a bug "
+              "(--dtype fp32 is the exact check)")
+    if bad:
+        print("    MISMATCHES: the runs part where the target's top two logits are not within rounding: the loop "
+              "changed the target's output, a bug")
+    gap = lambda g: "?" if g is None else f"{g[0]:.3g} (top logit {g[1]:.4g})"
+    for kind, ms in (("near tie", ties), ("MISMATCH", bad)):
+        for m in ms[:10]:
+            print(f"    {kind}: {m['id']} turn {m['turn']}, new token {m['pos']}: the target's top-2 logit gap "
+                  f"{gap(m.get('baseline'))} in the baseline, {gap(m.get('dflash'))} in DFlash")
+
+
+# ----------------------------------------------------------------------------------------------
 # Replay: tau at temperature 0 from answers the target already gave greedily
 
 @torch.no_grad()

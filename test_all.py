@@ -1812,6 +1812,47 @@ def test_sampled_bench_says_which_check_ran_instead_of_the_lossless_line(models,
     assert "lossless: 1/1 turns identical" in capsys.readouterr().out
 
 
+def bench_target_folder(t, path):
+    """A target folder bench.py loads: the tiny target's weights and the character tokenizer."""
+    t.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bench_tells_a_near_tie_divergence_from_a_mismatch(models, tmp_path, capsys, monkeypatch, tie):
+    """The DFlash run of one prompt is made to take another token at new token 3, as a bf16 near tie
+    flips one. Where the target's top-2 logit gap there is within rounding (tie: every gap set to 2^-22
+    of the top logit, under 4 fp32 ulps) the lossless line counts it as a near tie, with the gap; where
+    it is not (the real fp32 gaps) it is a MISMATCH: a bug."""
+    t, d = models
+    target = bench_target_folder(t, tmp_path / "target")
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"id": "q0", "turns": ["hello a"]}), json.dumps({"id": "q1", "turns": ["hi b"]})])
+    run_turns, top2 = bench.run_turns, bench._top2_gap
+
+    def flipped(*a, **kw):
+        res = run_turns(*a, **kw)
+        if a[3] == ["hello a"] and a[6] > 1:
+            res[0]["tokens"][3] = (res[0]["tokens"][3] + 1) % 64
+        return res
+    monkeypatch.setattr(bench, "run_turns", flipped)
+    if tie:
+        monkeypatch.setattr(bench, "_top2_gap", lambda logits: top2(logits)[:, 1:] * torch.tensor([2.0 ** -22, 1.0]))
+    [res] = bench.main(["--target", target, "--dataset", str(tmp_path / "p.jsonl"), "--max-new-tokens", "8",
+                        "--block-size", "4", "--dtype", "fp32", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    tok = char_tokenizer()
+    prompt = bench.render(tok, [{"role": "user", "content": "hello a"}])
+    base = greedy(t, torch.tensor([prompt]), 3)
+    top = t(torch.tensor([prompt + base])).logits[0, -1].max().item()  # the target's top logit before new token 3
+    gap = top * 2.0 ** -22 if tie else top - t(torch.tensor([prompt + base])).logits[0, -1].topk(2).values[1].item()
+    kind = "near tie" if tie else "MISMATCH"
+    assert (len(res["near_ties"]), len(res["mismatches"])) == ((1, 0) if tie else (0, 1))
+    assert f"    {kind}: q0 turn 0, new token 3: the target's top-2 logit gap {gap:.3g} (top logit {top:.4g}) in the baseline" in printed
+    assert f"lossless: 1/2 turns identical to the baseline, {int(tie)} diverged at a near tie, {int(not tie)} mismatch" in printed
+    assert ("not a bug (--dtype fp32 is the exact check)" in printed) == tie and ("changed the target's output, a bug" in printed) != tie
+
+
 def test_static_cache_length_fits_the_longest_conversation(models):
     # hand-worked: 1000 + (64 + 2) * 16 + 2 * 16 + 1 = 2089 -> 2304 (multiple of 256)
     args = argparse.Namespace(prompt_len=1000, steps=64, block_size=16, max_new_tokens=0)
