@@ -338,8 +338,8 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
 
 def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file=None):
     stops, B, device = data.stop_ids(tokenizer, target), args.block_size, args.device
-    records = []
-    for p in prompts:
+    records, t0 = [], time.perf_counter()
+    for i, p in enumerate(prompts, 1):
         runs = {}
         for key, bs in (("baseline", 1), ("dflash", B)):
             gen = torch.Generator(device).manual_seed(args.seed)
@@ -360,7 +360,19 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
             if out_file:
                 out_file.write(json.dumps(rec) + "\n")
                 out_file.flush()
+        print(measure.progress_line(name, i, len(prompts), records, time.perf_counter() - t0), flush=True)
     return summarize(name, records, B, args.temperature, args.sampling)
+
+
+def warm_up(target, drafter, tokenizer, prompt, args, runners):
+    """One prompt decoded in both modes before the timed ones, untimed and not counted: the first decode
+    compiles (--compile: minutes) and fills the allocator's and the kernels' caches, which would inflate
+    the first prompt's TPOT."""
+    n = min(args.max_new_tokens, 64)
+    print(f"warm-up: one prompt, {n} new tokens, both modes, once before timing (it compiles and warms caches; not counted)")
+    for bs in (1, args.block_size):
+        run_turns(target, drafter, tokenizer, prompt["turns"], n, data.stop_ids(tokenizer, target), bs, args.temperature,
+                  torch.Generator(args.device).manual_seed(args.seed), runners.get(bs), args.sampling)
 
 
 def time_synthetic(target, drafter, args, runners, tau=6.49):
@@ -428,8 +440,9 @@ def parse_args(argv=None):
                     help="the verify at T > 0: speculative sampling with the drafter's probabilities, or "
                     "match (greedy proposals accepted iff equal to the target's sample); both exact")
     ap.add_argument("--block-size", type=int, default=None, help="default: the drafter's (16 for random)")
-    ap.add_argument("--out", default=None, help="JSONL, one record per prompt and turn")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--out", default=None, help="JSONL, one record per prompt and turn, then one record with the "
+                    "mean tau over the sets")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="static caches + torch.compile (CUDA graphs on GPU)")
@@ -497,7 +510,8 @@ def main(argv=None):
         prompt_sets = {name: data.load_prompts(name)[: args.num_prompts] for name in args.dataset}
     if args.replay:
         with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
-            return [measure.replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]
+            summaries = [measure.replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]
+            return closing(summaries, out_file)
     runners = {}
     if args.compile:
         max_len = args.max_len or static_len(args, tokenizer, prompt_sets)
@@ -508,18 +522,20 @@ def main(argv=None):
     if args.prompt_len is not None:
         return time_synthetic(target, drafter, args, runners)
 
-    out_file = open(args.out, "w") if args.out else None
-    summaries = []
-    try:
-        for name, prompts in prompt_sets.items():
-            warm = dict(args.__dict__, max_new_tokens=min(args.max_new_tokens, 64))
-            bench_prompts(target, drafter, tokenizer, prompts[:1], argparse.Namespace(**warm), runners, "warm-up")
-            summaries.append(bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file))
-    finally:
-        if out_file:
-            out_file.close()
-    if len(summaries) > 1:
-        print("\n" + " | ".join(f"{s['dataset']}: tau {s['tau']:.2f}, {s['speedup']:.2f}x" for s in summaries))
+    for p in [p for ps in prompt_sets.values() for p in ps][:1]:  # once per run: the sets share the caches
+        warm_up(target, drafter, tokenizer, p, args, runners)
+    with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
+        summaries = [bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file)
+                     for name, prompts in prompt_sets.items()]
+        return closing(summaries, out_file)
+
+
+def closing(summaries, out_file):
+    """The run's last line and last --out record: the mean tau over the sets (and the lossless counts)."""
+    rec = measure.mean_over_sets(summaries)
+    measure.print_mean_over_sets(rec, summaries)
+    if out_file:
+        out_file.write(json.dumps(rec) + "\n")
     return summaries
 
 

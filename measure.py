@@ -1,8 +1,9 @@
 """bench.py's measurement tools beside the decoding benchmark: the statistics of acceptance lengths (tau,
-the histogram, tau by context position), --replay (tau at temperature 0 read off the target's
-regenerated greedy answers, without decoding: one target forward per row, one drafter pass per step,
-equal step for step to the loop: results/replay-check.md), --profile (launches and ops per decode
-step) and random drafters that time the loop at any target's shapes.
+the histogram, tau by context position, the mean over prompt sets), the report of the lossless check,
+--replay (tau at temperature 0 read off the target's regenerated greedy answers, without decoding: one
+target forward per row, one drafter pass per step, equal step for step to the loop:
+results/replay-check.md), --profile (launches and ops per decode step) and random drafters that time
+the loop at any target's shapes.
 """
 import json
 import os
@@ -48,6 +49,41 @@ def print_acceptance(res):
         f"{k} {v['tau']:.2f} ({v['steps']} steps)" for k, v in res["tau_by_position"].items()))
     total = max(res["steps"], 1)
     print("  acceptance: " + " ".join(f"{k}:{100 * v / total:.1f}%" for k, v in res["histogram"].items()))
+
+
+def progress_line(name, done, total, records, elapsed_s):
+    """One line per prompt of a run that takes minutes: prompts done, tau so far, the time left at this pace."""
+    steps = [a for r in records for a in r["dflash"]["acceptance"]]
+    eta = int(elapsed_s * (total - done) / max(done, 1))
+    left = f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
+    return f"  {name}: {done}/{total} prompts, tau so far {sum(steps) / max(len(steps), 1):.2f}, ETA {left}"
+
+
+def mean_over_sets(summaries):
+    """The run's closing record (the last line of --out): each set's tau and their mean, each set weighing
+    the same (the README table's mean), and the lossless counts summed where the sets were checked."""
+    rec = dict(summary="mean over sets", sets={s["dataset"]: s["tau"] for s in summaries},
+               mean_tau=sum(s["tau"] for s in summaries) / max(len(summaries), 1), turns=sum(s["turns"] for s in summaries))
+    if summaries and all("checked" in s for s in summaries):
+        rec.update(checked=sum(s["checked"] for s in summaries), identical=sum(s["identical"] for s in summaries),
+                   near_ties=sum(len(s["near_ties"]) for s in summaries),
+                   mismatches=sum(len(s["mismatches"]) for s in summaries))
+    return rec
+
+
+def print_mean_over_sets(rec, summaries):
+    sets = " | ".join(f"{s['dataset']}: tau {s['tau']:.2f}" + (f", {s['speedup']:.2f}x" if "speedup" in s else "")
+                      for s in summaries)
+    checked = (f" | lossless: {rec['identical']}/{rec['checked']} turns identical, {rec['near_ties']} near-tie "
+               f"divergences, {rec['mismatches']} mismatches" if rec.get("checked") else "")
+    n = len(summaries)
+    print(f"\n== mean tau {rec['mean_tau']:.2f} over {n} set{'' if n == 1 else 's'} | {sets}{checked}")
+
+
+def read_records(path):
+    """The per-turn records of a bench.py --out file, without its closing mean_over_sets record."""
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if "summary" not in r]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1762,7 +1762,7 @@ def test_cli_end_to_end(models, tmp_path, capsys, draft):
     summaries = bench.main(["--target", str(tmp_path / "target"), "--dataset", str(data), "--num-prompts", "2",
                             "--max-new-tokens", "10", "--block-size", "4", "--dtype", "fp32", "--device", "cpu",
                             "--out", str(out), "--draft", draft])
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    recs = measure.read_records(out)
     assert [(r["id"], r["turn"]) for r in recs] == [("q0", 0), ("q0", 1), ("q1", 0), ("q1", 1)]
     assert all(r["match"] and r["baseline"]["tokens"] == r["dflash"]["tokens"] for r in recs)
     assert summaries[0]["tau"] >= 1 and not summaries[0]["mismatches"]
@@ -1817,6 +1817,43 @@ def bench_target_folder(t, path):
     t.save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return str(path)
+
+
+def test_bench_reports_progress_warms_up_once_and_ends_with_the_mean_tau(models, tmp_path, capsys, monkeypatch):
+    """A line per prompt (done/total, tau so far, ETA); one warm-up for the whole run, announced once; the last
+    line and the last --out record carry the mean of the sets' taus."""
+    t, d = models
+    target = bench_target_folder(t, tmp_path / "target")
+    sets = {"a": ["hello a", "hi b", "yo c"], "b": ["what d", "why e"]}
+    for name, turns in sets.items():
+        write_lines(tmp_path / f"{name}.jsonl", [json.dumps({"id": f"{name}{i}", "turns": [x]}) for i, x in enumerate(turns)])
+    calls, run_turns = [], bench.run_turns
+    monkeypatch.setattr(bench, "run_turns", lambda *a, **kw: calls.append(a[6]) or run_turns(*a, **kw))
+    out = tmp_path / "res.jsonl"
+    summaries = bench.main(["--target", target, "--dataset", f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}",
+                            "--max-new-tokens", "10", "--block-size", "4", "--dtype", "fp32", "--device", "cpu",
+                            "--out", str(out)])
+    printed = capsys.readouterr().out
+    recs = measure.read_records(out)
+    tau = lambda rs: sum(a for r in rs for a in r["dflash"]["acceptance"]) / sum(len(r["dflash"]["acceptance"]) for r in rs)
+    for name, turns in sets.items():  # tau so far: over the records of the prompts done, as --out has them
+        mine = [r for r in recs if r["dataset"].endswith(f"{name}.jsonl")]
+        lines = re.findall(rf"^  \S*{name}\.jsonl: (\d)/(\d) prompts, tau so far (\d+\.\d\d), ETA (\d+m\d\ds)$", printed, re.M)
+        assert [(int(i), int(n)) for i, n, _, _ in lines] == [(i, len(turns)) for i in range(1, len(turns) + 1)], lines
+        assert [float(x) for _, _, x, _ in lines] == [round(tau(mine[:i]), 2) for i in range(1, len(turns) + 1)]
+        assert lines[-1][3] == "0m00s"  # nothing left
+    # warm-up: both modes of one prompt, once for the two sets, then both modes of each prompt
+    assert printed.count("warm-up:") == 1 and "compiles and warms caches; not counted" in printed
+    assert calls == [1, 4] + [1, 4] * 5
+    set_taus = [tau([r for r in recs if r["dataset"] == s["dataset"]]) for s in summaries]
+    closing = json.loads(out.read_text().splitlines()[-1])
+    assert closing["mean_tau"] == pytest.approx(sum(set_taus) / 2) and len(recs) == 5
+    assert (closing["checked"], closing["identical"], closing["near_ties"], closing["mismatches"]) == (5, 5, 0, 0)
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith(f"== mean tau {sum(set_taus) / 2:.2f} over 2 sets |") and "lossless: 5/5 turns identical" in last
+    # each set weighs the same, however many steps it took (the README table's mean): not the pooled tau (1.2)
+    sets = [dict(dataset="x", tau=3.0, steps=10, turns=1), dict(dataset="y", tau=1.0, steps=90, turns=4)]
+    assert measure.mean_over_sets(sets) == dict(summary="mean over sets", sets={"x": 3.0, "y": 1.0}, mean_tau=2.0, turns=5)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -2451,8 +2488,8 @@ def test_replay_cli_on_regenerated_rows_matches_the_decoding_bench(tmp_path, cap
     bench.main(common + ["--dataset", str(inp), "--max-new-tokens", "10", "--out", str(tmp_path / "decoded.jsonl")])
     [res] = bench.main(common + ["--replay", str(regen), "--out", str(tmp_path / "replayed.jsonl")])
     assert "1 rows skipped: not regenerated" in capsys.readouterr().out
-    decoded = {(r["id"], r["turn"]): r["dflash"] for r in map(json.loads, open(tmp_path / "decoded.jsonl"))}
-    replayed = {(r["id"], r["turn"]): r["dflash"] for r in map(json.loads, open(tmp_path / "replayed.jsonl"))}
+    decoded = {(r["id"], r["turn"]): r["dflash"] for r in measure.read_records(tmp_path / "decoded.jsonl")}
+    replayed = {(r["id"], r["turn"]): r["dflash"] for r in measure.read_records(tmp_path / "replayed.jsonl")}
     assert sorted(replayed) == sorted(decoded) == [("p0", 0), ("p0", 1), ("p1", 0)]
     for k in decoded:
         assert replayed[k]["tokens"] == decoded[k]["tokens"] and replayed[k]["acceptance"] == decoded[k]["acceptance"], k
@@ -3136,7 +3173,7 @@ def test_recipe_benches_extra_prompts_as_their_own_rows(tmp_path, monkeypatch):
             acc = [3, 3] if name == str(extra) else [2]
             rec = dict(prompt_len=10, dflash=dict(acceptance=acc, tokens=[0] * sum(acc), decode_s=1.0),
                        baseline=dict(acceptance=[1] * sum(acc), tokens=[0] * sum(acc), decode_s=2.0), match=True)
-            write_lines(cmd[cmd.index("--out") + 1], [json.dumps(rec)])
+            write_lines(cmd[cmd.index("--out") + 1], [json.dumps(rec), json.dumps(dict(summary="mean over sets", mean_tau=9.0))])
         return True
     monkeypatch.setattr(smollm2, "_procs", fake_bench)
     rows = smollm2.run(str(out), budget_minutes=25, extra_prompts=[str(extra)])
@@ -3158,7 +3195,7 @@ def test_ablation_table_from_replay_records(tmp_path):
         os.makedirs(tmp_path / arm)
         recs = [dict(dataset=s, prompt_len=500, dflash=dict(acceptance=accs[0] if s == "mt-bench" else accs[1]))
                 for s in smollm2.BENCH_SETS]
-        write_lines(tmp_path / arm / "replay.jsonl", [json.dumps(r) for r in recs])
+        write_lines(tmp_path / arm / "replay.jsonl", [json.dumps(r) for r in recs] + [json.dumps(dict(summary="mean over sets"))])
         write_lines(tmp_path / arm / "metrics.jsonl", [json.dumps(dict(step=1, loss=1.0)),
                                                        json.dumps(dict(step=2, val_expected_accept_len=1.5 if arm == "dflash" else 2.5))])
     rows = smollm2.ablation_table(str(tmp_path), plan)
