@@ -440,9 +440,10 @@ def parse_args(argv=None):
                     help="the verify at T > 0: speculative sampling with the drafter's probabilities, or "
                     "match (greedy proposals accepted iff equal to the target's sample); both exact")
     ap.add_argument("--block-size", type=int, default=None, help="default: the drafter's (16 for random)")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--out", default=None, help="JSONL, one record per prompt and turn, then one record with the "
                     "mean tau over the sets")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16; with --replay, the dtype "
+                    "the rows were regenerated in. fp32 is the exact lossless check (bf16 can flip near ties)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="static caches + torch.compile (CUDA graphs on GPU)")
@@ -477,6 +478,14 @@ def parse_args(argv=None):
         ap.error(f"--dataset {unknown[0]}: no such prompt set or file (nothing is downloaded); prompt sets: {', '.join(data.PROMPT_SETS)}")
     if args.num_prompts is not None and args.num_prompts < 1:
         ap.error(f"--num-prompts {args.num_prompts}: give 1 or more (leave it out for every prompt)")
+    try:  # greedy answers depend on the dtype: replay in the one the rows were decoded in
+        args.rows_dtype = measure.rows_dtype(args.replay, args.num_prompts)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.rows_dtype and args.dtype not in (None, args.rows_dtype):
+        ap.error(f"--dtype {args.dtype}: the --replay rows were regenerated in {args.rows_dtype}, so replay decodes in "
+                 f"{args.rows_dtype}: drop --dtype, or regenerate the rows with --dtype {args.dtype}")
+    args.dtype = args.dtype or args.rows_dtype or "bf16"
     return args
 
 

@@ -162,6 +162,22 @@ def answer_spans(mask):
     return list(zip(edges[::2], edges[1::2]))
 
 
+def rows_dtype(paths, limit=None):
+    """The dtype ("bf16", "fp32") the regenerated rows' greedy answers were decoded in, as data.py regenerate
+    records it in each row; None where no row says (older rows, a server's). ValueError if the rows disagree."""
+    seen = {}
+    for path in paths:
+        for i, row in data.read_rows(path):
+            if limit and i >= limit:
+                break
+            if isinstance(row, dict) and row.get("dtype"):
+                seen.setdefault(row["dtype"], path)
+    if len(seen) > 1:
+        raise ValueError("--replay rows regenerated in different dtypes (" + ", ".join(f"{d}: {p}" for d, p in seen.items())
+                         + "): replay each dtype's rows in a run of its own")
+    return next(iter(seen), None)
+
+
 def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
     """Replay every answer of the regenerated rows in path (the first --num-prompts rows): records as
     bench_prompts writes them (no baseline), and the summary lines. An answer cut by the regeneration's
@@ -189,7 +205,9 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
     if skipped:
         print(f"replay: {path}: {skipped} rows skipped: not regenerated (no assistant token_ids), so not the target's answers")
     res = dict(dataset=name, **acceptance_summary(records))
-    print(f"\n== {name}: replay of {len(records)} greedy answers, {res['steps']} DFlash steps, block {args.block_size}")
+    print(f"\n== {name}: replay of {len(records)} greedy answers, {res['steps']} DFlash steps, block {args.block_size}, "
+          + (f"{args.dtype} as the rows were regenerated" if args.rows_dtype else f"{args.dtype}, the rows do not record "
+             "the dtype they were regenerated in (older data.py regenerate, or a server): --dtype should be that one"))
     print(f"  tau {res['tau']:.2f}")
     print_acceptance(res)
     return res

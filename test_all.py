@@ -2498,6 +2498,41 @@ def test_replay_cli_on_regenerated_rows_matches_the_decoding_bench(tmp_path, cap
     assert regenerate.load_writer(SMOL, "bf16")[1].dtype == torch.bfloat16  # regenerate --dtype reaches the model
 
 
+def test_replay_decodes_in_the_dtype_the_rows_were_regenerated_in(models, tmp_path, capsys, monkeypatch):
+    """data.py regenerate records in each row the dtype it decoded in; bench.py --replay decodes in it (not
+    bench's default bf16) and refuses a --dtype that contradicts it, naming both and the fix. Rows that do
+    not say (older ones, a server's) replay in --dtype, bf16 by default, saying so; rows that disagree are refused."""
+    t, d = models
+    target = bench_target_folder(t, tmp_path / "target")
+    C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"id": "q0", "turns": ["hello a"]}), json.dumps({"id": "q1", "turns": ["hi b"]})])
+    rows = tmp_path / "rows.jsonl"
+    regenerate.main(["regenerate", "--target", target, "--data", str(tmp_path / "p.jsonl"), "--out", str(rows),
+                     "--max-new-tokens", "6", "--max-prompt-tokens", "64"])
+    written = [json.loads(line) for line in open(rows)]
+    assert [r["dtype"] for r in written] == ["fp32", "fp32"]  # regenerate's default on CPU
+    loaded, load_target = [], targets.load_target
+    monkeypatch.setattr(targets, "load_target", lambda path, dtype, *a: loaded.append(dtype) or load_target(path, dtype, *a))
+    common = ["--target", target, "--draft", str(tmp_path / "drafter"), "--device", "cpu"]
+    [res] = bench.main(common + ["--replay", str(rows)])
+    assert loaded == [torch.float32] and res["turns"] == 2
+    assert "fp32 as the rows were regenerated" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.parse_args(common + ["--replay", str(rows), "--dtype", "bf16"])
+    err = capsys.readouterr().err
+    assert "--dtype bf16: the --replay rows were regenerated in fp32" in err and "drop --dtype" in err
+    old = tmp_path / "old.jsonl"
+    write_lines(old, [json.dumps({k: v for k, v in r.items() if k != "dtype"}) for r in written])
+    assert bench.parse_args(common + ["--replay", str(old)]).dtype == "bf16"
+    bench.main(common + ["--replay", str(old), "--dtype", "fp32"])
+    assert "fp32, the rows do not record the dtype they were regenerated in" in capsys.readouterr().out
+    mixed = tmp_path / "mixed.jsonl"
+    write_lines(mixed, [json.dumps(written[0]), json.dumps(dict(written[1], dtype="bf16"))])
+    with pytest.raises(SystemExit):
+        bench.parse_args(common + ["--replay", str(mixed)])
+    assert "--replay rows regenerated in different dtypes (fp32: " in capsys.readouterr().err
+
+
 def test_cli_synthetic_timing(tmp_path, capsys):
     cfg = dict(model_type="qwen3", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
@@ -2695,6 +2730,7 @@ def test_regenerate_through_a_server_writes_the_local_rows(tmp_path):
     inp = regen_input(tmp_path)
     local = read_out(regenerate.regenerate(SMOL, str(inp), str(tmp_path / "local.jsonl"), batch_size=4, **REGEN))
     assert sorted(local) == [0, 1, 2, 3]
+    assert {r.pop("dtype") for r in local.values()} == {"fp32"}  # the local rows' dtype; a server's is unknown: none
     for return_ids in (True, False):  # the server's token ids, or its text re-tokenised
         with CompletionServer(return_ids=return_ids) as srv:
             out = tmp_path / f"server{return_ids}.jsonl"
