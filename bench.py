@@ -323,9 +323,7 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
     for k in ("baseline", "dflash"):
         d, v, t = per_step(k, "draft_s"), per_step(k, "verify_s"), per_step(k, "decode_s")
         res[k + "_step_ms"] = dict(draft=d, verify=v, other=t - d - v)
-    checked = [r for r in records if r.get("match") is not None]
-    res["mismatches"] = [dict(id=r["id"], turn=r["turn"], pos=r["first_diff"], **(r.get("gaps") or {}))
-                         for r in checked if not r["match"]]
+    res.update(measure.lossless_summary(records))
     mode = f"T {temperature}, {sampling} sampling" if temperature > 0 else "greedy"
     print(f"\n== {name}: {len(records)} turns, {res['steps']} DFlash steps, block {block_size}, {mode}")
     print(f"  tau {res['tau']:.2f} | TPOT baseline {res['baseline_tpot_ms']:.2f} ms, DFlash "
@@ -334,25 +332,14 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
         s = res[k + "_step_ms"]
         print(f"  {k:8s} step: draft {s['draft']:.2f} ms, verify {s['verify']:.2f} ms, other {s['other']:.2f} ms")
     measure.print_acceptance(res)
-    if checked:
-        print(f"  lossless: {len(checked) - len(res['mismatches'])}/{len(checked)} turns identical to the baseline"
-              + (f" ({len(records) - len(checked)} later turns not compared: their histories differ)"
-                 if len(checked) < len(records) else ""))
-        for m in res["mismatches"][:10]:
-            print(f"    mismatch {m}")
-    elif records:
-        print("  lossless: not checked token by token: " + (
-            f"at temperature {temperature} the two runs sample different random draws, so their tokens differ "
-            "by design; what holds instead is that every committed token is the target's own sample at its "
-            "position (the acceptance rule; test_sampling_keeps_target_distribution checks the distribution)"
-            if temperature > 0 else "no turn had the same prompt in both runs"))
+    measure.print_lossless(res, len(records), temperature)
     return res
 
 
 def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file=None):
     stops, B, device = data.stop_ids(tokenizer, target), args.block_size, args.device
-    records = []
-    for p in prompts:
+    records, t0 = [], time.perf_counter()
+    for i, p in enumerate(prompts, 1):
         runs = {}
         for key, bs in (("baseline", 1), ("dflash", B)):
             gen = torch.Generator(device).manual_seed(args.seed)
@@ -373,7 +360,19 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
             if out_file:
                 out_file.write(json.dumps(rec) + "\n")
                 out_file.flush()
+        print(measure.progress_line(name, i, len(prompts), records, time.perf_counter() - t0), flush=True)
     return summarize(name, records, B, args.temperature, args.sampling)
+
+
+def warm_up(target, drafter, tokenizer, prompt, args, runners):
+    """One prompt decoded in both modes before the timed ones, untimed and not counted: the first decode
+    compiles (--compile: minutes) and fills the allocator's and the kernels' caches, which would inflate
+    the first prompt's TPOT."""
+    n = min(args.max_new_tokens, 64)
+    print(f"warm-up: one prompt, {n} new tokens, both modes, once before timing (it compiles and warms caches; not counted)")
+    for bs in (1, args.block_size):
+        run_turns(target, drafter, tokenizer, prompt["turns"], n, data.stop_ids(tokenizer, target), bs, args.temperature,
+                  torch.Generator(args.device).manual_seed(args.seed), runners.get(bs), args.sampling)
 
 
 def time_synthetic(target, drafter, args, runners, tau=6.49):
@@ -427,6 +426,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", required=True, help="HF folder, or an HF config json (random weights)")
     ap.add_argument("--draft", default="random", help="serving folder or training checkpoint, or 'random'")
+    ap.add_argument("--accept-edited-config", action="store_true", help="use a --draft serving folder whose "
+                    "config.json or README.md was edited after export (refused otherwise, naming the file; the "
+                    "weights are still verified)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --target)")
     ap.add_argument("--dataset", action="append", default=[], help="name or JSONL; repeat or comma-separate")
     ap.add_argument("--replay", action="append", default=[], help="JSONL of regenerated rows (data.py regenerate at "
@@ -438,8 +440,10 @@ def parse_args(argv=None):
                     help="the verify at T > 0: speculative sampling with the drafter's probabilities, or "
                     "match (greedy proposals accepted iff equal to the target's sample); both exact")
     ap.add_argument("--block-size", type=int, default=None, help="default: the drafter's (16 for random)")
-    ap.add_argument("--out", default=None, help="JSONL, one record per prompt and turn")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--out", default=None, help="JSONL, one record per prompt and turn, then one record with the "
+                    "mean tau over the sets")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16; with --replay, the dtype "
+                    "the rows were regenerated in. fp32 is the exact lossless check (bf16 can flip near ties)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="static caches + torch.compile (CUDA graphs on GPU)")
@@ -474,6 +478,14 @@ def parse_args(argv=None):
         ap.error(f"--dataset {unknown[0]}: no such prompt set or file (nothing is downloaded); prompt sets: {', '.join(data.PROMPT_SETS)}")
     if args.num_prompts is not None and args.num_prompts < 1:
         ap.error(f"--num-prompts {args.num_prompts}: give 1 or more (leave it out for every prompt)")
+    try:  # greedy answers depend on the dtype: replay in the one the rows were decoded in
+        args.rows_dtype = measure.rows_dtype(args.replay, args.num_prompts)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.rows_dtype and args.dtype not in (None, args.rows_dtype):
+        ap.error(f"--dtype {args.dtype}: the --replay rows were regenerated in {args.rows_dtype}, so replay decodes in "
+                 f"{args.rows_dtype}: drop --dtype, or regenerate the rows with --dtype {args.dtype}")
+    args.dtype = args.dtype or args.rows_dtype or "bf16"
     return args
 
 
@@ -485,11 +497,14 @@ def main(argv=None):
         targets.check_rollback(targets.load_target_config(args.target), args.compile)
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
+    try:  # before the target's weights load: a damaged or edited folder is named at once
+        drafter = None if args.draft == "random" else load_drafter(args.draft, args.device, dtype,
+                                                                   args.accept_edited_config)[0]
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"bench.py: error: --draft {args.draft}: {e}")
     target = targets.load_target(args.target, dtype, args.device)
-    if args.draft == "random":
+    if drafter is None:
         drafter = measure.random_drafter(target, args.block_size or 16)
-    else:
-        drafter, _ = load_drafter(args.draft, args.device, dtype)
     try:
         M.check_fits_target(drafter.config, target)
     except ValueError as e:
@@ -504,7 +519,8 @@ def main(argv=None):
         prompt_sets = {name: data.load_prompts(name)[: args.num_prompts] for name in args.dataset}
     if args.replay:
         with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
-            return [measure.replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]
+            summaries = [measure.replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]
+            return closing(summaries, out_file)
     runners = {}
     if args.compile:
         max_len = args.max_len or static_len(args, tokenizer, prompt_sets)
@@ -515,18 +531,20 @@ def main(argv=None):
     if args.prompt_len is not None:
         return time_synthetic(target, drafter, args, runners)
 
-    out_file = open(args.out, "w") if args.out else None
-    summaries = []
-    try:
-        for name, prompts in prompt_sets.items():
-            warm = dict(args.__dict__, max_new_tokens=min(args.max_new_tokens, 64))
-            bench_prompts(target, drafter, tokenizer, prompts[:1], argparse.Namespace(**warm), runners, "warm-up")
-            summaries.append(bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file))
-    finally:
-        if out_file:
-            out_file.close()
-    if len(summaries) > 1:
-        print("\n" + " | ".join(f"{s['dataset']}: tau {s['tau']:.2f}, {s['speedup']:.2f}x" for s in summaries))
+    for p in [p for ps in prompt_sets.values() for p in ps][:1]:  # once per run: the sets share the caches
+        warm_up(target, drafter, tokenizer, p, args, runners)
+    with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
+        summaries = [bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file)
+                     for name, prompts in prompt_sets.items()]
+        return closing(summaries, out_file)
+
+
+def closing(summaries, out_file):
+    """The run's last line and last --out record: the mean tau over the sets (and the lossless counts)."""
+    rec = measure.mean_over_sets(summaries)
+    measure.print_mean_over_sets(rec, summaries)
+    if out_file:
+        out_file.write(json.dumps(rec) + "\n")
     return summaries
 
 

@@ -38,6 +38,10 @@ class ChecksumError(ValueError):
     pass
 
 
+class EditedError(ChecksumError):
+    """A file people edit by hand (a serving folder's config.json or README.md) changed after export."""
+
+
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -56,9 +60,9 @@ def write_checksums(folder, digests=None):
     write_json(os.path.join(folder, CHECKSUMS), digests or file_digests(folder))
 
 
-def checksum_problems(folder, rank=0, world=1):
-    """The files of this rank's share that differ from checksums.json or are missing, one phrase
-    each. A folder without checksums.json (older runs, released drafters) has none: unverified."""
+def checksum_mismatches(folder, rank=0, world=1):
+    """(name, phrase) of each file of this rank's share that differs from checksums.json or is missing.
+    A folder without checksums.json (older runs, released drafters) has none: unverified."""
     path = os.path.join(folder, CHECKSUMS)
     if not os.path.exists(path):
         return []
@@ -68,22 +72,36 @@ def checksum_problems(folder, rank=0, world=1):
     except ValueError:
         want = None
     if not isinstance(want, dict):
-        return [f"{CHECKSUMS} is unreadable"] if rank == 0 else []
+        return [(CHECKSUMS, f"{CHECKSUMS} is unreadable")] if rank == 0 else []
     problems = []
     for name in sorted(want)[rank::world]:
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
-            problems.append(f"{name} is missing")
+            problems.append((name, f"{name} is missing"))
         elif sha256(file) != want[name]:
-            problems.append(f"{name} differs from the sha256 recorded when it was saved")
+            problems.append((name, f"{name} differs from the sha256 recorded when it was saved"))
     return problems
 
 
-def verify_checksums(folder):
-    problems = checksum_problems(folder)
+def checksum_problems(folder, rank=0, world=1):
+    return [phrase for _, phrase in checksum_mismatches(folder, rank, world)]
+
+
+def verify_checksums(folder, editable=(), accept_edited=False):
+    """ChecksumError naming the files that differ from checksums.json or are missing. A file in `editable`
+    that differs (a serving folder's config.json or README.md: people edit those by hand) is no damage:
+    an EditedError saying how to go on, or with accept_edited read as edited; the rest is still verified."""
+    bad = checksum_mismatches(folder)
+    edited = [n for n, _ in bad if n in editable and os.path.isfile(os.path.join(folder, n))]
+    problems = [phrase for n, phrase in bad if n not in edited]
     if problems:
         raise ChecksumError(f"checksum mismatch in {folder}: {'; '.join(problems)} (the files changed after "
                             "they were written: a disk, copy or transfer error; use another checkpoint or copy)")
+    if edited and not accept_edited:
+        raise EditedError(f"{' and '.join(edited)} in {folder} changed after export (its sha256 is not the one in "
+                          f"{CHECKSUMS}): re-export the folder from its checkpoint (python convert.py RUN OUT) to undo "
+                          f"the edit, or keep it: pass --accept-edited-config (bench.py, convert.py) or delete "
+                          f"{CHECKSUMS} (which leaves the weights unverified)")
 
 
 def latest_checkpoint(run_dir):

@@ -9,8 +9,10 @@ dflash_config.json (asdict(DFlashConfig)) and target_config.json (the target's H
 Serving layout: model.safetensors (bf16, exactly the SPEC names) + config.json + README.md, the
 folder SGLang and vLLM load. Both directions validate before anything is written and publish the
 output folder with a rename, so a failed conversion leaves no folder behind. Both layouts carry
-checksums.json (sha256 of every file), verified before they are read. OUT is replaced only where
-it is a serving folder this tool wrote (or with --overwrite), never a checkpoint or a run folder.
+checksums.json (sha256 of every file), verified before they are read; a serving folder's config.json
+or README.md edited after export is refused by name unless --accept-edited-config (bench.py too). OUT
+is replaced only where it is a serving folder this tool wrote (or with --overwrite), never a
+checkpoint or a run folder.
 """
 import argparse
 import dataclasses
@@ -33,6 +35,7 @@ from targets import rope_config, rope_mismatch
 
 DRAFTER_KEYS = {"architectures", "auto_map", "block_size", "num_target_layers", "dflash_config",
                 "layer_types", "target_config_diff"}
+EDITABLE = ("config.json", "README.md")  # a serving folder's text, which people edit by hand (mask id, rope, window)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,9 +291,10 @@ def config_from_serving(config, source="config.json"):
     return _make_config(d, source)
 
 
-def read_serving(path):
-    """A serving folder -> (fp32 state dict, DFlashConfig, target config dict)."""
-    verify_checksums(path)
+def read_serving(path, accept_edited=False):
+    """A serving folder -> (fp32 state dict, DFlashConfig, target config dict). A config.json or README.md
+    edited after export is an EditedError, or with accept_edited read as edited."""
+    verify_checksums(path, EDITABLE, accept_edited)
     config = _read_json(os.path.join(path, "config.json"))
     cfg = config_from_serving(config, os.path.join(path, "config.json"))
     target_config = target_config_from_serving(config)
@@ -350,6 +354,9 @@ def export_drafter(state_dict, cfg, target_config, out_dir, target_name=None, ov
     def write(tmp):
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         write_json(os.path.join(tmp, "config.json"), config)
+        # safetensors >= 0.8 writes through a temp file created 0600 and renames it (safetensors#782):
+        # the weights get config.json's mode (umask applied), so a server running as another user reads them
+        shutil.copymode(os.path.join(tmp, "config.json"), os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(card)
         # read back what a serving engine will read: the header and the config, not the data
@@ -407,11 +414,11 @@ def _remove_leftovers(parent, name):
             print(f"removed {os.path.join(parent, leftover)}, left by an interrupted write")
 
 
-def load_drafter(path, device="cpu", dtype=torch.float32):
+def load_drafter(path, device="cpu", dtype=torch.float32, accept_edited=False):
     """A serving folder or a training run/checkpoint folder -> (DFlashDrafter in eval mode, config)."""
     # a serving folder has its weights beside config.json; a run folder holds checkpoints/ instead
     is_serving = os.path.isfile(os.path.join(path, "model.safetensors"))
-    sd, cfg, _ = read_serving(path) if is_serving else read_checkpoint(path)
+    sd, cfg, _ = read_serving(path, accept_edited) if is_serving else read_checkpoint(path)
     with torch.device("meta"):  # no random init of a billion weights that are overwritten next
         drafter = DFlashDrafter(cfg)
     drafter.load_state_dict(sd, assign=True)
@@ -453,6 +460,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="write OUT even where it holds or lies inside a training checkpoint, or is a "
                    "folder this tool did not write (its contents are replaced)")
+    p.add_argument("--accept-edited-config", action="store_true",
+                   help="with --import: read a serving folder whose config.json or README.md was edited after export "
+                   "(refused otherwise, naming the file; the weights are still checked against checksums.json)")
     p.add_argument("src", help="run folder, checkpoint folder, or (with --import) serving folder")
     p.add_argument("out", help="output folder (a serving folder this tool wrote is replaced, only once "
                    "the new one is complete; anything else needs --overwrite)")
@@ -467,7 +477,7 @@ def main(argv=None):
         if problem:
             raise ValueError(f"{problem}; choose another output, or pass --overwrite to replace it")
         if args.import_:
-            sd, cfg, target_config = read_serving(args.src)
+            sd, cfg, target_config = read_serving(args.src, args.accept_edited_config)
             write_checkpoint(sd, cfg, target_config, args.out, args.overwrite)
         else:
             sd, cfg, target_config = read_checkpoint(args.src)

@@ -1,8 +1,9 @@
 """bench.py's measurement tools beside the decoding benchmark: the statistics of acceptance lengths (tau,
-the histogram, tau by context position), --replay (tau at temperature 0 read off the target's
-regenerated greedy answers, without decoding: one target forward per row, one drafter pass per step,
-equal step for step to the loop: results/replay-check.md), --profile (launches and ops per decode
-step) and random drafters that time the loop at any target's shapes.
+the histogram, tau by context position, the mean over prompt sets), the report of the lossless check,
+--replay (tau at temperature 0 read off the target's regenerated greedy answers, without decoding: one
+target forward per row, one drafter pass per step, equal step for step to the loop:
+results/replay-check.md), --profile (launches and ops per decode step) and random drafters that time
+the loop at any target's shapes.
 """
 import json
 import os
@@ -50,6 +51,84 @@ def print_acceptance(res):
     print("  acceptance: " + " ".join(f"{k}:{100 * v / total:.1f}%" for k, v in res["histogram"].items()))
 
 
+def progress_line(name, done, total, records, elapsed_s):
+    """One line per prompt of a run that takes minutes: prompts done, tau so far, the time left at this pace."""
+    steps = [a for r in records for a in r["dflash"]["acceptance"]]
+    eta = int(elapsed_s * (total - done) / max(done, 1))
+    left = f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
+    return f"  {name}: {done}/{total} prompts, tau so far {sum(steps) / max(len(steps), 1):.2f}, ETA {left}"
+
+
+def mean_over_sets(summaries):
+    """The run's closing record (the last line of --out): each set's tau and their mean, each set weighing
+    the same (the README table's mean), and the lossless counts summed where the sets were checked."""
+    rec = dict(summary="mean over sets", sets={s["dataset"]: s["tau"] for s in summaries},
+               mean_tau=sum(s["tau"] for s in summaries) / max(len(summaries), 1), turns=sum(s["turns"] for s in summaries))
+    if summaries and all("checked" in s for s in summaries):
+        rec.update(checked=sum(s["checked"] for s in summaries), identical=sum(s["identical"] for s in summaries),
+                   near_ties=sum(len(s["near_ties"]) for s in summaries),
+                   mismatches=sum(len(s["mismatches"]) for s in summaries))
+    return rec
+
+
+def print_mean_over_sets(rec, summaries):
+    sets = " | ".join(f"{s['dataset']}: tau {s['tau']:.2f}" + (f", {s['speedup']:.2f}x" if "speedup" in s else "")
+                      for s in summaries)
+    checked = (f" | lossless: {rec['identical']}/{rec['checked']} turns identical, {rec['near_ties']} near-tie "
+               f"divergences, {rec['mismatches']} mismatches" if rec.get("checked") else "")
+    n = len(summaries)
+    print(f"\n== mean tau {rec['mean_tau']:.2f} over {n} set{'' if n == 1 else 's'} | {sets}{checked}")
+
+
+def read_records(path):
+    """The per-turn records of a bench.py --out file, without its closing mean_over_sets record."""
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if "summary" not in r]
+
+
+# ----------------------------------------------------------------------------------------------
+# The lossless check's report: greedy DFlash must emit the baseline's tokens, turn for turn
+
+def lossless_summary(records):
+    """Turns compared, turns identical, and the divergences: near ties (the target's top two logits within
+    rounding of each other where the runs part: a flip between kernels, not a bug) and mismatches (a
+    divergence anywhere else: a bug). Each with the target's (top-2 gap, top logit) in both runs."""
+    checked = [r for r in records if r.get("match") is not None]
+    diverged = [dict(id=r["id"], turn=r["turn"], pos=r["first_diff"], **(r.get("gaps") or {}))
+                for r in checked if not r["match"]]
+    return dict(checked=len(checked), identical=len(checked) - len(diverged),
+                near_ties=[m for m in diverged if m.get("near_tie")],
+                mismatches=[m for m in diverged if not m.get("near_tie")])
+
+
+def print_lossless(res, turns, temperature):
+    """The lossless line (turns identical, near ties, mismatches), what each kind means, and each divergence."""
+    if not res["checked"]:
+        if turns:
+            print("  lossless: not checked token by token: " + (
+                f"at temperature {temperature} the two runs sample different random draws, so their tokens differ "
+                "by design; what holds instead is that every committed token is the target's own sample at its "
+                "position (the acceptance rule; test_sampling_keeps_target_distribution checks the distribution)"
+                if temperature > 0 else "no turn had the same prompt in both runs"))
+        return
+    ties, bad, later = res["near_ties"], res["mismatches"], turns - res["checked"]
+    diverged = f", {len(ties)} diverged at a near tie, {len(bad)} mismatch{'' if len(bad) == 1 else 'es'}"
+    print(f"  lossless: {res['identical']}/{res['checked']} turns identical to the baseline" + (diverged if ties or bad else "")
+          + (f" ({later} later turns not compared: their histories differ)" if later else ""))
+    if ties:
+        print("    near ties: the target's top two logits within rounding of each other where the runs part; the "
+              "verify (a block) and the decode (one token) round differently and the argmax flips: not a bug "
+              "(--dtype fp32 is the exact check)")
+    if bad:
+        print("    MISMATCHES: the runs part where the target's top two logits are not within rounding: the loop "
+              "changed the target's output, a bug")
+    gap = lambda g: "?" if g is None else f"{g[0]:.3g} (top logit {g[1]:.4g})"
+    for kind, ms in (("near tie", ties), ("MISMATCH", bad)):
+        for m in ms[:10]:
+            print(f"    {kind}: {m['id']} turn {m['turn']}, new token {m['pos']}: the target's top-2 logit gap "
+                  f"{gap(m.get('baseline'))} in the baseline, {gap(m.get('dflash'))} in DFlash")
+
+
 # ----------------------------------------------------------------------------------------------
 # Replay: tau at temperature 0 from answers the target already gave greedily
 
@@ -83,6 +162,22 @@ def answer_spans(mask):
     return list(zip(edges[::2], edges[1::2]))
 
 
+def rows_dtype(paths, limit=None):
+    """The dtype ("bf16", "fp32") the regenerated rows' greedy answers were decoded in, as data.py regenerate
+    records it in each row; None where no row says (older rows, a server's). ValueError if the rows disagree."""
+    seen = {}
+    for path in paths:
+        for i, row in data.read_rows(path):
+            if limit and i >= limit:
+                break
+            if isinstance(row, dict) and row.get("dtype"):
+                seen.setdefault(row["dtype"], path)
+    if len(seen) > 1:
+        raise ValueError("--replay rows regenerated in different dtypes (" + ", ".join(f"{d}: {p}" for d, p in seen.items())
+                         + "): replay each dtype's rows in a run of its own")
+    return next(iter(seen), None)
+
+
 def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
     """Replay every answer of the regenerated rows in path (the first --num-prompts rows): records as
     bench_prompts writes them (no baseline), and the summary lines. An answer cut by the regeneration's
@@ -110,7 +205,9 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
     if skipped:
         print(f"replay: {path}: {skipped} rows skipped: not regenerated (no assistant token_ids), so not the target's answers")
     res = dict(dataset=name, **acceptance_summary(records))
-    print(f"\n== {name}: replay of {len(records)} greedy answers, {res['steps']} DFlash steps, block {args.block_size}")
+    print(f"\n== {name}: replay of {len(records)} greedy answers, {res['steps']} DFlash steps, block {args.block_size}, "
+          + (f"{args.dtype} as the rows were regenerated" if args.rows_dtype else f"{args.dtype}, the rows do not record "
+             "the dtype they were regenerated in (older data.py regenerate, or a server): --dtype should be that one"))
     print(f"  tau {res['tau']:.2f}")
     print_acceptance(res)
     return res

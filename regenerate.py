@@ -346,10 +346,13 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     conversation = lambda r: _conversation(tok, r, enable_thinking, max_prompt_tokens)
     t0, ntok, written = time.time(), 0, 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    # greedy answers depend on the dtype they were decoded in: bench.py --replay reads it here (a server's is unknown)
+    decoded_in = {} if server else {"dtype": "bf16" if model.dtype == torch.bfloat16 else "fp32"}
     with open(out, "a", encoding="utf-8") as f:
         def write(r, msgs):
             nonlocal ntok, written
-            f.write(json.dumps({"id": r["id"], "index": r["index"], "messages": msgs}, ensure_ascii=False) + "\n")
+            row = {"id": r["id"], "index": r["index"], **decoded_in, "messages": msgs}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()  # a kill leaves only whole lines (plus at most one partial, cut on resume)
             ntok += sum(len(m.get("token_ids", ())) for m in msgs if m["role"] == "assistant")
             written += 1
@@ -434,7 +437,7 @@ def main(argv=None):
                    help="enable_thinking for the chat template (train with the same enable_thinking)")
     r.add_argument("--no-compile", action="store_true", help="eager decode steps (default: compiled on GPU)")
     r.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="the target's dtype here (default: bf16 on "
-                   "GPU, fp32 on CPU); fp32 answers are the ones bench.py --dtype fp32 decodes")
+                   "GPU, fp32 on CPU); each row records it (\"dtype\") and bench.py --replay decodes in it")
     r.add_argument("--device", default=None, help="cuda:N or cpu (default: the GPU of LOCAL_RANK, else GPU shard mod "
                    "the visible GPUs, else cpu)")
     r.add_argument("--server", default=None, help="an OpenAI-compatible server (vLLM, SGLang) serving --target, "

@@ -1274,6 +1274,58 @@ def test_flipped_byte_is_a_named_checksum_error(trained, tmp_path):
         C.read_checkpoint(str(ckpt))
 
 
+def test_edited_serving_config_is_named_and_can_be_accepted(trained, tmp_path, capsys):
+    """People edit a serving folder's config.json (mask id, rope, window): bench.py and convert.py name the file
+    that changed after export and the two ways on, in one line, and --accept-edited-config reads the edit.
+    Changed weights stay a corruption error, with or without the flag; a bad --draft is one line too."""
+    run, _, t = trained
+    served, target = tmp_path / "served", tmp_path / "target"
+    t.save_pretrained(target)
+    assert C.main([str(run), str(served)]) == 0
+    capsys.readouterr()
+    config = json.loads((served / "config.json").read_text())
+    config["dflash_config"]["mask_token_id"] = 62  # was 63
+    (served / "config.json").write_text(json.dumps(config, indent=2))
+    assert C.main(["--import", str(served), str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"convert.py: error: config.json in {served} changed after export") and err.count("\n") == 1
+    assert "re-export the folder from its checkpoint" in err and "--accept-edited-config" in err and "disk" not in err
+    bench_args = ["--target", str(target), "--draft", str(served), "--prompt-len", "8", "--steps", "2", "--repeats", "1",
+                  "--dtype", "fp32", "--device", "cpu"]
+    p = subprocess.run([sys.executable, str(Path(HERE) / "bench.py"), *bench_args], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.startswith(f"bench.py: error: --draft {served}: config.json in {served} "
+                                                      "changed after export"), p.stderr
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    # accepted: the edited mask id is the one read
+    assert C.main(["--import", "--accept-edited-config", str(served), str(tmp_path / "ckpt")]) == 0
+    assert C.read_checkpoint(str(tmp_path / "ckpt"))[1].mask_token_id == 62
+    assert bench.main(bench_args + ["--accept-edited-config"])["dflash"]["steps"] == 2
+    # the weights are verified all the same: a flipped byte is the corruption error, named, one line
+    flip_byte(served / "model.safetensors", offset=-1)
+    for flag in ([], ["--accept-edited-config"]):
+        assert C.main(["--import", *flag, str(served), str(tmp_path / "ckpt2")]) == 1
+        err = capsys.readouterr().err
+        assert "model.safetensors differs from the sha256" in err and "disk, copy or transfer error" in err
+        with pytest.raises(SystemExit, match=r"^bench\.py: error: --draft .*model\.safetensors differs.*transfer error"):
+            bench.main(bench_args + flag)
+    with pytest.raises(SystemExit, match=r"^bench\.py: error: --draft .*nope: .*neither a DCP checkpoint"):
+        bench.main(bench_args[:3] + [str(tmp_path / "nope")] + bench_args[4:])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_serving_folder_files_have_the_mode_the_umask_gives(trained, tmp_path, umask):
+    """safetensors >= 0.8 creates model.safetensors 0600 (a temp file, renamed); a server running as another
+    user could not read it. Every file of the folder gets what the umask gives a new file: 0644 under 022."""
+    run, _, _ = trained
+    old = os.umask(umask)
+    try:
+        assert C.main([str(run), str(tmp_path / "served")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "served").iterdir()}
+    assert modes == dict.fromkeys(["README.md", "checksums.json", "config.json", "model.safetensors"], 0o666 & ~umask)
+
+
 # ------------------------------------------------------------------------------------------------
 # import: serving folder -> training checkpoint
 
@@ -1710,7 +1762,7 @@ def test_cli_end_to_end(models, tmp_path, capsys, draft):
     summaries = bench.main(["--target", str(tmp_path / "target"), "--dataset", str(data), "--num-prompts", "2",
                             "--max-new-tokens", "10", "--block-size", "4", "--dtype", "fp32", "--device", "cpu",
                             "--out", str(out), "--draft", draft])
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    recs = measure.read_records(out)
     assert [(r["id"], r["turn"]) for r in recs] == [("q0", 0), ("q0", 1), ("q1", 0), ("q1", 1)]
     assert all(r["match"] and r["baseline"]["tokens"] == r["dflash"]["tokens"] for r in recs)
     assert summaries[0]["tau"] >= 1 and not summaries[0]["mismatches"]
@@ -1758,6 +1810,84 @@ def test_sampled_bench_says_which_check_ran_instead_of_the_lossless_line(models,
     assert "test_sampling_keeps_target_distribution" in out
     bench.main(args)
     assert "lossless: 1/1 turns identical" in capsys.readouterr().out
+
+
+def bench_target_folder(t, path):
+    """A target folder bench.py loads: the tiny target's weights and the character tokenizer."""
+    t.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_bench_reports_progress_warms_up_once_and_ends_with_the_mean_tau(models, tmp_path, capsys, monkeypatch):
+    """A line per prompt (done/total, tau so far, ETA); one warm-up for the whole run, announced once; the last
+    line and the last --out record carry the mean of the sets' taus."""
+    t, d = models
+    target = bench_target_folder(t, tmp_path / "target")
+    sets = {"a": ["hello a", "hi b", "yo c"], "b": ["what d", "why e"]}
+    for name, turns in sets.items():
+        write_lines(tmp_path / f"{name}.jsonl", [json.dumps({"id": f"{name}{i}", "turns": [x]}) for i, x in enumerate(turns)])
+    calls, run_turns = [], bench.run_turns
+    monkeypatch.setattr(bench, "run_turns", lambda *a, **kw: calls.append(a[6]) or run_turns(*a, **kw))
+    out = tmp_path / "res.jsonl"
+    summaries = bench.main(["--target", target, "--dataset", f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}",
+                            "--max-new-tokens", "10", "--block-size", "4", "--dtype", "fp32", "--device", "cpu",
+                            "--out", str(out)])
+    printed = capsys.readouterr().out
+    recs = measure.read_records(out)
+    tau = lambda rs: sum(a for r in rs for a in r["dflash"]["acceptance"]) / sum(len(r["dflash"]["acceptance"]) for r in rs)
+    for name, turns in sets.items():  # tau so far: over the records of the prompts done, as --out has them
+        mine = [r for r in recs if r["dataset"].endswith(f"{name}.jsonl")]
+        lines = re.findall(rf"^  \S*{name}\.jsonl: (\d)/(\d) prompts, tau so far (\d+\.\d\d), ETA (\d+m\d\ds)$", printed, re.M)
+        assert [(int(i), int(n)) for i, n, _, _ in lines] == [(i, len(turns)) for i in range(1, len(turns) + 1)], lines
+        assert [float(x) for _, _, x, _ in lines] == [round(tau(mine[:i]), 2) for i in range(1, len(turns) + 1)]
+        assert lines[-1][3] == "0m00s"  # nothing left
+    # warm-up: both modes of one prompt, once for the two sets, then both modes of each prompt
+    assert printed.count("warm-up:") == 1 and "compiles and warms caches; not counted" in printed
+    assert calls == [1, 4] + [1, 4] * 5
+    set_taus = [tau([r for r in recs if r["dataset"] == s["dataset"]]) for s in summaries]
+    closing = json.loads(out.read_text().splitlines()[-1])
+    assert closing["mean_tau"] == pytest.approx(sum(set_taus) / 2) and len(recs) == 5
+    assert (closing["checked"], closing["identical"], closing["near_ties"], closing["mismatches"]) == (5, 5, 0, 0)
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith(f"== mean tau {sum(set_taus) / 2:.2f} over 2 sets |") and "lossless: 5/5 turns identical" in last
+    # each set weighs the same, however many steps it took (the README table's mean): not the pooled tau (1.2)
+    sets = [dict(dataset="x", tau=3.0, steps=10, turns=1), dict(dataset="y", tau=1.0, steps=90, turns=4)]
+    assert measure.mean_over_sets(sets) == dict(summary="mean over sets", sets={"x": 3.0, "y": 1.0}, mean_tau=2.0, turns=5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bench_tells_a_near_tie_divergence_from_a_mismatch(models, tmp_path, capsys, monkeypatch, tie):
+    """The DFlash run of one prompt is made to take another token at new token 3, as a bf16 near tie
+    flips one. Where the target's top-2 logit gap there is within rounding (tie: every gap set to 2^-22
+    of the top logit, under 4 fp32 ulps) the lossless line counts it as a near tie, with the gap; where
+    it is not (the real fp32 gaps) it is a MISMATCH: a bug."""
+    t, d = models
+    target = bench_target_folder(t, tmp_path / "target")
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"id": "q0", "turns": ["hello a"]}), json.dumps({"id": "q1", "turns": ["hi b"]})])
+    run_turns, top2 = bench.run_turns, bench._top2_gap
+
+    def flipped(*a, **kw):
+        res = run_turns(*a, **kw)
+        if a[3] == ["hello a"] and a[6] > 1:
+            res[0]["tokens"][3] = (res[0]["tokens"][3] + 1) % 64
+        return res
+    monkeypatch.setattr(bench, "run_turns", flipped)
+    if tie:
+        monkeypatch.setattr(bench, "_top2_gap", lambda logits: top2(logits)[:, 1:] * torch.tensor([2.0 ** -22, 1.0]))
+    [res] = bench.main(["--target", target, "--dataset", str(tmp_path / "p.jsonl"), "--max-new-tokens", "8",
+                        "--block-size", "4", "--dtype", "fp32", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    tok = char_tokenizer()
+    prompt = bench.render(tok, [{"role": "user", "content": "hello a"}])
+    base = greedy(t, torch.tensor([prompt]), 3)
+    top = t(torch.tensor([prompt + base])).logits[0, -1].max().item()  # the target's top logit before new token 3
+    gap = top * 2.0 ** -22 if tie else top - t(torch.tensor([prompt + base])).logits[0, -1].topk(2).values[1].item()
+    kind = "near tie" if tie else "MISMATCH"
+    assert (len(res["near_ties"]), len(res["mismatches"])) == ((1, 0) if tie else (0, 1))
+    assert f"    {kind}: q0 turn 0, new token 3: the target's top-2 logit gap {gap:.3g} (top logit {top:.4g}) in the baseline" in printed
+    assert f"lossless: 1/2 turns identical to the baseline, {int(tie)} diverged at a near tie, {int(not tie)} mismatch" in printed
+    assert ("not a bug (--dtype fp32 is the exact check)" in printed) == tie and ("changed the target's output, a bug" in printed) != tie
 
 
 def test_static_cache_length_fits_the_longest_conversation(models):
@@ -2358,14 +2488,49 @@ def test_replay_cli_on_regenerated_rows_matches_the_decoding_bench(tmp_path, cap
     bench.main(common + ["--dataset", str(inp), "--max-new-tokens", "10", "--out", str(tmp_path / "decoded.jsonl")])
     [res] = bench.main(common + ["--replay", str(regen), "--out", str(tmp_path / "replayed.jsonl")])
     assert "1 rows skipped: not regenerated" in capsys.readouterr().out
-    decoded = {(r["id"], r["turn"]): r["dflash"] for r in map(json.loads, open(tmp_path / "decoded.jsonl"))}
-    replayed = {(r["id"], r["turn"]): r["dflash"] for r in map(json.loads, open(tmp_path / "replayed.jsonl"))}
+    decoded = {(r["id"], r["turn"]): r["dflash"] for r in measure.read_records(tmp_path / "decoded.jsonl")}
+    replayed = {(r["id"], r["turn"]): r["dflash"] for r in measure.read_records(tmp_path / "replayed.jsonl")}
     assert sorted(replayed) == sorted(decoded) == [("p0", 0), ("p0", 1), ("p1", 0)]
     for k in decoded:
         assert replayed[k]["tokens"] == decoded[k]["tokens"] and replayed[k]["acceptance"] == decoded[k]["acceptance"], k
     assert any(len(d["tokens"]) == 10 for d in decoded.values())  # a turn cut by the limit
     assert res["steps"] == sum(len(d["acceptance"]) for d in decoded.values())
     assert regenerate.load_writer(SMOL, "bf16")[1].dtype == torch.bfloat16  # regenerate --dtype reaches the model
+
+
+def test_replay_decodes_in_the_dtype_the_rows_were_regenerated_in(models, tmp_path, capsys, monkeypatch):
+    """data.py regenerate records in each row the dtype it decoded in; bench.py --replay decodes in it (not
+    bench's default bf16) and refuses a --dtype that contradicts it, naming both and the fix. Rows that do
+    not say (older ones, a server's) replay in --dtype, bf16 by default, saying so; rows that disagree are refused."""
+    t, d = models
+    target = bench_target_folder(t, tmp_path / "target")
+    C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"id": "q0", "turns": ["hello a"]}), json.dumps({"id": "q1", "turns": ["hi b"]})])
+    rows = tmp_path / "rows.jsonl"
+    regenerate.main(["regenerate", "--target", target, "--data", str(tmp_path / "p.jsonl"), "--out", str(rows),
+                     "--max-new-tokens", "6", "--max-prompt-tokens", "64"])
+    written = [json.loads(line) for line in open(rows)]
+    assert [r["dtype"] for r in written] == ["fp32", "fp32"]  # regenerate's default on CPU
+    loaded, load_target = [], targets.load_target
+    monkeypatch.setattr(targets, "load_target", lambda path, dtype, *a: loaded.append(dtype) or load_target(path, dtype, *a))
+    common = ["--target", target, "--draft", str(tmp_path / "drafter"), "--device", "cpu"]
+    [res] = bench.main(common + ["--replay", str(rows)])
+    assert loaded == [torch.float32] and res["turns"] == 2
+    assert "fp32 as the rows were regenerated" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.parse_args(common + ["--replay", str(rows), "--dtype", "bf16"])
+    err = capsys.readouterr().err
+    assert "--dtype bf16: the --replay rows were regenerated in fp32" in err and "drop --dtype" in err
+    old = tmp_path / "old.jsonl"
+    write_lines(old, [json.dumps({k: v for k, v in r.items() if k != "dtype"}) for r in written])
+    assert bench.parse_args(common + ["--replay", str(old)]).dtype == "bf16"
+    bench.main(common + ["--replay", str(old), "--dtype", "fp32"])
+    assert "fp32, the rows do not record the dtype they were regenerated in" in capsys.readouterr().out
+    mixed = tmp_path / "mixed.jsonl"
+    write_lines(mixed, [json.dumps(written[0]), json.dumps(dict(written[1], dtype="bf16"))])
+    with pytest.raises(SystemExit):
+        bench.parse_args(common + ["--replay", str(mixed)])
+    assert "--replay rows regenerated in different dtypes (fp32: " in capsys.readouterr().err
 
 
 def test_cli_synthetic_timing(tmp_path, capsys):
@@ -2596,6 +2761,7 @@ def test_regenerate_through_a_server_writes_the_local_rows(tmp_path):
     inp = regen_input(tmp_path)
     local = read_out(regenerate.regenerate(SMOL, str(inp), str(tmp_path / "local.jsonl"), batch_size=4, **REGEN))
     assert sorted(local) == [0, 1, 2, 3]
+    assert {r.pop("dtype") for r in local.values()} == {"fp32"}  # the local rows' dtype; a server's is unknown: none
     for return_ids in (True, False):  # the server's token ids, or its text re-tokenised
         with CompletionServer(return_ids=return_ids) as srv:
             out = tmp_path / f"server{return_ids}.jsonl"
@@ -3181,7 +3347,7 @@ def test_recipe_benches_extra_prompts_as_their_own_rows(tmp_path, monkeypatch):
             acc = [3, 3] if name == str(extra) else [2]
             rec = dict(prompt_len=10, dflash=dict(acceptance=acc, tokens=[0] * sum(acc), decode_s=1.0),
                        baseline=dict(acceptance=[1] * sum(acc), tokens=[0] * sum(acc), decode_s=2.0), match=True)
-            write_lines(cmd[cmd.index("--out") + 1], [json.dumps(rec)])
+            write_lines(cmd[cmd.index("--out") + 1], [json.dumps(rec), json.dumps(dict(summary="mean over sets", mean_tau=9.0))])
         return True
     monkeypatch.setattr(smollm2, "_procs", fake_bench)
     rows = smollm2.run(str(out), budget_minutes=25, extra_prompts=[str(extra)])
@@ -3203,7 +3369,7 @@ def test_ablation_table_from_replay_records(tmp_path):
         os.makedirs(tmp_path / arm)
         recs = [dict(dataset=s, prompt_len=500, dflash=dict(acceptance=accs[0] if s == "mt-bench" else accs[1]))
                 for s in smollm2.BENCH_SETS]
-        write_lines(tmp_path / arm / "replay.jsonl", [json.dumps(r) for r in recs])
+        write_lines(tmp_path / arm / "replay.jsonl", [json.dumps(r) for r in recs] + [json.dumps(dict(summary="mean over sets"))])
         write_lines(tmp_path / arm / "metrics.jsonl", [json.dumps(dict(step=1, loss=1.0)),
                                                        json.dumps(dict(step=2, val_expected_accept_len=1.5 if arm == "dflash" else 2.5))])
     rows = smollm2.ablation_table(str(tmp_path), plan)

@@ -398,7 +398,7 @@ def results_table(out, plan):
     """results.md and results.json from the bench records: tau, lossless turns and speed per prompt set."""
     rows = []
     for f in sorted(glob.glob(os.path.join(out, "bench", "*.jsonl"))):
-        recs = [json.loads(line) for line in open(f)]
+        recs = measure.read_records(f)
         acc = measure.acceptance_summary(recs)
         tokens = lambda k: sum(len(r[k]["tokens"]) for r in recs)
         decode = lambda k: sum(r[k]["decode_s"] for r in recs)
@@ -488,7 +488,7 @@ def ablation_table(out, plan):
     the position where a step starts (the four sets pooled)."""
     rows = []
     for arm in plan["arms"]:
-        recs = [json.loads(line) for line in open(os.path.join(out, arm, "replay.jsonl"))]
+        recs = measure.read_records(os.path.join(out, arm, "replay.jsonl"))
         sets = {s: measure.acceptance_summary([r for r in recs if r["dataset"] == s])["tau"] for s in BENCH_SETS}
         val = [m for m in map(json.loads, open(os.path.join(out, arm, "metrics.jsonl"))) if "val_expected_accept_len" in m]
         spent = os.path.join(out, "stages", f"train-{arm}.done")
