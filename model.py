@@ -55,10 +55,12 @@ class DFlashConfig:
         bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
         if bad:
             raise ValueError(f"target_layer_ids {bad} are outside the target's layers "
-                             f"0..{self.num_target_layers - 1}; use build_target_layer_ids()")
+                             f"0..{self.num_target_layers - 1}; leave target_layer_ids empty for the published spacing, "
+                             "or list 0-based layer ids below the target's layer count")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id={self.mask_token_id} is outside the target's "
-                             f"{self.vocab_size} embedding rows; pick an unused row (Qwen3: 151669)")
+                             f"{self.vocab_size} embedding rows; set mask_token_id to a row below that which real "
+                             "text never uses (README: choosing mask_token_id)")
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         if kind not in ROPE_TYPES:
             raise ValueError(f"rope_type={kind!r}: the drafter cannot reproduce this RoPE (it implements "
@@ -267,8 +269,8 @@ def config_from_target(target_config, num_hidden_layers=5, block_size=16, target
     L = tc.num_hidden_layers
     theta, scaling = rope_config(tc)
     if mask_token_id is None:
-        raise ValueError("mask_token_id is not set: choose an embedding row that real text never "
-                         "uses (Qwen3: 151669; SmolLM2: 16) and put it in the config")
+        raise ValueError("mask_token_id is not set: choose an embedding row that real text never uses, e.g. "
+                         "a reserved special token of the target (README: choosing mask_token_id)")
     return DFlashConfig(
         hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
         num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,

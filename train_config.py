@@ -204,8 +204,9 @@ def check_config(c):
          f"dpace_alpha={c['dpace_alpha']} applies to loss=dpace only: set loss=dpace or drop dpace_alpha")
     need(c["loss"] == "dflash" or c["gamma"] == 0, f"gamma={c['gamma']} applies to loss=dflash only; "
          "loss=dpace weights slots by acceptance (drop gamma)")
-    need(c["mask_token_id"] >= 0, "mask_token_id is not set: choose a target embedding row real text "
-         "never uses (Qwen3: 151669, SmolLM2: 16)")
+    need(c["mask_token_id"] >= 0, "mask_token_id is not set: add --mask_token_id=N (or mask_token_id: N in the "
+         "config), N a target embedding row real text never uses, e.g. a reserved special token (Qwen3: 151669, "
+         "Llama-3.1: 128002, SmolLM2: 16; README: choosing mask_token_id)")
     need(c["save_interval"] >= 0 and c["log_interval"] >= 1, "save_interval must be >= 0, log_interval >= 1")
     need(c["keep_checkpoints"] >= 1, "keep_checkpoints must be >= 1")
     need(c["val_rows"] >= 0 and c["val_interval"] >= 0, "val_rows and val_interval must be >= 0")
