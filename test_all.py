@@ -3410,3 +3410,19 @@ def test_readme_commands_use_flags_the_scripts_have():
             seen.add((script, flag))
     assert {"train.py", "data.py", "bench.py", "convert.py", "recipes/fetch.py"} <= set(helps)
     assert ("train.py", "--lr") in seen or ("train.py", "--config") in seen
+
+
+def test_readme_commands_write_where_git_ignores():
+    """What the README's commands write (--out, convert.py's OUT, a config's or --out_dir's run folder) is
+    ignored by git, so regenerated rows, checkpoints and exports never turn up as files to commit."""
+    if subprocess.run(["git", "rev-parse"], cwd=HERE, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S)).replace("\\\n", " ")
+    outs = set(re.findall(r"--out[ =](\S+)", blocks)) | set(re.findall(r"--out_dir=(\S+)", blocks))
+    outs |= set(re.findall(r"convert\.py(?: --\S+)* \S+ (\S+)", blocks))
+    import yaml
+    outs |= {yaml.safe_load(open(os.path.join(HERE, f)))["out_dir"] for f in set(re.findall(r"--config (\S+\.yaml)", blocks))}
+    assert {"runs/quickstart/regen.jsonl", "regen/r.jsonl", "exported/qwen3-8b-dflash", "runs/qwen3-8b"} <= outs, outs
+    kept = [p for p in sorted(outs) if subprocess.run(["git", "check-ignore", "-q", p], cwd=HERE).returncode]
+    assert not kept, f"README commands write {kept}, which .gitignore does not cover"

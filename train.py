@@ -55,7 +55,7 @@ def adamw_settings(c):
 
 
 # ------------------------------------------------------------------------------------------------
-# Throughput accounting (the README explains the count)
+# Throughput accounting (results/throughput-qwen3-8b.md explains the count)
 
 def flops_per_token_counts(target, dcfg, num_anchors):
     """Model FLOPs of one sequence = a * S + b, S its (padded) length:
