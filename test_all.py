@@ -1280,7 +1280,7 @@ def test_edited_serving_config_is_named_and_can_be_accepted(trained, tmp_path, c
     Changed weights stay a corruption error, with or without the flag; a bad --draft is one line too."""
     run, _, t = trained
     served, target = tmp_path / "served", tmp_path / "target"
-    t.save_pretrained(target)
+    copy.deepcopy(t).save_pretrained(target)  # a copy: save_pretrained writes into the shared fixture's config
     assert C.main([str(run), str(served)]) == 0
     capsys.readouterr()
     config = json.loads((served / "config.json").read_text())
@@ -2163,7 +2163,7 @@ def test_llama31_style_target_trains_exports_and_benches(tmp_path, capsys):
     assert res["dflash"]["steps"] == 3
     (tmp_path / "axial.json").write_text(json.dumps({**target, "rope_parameters": {"rope_type": "axial"}}))
     with pytest.raises(SystemExit, match="config error: rope_type='axial': the drafter cannot reproduce"):
-        T.main(train_args(tmp_path) + [f"--target={tmp_path / 'axial.json'}"])
+        T.main(train_args(tmp_path) + [f"--target={tmp_path / 'axial.json'}", f"--out_dir={tmp_path / 'axial'}"])
 
 
 def test_qwen3_8b_config():
