@@ -2554,7 +2554,7 @@ class CompletionServer:
                        for k, t in enumerate(body["prompt"])]
         if body.get("top_k", 40) < 0:
             errors += [{"type": "greater_than_equal", "loc": ("body", "top_k"), "msg": "Input should be greater than or equal to 0", "input": body["top_k"]}]
-        return errors and (f"{len(errors)} validation errors:\n" + "".join(f"  {e}\n" for e in errors)
+        return errors and (f"{len(errors)} validation error{'s' * (len(errors) > 1)}:\n" + "".join(f"  {e}\n" for e in errors)
                            + '\n  File "llama_cpp/server/app.py", line 264, in create_completion\n    POST /v1/completions')
 
     def complete(self, body):
@@ -2618,7 +2618,7 @@ def test_regenerate_through_a_server_writes_the_local_rows(tmp_path):
         tok, model = served_smollm2()
         assert len(srv.requests) == 1 + 5  # the probe, then the turns (row b has two)
         probe, *turns = srv.requests
-        assert probe["max_tokens"] == 1 and probe["prompt"] == turns[0]["prompt"]
+        assert probe["max_tokens"] == 1 and probe["prompt"] == min((b["prompt"] for b in turns), key=len)  # the first row's
         for body in turns:  # the local path's sampling: greedy, 8 tokens, its stop ids, nothing else
             assert (body["temperature"], body["max_tokens"], body["top_p"], body["top_k"], body["min_p"]) == (0.0, 8, 1.0, -1, 0.0)
             assert body["stop_token_ids"] == data.stop_ids(tok, model) and body["model"] == "SmolLM2-135M-Instruct"
