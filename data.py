@@ -5,7 +5,7 @@ Regenerating the assistant turns with the target itself (the largest lever on ac
 regenerate.py; this file's command runs it:
 
     python data.py regenerate --target DIR --data IN --out OUT [--max-new-tokens 512] ...
-    python data.py regenerate --target DIR --server http://host:8000 --concurrency 256 ...  # vLLM / SGLang
+    python data.py regenerate --target DIR --server http://host:8000 --concurrency 256 ...  # vLLM, SGLang, llama.cpp...
 
 Runs on the GPU machines too, which have no `datasets` and no network: `datasets` is imported only
 where an HF dataset name is read. The offline default assets come from recipes/fetch.py.

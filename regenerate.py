@@ -4,7 +4,7 @@ decoder, or on an OpenAI-compatible serving engine; turn t+1 is prompted with it
 The rows keep the target's token ids, so training supervises exactly what the target generated.
 
     python data.py regenerate --target DIR --data IN --out OUT [--max-new-tokens 512] ...
-    python data.py regenerate --target DIR --server http://host:8000 --concurrency 256 ...  # vLLM / SGLang
+    python data.py regenerate --target DIR --server http://host:8000 --concurrency 256 ...  # vLLM, SGLang, llama.cpp...
 
 Needed only to make training data; data.py reads the rows it writes like any other chat data.
 """
@@ -12,6 +12,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import threading
 import time
 
@@ -164,16 +165,17 @@ def _answer(tokenizer, ids, stops, finished=False):
 
 
 def _conversation(tokenizer, row, enable_thinking, max_prompt_tokens):
-    """The turns of one row, shared by the local and the server paths: yields each turn's prompt ids
-    (rendered by the training template), is sent the answer message, returns the row's messages.
-    Turn t+1 is prompted with the answer to turn t; a prompt over max_prompt_tokens ends the row."""
+    """The turns of one row, shared by the local and the server paths: yields each turn's prompt, its ids
+    and its text as rendered by the training template, is sent the answer message, returns the row's
+    messages. Turn t+1 is prompted with the answer to turn t; a prompt over max_prompt_tokens ends the row."""
     hist = row["system"]
     for u in row["users"]:
         user = {"role": "user", "content": u}
-        prompt = render_chat(tokenizer, hist + [user], enable_thinking, True)
-        if len(prompt) > max_prompt_tokens:
+        ids = render_chat(tokenizer, hist + [user], enable_thinking, True)
+        if len(ids) > max_prompt_tokens:
             break
-        hist = hist + [user, (yield prompt)]
+        text = render_chat(tokenizer, hist + [user], enable_thinking, True, tokenize=False)
+        hist = hist + [user, (yield ids, text)]
     return hist
 
 
@@ -199,6 +201,14 @@ class ServerError(RuntimeError):
     """A server failure that retrying does not fix (or no longer fixed)."""
 
 
+class Refused(ServerError):
+    """The server's answer that the request itself is wrong; `reason` is its own message."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
 def _http(url, body=None, timeout=60.0):
     """GET (body None) or POST a JSON body; the decoded JSON answer. $OPENAI_API_KEY is sent if set."""
     import urllib.request
@@ -210,9 +220,28 @@ def _http(url, body=None, timeout=60.0):
         return json.loads(r.read())
 
 
+def _reason(err):
+    """The server's own words in an HTTP error, on one line: the message of an OpenAI-style error, else
+    FastAPI's detail, else the body."""
+    raw = err.read()[:1 << 20].decode("utf-8", "replace")
+    try:
+        said = json.loads(raw)
+    except ValueError:
+        said = raw
+    for key in ("error", "message", "detail"):
+        said = said.get(key, said) if isinstance(said, dict) else said
+    return " ".join(str(said).split())
+
+
+# llama.cpp's Python server answers a malformed request with HTTP 500 and a validation error: retrying that
+# cannot help. Other 5xx, 408 and 429 are load or a restart: retried.
+_REQUEST_FAULT = re.compile(r"validation|invalid|must be|should be|unsupported|not supported|unrecognized|exceed", re.I)
+
+
 def _retrying(url, body, timeout, retries, backoff, log):
-    """_http with retries on timeouts, dropped connections, bad JSON, 5xx and 429, waiting backoff,
-    2 x backoff, ... (at most 60 s, jittered); any other HTTP error is the request's fault: raised."""
+    """_http with retries on timeouts, dropped connections, bad JSON, 408, 429 and 5xx, waiting backoff,
+    2 x backoff, ... (at most 60 s, jittered); Refused at once for any other HTTP error, and for a 5xx whose
+    message says the request is wrong."""
     import http.client
     import random
     import urllib.error
@@ -220,9 +249,11 @@ def _retrying(url, body, timeout, retries, backoff, log):
         try:
             return _http(url, body, timeout)
         except urllib.error.HTTPError as e:
-            if e.code < 500 and e.code != 429:
-                raise ServerError(f"{url} answered HTTP {e.code}: {e.read()[:500].decode('utf-8', 'replace')}")
-            why = f"HTTP {e.code}"
+            reason = _reason(e)
+            if not (e.code in (408, 429) or (e.code >= 500 and not _REQUEST_FAULT.search(reason))):
+                # pydantic names every prompt token a text-only server refuses: whole for _refused_fields, cut here
+                raise Refused(f"{url} answered HTTP {e.code}: {reason[:1000]}", reason)
+            why = f"HTTP {e.code}: {reason[:200]}"
         except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, refused/reset connections, bad JSON
             why = f"{type(e).__name__}: {e}"
         if attempt == retries:
@@ -263,32 +294,112 @@ def server_model(server, target, served_model_name=None, context=0, timeout=30.0
     return match[0]["id"]
 
 
-def server_answerer(server, name, tokenizer, stops, max_new_tokens, temperature, timeout=600.0, retries=10,
-                    backoff=1.0, log=print):
-    """prompt ids -> the answer message, from the server's completions endpoint. Sampling is the local
-    path's: temperature only (top-p, top-k, min-p and repetition penalty are sent off, so a server's
-    generation_config defaults do not apply), the same stop ids. The prompt goes as token ids (the
-    training template's rendering, so no server-side template or BOS); the answer's ids are the
-    server's where it returns them (vLLM: return_token_ids), else the text re-tokenised, kept only
-    if it decodes back to the same text (else the turn is kept as text, re-tokenised by training)."""
+# Sampling knobs are sent switched off, so that a server's own defaults (a generation_config; llama.cpp's
+# top_k 40, min_p 0.05, repeat_penalty 1.1) never apply: the local path samples by temperature alone. Names
+# are vLLM's and SGLang's, plus llama.cpp's repeat_penalty, whose penalties run before its greedy pick (left
+# at 1.1, even temperature 0 is not greedy there). A refused value gives way to the next one: llama.cpp
+# refuses top_k -1, and its top-k sampler skips k <= 0, so 0 is off there.
+_SAMPLING_OFF = {"top_p": [1.0], "top_k": [-1, 0], "min_p": [0.0], "repetition_penalty": [1.0], "repeat_penalty": [1.0]}
+_REQUIRED = ("model", "max_tokens", "temperature", "n", "stream")  # a server refusing one of these cannot be used
+
+
+def _refused_fields(reason, fields):
+    """The request fields a refusal names: pydantic's locations ('body', 'top_k'), else the fields it
+    mentions by name (other servers word it their own way)."""
+    locs = set(re.findall(r"""['"]body['"],\s*['"](\w+)['"]""", reason))
+    return (locs or {f for f in fields if re.search(rf"\b{f}\b", reason)}) & set(fields)
+
+
+def _choice(url, res):
+    """(text, token ids or None, finished, prompt tokens the server counted or None) of a completion."""
+    try:
+        c = res["choices"][0]
+        return (c.get("text") or "", c.get("token_ids"), c.get("finish_reason") == "stop",
+                (res.get("usage") or {}).get("prompt_tokens"))
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ServerError(f"{url} answered without choices: {str(res)[:300]}")
+
+
+def _without_refused(body, named):
+    """The body with each refused sampling field at its next value, or left out; and what was refused."""
+    sent, refused = dict(body), []
+    for k in sorted(named - {"prompt"}):
+        values = _SAMPLING_OFF.get(k, [])
+        later = values[values.index(sent[k]) + 1:] if sent[k] in values else []
+        refused.append(f"{k}={sent[k]}")
+        if later:
+            sent[k] = later[0]
+        else:
+            del sent[k]
+    return sent, refused
+
+
+def _check_prompt_tokens(n, ours):
+    if n is not None and n != ours:
+        raise ServerError(f"the server read {n} prompt tokens where the training template renders {ours}: it tokenises "
+                          "our text otherwise (another tokenizer? a BOS of its own?), so its answers would not be to our "
+                          "prompts: serve --target's own tokenizer, or a server that takes token-id prompts (vLLM, SGLang)")
+
+
+def _probe(url, post, body, prompt, bos):
+    """What the server takes, before any row: (body to send, send text?, strip our BOS?, the line saying so).
+    One request for one token with every field and the prompt as ids; where the server refuses the prompt's
+    form or some sampling field, one more with the text and those fields changed or left out must be answered
+    (its refusal stops the run). That one also shows whether the server puts a BOS before a text prompt: then
+    a rendering that starts with the BOS goes without it, so that the server reads our ids."""
+    (ids, text), sent, as_text, refused = prompt, dict(body), False, []
+    try:
+        res = post({**body, "max_tokens": 1, "prompt": ids})
+    except Refused as e:
+        named = _refused_fields(e.reason, ["prompt", *body])
+        if not named or named & set(_REQUIRED):
+            raise
+        (sent, refused), as_text = _without_refused(body, named), "prompt" in named
+        res = post({**sent, "max_tokens": 1, "prompt": text if as_text else ids})
+    _, got_ids, _, n = _choice(url, res)
+    strip = as_text and n == len(ids) + 1 and bool(bos) and text.startswith(bos)
+    _check_prompt_tokens(n, len(ids) + strip)
+    if got_ids is not None:  # vLLM (return_token_ids): it logs a warning for every request with a field it ignores
+        sent.pop("repeat_penalty", None)
+    how = ("the server takes text prompts, not token ids: sending the training template's text"
+           + (f" without its leading {bos} (the server adds one)" if strip else "")) if as_text else "the server takes token-id prompts"
+    fields = [k if sent[k] == body[k] else f"{k}={sent[k]}" for k in sent if k not in _REQUIRED]
+    line = (f"regenerate: {how}; request fields: temperature, {', '.join(fields)}"
+            + (f"; refused: {', '.join(refused)}" if refused else "")
+            + ("; answer ids: the server's" if got_ids is not None else "; answer ids: the text re-tokenised")
+            + ("; the server reports no usage, so the prompt's token count goes unchecked" if n is None else ""))
+    return sent, as_text, strip, line
+
+
+def server_answerer(server, name, tokenizer, stops, max_new_tokens, temperature, first_prompt, timeout=600.0,
+                    retries=10, backoff=1.0, log=print):
+    """(ids, text) of a prompt -> the answer message, from the server's completions endpoint; what the server
+    takes is probed first (_probe) on `first_prompt`. Sampling is the local path's: temperature only, the same
+    stop ids. The prompt goes as token ids (the training template's rendering, so no server-side template or
+    BOS), or where the server takes text only, as that rendering's text; a server that reads another number
+    of prompt tokens than ours stops the run. The answer's ids are the server's where it returns them (vLLM:
+    return_token_ids), else the text re-tokenised, kept only if it decodes back to the same text (else the
+    turn is kept as text, re-tokenised by training)."""
     url = server.rstrip("/").removesuffix("/v1") + "/v1/completions"
-    body = {"model": name, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0, "top_k": -1,
-            "min_p": 0.0, "repetition_penalty": 1.0, "stop_token_ids": list(stops), "skip_special_tokens": False,
-            "return_token_ids": True, "n": 1, "stream": False}
+    post = lambda b: _retrying(url, b, timeout, retries, backoff, log)
+    body = {"model": name, "max_tokens": max_new_tokens, "temperature": temperature, "n": 1, "stream": False,
+            **{k: v[0] for k, v in _SAMPLING_OFF.items()},
+            "stop_token_ids": list(stops), "skip_special_tokens": False, "return_token_ids": True}
+    bos = tokenizer.bos_token
+    body, as_text, strip_bos, line = _probe(url, post, body, first_prompt, bos)
+    log(line)
 
     def answer(prompt):
-        res = _retrying(url, {**body, "prompt": prompt}, timeout, retries, backoff, log)
-        try:
-            c = res["choices"][0]
-            text, ids, finished = c.get("text") or "", c.get("token_ids"), c.get("finish_reason") == "stop"
-        except (KeyError, IndexError, TypeError):
-            raise ServerError(f"{url} answered without choices: {str(res)[:300]}")
+        ids, text = prompt
+        res = post({**body, "prompt": (text[len(bos):] if strip_bos else text) if as_text else ids})
+        text, got, finished, n = _choice(url, res)
+        _check_prompt_tokens(n, len(ids))
         with _TOKENIZER_LOCK:
-            if ids is None:
-                ids = tokenizer.encode(text, add_special_tokens=False)
-                if tokenizer.decode(ids) != text:
+            if got is None:
+                got = tokenizer.encode(text, add_special_tokens=False)
+                if tokenizer.decode(got) != text:
                     return {"role": "assistant", "content": text, "finished": finished}
-            return _answer(tokenizer, list(ids), stops, finished)
+            return _answer(tokenizer, list(got), stops, finished)
     return answer
 
 
@@ -329,7 +440,6 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(target)
         stops = stop_ids(tok, writer_generation_config(target))
-        answer = server_answerer(server, name, tok, stops, max_new_tokens, temperature, timeout, retries, backoff, log)
     else:
         device = writer_device(shard, device)
         log(f"regenerate: the target writes on {device}" + (f" (shard {shard} of {num_shards})" if num_shards > 1 else ""))
@@ -344,6 +454,12 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         log(f"regenerate: skipping {len(todo) - len(order)} rows whose prompt is over {max_prompt_tokens} tokens")
     rows = [todo[k] for k in order]
     conversation = lambda r: _conversation(tok, r, enable_thinking, max_prompt_tokens)
+    if server and rows:  # probed on the first row's prompt
+        try:
+            answer = server_answerer(server, name, tok, stops, max_new_tokens, temperature, next(conversation(rows[0])),
+                                     timeout, retries, backoff, log)
+        except ServerError as e:
+            raise SystemExit(f"regenerate error: {e}")
     t0, ntok, written = time.time(), 0, 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # greedy answers depend on the dtype they were decoded in: bench.py --replay reads it here (a server's is unknown)
@@ -364,7 +480,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
                 state = [_advance(c) for c in convs]  # the turns of a batch are decoded in lockstep
                 while any(p is not None for p, _ in state):
                     live = [j for j, (p, _) in enumerate(state) if p is not None]
-                    gens = decode([state[j][0] for j in live], temperature)
+                    gens = decode([state[j][0][0] for j in live], temperature)  # the prompt's ids
                     for j, g in zip(live, gens):
                         state[j] = _advance(convs[j], _answer(tok, g, stops))
                 for r, (_, msgs) in zip(rows[b:b + batch_size], state):
@@ -440,8 +556,8 @@ def main(argv=None):
                    "GPU, fp32 on CPU); each row records it (\"dtype\") and bench.py --replay decodes in it")
     r.add_argument("--device", default=None, help="cuda:N or cpu (default: the GPU of LOCAL_RANK, else GPU shard mod "
                    "the visible GPUs, else cpu)")
-    r.add_argument("--server", default=None, help="an OpenAI-compatible server (vLLM, SGLang) serving --target, "
-                   "e.g. http://host:8000; --target then only gives the tokenizer and chat template")
+    r.add_argument("--server", default=None, help="an OpenAI-compatible server (vLLM, SGLang, llama.cpp, ...) serving "
+                   "--target, e.g. http://host:8000; --target then only gives the tokenizer and chat template")
     r.add_argument("--concurrency", type=int, default=64, help="with --server: rows in flight at once")
     r.add_argument("--served-model-name", default=None, help="with --server: the server's name of the target "
                    "(default: the served model whose name ends with --target's folder name)")

