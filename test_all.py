@@ -2791,6 +2791,24 @@ def read_out(path):
 REGEN = dict(max_new_tokens=8, max_turns=2, max_prompt_tokens=96, log=lambda s: None)
 
 
+def kill_after_a_row(args, out, timeout):
+    """`python data.py ARGS` (a regeneration against a server that holds its later requests) killed once it has
+    written a row or more but not all to out, then a half-written line appended, as a kill mid-write leaves."""
+    proc = subprocess.Popen([sys.executable, "data.py", *args], cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while not (out.exists() and out.read_text().count("\n") >= 1) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the client ended before it was killed"
+        assert 1 <= out.read_text().count("\n") < 4
+    finally:
+        proc.kill()
+        proc.wait(30)
+    with open(out, "a") as f:
+        f.write('{"id": "zz", "index": 3, "messa')
+
+
 def server_reference_rows(tmp_path):
     """The rows of an undisturbed server run over regen_input (computed once)."""
     if "ref" not in _SERVED:
@@ -2831,19 +2849,7 @@ def test_regenerate_server_killed_then_resumed(tmp_path):
     with CompletionServer(hold_after=3) as srv:  # the probe and two answers, then every request waits
         args = ["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(out), "--server", srv.url,
                 "--concurrency", "1", "--max-new-tokens", "8", "--max-turns", "2", "--max-prompt-tokens", "96"]
-        proc = subprocess.Popen([sys.executable, "data.py", *args], cwd=os.path.dirname(os.path.abspath(data.__file__)),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.time() + 180
-            while not (out.exists() and out.read_text().count("\n") >= 1) and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.2)
-            assert proc.poll() is None, "the client ended before it was killed"
-            assert 1 <= out.read_text().count("\n") < 4
-        finally:
-            proc.kill()
-            proc.wait(30)
-        with open(out, "a") as f:
-            f.write('{"id": "zz", "index": 3, "messa')  # as if killed mid-line too
+        kill_after_a_row(args, out, 180)
         srv.release.set()
         regenerate.main(args)
     rows = [json.loads(line) for line in open(out)]
@@ -3044,19 +3050,7 @@ def test_regenerate_through_llama_cpp_server(llama_cpp_server, tmp_path, capsys)
     from transformers import AutoTokenizer
     inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
     with CompletionServer(upstream=llama_cpp_server, hold_after=4) as proxy:  # the 2 probe requests, 2 answers, then held
-        proc = subprocess.Popen([sys.executable, "data.py", *regen_args(inp, out, proxy.url)], cwd=HERE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.time() + 300
-            while not (out.exists() and out.read_text().count("\n") >= 1) and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.2)
-            assert proc.poll() is None, "the client ended before it was killed"
-            assert 1 <= out.read_text().count("\n") < 4
-        finally:
-            proc.kill()
-            proc.wait(30)
-    with open(out, "a") as f:
-        f.write('{"id": "zz", "index": 3, "messa')  # as if killed mid-line too
+        kill_after_a_row(regen_args(inp, out, proxy.url), out, 300)
     capsys.readouterr()
     regenerate.main(regen_args(inp, out, llama_cpp_server))
     assert [line for line in capsys.readouterr().out.splitlines() if "fields" in line] == [
