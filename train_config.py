@@ -9,6 +9,7 @@ import os
 import yaml
 
 import model as M
+from checkpoints import export_is_current, saved_run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,7 +246,6 @@ def check_resume(c):
     """Before anything loads, against the newest checkpoint in out_dir. A changed RESUME_FIXED key (or
     sequences per step) is a one-line error; a run at its last step whose drafter is exported returns
     the line that says so (there is nothing to do). None: train, from the start or resumed."""
-    from checkpoints import export_is_current, saved_run  # the run format's reader
     path, state = saved_run(c["out_dir"])
     if path is None:
         return None
