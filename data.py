@@ -297,6 +297,12 @@ _TOKENIZE_STATE = None
 PROGRESS_S = 5.0  # long work (tokenising, evaluation) logs a progress line at most this often
 
 
+def fmt_time(s):
+    """Seconds as the ETA of a progress line: 4m05s, or 2h07m past an hour."""
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def progress(log, what, total, unit):
     """tick(done) logs `what done/total unit (elapsed)` when PROGRESS_S have passed since the last line."""
     t0 = last = time.time()

@@ -54,9 +54,8 @@ def print_acceptance(res):
 def progress_line(name, done, total, records, elapsed_s):
     """One line per prompt of a run that takes minutes: prompts done, tau so far, the time left at this pace."""
     steps = [a for r in records for a in r["dflash"]["acceptance"]]
-    eta = int(elapsed_s * (total - done) / max(done, 1))
-    left = f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
-    return f"  {name}: {done}/{total} prompts, tau so far {sum(steps) / max(len(steps), 1):.2f}, ETA {left}"
+    eta = data.fmt_time(elapsed_s * (total - done) / max(done, 1))
+    return f"  {name}: {done}/{total} prompts, tau so far {sum(steps) / max(len(steps), 1):.2f}, ETA {eta}"
 
 
 def mean_over_sets(summaries):

@@ -69,11 +69,6 @@ def flops_per_token_counts(target, dcfg, num_anchors):
     return 2 * n_t + 6 * dcfg.num_features * H * H, 6 * n_d * q + 4 * dcfg.vocab_size * H * q
 
 
-def fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 # ------------------------------------------------------------------------------------------------
 
 def setup_distributed(device_kind):
@@ -287,7 +282,7 @@ class Meter:
         r.log(f"step {step}/{r.total_steps} ({100 * step / r.total_steps:.0f}%) | loss {rec['loss']:.4f} | "
               f"acc@1 {rec['acc_1']:.3f} | exp accept {exp_len:.2f} | lr {lr:.2e} | gnorm {grad_norm:.2f} | "
               f"{sps:.1f} samples/s | {rec['tokens_per_s']:.0f} tok/s{gpu} | "
-              f"ETA {fmt_time(since * (r.total_steps - step))}", flush=True)
+              f"ETA {D.fmt_time(since * (r.total_steps - step))}", flush=True)
         record(r, rec)
         if r.wandb_run:
             r.wandb_run.log(rec, step=step)
