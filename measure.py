@@ -21,7 +21,7 @@ import model as M
 POSITION_BUCKETS = ((0, "0-512"), (512, "512-1K"), (1024, "1K-2K"), (2048, "2K-4K"), (4096, "4K+"))
 
 
-def tau_by_position(records):
+def tau_by_position(records, buckets=POSITION_BUCKETS):
     """Tau per bucket of the context position at which a step starts (its anchor: the prompt length
     plus the tokens emitted before it), so a drafter's acceptance past its training length shows.
     {bucket: {"steps": n, "tau": mean acceptance}} for the buckets that have steps."""
@@ -29,11 +29,11 @@ def tau_by_position(records):
     for r in records:
         start = r["prompt_len"]
         for a in r["dflash"]["acceptance"]:
-            label = [lbl for lo, lbl in POSITION_BUCKETS if start >= lo][-1]
+            label = [lbl for lo, lbl in buckets if start >= lo][-1]
             steps.setdefault(label, []).append(a)
             start += a
     return {lbl: dict(steps=len(steps[lbl]), tau=sum(steps[lbl]) / len(steps[lbl]))
-            for _, lbl in POSITION_BUCKETS if lbl in steps}
+            for _, lbl in buckets if lbl in steps}
 
 
 def acceptance_summary(records):

@@ -3590,28 +3590,56 @@ def test_recipe_benches_extra_prompts_as_their_own_rows(tmp_path, monkeypatch):
 
 
 def test_ablation_table_from_replay_records(tmp_path):
-    """recipes/smollm2.py ablate: the table's tau per set and mean, held-out estimate and position buckets
-    are those of the arms' replay records and metrics, worked by hand; bad arms and data are named at once."""
-    plan = dict(arms=["dflash", "dpace"])
-    for arm, accs in (("dflash", [[1, 3], [2]]), ("dpace", [[4, 4], [1]])):
+    """recipes/smollm2.py ablate: the table's tau per set and mean, held-out estimates, position buckets,
+    samples/s, the seed spread and the decoding check are those of the arms' records, worked by hand; bad arms
+    and data are named at once."""
+    plan = dict(arms=["dflash", "seed1"], check_prompts=1)
+    for arm, accs in (("dflash", [[1, 3], [2]]), ("seed1", [[4, 4], [1]])):
         os.makedirs(tmp_path / arm)
-        recs = [dict(dataset=s, prompt_len=500, dflash=dict(acceptance=accs[0] if s == "mt-bench" else accs[1]))
+        recs = [dict(dataset=s, id="81", turn=0, prompt_len=253, dflash=dict(acceptance=accs[0] if s == "mt-bench" else accs[1],
+                                                                            tokens=[5] * sum(accs[0] if s == "mt-bench" else accs[1])))
                 for s in smollm2.BENCH_SETS]
         write_lines(tmp_path / arm / "replay.jsonl", [json.dumps(r) for r in recs] + [json.dumps(dict(summary="mean over sets"))])
-        write_lines(tmp_path / arm / "metrics.jsonl", [json.dumps(dict(step=1, loss=1.0)),
+        write_lines(tmp_path / arm / "metrics.jsonl", [json.dumps(dict(step=1, loss=1.0, samples_per_s=1.0)),
+                                                       json.dumps(dict(step=2, loss=1.0, samples_per_s=3.0)),
+                                                       json.dumps(dict(step=3, loss=1.0, samples_per_s=5.0)),
                                                        json.dumps(dict(step=2, val_expected_accept_len=1.5 if arm == "dflash" else 2.5))])
+    # decoding: the turn's tokens as replayed, acceptance [1, 3] = dflash's replay; a second turn the answers lack
+    write_lines(tmp_path / "decode-check.jsonl", [json.dumps(dict(id="81", turn=0, dataset="mt-bench", prompt_len=250,
+                                                                  dflash=dict(tokens=[5] * 4, acceptance=[1, 3]))),
+                                                  json.dumps(dict(id="81", turn=1, dataset="mt-bench", prompt_len=300,
+                                                                  dflash=dict(tokens=[6], acceptance=[1])))])
     rows = smollm2.ablation_table(str(tmp_path), plan)
     assert [r["sets"]["mt-bench"] for r in rows] == [2.0, 4.0] and [r["sets"]["alpaca"] for r in rows] == [2.0, 1.0]
-    assert [r["mean"] for r in rows] == [2.0, 1.75] and [r["held_out"] for r in rows] == [1.5, 2.5]
-    # mt-bench's steps start at 500 and 501 (dflash) / 500 and 504 (dpace): buckets 0-512 and 512-1K
-    assert rows[1]["by_position"] == {"0-512": dict(steps=5, tau=(4 + 4 + 1 + 1 + 1) / 5)}
-    assert rows[0]["by_position"]["0-512"]["steps"] == 5
+    assert [r["mean"] for r in rows] == [2.0, 1.75] and [r["held_out"] for r in rows] == [[(2, 1.5)], [(2, 2.5)]]
+    assert rows[0]["samples_per_s"] == 4.0  # the first interval (compiling) left out
+    # mt-bench's steps start at 253 and 257 (seed1): buckets 0-256 and 256-512; the other sets' one step at 253
+    assert rows[1]["by_position"] == {"0-256": dict(steps=4, tau=(4 + 1 + 1 + 1) / 4), "256-512": dict(steps=1, tau=4.0)}
     table = (tmp_path / "ablation.md").read_text()
-    assert "| dpace | 4.00 | 1.00 | 1.00 | 1.00 | **1.75** | 2.50 | 2.20 (5) |" in table
+    assert "| seed1 | 4.00 | 1.00 | 1.00 | 1.00 | **1.75** | 2.50 | 1.75 (4) | 4.00 (1) | 4.0 |" in table
+    assert "mean tau differs by 0.250, a set's tau by at most 2.000" in table
+    assert "1 of 2 decoded turns have the greedy answers' tokens, and 1 of those the replay's acceptance" in table
     with pytest.raises(SystemExit, match="unknown arm depth9"):
         smollm2.ablate(str(tmp_path / "x"), str(tmp_path / "*.jsonl"), arms=["dflash", "depth9"])
     with pytest.raises(SystemExit, match="matches no file"):
         smollm2.ablate(str(tmp_path / "x"), str(tmp_path / "none*.jsonl"))
+
+
+@need_assets
+def test_ablation_arms_change_one_thing_each():
+    """Each arm's train.py command is the default arm's plus its own keys: the config it parses differs from
+    dflash's in those keys alone (so the table compares one change at a time)."""
+    import train_config
+    parse = lambda arm: train_config.parse_config(smollm2._train_cmd(
+        "o", os.path.join(data.assets_dir(), "sharegpt_train.jsonl"), SMOL, 10, 1, 5, smollm2.ARMS[arm])[2:])
+    base = parse("dflash")
+    want = {"seed1": {"seed"}, "dpace": {"loss"}, "sliding": {"layer_types", "sliding_window"},
+            "dpace_sliding": {"loss", "layer_types", "sliding_window"}, "depth3": {"num_draft_layers"}, "block8": {"block_size"}}
+    assert set(smollm2.ARMS) == {"dflash", *want}
+    for arm, keys in want.items():
+        got = parse(arm)
+        assert {k for k in base if got[k] != base[k]} == keys, arm
+    assert base["batch_size"] == 64 and base["loss"] == "dflash" and base["num_draft_layers"] == 5 and base["block_size"] == 16
 
 
 def test_readme_commands_use_flags_the_scripts_have():

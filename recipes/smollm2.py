@@ -322,14 +322,18 @@ def _procs(cmds, gpus, deadline=None):
     return True
 
 
+def _train_cmd(out_dir, data, target, steps, nproc, val_interval, extra=()):
+    """train.py with configs/smollm2.yaml, 64 sequences a step over nproc ranks (one rank: no torchrun);
+    a checkpoint every quarter of the steps, so a killed stage resumes."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return [sys.executable, *launch, "train.py", "--config", "configs/smollm2.yaml", f"--data={data}",
+            f"--out_dir={out_dir}", f"--target={target}", f"--max_steps={steps}", f"--batch_size={64 // nproc}",
+            f"--val_interval={val_interval}", f"--save_interval={max(1, steps // 4)}", *extra]
+
+
 def _train(out_dir, data, target, steps, gpus, val_interval, extra=()):
-    """train.py with configs/smollm2.yaml under torchrun on every GPU, 64 sequences a step; a checkpoint
-    every quarter of the steps, so a killed stage resumes."""
-    nproc = max(gpus, 1)
-    _procs([[sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
-             "--config", "configs/smollm2.yaml", f"--data={data}", f"--out_dir={out_dir}", f"--target={target}",
-             f"--max_steps={steps}", f"--batch_size={64 // nproc}", f"--val_interval={val_interval}",
-             f"--save_interval={max(1, steps // 4)}", *extra]], 0)
+    """One training run on every GPU."""
+    _procs([_train_cmd(out_dir, data, target, steps, max(gpus, 1), val_interval, extra)], 0)
 
 
 def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_tokens=256, procs_per_gpu=3, train_args=(),
@@ -427,21 +431,33 @@ def results_table(out, plan):
     return rows
 
 
-# The same-budget ablation: the same regenerated rows, steps, batch and seed for every arm; one change each
+# The same-budget ablation: the same regenerated rows, steps, batch and seed for every arm; one change each.
+# Four sliding layers and one full one, as the engines serve them. The window must be shorter than the rows to
+# change anything: these rows are ~1K tokens (two answers of up to 512), so at speculators' 2048 every row
+# fits in it and the arm would be dflash again; at 256 most positions see a cut context in four layers.
+SLIDING = ["--layer_types=[sliding_attention,sliding_attention,sliding_attention,sliding_attention,full_attention]",
+           "--sliding_window=256"]
 ARMS = {
-    "dflash": [],  # the paper's decay-weighted CE, five full-attention layers (configs/smollm2.yaml)
+    "dflash": [],  # the paper's decay-weighted CE, five full-attention layers, block 16 (configs/smollm2.yaml)
+    "seed1": ["--seed=1"],  # dflash again with another seed (data order, anchors, init): the noise floor
     "dpace": ["--loss=dpace"],
-    # four sliding layers and one full one, as the engines serve them; 256 tokens matter at these lengths
-    "sliding": ["--layer_types=[sliding_attention,sliding_attention,sliding_attention,sliding_attention,full_attention]",
-                "--sliding_window=256"],
+    "sliding": SLIDING,
+    "dpace_sliding": ["--loss=dpace", *SLIDING],
     "depth3": ["--num_draft_layers=3"],
+    "block8": ["--block_size=8"],
 }
+# finer than measure's buckets where the sliding window (256) bites
+ABLATION_BUCKETS = ((0, "0-256"), (256, "256-512"), (512, "512-1K"), (1024, "1K+"))
 
 
-def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, max_new_tokens=256, steps=0, train_args=()):
+def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, max_new_tokens=256, steps=0, train_args=(),
+           at_once=False, check_prompts=10):
     """Train each arm on the same rows, then measure tau on the same greedy answers of the four benchmark
     sets (bench.py --replay: regenerated once, read by every arm), resumable like run. Answers and replays
-    are fp32, as the recipe's bench decodes, so the taus compare with its table (results/replay-check.md)."""
+    are fp32, as the recipe's bench decodes, so the taus compare with its table (results/replay-check.md).
+    at_once: every arm trains at the same time, one process each (spread over the GPUs): their compiles
+    overlap and the GPU is never idle, but their samples/s are shares of one GPU. The first arm also decodes
+    the first check_prompts MT-Bench prompts (bench.py, fp32), so the table says whether replay equals decoding."""
     import torch
     py, target = sys.executable, os.path.join(D.assets_dir(), "SmolLM2-135M-Instruct")
     unknown = [a for a in arms if a not in ARMS]
@@ -453,59 +469,110 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
     gpus = torch.cuda.device_count()
     plan_file, p = os.path.join(out, "plan.json"), lambda *a: os.path.join(out, *a)
     os.makedirs(out, exist_ok=True)
-    if not os.path.exists(plan_file):  # what the answers (~60 s) and the replays (~120 s) leave, per arm
-        per_arm = (budget_minutes * 60 - 180) / len(arms) - 90
+    if not os.path.exists(plan_file):  # what the answers (~60 s), compiles (~90 s each) and replays (~120 s) leave
+        per_arm = (budget_minutes * 60 - 180 - 90 * (1 if at_once else len(arms))) / len(arms)
         json.dump(dict(arms=list(arms), data=data, eval_prompts=eval_prompts, max_new_tokens=max_new_tokens,
-                       steps=steps or max(20, int(per_arm * TRAIN_SEQ_PER_S * max(gpus, 1) / 64)), gpus=gpus),
+                       steps=steps or max(20, int(per_arm * TRAIN_SEQ_PER_S * max(gpus, 1) / 64)), gpus=gpus,
+                       at_once=at_once, check_prompts=check_prompts, train_args=list(train_args)),
                   open(plan_file, "w"), indent=1)
     plan = json.load(open(plan_file))
     print(f"ablate: plan {json.dumps(plan)}", flush=True)
     answers = [p("answers", s + ".jsonl") for s in BENCH_SETS]
+    greedy_answers = lambda: _procs(answer_cmds(out, plan["eval_prompts"], plan["max_new_tokens"]), gpus)
+    train = lambda arm, nproc: _train_cmd(p(arm), plan["data"], target, plan["steps"], nproc, max(1, plan["steps"] // 4),
+                                          [*ARMS[arm], *plan.get("train_args", train_args)])
 
-    def greedy_answers():
-        _procs([[py, "data.py", "regenerate", "--target", target, "--data", os.path.join(D.assets_dir(), "prompts", s + ".jsonl"),
-                 "--out", a, "--limit", str(plan["eval_prompts"]), "--max-new-tokens", str(plan["max_new_tokens"]),
-                 "--max-turns", "2", "--max-prompt-tokens", "1536", "--batch-size", "64", "--dtype", "fp32"]
-                for s, a in zip(BENCH_SETS, answers)], gpus)
 
     def replay():
         todo = [arm for arm in plan["arms"] if not os.path.exists(p(arm, "replay.jsonl"))]
-        _procs([[py, "bench.py", "--target", target, "--draft", p(arm, "drafter"), "--replay", ",".join(answers),
-                 "--dtype", "fp32", "--out", p(arm, "replay.jsonl.tmp")] for arm in todo], gpus)
+        cmds = [[py, "bench.py", "--target", target, "--draft", p(arm, "drafter"), "--replay", ",".join(answers),
+                 "--dtype", "fp32", "--out", p(arm, "replay.jsonl.tmp")] for arm in todo]
+        if plan.get("check_prompts") and not os.path.exists(p("decode-check.jsonl")):
+            cmds.append([py, "bench.py", "--target", target, "--draft", p(plan["arms"][0], "drafter"), "--dataset", "mt-bench",
+                         "--num-prompts", str(plan["check_prompts"]), "--max-new-tokens", str(plan["max_new_tokens"]),
+                         "--dtype", "fp32", "--out", p("decode-check.jsonl.tmp")] + (["--compile"] if gpus else []))
+        _procs(cmds, gpus)
         for arm in todo:
             os.replace(p(arm, "replay.jsonl.tmp"), p(arm, "replay.jsonl"))
+        if os.path.exists(p("decode-check.jsonl.tmp")):
+            os.replace(p("decode-check.jsonl.tmp"), p("decode-check.jsonl"))
 
     _stage(out, "answers", greedy_answers)
+    if plan.get("at_once"):
+        _stage(out, "train", lambda: _procs([train(arm, 1) for arm in plan["arms"]], gpus))
     for arm in plan["arms"]:
-        _stage(out, "train-" + arm, lambda: _train(p(arm), plan["data"], target, plan["steps"], gpus, plan["steps"],
-                                                   [*ARMS[arm], *train_args]))
+        _stage(out, "train-" + arm, lambda: _procs([train(arm, max(gpus, 1))], 0))
     _stage(out, "replay", replay)
     return ablation_table(out, plan)
 
 
+def answer_cmds(out, eval_prompts, max_new_tokens):
+    """The target's greedy fp32 answers to the first eval_prompts of each benchmark set, two turns, that every
+    arm replays (out/answers/SET.jsonl)."""
+    target = os.path.join(D.assets_dir(), "SmolLM2-135M-Instruct")
+    return [[sys.executable, "data.py", "regenerate", "--target", target, "--data", os.path.join(D.assets_dir(), "prompts", s + ".jsonl"),
+             "--out", os.path.join(out, "answers", s + ".jsonl"), "--limit", str(eval_prompts), "--max-new-tokens", str(max_new_tokens),
+             "--max-turns", "2", "--max-prompt-tokens", "1536", "--batch-size", "64", "--dtype", "fp32"] for s in BENCH_SETS]
+
+
+def decode_check(decoded, replayed):
+    """Per turn that decoding and the greedy answers agree on (same tokens), whether the replay has the
+    same acceptance length at every step. (turns decoded, turns with the same tokens, of those equal step for step)."""
+    got = {(r["id"], r["turn"]): r["dflash"] for r in replayed}
+    same = [(d["dflash"], got[k]) for d in decoded if (k := (d["id"], d["turn"])) in got and got[k]["tokens"] == d["dflash"]["tokens"]]
+    return len(decoded), len(same), sum(a["acceptance"] == b["acceptance"] for a, b in same)
+
+
 def ablation_table(out, plan):
-    """ablation.md and ablation.json: per arm, tau per set and their mean, the held-out estimate, and tau by
-    the position where a step starts (the four sets pooled)."""
+    """ablation.md and ablation.json: per arm, tau per set and their mean, the held-out estimate, tau by the
+    position where a step starts (the four sets pooled) and training samples/s; the spread between the two
+    seeds of the default arm, and the decoding check."""
     rows = []
     for arm in plan["arms"]:
         recs = measure.read_records(os.path.join(out, arm, "replay.jsonl"))
         sets = {s: measure.acceptance_summary([r for r in recs if r["dataset"] == s])["tau"] for s in BENCH_SETS}
-        val = [m for m in map(json.loads, open(os.path.join(out, arm, "metrics.jsonl"))) if "val_expected_accept_len" in m]
+        metrics = [json.loads(line) for line in open(os.path.join(out, arm, "metrics.jsonl"))]
+        val = [m for m in metrics if "val_expected_accept_len" in m]
+        sps = [m["samples_per_s"] for m in metrics if "samples_per_s" in m][1:]  # the first interval compiles
         spent = os.path.join(out, "stages", f"train-{arm}.done")
         rows.append(dict(arm=arm, changes=" ".join(ARMS[arm]) or "(configs/smollm2.yaml)", sets=sets,
-                         mean=sum(sets.values()) / len(sets), held_out=val[-1]["val_expected_accept_len"] if val else None,
-                         by_position=measure.tau_by_position(recs), train_s=int(open(spent).read()) if os.path.exists(spent) else None))
-    buckets = [b for _, b in measure.POSITION_BUCKETS if any(b in r["by_position"] for r in rows)]
-    lines = ["| arm | " + " | ".join(BENCH_SETS) + " | mean | held-out estimate | " + " | ".join(f"tau at {b}" for b in buckets) + " | train s |",
-             "|---" * (len(BENCH_SETS) + len(buckets) + 4) + "|"]
+                         mean=sum(sets.values()) / len(sets), held_out=[(m["step"], m["val_expected_accept_len"]) for m in val],
+                         by_position=measure.tau_by_position(recs, ABLATION_BUCKETS),
+                         samples_per_s=sum(sps) / len(sps) if sps else None,
+                         train_s=int(open(spent).read()) if os.path.exists(spent) else None))
+    buckets = [b for _, b in ABLATION_BUCKETS if any(b in r["by_position"] for r in rows)]
+    shared = " (arms at once: shares of one GPU)" if plan.get("at_once") else ""
+    lines = ["| arm | " + " | ".join(BENCH_SETS) + " | mean | held-out estimate | " + " | ".join(f"tau at {b}" for b in buckets)
+             + f" | samples/s{shared} |", "|---" * (len(BENCH_SETS) + len(buckets) + 4) + "|"]
     for r in rows:
         pos = [f"{r['by_position'][b]['tau']:.2f} ({r['by_position'][b]['steps']})" if b in r["by_position"] else "" for b in buckets]
         lines.append(f"| {r['arm']} | " + " | ".join(f"{r['sets'][s]:.2f}" for s in BENCH_SETS) + f" | **{r['mean']:.2f}** | "
-                     + (f"{r['held_out']:.2f}" if r["held_out"] else "") + " | " + " | ".join(pos) + f" | {r['train_s']} |")
-    text = (f"plan: {json.dumps(plan)}\n\n" + "\n".join(lines) + "\n\n"
-            + "\n".join(f"- {r['arm']}: {r['changes']}" for r in rows) + "\n")
+                     + " / ".join(f"{v:.2f}" for _, v in r["held_out"]) + " | " + " | ".join(pos)
+                     + f" | {'' if r['samples_per_s'] is None else format(r['samples_per_s'], '.1f')} |")
+    notes = [f"- {r['arm']}: {r['changes']}" for r in rows]
+    held = [f"step {s}" for s, _ in rows[0]["held_out"]] if rows else []
+    notes.append(f"- held-out estimate: expected acceptance on the held-out rows (val_rows) at {', '.join(held)}")
+    by_arm = {r["arm"]: r for r in rows}
+    if "dflash" in by_arm and "seed1" in by_arm:
+        a, b = by_arm["dflash"], by_arm["seed1"]
+        diffs = [abs(a["sets"][s] - b["sets"][s]) for s in BENCH_SETS]
+        noise = dict(mean=abs(a["mean"] - b["mean"]), max_set=max(diffs))
+        notes.append(f"- seed noise (dflash against seed1): mean tau differs by {noise['mean']:.3f}, a set's tau by at most "
+                     f"{noise['max_set']:.3f}")
+    else:
+        noise = None
+    check = None
+    if os.path.exists(os.path.join(out, "decode-check.jsonl")):
+        arm0 = plan["arms"][0]
+        decoded = measure.read_records(os.path.join(out, "decode-check.jsonl"))
+        check = decode_check(decoded, [r for r in measure.read_records(os.path.join(out, arm0, "replay.jsonl"))
+                                       if r["dataset"] == "mt-bench"])
+        notes.append(f"- decoding check ({arm0}, bench.py on the first {plan['check_prompts']} MT-Bench prompts, fp32): "
+                     f"{check[1]} of {check[0]} decoded turns have the greedy answers' tokens, and {check[2]} of those "
+                     "the replay's acceptance length at every step")
+    text = f"plan: {json.dumps(plan)}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
     open(os.path.join(out, "ablation.md"), "w").write(text)
-    json.dump(dict(plan=plan, arms=rows), open(os.path.join(out, "ablation.json"), "w"), indent=1)
+    json.dump(dict(plan=plan, arms=rows, seed_noise=noise, decode_check=check), open(os.path.join(out, "ablation.json"), "w"), indent=1)
     print(text, flush=True)
     return rows
 
@@ -554,9 +621,12 @@ def main(argv=None):
     b.add_argument("--eval-prompts", type=int, default=30, help="prompts per benchmark set (greedy answers, 2 turns)")
     b.add_argument("--max-new-tokens", type=int, default=256, help="per answer")
     b.add_argument("--train", action="append", default=[], help="extra train.py override for every arm")
+    b.add_argument("--at-once", action="store_true", help="train every arm at the same time (one process each)")
+    b.add_argument("--check-prompts", type=int, default=10, help="MT-Bench prompts the first arm decodes to check the replay")
     a = ap.parse_args(argv)
     if a.cmd == "ablate":
-        return ablate(a.out, a.data, a.budget_minutes, a.arms.split(","), a.eval_prompts, a.max_new_tokens, a.steps, a.train)
+        return ablate(a.out, a.data, a.budget_minutes, a.arms.split(","), a.eval_prompts, a.max_new_tokens, a.steps, a.train,
+                      a.at_once, a.check_prompts)
     if a.cmd == "run":
         return run(a.out, a.budget_minutes, a.extra_prompts, a.bench_prompts, a.max_new_tokens, train_args=a.train,
                    max_rows=a.max_rows)
