@@ -500,8 +500,9 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
     _stage(out, "answers", greedy_answers)
     if plan.get("at_once"):
         _stage(out, "train", lambda: _procs([train(arm, 1) for arm in plan["arms"]], gpus))
-    for arm in plan["arms"]:
-        _stage(out, "train-" + arm, lambda: _procs([train(arm, max(gpus, 1))], 0))
+    else:
+        for arm in plan["arms"]:
+            _stage(out, "train-" + arm, lambda: _procs([train(arm, max(gpus, 1))], 0))
     _stage(out, "replay", replay)
     return ablation_table(out, plan)
 
