@@ -3619,6 +3619,20 @@ def test_ablation_table_from_replay_records(tmp_path):
     assert "| seed1 | 4.00 | 1.00 | 1.00 | 1.00 | **1.75** | 2.50 | 1.75 (4) | 4.00 (1) | 4.0 |" in table
     assert "mean tau differs by 0.250, a set's tau by at most 2.000" in table
     assert "1 of 2 decoded turns have the greedy answers' tokens, and 1 of those the replay's acceptance" in table
+    # --stop-at 2 --table-only, seed1's replay cut short (two sets and half a line): the mean, buckets and spread
+    # cover the two sets both arms replayed whole; metrics after step 2 are left out
+    json.dump(plan, open(tmp_path / "plan.json", "w"))
+    for arm in plan["arms"]:
+        lines = (tmp_path / arm / "replay.jsonl").read_text().splitlines()
+        if arm == "dflash":  # its alpaca turn accepts 4: in its own tau, not in the mean of the shared sets
+            lines = [ln.replace("[2]", "[4]").replace("[5, 5]", "[5, 5, 5, 5]") if '"alpaca"' in ln else ln for ln in lines]
+        (tmp_path / arm / "replay-at-2.jsonl.tmp").write_text("\n".join(lines[:2] + ['{"dataset": "math'] if arm == "seed1" else lines) + "\n")
+    rows = smollm2.ablate(str(tmp_path), str(tmp_path / "none*.jsonl"), stop_at=2, table_only=True)
+    assert [r["mean"] for r in rows] == [2.0, 2.5] and rows[1]["sets"] == {"mt-bench": 4.0, "humaneval": 1.0}
+    table = (tmp_path / "ablation-at-2.md").read_text()
+    assert "| dflash | 2.00 | 2.00 | 2.00 | 4.00 | **2.00** | 1.50 |" in table
+    assert "| seed1 | 4.00 | 1.00 |  |  | **2.50** | 2.50 | 2.50 (2) | 4.00 (1) | 3.0 |" in table
+    assert "over mt-bench, humaneval: the sets every arm" in table and "mean tau differs by 0.500, a set's tau by at most 2.000" in table
     with pytest.raises(SystemExit, match="unknown arm depth9"):
         smollm2.ablate(str(tmp_path / "x"), str(tmp_path / "*.jsonl"), arms=["dflash", "depth9"])
     with pytest.raises(SystemExit, match="matches no file"):

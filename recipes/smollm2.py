@@ -433,42 +433,47 @@ def results_table(out, plan):
 
 # The same-budget ablation: the same regenerated rows, steps, batch and seed for every arm; one change each.
 # Four sliding layers and one full one, as the engines serve them. The window must be shorter than the rows to
-# change anything: these rows are ~1K tokens (two answers of up to 512), so at speculators' 2048 every row
-# fits in it and the arm would be dflash again; at 256 most positions see a cut context in four layers.
+# change anything: the ablation's 4,107 rows have a median of 374 tokens and a 99th percentile of 1,338, so at
+# speculators' 2048 no token lies past the window and the arm would be dflash again; at 256, 51% of them do.
 SLIDING = ["--layer_types=[sliding_attention,sliding_attention,sliding_attention,sliding_attention,full_attention]",
            "--sliding_window=256"]
 ARMS = {
-    "dflash": [],  # the paper's decay-weighted CE, five full-attention layers, block 16 (configs/smollm2.yaml)
-    "seed1": ["--seed=1"],  # dflash again with another seed (data order, anchors, init): the noise floor
+    "dflash": ["--loss=dflash"],  # the paper's recipe: decay-weighted CE, five full-attention layers, block 16
+    "seed1": ["--loss=dflash", "--seed=1"],  # dflash again with another seed (data order, anchors, init): the noise floor
     "dpace": ["--loss=dpace"],
-    "sliding": SLIDING,
+    "sliding": ["--loss=dflash", *SLIDING],
     "dpace_sliding": ["--loss=dpace", *SLIDING],
-    "depth3": ["--num_draft_layers=3"],
-    "block8": ["--block_size=8"],
+    "depth3": ["--loss=dflash", "--num_draft_layers=3"],
+    "block8": ["--loss=dflash", "--block_size=8"],
 }
 # finer than measure's buckets where the sliding window (256) bites
 ABLATION_BUCKETS = ((0, "0-256"), (256, "256-512"), (512, "512-1K"), (1024, "1K+"))
 
 
 def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, max_new_tokens=256, steps=0, train_args=(),
-           at_once=False, check_prompts=10):
+           at_once=False, check_prompts=10, stop_at=0, table_only=False):
     """Train each arm on the same rows, then measure tau on the same greedy answers of the four benchmark
     sets (bench.py --replay: regenerated once, read by every arm), resumable like run. Answers and replays
     are fp32, as the recipe's bench decodes, so the taus compare with its table (results/replay-check.md).
     at_once: every arm trains at the same time, one process each (spread over the GPUs): their compiles
     overlap and the GPU is never idle, but their samples/s are shares of one GPU. The first arm also decodes
-    the first check_prompts MT-Bench prompts (bench.py, fp32), so the table says whether replay equals decoding."""
+    the first check_prompts MT-Bench prompts (bench.py, fp32), so the table says whether replay equals decoding.
+    stop_at: every arm trains to that step of the same schedule (train.py --stop_at_step) and its checkpoint
+    there is replayed (files tagged -at-STEP): a same-budget table when the GPU time ends before the steps do;
+    the same command without it continues the runs. table_only: the table of what the arms have now."""
     import torch
     py, target = sys.executable, os.path.join(D.assets_dir(), "SmolLM2-135M-Instruct")
     unknown = [a for a in arms if a not in ARMS]
-    if unknown or not glob.glob(data):
+    if unknown or not (table_only or glob.glob(data)):
         raise SystemExit(f"ablate: unknown arm {unknown[0]} (arms: {', '.join(ARMS)})" if unknown else
                          f"ablate: --data {data} matches no file: give the rows of a `run` (runs/smollm2-recipe/regen/*.jsonl)")
-    if not os.path.isdir(target):
+    if not os.path.isdir(target) and not table_only:
         raise SystemExit(f"ablate: {target} is missing: run `python recipes/fetch.py` first")
     gpus = torch.cuda.device_count()
     plan_file, p = os.path.join(out, "plan.json"), lambda *a: os.path.join(out, *a)
     os.makedirs(out, exist_ok=True)
+    if table_only and not os.path.exists(plan_file):
+        raise SystemExit(f"ablate --table-only: {plan_file} is missing: no ablation ran in {out}")
     if not os.path.exists(plan_file):  # what the answers (~60 s), compiles (~90 s each) and replays (~120 s) leave
         per_arm = (budget_minutes * 60 - 180 - 90 * (1 if at_once else len(arms))) / len(arms)
         json.dump(dict(arms=list(arms), data=data, eval_prompts=eval_prompts, max_new_tokens=max_new_tokens,
@@ -480,31 +485,39 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
     answers = [p("answers", s + ".jsonl") for s in BENCH_SETS]
     greedy_answers = lambda: _procs(answer_cmds(out, plan["eval_prompts"], plan["max_new_tokens"]), gpus)
     train = lambda arm, nproc: _train_cmd(p(arm), plan["data"], target, plan["steps"], nproc, max(1, plan["steps"] // 4),
-                                          [*ARMS[arm], *plan.get("train_args", train_args)])
+                                          [*ARMS[arm], *plan.get("train_args", train_args)] + [f"--stop_at_step={stop_at}"] * bool(stop_at))
+    tag = f"-at-{stop_at}" if stop_at else ""
+    drafter = lambda arm: p(arm, "checkpoints", f"step_{stop_at:08d}") if stop_at else p(arm, "drafter")
+    replayed, checked = "replay" + tag + ".jsonl", p(f"decode-check{tag}.jsonl")
+    if table_only:
+        return ablation_table(out, plan, tag)
 
 
     def replay():
-        todo = [arm for arm in plan["arms"] if not os.path.exists(p(arm, "replay.jsonl"))]
-        cmds = [[py, "bench.py", "--target", target, "--draft", p(arm, "drafter"), "--replay", ",".join(answers),
-                 "--dtype", "fp32", "--out", p(arm, "replay.jsonl.tmp")] for arm in todo]
-        if plan.get("check_prompts") and not os.path.exists(p("decode-check.jsonl")):
-            cmds.append([py, "bench.py", "--target", target, "--draft", p(plan["arms"][0], "drafter"), "--dataset", "mt-bench",
+        todo = [arm for arm in plan["arms"] if not os.path.exists(p(arm, replayed))]
+        missing = [drafter(arm) for arm in todo if not os.path.isdir(drafter(arm))]
+        if missing:  # a run trained past stop_at before keeps only its newest checkpoints
+            raise SystemExit(f"ablate: {missing[0]} is missing: replay a step every arm has a checkpoint at, or drop --stop-at")
+        cmds = [[py, "bench.py", "--target", target, "--draft", drafter(arm), "--replay", ",".join(answers),
+                 "--dtype", "fp32", "--out", p(arm, replayed + ".tmp")] for arm in todo]
+        if plan.get("check_prompts") and not os.path.exists(checked):
+            cmds.append([py, "bench.py", "--target", target, "--draft", drafter(plan["arms"][0]), "--dataset", "mt-bench",
                          "--num-prompts", str(plan["check_prompts"]), "--max-new-tokens", str(plan["max_new_tokens"]),
-                         "--dtype", "fp32", "--out", p("decode-check.jsonl.tmp")] + (["--compile"] if gpus else []))
+                         "--dtype", "fp32", "--out", checked + ".tmp"] + (["--compile"] if gpus else []))
         _procs(cmds, gpus)
         for arm in todo:
-            os.replace(p(arm, "replay.jsonl.tmp"), p(arm, "replay.jsonl"))
-        if os.path.exists(p("decode-check.jsonl.tmp")):
-            os.replace(p("decode-check.jsonl.tmp"), p("decode-check.jsonl"))
+            os.replace(p(arm, replayed + ".tmp"), p(arm, replayed))
+        if os.path.exists(checked + ".tmp"):
+            os.replace(checked + ".tmp", checked)
 
     _stage(out, "answers", greedy_answers)
     if plan.get("at_once"):
-        _stage(out, "train", lambda: _procs([train(arm, 1) for arm in plan["arms"]], gpus))
+        _stage(out, "train" + tag, lambda: _procs([train(arm, 1) for arm in plan["arms"]], gpus))
     else:
         for arm in plan["arms"]:
-            _stage(out, "train-" + arm, lambda: _procs([train(arm, max(gpus, 1))], 0))
-    _stage(out, "replay", replay)
-    return ablation_table(out, plan)
+            _stage(out, f"train-{arm}{tag}", lambda: _procs([train(arm, max(gpus, 1))], 0))
+    _stage(out, "replay" + tag, replay)
+    return ablation_table(out, plan, tag)
 
 
 def answer_cmds(out, eval_prompts, max_new_tokens):
@@ -524,56 +537,82 @@ def decode_check(decoded, replayed):
     return len(decoded), len(same), sum(a["acceptance"] == b["acceptance"] for a, b in same)
 
 
-def ablation_table(out, plan):
+def _replay_records(out, arm, name):
+    """An arm's replay records: the finished file, else what a replay cut short wrote (its last line may be half)."""
+    path = os.path.join(out, arm, name)
+    if os.path.exists(path):
+        return measure.read_records(path)
+    if not os.path.exists(path + ".tmp"):
+        return []
+    recs = []
+    for line in open(path + ".tmp"):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return [r for r in recs if "summary" not in r]
+
+
+def ablation_table(out, plan, tag=""):
     """ablation.md and ablation.json: per arm, tau per set and their mean, the held-out estimate, tau by the
-    position where a step starts (the four sets pooled) and training samples/s; the spread between the two
-    seeds of the default arm, and the decoding check."""
+    position where a step starts (the sets pooled) and training samples/s; the spread between the two
+    seeds of the default arm, and the decoding check. A set some arm has not replayed whole shows its turns
+    beside its tau and stays out of the mean, the buckets and the spread, so those compare the same turns."""
+    recs = {arm: _replay_records(out, arm, f"replay{tag}.jsonl") for arm in plan["arms"]}
+    turns = {arm: {s: sum(r["dataset"] == s for r in rs) for s in BENCH_SETS} for arm, rs in recs.items()}
+    whole = {s: max(t[s] for t in turns.values()) for s in BENCH_SETS}
+    common = [s for s in BENCH_SETS if whole[s] and all(t[s] == whole[s] for t in turns.values())]
+    last = int(tag[4:]) if tag else float("inf")
     rows = []
     for arm in plan["arms"]:
-        recs = measure.read_records(os.path.join(out, arm, "replay.jsonl"))
-        sets = {s: measure.acceptance_summary([r for r in recs if r["dataset"] == s])["tau"] for s in BENCH_SETS}
+        sets = {s: measure.acceptance_summary([r for r in recs[arm] if r["dataset"] == s])["tau"] for s in BENCH_SETS if turns[arm][s]}
         metrics = [json.loads(line) for line in open(os.path.join(out, arm, "metrics.jsonl"))]
-        val = [m for m in metrics if "val_expected_accept_len" in m]
-        sps = [m["samples_per_s"] for m in metrics if "samples_per_s" in m][1:]  # the first interval compiles
-        spent = os.path.join(out, "stages", f"train-{arm}.done")
-        rows.append(dict(arm=arm, changes=" ".join(ARMS[arm]) or "(configs/smollm2.yaml)", sets=sets,
-                         mean=sum(sets.values()) / len(sets), held_out=[(m["step"], m["val_expected_accept_len"]) for m in val],
-                         by_position=measure.tau_by_position(recs, ABLATION_BUCKETS),
+        val = [m for m in metrics if "val_expected_accept_len" in m and m["step"] <= last]
+        sps = [m["samples_per_s"] for m in metrics if "samples_per_s" in m and m["step"] <= last][1:]  # the first interval compiles
+        spent = os.path.join(out, "stages", f"train-{arm}{tag}.done")
+        rows.append(dict(arm=arm, changes=" ".join(ARMS[arm]), sets=sets, turns=turns[arm],
+                         mean=sum(sets[s] for s in common) / max(len(common), 1),
+                         held_out=[(m["step"], m["val_expected_accept_len"]) for m in val],
+                         by_position=measure.tau_by_position([r for r in recs[arm] if r["dataset"] in common], ABLATION_BUCKETS),
                          samples_per_s=sum(sps) / len(sps) if sps else None,
                          train_s=int(open(spent).read()) if os.path.exists(spent) else None))
     buckets = [b for _, b in ABLATION_BUCKETS if any(b in r["by_position"] for r in rows)]
     shared = " (arms at once: shares of one GPU)" if plan.get("at_once") else ""
     lines = ["| arm | " + " | ".join(BENCH_SETS) + " | mean | held-out estimate | " + " | ".join(f"tau at {b}" for b in buckets)
              + f" | samples/s{shared} |", "|---" * (len(BENCH_SETS) + len(buckets) + 4) + "|"]
+    cell = lambda r, s: ("" if s not in r["sets"] else f"{r['sets'][s]:.2f}" if r["turns"][s] == whole[s]
+                         else f"{r['sets'][s]:.2f} ({r['turns'][s]}/{whole[s]} turns)")
     for r in rows:
         pos = [f"{r['by_position'][b]['tau']:.2f} ({r['by_position'][b]['steps']})" if b in r["by_position"] else "" for b in buckets]
-        lines.append(f"| {r['arm']} | " + " | ".join(f"{r['sets'][s]:.2f}" for s in BENCH_SETS) + f" | **{r['mean']:.2f}** | "
+        lines.append(f"| {r['arm']} | " + " | ".join(cell(r, s) for s in BENCH_SETS) + f" | **{r['mean']:.2f}** | "
                      + " / ".join(f"{v:.2f}" for _, v in r["held_out"]) + " | " + " | ".join(pos)
                      + f" | {'' if r['samples_per_s'] is None else format(r['samples_per_s'], '.1f')} |")
     notes = [f"- {r['arm']}: {r['changes']}" for r in rows]
+    if len(common) < len(BENCH_SETS):
+        notes.append(f"- mean, tau by position and seed spread over {', '.join(common) or 'no set'}: the sets every arm replayed whole")
     held = [f"step {s}" for s, _ in rows[0]["held_out"]] if rows else []
     notes.append(f"- held-out estimate: expected acceptance on the held-out rows (val_rows) at {', '.join(held)}")
     by_arm = {r["arm"]: r for r in rows}
-    if "dflash" in by_arm and "seed1" in by_arm:
+    if "dflash" in by_arm and "seed1" in by_arm and common:
         a, b = by_arm["dflash"], by_arm["seed1"]
-        diffs = [abs(a["sets"][s] - b["sets"][s]) for s in BENCH_SETS]
+        diffs = [abs(a["sets"][s] - b["sets"][s]) for s in common]
         noise = dict(mean=abs(a["mean"] - b["mean"]), max_set=max(diffs))
         notes.append(f"- seed noise (dflash against seed1): mean tau differs by {noise['mean']:.3f}, a set's tau by at most "
                      f"{noise['max_set']:.3f}")
     else:
         noise = None
     check = None
-    if os.path.exists(os.path.join(out, "decode-check.jsonl")):
+    if os.path.exists(os.path.join(out, f"decode-check{tag}.jsonl")):
         arm0 = plan["arms"][0]
-        decoded = measure.read_records(os.path.join(out, "decode-check.jsonl"))
-        check = decode_check(decoded, [r for r in measure.read_records(os.path.join(out, arm0, "replay.jsonl"))
-                                       if r["dataset"] == "mt-bench"])
+        decoded = measure.read_records(os.path.join(out, f"decode-check{tag}.jsonl"))
+        check = decode_check(decoded, [r for r in recs[arm0] if r["dataset"] == "mt-bench"])
         notes.append(f"- decoding check ({arm0}, bench.py on the first {plan['check_prompts']} MT-Bench prompts, fp32): "
                      f"{check[1]} of {check[0]} decoded turns have the greedy answers' tokens, and {check[2]} of those "
                      "the replay's acceptance length at every step")
     text = f"plan: {json.dumps(plan)}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
-    open(os.path.join(out, "ablation.md"), "w").write(text)
-    json.dump(dict(plan=plan, arms=rows, seed_noise=noise, decode_check=check), open(os.path.join(out, "ablation.json"), "w"), indent=1)
+    open(os.path.join(out, f"ablation{tag}.md"), "w").write(text)
+    json.dump(dict(plan=plan, stop_at=last if tag else None, common_sets=common, arms=rows, seed_noise=noise, decode_check=check),
+              open(os.path.join(out, f"ablation{tag}.json"), "w"), indent=1)
     print(text, flush=True)
     return rows
 
@@ -624,10 +663,12 @@ def main(argv=None):
     b.add_argument("--train", action="append", default=[], help="extra train.py override for every arm")
     b.add_argument("--at-once", action="store_true", help="train every arm at the same time (one process each)")
     b.add_argument("--check-prompts", type=int, default=10, help="MT-Bench prompts the first arm decodes to check the replay")
+    b.add_argument("--stop-at", type=int, default=0, help="> 0: train every arm to this step and replay its checkpoint there")
+    b.add_argument("--table-only", action="store_true", help="write the table of what the arms have now (replays cut short too)")
     a = ap.parse_args(argv)
     if a.cmd == "ablate":
         return ablate(a.out, a.data, a.budget_minutes, a.arms.split(","), a.eval_prompts, a.max_new_tokens, a.steps, a.train,
-                      a.at_once, a.check_prompts)
+                      a.at_once, a.check_prompts, a.stop_at, a.table_only)
     if a.cmd == "run":
         return run(a.out, a.budget_minutes, a.extra_prompts, a.bench_prompts, a.max_new_tokens, train_args=a.train,
                    max_rows=a.max_rows)
