@@ -3525,14 +3525,18 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     """recipes/smollm2.py run: the stage plan scales with the budget and the GPUs (25 minutes on one GPU:
     the measured rates' split), and the prompt files are interleaved row by row, a row holding U+2028
     (which str.splitlines would cut) kept whole."""
-    # 25 minutes, one GPU, 20 prompts x 256 tokens: the bench ~60 + 2 * 20 * 256 * 25 ms = 316 s, the prompts
-    # 40 + 9,000 / 53 = 210 s, so 974 s are left: a third regenerates, the rest trains after 90 s of start-up
+    # 25 minutes, one GPU, 20 prompts x 256 tokens: the timed bf16 bench 90 + 4 sets x 2 x 20 x 256 x 5 ms = 295 s
+    # alone on the GPU, the fp32 check of 5 prompts a set 60 + 2 x 5 x 256 x 25 ms = 124 s at once, the prompts
+    # 40 + 9,000 / 53 = 210 s, so 871 s are left: a third regenerates, the rest trains after 90 s of start-up
     p = smollm2.plan_run(25, 1, 20, 256)
-    left = 1500 - 316 - (40 + 9000 / 53)
-    assert p["regen_seconds"] == int(left / 3) == 324
+    left = 1500 - 294.8 - 124 - (40 + 9000 / 53)
+    assert p["regen_seconds"] == int(left / 3) == 290 and p["check_prompts"] == 5
     assert p["train_steps"] == int((2 * left / 3 - 90) * smollm2.TRAIN_SEQ_PER_S / 64)
     assert p["self_prompts"] == [4000, 2500, 2500] and smollm2.plan_run(25, 2, 20, 256)["self_prompts"] == [8000, 5000, 5000]
-    with pytest.raises(SystemExit, match="give at least 11 minutes"):
+    assert smollm2.plan_run(25, 1, 20, 256, check_prompts=0)["regen_seconds"] == int((left + 124) / 3)
+    # two GPUs: two sets each, one after another; the four fp32 checks spread over both
+    assert smollm2.plan_run(25, 2, 20, 256)["regen_seconds"] == int((1500 - (90 + 102.4 + 60 + 32) - (40 + 18000 / 53)) / 3)
+    with pytest.raises(SystemExit, match="give at least 13 minutes"):
         smollm2.plan_run(5, 1, 20, 256)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"turns": [f"a{i}\u2028x"]}, ensure_ascii=False) + "\n" for i in range(3)), "utf-8")
@@ -3558,35 +3562,51 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
 
 @need_assets
 def test_recipe_benches_extra_prompts_as_their_own_rows(tmp_path, monkeypatch):
-    """recipes/smollm2.py run --extra-prompts F: the finished stages are skipped, F is benched like the four
-    sets (its file as --dataset, its name as the row), and the mean is the four sets' only."""
+    """recipes/smollm2.py run --extra-prompts F: the finished stages are skipped; the timed bench is one bf16
+    bench.py per GPU over the four sets and F, one after another (alone on the GPU), then the fp32 check one
+    process per set on the first check_prompts; the table has F as its own row, the mean the four sets' only,
+    and each set's lossless line from its records (a near tie in bf16, the fp32 check's identical turns)."""
     out = tmp_path / "run"
     os.makedirs(out / "stages")
     for stage in ("prompts", "regenerate", "train"):
         (out / "stages" / f"{stage}.done").write_text("5\n")
     extra = tmp_path / "mine.jsonl"
     write_lines(extra, [json.dumps({"turns": ["hi"]})])
-    cmds = []
+    batches = []
 
-    def fake_bench(batch, gpus, deadline=None):  # what bench.py writes: one record per turn
+    def fake_bench(batch, gpus, deadline=None):  # what bench.py writes: one record per turn, the sets in order
+        batches.append(batch)
         for cmd in batch:
-            cmds.append(cmd)
-            name = cmd[cmd.index("--dataset") + 1]
-            acc = [3, 3] if name == str(extra) else [2]
-            rec = dict(prompt_len=10, dflash=dict(acceptance=acc, tokens=[0] * sum(acc), decode_s=1.0),
-                       baseline=dict(acceptance=[1] * sum(acc), tokens=[0] * sum(acc), decode_s=2.0), match=True)
-            write_lines(cmd[cmd.index("--out") + 1], [json.dumps(rec), json.dumps(dict(summary="mean over sets", mean_tau=9.0))])
+            lines = []
+            for src in cmd[cmd.index("--dataset") + 1].split(","):
+                acc = [3, 3] if src == str(extra) else [2]
+                tie = src == "mt-bench" and "bf16" in cmd  # bf16 parted from greedy at a near tie there
+                rec = dict(dataset=src, id="1", turn=0, prompt_len=10, match=not tie,
+                           dflash=dict(acceptance=acc, tokens=[0] * sum(acc), decode_s=1.0),
+                           baseline=dict(acceptance=[1] * sum(acc), tokens=[0] * sum(acc), decode_s=2.0))
+                if tie:
+                    rec.update(first_diff=1, gaps=dict(baseline=[0.03, 20.0], dflash=[0.06, 20.0], near_tie=True))
+                lines.append(json.dumps(rec))
+            write_lines(cmd[cmd.index("--out") + 1], lines + [json.dumps(dict(summary="mean over sets", mean_tau=9.0))])
         return True
     monkeypatch.setattr(smollm2, "_procs", fake_bench)
     rows = smollm2.run(str(out), budget_minutes=25, extra_prompts=[str(extra)])
-    assert sorted(c[c.index("--dataset") + 1] for c in cmds) == sorted([*smollm2.BENCH_SETS, str(extra)])
+    (timed,), checks = batches[0], batches[1]
+    arg = lambda cmd, flag: cmd[cmd.index(flag) + 1]
+    assert arg(timed, "--dataset").split(",") == [*smollm2.BENCH_SETS, str(extra)] and arg(timed, "--dtype") == "bf16"
+    assert arg(timed, "--num-prompts") == "20" and len(batches) == 2
+    assert sorted(arg(c, "--dataset") for c in checks) == sorted([*smollm2.BENCH_SETS, str(extra)])
+    assert {(arg(c, "--dtype"), arg(c, "--num-prompts")) for c in checks} == {("fp32", "5")}
     by_set = {r["set"]: r for r in rows}
     assert by_set["mine"]["tau"] == 3.0 and by_set["mine"]["steps"] == 2 and by_set["mt-bench"]["tau"] == 2.0
+    assert by_set["mine"]["speedup"] == 2.0 and by_set["mt-bench"]["near_ties"] == 1 and by_set["humaneval"]["near_ties"] == 0
     summary = json.load(open(out / "results.json"))
     assert summary["mean_tau"] == 2.0 and len(summary["sets"]) == 5  # (4 x 2 + 3) / 5 if "mine" counted
     table = (out / "results.md").read_text()
-    assert "| mine | 1 | 2 | 3.00 | 1/1 |" in table
-    assert "(5 processes per GPU)" in table and "not the loop's alone" in table  # 5 sets at once on 1 device
+    assert "| mine | 1 | 2 | 3.00 | 333.33 / 166.67 ms | 2.00x | 0.67 | 1/1, 0, 0 | 1/1 |" in table
+    assert "| mt-bench | 1 | 1 | 2.00 | 1000.00 / 500.00 ms | 2.00x | 1.00 | 0/1, 1 (top-2 gap <= 0.06), 0 | 1/1 |" in table
+    rows_again = smollm2.run(str(out), budget_minutes=25, extra_prompts=[str(extra)])  # resumed: nothing benched again
+    assert len(batches) == 2 and rows_again == rows
 
 
 def test_ablation_table_from_replay_records(tmp_path):

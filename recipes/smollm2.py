@@ -230,14 +230,16 @@ GENERAL_SEEDS = "|Write|Explain|Give|Describe|What|How|Compose|Rewrite|Imagine|C
 BENCH_SETS = ("mt-bench", "humaneval", "math500", "alpaca")
 # Rates measured on one H200 with this recipe (results/smollm2-recipe.md): prompts ~40 s plus ~53
 # self-written prompts/s (98 s for 3,240, 172 s for 7,200); training ~130 sequences/s after ~90 s of
-# loading and compiling; the bench (four sets at once, compiled, fp32) ~60 s of compiling, then ~25 ms per
-# new token of the longest set (MT-Bench, two turns a prompt), baseline and DFlash together. What those
-# stages cost comes off the budget first; the rest is split 1:2 between regeneration and training:
-# steps, not rows, limited every short run.
-TRAIN_SEQ_PER_S, SELF_PROMPTS_PER_S, BENCH_S_PER_TOKEN = 130, 53, 0.025
+# loading and compiling; the fp32 check (four sets at once, compiled) ~60 s of compiling, then ~25 ms per
+# new token of the longest set (MT-Bench, two turns a prompt), baseline and DFlash together. The timed bf16
+# bench, alone on its GPU: a 135M target's compiled step is ~1.7 ms (results/decode-qwen3-8b.md's issue
+# table), so ~5 ms per token for both runs with the loop's own work is a bound. What those stages cost comes
+# off the budget first; the rest is split 1:2 between regeneration and training: steps, not rows, limited
+# every short run.
+TRAIN_SEQ_PER_S, SELF_PROMPTS_PER_S, BENCH_S_PER_TOKEN, BF16_S_PER_TOKEN = 130, 53, 0.025, 0.005
 
 
-def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0):
+def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0, check_prompts=5):
     """Stage sizes for a time budget (minutes, all stages) on `gpus` GPUs: the bench and the prompts cost
     what they cost, regeneration and training share the rest. Written once to plan.json, so a resumed run
     keeps the first run's choices."""
@@ -245,7 +247,9 @@ def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0):
     scale = s * g / 1500  # 1.0 = 25 minutes on one GPU
     n_self = [int(4000 * scale), int(2500 * scale), int(2500 * scale)]
     prompts_s = 40 + sum(n_self) / SELF_PROMPTS_PER_S  # written on one GPU
-    bench_s = 60 + 2 * bench_prompts * max_new_tokens * BENCH_S_PER_TOKEN / min(g, len(BENCH_SETS))
+    sets_per_gpu = -(-len(BENCH_SETS) // g)
+    bench_s = (90 + 2 * bench_prompts * max_new_tokens * BF16_S_PER_TOKEN * sets_per_gpu  # timed: alone, one compile
+               + (60 + 2 * check_prompts * max_new_tokens * BENCH_S_PER_TOKEN / min(g, len(BENCH_SETS))) * bool(check_prompts))
     left = s - prompts_s - bench_s
     if left < 180:
         raise SystemExit(f"recipe: --budget-minutes {budget_min:g} leaves {left:.0f} s for regeneration and training "
@@ -254,7 +258,7 @@ def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0):
                          "or fewer --bench-prompts / --max-new-tokens")
     return dict(budget_minutes=budget_min, gpus=gpus, self_prompts=n_self,
                 regen_seconds=int(left / 3), train_steps=int((2 * left / 3 - 90) * TRAIN_SEQ_PER_S * g / 64),
-                bench_prompts=bench_prompts, bench_max_new_tokens=max_new_tokens, max_rows=max_rows)
+                bench_prompts=bench_prompts, bench_max_new_tokens=max_new_tokens, check_prompts=check_prompts, max_rows=max_rows)
 
 
 def interleave(paths, out, max_rows=0):
@@ -337,7 +341,7 @@ def _train(out_dir, data, target, steps, gpus, val_interval, extra=()):
 
 
 def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_tokens=256, procs_per_gpu=3, train_args=(),
-        max_rows=0):
+        max_rows=0, check_prompts=5):
     """Every stage of the SmolLM2 recipe, resumable: rerunning the same command after a kill continues."""
     import torch
     py, target = sys.executable, os.path.join(D.assets_dir(), "SmolLM2-135M-Instruct")
@@ -349,7 +353,7 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_to
     if os.path.exists(plan_file):
         plan = json.load(open(plan_file))
     else:
-        plan = plan_run(budget_minutes, gpus, bench_prompts, max_new_tokens, max_rows)
+        plan = plan_run(budget_minutes, gpus, bench_prompts, max_new_tokens, max_rows, check_prompts)
         json.dump(plan, open(plan_file, "w"), indent=1)
     print(f"recipe: plan {json.dumps(plan)}", flush=True)
     p = lambda *a: os.path.join(out, *a)
@@ -380,16 +384,24 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_to
         _train(p("train"), p("regen", "*.jsonl"), target, plan["train_steps"], gpus, max(1, plan["train_steps"] // 4), train_args)
 
     def bench():
-        sets = [(name, name) for name in BENCH_SETS] + [(os.path.splitext(os.path.basename(f))[0], f) for f in extra_prompts]
-        todo = [(name, src) for name, src in sets if not os.path.exists(p("bench", name + ".jsonl"))]
+        # As users decode: bf16, compiled, one bench.py per GPU timing its sets one after another alone on it (one
+        # compile each). Then the first check_prompts of each set again in fp32, the exact lossless check (bf16
+        # turns may part at near ties): those run all at once, their times unused.
+        sets = [*BENCH_SETS, *extra_prompts]
+        g = max(gpus, 1)
+        n_check = plan.get("check_prompts", 0)
+        cmd = lambda srcs, dtype, n, dst: [py, "bench.py", "--target", target, "--draft", p("train", "drafter"), "--dataset",
+                                           ",".join(srcs), "--num-prompts", str(n), "--max-new-tokens",
+                                           str(plan["bench_max_new_tokens"]), "--dtype", dtype, "--out", dst + ".tmp"] + (
+                                               ["--compile"] if gpus else [])
         os.makedirs(p("bench"), exist_ok=True)
-        cmds = [[py, "bench.py", "--target", target, "--draft", p("train", "drafter"), "--dataset", src,
-                 "--num-prompts", str(plan["bench_prompts"]), "--max-new-tokens", str(plan["bench_max_new_tokens"]),
-                 "--dtype", "fp32", "--out", p("bench", name + ".jsonl.tmp")] + (["--compile"] if gpus else [])
-                for name, src in todo]
-        _procs(cmds, gpus)
-        for name, _ in todo:
-            os.replace(p("bench", name + ".jsonl.tmp"), p("bench", name + ".jsonl"))
+        for dtype, groups, n in (("bf16", [sets[k::g] for k in range(g)], plan["bench_prompts"]),
+                                 ("fp32", [[src] for src in sets] if n_check else [], n_check)):
+            todo = [(p("bench", f"{dtype}.{k}.jsonl"), srcs) for k, srcs in enumerate(groups) if srcs]
+            todo = [(dst, srcs) for dst, srcs in todo if not os.path.exists(dst)]
+            _procs([cmd(srcs, dtype, n, dst) for dst, srcs in todo], gpus)
+            for dst, _ in todo:
+                os.replace(dst + ".tmp", dst)
 
     _stage(out, "prompts", prompts)
     _stage(out, "regenerate", regenerate)
@@ -399,34 +411,40 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_to
 
 
 def results_table(out, plan):
-    """results.md and results.json from the bench records: tau, lossless turns and speed per prompt set."""
-    rows = []
-    for f in sorted(glob.glob(os.path.join(out, "bench", "*.jsonl"))):
-        recs = measure.read_records(f)
-        acc = measure.acceptance_summary(recs)
-        tokens = lambda k: sum(len(r[k]["tokens"]) for r in recs)
-        decode = lambda k: sum(r[k]["decode_s"] for r in recs)
-        checked = [r for r in recs if r.get("match") is not None]
-        rows.append(dict(set=os.path.basename(f)[:-len(".jsonl")], turns=acc["turns"], steps=acc["steps"],
-                         tau=acc["tau"], lossless=sum(r["match"] for r in checked), checked=len(checked),
-                         tpot_baseline_ms=1e3 * decode("baseline") / max(tokens("baseline"), 1),
-                         tpot_dflash_ms=1e3 * decode("dflash") / max(tokens("dflash"), 1)))
+    """results.md and results.json from the bench records, per prompt set: tau, the bf16 times, speedup and
+    its share of tau, the bf16 lossless line (identical, near ties, mismatches) and the fp32 check's."""
+    read = lambda dtype: [r for f in sorted(glob.glob(os.path.join(out, "bench", f"{dtype}.*.jsonl"))) for r in measure.read_records(f)]
+    name = lambda src: os.path.splitext(os.path.basename(src))[0]
+    timed, exact, rows = read("bf16"), read("fp32"), []
+    for src in dict.fromkeys(r["dataset"] for r in timed):
+        recs = [r for r in timed if r["dataset"] == src]
+        acc, ok = measure.acceptance_summary(recs), measure.lossless_summary(recs)
+        fp32 = measure.lossless_summary([r for r in exact if r["dataset"] == src])
+        tpot = lambda k: 1e3 * sum(r[k]["decode_s"] for r in recs) / max(sum(len(r[k]["tokens"]) for r in recs), 1)
+        rows.append(dict(set=name(src), turns=acc["turns"], steps=acc["steps"], tau=acc["tau"], tpot_baseline_ms=tpot("baseline"),
+                         tpot_dflash_ms=tpot("dflash"), speedup=tpot("baseline") / max(tpot("dflash"), 1e-9),
+                         identical=ok["identical"], checked=ok["checked"], near_ties=len(ok["near_ties"]),
+                         max_tie_gap=max([g[0] for m in ok["near_ties"] for g in (m.get("baseline"), m.get("dflash")) if g], default=None),
+                         mismatches=len(ok["mismatches"]), fp32_identical=fp32["identical"], fp32_checked=fp32["checked"]))
     named = [r for r in rows if r["set"] in BENCH_SETS]
-    mean_tau = sum(r["tau"] for r in named) / max(len(named), 1)
+    mean = lambda k: sum(r[k] for r in named) / max(len(named), 1)
     stage_s = {os.path.basename(m)[:-5]: int(open(m).read()) for m in glob.glob(os.path.join(out, "stages", "*.done"))}
-    shared = -(-len(rows) // max(plan["gpus"], 1))  # bench processes that ran at once on one GPU
-    speed = f"TPOT baseline / DFlash ({shared} processes per GPU)" if shared > 1 else "TPOT baseline / DFlash"
-    lines = [f"| set | turns | DFlash steps | tau | lossless | {speed} | speedup |", "|---|---|---|---|---|---|---|"]
+    lines = ["| set | turns | DFlash steps | tau | TPOT baseline / DFlash (bf16) | speedup | speedup / tau | "
+             "bf16: identical, near ties, mismatches | fp32: identical |", "|---" * 9 + "|"]
     for r in rows:
-        lines.append(f"| {r['set']} | {r['turns']} | {r['steps']} | {r['tau']:.2f} | {r['lossless']}/{r['checked']} | "
-                     f"{r['tpot_baseline_ms']:.2f} / {r['tpot_dflash_ms']:.2f} ms | {r['tpot_baseline_ms'] / max(r['tpot_dflash_ms'], 1e-9):.2f}x |")
-    lines.append(f"| mean of the four sets | | | **{mean_tau:.2f}** | | | |")
-    note = (f"\nThe {len(rows)} sets were benched at once, {shared} processes per GPU: their times and speedups are "
-            "not the loop's alone (bench.py on one set, alone on a GPU, gives those); tau and lossless do not depend on it.\n"
-            if shared > 1 else "")
-    text = (f"plan: {json.dumps(plan)}\n\nstage seconds: {json.dumps(stage_s)}\n\n" + "\n".join(lines) + "\n" + note)
+        tie = f" (top-2 gap <= {r['max_tie_gap']:.3g})" if r["max_tie_gap"] is not None else ""
+        lines.append(f"| {r['set']} | {r['turns']} | {r['steps']} | {r['tau']:.2f} | {r['tpot_baseline_ms']:.2f} / "
+                     f"{r['tpot_dflash_ms']:.2f} ms | {r['speedup']:.2f}x | {r['speedup'] / r['tau']:.2f} | "
+                     f"{r['identical']}/{r['checked']}, {r['near_ties']}{tie}, {r['mismatches']} | {r['fp32_identical']}/{r['fp32_checked']} |")
+    lines.append(f"| mean of the four sets | | | **{mean('tau'):.2f}** | | **{mean('speedup'):.2f}x** | | | |")
+    gpus = plan["gpus"]
+    where = f"compiled, each set alone on its GPU ({gpus} GPU{'s' * (gpus > 1)}" if gpus else "eager, on the CPU ("
+    note = (f"\nTimes: bf16, {where}, sets one after another). "
+            "The fp32 check decodes the first prompts of each set again, where DFlash must equal greedy decoding token for token.\n")
+    text = f"plan: {json.dumps(plan)}\n\nstage seconds: {json.dumps(stage_s)}\n\n" + "\n".join(lines) + "\n" + note
     open(os.path.join(out, "results.md"), "w").write(text)
-    json.dump(dict(plan=plan, stage_seconds=stage_s, sets=rows, mean_tau=mean_tau), open(os.path.join(out, "results.json"), "w"), indent=1)
+    json.dump(dict(plan=plan, stage_seconds=stage_s, sets=rows, mean_tau=mean("tau"), mean_speedup=mean("speedup")),
+              open(os.path.join(out, "results.json"), "w"), indent=1)
     print(text, flush=True)
     return rows
 
@@ -650,6 +668,7 @@ def main(argv=None):
     u.add_argument("--extra-prompts", action="append", default=[], help="JSONL of {\"turns\": [...]} rows, benched as its own row")
     u.add_argument("--bench-prompts", type=int, default=20, help="prompts per benchmark set")
     u.add_argument("--max-new-tokens", type=int, default=256, help="per benchmark turn")
+    u.add_argument("--check-prompts", type=int, default=5, help="prompts per set decoded again in fp32, the exact lossless check")
     u.add_argument("--train", action="append", default=[], help="extra train.py override, e.g. --train=--compile=false")
     u.add_argument("--max-rows", type=int, default=0, help="> 0: regenerate at most this many prompts (quick runs)")
     b = sub.add_parser("ablate", help="same-budget arms (loss, sliding layers, depth) on a run's rows; tau by --replay")
@@ -671,7 +690,7 @@ def main(argv=None):
                       a.at_once, a.check_prompts, a.stop_at, a.table_only)
     if a.cmd == "run":
         return run(a.out, a.budget_minutes, a.extra_prompts, a.bench_prompts, a.max_new_tokens, train_args=a.train,
-                   max_rows=a.max_rows)
+                   max_rows=a.max_rows, check_prompts=a.check_prompts)
     if a.cmd == "first-turns":
         first_exchanges(out=a.out, assets_dir=a.dir, turns=a.turns)
     elif a.cmd == "code-prompts":
