@@ -3660,6 +3660,44 @@ def test_ablation_table_from_replay_records(tmp_path):
 
 
 @need_assets
+def test_ablate_stop_at_trains_only_the_arms_short_of_it(tmp_path, monkeypatch):
+    """ablate --stop-at N: an arm with its checkpoint at N is not started again (train.py would carry on past
+    it), the others train with --stop_at_step=N, and every arm's checkpoint at N is what is replayed; an arm
+    past N without that checkpoint stops the command before anything runs."""
+    rows = tmp_path / "rows.jsonl"
+    write_lines(rows, [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})])
+    out, ran = tmp_path / "abl", []
+    for arm, step in (("dflash", 2), ("seed1", 1)):
+        os.makedirs(out / arm / "checkpoints" / f"step_{step:08d}")
+        write_lines(out / arm / "metrics.jsonl", [json.dumps(dict(step=2, val_expected_accept_len=1.5))])
+    os.makedirs(out / "stages")
+    (out / "stages" / "answers.done").write_text("1\n")
+
+    def fake_procs(cmds, gpus, deadline=None):  # train.py makes its checkpoint; bench.py --replay its records
+        for cmd in cmds:
+            ran.append(cmd)
+            if "train.py" in cmd:
+                os.makedirs(os.path.join(next(a[len("--out_dir="):] for a in cmd if a.startswith("--out_dir=")), "checkpoints", "step_00000002"))
+            else:
+                write_lines(cmd[cmd.index("--out") + 1], [json.dumps(dict(dataset=s, id="1", turn=0, prompt_len=5, dflash=dict(
+                    acceptance=[2], tokens=[0, 0]))) for s in smollm2.BENCH_SETS])
+        return True
+    monkeypatch.setattr(smollm2, "_procs", fake_procs)
+    smollm2.ablate(str(out), str(rows), arms=["dflash", "seed1"], steps=4, at_once=True, check_prompts=0, stop_at=2)
+    trained = [c for c in ran if "train.py" in c]
+    assert len(trained) == 1 and f"--out_dir={out / 'seed1'}" in trained[0] and "--stop_at_step=2" in trained[0]
+    drafts = sorted(c[c.index("--draft") + 1] for c in ran if "--replay" in c)
+    assert drafts == [str(out / arm / "checkpoints" / "step_00000002") for arm in ("dflash", "seed1")]
+    assert "| seed1 | 2.00 | 2.00 | 2.00 | 2.00 | **2.00** | 1.50 |" in (out / "ablation-at-2.md").read_text()
+    os.makedirs(out / "dflash" / "checkpoints" / "step_00000003")
+    import shutil
+    shutil.rmtree(out / "dflash" / "checkpoints" / "step_00000002")
+    (out / "stages" / "train-at-2.done").unlink()
+    with pytest.raises(SystemExit, match="dflash is at step 3, past --stop-at 2"):
+        smollm2.ablate(str(out), str(rows), arms=["dflash", "seed1"], stop_at=2)
+
+
+@need_assets
 def test_ablation_arms_change_one_thing_each():
     """Each arm's train.py command is the default arm's plus its own keys: the config it parses differs from
     dflash's in those keys alone (so the table compares one change at a time)."""

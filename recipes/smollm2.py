@@ -528,12 +528,23 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
         if os.path.exists(checked + ".tmp"):
             os.replace(checked + ".tmp", checked)
 
+    def to_train():  # with stop_at, an arm already there is not started again: train.py would carry on past it
+        if not stop_at:
+            return plan["arms"]
+        newest = lambda arm: max([int(d[5:]) for d in (os.listdir(p(arm, "checkpoints")) if os.path.isdir(p(arm, "checkpoints")) else [])
+                                  if d.startswith("step_") and d[5:].isdigit()], default=0)
+        past = [arm for arm in plan["arms"] if not os.path.isdir(drafter(arm)) and newest(arm) > stop_at]
+        if past:
+            raise SystemExit(f"ablate: {past[0]} is at step {newest(past[0])}, past --stop-at {stop_at}, and keeps no checkpoint "
+                             f"at {stop_at}: give a step every arm has a checkpoint at (or has not reached yet)")
+        return [arm for arm in plan["arms"] if not os.path.isdir(drafter(arm))]
+
     _stage(out, "answers", greedy_answers)
     if plan.get("at_once"):
-        _stage(out, "train" + tag, lambda: _procs([train(arm, 1) for arm in plan["arms"]], gpus))
+        _stage(out, "train" + tag, lambda: _procs([train(arm, 1) for arm in to_train()], gpus))
     else:
         for arm in plan["arms"]:
-            _stage(out, f"train-{arm}{tag}", lambda: _procs([train(arm, max(gpus, 1))], 0))
+            _stage(out, f"train-{arm}{tag}", lambda: _procs([train(arm, max(gpus, 1))] if arm in to_train() else [], 0))
     _stage(out, "replay" + tag, replay)
     return ablation_table(out, plan, tag)
 
