@@ -3653,6 +3653,12 @@ def test_ablation_table_from_replay_records(tmp_path):
     assert "| dflash | 2.00 | 2.00 | 2.00 | 4.00 | **2.00** | 1.50 |" in table
     assert "| seed1 | 4.00 | 1.00 |  |  | **2.50** | 2.50 | 2.50 (2) | 4.00 (1) | 3.0 |" in table
     assert "over mt-bench, humaneval: the sets every arm" in table and "mean tau differs by 0.500, a set's tau by at most 2.000" in table
+    # 25 minutes, 6 arms at once on one GPU: 1,500 - 60 (answers) - 90 (one compile) - 6 x 50 (replays) = 1,050 s
+    # at 100 sequences/s shared by six; one after another: 1,500 - 60 - 6 x 90 - 300 = 600 s, each arm alone at 130
+    assert smollm2.ablate_steps(25, 6, 1, True) == int(1050 * 100 / 6 / 64) == 273
+    assert smollm2.ablate_steps(25, 6, 1, False) == int(600 * 130 / 6 / 64) == 203
+    with pytest.raises(SystemExit, match="give at least 17 minutes, or --at-once"):  # 60 + 540 + 300 + 120 s
+        smollm2.ablate_steps(10, 6, 1, False)
     with pytest.raises(SystemExit, match="unknown arm depth9"):
         smollm2.ablate(str(tmp_path / "x"), str(tmp_path / "*.jsonl"), arms=["dflash", "depth9"])
     with pytest.raises(SystemExit, match="matches no file"):

@@ -468,6 +468,23 @@ ARMS = {
 ABLATION_BUCKETS = ((0, "0-256"), (256, "256-512"), (512, "512-1K"), (1024, "1K+"))
 
 
+# Measured on one H200 (results/ablation-smollm2.md): six arms training at once shared it at ~100 sequences/s
+# in all (one run alone: TRAIN_SEQ_PER_S), and replaying 4 x 30 answered prompts took ~50 s of it per arm.
+AT_ONCE_SEQ_PER_S, REPLAY_S_PER_ARM = 100, 50
+
+
+def ablate_steps(budget_minutes, n_arms, gpus, at_once):
+    """Steps per arm (64 sequences each) that the budget leaves after the greedy answers (~60 s), the
+    compiles (~90 s: once when the arms train at once, else once per arm) and the replays."""
+    g = max(gpus, 1)
+    fixed = 60 + 90 * (1 if at_once else n_arms) + REPLAY_S_PER_ARM * n_arms / g
+    if budget_minutes * 60 < fixed + 120:
+        raise SystemExit(f"ablate: --budget-minutes {budget_minutes:g} leaves {budget_minutes * 60 - fixed:.0f} s to train {n_arms} arms "
+                         f"after the answers, compiles and replays (~{fixed:.0f} s): give at least {math.ceil((fixed + 120) / 60)} "
+                         "minutes, or --at-once, fewer --arms, or --steps")
+    return int((budget_minutes * 60 - fixed) * (AT_ONCE_SEQ_PER_S if at_once else TRAIN_SEQ_PER_S) * g / n_arms / 64)
+
+
 def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, max_new_tokens=256, steps=0, train_args=(),
            at_once=False, check_prompts=10, stop_at=0, table_only=False):
     """Train each arm on the same rows, then measure tau on the same greedy answers of the four benchmark
@@ -492,10 +509,9 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
     os.makedirs(out, exist_ok=True)
     if table_only and not os.path.exists(plan_file):
         raise SystemExit(f"ablate --table-only: {plan_file} is missing: no ablation ran in {out}")
-    if not os.path.exists(plan_file):  # what the answers (~60 s), compiles (~90 s each) and replays (~120 s) leave
-        per_arm = (budget_minutes * 60 - 180 - 90 * (1 if at_once else len(arms))) / len(arms)
+    if not os.path.exists(plan_file):
         json.dump(dict(arms=list(arms), data=data, eval_prompts=eval_prompts, max_new_tokens=max_new_tokens,
-                       steps=steps or max(20, int(per_arm * TRAIN_SEQ_PER_S * max(gpus, 1) / 64)), gpus=gpus,
+                       steps=steps or ablate_steps(budget_minutes, len(arms), gpus, at_once), gpus=gpus,
                        at_once=at_once, check_prompts=check_prompts, train_args=list(train_args)),
                   open(plan_file, "w"), indent=1)
     plan = json.load(open(plan_file))
