@@ -22,6 +22,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repo's files, and recipes/fetch.py
+import checkpoints  # noqa: E402  (the newest checkpoint of an arm's run)
 import data as D  # noqa: E402
 import fetch as F  # noqa: E402  (the benchmark prompt formats)
 import measure  # noqa: E402  (tau and its position buckets from bench records)
@@ -526,7 +527,6 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
     if table_only:
         return ablation_table(out, plan, tag)
 
-
     def replay():
         todo = [arm for arm in plan["arms"] if not os.path.exists(p(arm, replayed))]
         missing = [drafter(arm) for arm in todo if not os.path.isdir(drafter(arm))]
@@ -547,8 +547,7 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
     def to_train():  # with stop_at, an arm already there is not started again: train.py would carry on past it
         if not stop_at:
             return plan["arms"]
-        newest = lambda arm: max([int(d[5:]) for d in (os.listdir(p(arm, "checkpoints")) if os.path.isdir(p(arm, "checkpoints")) else [])
-                                  if d.startswith("step_") and d[5:].isdigit()], default=0)
+        newest = lambda arm: int(os.path.basename(checkpoints.latest_checkpoint(p(arm)) or "step_0")[5:])
         past = [arm for arm in plan["arms"] if not os.path.isdir(drafter(arm)) and newest(arm) > stop_at]
         if past:
             raise SystemExit(f"ablate: {past[0]} is at step {newest(past[0])}, past --stop-at {stop_at}, and keeps no checkpoint "
@@ -583,19 +582,11 @@ def decode_check(decoded, replayed):
 
 
 def _replay_records(out, arm, name):
-    """An arm's replay records: the finished file, else what a replay cut short wrote (its last line may be half)."""
+    """An arm's replay records: the finished file, else what a replay cut short wrote (a half last line,
+    which read_rows gives as None, is left out)."""
     path = os.path.join(out, arm, name)
-    if os.path.exists(path):
-        return measure.read_records(path)
-    if not os.path.exists(path + ".tmp"):
-        return []
-    recs = []
-    for line in open(path + ".tmp"):
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return [r for r in recs if "summary" not in r]
+    path = next((f for f in (path, path + ".tmp") if os.path.exists(f)), None)
+    return [r for _, r in D.read_rows(path) if r is not None and "summary" not in r] if path else []
 
 
 def ablation_table(out, plan, tag=""):
