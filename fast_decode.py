@@ -1,6 +1,7 @@
 """bench.py --compile: the decode loop's fast path. Static caches (the target's HF StaticCache and a
 StaticDraftCache), draft and verify steps compiled over fixed shapes and replayed as CUDA graphs on GPU,
-the target attention that reads each K/V head once (--gqa), and with --flex a FlexAttention mask over
+the target attention that reads each K/V head once (--gqa), and with --attention flex (the default for
+full-attention targets) a FlexAttention mask over
 the filled part of the cache only. The eager runner in bench.py is the reference: every test of this
 path checks it emits the same tokens. regenerate.py's batch decoder uses the same cache helpers.
 """
@@ -159,8 +160,8 @@ class StaticRunner:
         targets.check_rollback(target.config, static=True)
         kinds = set(targets.layer_kinds(target.config))
         if flex and kinds - {"full_attention"}:  # the decode mask is plain causal: a window would be ignored
-            raise ValueError(f"--flex runs full-attention targets only; this one has {'/'.join(sorted(kinds))} "
-                             "layers: drop --flex")
+            raise ValueError(f"--attention flex runs full-attention targets only; this one has {'/'.join(sorted(kinds))} "
+                             "layers: use --attention sdpa (or auto)")
         if flex:
             use_gqa_attention(target, flex=True)
         self.target, self.drafter, self.block_size, self.max_len, self.flex = target, drafter, block_size, max_len, flex
@@ -217,7 +218,7 @@ class StaticRunner:
     def _verify_impl(self, block, start):
         set_cache_length(self.kv, start)
         positions = (start + self.offsets[: block.shape[0]])[None]
-        # --flex: a BlockMask over the filled part of the buffer (flex_static); else transformers' dense mask
+        # flex: a BlockMask over the filled part of the buffer (flex_static); else transformers' dense mask
         mask = {"attention_mask": causal_decode_mask(start, block.shape[0], self.max_len)} if self.flex else {}
         out = self.target(input_ids=block[None], position_ids=positions, use_cache=True, **{self.cache_kw: self.kv}, **mask)
         return out.logits[0], self._features()
