@@ -422,13 +422,6 @@ def static_len(args, tokenizer, prompt_sets):
     return -(-(need + 2 * args.block_size + 1) // 256) * 256
 
 
-def use_flex(args, target_config):
-    """--attention: flex where asked, or by default (auto) where every target layer is full attention
-    (the decode mask has no window); eager runs keep transformers' attention."""
-    full = set(targets.layer_kinds(target_config)) == {"full_attention"}
-    return args.compile and (args.attention == "flex" or (args.attention == "auto" and full))
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", required=True, help="HF folder, or an HF config json (random weights)")
@@ -534,8 +527,9 @@ def main(argv=None):
     runners = {}
     if args.compile:
         max_len = args.max_len or static_len(args, tokenizer, prompt_sets)
+        flex = {"auto": None, "flex": True, "sdpa": False}[args.attention]  # None: StaticRunner picks by layer kinds
         try:
-            runners = {bs: fast_decode.StaticRunner(target, drafter, bs, max_len, flex=use_flex(args, target.config)) for bs in (1, args.block_size)}
+            runners = {bs: fast_decode.StaticRunner(target, drafter, bs, max_len, flex=flex) for bs in (1, args.block_size)}
         except ValueError as e:
             raise SystemExit(f"bench.py: error: {e}")
     if args.prompt_len is not None:

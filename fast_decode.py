@@ -1,8 +1,7 @@
 """bench.py --compile: the decode loop's fast path. Static caches (the target's HF StaticCache and a
 StaticDraftCache), draft and verify steps compiled over fixed shapes and replayed as CUDA graphs on GPU,
 the target attention that reads each K/V head once (--gqa), and with --attention flex (the default for
-full-attention targets) a FlexAttention mask over
-the filled part of the cache only. The eager runner in bench.py is the reference: every test of this
+full-attention targets) a FlexAttention mask over the filled part of the cache only. The eager runner in bench.py is the reference: every test of this
 path checks it emits the same tokens. regenerate.py's batch decoder uses the same cache helpers.
 """
 import torch
@@ -159,6 +158,8 @@ class StaticRunner:
         from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
         targets.check_rollback(target.config, static=True)
         kinds = set(targets.layer_kinds(target.config))
+        if flex is None:  # auto (bench.py's default): flex wherever it applies
+            flex = kinds == {"full_attention"}
         if flex and kinds - {"full_attention"}:  # the decode mask is plain causal: a window would be ignored
             raise ValueError(f"--attention flex runs full-attention targets only; this one has {'/'.join(sorted(kinds))} "
                              "layers: use --attention sdpa (or auto)")
