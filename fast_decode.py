@@ -1,8 +1,9 @@
 """bench.py --compile: the decode loop's fast path. Static caches (the target's HF StaticCache and a
 StaticDraftCache), draft and verify steps compiled over fixed shapes and replayed as CUDA graphs on GPU,
 the target attention that reads each K/V head once (--gqa), and with --attention flex (the default for
-full-attention targets) a FlexAttention mask over the filled part of the cache only. The eager runner in bench.py is the reference: every test of this
-path checks it emits the same tokens. regenerate.py's batch decoder uses the same cache helpers.
+full-attention targets) FlexAttention masks that read only the filled part of the target's and the
+drafter's caches. The eager runner in bench.py is the reference: every test of this path checks it
+emits the same tokens. regenerate.py's batch decoder uses the same cache helpers.
 """
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,23 @@ def causal_decode_mask(start, q_len, kv_len, tile=128):
     return BlockMask.from_kv_blocks((last - full).to(torch.int32).view(1, 1, 1), (idx + full).clamp(max=n - 1).view(1, 1, 1, n),
                                     full.to(torch.int32).view(1, 1, 1), idx.view(1, 1, 1, n), BLOCK_SIZE=(128, tile),
                                     mask_mod=lambda b, h, q, kv: kv <= start + q, seq_lengths=(q_len, kv_len))
+
+
+def draft_decode_mask(start, block_size, buffer_len, tile=128):
+    """The drafter's mask over its static buffer of buffer_len slots followed by the block's own
+    block_size keys (model.Attention.forward appends them): every query sees slots < start (a device
+    scalar, as above) and the whole block. A dense mask made SDPA read the whole buffer on every step
+    (one H200, Qwen3-8B shapes: ~33 us per draft layer, growing with the buffer); the BlockMask lists
+    only the tiles holding a visible key: the context's whole tiles, its cut tile, the block's tiles."""
+    n = -(-(buffer_len + block_size) // tile)
+    idx = torch.arange(n, dtype=torch.int32, device=start.device)
+    full, first, last = start // tile, buffer_len // tile, (buffer_len + block_size - 1) // tile
+    cut = ((start % tile != 0) & (full < first)).to(torch.int32)  # a cut tile that is not the block's own
+    partial = torch.where((idx == 0) & (cut == 1), full, first + idx - cut).clamp(max=n - 1)
+    return BlockMask.from_kv_blocks((last - first + 1 + cut).view(1, 1, 1), partial.to(torch.int32).view(1, 1, 1, n),
+                                    full.to(torch.int32).view(1, 1, 1), idx.view(1, 1, 1, n), BLOCK_SIZE=(128, tile),
+                                    mask_mod=lambda b, h, q, kv: (kv < start) | (kv >= buffer_len),
+                                    seq_lengths=(block_size, buffer_len + block_size))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,9 +253,13 @@ class StaticRunner:
         cfg, B = self.drafter.config, self.block_size
         ctx_pos = (ctx_start + torch.arange(feats.shape[0], device=feats.device))[None]
         self.draft_kv.pos = ctx_pos[0]
-        # the buffer holds stale positions too: mask to the committed context (and the block itself)
-        visible = torch.arange(self.draft_kv.size, device=anchor.device) < start
-        mask = torch.cat([visible, visible.new_ones(B)])[None, None, None].expand(1, 1, B, -1)
+        # the buffer holds stale positions too: mask to the committed context (and the block itself);
+        # flex: a BlockMask over the filled tiles only, as the verify's
+        if self.flex:
+            mask = draft_decode_mask(start, B, self.draft_kv.size)
+        else:
+            visible = torch.arange(self.draft_kv.size, device=anchor.device) < start
+            mask = torch.cat([visible, visible.new_ones(B)])[None, None, None].expand(1, 1, B, -1)
         if cfg.sliding_window is not None:  # one mask per layer type
             mask = {"full_attention": mask,
                     "sliding_attention": self.draft_kv.sliding_mask(start, B, cfg.sliding_window)}

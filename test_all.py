@@ -1560,9 +1560,11 @@ def runner_for(kind, t, d, bs):
 def test_dflash_equals_greedy(models, kind, monkeypatch):
     t, d = models
     g = copy.deepcopy(t) if kind.endswith("flex") else t  # --flex swaps the target's attention function
-    flex_calls = []
+    flex_calls, draft_flex_calls = [], []
     attend = M.attend
     monkeypatch.setattr(fast_decode, "attend", lambda q, k, v, mask, **kw: flex_calls.append(isinstance(mask, A.BlockMask))
+                        or attend(q, k, v, mask, **kw))
+    monkeypatch.setattr(M, "attend", lambda q, k, v, mask, **kw: draft_flex_calls.append(isinstance(mask, A.BlockMask))
                         or attend(q, k, v, mask, **kw))
     for ids in prompts():
         ref = greedy(t, ids, 24)
@@ -1572,6 +1574,7 @@ def test_dflash_equals_greedy(models, kind, monkeypatch):
             assert sum(r["acceptance"]) == len(r["tokens"]) - 1
             assert all(1 <= a <= bs for a in r["acceptance"])
     assert any(flex_calls) == kind.endswith("flex")  # the verify steps attended through the BlockMask
+    assert any(draft_flex_calls) == kind.endswith("flex")  # and so did the draft steps (draft_decode_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1642,24 +1645,26 @@ def test_acceptance_lengths(models, monkeypatch, cls):
     check_real_proposals(t, d, ids, ref, seen, 4)
 
 
-@pytest.mark.parametrize("cls", [bench.EagerRunner, fast_decode.StaticRunner])
-def test_sliding_drafter_caches_see_what_a_fresh_draft_sees(models, monkeypatch, cls):
+@pytest.mark.parametrize("kind", ["eager", "static", "static-flex"])
+def test_sliding_drafter_caches_see_what_a_fresh_draft_sees(models, monkeypatch, kind):
     """A drafter with sliding layers (window 8 = block 8) over 60 positions: every proposal of the
     runner's caches (DraftCache trimmed to W - 1; the static cache's sliding layers a ring of 16 slots,
     shorter than the 21-token prompt) equals draft_block from scratch over the whole committed
-    context, and decoding stays lossless."""
+    context, and decoding stays lossless. static-flex: the full layer attends through draft_decode_mask."""
     t, _ = models
+    g = copy.deepcopy(t) if kind.endswith("flex") else t  # --flex swaps the target's attention function
+    cls = bench.EagerRunner if kind == "eager" else fast_decode.StaticRunner
     d = scaled(tiny_drafter(t, block_size=8, layers=3, sliding_window=8,
                             layer_types=["sliding_attention", "full_attention", "sliding_attention"]), 10.0)
     ids = torch.randint(0, 63, (1, 21), generator=torch.Generator().manual_seed(3))
     ref = greedy(t, ids, 40)
-    runner = (lambda bs: None) if cls is bench.EagerRunner else (lambda bs: fast_decode.StaticRunner(t, d, bs, 128, False))
+    runner = (lambda bs: None) if kind == "eager" else (lambda bs: fast_decode.StaticRunner(g, d, bs, 128, False, flex=kind.endswith("flex")))
     run = runner(8)
-    assert bench.spec_generate(t, d, ids, 40, [], block_size=8, runner=run)["tokens"] == ref
+    assert bench.spec_generate(g, d, ids, 40, [], block_size=8, runner=run)["tokens"] == ref
     if run:
         assert [k.shape[2] for k in run.draft_kv.k] == [16, 136, 16]
     seen = guide(monkeypatch, cls, ref, ids.shape[1], corrupt={3, 17})
-    r = bench.spec_generate(t, d, ids, 40, [], block_size=8, runner=runner(8))
+    r = bench.spec_generate(g, d, ids, 40, [], block_size=8, runner=runner(8))
     assert r["tokens"] == ref and max(r["acceptance"]) == 8
     assert seen[-1][0] > 8 + ids.shape[1]  # late steps: the window cuts the context
     check_real_proposals(t, d, ids, ref, seen, 8)
@@ -2357,6 +2362,36 @@ def test_causal_decode_mask_reads_only_the_filled_tiles(q_len):
         torch.testing.assert_close(A.attend(q, k, v, mask, scale=0.3), ref, rtol=1e-5, atol=1e-5)
         tiles = int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
         assert tiles == (start + q_len - 1) // 128 + 1, (start, tiles)  # tiles past the last query: not read
+
+
+@pytest.mark.parametrize("start, block, buffer_len", [
+    (0, 4, 300), (5, 4, 300), (127, 4, 300), (128, 4, 300), (129, 4, 300),  # none, cut, whole tiles of context
+    (256, 4, 300), (260, 4, 300),  # the context ends in the block's tile: on its edge, inside it
+    (5, 4, 254), (200, 4, 254), (255, 4, 254),  # a block across a tile edge; the context in its first tile
+    (0, 16, 144), (100, 16, 144), (130, 16, 144), (256, 16, 256), (40, 1, 128)])
+def test_draft_decode_mask_reads_only_visible_tiles(start, block, buffer_len):
+    """fast_decode.draft_decode_mask (the flex draft step): every query sees buffer slots < start and the
+    block's own keys after the buffer, elementwise as listed (full tiles whole, partial tiles through
+    mask_mod); the listed tiles are exactly those holding a visible key; FlexAttention equals SDPA
+    with that dense mask."""
+    kv_len, tile = buffer_len + block, 128
+    mask = fast_decode.draft_decode_mask(torch.tensor(start), block, buffer_len)
+    kv = torch.arange(kv_len)
+    want = ((kv < start) | (kv >= buffer_len)).expand(block, -1)
+    n = -(-kv_len // tile)
+    lists = lambda num, idx: set(idx[0, 0, 0, : int(num)].tolist())
+    partial, full = lists(mask.kv_num_blocks, mask.kv_indices), lists(mask.full_kv_num_blocks, mask.full_kv_indices)
+    assert not partial & full and len(partial) == int(mask.kv_num_blocks) and len(full) == int(mask.full_kv_num_blocks)
+    assert partial | full == {t for t in range(n) if want[0, t * tile:(t + 1) * tile].any()}, (partial, full)
+    tile_of = kv // tile
+    got = torch.tensor([t in full for t in range(n)])[tile_of] | (torch.tensor([t in partial for t in range(n)])[tile_of]
+                                                                  & mask.mask_mod(0, 0, torch.arange(block)[:, None], kv[None]))
+    assert torch.equal(got.expand_as(want), want)
+    assert all(want[:, t * tile:(t + 1) * tile].all() for t in full)  # full tiles: no mask_mod needed
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, L, 16, generator=g) for h, L in ((4, block), (2, kv_len), (2, kv_len)))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=want, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask, scale=0.3, enable_gqa=True), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
