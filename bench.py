@@ -312,12 +312,9 @@ def diagnose(target, drafter, prompt_ids, pos, block_size, stop_ids, runners):
 
 def summarize(name, records, block_size, temperature=0.0, sampling="speculative"):
     """Print tau, TPOT of both runs, speedup, the per-step time breakdown and the acceptance histogram."""
-    timed = [r for r in records if r["dflash"]["acceptance"] and r["baseline"]["acceptance"]]
-    tpot = lambda r, k: r[k]["decode_s"] / len(r[k]["tokens"])  # prefill excluded, as the authors count
-    mean = lambda xs: sum(xs) / max(len(xs), 1)
-    base_tpot, dfl_tpot = mean([tpot(r, "baseline") for r in timed]), mean([tpot(r, "dflash") for r in timed])
+    base_tpot, dfl_tpot = measure.tpot_ms(records, "baseline"), measure.tpot_ms(records, "dflash")
     per_step = lambda k, f: 1e3 * sum(r[k][f] for r in records) / max(sum(len(r[k]["acceptance"]) for r in records), 1)
-    res = dict(dataset=name, **measure.acceptance_summary(records), baseline_tpot_ms=1e3 * base_tpot, dflash_tpot_ms=1e3 * dfl_tpot,
+    res = dict(dataset=name, **measure.acceptance_summary(records), baseline_tpot_ms=base_tpot, dflash_tpot_ms=dfl_tpot,
                speedup=base_tpot / dfl_tpot if dfl_tpot else float("nan"), temperature=temperature,
                sampling=sampling if temperature > 0 else "greedy")
     for k in ("baseline", "dflash"):

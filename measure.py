@@ -43,6 +43,14 @@ def acceptance_summary(records):
                 histogram=dict(sorted(Counter(steps).items())), tau_by_position=tau_by_position(records))
 
 
+def tpot_ms(records, kind):
+    """Time per output token of one run ("baseline" or "dflash"), prefill excluded, as the authors count:
+    each turn's decode time over its tokens, averaged over the turns both runs decoded (a long turn weighs
+    what a short one does; the total time over all tokens would weigh turns by their length)."""
+    timed = [r for r in records if r["dflash"]["acceptance"] and r["baseline"]["acceptance"]]
+    return 1e3 * sum(r[kind]["decode_s"] / len(r[kind]["tokens"]) for r in timed) / max(len(timed), 1)
+
+
 def print_acceptance(res):
     """The summary's tau by step start position and acceptance-length histogram lines."""
     print("  tau by step start position: " + ", ".join(

@@ -421,7 +421,7 @@ def results_table(out, plan):
         recs = [r for r in timed if r["dataset"] == src]
         acc, ok = measure.acceptance_summary(recs), measure.lossless_summary(recs)
         fp32 = measure.lossless_summary([r for r in exact if r["dataset"] == src])
-        tpot = lambda k: 1e3 * sum(r[k]["decode_s"] for r in recs) / max(sum(len(r[k]["tokens"]) for r in recs), 1)
+        tpot = lambda k: measure.tpot_ms(recs, k)  # as bench.py prints it
         rows.append(dict(set=name(src), turns=acc["turns"], steps=acc["steps"], tau=acc["tau"], tpot_baseline_ms=tpot("baseline"),
                          tpot_dflash_ms=tpot("dflash"), speedup=tpot("baseline") / max(tpot("dflash"), 1e-9),
                          identical=ok["identical"], checked=ok["checked"], near_ties=len(ok["near_ties"]),
