@@ -451,6 +451,9 @@ def parse_args(argv=None):
                     "head once; full-attention targets), sdpa (transformers' path over the whole buffer), auto: flex "
                     "where every target layer is full attention. One H200, bf16: a DFlash step cost 1.27 baseline steps "
                     "with flex against 1.79 with sdpa (SmolLM2), 1.34 against 1.42 (Qwen3-8B, sdpa with --gqa)")
+    ap.add_argument("--freeze", action="store_true", help="with --compile: compile the steps with inductor's freezing, "
+                    "which concatenates the q/k/v and the gate/up projections into one GEMM each (a folded copy of those "
+                    "weights per step kind: ~9 GB each at Qwen3-8B shapes)")
     ap.add_argument("--max-len", type=int, default=None,
                     help="static cache length for --compile (default: the longest conversation of the run)")
     ap.add_argument("--prompt-len", type=int, default=None, help="time synthetic prompts of N tokens")
@@ -469,8 +472,9 @@ def parse_args(argv=None):
         ap.error(f"--replay {missing[0]}: no such file (rows written by `data.py regenerate`)")
     if args.profile and args.prompt_len is None:
         ap.error("--profile goes with --prompt-len (synthetic prompts, fixed step counts)")
-    if args.attention == "flex" and not args.compile:
-        ap.error("--attention flex changes the compiled (static cache) steps: add --compile")
+    for flag, on in (("--attention flex", args.attention == "flex"), ("--freeze", args.freeze)):
+        if on and not args.compile:
+            ap.error(f"{flag} changes the compiled (static cache) steps: add --compile")
     if args.replay and (args.temperature > 0 or args.compile):
         ap.error("--replay measures temperature 0 with the eager drafter: drop --temperature / --compile")
     unknown = [d for d in args.dataset if d not in data.PROMPT_SETS and not glob.glob(d)]
@@ -526,7 +530,7 @@ def main(argv=None):
         max_len = args.max_len or static_len(args, tokenizer, prompt_sets)
         flex = {"auto": None, "flex": True, "sdpa": False}[args.attention]  # None: StaticRunner picks by layer kinds
         try:
-            runners = {bs: fast_decode.StaticRunner(target, drafter, bs, max_len, flex=flex) for bs in (1, args.block_size)}
+            runners = {bs: fast_decode.StaticRunner(target, drafter, bs, max_len, flex=flex, freeze=args.freeze) for bs in (1, args.block_size)}
         except ValueError as e:
             raise SystemExit(f"bench.py: error: {e}")
     if args.prompt_len is not None:

@@ -2,7 +2,7 @@
 StaticDraftCache), draft and verify steps compiled over fixed shapes and replayed as CUDA graphs on GPU,
 the target attention that reads each K/V head once (--gqa), and with --attention flex (the default for
 full-attention targets) FlexAttention masks that read only the filled part of the target's and the
-drafter's caches. The eager runner in bench.py is the reference: every test of this path checks it
+drafter's caches; with --freeze, steps compiled with their weights as constants. The eager runner in bench.py is the reference: every test of this path checks it
 emits the same tokens. regenerate.py's batch decoder uses the same cache helpers.
 """
 import torch
@@ -134,6 +134,14 @@ class StaticDraftCache:
         return torch.cat([ctx, k >= torch.arange(block_size, device=r.device)], -1)[None, None]
 
 
+def frozen(step):
+    """A compiled step that compiles (and recompiles) with inductor's freezing on."""
+    def call(*args):
+        with torch._inductor.config.patch({"freezing": True, "cpp.enable_concat_linear": True}):
+            return step(*args)
+    return call
+
+
 class CUDAGraphStep:
     """A compiled step over fixed shapes, captured once as a CUDA graph and then replayed: a call
     copies its tensor arguments into the captured input buffers and launches the graph, with no
@@ -171,7 +179,7 @@ class StaticRunner:
     each, captured as a CUDA graph on GPU (CUDAGraphStep). The only host sync is the acceptance read.
     Prefill and the first draft (prompt-length context) run eagerly. Reuse one runner per block size."""
 
-    def __init__(self, target, drafter, block_size, max_len, compile=True, flex=False):
+    def __init__(self, target, drafter, block_size, max_len, compile=True, flex=False, freeze=False):
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
         targets.check_rollback(target.config, static=True)
@@ -202,8 +210,13 @@ class StaticRunner:
         self.offsets = torch.arange(max(block_size, 1), device=self.device)
         self._verify, self._draft = self._verify_impl, self._draft_impl
         if compile:
+            # freeze: the weights become constants of the compiled graph, so inductor concatenates the q/k/v and
+            # the gate/up projections into one GEMM each (a folded copy of those weights per compiled step): at
+            # M = 1 cuBLAS reads a small k or v projection at a third of the card's bandwidth (decode-qwen3-8b.md)
             self._verify = torch.compile(self._verify_impl, fullgraph=True, dynamic=False)
             self._draft = torch.compile(self._draft_impl, fullgraph=True, dynamic=False)
+            if freeze:  # set while compiling (torch.compile's options= does not reach freezing)
+                self._verify, self._draft = frozen(self._verify), frozen(self._draft)
             if self.device.type == "cuda":
                 self._verify, self._draft = CUDAGraphStep(self._verify), CUDAGraphStep(self._draft)
         self.ctx = self.length = None

@@ -1788,9 +1788,10 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
     for n in ("0", "-1"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--num-prompts", n])
-    with pytest.raises(SystemExit):  # flex changes the compiled steps only
-        bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--attention", "flex"])
-    assert "add --compile" in capsys.readouterr().err
+    for flag in (["--attention", "flex"], ["--freeze"]):  # they change the compiled steps only
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--target", "x", "--dataset", "mt-bench", *flag])
+        assert f"{' '.join(flag)} changes the compiled" in capsys.readouterr().err
     # auto (flex=None): flex only for a target whose every layer is full attention
     assert [fast_decode.StaticRunner(family_target(f), None, 1, 64, compile=False, flex=None).flex
             for f in ("llama", "gpt_oss")] == [True, False]
@@ -2445,6 +2446,26 @@ def test_compiled_fast_path_same_tokens(models, monkeypatch, flex):
     r = bench.spec_generate(tc, dc, ids.to(dev), 30, [], 4, runner=run)
     assert r["tokens"] == ref and max(r["acceptance"]) == 4
     check_real_proposals(t, d, ids, ref, seen, 4)
+
+
+def test_frozen_steps_fuse_projections_and_keep_tokens(models):
+    """bench.py --freeze: compiled with inductor's freezing, the steps concatenate the projections that read one
+    input. Hand count of the GEMMs in the generated code: the verify step, 6 target layers of 7 (q, k, v, o,
+    gate, up, down) plus the lm_head = 43, fused 6 x 4 + 1 = 25 (q/k/v one, gate/up one); the draft step, 2 draft
+    layers of 9 (q, k, v of the block, k, v of the context, o, gate, up, down) plus fc and lm_head = 20, fused
+    2 x 5 + 2 = 12. The tokens stay greedy's."""
+    from torch._inductor.utils import run_and_get_code
+    t, d = models
+    ids = prompts(1)[0]
+    gemms = lambda code: len(re.findall(r"^\s*(?:\w+ = )?(?:torch\.ops\.mkl\._mkl_linear|torch\.ops\.mkldnn\._linear_pointwise|"
+                                        r"extern_kernels\.(?:mm|addmm))\b", code, re.M))
+    for freeze, want in ((False, 43 + 20), (True, 25 + 12)):
+        torch._dynamo.reset()
+        run = fast_decode.StaticRunner(t, d, 4, 128, compile=True, flex=True, freeze=freeze)
+        r, codes = run_and_get_code(lambda: bench.spec_generate(t, d, ids, 30, [], 4, runner=run))
+        run.close()
+        assert r["tokens"] == greedy(t, ids, 30)
+        assert sum(gemms(c) for c in codes) == want, freeze
 
 
 @pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
