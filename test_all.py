@@ -2422,8 +2422,8 @@ def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
 
 
 @pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
-@pytest.mark.parametrize("flex", [False, True])
-def test_compiled_fast_path_same_tokens(models, monkeypatch, flex):
+@pytest.mark.parametrize("flex, freeze", [(False, False), (True, False), (True, True)])
+def test_compiled_fast_path_same_tokens(models, monkeypatch, flex, freeze):
     """On a GPU (when there is one) this is the CUDA-graph replay path; the reference is CPU greedy."""
     t, d = models
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -2431,7 +2431,7 @@ def test_compiled_fast_path_same_tokens(models, monkeypatch, flex):
     ids = prompts(1)[0]
     ref = greedy(t, ids, 30)
     for bs in (1, 4):
-        run = fast_decode.StaticRunner(tc, dc, bs, 128, compile=True, flex=flex)
+        run = fast_decode.StaticRunner(tc, dc, bs, 128, compile=True, flex=flex, freeze=freeze)
         for p in (ids, ids[:, :3]):  # a second prompt reuses the graphs
             assert bench.spec_generate(tc, dc, p.to(dev), 30, [], bs, runner=run)["tokens"] == greedy(t, p, 30)
         for sampling in ("speculative", "match"):  # T > 0: the same rule as the eager loop (same seed)
@@ -2442,7 +2442,7 @@ def test_compiled_fast_path_same_tokens(models, monkeypatch, flex):
     # accepted multi-token steps through the compiled draft graph: the drafter still sees exactly
     # the committed context
     seen = guide(monkeypatch, fast_decode.StaticRunner, ref, ids.shape[1], corrupt={5})
-    run = fast_decode.StaticRunner(tc, dc, 4, 128, compile=True, flex=flex)
+    run = fast_decode.StaticRunner(tc, dc, 4, 128, compile=True, flex=flex, freeze=freeze)
     r = bench.spec_generate(tc, dc, ids.to(dev), 30, [], 4, runner=run)
     assert r["tokens"] == ref and max(r["acceptance"]) == 4
     check_real_proposals(t, d, ids, ref, seen, 4)
