@@ -3597,6 +3597,13 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     assert smollm2.plan_run(25, 2, 20, 256)["regen_seconds"] == int((1500 - (90 + 102.4 + 60 + 32) - (40 + 18000 / 53)) / 3)
     with pytest.raises(SystemExit, match="give at least 13 minutes"):
         smollm2.plan_run(5, 1, 20, 256)
+    # rows regenerated earlier: no prompts, no regeneration; training takes what the bench leaves, or --steps
+    p = smollm2.plan_run(25, 1, 20, 256, rows="r/*.jsonl")
+    assert p["self_prompts"] == [0, 0, 0] and p["regen_seconds"] == 0 and p["rows"] == "r/*.jsonl"
+    assert p["train_steps"] == int((1500 - 294.8 - 124 - 90) * smollm2.TRAIN_SEQ_PER_S / 64)
+    assert smollm2.plan_run(25, 1, 20, 256, rows="r/*.jsonl", steps=700)["train_steps"] == 700
+    with pytest.raises(SystemExit, match="give at least 10 minutes"):  # (294.8 + 124 + 180) / 60 = 9.98
+        smollm2.plan_run(5, 1, 20, 256, rows="r/*.jsonl")
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"turns": [f"a{i}\u2028x"]}, ensure_ascii=False) + "\n" for i in range(3)), "utf-8")
     write_lines(b, [json.dumps({"turns": ["b0"]})])
@@ -3617,6 +3624,28 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     smollm2._stage(str(tmp_path), "train", lambda: calls.append("resumed"))
     smollm2._stage(str(tmp_path), "train", lambda: calls.append("again"))
     assert calls == ["killed", "resumed"] and int((tmp_path / "stages" / "train.done").read_text()) >= 7
+
+
+@need_assets
+def test_recipe_trains_on_rows_given(tmp_path, monkeypatch):
+    """recipes/smollm2.py run --rows GLOB --steps N: no prompt or regeneration stage runs; the one training
+    command reads those rows for N steps; a glob that matches nothing is refused before any stage."""
+    rows = tmp_path / "regen" / "rows.00-of-01.jsonl"
+    os.makedirs(rows.parent)
+    write_lines(rows, [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})])
+    with pytest.raises(SystemExit, match="no such file"):
+        smollm2.run(str(tmp_path / "bad"), rows=str(tmp_path / "nothing*.jsonl"))
+    calls = []
+
+    def stop_at_train(cmds, gpus, deadline=None):
+        calls.extend(cmds)
+        raise KeyboardInterrupt  # the training command is all this test looks at
+    monkeypatch.setattr(smollm2, "_procs", stop_at_train)
+    with pytest.raises(KeyboardInterrupt):
+        smollm2.run(str(tmp_path / "run"), rows=str(tmp_path / "regen" / "*.jsonl"), steps=700)
+    (cmd,) = calls
+    assert "train.py" in cmd and f"--data={tmp_path / 'regen' / '*.jsonl'}" in cmd and "--max_steps=700" in cmd
+    assert not os.path.exists(tmp_path / "run" / "prompts") and os.listdir(tmp_path / "run" / "stages") == ["train.spent"]
 
 
 @need_assets

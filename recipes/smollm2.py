@@ -5,7 +5,7 @@ from the benchmark prompts (results/smollm2-e2e.md).
     python recipes/smollm2.py code-prompts --out F      # HumanEval-shaped prompts from the standard library
     python recipes/smollm2.py self-prompts --target DIR --out F --num N [--seeds "Solve|Find"] [--suffix math]
     python recipes/smollm2.py overlap --data "runs/regen/*.jsonl"   # benchmark prompts quoted in training rows (exit 1)
-    python recipes/smollm2.py run [--budget-minutes 25]             # every stage, one resumable command
+    python recipes/smollm2.py run [--budget-minutes 25] [--rows GLOB --steps N]   # every stage, one resumable command
     python recipes/smollm2.py ablate [--data "runs/smollm2-recipe/regen/*.jsonl"]   # same-budget arms on its rows
 """
 import argparse
@@ -240,14 +240,15 @@ BENCH_SETS = ("mt-bench", "humaneval", "math500", "alpaca")
 TRAIN_SEQ_PER_S, SELF_PROMPTS_PER_S, BENCH_S_PER_TOKEN, BF16_S_PER_TOKEN = 130, 53, 0.025, 0.005
 
 
-def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0, check_prompts=5):
+def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0, check_prompts=5, rows=None, steps=0):
     """Stage sizes for a time budget (minutes, all stages) on `gpus` GPUs: the bench and the prompts cost
-    what they cost, regeneration and training share the rest. Written once to plan.json, so a resumed run
-    keeps the first run's choices."""
+    what they cost, regeneration and training share the rest (with rows regenerated earlier, training
+    takes it all; steps > 0 overrides the budget's). Written once to plan.json, so a resumed run keeps
+    the first run's choices."""
     s, g = budget_min * 60, max(gpus, 1)
-    scale = s * g / 1500  # 1.0 = 25 minutes on one GPU
+    scale = s * g / 1500 * (not rows)  # 1.0 = 25 minutes on one GPU
     n_self = [int(4000 * scale), int(2500 * scale), int(2500 * scale)]
-    prompts_s = 40 + sum(n_self) / SELF_PROMPTS_PER_S  # written on one GPU
+    prompts_s = (40 + sum(n_self) / SELF_PROMPTS_PER_S) * (not rows)  # written on one GPU
     sets_per_gpu = -(-len(BENCH_SETS) // g)
     bench_s = (90 + 2 * bench_prompts * max_new_tokens * BF16_S_PER_TOKEN * sets_per_gpu  # timed: alone, one compile
                + (60 + 2 * check_prompts * max_new_tokens * BENCH_S_PER_TOKEN / min(g, len(BENCH_SETS))) * bool(check_prompts))
@@ -255,10 +256,11 @@ def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0, check_
     if left < 180:
         raise SystemExit(f"recipe: --budget-minutes {budget_min:g} leaves {left:.0f} s for regeneration and training "
                          f"after the prompts (~{prompts_s:.0f} s) and the bench (~{bench_s:.0f} s): give at least "
-                         f"{math.ceil((40 + bench_s + 180) / (1 - 9000 * g / 1500 / SELF_PROMPTS_PER_S) / 60)} minutes, "
+                         f"{math.ceil((bench_s + 180) / 60 if rows else (40 + bench_s + 180) / (1 - 9000 * g / 1500 / SELF_PROMPTS_PER_S) / 60)} minutes, "
                          "or fewer --bench-prompts / --max-new-tokens")
-    return dict(budget_minutes=budget_min, gpus=gpus, self_prompts=n_self,
-                regen_seconds=int(left / 3), train_steps=int((2 * left / 3 - 90) * TRAIN_SEQ_PER_S * g / 64),
+    regen = 0 if rows else left / 3
+    return dict(budget_minutes=budget_min, gpus=gpus, self_prompts=n_self, regen_seconds=int(regen),
+                train_steps=steps or int((left - regen - 90) * TRAIN_SEQ_PER_S * g / 64), rows=rows,
                 bench_prompts=bench_prompts, bench_max_new_tokens=max_new_tokens, check_prompts=check_prompts, max_rows=max_rows)
 
 
@@ -342,19 +344,23 @@ def _train(out_dir, data, target, steps, gpus, val_interval, extra=()):
 
 
 def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_tokens=256, procs_per_gpu=3, train_args=(),
-        max_rows=0, check_prompts=5):
-    """Every stage of the SmolLM2 recipe, resumable: rerunning the same command after a kill continues."""
+        max_rows=0, check_prompts=5, rows=None, steps=0):
+    """Every stage of the SmolLM2 recipe, resumable: rerunning the same command after a kill continues.
+    rows: a glob of rows regenerated earlier (data.py regenerate): the prompt and regeneration stages are
+    skipped and training trains on them."""
     import torch
     py, target = sys.executable, os.path.join(D.assets_dir(), "SmolLM2-135M-Instruct")
     if not os.path.isdir(target):
         raise SystemExit(f"recipe: {target} is missing: run `python recipes/fetch.py` first (or copy assets/ here)")
+    if rows and not glob.glob(rows):
+        raise SystemExit(f"recipe: --rows {rows}: no such file (give a glob of rows written by `data.py regenerate`)")
     gpus = torch.cuda.device_count()
     os.makedirs(out, exist_ok=True)
     plan_file = os.path.join(out, "plan.json")
     if os.path.exists(plan_file):
         plan = json.load(open(plan_file))
     else:
-        plan = plan_run(budget_minutes, gpus, bench_prompts, max_new_tokens, max_rows, check_prompts)
+        plan = plan_run(budget_minutes, gpus, bench_prompts, max_new_tokens, max_rows, check_prompts, rows, steps)
         json.dump(plan, open(plan_file, "w"), indent=1)
     print(f"recipe: plan {json.dumps(plan)}", flush=True)
     p = lambda *a: os.path.join(out, *a)
@@ -382,7 +388,8 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_to
                              "(or lower --max-rows)")
 
     def train():
-        _train(p("train"), p("regen", "*.jsonl"), target, plan["train_steps"], gpus, max(1, plan["train_steps"] // 4), train_args)
+        _train(p("train"), plan.get("rows") or p("regen", "*.jsonl"), target, plan["train_steps"], gpus,
+               max(1, plan["train_steps"] // 4), train_args)
 
     def bench():
         # As users decode: bf16, compiled, one bench.py per GPU timing its sets one after another alone on it (one
@@ -404,8 +411,11 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_to
             for dst, _ in todo:
                 os.replace(dst + ".tmp", dst)
 
-    _stage(out, "prompts", prompts)
-    _stage(out, "regenerate", regenerate)
+    if plan.get("rows"):
+        print(f"recipe: prompts and regenerate: skipped, training on {plan['rows']}", flush=True)
+    else:
+        _stage(out, "prompts", prompts)
+        _stage(out, "regenerate", regenerate)
     _stage(out, "train", train)
     _stage(out, "bench", bench)
     return results_table(out, plan)
@@ -689,6 +699,8 @@ def main(argv=None):
     u.add_argument("--check-prompts", type=int, default=5, help="prompts per set decoded again in fp32, the exact lossless check")
     u.add_argument("--train", action="append", default=[], help="extra train.py override, e.g. --train=--compile=false")
     u.add_argument("--max-rows", type=int, default=0, help="> 0: regenerate at most this many prompts (quick runs)")
+    u.add_argument("--rows", default=None, help="a glob of rows regenerated earlier: skip the prompts and the regeneration")
+    u.add_argument("--steps", type=int, default=0, help="> 0: training steps instead of the budget's")
     b = sub.add_parser("ablate", help="same-budget arms (loss, sliding layers, depth) on a run's rows; tau by --replay")
     b.add_argument("--data", default="runs/smollm2-recipe/regen/*.jsonl", help="regenerated training rows (a glob)")
     b.add_argument("--out", default="runs/smollm2-ablation")
@@ -708,7 +720,7 @@ def main(argv=None):
                       a.at_once, a.check_prompts, a.stop_at, a.table_only)
     if a.cmd == "run":
         return run(a.out, a.budget_minutes, a.extra_prompts, a.bench_prompts, a.max_new_tokens, train_args=a.train,
-                   max_rows=a.max_rows, check_prompts=a.check_prompts)
+                   max_rows=a.max_rows, check_prompts=a.check_prompts, rows=a.rows, steps=a.steps)
     if a.cmd == "first-turns":
         first_exchanges(out=a.out, assets_dir=a.dir, turns=a.turns)
     elif a.cmd == "code-prompts":
