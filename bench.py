@@ -530,7 +530,8 @@ def main(argv=None):
         max_len = args.max_len or static_len(args, tokenizer, prompt_sets)
         flex = {"auto": None, "flex": True, "sdpa": False}[args.attention]  # None: StaticRunner picks by layer kinds
         try:
-            runners = {bs: fast_decode.StaticRunner(target, drafter, bs, max_len, flex=flex, freeze=args.freeze) for bs in (1, args.block_size)}
+            runners = {bs: fast_decode.StaticRunner(target, drafter, bs, max_len, flex=flex, freeze=args.freeze)
+                       for bs in (1, args.block_size)}
         except ValueError as e:
             raise SystemExit(f"bench.py: error: {e}")
     if args.prompt_len is not None:

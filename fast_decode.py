@@ -1,9 +1,10 @@
 """bench.py --compile: the decode loop's fast path. Static caches (the target's HF StaticCache and a
 StaticDraftCache), draft and verify steps compiled over fixed shapes and replayed as CUDA graphs on GPU,
-the target attention that reads each K/V head once (--gqa), and with --attention flex (the default for
+the target attention that reads each K/V head once (--gqa), with --attention flex (the default for
 full-attention targets) FlexAttention masks that read only the filled part of the target's and the
-drafter's caches; with --freeze, steps compiled with their weights as constants. The eager runner in bench.py is the reference: every test of this path checks it
-emits the same tokens. regenerate.py's batch decoder uses the same cache helpers.
+drafter's caches, and with --freeze steps compiled with their weights as constants. The eager runner
+in bench.py is the reference: every test of this path checks it emits the same tokens. regenerate.py's
+batch decoder uses the same cache helpers.
 """
 import torch
 import torch.nn.functional as F

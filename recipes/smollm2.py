@@ -254,9 +254,10 @@ def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0, check_
                + (60 + 2 * check_prompts * max_new_tokens * BENCH_S_PER_TOKEN / min(g, len(BENCH_SETS))) * bool(check_prompts))
     left = s - prompts_s - bench_s
     if left < 180:
+        least = (bench_s + 180) / 60 if rows else (40 + bench_s + 180) / (1 - 9000 * g / 1500 / SELF_PROMPTS_PER_S) / 60
         raise SystemExit(f"recipe: --budget-minutes {budget_min:g} leaves {left:.0f} s for regeneration and training "
                          f"after the prompts (~{prompts_s:.0f} s) and the bench (~{bench_s:.0f} s): give at least "
-                         f"{math.ceil((bench_s + 180) / 60 if rows else (40 + bench_s + 180) / (1 - 9000 * g / 1500 / SELF_PROMPTS_PER_S) / 60)} minutes, "
+                         f"{math.ceil(least)} minutes, "
                          "or fewer --bench-prompts / --max-new-tokens")
     regen = 0 if rows else left / 3
     return dict(budget_minutes=budget_min, gpus=gpus, self_prompts=n_self, regen_seconds=int(regen),
