@@ -432,9 +432,9 @@ def results_table(out, plan):
         recs = [r for r in timed if r["dataset"] == src]
         acc, ok = measure.acceptance_summary(recs), measure.lossless_summary(recs)
         fp32 = measure.lossless_summary([r for r in exact if r["dataset"] == src])
-        tpot = lambda k: measure.tpot_ms(recs, k)  # as bench.py prints it
-        rows.append(dict(set=name(src), turns=acc["turns"], steps=acc["steps"], tau=acc["tau"], tpot_baseline_ms=tpot("baseline"),
-                         tpot_dflash_ms=tpot("dflash"), speedup=tpot("baseline") / max(tpot("dflash"), 1e-9),
+        base, dfl = measure.tpot_ms(recs, "baseline"), measure.tpot_ms(recs, "dflash")  # as bench.py prints them
+        rows.append(dict(set=name(src), turns=acc["turns"], steps=acc["steps"], tau=acc["tau"], tpot_baseline_ms=base,
+                         tpot_dflash_ms=dfl, speedup=base / max(dfl, 1e-9),
                          identical=ok["identical"], checked=ok["checked"], near_ties=len(ok["near_ties"]),
                          max_tie_gap=max([g[0] for m in ok["near_ties"] for g in (m.get("baseline"), m.get("dflash")) if g], default=None),
                          mismatches=len(ok["mismatches"]), fp32_identical=fp32["identical"], fp32_checked=fp32["checked"]))
