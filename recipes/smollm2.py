@@ -463,8 +463,9 @@ def results_table(out, plan):
 
 # The same-budget ablation: the same regenerated rows, steps, batch and seed for every arm; one change each.
 # Four sliding layers and one full one, as the engines serve them. The window must be shorter than the rows to
-# change anything: the ablation's 4,107 rows have a median of 374 tokens and a 99th percentile of 1,338, so at
-# speculators' 2048 no token lies past the window and the arm would be dflash again; at 256, 51% of them do.
+# cut context: the ablation's 4,107 rows have a median of ~370 tokens and a 99th percentile of ~1,330, so at
+# speculators' 2048 no token lies past the window and only the sliding layers' in-block causality would differ
+# from dflash; at 256, 51% of them do.
 SLIDING = ["--layer_types=[sliding_attention,sliding_attention,sliding_attention,sliding_attention,full_attention]",
            "--sliding_window=256"]
 ARMS = {
