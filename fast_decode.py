@@ -105,24 +105,27 @@ class StaticDraftCache:
     positions >= the anchor are hidden by the attention mask, and overwritten by the next step.
     A sliding layer keeps a ring of W + block slots instead (position t in slot t mod ring): the W - 1
     positions its next block can see survive the step's uncommitted writes, and it attends over the
-    ring, not the whole buffer."""
+    ring, not the whole buffer. The block's own K/V go to block_size slots after the context's, so a
+    step attends over the buffer as it is (a cat of [buffer; block] copied the whole buffer per layer)."""
 
     def __init__(self, cfg, size, device, dtype, block_size=None):
-        self.ring = min(size, cfg.sliding_window + (block_size or cfg.block_size)) if cfg.sliding_window else size
-        sizes = [self.ring if t == "sliding_attention" else size for t in cfg.layer_types]
+        block = block_size or cfg.block_size
+        self.ring = min(size, cfg.sliding_window + block) if cfg.sliding_window else size
+        sizes = [(self.ring if t == "sliding_attention" else size) + block for t in cfg.layer_types]
         shape = lambda n: (1, cfg.num_key_value_heads, n, cfg.head_dim)
         self.k = [torch.zeros(shape(n), device=device, dtype=dtype) for n in sizes]
         self.v = [torch.zeros(shape(n), device=device, dtype=dtype) for n in sizes]
         for t in self.k + self.v:
             torch._dynamo.mark_static_address(t)
-        self.size, self.pos = size, None
+        self.size, self.block, self.pos = size, block, None
 
-    def append(self, i, k, v, window=None):
+    def update(self, i, k, v, k_blk, v_blk, window=None):
         pos = self.pos
         if window:  # the ring: the newest rows only (a prompt may be longer than the ring)
             k, v, pos = k[:, :, -self.ring:], v[:, :, -self.ring:], pos[-self.ring:] % self.ring
-        self.k[i].index_copy_(2, pos, k.to(self.k[i].dtype))
-        self.v[i].index_copy_(2, pos, v.to(self.v[i].dtype))
+        for buf, new, blk in ((self.k[i], k, k_blk), (self.v[i], v, v_blk)):
+            buf.index_copy_(2, pos, new.to(buf.dtype))
+            buf[:, :, -self.block:].copy_(blk)
         return self.k[i], self.v[i]
 
     def sliding_mask(self, start, block_size, window):

@@ -145,12 +145,14 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
         q = apply_rope(q, *rope_block)
         k_ctx, v_ctx = self.project_kv(context, *rope_context)
-        if cache is not None:  # inference: earlier committed context is already projected
-            k_ctx, v_ctx = cache.append(layer_idx, k_ctx, v_ctx, self.window)
-        if mask is None and self.window:
-            mask = window_mask(k_ctx.shape[2], T, self.window, x.device)
         k_blk, v_blk = self.project_kv(x, *rope_block)
-        out = attend(q, torch.cat([k_ctx, k_blk], 2), torch.cat([v_ctx, v_blk], 2), mask)
+        if cache is not None:  # inference: earlier committed context is already projected
+            k, v = cache.update(layer_idx, k_ctx, v_ctx, k_blk, v_blk, self.window)
+        else:
+            k, v = torch.cat([k_ctx, k_blk], 2), torch.cat([v_ctx, v_blk], 2)
+        if mask is None and self.window:
+            mask = window_mask(k.shape[2] - T, T, self.window, x.device)
+        out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -218,13 +220,15 @@ class DraftCache:
     def __init__(self):
         self.k, self.v = {}, {}
 
-    def append(self, i, k, v, window=None):
+    def update(self, i, k, v, k_blk, v_blk, window=None):
+        """Append the newly committed context's K/V to layer i; return what the block attends to:
+        [held context; block]."""
         if i in self.k:
             k, v = torch.cat([self.k[i], k], 2), torch.cat([self.v[i], v], 2)
         if window:
             k, v = k[:, :, -(window - 1):], v[:, :, -(window - 1):]
         self.k[i], self.v[i] = k, v
-        return k, v
+        return torch.cat([k, k_blk], 2), torch.cat([v, v_blk], 2)
 
     @property
     def length(self):  # committed positions held by a full layer (a sliding one holds at most W - 1)

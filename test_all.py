@@ -1662,12 +1662,26 @@ def test_sliding_drafter_caches_see_what_a_fresh_draft_sees(models, monkeypatch,
     run = runner(8)
     assert bench.spec_generate(g, d, ids, 40, [], block_size=8, runner=run)["tokens"] == ref
     if run:
-        assert [k.shape[2] for k in run.draft_kv.k] == [16, 136, 16]
+        assert [k.shape[2] for k in run.draft_kv.k] == [16 + 8, 136 + 8, 16 + 8]  # + the block's own slots
     seen = guide(monkeypatch, cls, ref, ids.shape[1], corrupt={3, 17})
     r = bench.spec_generate(g, d, ids, 40, [], block_size=8, runner=runner(8))
     assert r["tokens"] == ref and max(r["acceptance"]) == 8
     assert seen[-1][0] > 8 + ids.shape[1]  # late steps: the window cuts the context
     check_real_proposals(t, d, ids, ref, seen, 8)
+
+
+
+def test_static_draft_attends_over_its_buffers_in_place(models, monkeypatch):
+    """The static draft cache keeps the block's K/V in slots after the context's, so every draft layer
+    attends over the cache's own buffers (a [buffer; block] cat copied the whole buffer per layer and
+    step) and the output is still greedy decoding."""
+    t, d = models
+    run, seen, attend = fast_decode.StaticRunner(t, d, 8, 128, False), [], M.attend
+    monkeypatch.setattr(M, "attend", lambda q, k, v, mask, **kw: seen.append((k.data_ptr(), v.data_ptr()))
+                        or attend(q, k, v, mask, **kw))
+    ids = prompts()[0]
+    assert bench.spec_generate(t, d, ids, 24, [], block_size=8, runner=run)["tokens"] == greedy(t, ids, 24)
+    assert seen and set(seen) == {(k.data_ptr(), v.data_ptr()) for k, v in zip(run.draft_kv.k, run.draft_kv.v)}
 
 
 def test_measure_tau(models, monkeypatch):
