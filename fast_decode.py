@@ -82,7 +82,7 @@ def causal_decode_mask(start, q_len, kv_len, tile=128):
 
 def draft_decode_mask(start, block_size, buffer_len, tile=128):
     """The drafter's mask over its static buffer of buffer_len slots followed by the block's own
-    block_size keys (model.Attention.forward appends them): every query sees slots < start (a device
+    block_size keys (StaticDraftCache.update writes them there): every query sees slots < start (a device
     scalar, as above) and the whole block. A dense mask made SDPA read the whole buffer on every step
     (one H200, Qwen3-8B shapes: ~33 us per draft layer, growing with the buffer); the BlockMask lists
     only the tiles holding a visible key: the context's whole tiles, its cut tile, the block's tiles."""

@@ -1670,7 +1670,6 @@ def test_sliding_drafter_caches_see_what_a_fresh_draft_sees(models, monkeypatch,
     check_real_proposals(t, d, ids, ref, seen, 8)
 
 
-
 def test_static_draft_attends_over_its_buffers_in_place(models, monkeypatch):
     """The static draft cache keeps the block's K/V in slots after the context's, so every draft layer
     attends over the cache's own buffers (a [buffer; block] cat copied the whole buffer per layer and
