@@ -1537,6 +1537,14 @@ def models():
     return t, d
 
 
+@pytest.fixture(scope="module")
+def wide_models():
+    """As `models`, at head_dim 16: FlexAttention's CUDA kernel refuses head_dim 8."""
+    t = scaled(tiny_target(hidden=64), 30.0)
+    d = scaled(tiny_drafter(t, block_size=8), 10.0)
+    return t, d
+
+
 def prompts(n=3, vocab=63, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (1, int(torch.randint(3, 12, (1,), generator=g, dtype=torch.long))),
@@ -2436,9 +2444,9 @@ def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
 
 @pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
 @pytest.mark.parametrize("flex, freeze", [(False, False), (True, False), (True, True)])
-def test_compiled_fast_path_same_tokens(models, monkeypatch, flex, freeze):
+def test_compiled_fast_path_same_tokens(wide_models, monkeypatch, flex, freeze):
     """On a GPU (when there is one) this is the CUDA-graph replay path; the reference is CPU greedy."""
-    t, d = models
+    t, d = wide_models
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tc, dc = copy.deepcopy(t).to(dev), copy.deepcopy(d).to(dev)
     ids = prompts(1)[0]
