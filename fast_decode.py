@@ -118,14 +118,17 @@ class StaticDraftCache:
         for t in self.k + self.v:
             torch._dynamo.mark_static_address(t)
         self.size, self.block, self.pos = size, block, None
+        self.tail = torch.arange(block, device=device)
 
     def update(self, i, k, v, k_blk, v_blk, window=None):
         pos = self.pos
         if window:  # the ring: the newest rows only (a prompt may be longer than the ring)
             k, v, pos = k[:, :, -self.ring:], v[:, :, -self.ring:], pos[-self.ring:] % self.ring
+        # one index_copy_ per buffer: with a second write (the block's slice) inductor no longer updated the
+        # buffer in place but copied all of it, per layer and step
+        slots = torch.cat([pos, self.k[i].shape[2] - self.block + self.tail])
         for buf, new, blk in ((self.k[i], k, k_blk), (self.v[i], v, v_blk)):
-            buf.index_copy_(2, pos, new.to(buf.dtype))
-            buf[:, :, -self.block:].copy_(blk)
+            buf.index_copy_(2, slots, torch.cat([new, blk], 2).to(buf.dtype))
         return self.k[i], self.v[i]
 
     def sliding_mask(self, start, block_size, window):

@@ -1678,6 +1678,28 @@ def test_sliding_drafter_caches_see_what_a_fresh_draft_sees(models, monkeypatch,
     check_real_proposals(t, d, ids, ref, seen, 8)
 
 
+def test_compiled_static_draft_cache_writes_in_place():
+    """A compiled step writes the context's and the block's K/V into the static buffers in place: the
+    generated code allocates no buffer-sized tensor (an index_copy_ followed by a slice write made inductor
+    copy each whole buffer per layer and step). Hand-made expectation: the new rows at their slots."""
+    cfg = tiny_drafter(tiny_target()).config
+    H, D = cfg.num_key_value_heads, cfg.head_dim
+    cache = fast_decode.StaticDraftCache(cfg, 40, "cpu", torch.float32, 4)
+
+    def step(q, k, v, k_blk, v_blk, start):
+        cache.pos = start + torch.arange(k.shape[2])
+        return F.scaled_dot_product_attention(q, *cache.update(0, k, v, k_blk, v_blk))
+
+    from torch._inductor.utils import run_and_get_code
+    rows = [torch.randn(1, H, 4, D) for _ in range(4)]
+    _, code = run_and_get_code(torch.compile(step, fullgraph=True, dynamic=False), rows[0], *rows, torch.tensor(6))
+    assert f"empty_strided_cpu((1, {H}, 44, {D})" not in "".join(code)
+    for buf, new, blk in ((cache.k[0], rows[0], rows[2]), (cache.v[0], rows[1], rows[3])):
+        expect = torch.zeros(1, H, 44, D)
+        expect[:, :, 6:10], expect[:, :, 40:] = new, blk
+        assert torch.equal(buf, expect)
+
+
 def test_static_draft_attends_over_its_buffers_in_place(models, monkeypatch):
     """The static draft cache keeps the block's K/V in slots after the context's, so every draft layer
     attends over the cache's own buffers (a [buffer; block] cat copied the whole buffer per layer and
