@@ -299,3 +299,17 @@ class StaticRunner:
         self.length, self.ctx = length, feats  # all B verify rows: fixed shape; the mask hides the rest
         self.pos_host[0], self.pos_host[1] = length, length - n_new
         self.pos.copy_(self.pos_host, non_blocking=True)  # the last copy finished before the step's sync
+
+
+@torch.no_grad()
+def forward_error(run, input_ids):
+    """The runner's steps against the target's own forward on one prompt: prefill all but the last
+    block_size tokens, verify those as one block, and compare the block's logits with one forward over
+    the whole prompt. Returns max |difference| / max |logit|. bench.py's lossless line compares the
+    runner's two block sizes with each other, so a fast path wrong the same way in both passes it."""
+    B, P = run.block_size, input_ids.shape[1]
+    _, feats = run.prefill(input_ids[:, :P - B])
+    run.commit(P - B, feats, P - B)
+    logits, _ = run.verify(input_ids[0, P - B:], P - B)
+    ref = run.target(input_ids).logits[0, P - B:].float()
+    return ((logits.float() - ref).abs().max() / ref.abs().max()).item()
