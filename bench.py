@@ -372,20 +372,25 @@ def warm_up(target, drafter, tokenizer, prompt, args, runners):
                   torch.Generator(args.device).manual_seed(args.seed), runners.get(bs), args.sampling)
 
 
+def random_prompt(target, drafter, n, args):
+    """[1, n] token ids below the mask token and the target's vocab, seeded by --seed, on --device."""
+    hi = min(target.config.get_text_config().vocab_size, drafter.config.mask_token_id)
+    return torch.randint(0, hi, (1, n), generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+
+
 def check_fast_path(runners, target, drafter, args):
     """Each compiled runner against the target's own forward (fast_decode.forward_error) on a random prompt,
     before any timing. fp32 is the exact check: over 1e-3 of the largest logit is an error (SmolLM2: 1e-6 as it
     is, 4e-3 to 0.4 with a decode mask one key off). In bf16 rounding alone reaches 2e-2 there, so the error
     is printed, and warned about over 0.1."""
-    hi = min(target.config.get_text_config().vocab_size, drafter.config.mask_token_id)
-    ids = torch.randint(0, hi, (1, 32 + args.block_size), generator=torch.Generator().manual_seed(args.seed))
-    errs = {bs: fast_decode.forward_error(run, ids.to(args.device)) for bs, run in runners.items()}
+    ids = random_prompt(target, drafter, 32 + args.block_size, args)
+    errs = {bs: fast_decode.forward_error(run, ids) for bs, run in runners.items()}
     print("compiled steps against the target's forward: max |logit difference| / max |logit| = "
           + ", ".join(f"{e:.1e} (block {bs})" for bs, e in errs.items()))
-    tol = 1e-3 if args.dtype == "fp32" else 0.1
-    if max(errs.values()) > tol:
+    tol, worst = (1e-3 if args.dtype == "fp32" else 0.1), max(errs.values())
+    if worst > tol:
         msg = (f"the compiled steps (--attention {args.attention}) part from the target's own forward by "
-               f"{max(errs.values()):.2g} of the largest logit, over {tol} in {args.dtype}: a fast-path bug, not "
+               f"{worst:.2g} of the largest logit, over {tol} in {args.dtype}: a fast-path bug, not "
                "rounding; --attention sdpa (or no --compile) is the exact path; --dtype fp32 checks it exactly")
         if args.dtype == "fp32":
             raise SystemExit(f"bench.py: error: {msg}")
@@ -395,9 +400,7 @@ def check_fast_path(runners, target, drafter, args):
 def time_synthetic(target, drafter, args, runners, tau=6.49):
     """Random prompt of --prompt-len tokens, --steps steps of each run, no stop token."""
     B, steps = args.block_size, args.steps
-    hi = min(target.config.get_text_config().vocab_size, drafter.config.mask_token_id)
-    ids = torch.randint(0, hi, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
-    ids = ids.to(args.device)
+    ids = random_prompt(target, drafter, args.prompt_len, args)
     results = {}
     for key, bs in (("baseline", 1), ("dflash", B)):
         runs = [spec_generate(target, drafter, ids, steps * bs + 1, [], bs, max_steps=steps, runner=runners.get(bs))
