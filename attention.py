@@ -105,6 +105,13 @@ def build_mask(anchors, keep, context_len, block_size, use_flex, window=None):
 _compiled_flex = None
 
 
+def flex_kernel_options(q_len):
+    """1 < q_len < 128 (a verified or drafted block): FlexAttention's main kernel. Its decode kernel, which
+    CUDA picks below 128 queries, gave wrong outputs for q_len > 1 inside a compiled decode step (torch 2.11,
+    H200: results/decode-qwen3-8b.md); for one query it was exact."""
+    return {"FORCE_USE_FLEX_ATTENTION": True} if 1 < q_len < 128 else None
+
+
 def attend(q, k, v, mask, scale=None):
     """q [B, Hq, Q, D], k/v [B, Hkv, KV, D]; mask: BlockMask, dense bool [B, 1, Q, KV] or None; scale: the
     score scale (default 1 / sqrt(D))."""
@@ -112,7 +119,8 @@ def attend(q, k, v, mask, scale=None):
     if isinstance(mask, BlockMask):
         if _compiled_flex is None:  # compile once; uncompiled flex_attention is a slow reference
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return _compiled_flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                              kernel_options=flex_kernel_options(q.shape[2]))
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
