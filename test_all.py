@@ -1528,21 +1528,22 @@ def scaled(module, factor):
     return module
 
 
-@pytest.fixture(scope="module")
-def models():
+def scaled_models(hidden=32):
     """Weights scaled up: at the default init a tiny random target repeats one token forever, which
     would make every equality test trivial. Scaled, greedy continuations are varied."""
-    t = scaled(tiny_target(), 30.0)
-    d = scaled(tiny_drafter(t, block_size=8), 10.0)
-    return t, d
+    t = scaled(tiny_target(hidden=hidden), 30.0)
+    return t, scaled(tiny_drafter(t, block_size=8), 10.0)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return scaled_models()
 
 
 @pytest.fixture(scope="module")
 def wide_models():
-    """As `models`, at head_dim 16: FlexAttention's CUDA kernel refuses head_dim 8."""
-    t = scaled(tiny_target(hidden=64), 30.0)
-    d = scaled(tiny_drafter(t, block_size=8), 10.0)
-    return t, d
+    """At head_dim 16: FlexAttention's CUDA kernel refuses head_dim 8."""
+    return scaled_models(hidden=64)
 
 
 def prompts(n=3, vocab=63, seed=0):
