@@ -3111,6 +3111,21 @@ def test_regenerate_server_refusals_stop_at_once_in_the_servers_words(tmp_path):
 LLAMA_GGUF = os.path.join(data.assets_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def plain_llama_cpp():
+    """llama.cpp without its extra weight layouts (AMX tiles, repacked Q4). Built on a CPU that reports AMX, it runs
+    a Q4 GGUF's matmuls on AMX tiles, and a kernel that withholds the tile state (this sandbox's, CI's) kills the
+    process at the first multi-token prompt (ldtilecfg: general protection fault). The plain CPU kernels read the
+    same GGUF weights; the server and the reference below both use them."""
+    import llama_cpp.llama_cpp as c
+    default = c.llama_model_default_params
+
+    def plain():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    c.llama_model_default_params = plain
+
+
 def llama_cpp_missing():
     """Why the test against llama.cpp's server cannot run here, or None."""
     import importlib.util
@@ -3133,9 +3148,10 @@ def llama_cpp_server(tmp_path):
         port = s.getsockname()[1]
     log = tmp_path / "llama_cpp_server.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", LLAMA_GGUF, "--model_alias",
+        server = "import runpy, test_all; test_all.plain_llama_cpp(); runpy.run_module('llama_cpp.server', run_name='__main__')"
+        proc = subprocess.Popen([sys.executable, "-c", server, "--model", LLAMA_GGUF, "--model_alias",
                                  "SmolLM2-135M-Instruct", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512",
-                                 "--n_threads", "1", "--n_threads_batch", "1"], stdout=f, stderr=subprocess.STDOUT)
+                                 "--n_threads", "1", "--n_threads_batch", "1"], cwd=HERE, stdout=f, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
     try:
         while True:
@@ -3178,6 +3194,7 @@ def test_regenerate_through_llama_cpp_server(llama_cpp_server, tmp_path, capsys)
     rendering's ids, and training reads the rows."""
     from llama_cpp import Llama
     from transformers import AutoTokenizer
+    plain_llama_cpp()
     inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
     with CompletionServer(upstream=llama_cpp_server, hold_after=4) as proxy:  # the 2 probe requests, 2 answers, then held
         kill_after_a_row(regen_args(inp, out, proxy.url), out, 300)
