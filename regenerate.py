@@ -256,6 +256,8 @@ def _retrying(url, body, timeout, retries, backoff, log):
             why = f"HTTP {e.code}: {reason[:200]}"
         except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, refused/reset connections, bad JSON
             why = f"{type(e).__name__}: {e}"
+            if isinstance(getattr(e, "reason", e), ConnectionRefusedError):  # it answered the probe, so it was up
+                why += ": the server no longer accepts connections (stopped or crashed? its log says why)"
         if attempt == retries:
             raise ServerError(f"{url} failed {retries + 1} times, last with {why}")
         wait = min(60.0, backoff * 2 ** attempt) * random.uniform(0.5, 1.0)

@@ -2791,21 +2791,22 @@ def served_smollm2():
 class CompletionServer:
     """POST n of /v1/completions: fail_code (503) if n in fail, refuse_code (400) with refuse_message if n in refuse,
     answered after `stall_s` if n in stall, held until `release` is set if n > hold_after; text only (no token_ids)
-    unless return_ids. llama_cpp: as llama.cpp's Python server, HTTP 500 with a validation error for a token-id
+    unless return_ids. POST n > crash_after: no answer, and the server stops listening (as a server that crashed).
+    llama_cpp: as llama.cpp's Python server, HTTP 500 with a validation error for a token-id
     prompt or a negative top_k, text only, unknown fields ignored, repeat_penalty 1.1 unless sent (and a BOS
     BOS (add_bos of them) before the prompt's ids). `seen` holds the prompt ids each answer was generated from.
     upstream: a real server's URL, which answers in its place (this one only counts, fails and holds)."""
 
     def __init__(self, name="SmolLM2-135M-Instruct", return_ids=True, fail=(), refuse=(), stall=(), stall_s=3.0,
                  hold_after=None, max_model_len=2048, fail_code=503, refuse_code=400, refuse_message="prompt too long",
-                 llama_cpp=False, add_bos=0, upstream=None):
+                 llama_cpp=False, add_bos=0, upstream=None, crash_after=None):
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         self.tok, self.model = (None, None) if upstream else served_smollm2()
         self.name, self.return_ids, self.fail, self.stall, self.stall_s = name, return_ids and not llama_cpp, set(fail), set(stall), stall_s
         self.refuse, self.hold_after, self.release, self.max_model_len = set(refuse), hold_after, threading.Event(), max_model_len
         self.fail_code, self.refuse_code, self.refuse_message = fail_code, refuse_code, refuse_message
-        self.llama_cpp, self.add_bos, self.seen, self.upstream = llama_cpp, add_bos, [], upstream
+        self.llama_cpp, self.add_bos, self.seen, self.upstream, self.crash_after = llama_cpp, add_bos, [], upstream, crash_after
         self.requests, self.lock = [], threading.Lock()
         srv = self
 
@@ -2837,6 +2838,9 @@ class CompletionServer:
                 with srv.lock:
                     srv.requests.append(body)
                     n = len(srv.requests)
+                if srv.crash_after is not None and n > srv.crash_after:
+                    self.close_connection = True
+                    return self.server.socket.close()
                 if self.path != "/v1/completions" or body.get("model") != srv.name:
                     return self.reply(400, {"error": {"message": f"bad path or model {body.get('model')}"}})
                 if n in srv.refuse:
@@ -3005,6 +3009,13 @@ def test_regenerate_server_errors_retried_then_named(tmp_path):
             regenerate.regenerate(SMOL, str(inp), str(tmp_path / "part.jsonl"), server=srv.url, concurrency=1, retries=2,
                             backoff=0.01, **REGEN)
     assert len(open(tmp_path / "part.jsonl").readlines()) in (1, 2)  # the rows answered before the failures
+    # a server that crashes mid-run (the connection dropped, then refused): named as such, the rows done kept
+    with CompletionServer(crash_after=3) as srv:  # the probe and two answers
+        with pytest.raises(SystemExit, match=r"failed 3 times, last with URLError.*refused.*no longer accepts "
+                                             r"connections.*rerun to resume"):
+            regenerate.regenerate(SMOL, str(inp), str(tmp_path / "crash.jsonl"), server=srv.url, concurrency=1, retries=2,
+                                  backoff=0.01, **REGEN)
+    assert len(open(tmp_path / "crash.jsonl").readlines()) in (1, 2)
     # a request the server refuses (4xx) is the request's fault: named at once, not retried
     with CompletionServer(refuse=(2,)) as srv:
         with pytest.raises(SystemExit, match="answered HTTP 400: .*prompt too long"):
