@@ -256,7 +256,7 @@ def _retrying(url, body, timeout, retries, backoff, log):
             why = f"HTTP {e.code}: {reason[:200]}"
         except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, refused/reset connections, bad JSON
             why = f"{type(e).__name__}: {e}"
-            if isinstance(getattr(e, "reason", e), ConnectionRefusedError):  # it answered the probe, so it was up
+            if isinstance(getattr(e, "reason", e), ConnectionRefusedError):  # it was up: server_model reached it
                 why += ": the server no longer accepts connections (stopped or crashed? its log says why)"
         if attempt == retries:
             raise ServerError(f"{url} failed {retries + 1} times, last with {why}")
