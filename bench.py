@@ -413,8 +413,8 @@ def time_synthetic(target, drafter, args, runners, tau=6.49):
     if args.profile:
         n = min(steps, 16)
         for key, bs in (("baseline", 1), ("dflash", B)):
-            run = lambda: spec_generate(target, drafter, ids, n * bs + 1, [], bs, max_steps=n, runner=runners.get(bs))
-            results[key].update(measure.profile_steps(run, ids.device.type == "cuda", key, args.profile))
+            run = lambda k: spec_generate(target, drafter, ids, k * bs + 1, [], bs, max_steps=k, runner=runners.get(bs))
+            results[key].update(measure.profile_steps(run, n, ids.device.type == "cuda", key, args.profile))
     base, dfl = results["baseline"], results["dflash"]
     ratio = dfl["step_ms"] / base["step_ms"]
     print(f"prompt {args.prompt_len} tokens, {steps} steps, block {B}, {args.dtype}, {args.device}, "

@@ -120,10 +120,19 @@ class StaticDraftCache:
         self.size, self.block, self.pos = size, block, None
         self.tail = torch.arange(block, device=device)
 
-    def update(self, i, k, v, k_blk, v_blk, window=None):
-        pos = self.pos
+    def _rows(self, k, v, window):
         if window:  # the ring: the newest rows only (a prompt may be longer than the ring)
-            k, v, pos = k[:, :, -self.ring:], v[:, :, -self.ring:], pos[-self.ring:] % self.ring
+            return k[:, :, -self.ring:], v[:, :, -self.ring:], self.pos[-self.ring:] % self.ring
+        return k, v, self.pos
+
+    def write(self, i, k, v, window=None):
+        """Context K/V alone at self.pos (write_context: a prompt's, outside the compiled step)."""
+        k, v, pos = self._rows(k, v, window)
+        self.k[i].index_copy_(2, pos, k.to(self.k[i].dtype))
+        self.v[i].index_copy_(2, pos, v.to(self.v[i].dtype))
+
+    def update(self, i, k, v, k_blk, v_blk, window=None):
+        k, v, pos = self._rows(k, v, window)
         # one index_copy_ per buffer: with a second write (the block's slice) inductor no longer updated the
         # buffer in place but copied all of it, per layer and step
         slots = torch.cat([pos, self.k[i].shape[2] - self.block + self.tail])
@@ -139,6 +148,21 @@ class StaticDraftCache:
         k = torch.arange(block_size, device=r.device)[:, None]
         ctx = (held >= 0) & (held > start + k - window)
         return torch.cat([ctx, k >= torch.arange(block_size, device=r.device)], -1)[None, None]
+
+
+@torch.no_grad()
+def write_context(drafter, cache, features, positions, seq_len):
+    """The draft K/V of context rows (features [S, n*H] at positions [S]) written into a StaticDraftCache
+    without a draft: what a draft step computes for its new context rows (fc, hidden_norm, then per layer
+    the k/v projection, k_norm and RoPE), which never depend on the block. seq_len: the longest position +
+    1 of the draft that would have taken these rows (dynamic and longrope RoPE read it)."""
+    cfg = drafter.config
+    context = drafter.hidden_norm(drafter.fc(features[None].to(drafter.fc.weight.dtype)))
+    dynamic = (cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope")
+    rope = M.rope_cos_sin(positions[None], *targets.rope_frequencies(cfg, seq_len if dynamic else None, positions.device))
+    cache.pos = positions
+    for i, layer in enumerate(drafter.layers):
+        cache.write(i, *layer.self_attn.project_kv(context, *rope), layer.self_attn.window)
 
 
 def frozen(step):
@@ -184,7 +208,9 @@ class StaticRunner:
     StaticDraftCache. draft and verify have fixed shapes ([B] tokens; the new draft context is always
     the B verify rows, of which the uncommitted ones are masked), so torch.compile builds one graph of
     each, captured as a CUDA graph on GPU (CUDAGraphStep). The only host sync is the acceptance read.
-    Prefill and the first draft (prompt-length context) run eagerly. Reuse one runner per block size."""
+    Prefill runs eagerly, then commit writes the prompt's draft K/V but its last B rows (write_context),
+    so the first draft is the compiled step too (an eager draft is launch-bound on a GPU, and it was the
+    first step of every generation). Reuse one runner per block size."""
 
     def __init__(self, target, drafter, block_size, max_len, compile=True, flex=False, freeze=False):
         from transformers import StaticCache
@@ -290,12 +316,19 @@ class StaticRunner:
         if self.block_size == 1:
             return torch.empty(0, 1, device=anchor.device)
         assert start == self.length, (start, self.length)
-        fn = self._draft if self.ctx.shape[0] == self.block_size else self._draft_impl  # prompt: eager
+        fn = self._draft if self.ctx.shape[0] == self.block_size else self._draft_impl  # a prompt under B: eager
         return fn(anchor, self.pos[0], self.ctx, self.pos[1]).clone()
 
     def commit(self, length, feats, n_new):
         """Nothing to cut: the next verify rewinds the target cache to `length`. Positions travel as one
-        asynchronous copy from pinned memory."""
+        asynchronous copy from pinned memory. A prompt (more than B new rows): all but its last B rows go
+        to the draft cache now, the last B are the first draft's new context, as in any later step."""
+        if feats is not None and n_new > self.block_size:
+            head = n_new - self.block_size
+            write_context(self.drafter, self.draft_kv, feats[:head],
+                          length - n_new + torch.arange(head, device=feats.device),
+                          torch.tensor(length + self.block_size, device=feats.device))
+            feats, n_new = feats[head:], self.block_size
         self.length, self.ctx = length, feats  # all B verify rows: fixed shape; the mask hides the rest
         self.pos_host[0], self.pos_host[1] = length, length - n_new
         self.pos.copy_(self.pos_host, non_blocking=True)  # the last copy finished before the step's sync

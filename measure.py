@@ -223,28 +223,51 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
 # ----------------------------------------------------------------------------------------------
 # Timing: profiles of decode steps, random drafters
 
-def profile_steps(run, cuda, name, out_dir):
-    """--profile: run() (a decode of a few steps, returning spec_generate's result) under torch.profiler. Prints the launches per step (CUDA
-    kernels and graph launches from the host; aten ops on CPU) and the ops that take the time, and writes
-    a Chrome trace: where a step's time goes, so a fix can be aimed at it."""
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+
+
+def _profiled(run, steps, cuda):
+    """run(steps) under torch.profiler: (steps run, host launches, {kernel or aten op: [count, us]}, the profile).
+    On CPU the ops are the dispatched aten ops, not their nested calls."""
     from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        r = run()
-    n, events = max(len(r["acceptance"]), 1), prof.key_averages()
-    if cuda:
-        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch",
-                                                           "cudaLaunchKernelExC", "cuLaunchKernelEx"))
-        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-        counts = dict(launches_per_step=launches / n, kernels_per_step=kernels / n)
-    else:
-        top = lambda e: e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
-        counts = dict(aten_ops_per_step=sum(map(top, prof.events())) / n)  # dispatched ops, not their nested calls
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        r = run(steps)
+    ops, launches = {}, 0
+    for e in prof.events():
+        if cuda:
+            launches += e.name in LAUNCH_CALLS
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = e.device_time
+        elif e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")):
+            us = e.cpu_time
+        else:
+            continue
+        count_us = ops.setdefault(e.name, [0, 0.0])
+        count_us[0], count_us[1] = count_us[0] + 1, count_us[1] + us
+    return len(r["acceptance"]), launches, ops, prof
+
+
+def profile_steps(run, steps, cuda, name, out_dir, top=15):
+    """--profile: run(steps) (a decode of that many steps, returning spec_generate's result) under
+    torch.profiler, and run(0) (the prefill and first token alone) subtracted, so what is printed is the
+    steps' own work: launches and CUDA kernels per step (aten ops on CPU), then the kernels per step with
+    their time, where a fix can be aimed. Writes the Chrome trace of the decode."""
+    n0, l0, ops0, _ = _profiled(run, 0, cuda)
+    n1, l1, ops1, prof = _profiled(run, steps, cuda)
+    n = max(n1 - n0, 1)
+    per = {k: ((c - ops0.get(k, (0, 0.0))[0]) / n, (us - ops0.get(k, (0, 0.0))[1]) / n) for k, (c, us) in ops1.items()}
+    total = sum(c for c, _ in per.values())
+    counts = dict(launches_per_step=(l1 - l0) / n, kernels_per_step=total) if cuda else dict(aten_ops_per_step=total)
     os.makedirs(out_dir, exist_ok=True)
     prof.export_chrome_trace(os.path.join(out_dir, f"{name}.json"))
-    print(f"\n-- profile of {n} {name} steps: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in counts.items())
+    print(f"\n-- profile of {n} {name} steps, less the prefill: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}"
+                                                                          for k, v in counts.items())
           + f" (trace: {os.path.join(out_dir, name + '.json')})")
-    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12))
+    print(f"  {'per step':>8s} {'us/step':>9s}  {'kernel' if cuda else 'aten op'}")
+    for k, (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
+        if c > 0:
+            print(f"  {c:8.1f} {us:9.1f}  {k[:100]}")
     return counts
 
 

@@ -1740,6 +1740,29 @@ def test_static_draft_attends_over_its_buffers_in_place(models, monkeypatch):
     assert seen and set(seen) == {(k.data_ptr(), v.data_ptr()) for k, v in zip(run.draft_kv.k, run.draft_kv.v)}
 
 
+@pytest.mark.parametrize("flex", [False, True])
+def test_static_first_draft_is_the_compiled_step(models, flex):
+    """After a 21-token prompt, commit writes the draft K/V of its first 17 rows (write_context) and the
+    first draft is the fixed-shape step over the last 4: it goes through run._draft (the compiled graph
+    under --compile), and its logits equal a from-scratch draft_block over the whole prompt."""
+    t, d = models
+    g = copy.deepcopy(t) if flex else t
+    ids = torch.randint(0, 63, (1, 21), generator=torch.Generator().manual_seed(5))
+    run, calls = fast_decode.StaticRunner(g, d, 4, 128, compile=False, flex=flex), []
+    step = run._draft
+    run._draft = lambda *a: calls.append(a[2].shape[0]) or step(*a)
+    logits, feats = run.prefill(ids)
+    run.commit(21, feats, 21)
+    anchor = logits[-1].argmax()
+    got = run.draft(anchor, 21)
+    blk = torch.full((1, 4), d.config.mask_token_id)
+    blk[0, 0] = anchor
+    want = M.draft_block(d, t, M.capture_features(t, ids, d.config.target_layer_ids)[0], torch.arange(21)[None], blk, 21,
+                         M.DraftCache())[0, 1:]
+    assert calls == [4]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_measure_tau(models, monkeypatch):
     t, d = models
     tok = char_tokenizer()
@@ -2682,6 +2705,24 @@ def test_cli_synthetic_timing(tmp_path, capsys):
         assert any(e.get("name", "").startswith("aten::") for e in json.load(open(tmp_path / "prof" / f"{kind}.json"))["traceEvents"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--profile", "d"])
+
+
+def test_profile_counts_the_steps_alone(tmp_path, capsys):
+    """--profile's counts leave the prefill out: a fake decode whose prefill runs 7 adds and whose every
+    step runs 2 muls and 1 sub profiles at exactly 3 aten ops per step, with the adds nowhere in its table
+    (the whole run's count over 4 steps would read (7 + 1 + 12) / 4 = 5)."""
+    def run(steps):
+        x = torch.ones(4)
+        for _ in range(7):
+            x = torch.add(x, 1)
+        for _ in range(steps):
+            x = torch.sub(torch.mul(torch.mul(x, 2), 2), 1)
+        return {"acceptance": [1] * steps}
+    assert measure.profile_steps(run, 4, False, "fake", str(tmp_path)) == {"aten_ops_per_step": 3.0}
+    out = capsys.readouterr().out
+    assert "-- profile of 4 fake steps, less the prefill: aten ops per step 3.0" in out
+    assert re.search(r"^\s+2\.0\s+[\d.-]+\s+aten::mul$", out, re.M) and re.search(r"^\s+1\.0\s+[\d.-]+\s+aten::sub$", out, re.M)
+    assert "aten::add" not in out and (tmp_path / "fake.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------
