@@ -155,11 +155,9 @@ def write_context(drafter, cache, features, positions, seq_len):
     """The draft K/V of context rows (features [S, n*H] at positions [S]) written into a StaticDraftCache
     without a draft: what a draft step computes for its new context rows (fc, hidden_norm, then per layer
     the k/v projection, k_norm and RoPE), which never depend on the block. seq_len: the longest position +
-    1 of the draft that would have taken these rows (dynamic and longrope RoPE read it)."""
-    cfg = drafter.config
-    context = drafter.hidden_norm(drafter.fc(features[None].to(drafter.fc.weight.dtype)))
-    dynamic = (cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope")
-    rope = M.rope_cos_sin(positions[None], *targets.rope_frequencies(cfg, seq_len if dynamic else None, positions.device))
+    1 of the draft that would have taken these rows (dynamic and longrope RoPE read it, the others ignore it)."""
+    context = drafter.project_context(features[None])
+    rope = M.rope_cos_sin(positions[None], *targets.rope_frequencies(drafter.config, seq_len, positions.device))
     cache.pos = positions
     for i, layer in enumerate(drafter.layers):
         cache.write(i, *layer.self_attn.project_kv(context, *rope), layer.self_attn.window)

@@ -227,25 +227,23 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLa
 
 
 def _profiled(run, steps, cuda):
-    """run(steps) under torch.profiler: (steps run, host launches, {kernel or aten op: [count, us]}, the profile).
+    """run(steps) under torch.profiler: (steps run, host launches, kernel or aten op counts, their us, the profile).
     On CPU the ops are the dispatched aten ops, not their nested calls."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         r = run(steps)
-    ops, launches = {}, 0
+    counts, us, launches = Counter(), Counter(), 0
     for e in prof.events():
-        if cuda:
-            launches += e.name in LAUNCH_CALLS
-            if e.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = e.device_time
-        elif e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")):
-            us = e.cpu_time
+        launches += cuda and e.name in LAUNCH_CALLS
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+            t = e.device_time
+        elif not cuda and e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")):
+            t = e.cpu_time
         else:
             continue
-        count_us = ops.setdefault(e.name, [0, 0.0])
-        count_us[0], count_us[1] = count_us[0] + 1, count_us[1] + us
-    return len(r["acceptance"]), launches, ops, prof
+        counts[e.name] += 1
+        us[e.name] += t
+    return len(r["acceptance"]), launches, counts, us, prof
 
 
 def profile_steps(run, steps, cuda, name, out_dir, top=15):
@@ -253,10 +251,10 @@ def profile_steps(run, steps, cuda, name, out_dir, top=15):
     torch.profiler, and run(0) (the prefill and first token alone) subtracted, so what is printed is the
     steps' own work: launches and CUDA kernels per step (aten ops on CPU), then the kernels per step with
     their time, where a fix can be aimed. Writes the Chrome trace of the decode."""
-    n0, l0, ops0, _ = _profiled(run, 0, cuda)
-    n1, l1, ops1, prof = _profiled(run, steps, cuda)
-    n = max(n1 - n0, 1)
-    per = {k: ((c - ops0.get(k, (0, 0.0))[0]) / n, (us - ops0.get(k, (0, 0.0))[1]) / n) for k, (c, us) in ops1.items()}
+    _, l0, c0, us0, _ = _profiled(run, 0, cuda)
+    n, l1, c1, us1, prof = _profiled(run, steps, cuda)
+    n = max(n, 1)
+    per = {k: ((c1[k] - c0[k]) / n, (us1[k] - us0[k]) / n) for k in c1}
     total = sum(c for c, _ in per.values())
     counts = dict(launches_per_step=(l1 - l0) / n, kernels_per_step=total) if cuda else dict(aten_ops_per_step=total)
     os.makedirs(out_dir, exist_ok=True)

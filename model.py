@@ -192,13 +192,17 @@ class DFlashDrafter(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, t) for t in cfg.layer_types)
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
 
+    def project_context(self, features):
+        """The captured target layers [.., n*H] -> the context every draft layer projects its K/V from."""
+        return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+
     def forward(self, block_embeds, features, block_positions, context_positions, mask=None, cache=None):
         """block_embeds [B, T, H] (target-embedded block tokens), features [B, S, n*H] (captured
         target layers of the context), positions [B, T] and [B, S] (absolute). mask: None (one block
         per row after all of its context), one mask for every layer, or a dict {layer type: mask}.
         Returns the final normed hidden states [B, T, H]; the target lm_head turns them into logits."""
         cfg = self.config
-        context = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+        context = self.project_context(features)
         x = block_embeds.to(context.dtype)
         seq_len = None
         if (cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope"):
