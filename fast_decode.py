@@ -8,10 +8,12 @@ batch decoder uses the same cache helpers.
 """
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+from transformers.cache_utils import StaticLayer
 
 import model as M
 import targets
-from attention import BlockMask, attend
+from attention import BlockMask, attend, flex_kernel_options
 
 
 # ----------------------------------------------------------------------------------------------
@@ -23,6 +25,25 @@ def set_cache_length(cache, length):
     for layer in cache.layers:
         if getattr(layer, "is_initialized", False):
             layer.cumulative_length.copy_(length)
+
+
+class SharedLengthLayer(StaticLayer):
+    """StaticRunner's cache layer: HF's StaticLayer, except that its write position is one tensor shared by
+    every layer, which the runner sets before each step. HF's layer advances a counter of its own in every
+    forward, one more kernel per layer and step in the compiled graphs (30 of the 467 in a SmolLM2 1-token
+    step, one H200), for a position the runner rewinds before every step anyway."""
+
+    def __init__(self, max_len, length):
+        super().__init__(max_len)
+        self.cumulative_length = length
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        at = self.cumulative_length + torch.arange(key_states.shape[-2], device=self.device)
+        self.keys.index_copy_(2, at, key_states)
+        self.values.index_copy_(2, at, value_states)
+        return self.keys, self.values
 
 
 GQA_MAX_QUERIES = 64
@@ -51,8 +72,37 @@ def flex_static(module, query, key, value, attention_mask, dropout=0.0, scaling=
     reads each K/V head once. The prefill gets transformers' dense mask and takes the SDPA path."""
     if not isinstance(attention_mask, BlockMask):
         return sdpa_gqa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    out = attend(query, key, value, attention_mask, scale=scaling)
+    split = attention_mask.kv_num_blocks.shape[0] > query.shape[0]
+    out = (split_attend if split else attend)(query, key, value, attention_mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+SPLIT_KEYS = 0  # at most this many keys per chunk of the verify's attention (split_attend); 0: off until timed on a GPU
+
+
+def verify_splits(kv_len, tile=128):
+    """The fewest chunks of whole tiles, each of at most SPLIT_KEYS keys, that a kv_len buffer divides into."""
+    tiles = kv_len // tile
+    if not SPLIT_KEYS or kv_len % tile:
+        return 1
+    return next(s for s in range(-(-tiles // max(1, SPLIT_KEYS // tile)), tiles + 1) if tiles % s == 0)
+
+
+def split_attend(query, key, value, mask, scale=None):
+    """The verify's attention split over the keys (flash-decoding). FlexAttention's main kernel runs one
+    program per query head and 128-query tile, so 16 queries over 1K keys leave 32 programs each walking
+    every tile in turn (one H200, Qwen3-8B shapes: 29 us a layer, against 5.4 us for one query, whose decode
+    kernel splits the keys; that kernel is not exact for 2-127 queries: flex_kernel_options). Chunk s of the
+    buffer (a view) is batch row s of one call (causal_decode_mask with splits), and the chunks' outputs are
+    merged by their log-sum-exps: out = sum_s softmax_s(lse_s) out_s; a chunk that no query sees has lse
+    -inf, weight 0. query [1, Hq, Q, D], key/value [1, Hkv, KV, D]."""
+    S = mask.kv_num_blocks.shape[0]
+    ks, vs = (x[0].unflatten(1, (S, -1)).transpose(0, 1) for x in (key, value))  # [S, Hkv, KV / S, D]
+    out, aux = flex_attention(query.expand(S, -1, -1, -1), ks, vs, block_mask=mask, scale=scale,
+                              enable_gqa=query.shape[1] != key.shape[1], kernel_options=flex_kernel_options(query.shape[2]),
+                              return_aux=AuxRequest(lse=True))
+    w = torch.softmax(aux.lse.float(), 0).unsqueeze(-1)
+    return (out.float() * w).sum(0, keepdim=True).to(query.dtype)
 
 
 def use_gqa_attention(target, flex=False):
@@ -66,18 +116,23 @@ def use_gqa_attention(target, flex=False):
     target.set_attn_implementation(name)
 
 
-def causal_decode_mask(start, q_len, kv_len, tile=128):
+def causal_decode_mask(start, q_len, kv_len, tile=128, splits=1):
     """The target's causal mask over a static KV buffer of kv_len slots, for q_len queries at positions
     start.. (start: a device scalar, so one compiled graph serves every step): query i sees slots
     <= start + i. Tiles past the last query's position are left out of the BlockMask, so FlexAttention
-    reads only the filled part of the buffer; SDPA with a dense mask reads all of it on every step."""
-    n = -(-kv_len // tile)
+    reads only the filled part of the buffer; SDPA with a dense mask reads all of it on every step.
+    splits > 1: the buffer as that many chunks of whole tiles, chunk s in batch row s (split_attend)."""
+    chunk = kv_len // splits
+    assert splits == 1 or chunk % tile == 0, (kv_len, splits)
+    n = -(-chunk // tile)
     idx = torch.arange(n, dtype=torch.int32, device=start.device)
-    full = (start + 1) // tile  # tiles that every query sees whole
-    last = (start + q_len - 1) // tile + 1  # one past the last tile that any query sees
-    return BlockMask.from_kv_blocks((last - full).to(torch.int32).view(1, 1, 1), (idx + full).clamp(max=n - 1).view(1, 1, 1, n),
-                                    full.to(torch.int32).view(1, 1, 1), idx.view(1, 1, 1, n), BLOCK_SIZE=(128, tile),
-                                    mask_mod=lambda b, h, q, kv: kv <= start + q, seq_lengths=(q_len, kv_len))
+    first = torch.arange(splits, dtype=torch.int32, device=start.device) * n  # each chunk's first tile
+    full = ((start + 1) // tile - first).clamp(0, n)  # tiles that every query sees whole
+    last = ((start + q_len - 1) // tile + 1 - first).clamp(0, n)  # one past the last tile that any query sees
+    rows = lambda x: x.to(torch.int32).view(splits, 1, 1, -1)
+    return BlockMask.from_kv_blocks(rows(last - full)[..., 0], rows((idx + full[:, None]).clamp(max=n - 1)),
+                                    rows(full)[..., 0], rows(idx.expand(splits, n)), BLOCK_SIZE=(128, tile),
+                                    mask_mod=lambda b, h, q, kv: b * chunk + kv <= start + q, seq_lengths=(q_len, chunk))
 
 
 def draft_decode_mask(start, block_size, buffer_len, tile=128):
@@ -210,9 +265,8 @@ class StaticRunner:
     so the first draft is the compiled step too (an eager draft is launch-bound on a GPU, and it was the
     first step of every generation). Reuse one runner per block size."""
 
-    def __init__(self, target, drafter, block_size, max_len, compile=True, flex=False, freeze=False):
+    def __init__(self, target, drafter, block_size, max_len, compile=True, flex=False, freeze=False, splits=None):
         from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
         targets.check_rollback(target.config, static=True)
         kinds = set(targets.layer_kinds(target.config))
         if flex is None:  # auto (bench.py's default): flex wherever it applies
@@ -224,13 +278,16 @@ class StaticRunner:
             use_gqa_attention(target, flex=True)
         self.target, self.drafter, self.block_size, self.max_len, self.flex = target, drafter, block_size, max_len, flex
         self.device = target.get_input_embeddings().weight.device
+        if splits is None:  # the verify's keys in chunks (split_attend) on a GPU: inductor has no LSE output on CPU
+            splits = verify_splits(max_len) if flex and compile and self.device.type == "cuda" else 1
+        self.splits = splits
         self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), targets.cache_kwarg(target)
-        # sliding layers get full-length buffers: HF's sliding static layer is a ring buffer whose fill level is
-        # a host int that set_cache_length cannot rewind (silently wrong tokens once past the window); a
-        # full-length layer rewinds like the others and the model's sliding mask still limits what each query
-        # sees. Costs a full layer's K/V memory per sliding layer.
-        self.kv.layers = [StaticLayer(max_len) if isinstance(layer, StaticSlidingWindowLayer) else layer
-                          for layer in self.kv.layers]
+        # every layer full-length, sliding ones too: HF's sliding static layer is a ring buffer whose fill level
+        # is a host int that cannot be rewound (silently wrong tokens once past the window); a full-length layer
+        # rewinds like the others and the model's sliding mask still limits what each query sees. Costs a full
+        # layer's K/V memory per sliding layer.
+        self.kv_length = torch.zeros((), dtype=torch.long, device=self.device)
+        self.kv.layers = [SharedLengthLayer(max_len, self.kv_length) for _ in self.kv.layers]
         self.layer_ids = list(drafter.config.target_layer_ids) if block_size > 1 else []
         self.captured, self.handles = {}, []
         for k in self.layer_ids:  # hooks live as long as the runner: a compiled graph traces them once
@@ -273,16 +330,17 @@ class StaticRunner:
         P = input_ids.shape[1]
         if P + 1 + 2 * self.block_size > self.max_len:
             raise ValueError(f"prompt of {P} tokens does not fit the static cache of {self.max_len}: raise --max-len")
-        set_cache_length(self.kv, torch.zeros((), dtype=torch.long, device=self.device))
+        self.kv_length.zero_()
         out = self.target(input_ids=input_ids, position_ids=torch.arange(P, device=self.device)[None],
                           use_cache=True, logits_to_keep=1, **{self.cache_kw: self.kv})
         return out.logits[0], self._features()
 
     def _verify_impl(self, block, start):
-        set_cache_length(self.kv, start)
+        self.kv_length.copy_(start)
         positions = (start + self.offsets[: block.shape[0]])[None]
         # flex: a BlockMask over the filled part of the buffer (flex_static); else transformers' dense mask
-        mask = {"attention_mask": causal_decode_mask(start, block.shape[0], self.max_len)} if self.flex else {}
+        splits = self.splits if block.shape[0] > 1 else 1  # one query: FlexAttention's decode kernel splits the keys
+        mask = {"attention_mask": causal_decode_mask(start, block.shape[0], self.max_len, splits=splits)} if self.flex else {}
         out = self.target(input_ids=block[None], position_ids=positions, use_cache=True, **{self.cache_kw: self.kv}, **mask)
         return out.logits[0], self._features()
 

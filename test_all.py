@@ -1694,8 +1694,8 @@ def test_bench_checks_the_fast_path_against_the_targets_forward(monkeypatch, tmp
     assert all(float(e) < 1e-5 for e in errs), errs
     mask = fast_decode.causal_decode_mask
 
-    def hiding_slot_0(start, q_len, kv_len):
-        m = mask(start, q_len, kv_len)
+    def hiding_slot_0(start, q_len, kv_len, splits=1):
+        m = mask(start, q_len, kv_len, splits=splits)
         m.mask_mod = lambda b, h, q, kv: (kv <= start + q) & (kv > 0)
         return m
 
@@ -2456,6 +2456,64 @@ def test_causal_decode_mask_reads_only_the_filled_tiles(q_len):
         torch.testing.assert_close(A.attend(q, k, v, mask, scale=0.3), ref, rtol=1e-5, atol=1e-5)
         tiles = int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
         assert tiles == (start + q_len - 1) // 128 + 1, (start, tiles)  # tiles past the last query: not read
+
+
+def test_split_verify_attention_equals_one_pass(wide_models, monkeypatch):
+    """fast_decode.split_attend (the verify's keys in chunks of whole tiles, one call, merged by their
+    log-sum-exps) equals SDPA with the dense causal mask, for 1 to 8 chunks of a 1,024-slot buffer, at starts on
+    and across tile and chunk edges; the chunks' BlockMask lists only the tiles up to the last query. Through a
+    runner with 2 chunks of 128 slots, a 120-token prompt decodes across the chunk edge as greedy does; on a
+    GPU also compiled, as bench.py splits with SPLIT_KEYS set (uncompiled flex_attention is the CPU reference:
+    inductor's CPU kernel has no log-sum-exp output)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 8, 16, 16, generator=g), torch.randn(1, 2, 1024, 16, generator=g), torch.randn(1, 2, 1024, 16, generator=g)
+    for splits in (1, 2, 4, 8):
+        for start in (0, 5, 112, 127, 128, 240, 250, 300, 700, 1008):
+            mask = fast_decode.causal_decode_mask(torch.tensor(start), 16, 1024, splits=splits)
+            dense = torch.arange(1024)[None] <= start + torch.arange(16)[:, None]
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.3, enable_gqa=True)
+            torch.testing.assert_close(fast_decode.split_attend(q, k, v, mask, scale=0.3), ref, rtol=1e-5, atol=1e-5)
+            tiles = int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
+            assert tiles == (start + 15) // 128 + 1, (splits, start, tiles)
+    monkeypatch.setattr(fast_decode, "SPLIT_KEYS", 512)  # fewest chunks of whole tiles, <= 512 keys each:
+    assert [fast_decode.verify_splits(n) for n in (768, 1792, 2048, 1000)] == [2, 7, 4, 1]  # 6 / 14 / 16 tiles; ragged
+    monkeypatch.setattr(fast_decode, "SPLIT_KEYS", 0)
+    assert fast_decode.verify_splits(2048) == 1
+    t, d = wide_models
+    ids = torch.randint(0, 63, (1, 120), generator=g)
+    ref = greedy(t, ids, 40)
+    tc, calls, split_attend = copy.deepcopy(t), [], fast_decode.split_attend
+    monkeypatch.setattr(fast_decode, "split_attend", lambda q, *a, **kw: calls.append(q.shape[2]) or split_attend(q, *a, **kw))
+    run = fast_decode.StaticRunner(tc, d, 8, 256, compile=False, flex=True, splits=2)
+    assert bench.spec_generate(tc, d, ids, 40, [], 8, runner=run)["tokens"] == ref
+    assert calls and set(calls) == {8}  # every verify, and only the verify, splits
+    if torch.cuda.is_available():
+        monkeypatch.setattr(fast_decode, "SPLIT_KEYS", 256)
+        tc, dc = copy.deepcopy(t).cuda(), copy.deepcopy(d).cuda()
+        run = fast_decode.StaticRunner(tc, dc, 8, 512, compile=True, flex=True)
+        assert run.splits == 2 and bench.spec_generate(tc, dc, ids.cuda(), 40, [], 8, runner=run)["tokens"] == ref
+        run.close()
+
+
+def test_static_cache_layers_share_one_write_position(models):
+    """StaticRunner's target cache: every layer writes at one shared position that the runner sets before a
+    step and the forward leaves alone (HF's StaticLayer advances its own counter in every forward: one more
+    kernel per layer and step on a GPU). After a 4-token verify at position 9 the position still reads 9, and
+    each layer's slots 9..12 hold the K/V that a fresh HF StaticCache holds after the same two forwards."""
+    from transformers import StaticCache
+    t, d = models
+    ids = torch.randint(0, 63, (1, 13), generator=torch.Generator().manual_seed(5))
+    run = fast_decode.StaticRunner(t, d, 4, 64, compile=False)
+    run.commit(9, run.prefill(ids[:, :9])[1], 9)
+    run.verify(ids[0, 9:], 9)
+    assert {id(layer.cumulative_length) for layer in run.kv.layers} == {id(run.kv_length)} and int(run.kv_length) == 9
+    kv = StaticCache(config=t.config, max_cache_len=64)
+    for part in (ids[:, :9], ids[:, 9:]):
+        t(part, **{targets.cache_kwarg(t): kv}, use_cache=True)
+    for ours, hf in zip(run.kv.layers, kv.layers):
+        assert int(hf.cumulative_length) == 13  # HF's own layer counts on
+        torch.testing.assert_close(ours.keys[:, :, :13], hf.keys[:, :, :13], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.values[:, :, :13], hf.values[:, :, :13], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("start, block, buffer_len", [
