@@ -9,7 +9,7 @@ batch decoder uses the same cache helpers.
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
-from transformers.cache_utils import StaticLayer
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 import model as M
 import targets
@@ -282,12 +282,13 @@ class StaticRunner:
             splits = verify_splits(max_len) if flex and compile and self.device.type == "cuda" else 1
         self.splits = splits
         self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), targets.cache_kwarg(target)
-        # every layer full-length, sliding ones too: HF's sliding static layer is a ring buffer whose fill level
-        # is a host int that cannot be rewound (silently wrong tokens once past the window); a full-length layer
-        # rewinds like the others and the model's sliding mask still limits what each query sees. Costs a full
-        # layer's K/V memory per sliding layer.
+        # every K/V layer full-length, sliding ones too: HF's sliding static layer is a ring buffer whose fill
+        # level is a host int that cannot be rewound (silently wrong tokens once past the window); a full-length
+        # layer rewinds like the others and the model's sliding mask still limits what each query sees. Costs a
+        # full layer's K/V memory per sliding layer. Layers without K/V of their own (DummyLayer) stay.
         self.kv_length = torch.zeros((), dtype=torch.long, device=self.device)
-        self.kv.layers = [SharedLengthLayer(max_len, self.kv_length) for _ in self.kv.layers]
+        self.kv.layers = [SharedLengthLayer(max_len, self.kv_length) if type(layer) in (StaticLayer, StaticSlidingWindowLayer)
+                          else layer for layer in self.kv.layers]
         self.layer_ids = list(drafter.config.target_layer_ids) if block_size > 1 else []
         self.captured, self.handles = {}, []
         for k in self.layer_ids:  # hooks live as long as the runner: a compiled graph traces them once
