@@ -278,8 +278,9 @@ class StaticRunner:
             use_gqa_attention(target, flex=True)
         self.target, self.drafter, self.block_size, self.max_len, self.flex = target, drafter, block_size, max_len, flex
         self.device = target.get_input_embeddings().weight.device
-        if splits is None:  # the verify's keys in chunks (split_attend) on a GPU: inductor has no LSE output on CPU
-            splits = verify_splits(max_len) if flex and compile and self.device.type == "cuda" else 1
+        if splits is None:  # a block's verify splits its keys (split_attend) on a GPU: inductor has no LSE output on
+            # CPU, and one query's FlexAttention decode kernel splits the keys itself
+            splits = verify_splits(max_len) if flex and compile and self.device.type == "cuda" and block_size > 1 else 1
         self.splits = splits
         self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), targets.cache_kwarg(target)
         # every K/V layer full-length, sliding ones too: HF's sliding static layer is a ring buffer whose fill
@@ -340,8 +341,7 @@ class StaticRunner:
         self.kv_length.copy_(start)
         positions = (start + self.offsets[: block.shape[0]])[None]
         # flex: a BlockMask over the filled part of the buffer (flex_static); else transformers' dense mask
-        splits = self.splits if block.shape[0] > 1 else 1  # one query: FlexAttention's decode kernel splits the keys
-        mask = {"attention_mask": causal_decode_mask(start, block.shape[0], self.max_len, splits=splits)} if self.flex else {}
+        mask = {"attention_mask": causal_decode_mask(start, block.shape[0], self.max_len, splits=self.splits)} if self.flex else {}
         out = self.target(input_ids=block[None], position_ids=positions, use_cache=True, **{self.cache_kw: self.kv}, **mask)
         return out.logits[0], self._features()
 

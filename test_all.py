@@ -2499,7 +2499,7 @@ def test_static_cache_layers_share_one_write_position(models):
     """StaticRunner's target cache: every layer writes at one shared position that the runner sets before a
     step and the forward leaves alone (HF's StaticLayer advances its own counter in every forward: one more
     kernel per layer and step on a GPU). After a 4-token verify at position 9 the position still reads 9, and
-    each layer's slots 9..12 hold the K/V that a fresh HF StaticCache holds after the same two forwards."""
+    each layer's slots 0..12 hold the K/V that a fresh HF StaticCache holds after the same two forwards."""
     from transformers import StaticCache
     t, d = models
     ids = torch.randint(0, 63, (1, 13), generator=torch.Generator().manual_seed(5))
