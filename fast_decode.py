@@ -129,9 +129,9 @@ def causal_decode_mask(start, q_len, kv_len, tile=128, splits=1):
     first = torch.arange(splits, dtype=torch.int32, device=start.device) * n  # each chunk's first tile
     full = ((start + 1) // tile - first).clamp(0, n)  # tiles that every query sees whole
     last = ((start + q_len - 1) // tile + 1 - first).clamp(0, n)  # one past the last tile that any query sees
-    rows = lambda x: x.to(torch.int32).view(splits, 1, 1, -1)
+    rows = lambda x: x.to(torch.int32).view(splits, 1, 1, -1)  # dense rows: compiled FlexAttention ignores their strides
     return BlockMask.from_kv_blocks(rows(last - full)[..., 0], rows((idx + full[:, None]).clamp(max=n - 1)),
-                                    rows(full)[..., 0], rows(idx.expand(splits, n)), BLOCK_SIZE=(128, tile),
+                                    rows(full)[..., 0], rows(idx.repeat(splits, 1)), BLOCK_SIZE=(128, tile),
                                     mask_mod=lambda b, h, q, kv: b * chunk + kv <= start + q, seq_lengths=(q_len, chunk))
 
 
