@@ -2462,8 +2462,8 @@ def test_split_verify_attention_equals_one_pass(wide_models, monkeypatch):
     """fast_decode.split_attend (the verify's keys in chunks of whole tiles, one call, merged by their
     log-sum-exps) equals SDPA with the dense causal mask, for 1 to 8 chunks of a 1,024-slot buffer, at starts on
     and across tile and chunk edges; the chunks' BlockMask lists only the tiles up to the last query. Through a
-    runner with 2 chunks of 128 slots, a 120-token prompt decodes across the chunk edge as greedy does; on a
-    GPU also compiled, split and not, as bench.py runs with SPLIT_KEYS set (uncompiled flex_attention is the CPU
+    runner with 3 chunks of 128 slots, a 250-token prompt decodes across the edge of chunks 1 and 2 (chunk 1
+    holding whole tiles) as greedy does; on a GPU also compiled, split and not, as bench.py runs with SPLIT_KEYS set (uncompiled flex_attention is the CPU
     reference: inductor's CPU kernel has no log-sum-exp output)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 8, 16, 16, generator=g), torch.randn(1, 2, 1024, 16, generator=g), torch.randn(1, 2, 1024, 16, generator=g)
@@ -2485,22 +2485,22 @@ def test_split_verify_attention_equals_one_pass(wide_models, monkeypatch):
     monkeypatch.setattr(fast_decode, "SPLIT_KEYS", 0)
     assert fast_decode.verify_splits(2048) == 1
     t, d = wide_models
-    ids = torch.randint(0, 63, (1, 120), generator=torch.Generator().manual_seed(11))
+    ids = torch.randint(0, 63, (1, 250), generator=torch.Generator().manual_seed(30))
     ref = greedy(t, ids, 24)
-    with torch.no_grad():  # no near tie: each greedy token leads the runner-up by >= 0.3 (of logits up to ~17)
-        top2 = t(torch.cat([ids, torch.tensor([ref])], 1)).logits[0, 119:143].topk(2, -1).values
-    assert (top2[:, 0] - top2[:, 1]).min() > 0.3
+    with torch.no_grad():  # no near tie: each greedy token leads the runner-up by > 0.4 (of logits up to ~17)
+        top2 = t(torch.cat([ids, torch.tensor([ref])], 1)).logits[0, 249:273].topk(2, -1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 0.4
     tc, calls, split_attend = copy.deepcopy(t), [], fast_decode.split_attend
     monkeypatch.setattr(fast_decode, "split_attend", lambda q, *a, **kw: calls.append(q.shape[2]) or split_attend(q, *a, **kw))
-    run = fast_decode.StaticRunner(tc, d, 8, 256, compile=False, flex=True, splits=2)
+    run = fast_decode.StaticRunner(tc, d, 8, 384, compile=False, flex=True, splits=3)
     assert bench.spec_generate(tc, d, ids, 24, [], 8, runner=run)["tokens"] == ref
     assert calls and set(calls) == {8}  # every verify, and only the verify, splits
-    if torch.cuda.is_available():  # compiled, split (auto: 2 chunks of 128) and not
+    if torch.cuda.is_available():  # compiled, split (auto: 3 chunks of 128) and not
         monkeypatch.setattr(fast_decode, "SPLIT_KEYS", 128)
         tc, dc = copy.deepcopy(t).cuda(), copy.deepcopy(d).cuda()
         for splits in (None, 1):
-            run = fast_decode.StaticRunner(tc, dc, 8, 256, compile=True, flex=True, splits=splits)
-            assert run.splits == (splits or 2)
+            run = fast_decode.StaticRunner(tc, dc, 8, 384, compile=True, flex=True, splits=splits)
+            assert run.splits == (splits or 3)
             assert bench.spec_generate(tc, dc, ids.cuda(), 24, [], 8, runner=run)["tokens"] == ref, run.splits
             run.close()
 
