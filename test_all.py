@@ -2526,6 +2526,28 @@ def test_static_cache_layers_share_one_write_position(models):
         torch.testing.assert_close(ours.values[:, :, :13], hf.values[:, :, :13], rtol=1e-5, atol=1e-5)
 
 
+def test_kv_sharing_target_decodes_through_the_static_cache():
+    """A target whose last layers read another layer's K/V (Gemma 4's num_kv_shared_layers; transformers gives
+    those layers a DummyLayer that holds nothing): the static runner replaces only the layers that hold K/V
+    with its shared-position layer, and decoding equals greedy decoding from scratch (no cache trusted),
+    as the eager runner's does."""
+    cfg = dict(family_config("qwen3"), model_type="gemma4_text", sliding_window=8, num_kv_shared_layers=2,
+               layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2, global_head_dim=8)
+    torch.manual_seed(0)
+    t = scaled(targets.load_target(cfg, dtype=torch.float32), 5.0)
+    ids = torch.randint(0, 58, (1, 6), generator=torch.Generator().manual_seed(0))
+    ref = greedy_from_scratch(t, ids, 24)
+    torch.manual_seed(1)
+    d = M.build_drafter(M.config_from_target(t.config, num_hidden_layers=1, block_size=8, target_layer_ids=[1, 3],
+                                             mask_token_id=63))
+    run = fast_decode.StaticRunner(t, d, 8, 96, compile=False)
+    kinds = targets.layer_kinds(t.config)  # the sharing layers: "dummy" (transformers 5.25); 5.17 leaves them out
+    assert [type(layer).__name__ for layer in run.kv.layers] == ["DummyLayer" if k == "dummy" else "SharedLengthLayer"
+                                                                  for k in kinds]
+    for runner in (None, run):
+        assert bench.spec_generate(t, d, ids, 24, [], block_size=8, runner=runner)["tokens"] == ref
+
+
 @pytest.mark.parametrize("start, block, buffer_len", [
     (0, 4, 300), (5, 4, 300), (127, 4, 300), (128, 4, 300), (129, 4, 300),  # none, cut, whole tiles of context
     (256, 4, 300), (260, 4, 300),  # the context ends in the block's tile: on its edge, inside it
