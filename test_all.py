@@ -2463,8 +2463,8 @@ def test_split_verify_attention_equals_one_pass(wide_models, monkeypatch):
     log-sum-exps) equals SDPA with the dense causal mask, for 1 to 8 chunks of a 1,024-slot buffer, at starts on
     and across tile and chunk edges; the chunks' BlockMask lists only the tiles up to the last query. Through a
     runner with 3 chunks of 128 slots, a 250-token prompt decodes across the edge of chunks 1 and 2 (chunk 1
-    holding whole tiles) as greedy does; on a GPU also compiled, split and not, as bench.py runs with SPLIT_KEYS set (uncompiled flex_attention is the CPU
-    reference: inductor's CPU kernel has no log-sum-exp output)."""
+    holding whole tiles) as greedy does; on a GPU also compiled, split and not, as bench.py runs with SPLIT_KEYS
+    set (uncompiled flex_attention is the CPU reference: inductor's CPU kernel has no log-sum-exp output)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 8, 16, 16, generator=g), torch.randn(1, 2, 1024, 16, generator=g), torch.randn(1, 2, 1024, 16, generator=g)
     for splits in (1, 2, 4, 8):
