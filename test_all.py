@@ -2537,9 +2537,7 @@ def test_kv_sharing_target_decodes_through_the_static_cache():
     t = scaled(targets.load_target(cfg, dtype=torch.float32), 5.0)
     ids = torch.randint(0, 58, (1, 6), generator=torch.Generator().manual_seed(0))
     ref = greedy_from_scratch(t, ids, 24)
-    torch.manual_seed(1)
-    d = M.build_drafter(M.config_from_target(t.config, num_hidden_layers=1, block_size=8, target_layer_ids=[1, 3],
-                                             mask_token_id=63))
+    d = tiny_drafter(t, layers=1, block_size=8)
     run = fast_decode.StaticRunner(t, d, 8, 96, compile=False)
     kinds = targets.layer_kinds(t.config)  # the sharing layers: "dummy" (transformers 5.25); 5.17 leaves them out
     assert [type(layer).__name__ for layer in run.kv.layers] == ["DummyLayer" if k == "dummy" else "SharedLengthLayer"
