@@ -78,7 +78,8 @@ def flex_static(module, query, key, value, attention_mask, dropout=0.0, scaling=
 
 
 # at most this many keys per chunk of the verify's attention (split_attend); 0: off until its compiled GPU test
-# passes (one H200, Qwen3-8B shapes, prompt 1024: 1.26 baseline steps with 256, 1.32 without)
+# passes (one H200, Qwen3-8B shapes, prompt 1024, timed before the mask fixes: 1.26 / 1.35 baseline steps with
+# 256 against 1.32 / 1.37 without, on two machines)
 SPLIT_KEYS = 0
 
 
@@ -118,12 +119,13 @@ def use_gqa_attention(target, flex=False):
     target.set_attn_implementation(name)
 
 
-def causal_decode_mask(start, q_len, kv_len, tile=128, splits=1):
+def causal_decode_mask(start, q_len, kv_len, tile=128, splits=1, heads=1):
     """The target's causal mask over a static KV buffer of kv_len slots, for q_len queries at positions
     start.. (start: a device scalar, so one compiled graph serves every step): query i sees slots
     <= start + i. Tiles past the last query's position are left out of the BlockMask, so FlexAttention
     reads only the filled part of the buffer; SDPA with a dense mask reads all of it on every step.
-    splits > 1: the buffer as that many chunks of whole tiles, chunk s in batch row s (split_attend)."""
+    splits > 1: the buffer as that many chunks of whole tiles, chunk s in batch row s (split_attend), each row
+    repeated for the query's heads."""
     chunk = kv_len // splits
     assert splits == 1 or chunk % tile == 0, (kv_len, splits)
     n = -(-chunk // tile)
@@ -131,7 +133,10 @@ def causal_decode_mask(start, q_len, kv_len, tile=128, splits=1):
     first = torch.arange(splits, dtype=torch.int32, device=start.device) * n  # each chunk's first tile
     full = ((start + 1) // tile - first).clamp(0, n)  # tiles that every query sees whole
     last = ((start + q_len - 1) // tile + 1 - first).clamp(0, n)  # one past the last tile that any query sees
-    rows = lambda x: x.to(torch.int32).view(splits, 1, 1, -1)  # dense rows: compiled FlexAttention ignores their strides
+    # compiled FlexAttention (Triton) finds batch row z's tiles at (z * heads + h) * the head dim's stride; a
+    # size-1 head dim's stride is free to inductor (here not a row's size), so with one head row every chunk read
+    # chunk 0's tiles (one H200: errors up to 0.6 once chunk 0 held a whole tile). Dense rows, one per query head
+    rows = lambda x: x.to(torch.int32).view(splits, 1, 1, -1).repeat(1, heads, 1, 1)
     return BlockMask.from_kv_blocks(rows(last - full)[..., 0], rows((idx + full[:, None]).clamp(max=n - 1)),
                                     rows(full)[..., 0], rows(idx.repeat(splits, 1)), BLOCK_SIZE=(128, tile),
                                     mask_mod=lambda b, h, q, kv: b * chunk + kv <= start + q, seq_lengths=(q_len, chunk))
@@ -283,7 +288,7 @@ class StaticRunner:
         if splits is None:  # a block's verify splits its keys (split_attend) on a GPU: inductor has no LSE output on
             # CPU, and one query's FlexAttention decode kernel splits the keys itself
             splits = verify_splits(max_len) if flex and compile and self.device.type == "cuda" and block_size > 1 else 1
-        self.splits = splits
+        self.splits, self.heads = splits, target.config.get_text_config().num_attention_heads if splits > 1 else 1
         self.kv, self.cache_kw = StaticCache(config=target.config, max_cache_len=max_len), targets.cache_kwarg(target)
         # every K/V layer full-length, sliding ones too: HF's sliding static layer is a ring buffer whose fill
         # level is a host int that cannot be rewound (silently wrong tokens once past the window); a full-length
@@ -343,7 +348,8 @@ class StaticRunner:
         self.kv_length.copy_(start)
         positions = (start + self.offsets[: block.shape[0]])[None]
         # flex: a BlockMask over the filled part of the buffer (flex_static); else transformers' dense mask
-        mask = {"attention_mask": causal_decode_mask(start, block.shape[0], self.max_len, splits=self.splits)} if self.flex else {}
+        mask = {"attention_mask": causal_decode_mask(start, block.shape[0], self.max_len, splits=self.splits,
+                                                      heads=self.heads)} if self.flex else {}
         out = self.target(input_ids=block[None], position_ids=positions, use_cache=True, **{self.cache_kw: self.kv}, **mask)
         return out.logits[0], self._features()
 

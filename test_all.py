@@ -1694,8 +1694,8 @@ def test_bench_checks_the_fast_path_against_the_targets_forward(monkeypatch, tmp
     assert all(float(e) < 1e-5 for e in errs), errs
     mask = fast_decode.causal_decode_mask
 
-    def hiding_slot_0(start, q_len, kv_len, splits=1):
-        m = mask(start, q_len, kv_len, splits=splits)
+    def hiding_slot_0(start, q_len, kv_len, **kw):
+        m = mask(start, q_len, kv_len, **kw)
         m.mask_mod = lambda b, h, q, kv: (kv <= start + q) & (kv > 0)
         return m
 
@@ -2469,17 +2469,18 @@ def test_split_verify_attention_equals_one_pass(wide_models, monkeypatch):
     q, k, v = torch.randn(1, 8, 16, 16, generator=g), torch.randn(1, 2, 1024, 16, generator=g), torch.randn(1, 2, 1024, 16, generator=g)
     for splits in (1, 2, 4, 8):
         for start in (0, 5, 112, 127, 128, 240, 250, 300, 700, 1008):
-            mask = fast_decode.causal_decode_mask(torch.tensor(start), 16, 1024, splits=splits)
+            mask = fast_decode.causal_decode_mask(torch.tensor(start), 16, 1024, splits=splits, heads=8)
             dense = torch.arange(1024)[None] <= start + torch.arange(16)[:, None]
             ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.3, enable_gqa=True)
             torch.testing.assert_close(fast_decode.split_attend(q, k, v, mask, scale=0.3), ref, rtol=1e-5, atol=1e-5)
-            tiles = int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
+            tiles = int(mask.kv_num_blocks[:, 0].sum() + mask.full_kv_num_blocks[:, 0].sum())
             assert tiles == (start + 15) // 128 + 1, (splits, start, tiles)
-            # compiled FlexAttention (Triton) reads each chunk's row of these at row * length, whatever the
-            # strides: an expanded (stride-0) index tensor sent chunks >= 1 to memory past it (H200: wrong
-            # output, then an illegal address) while the eager kernel, which reads strides, stayed exact
-            assert all(x.is_contiguous() for x in (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
-                                                   mask.full_kv_indices)), (splits, start)
+            # compiled FlexAttention (Triton) reads chunk z, head h's row of these at (z * heads + h) * the head
+            # stride, and inductor's stride for a size-1 head dim is not a row's size: an expanded (stride-0)
+            # index tensor, then a single head row, sent chunks >= 1 to other rows or past the tensor (H200:
+            # wrong output, then an illegal address) while the eager kernel, which reads strides, stayed exact
+            sparse = (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)
+            assert all(x.is_contiguous() and x.shape[:2] == (splits, 8) and (x == x[:, :1]).all() for x in sparse)
     monkeypatch.setattr(fast_decode, "SPLIT_KEYS", 512)  # fewest chunks of whole tiles, <= 512 keys each:
     assert [fast_decode.verify_splits(n) for n in (768, 1792, 2048, 1000)] == [2, 7, 4, 1]  # 6 / 14 / 16 tiles; ragged
     monkeypatch.setattr(fast_decode, "SPLIT_KEYS", 0)
