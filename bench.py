@@ -431,9 +431,9 @@ def time_synthetic(target, drafter, args, runners, tau=6.49):
 def static_len(args, tokenizer, prompt_sets):
     """The static caches' length when --max-len is not given: the longest conversation this run can
     reach (all turns, max_new_tokens per answer, some slack for the template), rounded up to 256.
-    Compiled steps attend over the whole buffer, so its length is paid on every step: on one H200
-    (Qwen3-8B shapes) a DFlash step cost 1.60 baseline steps with an 8,192 buffer (prompt 128) and
-    1.20 with a 2,048 one (prompt 1,024), the 16-token verify then costing no more than a 1-token one."""
+    With --attention sdpa the compiled steps attend over the whole buffer (a dense mask), so its length
+    is paid on every step (one H200, Qwen3-8B shapes, sdpa: a DFlash step cost 1.60 baseline steps with
+    an 8,192 buffer at prompt 128); flex reads only the filled tiles, and the buffer costs memory."""
     if args.prompt_len is not None:
         need = args.prompt_len + (args.steps + 2) * args.block_size
     else:
