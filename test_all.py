@@ -1682,24 +1682,25 @@ def test_sliding_drafter_caches_see_what_a_fresh_draft_sees(models, monkeypatch,
 def test_bench_checks_the_fast_path_against_the_targets_forward(monkeypatch, tmp_path, capsys):
     """bench.py --compile compares each runner with the target's own forward before timing. The runner as it
     is agrees (uncompiled here, as the suite's other runner tests). A decode mask that hides one visible key
-    (slot 0) is wrong the same way at block 1 and block 16, so the lossless line (block 16 against block 1)
-    would pass it: fp32 refuses it, naming the exact path."""
+    is wrong the same way at block 1 and block 16, so the lossless line (block 16 against block 1) would pass
+    it: fp32 refuses it, naming the exact path. The key is slot 150, past the first 128-key tile, so the check
+    must run at the timed prompt's length (160), not on a short prompt of its own."""
     (tmp_path / "t.json").write_text(json.dumps(TINY_TARGET))
     real = fast_decode.StaticRunner
     monkeypatch.setattr(fast_decode, "StaticRunner", lambda *a, **k: real(*a, **dict(k, compile=False)))
-    args = ["--target", str(tmp_path / "t.json"), "--prompt-len", "8", "--steps", "2", "--repeats", "1",
+    args = ["--target", str(tmp_path / "t.json"), "--prompt-len", "160", "--steps", "2", "--repeats", "1",
             "--dtype", "fp32", "--device", "cpu", "--compile", "--attention", "flex"]
     bench.main(args)
     errs = re.search(r"forward: .* = (\S+) \(block 1\), (\S+) \(block 16\)", capsys.readouterr().out).groups()
     assert all(float(e) < 1e-5 for e in errs), errs
     mask = fast_decode.causal_decode_mask
 
-    def hiding_slot_0(start, q_len, kv_len, **kw):
+    def hiding_slot_150(start, q_len, kv_len, **kw):
         m = mask(start, q_len, kv_len, **kw)
-        m.mask_mod = lambda b, h, q, kv: (kv <= start + q) & (kv > 0)
+        m.mask_mod = lambda b, h, q, kv: (kv <= start + q) & (kv != 150)
         return m
 
-    monkeypatch.setattr(fast_decode, "causal_decode_mask", hiding_slot_0)
+    monkeypatch.setattr(fast_decode, "causal_decode_mask", hiding_slot_150)
     with pytest.raises(SystemExit, match=r"^bench\.py: error: the compiled steps \(--attention flex\) part from the "
                                          r"target's own forward .*--attention sdpa .* is the exact path"):
         bench.main(args)
