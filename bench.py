@@ -381,9 +381,9 @@ def random_prompt(target, drafter, n, args):
 def check_fast_path(runners, target, drafter, args):
     """Each compiled runner against the target's own forward (fast_decode.forward_error) on a random prompt of
     --prompt-len tokens (else 32) and a block, before any timing: a mask bug may show only past the first tiles
-    of keys (one H200: the split verify's read wrong tiles from 130 keys on). fp32 is the exact check: over 1e-3 of the largest logit is an error (SmolLM2: 1e-6 as it
-    is, 4e-3 to 0.4 with a decode mask one key off). In bf16 rounding alone reaches 2e-2 there, so the error
-    is printed, and warned about over 0.1."""
+    of keys (one H200: the split verify read wrong tiles from 130 keys on). fp32 is the exact check: over 1e-3
+    of the largest logit is an error (SmolLM2: 1e-6 as it is, 4e-3 to 0.4 with a decode mask one key off). In
+    bf16 rounding alone reaches 2e-2 there, so the error is printed, and warned about over 0.1."""
     ids = random_prompt(target, drafter, (args.prompt_len or 32) + args.block_size, args)
     errs = {bs: fast_decode.forward_error(run, ids) for bs, run in runners.items()}
     print("compiled steps against the target's forward: max |logit difference| / max |logit| = "
