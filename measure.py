@@ -2,8 +2,8 @@
 the histogram, tau by context position, the mean over prompt sets), the report of the lossless check,
 --replay (tau at temperature 0 read off the target's regenerated greedy answers, without decoding: one
 target forward per row, one drafter pass per step, equal step for step to the loop:
-results/replay-check.md), --profile (launches and ops per decode step) and random drafters that time
-the loop at any target's shapes.
+results/replay-check.md), --profile (launches and ops per decode step), the memory floor of a step (the
+weights it reads / the card's peak bandwidth) and random drafters that time the loop at any target's shapes.
 """
 import json
 import os
@@ -267,6 +267,24 @@ def profile_steps(run, steps, cuda, name, out_dir, top=15):
         if c > 0:
             print(f"  {c:8.1f} {us:9.1f}  {k[:100]}")
     return counts
+
+
+def weight_bytes_per_token(target):
+    """Bytes of weights a decoding step reads: every parameter once (parameters() yields a tied matrix once),
+    less the input embedding, of which a step reads one row, unless the lm_head reads that same matrix."""
+    emb, head = target.get_input_embeddings().weight, target.get_output_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in target.parameters())
+    return total if head is emb else total - emb.numel() * emb.element_size()
+
+
+def card_bandwidth(device):
+    """The card's peak memory bandwidth in bytes/s from its CUDA properties: the bus width (bits) times the
+    memory clock (kHz), twice a cycle (double data rate). None off CUDA or where the properties do not say."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    width, clock = getattr(props, "memory_bus_width", 0), getattr(props, "memory_clock_rate", 0)
+    return 2 * width / 8 * clock * 1e3 or None
 
 
 def random_drafter(target, block_size, layers=5, dtype=None):

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 import pytest
 import torch
@@ -2813,6 +2814,29 @@ def test_profile_counts_the_steps_alone(tmp_path, capsys):
     assert "-- profile of 4 fake steps, less the prefill: aten ops per step 3.0" in out
     assert re.search(r"^\s+2\.0\s+[\d.-]+\s+aten::mul$", out, re.M) and re.search(r"^\s+1\.0\s+[\d.-]+\s+aten::sub$", out, re.M)
     assert "aten::add" not in out and (tmp_path / "fake.json").exists()
+
+
+def test_memory_floor_reads_each_weight_once(monkeypatch, tmp_path, capsys):
+    """The floor bench.py prints on a GPU: the weights a step reads / the card's peak bandwidth. The tiny target
+    has 57,856 parameters a step reads, counted by hand (6 layers of q/k/v/o 3,072 + norms 80 + MLP 6,144; the
+    64 x 32 embedding; the final norm): tied, its lm_head reads the embedding; untied, it has 2,048 more, and
+    the input embedding, of which a step reads one row, is left out. The bandwidth comes from the card's
+    properties (an H100 SXM's 5,120-bit bus at 2,619 MHz, twice a cycle: 3.35 TB/s)."""
+    assert [measure.weight_bytes_per_token(tiny_target(tie=tie)) for tie in (True, False)] == [57856 * 4] * 2
+    assert sum(p.numel() for p in tiny_target(tie=False).parameters()) == 57856 + 2048
+    props = types.SimpleNamespace(memory_bus_width=5120, memory_clock_rate=2_619_000)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert measure.card_bandwidth(torch.device("cuda", 0)) == pytest.approx(3.352e12, rel=1e-3)
+    assert measure.card_bandwidth(torch.device("cpu")) is None
+    (tmp_path / "t.json").write_text(json.dumps(TINY_TARGET))
+    monkeypatch.setattr(measure, "card_bandwidth", lambda device: 1e12)
+    bench.main(["--target", str(tmp_path / "t.json"), "--prompt-len", "8", "--steps", "2", "--repeats", "1",
+                "--dtype", "fp32", "--device", "cpu"])
+    out = capsys.readouterr().out
+    base = float(re.search(r"baseline: (\S+) ms/token", out).group(1))
+    floor, ratio = re.search(r"memory floor: 0.000231 GB of weights a token / 1.00 TB/s \(the card's peak\) = "
+                             r"(\S+) ms; baseline = (\S+)x the floor", out).groups()
+    assert float(floor) == pytest.approx(2.31424e-4, rel=3e-3) and float(ratio) == pytest.approx(base / 2.31424e-4, rel=0.01)
 
 
 # ------------------------------------------------------------------------------------------------
