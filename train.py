@@ -512,6 +512,6 @@ if __name__ == "__main__":
     # out without Python's shutdown: a device mesh keeps the gloo process group alive past destroy_process_group
     # (here even after main returns: something global still holds it), and its worker threads could release a
     # tensor while Python shut down: SIGABRT, "terminate called without an active exception" (2-rank CPU runs,
-    # 5 of 190 under load before, 0 of 90 since)
+    # 5 of 190 under load before, 0 of 180 since)
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(code)
