@@ -426,8 +426,9 @@ def time_synthetic(target, drafter, args, runners, tau=6.49):
     print(f"  DFlash:   {dfl['step_ms']:.2f} ms/step (draft {dfl['draft_ms']:.2f} ms, verify {dfl['verify_ms']:.2f} ms, "
           f"other {dfl['step_ms'] - dfl['draft_ms'] - dfl['verify_ms']:.2f} ms{counts(dfl)})")
     print(f"  one DFlash step = {ratio:.2f} baseline steps; speedup implied at tau {tau}: {tau / ratio:.2f}x")
-    bandwidth, weights = measure.card_bandwidth(ids.device), measure.weight_bytes_per_token(target)
+    bandwidth = measure.card_bandwidth(ids.device)
     if bandwidth:  # a step reads every weight once: no decoding step beats weights / bandwidth
+        weights = measure.weight_bytes_per_token(target)
         results["floor_ms"] = floor_ms = 1e3 * weights / bandwidth
         print(f"  memory floor: {weights / 1e9:.3g} GB of weights a token / {bandwidth / 1e12:.2f} TB/s (the card's "
               f"peak) = {floor_ms:.3g} ms; baseline = {base['step_ms'] / floor_ms:.2f}x the floor")

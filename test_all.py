@@ -2477,10 +2477,9 @@ def test_split_verify_attention_equals_one_pass(wide_models, monkeypatch):
             torch.testing.assert_close(fast_decode.split_attend(q, k, v, mask, scale=0.3), ref, rtol=1e-5, atol=1e-5)
             tiles = int(mask.kv_num_blocks[:, 0].sum() + mask.full_kv_num_blocks[:, 0].sum())
             assert tiles == (start + 15) // 128 + 1, (splits, start, tiles)
-            # compiled FlexAttention (Triton) reads chunk z, head h's row of these at (z * heads + h) * the head
-            # stride, and inductor's stride for a size-1 head dim is not a row's size: an expanded (stride-0)
-            # index tensor, then a single head row, sent chunks >= 1 to other rows or past the tensor (H200:
-            # wrong output, then an illegal address) while the eager kernel, which reads strides, stayed exact
+            # the rows compiled FlexAttention needs (causal_decode_mask says why): an expanded (stride-0) index
+            # tensor, then a single head row, sent chunks >= 1 past the tensor or to chunk 0's row on an H200,
+            # while the eager kernel, which reads strides, stayed exact
             sparse = (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)
             assert all(x.is_contiguous() and x.shape[:2] == (splits, 8) and (x == x[:, :1]).all() for x in sparse)
     monkeypatch.setattr(fast_decode, "SPLIT_KEYS", 512)  # fewest chunks of whole tiles, <= 512 keys each:
@@ -2822,8 +2821,9 @@ def test_memory_floor_reads_each_weight_once(monkeypatch, tmp_path, capsys):
     64 x 32 embedding; the final norm): tied, its lm_head reads the embedding; untied, it has 2,048 more, and
     the input embedding, of which a step reads one row, is left out. The bandwidth comes from the card's
     properties (an H100 SXM's 5,120-bit bus at 2,619 MHz, twice a cycle: 3.35 TB/s)."""
-    assert [measure.weight_bytes_per_token(tiny_target(tie=tie)) for tie in (True, False)] == [57856 * 4] * 2
-    assert sum(p.numel() for p in tiny_target(tie=False).parameters()) == 57856 + 2048
+    tied, untied = tiny_target(tie=True), tiny_target(tie=False)
+    assert [measure.weight_bytes_per_token(t) for t in (tied, untied)] == [57856 * 4] * 2
+    assert sum(p.numel() for p in untied.parameters()) == 57856 + 2048
     props = types.SimpleNamespace(memory_bus_width=5120, memory_clock_rate=2_619_000)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     assert measure.card_bandwidth(torch.device("cuda", 0)) == pytest.approx(3.352e12, rel=1e-3)
