@@ -60,9 +60,10 @@ def write_checksums(folder, digests=None):
     write_json(os.path.join(folder, CHECKSUMS), digests or file_digests(folder))
 
 
-def checksum_mismatches(folder, rank=0, world=1):
-    """(name, phrase) of each file of this rank's share that differs from checksums.json or is missing.
-    A folder without checksums.json (older runs, released drafters) has none: unverified."""
+def checksum_mismatches(folder, rank=0, world=1, only=None):
+    """(name, phrase) of each file of this rank's share (or the file `only`) that differs from
+    checksums.json or is missing. A folder without checksums.json (older runs, released drafters) has
+    none: unverified."""
     path = os.path.join(folder, CHECKSUMS)
     if not os.path.exists(path):
         return []
@@ -74,7 +75,7 @@ def checksum_mismatches(folder, rank=0, world=1):
     if not isinstance(want, dict):
         return [(CHECKSUMS, f"{CHECKSUMS} is unreadable")] if rank == 0 else []
     problems = []
-    for name in sorted(want)[rank::world]:
+    for name in [only] if only in want else [] if only else sorted(want)[rank::world]:
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
             problems.append((name, f"{name} is missing"))
@@ -104,15 +105,20 @@ def verify_checksums(folder, editable=(), accept_edited=False):
                           f"{CHECKSUMS} (which leaves the weights unverified)")
 
 
-def latest_checkpoint(run_dir):
-    """The complete checkpoint with the highest step under RUN/checkpoints (or RUN itself), or None."""
+def step_dirs(run_dir):
+    """The complete checkpoints under RUN/checkpoints (or RUN itself), newest first."""
     for d in (os.path.join(run_dir, "checkpoints"), run_dir):
         if os.path.isdir(d):
             steps = [(int(m.group(1)), name) for name in os.listdir(d)
                      if (m := STEP_DIR.fullmatch(name)) and os.path.isdir(os.path.join(d, name))]
             if steps:
-                return os.path.join(d, max(steps)[1])
-    return None
+                return [os.path.join(d, name) for _, name in sorted(steps, reverse=True)]
+    return []
+
+
+def latest_checkpoint(run_dir):
+    """The complete checkpoint with the highest step, or None."""
+    return next(iter(step_dirs(run_dir)), None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,14 +173,16 @@ def gathered_checksum_problems(folder, rank):
 
 
 def saved_run(out_dir):
-    """(the newest checkpoint, its train state) for the checks before anything loads, or (None, None).
-    Its files are verified when it loads; should it be damaged then, the one before it was trained with
-    the same shape and data (a resume never changes them)."""
-    path = latest_checkpoint(out_dir)
-    try:
-        return (path, read_train_state(path, out_dir)) if path else (None, None)
-    except (OSError, ValueError):  # unreadable: the resume names the damage and falls back
-        return None, None
+    """(the newest checkpoint whose train state is intact, that state) for the checks before anything
+    loads, or (None, None). Its other files are verified when it loads; should they be damaged then, the
+    one before it was trained with the same shape and data (a resume never changes them)."""
+    for path in step_dirs(out_dir):
+        try:
+            if not any(name == "train_state.json" for name, _ in checksum_mismatches(path, only="train_state.json")):
+                return path, read_train_state(path, out_dir)
+        except (OSError, ValueError):  # unreadable: the resume names the damage and falls back
+            pass
+    return None, None
 
 
 def read_train_state(path, out_dir):
@@ -200,17 +208,21 @@ def resume_checkpoint(out_dir, drafter, optimizer, rank, log):
     """Load the newest intact checkpoint -> (its path, train state), or (None, None). A damaged one
     (a file that differs from its checksum or is missing) is named, moved to step_N.damaged, and the
     one before it is tried: a flipped byte costs the steps since that checkpoint, not the run."""
+    damaged = False
     while path := latest_checkpoint(out_dir):  # complete checkpoints only: *.tmp is an interrupted save
         problems = gathered_checksum_problems(path, rank)
         if not problems:
             load_checkpoint(path, drafter, optimizer)
             return path, read_train_state(path, out_dir)
         log(f"checkpoint {path} is damaged ({'; '.join(problems)}): moved to {path}.damaged; "
-            "resuming from the newest intact one before it")
+            "trying the one before it")
+        damaged = True
         if rank == 0:
             shutil.rmtree(path + ".damaged", ignore_errors=True)
             os.rename(path, path + ".damaged")
         dist.barrier()
+    if damaged:
+        log("no intact checkpoint left: training from step 0")
     return None, None
 
 

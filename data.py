@@ -13,6 +13,7 @@ where an HF dataset name is read. The offline default assets come from recipes/f
 import collections
 import contextlib
 import glob
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -272,7 +273,7 @@ def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
 
 def _tokenize_range(bounds):
     """Rows lo..hi of the conversations build_dataset put in _TOKENIZE_STATE (inherited by forked workers):
-    (training rows, skipped conversations by reason, conversations kept)."""
+    (each kept conversation's training rows, skipped conversations by reason, conversations kept)."""
     (lo, hi), (tokenizer, convs, max_length, min_loss_tokens, enable_thinking) = bounds, _TOKENIZE_STATE
     out, skipped, kept = [], collections.Counter(), 0
     for msgs in convs[lo:hi]:
@@ -288,7 +289,7 @@ def _tokenize_range(bounds):
         if not rows:
             skipped["too few loss tokens"] += 1
             continue
-        out += rows
+        out.append(rows)
         kept += 1
     return out, skipped, kept
 
@@ -317,7 +318,8 @@ def progress(log, what, total, unit):
 
 def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_thinking=None, log=print,
                   max_rows=0, workers=1):
-    """Tokenised (ids, loss_mask) rows; max_rows > 0 keeps the first max_rows conversations that load.
+    """Each kept conversation's tokenised (ids, loss_mask) rows (most conversations give one row; see
+    conversation_rows); max_rows > 0 keeps the first max_rows conversations that load.
     workers > 1 tokenises in forked processes (about 7 ms a row with a chat template: 17 K rows
     take 2 minutes in one process); the rows and their order are the same for any workers."""
     global _TOKENIZE_STATE
@@ -336,7 +338,7 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
                 tick(hi)
     finally:
         _TOKENIZE_STATE = None
-    out = [row for rows, _, _ in parts for row in rows]
+    out = [conv for convs_rows, _, _ in parts for conv in convs_rows]
     token_skipped = sum((s for _, s, _ in parts), collections.Counter())
     kept = sum(k for _, _, k in parts)
     # the arithmetic in view: rows read = skipped + conversations; tokenised = skipped + kept
@@ -344,24 +346,30 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
     unused = f" (max_rows={max_rows}: {len(all_convs) - len(convs)} more unused)" if len(convs) < len(all_convs) else ""
     log(f"data: {len(all_convs) + read_skipped.total()} rows read = {skips(read_skipped)} + {len(all_convs)} "
         f"conversations; {len(convs)} tokenised{unused} = {skips(token_skipped)} + {kept} kept, "
-        f"as {len(out)} training rows")
+        f"as {sum(map(len, out))} training rows")
     return out
 
 
 # -----------------------------------------------------------------------------
 # batching
 
-def split_heldout(dataset, n):
-    """(training rows, n held-out rows). The held-out rows are spread evenly over the data (row
-    floor(k * len / n) for k < n), so they sample every shard and prompt length, and the same data
-    gives the same split in every run and after a resume."""
-    if n <= 0:
-        return dataset, []
-    if n >= len(dataset):
-        raise ValueError(f"val_rows={n} holds out all {len(dataset)} rows: lower val_rows")
-    held = [k * len(dataset) // n for k in range(n)]  # increasing and distinct: len / n > 1
-    out = set(held)
-    return [r for i, r in enumerate(dataset) if i not in out], [dataset[i] for i in held]
+def split_heldout(conversations, n):
+    """(training rows, held-out rows) from each conversation's rows, holding out n whole conversations
+    (a conversation's later rows repeat its earlier turns as context). They are spread evenly over the
+    data (conversation floor(k * len / n) for k < n), so they sample every shard and prompt length, and
+    the same data gives the same split in every run and after a resume."""
+    if n >= len(conversations):
+        raise ValueError(f"val_rows={n} holds out all {len(conversations)} conversations: lower val_rows")
+    held = {k * len(conversations) // n for k in range(n)} if n > 0 else set()  # distinct: len / n > 1
+    pick = lambda out: [row for i, rows in enumerate(conversations) if (i in held) == out for row in rows]
+    return pick(False), pick(True)
+
+
+def fingerprint(dataset):
+    """'N rows, sha256 ...' of each row's length and middle token: cheap for millions of rows, and it
+    changes when a file is added, removed or regenerated under the same data path."""
+    h = hashlib.sha256(json.dumps([(len(ids), ids[len(ids) // 2]) for ids, _ in dataset]).encode()).hexdigest()
+    return f"{len(dataset)} rows, sha256 {h[:16]}"
 
 
 def steps_per_epoch(dataset, batch_size, world_size):
@@ -387,20 +395,23 @@ def collate(rows, pad_multiple=64, pad_id=0, max_length=None):
 
 
 def iterate_batches(dataset, batch_size, seed, rank=0, world_size=1, pad_multiple=64, pad_id=0,
-                    start=None, max_length=None):
+                    start=None, max_length=None, grad_accum=1):
     """Infinite (batch, position) generator. Epoch e visits the rows in the permutation seeded by
     seed + e; the global batch is batch_size * world_size consecutive rows of it, rank r takes the
-    r-th slice; the ragged tail is dropped. position is where to resume AFTER this batch."""
+    r-th slice; the ragged tail, short of a whole optimizer step (grad_accum global batches), is
+    dropped, so a step never spans two epochs however it is split. position is where to resume
+    AFTER this batch."""
     g = batch_size * world_size
-    if steps_per_epoch(dataset, batch_size, world_size) == 0:
-        raise ValueError(f"{len(dataset)} rows is less than one global batch of {g}")
+    usable = steps_per_epoch(dataset, batch_size * grad_accum, world_size) * g * grad_accum
+    if usable == 0:
+        raise ValueError(f"{len(dataset)} rows is less than one step of {g * grad_accum}")
     epoch, index = (start or {}).get("epoch", 0), (start or {}).get("index", 0)
     while True:
         perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        while index + g <= len(dataset):
+        while index + g <= usable:
             row_ids = perm[index + rank * batch_size: index + (rank + 1) * batch_size]
             index += g
-            pos = {"epoch": epoch, "index": index} if index + g <= len(dataset) else {"epoch": epoch + 1, "index": 0}
+            pos = {"epoch": epoch, "index": index} if index + g <= usable else {"epoch": epoch + 1, "index": 0}
             batch = collate([dataset[j] for j in row_ids], pad_multiple, pad_id, max_length)
             # which rows and which epoch: train.py seeds each row's anchors from them
             batch.update(row_ids=torch.tensor(row_ids), epoch=epoch)

@@ -683,7 +683,7 @@ def test_thinking_rows_one_per_turn_with_the_history_the_target_saw(tmp_path, mo
         # build_dataset (training) gives the same rows
         p = tmp_path / f"conv{thinking}.jsonl"
         write_lines(p, [json.dumps({"messages": conv})])
-        assert data.build_dataset(tok, str(p), 4096, enable_thinking=thinking, log=lambda s: None) == rows
+        assert data.build_dataset(tok, str(p), 4096, enable_thinking=thinking, log=lambda s: None) == [rows]
     # a template that renders past turns as they were written keeps one row, every turn supervised
     tok.chat_template = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endfor %}"
                          "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}")
@@ -816,6 +816,16 @@ def test_batches_deterministic_sharded_resumable():
         resumed = take(data.iterate_batches(ds, B, seed=1, rank=1, world_size=W, start=ranks[1][k][1]), 9 - k - 1)
         for x, y in zip(resumed, ranks[1][k + 1:]):
             assert torch.equal(x[0]["input_ids"], y[0]["input_ids"]) and x[1] == y[1]
+    # a step of grad_accum micro-batches never spans two epochs: 11 rows, steps of 2 rows split as 2 x 1
+    # or 1 x 2 take the same rows in every step, the 11th row of each epoch left out either way
+    ds = fake_dataset(11)
+    for accum in (1, 2):
+        it = data.iterate_batches(ds, 2 // accum, seed=3, grad_accum=accum)
+        steps = [[row for _ in range(accum) for row in next(it)[0]["row_ids"].tolist()] for _ in range(12)]
+        if accum == 1:
+            whole = steps
+        assert steps == whole
+    assert all(len({row for step in whole[e * 5:e * 5 + 5] for row in step}) == 10 for e in range(2))
     # max_length caps the padded length
     long = [([1] * 100, [1] * 100)] * 4
     batch, _ = next(data.iterate_batches(long, 4, seed=0, pad_multiple=64, max_length=100, pad_id=7))
@@ -888,7 +898,9 @@ def test_profile_prints_the_phases_of_a_step(tmp_path, capsys):
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
     """Steps 3 and 4 give a NaN loss: both skipped without touching the weights; with max_bad_steps=2
-    the run stops with exit 1 and a checkpoint that holds the step-2 weights."""
+    the run stops with exit 1 and a checkpoint at step 4 that holds the step-2 weights. A skipped step
+    still counts: it ends a run at stop_at_step, and its checkpoint is written once when a save falls
+    on the same step (it used to crash renaming onto the save's folder)."""
     real, calls = M.dflash_loss, []
 
     def flaky(*args, **kw):
@@ -896,19 +908,28 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, c
         calls.append(1)
         return (loss * float("nan") if len(calls) > 2 else loss), w, st
 
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
+    a, b, c, d = (tmp_path / x for x in "abcd")
+    for x in (a, b, c, d):
+        x.mkdir()
     assert T.main(train_args(a, max_steps=6, stop_at_step=2)) == 0  # the weights after two good steps
     monkeypatch.setattr(M, "dflash_loss", flaky)
     assert T.main(train_args(b, max_steps=6, max_bad_steps=2)) == 1
     out = capsys.readouterr().out
-    assert "step 2: non-finite loss or gradient, step skipped (1 in a row)" in out
+    assert "step 3: non-finite loss or gradient, step skipped (1 in a row)" in out
+    assert "step 4: non-finite loss or gradient, step skipped (2 in a row)" in out
     assert "stopping: 2 non-finite steps in a row" in out
     ckpt = checkpoints.latest_checkpoint(str(b / "run"))
-    assert ckpt.endswith("step_00000003")
+    assert ckpt.endswith("step_00000004")
     sd, _, _ = C.read_checkpoint(ckpt)
     good, _, _ = C.read_checkpoint(str(a / "run"))
     assert all(torch.equal(sd[k], good[k]) for k in good)
+    calls.clear()
+    assert T.main(train_args(c, max_steps=6, max_bad_steps=1, save_interval=3)) == 1
+    assert sorted(os.listdir(c / "run" / "checkpoints")) == ["step_00000003"]
+    calls.clear()
+    assert T.main(train_args(d, max_steps=6, stop_at_step=3)) == 0
+    assert "stop_at_step=3 reached" in capsys.readouterr().out
+    assert sorted(os.listdir(d / "run" / "checkpoints")) == ["step_00000003"]
     with open(os.path.join(ckpt, "train_state.json")) as f:
         assert json.load(f)["skipped_steps"] == 2
 
@@ -941,12 +962,17 @@ def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_p
     """split_heldout on a hand case; then a run with val_rows=4: its val record equals the loss and
     expected acceptance recomputed from the saved drafter on those 4 rows (every position is an
     anchor, so the numbers do not depend on how anchors were drawn)."""
-    rows = [([i], [1]) for i in range(10)]
-    train, held = data.split_heldout(rows, 3)
+    convs = [[([i], [1])] for i in range(10)]
+    train, held = data.split_heldout(convs, 3)
     assert [r[0][0] for r in held] == [0, 3, 6] and [r[0][0] for r in train] == [1, 2, 4, 5, 7, 8, 9]
-    assert data.split_heldout(rows, 0) == (rows, [])
-    with pytest.raises(ValueError, match="val_rows=10 holds out all 10 rows"):
-        data.split_heldout(rows, 10)
+    assert data.split_heldout(convs, 0) == ([c[0] for c in convs], [])
+    with pytest.raises(ValueError, match="val_rows=10 holds out all 10 conversations"):
+        data.split_heldout(convs, 10)
+    # a conversation of several rows (one per turn its template re-renders) is held out whole
+    convs = [[([i, t], [1, 1]) for t in range(1 + i % 2)] for i in range(6)]  # 1, 2, 1, 2, 1, 2 rows
+    train, held = data.split_heldout(convs, 2)
+    assert held == [([0, 0], [1, 1]), ([3, 0], [1, 1]), ([3, 1], [1, 1])]
+    assert sorted(r[0][0] for r in train) == [1, 1, 2, 4, 5, 5]
     with pytest.raises(SystemExit, match="1 held-out rows per rank, less than batch_size=2"):
         T.main(train_args(tmp_path, val_rows=1))
 
@@ -3385,7 +3411,7 @@ def test_regenerate_through_llama_cpp_server(llama_cpp_server, tmp_path, capsys)
             assert m["content"].strip() and (m["content"], m["token_ids"], m["finished"]) == (tok.decode(greedy), greedy, stopped)
     training = data.build_dataset(tok, str(out), 512, log=lambda s: None)
     assert len(training) == 4  # SmolLM2's template renders earlier turns unchanged: one row a conversation
-    for (ids, mask), r in zip(training, rows):  # the loss falls on the answers' ids and their end-of-turn token
+    for ((ids, mask),), r in zip(training, rows):  # the loss falls on the answers' ids and their end-of-turn token
         answers = [m for m in r["messages"] if m["role"] == "assistant"]
         assert [t for t, on in zip(ids, mask) if on] == [t for m in answers for t in m["token_ids"] + [tok.eos_token_id]]
 
@@ -3442,10 +3468,20 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert T.main(train_args(a)) == 0
     assert T.main(train_args(b, stop_at_step=3)) == 0
     assert len(losses(b / "run")) == 3
+    assert T.main(train_args(b, stop_at_step=2)) == 0  # already past it: nothing to do
+    assert len(losses(b / "run")) == 3
     assert T.main(train_args(b)) == 0
     assert losses(b / "run") == losses(a / "run")
     wa, wb = final_weights(a / "run"), final_weights(b / "run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # a stop between log lines: the resumed run's next record averages the same steps (4 and 5 of them)
+    c, d = tmp_path / "c", tmp_path / "d"
+    c.mkdir(), d.mkdir()
+    assert T.main(train_args(c, log_interval=4, max_steps=8)) == 0
+    assert T.main(train_args(d, log_interval=4, max_steps=8, stop_at_step=3)) == 0
+    assert T.main(train_args(d, log_interval=4, max_steps=8)) == 0
+    records = lambda run: [(r["step"], r["loss"], r["acc"]) for r in map(json.loads, open(run / "metrics.jsonl"))]
+    assert records(d / "run") == records(c / "run") and [r[0] for r in records(c / "run")] == [4, 8]
     # bench.py and init_from take the run folder itself too (its newest checkpoint, fp32)
     from_run, _ = C.load_drafter(str(b / "run"))
     assert all(torch.equal(v.to(torch.bfloat16), wb[k]) for k, v in from_run.state_dict().items())
@@ -3469,16 +3505,23 @@ def test_kill_during_checkpoint_write_leaves_a_resumable_run(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("damaged", ["shard", "train_state.json"])
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, damaged):
     """A flipped byte in the newest checkpoint: the run names it and the file, moves it aside and resumes
-    from the one before; the result equals the uninterrupted run."""
+    from the one before; the result equals the uninterrupted run. In train_state.json too, which the
+    checks before loading read (its seed flipped 0 -> 1 there: not a changed config, a damaged file)."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     assert T.main(train_args(a, save_interval=2)) == 0
     assert T.main(train_args(b, save_interval=2, stop_at_step=4)) == 0
     newest = b / "run" / "checkpoints" / "step_00000004"
-    shard = next(newest.glob("*.distcp"))
-    flip_byte(shard)
+    shard = next(newest.glob("*.distcp")) if damaged == "shard" else newest / "train_state.json"
+    if damaged == "shard":
+        flip_byte(shard)
+    else:
+        text = shard.read_text()
+        shard.write_text(text.replace('"seed": 0', '"seed": 1', 1))
+        assert shard.read_text() != text
     capsys.readouterr()
     assert T.main(train_args(b, save_interval=2)) == 0
     out = capsys.readouterr().out
@@ -3488,6 +3531,36 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
     assert losses(b / "run") == losses(a / "run")
     wa, wb = final_weights(a / "run"), final_weights(b / "run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_only_checkpoint_damaged_starts_again_and_says_so(tmp_path, capsys):
+    assert T.main(train_args(tmp_path, stop_at_step=2, keep_checkpoints=1)) == 0
+    flip_byte(next((tmp_path / "run" / "checkpoints" / "step_00000002").glob("*.distcp")))
+    capsys.readouterr()
+    assert T.main(train_args(tmp_path, max_steps=2)) == 0
+    out = capsys.readouterr().out
+    assert "trying the one before it" in out and "no intact checkpoint left: training from step 0" in out
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_resume_on_data_changed_under_its_name_stops(tmp_path):
+    """data='dir/*.jsonl' and a shard added (or regenerated) between invocations: the data position
+    would index other rows, so the resume stops, naming both fingerprints; the same rows resume."""
+    t = tiny_target()
+    t.save_pretrained(tmp_path / "target")
+    char_tokenizer().save_pretrained(tmp_path / "target")
+    (tmp_path / "data").mkdir()
+    row = lambda k: json.dumps({"messages": [{"role": "user", "content": f"q{k}"},
+                                             {"role": "assistant", "content": f"answer number {k}"}]})
+    write_lines(tmp_path / "data" / "r0.jsonl", [row(k) for k in range(8)])
+    args = dict(target=str(tmp_path / "target"), data=str(tmp_path / "data" / "*.jsonl"), min_loss_tokens=1)
+    assert T.main(train_args(tmp_path, stop_at_step=2, **args)) == 0
+    write_lines(tmp_path / "data" / "r1.jsonl", [row(k) for k in range(8, 12)])
+    with pytest.raises(SystemExit, match=r"now gives 12 rows, sha256 \w+; .*step_00000002 trained on 8 rows, sha256 "
+                                         r"\w+: the data changed under its name"):
+        T.main(train_args(tmp_path, **args))
+    os.remove(tmp_path / "data" / "r1.jsonl")
+    assert T.main(train_args(tmp_path, max_steps=4, **args)) == 0
 
 
 def test_resume_with_a_changed_shape_or_data_is_one_line_before_anything_loads(tmp_path, monkeypatch):
@@ -3598,6 +3671,23 @@ def test_config_errors_name_the_key(tmp_path):
         train_config.parse_config(train_args(tmp_path, min_lr=1.0))
     with pytest.raises(SystemExit, match="target=.*does not exist"):
         train_config.parse_config(train_args(tmp_path) + ["--target=/nonexistent"])
+    for over, message in [(dict(max_steps=-1), "max_steps and epochs must be >= 0"),
+                          (dict(grad_clip=-1.0), "grad_clip=-1.0 must be >= 0"),
+                          (dict(beta1=1.5), r"beta1=1.5, beta2=0.95 must be in \[0, 1\)"),
+                          (dict(peak_tflops=0.0), "peak_tflops=0.0 must be > 0"),
+                          (dict(ce_chunk_tokens=0), "ce_chunk_tokens=0 must be >= 1"),
+                          (dict(max_bad_steps=0), "max_bad_steps=0 must be >= 1"),
+                          (dict(lr_schedule="wsd", warmup_ratio=0.5, decay_ratio=0.8), "exceed 1: wsd would decay"),
+                          (dict(num_features=3, target_layer_ids=[1, 3]),
+                           "num_features=3 but target_layer_ids lists 2 layers")]:
+        with pytest.raises(SystemExit, match=message):
+            train_config.parse_config(train_args(tmp_path, **over))
+    assert train_config.parse_config(train_args(tmp_path, num_features=5, target_layer_ids=[1, 3]))["num_features"] == 2
+    runs = {clip: tmp_path / f"clip{clip}" for clip in (0.0, 1e9)}  # 0: no clipping, as a clip never reached
+    for clip, folder in runs.items():
+        folder.mkdir()
+        assert T.main(train_args(folder, grad_clip=clip, max_steps=3)) == 0
+    assert losses(runs[0.0] / "run") == losses(runs[1e9] / "run")
     (tmp_path / "bad.yaml").write_text("block_size: 16\nanchors: 512\n")
     with pytest.raises(SystemExit, match="unknown key 'anchors' in the config file"):
         train_config.parse_config(train_args(tmp_path) + [f"--config={tmp_path / 'bad.yaml'}"])

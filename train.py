@@ -24,7 +24,7 @@ import bench
 import data as D
 import model as M
 import targets
-from checkpoints import full_state_dict, resume_checkpoint, save_checkpoint, trim_metrics
+from checkpoints import full_state_dict, resume_checkpoint, save_checkpoint, saved_run, trim_metrics
 from convert import export_drafter, load_drafter
 from train_config import check_resume, parse_config, resumed_stretches, stretch_record
 
@@ -118,7 +118,7 @@ def setup(c):
     r.tokenizer = AutoTokenizer.from_pretrained(c["target"]) if os.path.isdir(c["target"]) else None
     if c["data"] == "synthetic":  # fixed-length random rows: throughput work on random targets
         ids = torch.randint(0, r.dcfg.vocab_size, (256, c["max_length"]), generator=torch.Generator().manual_seed(c["seed"]))
-        dataset = [(row.tolist(), [1] * c["max_length"]) for row in ids]
+        dataset = [[(row.tolist(), [1] * c["max_length"])] for row in ids]  # one row a conversation
     else:
         if r.tokenizer is None:
             raise SystemExit("config error: data from conversations needs a target folder with a tokenizer")
@@ -133,6 +133,12 @@ def setup(c):
     if r.val_rows and len(r.val_rows) // world < c["batch_size"]:
         raise SystemExit(f"config error: val_rows={c['val_rows']} gives {len(r.val_rows) // world} held-out rows "
                          f"per rank, less than batch_size={c['batch_size']}: raise val_rows")
+    r.data_fingerprint = D.fingerprint(r.dataset)
+    path, state = saved_run(c["out_dir"])  # a resume needs the same rows: its data position indexes them
+    if state and state.get("data_fingerprint", r.data_fingerprint) != r.data_fingerprint:
+        raise SystemExit(f"config error: resuming {c['out_dir']} on data={c['data']!r}, which now gives "
+                         f"{r.data_fingerprint}; {path} trained on {state['data_fingerprint']}: the data changed under "
+                         f"its name. To train on it, use a new out_dir (with init_from={path} to keep the weights)")
     r.steps_per_epoch = D.steps_per_epoch(r.dataset, c["batch_size"] * c["grad_accum"], world)
     if r.steps_per_epoch < 1:
         raise SystemExit(f"data error: {len(r.dataset)} rows cannot fill one step of "
@@ -247,7 +253,7 @@ def train_step(r, batches, step):
     for p in r.drafter.parameters():
         if p.grad is not None:
             p.grad.mul_(scale)
-    grad_norm = torch.nn.utils.clip_grad_norm_(r.drafter.parameters(), c["grad_clip"])
+    grad_norm = torch.nn.utils.clip_grad_norm_(r.drafter.parameters(), c["grad_clip"] or math.inf)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     loss, grad_norm = torch.stack([totals[0] / totals[1].clamp(min=1e-6), grad_norm]).tolist()  # one host sync
@@ -257,11 +263,18 @@ def train_step(r, batches, step):
 
 
 class Meter:
-    """What the log line reports since the last one: loss, per-slot accuracy, rates, ETA."""
+    """What the log line reports since the last one: loss, per-slot accuracy, rates, ETA. A checkpoint
+    between log lines keeps the interval's loss and accuracy sums (`saved`), so a resumed run's next
+    record averages the same steps as an uninterrupted run's; the rates restart with the process."""
 
-    def __init__(self, r, step):
+    def __init__(self, r, step, saved=None):
         self.r, self.t_first, self.step_first = r, None, step  # the rate since the first log line
         self.reset()
+        if saved and saved["n"]:
+            self.loss, self.n, self.slots = saved["loss"], saved["n"], torch.tensor(saved["slots"], device=r.device)
+
+    def saved(self):
+        return dict(loss=self.loss, n=self.n, slots=self.slots.tolist() if self.n else 0)
 
     def reset(self):
         self.slots, self.loss, self.n, self.t = 0, 0.0, 0, time.time()
@@ -298,8 +311,9 @@ class Meter:
         self.reset()
 
 
-def checkpoint(r, step, position, skipped):
+def checkpoint(r, step, position, skipped, meter):
     state = dict(step=step, data_position=position, skipped_steps=skipped, cpu_rng=torch.get_rng_state().tolist(),
+                 meter=meter.saved(), data_fingerprint=r.data_fingerprint,
                  config=r.c, stretches=r.stretches, total_steps=r.total_steps, steps_per_epoch=r.steps_per_epoch,
                  sequences_per_step=r.c["batch_size"] * r.c["grad_accum"] * r.world)  # what check_resume compares
     path = save_checkpoint(r.c["out_dir"], step, r.drafter, r.optimizer, state, r.dcfg, r.target_config,
@@ -329,13 +343,14 @@ def main(argv=None):
     r.stretches = resumed_stretches(state, c, step, r.log)  # a changed lr, schedule, loss...: said and recorded
     open_logs(r, step)
     batches = D.iterate_batches(r.dataset, c["batch_size"], seed=c["seed"], rank=r.rank, world_size=r.world,
-                                pad_multiple=c["pad_multiple"], pad_id=r.pad_id, start=position, max_length=c["max_length"])
+                                pad_multiple=c["pad_multiple"], pad_id=r.pad_id, start=position,
+                                max_length=c["max_length"], grad_accum=c["grad_accum"])
     r.log(f"training {sum(p.numel() for p in r.drafter.parameters()) / 1e6:.1f}M drafter params for {r.total_steps} "
           f"steps ({r.steps_per_epoch}/epoch) on {r.world} x {r.device.type}, {r.dtype}, "
           f"{'flex' if r.use_flex else 'dense'} attention; layer ids {r.dcfg.target_layer_ids}")
     if r.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    meter, profiler = Meter(r, step), start_profiler(c)
+    meter, profiler = Meter(r, step, state and state.get("meter")), start_profiler(c)
 
     # --- the loop
     while step < r.total_steps:
@@ -343,32 +358,30 @@ def main(argv=None):
         for group in r.optimizer.param_groups:
             group["lr"] = lr
         loss, grad_norm, slots, position, counts = train_step(r, batches, step)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # skip the update; stop if it repeats
-            r.optimizer.zero_grad(set_to_none=True)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            bad_steps = 0
+            with torch.profiler.record_function("dflash: optimizer"):
+                r.optimizer.step()
+            meter.add(loss, slots, counts)
+        else:  # skip the update (the step still counts: its rows are used up); stop if it repeats
             bad_steps, skipped = bad_steps + 1, skipped + 1
-            r.log(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-            if bad_steps >= c["max_bad_steps"]:
-                path = checkpoint(r, step, position, skipped)
-                r.log(f"stopping: {bad_steps} non-finite steps in a row (lower lr, check data); "
-                      f"the last good weights are in {path}")
-                close_run(r)
-                return 1
-            step += 1
-            continue
-        bad_steps = 0
-        with torch.profiler.record_function("dflash: optimizer"):
-            r.optimizer.step()
+            r.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
         r.optimizer.zero_grad(set_to_none=True)
         step += 1
         profiler = profiler and report_profile(r, profiler)
-        meter.add(loss, slots, counts)
-        if step % c["log_interval"] == 0 or step == r.total_steps:
+        if meter.n and (step % c["log_interval"] == 0 or step == r.total_steps):
             meter.log(step, lr, grad_norm, position, skipped)
-        stopping_here = step == c["stop_at_step"] and step < r.total_steps
+        too_bad = bad_steps >= c["max_bad_steps"]
+        stopping_here = too_bad or (step == c["stop_at_step"] and step < r.total_steps)
         if stopping_here or (c["save_interval"] > 0 and (step % c["save_interval"] == 0 or step == r.total_steps)):
-            path = checkpoint(r, step, position, skipped)
-            if c["export_every_save"] and step != r.total_steps:
+            path = checkpoint(r, step, position, skipped, meter)
+            if c["export_every_save"] and step != r.total_steps and not too_bad:
                 export(r, os.path.join(path, "export"))
+        if too_bad:
+            r.log(f"stopping: {bad_steps} non-finite steps in a row (lower lr, check data); "
+                  f"the last good weights are in {path}")
+            close_run(r)
+            return 1
         if r.val_rows and (step == r.total_steps or (c["val_interval"] and step % c["val_interval"] == 0)):
             validate(r, step)
         if c["eval_interval"] and step % c["eval_interval"] == 0 and step != r.total_steps:

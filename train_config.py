@@ -22,7 +22,7 @@ CONFIG = {
         init_from=("", "a training checkpoint or serving folder to fine-tune from"),
         num_draft_layers=(5, "decoder layers in the drafter"),
         block_size=(16, "tokens per block: the anchor plus block_size - 1 drafted tokens"),
-        num_features=(5, "target layers captured as context"),
+        num_features=(5, "target layers captured as context (given target_layer_ids: their count)"),
         target_layer_ids=([], "0-based target layers captured; empty: the published formula"),
         mask_token_id=(-1, "a target embedding row real text never uses (required)"),
         layer_types=([], "one per draft layer: full_attention | sliding_attention; empty: all full"),
@@ -54,7 +54,7 @@ CONFIG = {
         weight_decay=(0.0, "AdamW weight decay on matrices"),
         beta1=(0.9, "AdamW beta1"),
         beta2=(0.95, "AdamW beta2"),
-        grad_clip=(1.0, "clip the global gradient norm to this"),
+        grad_clip=(1.0, "clip the global gradient norm to this; 0: no clipping"),
         seed=(0, "seed for data order, anchors and init"),
         max_bad_steps=(5, "consecutive non-finite steps before the run stops"),
     ),
@@ -196,7 +196,21 @@ def check_config(c):
     need(c["epochs"] >= 1 or c["max_steps"] >= 1, "set epochs >= 1 or max_steps >= 1")
     need(0 <= c["warmup_ratio"] < 1, f"warmup_ratio={c['warmup_ratio']} must be in [0, 1)")
     need(0 < c["decay_ratio"] <= 1, f"decay_ratio={c['decay_ratio']} must be in (0, 1]")
-    need(0 <= c["min_lr"] <= c["lr"], f"min_lr={c['min_lr']} must be in [0, lr={c['lr']}]")
+    need(c["lr_schedule"] != "wsd" or c["warmup_ratio"] + c["decay_ratio"] <= 1,
+         f"warmup_ratio={c['warmup_ratio']} + decay_ratio={c['decay_ratio']} exceed 1: wsd would decay before warming up")
+    need(c["max_steps"] >= 0 and c["epochs"] >= 0, "max_steps and epochs must be >= 0")
+    need(c["lr"] > 0 and 0 <= c["min_lr"] <= c["lr"], f"lr={c['lr']} must be > 0, min_lr={c['min_lr']} in [0, lr]")
+    need(0 <= c["beta1"] < 1 and 0 <= c["beta2"] < 1, f"beta1={c['beta1']}, beta2={c['beta2']} must be in [0, 1)")
+    for key in ("weight_decay", "grad_clip", "gamma", "stop_at_step", "profile_steps"):
+        need(c[key] >= 0, f"{key}={c[key]} must be >= 0")
+    for key in ("max_bad_steps", "ce_chunk_tokens", "eval_num_prompts", "eval_max_new_tokens", "num_features"):
+        need(c[key] >= 1, f"{key}={c[key]} must be >= 1")
+    need(c["peak_tflops"] > 0, f"peak_tflops={c['peak_tflops']} must be > 0 (the GPU's dense bf16 peak, for MFU)")
+    ids = c["target_layer_ids"]
+    need(not ids or c["num_features"] in (len(ids), DEFAULTS["num_features"]),
+         f"num_features={c['num_features']} but target_layer_ids lists {len(ids)} layers: drop num_features "
+         "(the ids decide it)")
+    c["num_features"] = len(ids) or c["num_features"]
     layout = M.layout_problem(c["layer_types"] or ["full_attention"] * c["num_draft_layers"],
                               c["sliding_window"] or None, c["num_draft_layers"], c["block_size"])
     need(layout is None, layout)
@@ -257,6 +271,9 @@ def check_resume(c):
     if total and total < step:
         raise SystemExit(f"config error: max_steps={c['max_steps']} (epochs={c['epochs']}) ends this run at step "
                          f"{total}, but {path} is at step {step} already: raise max_steps to train further")
+    if 0 < c["stop_at_step"] <= step < (total or step + 1):
+        return (f"{c['out_dir']} is at step {step}, at or past stop_at_step={c['stop_at_step']}: nothing to do "
+                f"(raise stop_at_step, or drop it to train to the end)")
     drafter = os.path.join(c["out_dir"], "drafter")
     if total == step and export_is_current(drafter, path):
         return (f"{c['out_dir']} is finished: step {step} of {total}, its drafter is in {drafter}; nothing to do "
@@ -279,7 +296,9 @@ def fixed_error(c, path, state, changes):
 def fixed_changes(state, c, world):
     """'key old -> new' for each RESUME_FIXED key, and the sequences per step, that differ from a
     checkpoint's train state (checkpoints from before it kept them: the keys it has)."""
-    old = state.get("config") or {}
+    old = dict(state.get("config") or {})
+    if old.get("target_layer_ids"):  # older runs kept num_features as given, not as the ids decide it
+        old["num_features"] = len(old["target_layer_ids"])
     changes = [f"{k} {show(old[k])} -> {show(c[k])}" for k in RESUME_FIXED if k in old and not same(k, old[k], c[k])]
     per_step = c["batch_size"] * c["grad_accum"] * world
     if state.get("sequences_per_step", per_step) != per_step:
