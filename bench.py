@@ -18,7 +18,7 @@ emitted tokens follow the target's softmax(logits / T) exactly. --sampling match
 (greedy proposals, accepted iff equal to the target's sample): also exact; it accepted less at T 1.0
 and as much at T 0.6 on the SmolLM2 drafter (results/sampling-smollm2.md).
 --replay ROWS.jsonl measures tau at temperature 0 without decoding, from the target's known greedy
-answers (rows written by `data.py regenerate`): one target forward per row, one drafter pass per step.
+answers (rows written by `data.py regenerate`): a target forward per row or turn, a drafter pass per step.
 Elsewhere: --compile's static caches and CUDA graphs in fast_decode.py; --replay, --profile and the
 acceptance statistics in measure.py; the rollback of each kind of target layer in targets.py.
 """

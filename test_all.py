@@ -2715,6 +2715,41 @@ def test_replay_gives_the_acceptance_of_decoding():
     assert taus[0] > 1.5 and taus[1] < 1.5, taus  # the equality held for long runs and for rejections
 
 
+def test_replay_answers_follow_the_prompt_the_target_saw_on_a_template_that_rewrites_past_turns(tmp_path, capsys):
+    """A Qwen3-style template renders a past turn without the empty think block the target answered after
+    (thinking off), so the whole conversation's tokens are not turn 0's context. Replay must read each turn
+    after the prompt the loop decodes it from: per turn, the loop's acceptance lengths, for a drafter fitted to
+    turn 0 (long accepted runs; after the conversation's tokens it accepted 1.28 a step against the loop's 7.67)."""
+    tok = qwen_tokenizer()
+    t = scaled(tiny_target(vocab=len(tok)), 30.0)
+    stops, turns = data.stop_ids(tok, t), ["Name a red fruit.", "And a yellow one?"]
+    answered = bench.run_turns(t, None, tok, turns, 24, stops, 1)  # greedy answers, prompted as regenerate's
+    msgs = []
+    for u, r in zip(turns, answered):
+        ids = [x for x in r["tokens"] if x not in stops]
+        msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": tok.decode(ids), "token_ids": ids,
+                                                    "finished": len(ids) < len(r["tokens"])}]
+    P0 = answered[0]["prompt_ids"]
+    assert answered[1]["prompt_ids"][: len(P0)] != P0  # turn 1's prompt renders turn 0's without its think block
+    seq = torch.tensor([answered[0]["prompt_ids"] + answered[0]["tokens"]])
+    loss_mask = torch.zeros_like(seq)
+    loss_mask[:, len(answered[0]["prompt_ids"]):] = 1
+    d = tiny_drafter(t, layers=1, block_size=8, layer_ids=(1, 3))
+    fit_drafter(d, t, seq, loss_mask, 80)
+    want = [bench.spec_generate(t, d, torch.tensor([r["prompt_ids"]]), 24, stops, 8) for r in answered]
+    assert [w["tokens"] for w in want] == [r["tokens"] for r in answered]
+    empty = msgs[:1] + [{"role": "assistant", "content": "", "token_ids": [], "finished": True}]  # no span to replay
+    write_lines(tmp_path / "rows.jsonl", [json.dumps({"id": "r", "messages": msgs}), json.dumps({"messages": empty})])
+    args = types.SimpleNamespace(num_prompts=None, device="cpu", block_size=8, rows_dtype=None, dtype="fp32")
+    with open(tmp_path / "replayed.jsonl", "w") as f:
+        measure.replay_rows(t, d, tok, str(tmp_path / "rows.jsonl"), args, f)
+    got = measure.read_records(tmp_path / "replayed.jsonl")
+    assert [r["dflash"]["acceptance"] for r in got] == [w["acceptance"] for w in want]
+    assert [r["prompt_len"] for r in got] == [len(r["prompt_ids"]) for r in answered]
+    assert sum(want[0]["acceptance"]) / len(want[0]["acceptance"]) > 4  # the drafter accepts long runs on turn 0
+    assert "1 rows skipped: an empty answer" in capsys.readouterr().out
+
+
 @need_assets
 def test_replay_cli_on_regenerated_rows_matches_the_decoding_bench(tmp_path, capsys):
     """bench.py --replay on rows from data.py regenerate: per turn, the same tokens and acceptance lengths
