@@ -494,7 +494,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dataset = [x for d in args.dataset for x in d.split(",") if x]
-    args.replay = [x for d in args.replay for x in d.split(",") if x]
+    args.replay = list(dict.fromkeys(x for d in args.replay for x in d.split(",") if x))  # a file given twice: once
     if sum(map(bool, (args.dataset, args.replay, args.prompt_len is not None))) != 1:
         ap.error("give one of --dataset, --replay or --prompt-len")
     missing = [f for f in args.replay if not os.path.isfile(f)]

@@ -192,8 +192,10 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
     decodes it from (bench.render: thinking off where the template has the switch, as regenerate
     --enable-thinking off), not the whole conversation's tokens: a template that rewrites past turns (Qwen3
     drops their empty think block) renders those differently. An answer cut by the regeneration's token
-    limit ("finished": false) ends before the end-of-turn token the template adds to it."""
-    name = os.path.splitext(os.path.basename(path))[0]
+    limit ("finished": false) ends before the end-of-turn token the template adds to it. The set's name is
+    the file's stem, or the path as given where two --replay files share a stem."""
+    stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+    name = path if [stem(p) for p in getattr(args, "replay", [path])].count(stem(path)) > 1 else stem(path)
     thinking = False if "enable_thinking" in (tokenizer.chat_template or "") else None  # as bench.render
     records, skipped = [], Counter()
     for i, row in data.read_rows(path):

@@ -2811,6 +2811,28 @@ def test_replay_decodes_in_the_dtype_the_rows_were_regenerated_in(models, tmp_pa
     assert "--replay rows regenerated in different dtypes (fp32: " in capsys.readouterr().err
 
 
+def test_replay_sets_that_share_a_file_name_keep_their_own_tau(models, tmp_path, capsys):
+    """Two --replay files with one stem (a/rows.jsonl, b/rows.jsonl) are named by their paths as given, so the
+    closing record keeps both sets (it kept one, as the --dataset names never collide); a file whose stem is
+    its own keeps the stem (the ablation recipe reads its sets by it); a file given twice is replayed once."""
+    t, d = models
+    target = bench_target_folder(t, tmp_path / "target")
+    C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"id": "q0", "turns": ["hello a"]}), json.dumps({"id": "q1", "turns": ["hi b"]})])
+    regenerate.main(["regenerate", "--target", target, "--data", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "all.jsonl"),
+                     "--max-new-tokens", "6", "--max-prompt-tokens", "64"])
+    rows = open(tmp_path / "all.jsonl").read().splitlines()
+    paths = [tmp_path / "a" / "rows.jsonl", tmp_path / "b" / "rows.jsonl", tmp_path / "other.jsonl"]
+    for path, lines in zip(paths, (rows[:1], rows[1:], rows)):
+        path.parent.mkdir(exist_ok=True)
+        write_lines(path, lines)
+    bench.main(["--target", target, "--draft", str(tmp_path / "drafter"), "--device", "cpu", "--out", str(tmp_path / "out.jsonl"),
+                "--replay", ",".join(map(str, paths + paths[2:]))])  # other.jsonl twice: replayed once
+    closing = [json.loads(line) for line in open(tmp_path / "out.jsonl")][-1]
+    assert list(closing["sets"]) == [str(paths[0]), str(paths[1]), "other"] and closing["turns"] == 4
+    assert f"== {paths[0]}: replay of 1 greedy answers" in capsys.readouterr().out
+
+
 def test_cli_synthetic_timing(tmp_path, capsys):
     cfg = dict(model_type="qwen3", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
