@@ -502,6 +502,12 @@ def parse_args(argv=None):
         ap.error(f"--replay {missing[0]}: no such file (rows written by `data.py regenerate`)")
     if args.profile and args.prompt_len is None:
         ap.error("--profile goes with --prompt-len (synthetic prompts, fixed step counts)")
+    if args.prompt_len is not None and (args.out or args.temperature or args.sampling != "speculative"):
+        ap.error("--prompt-len times greedy steps on a random prompt and prints them: drop --out, --temperature, --sampling")
+    low = [(k, lo) for k, lo in dict(block_size=1, max_new_tokens=2, prompt_len=1, steps=1, repeats=1, max_len=1,
+                                     temperature=0).items() if getattr(args, k) is not None and getattr(args, k) < lo]
+    if low:  # --max-new-tokens: the first new token is the prefill's, a DFlash step needs one more
+        ap.error(f"--{low[0][0].replace('_', '-')} {getattr(args, low[0][0])}: give {low[0][1]} or more")
     for flag, on in (("--attention flex", args.attention == "flex"), ("--freeze", args.freeze)):
         if on and not args.compile:
             ap.error(f"{flag} changes the compiled (static cache) steps: add --compile")

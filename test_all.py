@@ -1883,6 +1883,7 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
     for n in ("0", "-1"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--num-prompts", n])
+        assert f"--num-prompts {n}: give 1 or more" in capsys.readouterr().err
     for flag in (["--attention", "flex"], ["--freeze"]):  # they change the compiled steps only
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", *flag])
@@ -1892,13 +1893,38 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
             for f in ("llama", "gpt_oss")] == [True, False]
     with pytest.raises(ValueError, match="full-attention targets only.*sliding_attention"):
         fast_decode.StaticRunner(family_target("gpt_oss"), None, 4, 64, compile=False, flex=True)
-        assert f"--num-prompts {n}: give 1 or more" in capsys.readouterr().err
     t, d = models
     C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
     (tmp_path / "big_vocab.json").write_text(json.dumps(dict(TINY_TARGET, vocab_size=80)))  # same shapes otherwise
     with pytest.raises(SystemExit, match=r"does not fit --target .*drafter vocab_size=64 != target vocab_size=80"):
         bench.main(["--target", str(tmp_path / "big_vocab.json"), "--draft", str(tmp_path / "drafter"),
                     "--prompt-len", "8", "--steps", "2", "--repeats", "1", "--dtype", "fp32", "--device", "cpu"])
+
+
+def test_bench_refuses_numbers_out_of_range_and_flags_that_prompt_len_ignores(capsys):
+    """Each numeric flag out of range is one line naming it and its least value, before any model loads: they
+    were a TypeError (--block-size -2), a silent default (--block-size 0, --max-len 0), a ZeroDivisionError
+    (--steps 0), an IndexError (--repeats 0), a RuntimeError (--prompt-len 0), 'tau 0.00 ... nanx' (--max-new-tokens
+    0 or 1: the first new token is the prefill's), a greedy run whose lossless check was skipped as sampled
+    (--temperature < 0). --prompt-len refuses --out, --temperature and --sampling, which it would ignore."""
+    decode, synth = ["--target", "x", "--dataset", "mt-bench"], ["--target", "x", "--prompt-len", "8"]
+    cases = [(decode + ["--block-size", "-2"], "--block-size -2: give 1 or more"),
+             (decode + ["--block-size", "0"], "--block-size 0: give 1 or more"),
+             (decode + ["--max-new-tokens", "0"], "--max-new-tokens 0: give 2 or more"),
+             (decode + ["--max-new-tokens", "1"], "--max-new-tokens 1: give 2 or more"),
+             (decode + ["--temperature", "-0.5"], "--temperature -0.5: give 0 or more"),
+             (decode + ["--compile", "--max-len", "0"], "--max-len 0: give 1 or more"),
+             (["--target", "x", "--prompt-len", "0"], "--prompt-len 0: give 1 or more"),
+             (synth + ["--steps", "0"], "--steps 0: give 1 or more"),
+             (synth + ["--repeats", "0"], "--repeats 0: give 1 or more")]
+    cases += [(synth + flag, "--prompt-len times greedy steps on a random prompt and prints them: drop --out, "
+               "--temperature, --sampling") for flag in (["--out", "o.jsonl"], ["--temperature", "0.7"], ["--sampling", "match"])]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert msg in capsys.readouterr().err, argv
+    args = bench.parse_args(synth + ["--block-size", "1", "--max-new-tokens", "2", "--steps", "1", "--repeats", "1"])
+    assert (args.block_size, args.max_new_tokens, args.temperature) == (1, 2, 0.0)  # the least values pass
 
 
 def test_sampled_bench_says_which_check_ran_instead_of_the_lossless_line(models, tmp_path, capsys):
