@@ -436,8 +436,8 @@ def time_synthetic(target, drafter, args, runners, tau=6.49):
 
 
 def static_len(args, tokenizer, prompt_sets):
-    """The static caches' length when --max-len is not given: the longest conversation this run can
-    reach (all turns, max_new_tokens per answer, some slack for the template), rounded up to 256.
+    """(the least --max-len, the default): the longest conversation this run can reach (all turns,
+    max_new_tokens per answer, some slack for the template and a block), and that rounded up to 256.
     With --attention sdpa the compiled steps attend over the whole buffer (a dense mask), so its length
     is paid on every step (one H200, Qwen3-8B shapes, sdpa: a DFlash step cost 1.60 baseline steps with
     an 8,192 buffer at prompt 128); flex reads only the filled tiles, and the buffer costs memory."""
@@ -446,7 +446,8 @@ def static_len(args, tokenizer, prompt_sets):
     else:
         need = max(len(render(tokenizer, [{"role": "user", "content": "\n".join(p["turns"])}]))
                    + len(p["turns"]) * (args.max_new_tokens + 64) for ps in prompt_sets.values() for p in ps)
-    return -(-(need + 2 * args.block_size + 1) // 256) * 256
+    need += 2 * args.block_size + 1
+    return need, -(-need // 256) * 256
 
 
 def parse_args(argv=None):
@@ -484,8 +485,8 @@ def parse_args(argv=None):
     ap.add_argument("--freeze", action="store_true", help="with --compile: compile the steps with inductor's freezing, "
                     "which concatenates the q/k/v and the gate/up projections into one GEMM each (a folded copy of those "
                     "weights per step kind: ~9 GB each at Qwen3-8B shapes)")
-    ap.add_argument("--max-len", type=int, default=None,
-                    help="static cache length for --compile (default: the longest conversation of the run)")
+    ap.add_argument("--max-len", type=int, default=None, help="static cache length for --compile (at least the "
+                    "longest conversation of the run; default: that rounded up to 256)")
     ap.add_argument("--prompt-len", type=int, default=None, help="time synthetic prompts of N tokens")
     ap.add_argument("--steps", type=int, default=64, help="steps per run with --prompt-len")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode with --prompt-len (median)")
@@ -563,7 +564,11 @@ def main(argv=None):
             return closing(summaries, out_file)
     runners = {}
     if args.compile:
-        max_len = args.max_len or static_len(args, tokenizer, prompt_sets)
+        need, max_len = static_len(args, tokenizer, prompt_sets)
+        if (args.max_len or need) < need:  # before compiling, not a traceback mid-run that loses the summary
+            raise SystemExit(f"bench.py: error: --max-len {args.max_len}: this run needs {need} (its longest prompt and "
+                             f"answers, and a block's slack): raise it, or leave it out for {max_len}")
+        max_len = args.max_len or max_len
         flex = {"auto": None, "flex": True, "sdpa": False}[args.attention]  # None: StaticRunner picks by layer kinds
         try:
             runners = {bs: fast_decode.StaticRunner(target, drafter, bs, max_len, flex=flex, freeze=args.freeze)

@@ -2023,18 +2023,39 @@ def test_bench_tells_a_near_tie_divergence_from_a_mismatch(models, tmp_path, cap
 def test_static_cache_length_fits_the_longest_conversation(models):
     # hand-worked: 1000 + (64 + 2) * 16 + 2 * 16 + 1 = 2089 -> 2304 (multiple of 256)
     args = argparse.Namespace(prompt_len=1000, steps=64, block_size=16, max_new_tokens=0)
-    assert bench.static_len(args, None, {}) == 2304
+    assert bench.static_len(args, None, {}) == (2089, 2304)
     t, d = models
     tok = char_tokenizer()  # one token per character: long turns make long prompts
     rows = [{"id": "a", "turns": ["x" * 150, "y" * 90]}, {"id": "b", "turns": ["z" * 40]}]
     args = argparse.Namespace(prompt_len=None, block_size=4, max_new_tokens=30)
-    L = bench.static_len(args, tok, {"set": rows})
+    L = bench.static_len(args, tok, {"set": rows})[1]
     assert L % 256 == 0
     runner = fast_decode.StaticRunner(t, d, 4, L, compile=False)
     for r in rows:  # the whole conversation runs in a static cache of that length
         res = bench.run_turns(t, d, tok, r["turns"], 30, [], 4, runner=runner)
         assert all(len(x["prompt_ids"]) + len(x["tokens"]) + 2 * 4 + 1 <= L for x in res)
     runner.close()
+
+
+def test_compile_refuses_a_max_len_under_what_the_run_needs_before_compiling(models, tmp_path, monkeypatch):
+    """A --max-len under the run's longest conversation is one line naming --max-len and the length needed,
+    before any runner is built: it was a ValueError about check_fast_path's random prompt (--max-len 40), or a
+    traceback mid-benchmark that lost the summary (--max-len 128 --max-new-tokens 200)."""
+    monkeypatch.setattr(fast_decode, "StaticRunner", lambda *a, **kw: pytest.fail("built a runner"))
+    (tmp_path / "cfg.json").write_text(json.dumps(TINY_TARGET))
+    synth = ["--target", str(tmp_path / "cfg.json"), "--prompt-len", "8", "--steps", "2", "--block-size", "4",
+             "--compile", "--dtype", "fp32", "--device", "cpu"]
+    # hand-worked: 8 + (2 + 2) * 4 + 2 * 4 + 1 = 33; the default rounds it up to 256
+    with pytest.raises(SystemExit, match=r"^bench.py: error: --max-len 32: this run needs 33 .*leave it out for 256$"):
+        bench.main(synth + ["--max-len", "32"])
+    t, d = models
+    target = bench_target_folder(t, tmp_path / "target")
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"id": "q0", "turns": ["hello a"]})])
+    prompt = len(bench.render(char_tokenizer(), [{"role": "user", "content": "hello a"}]))
+    need = prompt + (200 + 64) + 2 * 16 + 1  # the prompt, one answer and the template's slack, a block of 16's slack
+    with pytest.raises(SystemExit, match=f"--max-len 128: this run needs {need} "):
+        bench.main(["--target", target, "--dataset", str(tmp_path / "p.jsonl"), "--compile", "--max-len", "128",
+                    "--max-new-tokens", "200", "--dtype", "fp32", "--device", "cpu"])
 
 
 # ------------------------------------------------------------------------------------------------
