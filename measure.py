@@ -191,9 +191,10 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
     bench_prompts writes them (no baseline), and the summary lines. Each answer follows the prompt the loop
     decodes it from (bench.render: thinking off where the template has the switch, as regenerate
     --enable-thinking off), not the whole conversation's tokens: a template that rewrites past turns (Qwen3
-    drops their empty think block) renders those differently. An answer cut by the regeneration's token
-    limit ("finished": false) ends before the end-of-turn token the template adds to it. The set's name is
-    the file's stem, or the path as given where two --replay files share a stem."""
+    drops their empty think block) renders those differently; rows answered with thinking on, or with an empty
+    answer, are skipped and counted. An answer cut by the regeneration's token limit ("finished": false) ends
+    before the end-of-turn token the template adds to it. The set's name is the file's stem, or the path as
+    given where two --replay files share a stem."""
     stem = lambda p: os.path.splitext(os.path.basename(p))[0]
     name = path if [stem(p) for p in getattr(args, "replay", [path])].count(stem(path)) > 1 else stem(path)
     thinking = False if "enable_thinking" in (tokenizer.chat_template or "") else None  # as bench.render
@@ -207,6 +208,9 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
             continue
         if not all(m["token_ids"] for m in answers):  # the template renders no span for an empty answer
             skipped["an empty answer (the target ended a turn at once)"] += 1
+            continue
+        if thinking is False and any(str(m.get("content")).startswith("<think>") for m in answers):
+            skipped["answered with thinking on; bench.py prompts with it off (regenerate --enable-thinking off)"] += 1
             continue
         msgs, turns = data.parse_messages(row), []  # turns: (the prompt + the answer, the answer's span) of each
         for j, answer in zip([j for j, m in enumerate(msgs) if m["role"] == "assistant"], answers):

@@ -2766,7 +2766,8 @@ def test_replay_answers_follow_the_prompt_the_target_saw_on_a_template_that_rewr
     """A Qwen3-style template renders a past turn without the empty think block the target answered after
     (thinking off), so the whole conversation's tokens are not turn 0's context. Replay must read each turn
     after the prompt the loop decodes it from: per turn, the loop's acceptance lengths, for a drafter fitted to
-    turn 0 (long accepted runs; after the conversation's tokens it accepted 1.28 a step against the loop's 7.67)."""
+    turn 0 (long accepted runs; after the conversation's tokens it accepted 1.28 a step against the loop's 7.67).
+    Rows it cannot replay are counted: an empty answer, answers written with thinking on (not bench's prompt)."""
     tok = qwen_tokenizer()
     t = scaled(tiny_target(vocab=len(tok)), 30.0)
     stops, turns = data.stop_ids(tok, t), ["Name a red fruit.", "And a yellow one?"]
@@ -2786,7 +2787,8 @@ def test_replay_answers_follow_the_prompt_the_target_saw_on_a_template_that_rewr
     want = [bench.spec_generate(t, d, torch.tensor([r["prompt_ids"]]), 24, stops, 8) for r in answered]
     assert [w["tokens"] for w in want] == [r["tokens"] for r in answered]
     empty = msgs[:1] + [{"role": "assistant", "content": "", "token_ids": [], "finished": True}]  # no span to replay
-    write_lines(tmp_path / "rows.jsonl", [json.dumps({"id": "r", "messages": msgs}), json.dumps({"messages": empty})])
+    think = msgs[:1] + [dict(msgs[1], content="<think>\nred\n</think>\n\n" + msgs[1]["content"])]  # not bench's prompt
+    write_lines(tmp_path / "rows.jsonl", [json.dumps({"id": "r", "messages": m}) for m in (msgs, empty, think)])
     args = types.SimpleNamespace(num_prompts=None, device="cpu", block_size=8, rows_dtype=None, dtype="fp32")
     with open(tmp_path / "replayed.jsonl", "w") as f:
         measure.replay_rows(t, d, tok, str(tmp_path / "rows.jsonl"), args, f)
@@ -2794,7 +2796,8 @@ def test_replay_answers_follow_the_prompt_the_target_saw_on_a_template_that_rewr
     assert [r["dflash"]["acceptance"] for r in got] == [w["acceptance"] for w in want]
     assert [r["prompt_len"] for r in got] == [len(r["prompt_ids"]) for r in answered]
     assert sum(want[0]["acceptance"]) / len(want[0]["acceptance"]) > 4  # the drafter accepts long runs on turn 0
-    assert "1 rows skipped: an empty answer" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 rows skipped: an empty answer" in out and "1 rows skipped: answered with thinking on" in out
 
 
 @need_assets
