@@ -18,7 +18,7 @@ emitted tokens follow the target's softmax(logits / T) exactly. --sampling match
 (greedy proposals, accepted iff equal to the target's sample): also exact; it accepted less at T 1.0
 and as much at T 0.6 on the SmolLM2 drafter (results/sampling-smollm2.md).
 --replay ROWS.jsonl measures tau at temperature 0 without decoding, from the target's known greedy
-answers (rows written by `data.py regenerate`): one target forward per row, one drafter pass per step.
+answers (rows written by `data.py regenerate`): a target forward per row or turn, a drafter pass per step.
 Elsewhere: --compile's static caches and CUDA graphs in fast_decode.py; --replay, --profile and the
 acceptance statistics in measure.py; the rollback of each kind of target layer in targets.py.
 """
@@ -436,8 +436,8 @@ def time_synthetic(target, drafter, args, runners, tau=6.49):
 
 
 def static_len(args, tokenizer, prompt_sets):
-    """The static caches' length when --max-len is not given: the longest conversation this run can
-    reach (all turns, max_new_tokens per answer, some slack for the template), rounded up to 256.
+    """(the least --max-len, the default): the longest conversation this run can reach (all turns,
+    max_new_tokens per answer, some slack for the template and a block), and that rounded up to 256.
     With --attention sdpa the compiled steps attend over the whole buffer (a dense mask), so its length
     is paid on every step (one H200, Qwen3-8B shapes, sdpa: a DFlash step cost 1.60 baseline steps with
     an 8,192 buffer at prompt 128); flex reads only the filled tiles, and the buffer costs memory."""
@@ -446,7 +446,8 @@ def static_len(args, tokenizer, prompt_sets):
     else:
         need = max(len(render(tokenizer, [{"role": "user", "content": "\n".join(p["turns"])}]))
                    + len(p["turns"]) * (args.max_new_tokens + 64) for ps in prompt_sets.values() for p in ps)
-    return -(-(need + 2 * args.block_size + 1) // 256) * 256
+    need += 2 * args.block_size + 1
+    return need, -(-need // 256) * 256
 
 
 def parse_args(argv=None):
@@ -484,8 +485,8 @@ def parse_args(argv=None):
     ap.add_argument("--freeze", action="store_true", help="with --compile: compile the steps with inductor's freezing, "
                     "which concatenates the q/k/v and the gate/up projections into one GEMM each (a folded copy of those "
                     "weights per step kind: ~9 GB each at Qwen3-8B shapes)")
-    ap.add_argument("--max-len", type=int, default=None,
-                    help="static cache length for --compile (default: the longest conversation of the run)")
+    ap.add_argument("--max-len", type=int, default=None, help="static cache length for --compile (at least the "
+                    "longest conversation of the run; default: that rounded up to 256)")
     ap.add_argument("--prompt-len", type=int, default=None, help="time synthetic prompts of N tokens")
     ap.add_argument("--steps", type=int, default=64, help="steps per run with --prompt-len")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode with --prompt-len (median)")
@@ -494,7 +495,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dataset = [x for d in args.dataset for x in d.split(",") if x]
-    args.replay = [x for d in args.replay for x in d.split(",") if x]
+    args.replay = list(dict.fromkeys(x for d in args.replay for x in d.split(",") if x))  # a file given twice: once
     if sum(map(bool, (args.dataset, args.replay, args.prompt_len is not None))) != 1:
         ap.error("give one of --dataset, --replay or --prompt-len")
     missing = [f for f in args.replay if not os.path.isfile(f)]
@@ -502,6 +503,12 @@ def parse_args(argv=None):
         ap.error(f"--replay {missing[0]}: no such file (rows written by `data.py regenerate`)")
     if args.profile and args.prompt_len is None:
         ap.error("--profile goes with --prompt-len (synthetic prompts, fixed step counts)")
+    if args.prompt_len is not None and (args.out or args.temperature or args.sampling != "speculative"):
+        ap.error("--prompt-len times greedy steps on a random prompt and prints them: drop --out, --temperature, --sampling")
+    low = [(k, lo) for k, lo in dict(block_size=1, max_new_tokens=2, prompt_len=1, steps=1, repeats=1, max_len=1,
+                                     temperature=0).items() if getattr(args, k) is not None and getattr(args, k) < lo]
+    if low:  # --max-new-tokens: the first new token is the prefill's, a DFlash step needs one more
+        ap.error(f"--{low[0][0].replace('_', '-')} {getattr(args, low[0][0])}: give {low[0][1]} or more")
     for flag, on in (("--attention flex", args.attention == "flex"), ("--freeze", args.freeze)):
         if on and not args.compile:
             ap.error(f"{flag} changes the compiled (static cache) steps: add --compile")
@@ -557,7 +564,11 @@ def main(argv=None):
             return closing(summaries, out_file)
     runners = {}
     if args.compile:
-        max_len = args.max_len or static_len(args, tokenizer, prompt_sets)
+        need, max_len = static_len(args, tokenizer, prompt_sets)
+        if (args.max_len or need) < need:  # before compiling, not a traceback mid-run that loses the summary
+            raise SystemExit(f"bench.py: error: --max-len {args.max_len}: this run needs {need} (its longest prompt and "
+                             f"answers, and a block's slack): raise it, or leave it out for {max_len}")
+        max_len = args.max_len or max_len
         flex = {"auto": None, "flex": True, "sdpa": False}[args.attention]  # None: StaticRunner picks by layer kinds
         try:
             runners = {bs: fast_decode.StaticRunner(target, drafter, bs, max_len, flex=flex, freeze=args.freeze)

@@ -1,9 +1,10 @@
 """bench.py's measurement tools beside the decoding benchmark: the statistics of acceptance lengths (tau,
 the histogram, tau by context position, the mean over prompt sets), the report of the lossless check,
 --replay (tau at temperature 0 read off the target's regenerated greedy answers, without decoding: one
-target forward per row, one drafter pass per step, equal step for step to the loop:
-results/replay-check.md), --profile (launches and ops per decode step), the memory floor of a step (the
-weights it reads / the card's peak bandwidth) and random drafters that time the loop at any target's shapes.
+target forward per row (per turn where the template rewrites past turns), one drafter pass per step, equal
+step for step to the loop: results/replay-check.md), --profile (launches and ops per decode step), the memory
+floor of a step (the weights it reads / the card's peak bandwidth) and random drafters that time the loop at
+any target's shapes.
 """
 import json
 import os
@@ -144,7 +145,7 @@ def replay(target, drafter, ids, spans, block_size):
     """Acceptance lengths per DFlash step for each answer ids[s:e] (s, e in spans) of ids [S], a conversation
     whose answers are the target's greedy ones (a regenerated row). At temperature 0 a lossless loop emits
     exactly those answers, so each step's acceptance is the drafter's block checked against them: what
-    spec_generate gives on the same answers, at one target forward per row and one drafter pass per step.
+    spec_generate gives on the same answers, at one target forward over ids and one drafter pass per step.
     As in the loop, an answer's first token is the target's (prefill), a step drafts from its anchor with
     every position before the anchor as context, and the last step is cut where the answer ends."""
     feats, _ = M.capture_features(target, ids[None], list(drafter.config.target_layer_ids))
@@ -187,30 +188,52 @@ def rows_dtype(paths, limit=None):
 
 def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
     """Replay every answer of the regenerated rows in path (the first --num-prompts rows): records as
-    bench_prompts writes them (no baseline), and the summary lines. An answer cut by the regeneration's
-    token limit ("finished": false) ends before the end-of-turn token the template adds to it."""
-    name = os.path.splitext(os.path.basename(path))[0]
-    records, skipped = [], 0
+    bench_prompts writes them (no baseline), and the summary lines. Each answer follows the prompt the loop
+    decodes it from (bench.render: thinking off where the template has the switch, as regenerate
+    --enable-thinking off), not the whole conversation's tokens: a template that rewrites past turns (Qwen3
+    drops their empty think block) renders those differently; rows answered with thinking on, or with an empty
+    answer, are skipped and counted. An answer cut by the regeneration's token limit ("finished": false) ends
+    before the end-of-turn token the template adds to it. The set's name is the file's stem, or the path as
+    given where two --replay files share a stem."""
+    stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+    name = path if [stem(p) for p in getattr(args, "replay", [path])].count(stem(path)) > 1 else stem(path)
+    thinking = False if "enable_thinking" in (tokenizer.chat_template or "") else None  # as bench.render
+    records, skipped = [], Counter()
     for i, row in data.read_rows(path):
         if args.num_prompts and i >= args.num_prompts:
             break
         answers = [m for m in (row or {}).get("messages") or [] if isinstance(m, dict) and m.get("role") == "assistant"]
-        if not answers or not all("token_ids" in m for m in answers):  # answers the target did not give
-            skipped += 1
+        if not answers or not all("token_ids" in m for m in answers):
+            skipped["not regenerated (no assistant token_ids), so not the target's answers"] += 1
             continue
-        ids, mask = data.tokenize_conversation(tokenizer, data.parse_messages(row), 1 << 30)
-        finished = [m.get("finished", True) for m in answers]
-        spans = [(s, e if done else e - 1) for (s, e), done in zip(answer_spans(mask), finished)]
-        for turn, ((s, e), acc) in enumerate(zip(spans, replay(target, drafter, torch.tensor(ids, device=args.device),
-                                                               spans, args.block_size))):
+        if not all(m["token_ids"] for m in answers):  # the template renders no span for an empty answer
+            skipped["an empty answer (the target ended a turn at once)"] += 1
+            continue
+        if thinking is False and any(str(m.get("content")).startswith("<think>") for m in answers):
+            skipped["answered with thinking on; bench.py prompts with it off (regenerate --enable-thinking off)"] += 1
+            continue
+        msgs, turns = data.parse_messages(row), []  # turns: (the prompt + the answer, the answer's span) of each
+        for j, answer in zip([j for j, m in enumerate(msgs) if m["role"] == "assistant"], answers):
+            prompt = data.render_chat(tokenizer, msgs[:j], thinking, add_generation_prompt=True)
+            ids, mask = data.tokenize_conversation(tokenizer, msgs[: j + 1], 1 << 30, thinking)
+            s, e = answer_spans(mask)[-1]  # the answer as its last turn: the target's ids and end-of-turn token
+            ids = prompt + ids[s: e if answer.get("finished", True) else e - 1]
+            turns.append((ids, (len(prompt), len(ids))))
+        acc = {}
+        for k in reversed(range(len(turns))):  # one target forward for the turns whose ids start a later turn's
+            if k not in acc:
+                ks = [j for j in range(k + 1) if j not in acc and turns[k][0][: len(turns[j][0])] == turns[j][0]]
+                acc.update(zip(ks, replay(target, drafter, torch.tensor(turns[k][0], device=args.device),
+                                          [turns[j][1] for j in ks], args.block_size)))
+        for turn, (ids, (s, e)) in enumerate(turns):
             rec = dict(dataset=name, id=str(row.get("id", i)), turn=turn, prompt_len=s,
-                       dflash=dict(acceptance=acc, tokens=ids[s:e]))
+                       dflash=dict(acceptance=acc[turn], tokens=ids[s:e]))
             rec["tau_by_position"] = tau_by_position([rec])
             records.append(rec)
             if out_file:
                 out_file.write(json.dumps(rec) + "\n")
-    if skipped:
-        print(f"replay: {path}: {skipped} rows skipped: not regenerated (no assistant token_ids), so not the target's answers")
+    for reason, n in skipped.items():
+        print(f"replay: {path}: {n} rows skipped: {reason}")
     res = dict(dataset=name, **acceptance_summary(records))
     print(f"\n== {name}: replay of {len(records)} greedy answers, {res['steps']} DFlash steps, block {args.block_size}, "
           + (f"{args.dtype} as the rows were regenerated" if args.rows_dtype else f"{args.dtype}, the rows do not record "

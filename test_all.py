@@ -1909,6 +1909,7 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
     for n in ("0", "-1"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--num-prompts", n])
+        assert f"--num-prompts {n}: give 1 or more" in capsys.readouterr().err
     for flag in (["--attention", "flex"], ["--freeze"]):  # they change the compiled steps only
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", *flag])
@@ -1918,13 +1919,38 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
             for f in ("llama", "gpt_oss")] == [True, False]
     with pytest.raises(ValueError, match="full-attention targets only.*sliding_attention"):
         fast_decode.StaticRunner(family_target("gpt_oss"), None, 4, 64, compile=False, flex=True)
-        assert f"--num-prompts {n}: give 1 or more" in capsys.readouterr().err
     t, d = models
     C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
     (tmp_path / "big_vocab.json").write_text(json.dumps(dict(TINY_TARGET, vocab_size=80)))  # same shapes otherwise
     with pytest.raises(SystemExit, match=r"does not fit --target .*drafter vocab_size=64 != target vocab_size=80"):
         bench.main(["--target", str(tmp_path / "big_vocab.json"), "--draft", str(tmp_path / "drafter"),
                     "--prompt-len", "8", "--steps", "2", "--repeats", "1", "--dtype", "fp32", "--device", "cpu"])
+
+
+def test_bench_refuses_numbers_out_of_range_and_flags_that_prompt_len_ignores(capsys):
+    """Each numeric flag out of range is one line naming it and its least value, before any model loads: they
+    were a TypeError (--block-size -2), a silent default (--block-size 0, --max-len 0), a ZeroDivisionError
+    (--steps 0), an IndexError (--repeats 0), a RuntimeError (--prompt-len 0), 'tau 0.00 ... nanx' (--max-new-tokens
+    0 or 1: the first new token is the prefill's), a greedy run whose lossless check was skipped as sampled
+    (--temperature < 0). --prompt-len refuses --out, --temperature and --sampling, which it would ignore."""
+    decode, synth = ["--target", "x", "--dataset", "mt-bench"], ["--target", "x", "--prompt-len", "8"]
+    cases = [(decode + ["--block-size", "-2"], "--block-size -2: give 1 or more"),
+             (decode + ["--block-size", "0"], "--block-size 0: give 1 or more"),
+             (decode + ["--max-new-tokens", "0"], "--max-new-tokens 0: give 2 or more"),
+             (decode + ["--max-new-tokens", "1"], "--max-new-tokens 1: give 2 or more"),
+             (decode + ["--temperature", "-0.5"], "--temperature -0.5: give 0 or more"),
+             (decode + ["--compile", "--max-len", "0"], "--max-len 0: give 1 or more"),
+             (["--target", "x", "--prompt-len", "0"], "--prompt-len 0: give 1 or more"),
+             (synth + ["--steps", "0"], "--steps 0: give 1 or more"),
+             (synth + ["--repeats", "0"], "--repeats 0: give 1 or more")]
+    cases += [(synth + flag, "--prompt-len times greedy steps on a random prompt and prints them: drop --out, "
+               "--temperature, --sampling") for flag in (["--out", "o.jsonl"], ["--temperature", "0.7"], ["--sampling", "match"])]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert msg in capsys.readouterr().err, argv
+    args = bench.parse_args(synth + ["--block-size", "1", "--max-new-tokens", "2", "--steps", "1", "--repeats", "1"])
+    assert (args.block_size, args.max_new_tokens, args.temperature) == (1, 2, 0.0)  # the least values pass
 
 
 def test_sampled_bench_says_which_check_ran_instead_of_the_lossless_line(models, tmp_path, capsys):
@@ -2023,18 +2049,39 @@ def test_bench_tells_a_near_tie_divergence_from_a_mismatch(models, tmp_path, cap
 def test_static_cache_length_fits_the_longest_conversation(models):
     # hand-worked: 1000 + (64 + 2) * 16 + 2 * 16 + 1 = 2089 -> 2304 (multiple of 256)
     args = argparse.Namespace(prompt_len=1000, steps=64, block_size=16, max_new_tokens=0)
-    assert bench.static_len(args, None, {}) == 2304
+    assert bench.static_len(args, None, {}) == (2089, 2304)
     t, d = models
     tok = char_tokenizer()  # one token per character: long turns make long prompts
     rows = [{"id": "a", "turns": ["x" * 150, "y" * 90]}, {"id": "b", "turns": ["z" * 40]}]
     args = argparse.Namespace(prompt_len=None, block_size=4, max_new_tokens=30)
-    L = bench.static_len(args, tok, {"set": rows})
+    L = bench.static_len(args, tok, {"set": rows})[1]
     assert L % 256 == 0
     runner = fast_decode.StaticRunner(t, d, 4, L, compile=False)
     for r in rows:  # the whole conversation runs in a static cache of that length
         res = bench.run_turns(t, d, tok, r["turns"], 30, [], 4, runner=runner)
         assert all(len(x["prompt_ids"]) + len(x["tokens"]) + 2 * 4 + 1 <= L for x in res)
     runner.close()
+
+
+def test_compile_refuses_a_max_len_under_what_the_run_needs_before_compiling(models, tmp_path, monkeypatch):
+    """A --max-len under the run's longest conversation is one line naming --max-len and the length needed,
+    before any runner is built: it was a ValueError about check_fast_path's random prompt (--max-len 40), or a
+    traceback mid-benchmark that lost the summary (--max-len 128 --max-new-tokens 200)."""
+    monkeypatch.setattr(fast_decode, "StaticRunner", lambda *a, **kw: pytest.fail("built a runner"))
+    (tmp_path / "cfg.json").write_text(json.dumps(TINY_TARGET))
+    synth = ["--target", str(tmp_path / "cfg.json"), "--prompt-len", "8", "--steps", "2", "--block-size", "4",
+             "--compile", "--dtype", "fp32", "--device", "cpu"]
+    # hand-worked: 8 + (2 + 2) * 4 + 2 * 4 + 1 = 33; the default rounds it up to 256
+    with pytest.raises(SystemExit, match=r"^bench.py: error: --max-len 32: this run needs 33 .*leave it out for 256$"):
+        bench.main(synth + ["--max-len", "32"])
+    t, d = models
+    target = bench_target_folder(t, tmp_path / "target")
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"id": "q0", "turns": ["hello a"]})])
+    prompt = len(bench.render(char_tokenizer(), [{"role": "user", "content": "hello a"}]))
+    need = prompt + (200 + 64) + 2 * 16 + 1  # the prompt, one answer and the template's slack, a block of 16's slack
+    with pytest.raises(SystemExit, match=f"--max-len 128: this run needs {need} "):
+        bench.main(["--target", target, "--dataset", str(tmp_path / "p.jsonl"), "--compile", "--max-len", "128",
+                    "--max-new-tokens", "200", "--dtype", "fp32", "--device", "cpu"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2741,6 +2788,44 @@ def test_replay_gives_the_acceptance_of_decoding():
     assert taus[0] > 1.5 and taus[1] < 1.5, taus  # the equality held for long runs and for rejections
 
 
+def test_replay_answers_follow_the_prompt_the_target_saw_on_a_template_that_rewrites_past_turns(tmp_path, capsys):
+    """A Qwen3-style template renders a past turn without the empty think block the target answered after
+    (thinking off), so the whole conversation's tokens are not turn 0's context. Replay must read each turn
+    after the prompt the loop decodes it from: per turn, the loop's acceptance lengths, for a drafter fitted to
+    turn 0 (long accepted runs; after the conversation's tokens it accepted 1.28 a step against the loop's 7.67).
+    Rows it cannot replay are counted: an empty answer, answers written with thinking on (not bench's prompt)."""
+    tok = qwen_tokenizer()
+    t = scaled(tiny_target(vocab=len(tok)), 30.0)
+    stops, turns = data.stop_ids(tok, t), ["Name a red fruit.", "And a yellow one?"]
+    answered = bench.run_turns(t, None, tok, turns, 24, stops, 1)  # greedy answers, prompted as regenerate's
+    msgs = []
+    for u, r in zip(turns, answered):
+        ids = [x for x in r["tokens"] if x not in stops]
+        msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": tok.decode(ids), "token_ids": ids,
+                                                    "finished": len(ids) < len(r["tokens"])}]
+    P0 = answered[0]["prompt_ids"]
+    assert answered[1]["prompt_ids"][: len(P0)] != P0  # turn 1's prompt renders turn 0's without its think block
+    seq = torch.tensor([answered[0]["prompt_ids"] + answered[0]["tokens"]])
+    loss_mask = torch.zeros_like(seq)
+    loss_mask[:, len(answered[0]["prompt_ids"]):] = 1
+    d = tiny_drafter(t, layers=1, block_size=8, layer_ids=(1, 3))
+    fit_drafter(d, t, seq, loss_mask, 80)
+    want = [bench.spec_generate(t, d, torch.tensor([r["prompt_ids"]]), 24, stops, 8) for r in answered]
+    assert [w["tokens"] for w in want] == [r["tokens"] for r in answered]
+    empty = msgs[:1] + [{"role": "assistant", "content": "", "token_ids": [], "finished": True}]  # no span to replay
+    think = msgs[:1] + [dict(msgs[1], content="<think>\nred\n</think>\n\n" + msgs[1]["content"])]  # not bench's prompt
+    write_lines(tmp_path / "rows.jsonl", [json.dumps({"id": "r", "messages": m}) for m in (msgs, empty, think)])
+    args = types.SimpleNamespace(num_prompts=None, device="cpu", block_size=8, rows_dtype=None, dtype="fp32")
+    with open(tmp_path / "replayed.jsonl", "w") as f:
+        measure.replay_rows(t, d, tok, str(tmp_path / "rows.jsonl"), args, f)
+    got = measure.read_records(tmp_path / "replayed.jsonl")
+    assert [r["dflash"]["acceptance"] for r in got] == [w["acceptance"] for w in want]
+    assert [r["prompt_len"] for r in got] == [len(r["prompt_ids"]) for r in answered]
+    assert sum(want[0]["acceptance"]) / len(want[0]["acceptance"]) > 4  # the drafter accepts long runs on turn 0
+    out = capsys.readouterr().out
+    assert "1 rows skipped: an empty answer" in out and "1 rows skipped: answered with thinking on" in out
+
+
 @need_assets
 def test_replay_cli_on_regenerated_rows_matches_the_decoding_bench(tmp_path, capsys):
     """bench.py --replay on rows from data.py regenerate: per turn, the same tokens and acceptance lengths
@@ -2800,6 +2885,28 @@ def test_replay_decodes_in_the_dtype_the_rows_were_regenerated_in(models, tmp_pa
     with pytest.raises(SystemExit):
         bench.parse_args(common + ["--replay", str(mixed)])
     assert "--replay rows regenerated in different dtypes (fp32: " in capsys.readouterr().err
+
+
+def test_replay_sets_that_share_a_file_name_keep_their_own_tau(models, tmp_path, capsys):
+    """Two --replay files with one stem (a/rows.jsonl, b/rows.jsonl) are named by their paths as given, so the
+    closing record keeps both sets (it kept one, as the --dataset names never collide); a file whose stem is
+    its own keeps the stem (the ablation recipe reads its sets by it); a file given twice is replayed once."""
+    t, d = models
+    target = bench_target_folder(t, tmp_path / "target")
+    C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"id": "q0", "turns": ["hello a"]}), json.dumps({"id": "q1", "turns": ["hi b"]})])
+    regenerate.main(["regenerate", "--target", target, "--data", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "all.jsonl"),
+                     "--max-new-tokens", "6", "--max-prompt-tokens", "64"])
+    rows = open(tmp_path / "all.jsonl").read().splitlines()
+    paths = [tmp_path / "a" / "rows.jsonl", tmp_path / "b" / "rows.jsonl", tmp_path / "other.jsonl"]
+    for path, lines in zip(paths, (rows[:1], rows[1:], rows)):
+        path.parent.mkdir(exist_ok=True)
+        write_lines(path, lines)
+    bench.main(["--target", target, "--draft", str(tmp_path / "drafter"), "--device", "cpu", "--out", str(tmp_path / "out.jsonl"),
+                "--replay", ",".join(map(str, paths + paths[2:]))])  # other.jsonl twice: replayed once
+    closing = [json.loads(line) for line in open(tmp_path / "out.jsonl")][-1]
+    assert list(closing["sets"]) == [str(paths[0]), str(paths[1]), "other"] and closing["turns"] == 4
+    assert f"== {paths[0]}: replay of 1 greedy answers" in capsys.readouterr().out
 
 
 def test_cli_synthetic_timing(tmp_path, capsys):
