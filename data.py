@@ -94,7 +94,8 @@ def _loads(line):
 def parse_messages(row, need_assistant=True):
     """Normalize one row to [{"role", "content"}]; raise BadRow(reason) if it cannot be used.
     Accepts `messages` (role/content), ShareGPT `conversations` (from/value), and prompt-only rows
-    (`turns` or `prompt`) which become user messages."""
+    (`turns` or `prompt`) which become user messages. Regenerated turns keep their `token_ids`, and
+    `finished: False` where the token limit cut them."""
     if row is None:
         raise BadRow("malformed json")
     if not isinstance(row, dict):
@@ -122,6 +123,8 @@ def parse_messages(row, need_assistant=True):
         m = {"role": ROLES[role.lower()], "content": content}
         if isinstance(t.get("token_ids"), list):
             m["token_ids"] = t["token_ids"]
+        if t.get("finished") is False:
+            m["finished"] = False
         msgs.append(m)
     if need_assistant and not any(m["role"] == "assistant" for m in msgs):
         raise BadRow("no assistant turn")
@@ -178,7 +181,9 @@ def _common_prefix(a, b):
 
 def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None, supervise=None):
     """(input_ids, loss_mask) of the whole conversation rendered by the target's chat template;
-    loss_mask is 1 on each assistant turn's content and its end-of-turn token, 0 elsewhere.
+    loss_mask is 1 on each assistant turn's content and its end-of-turn token, 0 elsewhere. A turn
+    cut by the token limit (`finished: False`) keeps the end token the template adds, unsupervised:
+    the target never generated it.
 
     Where the template put assistant turn i's content is found on the rendered TEXT: render it as
     is and with that content emptied; the characters between the common prefix and the common
@@ -231,7 +236,7 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None,
         # character is lost
         if gen is not None and k0 < k1 and offsets[k0][0] == cs and offsets[k1 - 1][1] == ce:
             span = list(gen[:-1] if gen and gen[-1] in ends else gen)
-        if k1 < len(full) and full[k1] in ends:
+        if m.get("finished", True) and k1 < len(full) and full[k1] in ends:
             span = span + [full[k1]]
             k1 += 1
         pieces += [(full[k:k0], 0), (span, 1)]
@@ -244,17 +249,30 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None,
     return ids[:max_length], mask[:max_length]
 
 
+def _as_generated(tokenizer, messages, i, text, enable_thinking):
+    """Whether `text` (the conversation up to assistant turn i) has turn i right after the prompt the
+    target answered, up to whitespace at the content's edges (which templates may strip)."""
+    prompt = render_chat(tokenizer, messages[:i], enable_thinking, True, tokenize=False)
+    return text.startswith(prompt) and text[len(prompt):].lstrip().startswith(messages[i]["content"].strip())
+
+
 def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
     """The (input_ids, loss_mask) rows of one conversation: one per assistant turn that the template
     renders differently once the conversation goes on (Qwen3 drops past reasoning, and with thinking
     off the empty think block the target answered after): that row is the conversation up to the
     turn as the template rendered it when the target wrote the turn, supervising the turn and the
     earlier ones not yet in a row. A template that renders every turn the same way later (most)
-    gives one row. A row whose turns are all past max_length ends the conversation's rows."""
+    gives one row. A row whose turns are all past max_length ends the conversation's rows. A turn cut
+    by the token limit that the template renders after text the target never saw (Qwen3 with thinking
+    on: an empty think block before reasoning cut short of its </think>) is context only, never
+    supervised: its row would teach a context the drafter never meets."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"]]
     if not turns:
         raise BadRow("no assistant content")
     texts = {i: render_chat(tokenizer, messages[:i + 1], enable_thinking, tokenize=False) for i in turns}
+    turns = [i for i in turns if messages[i].get("finished", True) or _as_generated(tokenizer, messages, i, texts[i], enable_thinking)]
+    if not turns:
+        raise BadRow("cut answer after template text the target never saw")
     rows, group = [], []
     for k, i in enumerate(turns):
         group.append(i)

@@ -659,6 +659,47 @@ def test_mask_prefers_generated_ids():
     assert sup[-len(gen) - 1:] == gen + [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_cut_answer_supervises_what_the_target_wrote_and_not_the_end_token(tmp_path):
+    """An answer cut by --max-new-tokens ("finished": false) is supervised on exactly the ids the target
+    wrote: the end-of-turn token the template closes it with stays in the row, unsupervised. A cut answer
+    the template renders after text the target never saw (thinking on: reasoning cut before </think>
+    gets an empty think block first) is context only, and a conversation of nothing else is skipped by name."""
+    tok = qwen_tokenizer()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def gen(text, finished):  # an answer as regenerate writes it
+        return {"role": "assistant", "content": text, "token_ids": tok.encode(text, add_special_tokens=False), "finished": finished}
+    head = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a red fruit.<|im_end|>\n<|im_start|>assistant\n"
+    turn2 = "<|im_start|>user\nAnd a yellow one?<|im_end|>\n<|im_start|>assistant\n"
+    empty = "<think>\n\n</think>\n\n"
+    cut, done = gen("An app", False), gen("A banana.", True)
+    msgs = data.parse_messages(json.loads(json.dumps({"messages": CHAT[:2] + [cut, CHAT[3], done]})))
+    assert msgs[2]["finished"] is False and "finished" not in msgs[4]  # read back from the file's row
+    rows = data.conversation_rows(tok, msgs, 4096, False)  # thinking off: the target answered after the empty block
+    assert [tok.decode(ids) for ids, _ in rows] == [head + empty + "An app<|im_end|>\n",
+                                                   head + "An app<|im_end|>\n" + turn2 + empty + "A banana.<|im_end|>\n"]
+    assert [masked_text(tok, *r) for r in rows] == ["An app", "A banana.<|im_end|>"]
+    assert [i for i, k in zip(*rows[0]) if k] == cut["token_ids"] and rows[0][0][-2] == end
+    assert data.tokenize_conversation(tok, msgs[:3], 4096, False)[1][-2:] == [0, 0]  # <|im_end|>, "\n"
+    # thinking on: cut in the answer, after </think>, it reads as the target wrote it
+    late = gen("<think>\nred\n</think>\n\nAn app", False)
+    (ids, mask), = data.conversation_rows(tok, CHAT[:2] + [late], 4096, True)
+    assert tok.decode(ids) == head + late["content"] + "<|im_end|>\n" and [i for i, k in zip(ids, mask) if k] == late["token_ids"]
+    # cut in the reasoning: the template puts an empty think block before it, which the target never saw
+    early = gen("<think>\nred fruits: apple", False)
+    assert tok.decode(data.render_chat(tok, CHAT[:2] + [early], True)).startswith(head + empty + early["content"])
+    with pytest.raises(data.BadRow, match="cut answer after template text the target never saw"):
+        data.conversation_rows(tok, CHAT[:2] + [early], 4096, True)
+    thought = gen("<think>\nyellow\n</think>\n\nA banana.", True)
+    (ids, mask), = data.conversation_rows(tok, CHAT[:2] + [early, CHAT[3], thought], 4096, True)
+    assert tok.decode(ids) == head + early["content"] + "<|im_end|>\n" + turn2 + thought["content"] + "<|im_end|>\n"
+    assert [i for i, k in zip(ids, mask) if k] == thought["token_ids"] + [end]  # the later turn still trains
+    logs = []
+    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": CHAT[:2] + [early]}), json.dumps({"messages": CHAT[:2] + [late]})])
+    assert len(data.build_dataset(tok, str(tmp_path / "d.jsonl"), 4096, enable_thinking=True, log=logs.append)) == 1
+    assert "= 1 skipped (1 cut answer after template text the target never saw) + 1 kept" in logs[0]
+
+
 @need_assets  # parse_config checks that the default target exists
 def test_thinking_rows_one_per_turn_with_the_history_the_target_saw(tmp_path, monkeypatch):
     tok = qwen_tokenizer()
@@ -2883,9 +2924,12 @@ def test_regenerate_greedy_aligned_and_resumable(tmp_path):
     # the regenerated file is training data, its generated ids are the supervised ones
     convs, skipped = data.load_conversations(str(out))
     assert len(convs) == 4 and not skipped
-    ids, mask = data.tokenize_conversation(tok, convs[0], 512)
-    a = [m for m in convs[0] if m["role"] == "assistant"]
-    assert [i for i, m in zip(ids, mask) if m] == [t for m in a for t in m["token_ids"] + [2]]
+    # (an answer cut by --max-new-tokens without the end token the target never wrote)
+    for conv in convs:
+        ids, mask = data.tokenize_conversation(tok, conv, 512)
+        a = [m for m in conv if m["role"] == "assistant"]
+        assert [i for i, m in zip(ids, mask) if m] == [t for m in a for t in m["token_ids"] + [2] * m.get("finished", True)]
+    assert any(m.get("finished") is False for conv in convs for m in conv)  # 6 tokens cut some
 
 
 @need_assets
@@ -3385,9 +3429,9 @@ def test_regenerate_through_llama_cpp_server(llama_cpp_server, tmp_path, capsys)
             assert m["content"].strip() and (m["content"], m["token_ids"], m["finished"]) == (tok.decode(greedy), greedy, stopped)
     training = data.build_dataset(tok, str(out), 512, log=lambda s: None)
     assert len(training) == 4  # SmolLM2's template renders earlier turns unchanged: one row a conversation
-    for (ids, mask), r in zip(training, rows):  # the loss falls on the answers' ids and their end-of-turn token
+    for (ids, mask), r in zip(training, rows):  # the loss falls on the answers' ids and, where they stopped, their end token
         answers = [m for m in r["messages"] if m["role"] == "assistant"]
-        assert [t for t, on in zip(ids, mask) if on] == [t for m in answers for t in m["token_ids"] + [tok.eos_token_id]]
+        assert [t for t, on in zip(ids, mask) if on] == [t for m in answers for t in m["token_ids"] + [tok.eos_token_id] * m["finished"]]
 
 
 @pytest.mark.parametrize("compiled", [False, True])
