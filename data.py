@@ -16,6 +16,7 @@ import glob
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 
 import torch
@@ -58,30 +59,61 @@ def _json_array_records(text):
         yield row
 
 
+_NONBLANK = re.compile(r"\S")
+# not JSON: read as text they fail deep in the decoder or skip every row as malformed, so they are named
+_NOT_JSON = (".parquet", ".arrow", ".csv", ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar")
+_SOURCES = "data is JSON/JSONL files (a glob), a save_to_disk folder or a hub dataset name"
+
+
+def _is_json_array(text):
+    """A JSON array, not JSONL: the first line opens a list that does not close on it, or the file is
+    that one line (a line holding a whole list, followed by more, is a JSONL row)."""
+    head = _NONBLANK.search(text)
+    if head is None or text[head.start()] != "[":
+        return False
+    end = text.find("\n", head.start())
+    return end < 0 or _loads(text[head.start():end]) is None or _NONBLANK.search(text, end) is None
+
+
 def read_rows(source, split="train"):
-    """Yield (index, row) for every row of a JSONL/JSON file (a glob of them), a dataset saved with
-    save_to_disk, or a hub dataset name; row is None where the line is not valid JSON."""
-    files = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
-    if all(os.path.isfile(f) for f in files) and files:
-        i = 0
+    """(index, row) for every row of a JSONL/JSON file (a glob of them), a dataset saved with
+    save_to_disk, or a hub dataset name; row is None where the line is not valid JSON. A glob that
+    matches nothing, a local path that does not exist, a Parquet/CSV/compressed file or a saved
+    dataset without `split` is an error here, at the call, before any row is read."""
+    globbed = any(c in source for c in "*?[")
+    files = sorted(glob.glob(source)) if globbed else [source]
+    if not files:
+        raise FileNotFoundError(f"{source} matches no file ({_SOURCES})")
+    if globbed or os.path.isfile(source):
         for f in files:
-            with open(f, encoding="utf-8") as fh:
-                text = fh.read()
-            if text.lstrip().startswith("["):
-                rows = _json_array_records(text)
-            else:
-                # split on "\n" only: str.splitlines also breaks at U+2028 and friends inside strings
-                rows = (_loads(line) for line in text.split("\n") if line.strip())
-            for row in rows:
-                yield i, row
-                i += 1
-        return
+            if not os.path.isfile(f) or f.lower().endswith(_NOT_JSON):
+                raise ValueError(f"{f} is not a JSON/JSONL file ({_SOURCES})")
+        return _file_rows(files)
+    if not os.path.isdir(source) and (source.startswith(("/", ".")) or source.endswith((".json", ".jsonl"))):
+        raise FileNotFoundError(f"{source} does not exist ({_SOURCES})")
     import datasets  # only here: the GPU machines do not have it
     ds = datasets.load_from_disk(source) if os.path.isdir(source) else datasets.load_dataset(source, split=split)
     if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{source} has no {split!r} split, only {', '.join(ds) or 'none'}: give one split's folder "
+                             f"(e.g. {os.path.join(source, next(iter(ds), split))})")
         ds = ds[split]
-    for i, row in enumerate(ds):
-        yield i, row
+    return enumerate(ds)
+
+
+def _file_rows(files):
+    i = 0
+    for f in files:
+        with open(f, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of the first row
+            text = fh.read()
+        if _is_json_array(text):
+            rows = _json_array_records(text)
+        else:
+            # split on "\n" only: str.splitlines also breaks at U+2028 and friends inside strings
+            rows = (_loads(line) for line in text.split("\n") if line.strip())
+        for row in rows:
+            yield i, row
+            i += 1
 
 
 def _loads(line):

@@ -421,7 +421,11 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     out = shard_path(out, shard, num_shards)
     done = _done_indices(out)
     todo, skipped = [], collections.Counter()
-    for i, row in read_rows(data):
+    try:
+        source = read_rows(data)
+    except (OSError, ValueError) as e:  # a glob that matches nothing, a missing file, a Parquet file...
+        raise SystemExit(f"regenerate error: --data {e}")
+    for i, row in source:
         if limit is not None and i >= limit:
             break
         if i % num_shards != shard or i in done:

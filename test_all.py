@@ -820,6 +820,30 @@ def test_data_summary_adds_up_to_rows_read(tmp_path):
     assert tok_why == "1 no assistant content"
 
 
+def test_reader_counts_file_variants_and_names_bad_sources(tmp_path):
+    """JSONL whose first line is a bare list, JSONL with a byte-order mark, a one-line JSON array and a
+    pretty-printed one each read as the rows they hold; a glob that matches nothing, a local path that
+    does not exist and a Parquet file are errors naming the path, at the call."""
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    (tmp_path / "lists.jsonl").write_text("[1, 2]\n" + good + "\n[3]\n" + good + "\n")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (good + "\n" + good + "\n").encode())
+    (tmp_path / "one.json").write_text("[" + good + ", " + good + "]\n\n")
+    (tmp_path / "pretty.json").write_text(json.dumps([json.loads(good)] * 2, indent=2))
+    for name, skipped in (("lists.jsonl", {"row not an object": 2}), ("bom.jsonl", {}), ("one.json", {}), ("pretty.json", {})):
+        convs, got = data.load_conversations(str(tmp_path / name))
+        assert (len(convs), got) == (2, skipped), name
+    (tmp_path / "d.parquet").write_bytes(b"PAR1\x00\x15")
+    parquet = str(tmp_path / "d.parquet")
+    for source, error, said in ((str(tmp_path / "*.jsonlx"), FileNotFoundError, str(tmp_path / "*.jsonlx") + " matches no file"),
+                                (str(tmp_path / "missing.jsonl"), FileNotFoundError, str(tmp_path / "missing.jsonl") + " does not exist"),
+                                ("./runs/nowhere", FileNotFoundError, "./runs/nowhere does not exist"),
+                                ("data/train.json", FileNotFoundError, "data/train.json does not exist"),
+                                (parquet, ValueError, parquet + " is not a JSON/JSONL file"),
+                                (str(tmp_path / "*"), ValueError, parquet + " is not a JSON/JSONL file")):
+        with pytest.raises(error, match=re.escape(said)):
+            data.read_rows(source)  # at the call, before any row is read
+
+
 def fake_dataset(n=37):
     g = torch.Generator().manual_seed(0)
     return [([k] * L, [1] * L) for k, L in enumerate(torch.randint(1, 150, (n,), generator=g).tolist())]
