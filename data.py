@@ -123,6 +123,12 @@ def _loads(line):
         return None
 
 
+def first_set(d, *keys, default=None):
+    """The value of the first key that d holds and is not None: a dataset saved by `datasets` gives
+    every row every column, None where the row had none (a `messages` row gets `conversations: None`)."""
+    return next((d[k] for k in keys if d.get(k) is not None), default)
+
+
 def parse_messages(row, need_assistant=True):
     """Normalize one row to [{"role", "content"}]; raise BadRow(reason) if it cannot be used.
     Accepts `messages` (role/content), ShareGPT `conversations` (from/value), and prompt-only rows
@@ -132,10 +138,10 @@ def parse_messages(row, need_assistant=True):
         raise BadRow("malformed json")
     if not isinstance(row, dict):
         raise BadRow("row not an object")
-    turns = row.get("messages", row.get("conversations"))
-    if turns is None and "turns" in row:
+    turns = first_set(row, "messages", "conversations")
+    if turns is None and row.get("turns") is not None:
         turns = [{"role": "user", "content": t} for t in (row["turns"] if isinstance(row["turns"], list) else [None])]
-    elif turns is None and "prompt" in row:
+    elif turns is None and row.get("prompt") is not None:
         turns = [{"role": "user", "content": row["prompt"]}]
     if turns is None:
         raise BadRow("no messages key")
@@ -147,7 +153,7 @@ def parse_messages(row, need_assistant=True):
     for t in turns:
         if not isinstance(t, dict):
             raise BadRow("message not an object")
-        role, content = t.get("role", t.get("from")), t.get("content", t.get("value"))
+        role, content = first_set(t, "role", "from"), first_set(t, "content", "value")
         if not isinstance(role, str) or role.lower() not in ROLES:
             raise BadRow("unknown role")
         if not isinstance(content, str):
@@ -476,7 +482,7 @@ def load_prompts(name_or_path, assets_dir=None):
         except BadRow:
             continue
         extra = {k: v for k, v in row.items() if k not in ("id", "turns", "prompt", "messages", "conversations")}
-        out.append({"id": str(row.get("id", i)), "turns": [m["content"] for m in msgs if m["role"] == "user"], **extra})
+        out.append({"id": str(first_set(row, "id", default=i)), "turns": [m["content"] for m in msgs if m["role"] == "user"], **extra})
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 
 import fast_decode
 import targets
-from data import BadRow, parse_messages, read_rows, render_chat, stop_ids
+from data import BadRow, first_set, parse_messages, read_rows, render_chat, stop_ids
 
 def shard_path(out, shard, num_shards):
     if num_shards == 1:
@@ -437,7 +437,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             continue
         system = [m for m in msgs[:1] if m["role"] == "system"]
         users = [m["content"] for m in msgs if m["role"] == "user"][:max_turns]
-        rid = row.get("id", row.get("question_id", row.get("task_id", i)))
+        rid = first_set(row, "id", "question_id", "task_id", default=i)
         todo.append({"index": i, "id": rid, "system": system, "users": users})
     log(f"regenerate: {len(todo)} rows to do, {len(done)} already in {out}, skipped: {dict(skipped)}")
     if not todo:

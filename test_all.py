@@ -844,6 +844,34 @@ def test_reader_counts_file_variants_and_names_bad_sources(tmp_path):
             data.read_rows(source)  # at the call, before any row is read
 
 
+def test_saved_datasets_give_every_row_every_column(tmp_path):
+    """A dataset saved by `datasets` gives every row every column, None where the row had none: a
+    `messages` row then has `conversations: None` and the other way round, and so have role/from and
+    content/value inside a message; the value that is set is read. A saved DatasetDict without a train
+    split names the splits it has."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+            {"messages": [{"from": "human", "value": "hey"}, {"from": "gpt", "value": "hi"}]}]
+    want = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+            [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "hi"}]]
+    write_lines(tmp_path / "mix.jsonl", [json.dumps(r) for r in rows[:2]])
+    outer = datasets.load_dataset("json", data_files=str(tmp_path / "mix.jsonl"), split="train", cache_dir=str(tmp_path / "c"))
+    inner = datasets.Dataset.from_list(rows[::2])  # one column: its messages' keys are unified
+    assert outer[1]["messages"] is None and inner[1]["messages"][0]["role"] is None  # what a saved dataset gives
+    for name, ds, convs, ids in (("outer", outer, want[:2], ["a", "1"]), ("inner", inner, want[::2], ["a", "1"])):
+        ds.save_to_disk(str(tmp_path / name))
+        assert data.load_conversations(str(tmp_path / name)) == (convs, {})
+        assert [p["id"] for p in data.load_prompts(str(tmp_path / name))] == ids  # not "None"
+    ds = outer
+    datasets.DatasetDict({"validation": ds, "test": ds}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'splits'} has no 'train' split, only validation, test: "
+                                                   f"give one split's folder (e.g. {tmp_path / 'splits' / 'validation'})")):
+        data.load_conversations(str(tmp_path / "splits"))
+    assert data.load_conversations(str(tmp_path / "splits" / "validation")) == (want[:2], {})
+
+
 def fake_dataset(n=37):
     g = torch.Generator().manual_seed(0)
     return [([k] * L, [1] * L) for k, L in enumerate(torch.randint(1, 150, (n,), generator=g).tolist())]
