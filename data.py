@@ -467,22 +467,30 @@ def iterate_batches(dataset, batch_size, seed, rank=0, world_size=1, pad_multipl
 # -----------------------------------------------------------------------------
 # prompts for benchmarking and regeneration
 
-def load_prompts(name_or_path, assets_dir=None):
+def load_prompts(name_or_path, assets_dir=None, log=print):
     """Rows {"id": str, "turns": [str, ...], ...} of a named prompt set or any JSONL/JSON file of
-    `turns`, `prompt` or chat rows (the user turns are taken)."""
+    `turns`, `prompt` or chat rows (the user turns are taken). Rows skipped are logged by reason in
+    one line; a file with none left is a ValueError."""
     path = name_or_path
     if name_or_path in PROMPT_SETS:
         path = os.path.join(assets_dir or _default_assets(), "prompts", name_or_path + ".jsonl")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing: run `python recipes/fetch.py` first")
-    out = []
+    out, skipped = [], collections.Counter()
     for i, row in read_rows(path):
         try:
             msgs = parse_messages(row, need_assistant=False)
-        except BadRow:
+        except BadRow as e:
+            skipped[str(e)] += 1
             continue
         extra = {k: v for k, v in row.items() if k not in ("id", "turns", "prompt", "messages", "conversations")}
         out.append({"id": str(first_set(row, "id", default=i)), "turns": [m["content"] for m in msgs if m["role"] == "user"], **extra})
+    why = ", ".join(f"{n} {r}" for r, n in skipped.most_common())
+    if not out:
+        raise ValueError(f"{path}: no usable prompt in its {skipped.total()} rows ({why or 'empty'}): rows need `turns`, "
+                         "`prompt` or chat messages with a user turn of text")
+    if skipped:
+        log(f"prompts: {name_or_path}: {skipped.total()} of {skipped.total() + len(out)} rows skipped ({why})")
     return out
 
 

@@ -872,6 +872,21 @@ def test_saved_datasets_give_every_row_every_column(tmp_path):
     assert data.load_conversations(str(tmp_path / "splits" / "validation")) == (want[:2], {})
 
 
+def test_prompt_rows_skipped_are_counted_and_none_left_is_an_error(tmp_path):
+    """load_prompts (bench, regeneration, training's eval) counts the rows it cannot use by reason in one
+    line, and a file with none left is an error instead of a tau over no prompts."""
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}  # content as a list of parts
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"turns": ["Name a color."]}), json.dumps(parts), "{bad", json.dumps(parts)])
+    logs = []
+    assert [p["turns"] for p in data.load_prompts(str(tmp_path / "p.jsonl"), log=logs.append)] == [["Name a color."]]
+    assert logs == [f"prompts: {tmp_path / 'p.jsonl'}: 3 of 4 rows skipped (2 non-string content, 1 malformed json)"]
+    write_lines(tmp_path / "bad.jsonl", [json.dumps(parts), json.dumps({"messages": [{"role": "assistant", "content": "x"}]})])
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.jsonl'}: no usable prompt in its 2 rows "
+                                                   "(1 non-string content, 1 no user turn)")):
+        data.load_prompts(str(tmp_path / "bad.jsonl"), log=logs.append)
+    assert len(logs) == 1
+
+
 def fake_dataset(n=37):
     g = torch.Generator().manual_seed(0)
     return [([k] * L, [1] * L) for k, L in enumerate(torch.randint(1, 150, (n,), generator=g).tolist())]
