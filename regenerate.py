@@ -414,6 +414,12 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     rendered by the template. Rows already in OUT are skipped, so a killed run just restarts.
     With `server` (an OpenAI-compatible URL) the target answers there, `concurrency` rows at a
     time, instead of in this process; the rows are the same."""
+    for flag, n in (("--num-shards", num_shards), ("--batch-size", batch_size), ("--max-turns", max_turns),
+                    ("--concurrency", concurrency), ("--max-new-tokens", max_new_tokens), ("--max-prompt-tokens", max_prompt_tokens)):
+        if n < 1:
+            raise SystemExit(f"regenerate error: {flag} {n}: give 1 or more")
+    if not 0 <= shard < num_shards:
+        raise SystemExit(f"regenerate error: --shard {shard}: give 0 to {num_shards - 1} (--num-shards {num_shards})")
     if server:  # before any other work: a wrong URL or model fails at once
         name = server_model(server, target, served_model_name, max_prompt_tokens + max_new_tokens)
     else:

@@ -3041,6 +3041,31 @@ def test_regenerate_shards(tmp_path):
     assert len(convs) == 4 and not skipped
 
 
+def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, monkeypatch):
+    """A shard outside 0..num_shards-1 (which wrote nothing), counts under 1 (a division by zero, a hang
+    with no threads, crashes after the model loaded) and --data that matches no file are one line each,
+    before the target's config, the data or the model is read."""
+    monkeypatch.setattr(regenerate.targets, "load_target_config", lambda t: pytest.fail("the target's config was read"))
+    monkeypatch.setattr(regenerate, "read_rows", lambda d: pytest.fail("the data was read"))
+    monkeypatch.setattr(regenerate, "load_writer", lambda *a: pytest.fail("the model loaded"))
+    base = ["regenerate", "--target", "T", "--data", "D", "--out", str(tmp_path / "o.jsonl")]
+    for more, said in ((["--num-shards", "2", "--shard", "2"], "--shard 2: give 0 to 1 (--num-shards 2)"),
+                       (["--shard", "-1"], "--shard -1: give 0 to 0 (--num-shards 1)"),
+                       (["--num-shards", "0"], "--num-shards 0: give 1 or more"),
+                       (["--concurrency", "0", "--server", "http://127.0.0.1:9"], "--concurrency 0: give 1 or more"),
+                       (["--batch-size", "0"], "--batch-size 0: give 1 or more"),
+                       (["--max-turns", "0"], "--max-turns 0: give 1 or more"),
+                       (["--max-new-tokens", "0"], "--max-new-tokens 0: give 1 or more")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: {said}")):
+            regenerate.main(base + more)
+    monkeypatch.setattr(regenerate.targets, "load_target_config", lambda t: None)
+    monkeypatch.setattr(regenerate, "check_batch_decodable", lambda c: None)
+    monkeypatch.setattr(regenerate, "read_rows", data.read_rows)
+    for source, said in ((str(tmp_path / "*.jsonl"), "matches no file"), (str(tmp_path / "in.jsnl"), "does not exist")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --data {source} {said}")):
+            regenerate.main(["regenerate", "--target", "T", "--data", source, "--out", str(tmp_path / "o.jsonl")])
+
+
 # a stand-in for `vllm serve` / `sglang.launch_server`: the SmolLM2 target answering the OpenAI
 # completions shape through transformers' own generate(), on 127.0.0.1, told to fail or stall
 _SERVED = {}
