@@ -17,6 +17,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 
 import torch
@@ -59,30 +60,61 @@ def _json_array_records(text):
         yield row
 
 
+_NONBLANK = re.compile(r"\S")
+# not JSON: read as text they fail deep in the decoder or skip every row as malformed, so they are named
+_NOT_JSON = (".parquet", ".arrow", ".csv", ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar")
+_SOURCES = "data is JSON/JSONL files (a glob), a save_to_disk folder or a hub dataset name"
+
+
+def _is_json_array(text):
+    """A JSON array, not JSONL: the first line opens a list that does not close on it, or the file is
+    that one line (a line holding a whole list, followed by more, is a JSONL row)."""
+    head = _NONBLANK.search(text)
+    if head is None or text[head.start()] != "[":
+        return False
+    end = text.find("\n", head.start())
+    return end < 0 or _loads(text[head.start():end]) is None or _NONBLANK.search(text, end) is None
+
+
 def read_rows(source, split="train"):
-    """Yield (index, row) for every row of a JSONL/JSON file (a glob of them), a dataset saved with
-    save_to_disk, or a hub dataset name; row is None where the line is not valid JSON."""
-    files = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
-    if all(os.path.isfile(f) for f in files) and files:
-        i = 0
+    """(index, row) for every row of a JSONL/JSON file (a glob of them), a dataset saved with
+    save_to_disk, or a hub dataset name; row is None where the line is not valid JSON. A glob that
+    matches nothing, a local path that does not exist, a Parquet/CSV/compressed file or a saved
+    dataset without `split` is an error here, at the call, before any row is read."""
+    globbed = any(c in source for c in "*?[")
+    files = sorted(glob.glob(source)) if globbed else [source]
+    if not files:
+        raise FileNotFoundError(f"{source} matches no file ({_SOURCES})")
+    if globbed or os.path.isfile(source):
         for f in files:
-            with open(f, encoding="utf-8") as fh:
-                text = fh.read()
-            if text.lstrip().startswith("["):
-                rows = _json_array_records(text)
-            else:
-                # split on "\n" only: str.splitlines also breaks at U+2028 and friends inside strings
-                rows = (_loads(line) for line in text.split("\n") if line.strip())
-            for row in rows:
-                yield i, row
-                i += 1
-        return
+            if not os.path.isfile(f) or f.lower().endswith(_NOT_JSON):
+                raise ValueError(f"{f} is not a JSON/JSONL file ({_SOURCES})")
+        return _file_rows(files)
+    if not os.path.isdir(source) and (source.startswith(("/", ".")) or source.endswith((".json", ".jsonl"))):
+        raise FileNotFoundError(f"{source} does not exist ({_SOURCES})")
     import datasets  # only here: the GPU machines do not have it
     ds = datasets.load_from_disk(source) if os.path.isdir(source) else datasets.load_dataset(source, split=split)
     if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{source} has no {split!r} split, only {', '.join(ds) or 'none'}: give one split's folder "
+                             f"(e.g. {os.path.join(source, next(iter(ds), split))})")
         ds = ds[split]
-    for i, row in enumerate(ds):
-        yield i, row
+    return enumerate(ds)
+
+
+def _file_rows(files):
+    i = 0
+    for f in files:
+        with open(f, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of the first row
+            text = fh.read()
+        if _is_json_array(text):
+            rows = _json_array_records(text)
+        else:
+            # split on "\n" only: str.splitlines also breaks at U+2028 and friends inside strings
+            rows = (_loads(line) for line in text.split("\n") if line.strip())
+        for row in rows:
+            yield i, row
+            i += 1
 
 
 def _loads(line):
@@ -92,18 +124,25 @@ def _loads(line):
         return None
 
 
+def first_set(d, *keys, default=None):
+    """The value of the first key that d holds and is not None: a dataset saved by `datasets` gives
+    every row every column, None where the row had none (a `messages` row gets `conversations: None`)."""
+    return next((d[k] for k in keys if d.get(k) is not None), default)
+
+
 def parse_messages(row, need_assistant=True):
     """Normalize one row to [{"role", "content"}]; raise BadRow(reason) if it cannot be used.
     Accepts `messages` (role/content), ShareGPT `conversations` (from/value), and prompt-only rows
-    (`turns` or `prompt`) which become user messages."""
+    (`turns` or `prompt`) which become user messages. Regenerated turns keep their `token_ids`, and
+    `finished: False` where the token limit cut them."""
     if row is None:
         raise BadRow("malformed json")
     if not isinstance(row, dict):
         raise BadRow("row not an object")
-    turns = row.get("messages", row.get("conversations"))
-    if turns is None and "turns" in row:
+    turns = first_set(row, "messages", "conversations")
+    if turns is None and row.get("turns") is not None:
         turns = [{"role": "user", "content": t} for t in (row["turns"] if isinstance(row["turns"], list) else [None])]
-    elif turns is None and "prompt" in row:
+    elif turns is None and row.get("prompt") is not None:
         turns = [{"role": "user", "content": row["prompt"]}]
     if turns is None:
         raise BadRow("no messages key")
@@ -115,7 +154,7 @@ def parse_messages(row, need_assistant=True):
     for t in turns:
         if not isinstance(t, dict):
             raise BadRow("message not an object")
-        role, content = t.get("role", t.get("from")), t.get("content", t.get("value"))
+        role, content = first_set(t, "role", "from"), first_set(t, "content", "value")
         if not isinstance(role, str) or role.lower() not in ROLES:
             raise BadRow("unknown role")
         if not isinstance(content, str):
@@ -123,6 +162,8 @@ def parse_messages(row, need_assistant=True):
         m = {"role": ROLES[role.lower()], "content": content}
         if isinstance(t.get("token_ids"), list):
             m["token_ids"] = t["token_ids"]
+        if t.get("finished") is False:
+            m["finished"] = False
         msgs.append(m)
     if need_assistant and not any(m["role"] == "assistant" for m in msgs):
         raise BadRow("no assistant turn")
@@ -179,7 +220,9 @@ def _common_prefix(a, b):
 
 def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None, supervise=None):
     """(input_ids, loss_mask) of the whole conversation rendered by the target's chat template;
-    loss_mask is 1 on each assistant turn's content and its end-of-turn token, 0 elsewhere.
+    loss_mask is 1 on each assistant turn's content and its end-of-turn token, 0 elsewhere. A turn
+    cut by the token limit (`finished: False`) keeps the end token the template adds, unsupervised:
+    the target never generated it.
 
     Where the template put assistant turn i's content is found on the rendered TEXT: render it as
     is and with that content emptied; the characters between the common prefix and the common
@@ -232,7 +275,7 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None,
         # character is lost
         if gen is not None and k0 < k1 and offsets[k0][0] == cs and offsets[k1 - 1][1] == ce:
             span = list(gen[:-1] if gen and gen[-1] in ends else gen)
-        if k1 < len(full) and full[k1] in ends:
+        if m.get("finished", True) and k1 < len(full) and full[k1] in ends:
             span = span + [full[k1]]
             k1 += 1
         pieces += [(full[k:k0], 0), (span, 1)]
@@ -245,17 +288,30 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None,
     return ids[:max_length], mask[:max_length]
 
 
+def _as_generated(tokenizer, messages, i, text, enable_thinking):
+    """Whether `text` (the conversation up to assistant turn i) has turn i right after the prompt the
+    target answered, up to whitespace at the content's edges (which templates may strip)."""
+    prompt = render_chat(tokenizer, messages[:i], enable_thinking, True, tokenize=False)
+    return text.startswith(prompt) and text[len(prompt):].lstrip().startswith(messages[i]["content"].strip())
+
+
 def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
     """The (input_ids, loss_mask) rows of one conversation: one per assistant turn that the template
     renders differently once the conversation goes on (Qwen3 drops past reasoning, and with thinking
     off the empty think block the target answered after): that row is the conversation up to the
     turn as the template rendered it when the target wrote the turn, supervising the turn and the
     earlier ones not yet in a row. A template that renders every turn the same way later (most)
-    gives one row. A row whose turns are all past max_length ends the conversation's rows."""
+    gives one row. A row whose turns are all past max_length ends the conversation's rows. A turn cut
+    by the token limit that the template renders after text the target never saw (Qwen3 with thinking
+    on: an empty think block before reasoning cut short of its </think>) is context only, never
+    supervised: its row would teach a context the drafter never meets."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"]]
     if not turns:
         raise BadRow("no assistant content")
     texts = {i: render_chat(tokenizer, messages[:i + 1], enable_thinking, tokenize=False) for i in turns}
+    turns = [i for i in turns if messages[i].get("finished", True) or _as_generated(tokenizer, messages, i, texts[i], enable_thinking)]
+    if not turns:
+        raise BadRow("cut answer after template text the target never saw")
     rows, group = [], []
     for k, i in enumerate(turns):
         group.append(i)
@@ -422,22 +478,30 @@ def iterate_batches(dataset, batch_size, seed, rank=0, world_size=1, pad_multipl
 # -----------------------------------------------------------------------------
 # prompts for benchmarking and regeneration
 
-def load_prompts(name_or_path, assets_dir=None):
+def load_prompts(name_or_path, assets_dir=None, log=print):
     """Rows {"id": str, "turns": [str, ...], ...} of a named prompt set or any JSONL/JSON file of
-    `turns`, `prompt` or chat rows (the user turns are taken)."""
+    `turns`, `prompt` or chat rows (the user turns are taken). Rows skipped are logged by reason in
+    one line; a file with none left is a ValueError."""
     path = name_or_path
     if name_or_path in PROMPT_SETS:
         path = os.path.join(assets_dir or _default_assets(), "prompts", name_or_path + ".jsonl")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing: run `python recipes/fetch.py` first")
-    out = []
+    out, skipped = [], collections.Counter()
     for i, row in read_rows(path):
         try:
             msgs = parse_messages(row, need_assistant=False)
-        except BadRow:
+        except BadRow as e:
+            skipped[str(e)] += 1
             continue
         extra = {k: v for k, v in row.items() if k not in ("id", "turns", "prompt", "messages", "conversations")}
-        out.append({"id": str(row.get("id", i)), "turns": [m["content"] for m in msgs if m["role"] == "user"], **extra})
+        out.append({"id": str(first_set(row, "id", default=i)), "turns": [m["content"] for m in msgs if m["role"] == "user"], **extra})
+    why = ", ".join(f"{n} {r}" for r, n in skipped.most_common())
+    if not out:
+        raise ValueError(f"{path}: no usable prompt in its {skipped.total()} rows ({why or 'empty'}): rows need `turns`, "
+                         "`prompt` or chat messages with a user turn of text")
+    if skipped:
+        log(f"prompts: {name_or_path}: {skipped.total()} of {skipped.total() + len(out)} rows skipped ({why})")
     return out
 
 

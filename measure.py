@@ -192,8 +192,8 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
     decodes it from (bench.render: thinking off where the template has the switch, as regenerate
     --enable-thinking off), not the whole conversation's tokens: a template that rewrites past turns (Qwen3
     drops their empty think block) renders those differently; rows answered with thinking on, or with an empty
-    answer, are skipped and counted. An answer cut by the regeneration's token limit ("finished": false) ends
-    before the end-of-turn token the template adds to it. The set's name is the file's stem, or the path as
+    answer, are skipped and counted. An answer cut by the regeneration's token limit ("finished": false) is
+    supervised without the end-of-turn token the template adds to it, so its span ends where it was cut. The set's name is the file's stem, or the path as
     given where two --replay files share a stem."""
     stem = lambda p: os.path.splitext(os.path.basename(p))[0]
     name = path if [stem(p) for p in getattr(args, "replay", [path])].count(stem(path)) > 1 else stem(path)
@@ -213,11 +213,11 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
             skipped["answered with thinking on; bench.py prompts with it off (regenerate --enable-thinking off)"] += 1
             continue
         msgs, turns = data.parse_messages(row), []  # turns: (the prompt + the answer, the answer's span) of each
-        for j, answer in zip([j for j, m in enumerate(msgs) if m["role"] == "assistant"], answers):
+        for j in [j for j, m in enumerate(msgs) if m["role"] == "assistant"]:
             prompt = data.render_chat(tokenizer, msgs[:j], thinking, add_generation_prompt=True)
             ids, mask = data.tokenize_conversation(tokenizer, msgs[: j + 1], 1 << 30, thinking)
-            s, e = answer_spans(mask)[-1]  # the answer as its last turn: the target's ids and end-of-turn token
-            ids = prompt + ids[s: e if answer.get("finished", True) else e - 1]
+            s, e = answer_spans(mask)[-1]  # the answer as its last turn: the target's ids (+ its end token if it stopped)
+            ids = prompt + ids[s:e]
             turns.append((ids, (len(prompt), len(ids))))
         acc = {}
         for k in reversed(range(len(turns))):  # one target forward for the turns whose ids start a later turn's

@@ -20,7 +20,7 @@ import torch
 
 import fast_decode
 import targets
-from data import BadRow, parse_messages, read_rows, render_chat, stop_ids
+from data import BadRow, first_set, parse_messages, read_rows, render_chat, stop_ids
 
 def shard_path(out, shard, num_shards):
     if num_shards == 1:
@@ -414,6 +414,12 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     rendered by the template. Rows already in OUT are skipped, so a killed run just restarts.
     With `server` (an OpenAI-compatible URL) the target answers there, `concurrency` rows at a
     time, instead of in this process; the rows are the same."""
+    for flag, n in (("--num-shards", num_shards), ("--batch-size", batch_size), ("--max-turns", max_turns),
+                    ("--concurrency", concurrency), ("--max-new-tokens", max_new_tokens), ("--max-prompt-tokens", max_prompt_tokens)):
+        if n < 1:
+            raise SystemExit(f"regenerate error: {flag} {n}: give 1 or more")
+    if not 0 <= shard < num_shards:
+        raise SystemExit(f"regenerate error: --shard {shard}: give 0 to {num_shards - 1} (--num-shards {num_shards})")
     if server:  # before any other work: a wrong URL or model fails at once
         name = server_model(server, target, served_model_name, max_prompt_tokens + max_new_tokens)
     else:
@@ -421,7 +427,11 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     out = shard_path(out, shard, num_shards)
     done = _done_indices(out)
     todo, skipped = [], collections.Counter()
-    for i, row in read_rows(data):
+    try:
+        source = read_rows(data)
+    except (OSError, ValueError) as e:  # a glob that matches nothing, a missing file, a Parquet file...
+        raise SystemExit(f"regenerate error: --data {e}")
+    for i, row in source:
         if limit is not None and i >= limit:
             break
         if i % num_shards != shard or i in done:
@@ -433,7 +443,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             continue
         system = [m for m in msgs[:1] if m["role"] == "system"]
         users = [m["content"] for m in msgs if m["role"] == "user"][:max_turns]
-        rid = row.get("id", row.get("question_id", row.get("task_id", i)))
+        rid = first_set(row, "id", "question_id", "task_id", default=i)
         todo.append({"index": i, "id": rid, "system": system, "users": users})
     log(f"regenerate: {len(todo)} rows to do, {len(done)} already in {out}, skipped: {dict(skipped)}")
     if not todo:

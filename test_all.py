@@ -659,6 +659,47 @@ def test_mask_prefers_generated_ids():
     assert sup[-len(gen) - 1:] == gen + [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_cut_answer_supervises_what_the_target_wrote_and_not_the_end_token(tmp_path):
+    """An answer cut by --max-new-tokens ("finished": false) is supervised on exactly the ids the target
+    wrote: the end-of-turn token the template closes it with stays in the row, unsupervised. A cut answer
+    the template renders after text the target never saw (thinking on: reasoning cut before </think>
+    gets an empty think block first) is context only, and a conversation of nothing else is skipped by name."""
+    tok = qwen_tokenizer()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def gen(text, finished):  # an answer as regenerate writes it
+        return {"role": "assistant", "content": text, "token_ids": tok.encode(text, add_special_tokens=False), "finished": finished}
+    head = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a red fruit.<|im_end|>\n<|im_start|>assistant\n"
+    turn2 = "<|im_start|>user\nAnd a yellow one?<|im_end|>\n<|im_start|>assistant\n"
+    empty = "<think>\n\n</think>\n\n"
+    cut, done = gen("An app", False), gen("A banana.", True)
+    msgs = data.parse_messages(json.loads(json.dumps({"messages": CHAT[:2] + [cut, CHAT[3], done]})))
+    assert msgs[2]["finished"] is False and "finished" not in msgs[4]  # read back from the file's row
+    rows = data.conversation_rows(tok, msgs, 4096, False)  # thinking off: the target answered after the empty block
+    assert [tok.decode(ids) for ids, _ in rows] == [head + empty + "An app<|im_end|>\n",
+                                                   head + "An app<|im_end|>\n" + turn2 + empty + "A banana.<|im_end|>\n"]
+    assert [masked_text(tok, *r) for r in rows] == ["An app", "A banana.<|im_end|>"]
+    assert [i for i, k in zip(*rows[0]) if k] == cut["token_ids"] and rows[0][0][-2] == end
+    assert data.tokenize_conversation(tok, msgs[:3], 4096, False)[1][-2:] == [0, 0]  # <|im_end|>, "\n"
+    # thinking on: cut in the answer, after </think>, it reads as the target wrote it
+    late = gen("<think>\nred\n</think>\n\nAn app", False)
+    (ids, mask), = data.conversation_rows(tok, CHAT[:2] + [late], 4096, True)
+    assert tok.decode(ids) == head + late["content"] + "<|im_end|>\n" and [i for i, k in zip(ids, mask) if k] == late["token_ids"]
+    # cut in the reasoning: the template puts an empty think block before it, which the target never saw
+    early = gen("<think>\nred fruits: apple", False)
+    assert tok.decode(data.render_chat(tok, CHAT[:2] + [early], True)).startswith(head + empty + early["content"])
+    with pytest.raises(data.BadRow, match="cut answer after template text the target never saw"):
+        data.conversation_rows(tok, CHAT[:2] + [early], 4096, True)
+    thought = gen("<think>\nyellow\n</think>\n\nA banana.", True)
+    (ids, mask), = data.conversation_rows(tok, CHAT[:2] + [early, CHAT[3], thought], 4096, True)
+    assert tok.decode(ids) == head + early["content"] + "<|im_end|>\n" + turn2 + thought["content"] + "<|im_end|>\n"
+    assert [i for i, k in zip(ids, mask) if k] == thought["token_ids"] + [end]  # the later turn still trains
+    logs = []
+    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": CHAT[:2] + [early]}), json.dumps({"messages": CHAT[:2] + [late]})])
+    assert len(data.build_dataset(tok, str(tmp_path / "d.jsonl"), 4096, enable_thinking=True, log=logs.append)) == 1
+    assert "= 1 skipped (1 cut answer after template text the target never saw) + 1 kept" in logs[0]
+
+
 @need_assets  # parse_config checks that the default target exists
 def test_thinking_rows_one_per_turn_with_the_history_the_target_saw(tmp_path, monkeypatch):
     tok = qwen_tokenizer()
@@ -777,6 +818,73 @@ def test_data_summary_adds_up_to_rows_read(tmp_path):
     assert sum(int(n) for n in re.findall(r"(\d+) [a-z]", why)) == 8
     assert (int(used), int(unused), int(tok_skipped), int(kept), int(rows_out)) == (2, 1, 1, 1, len(rows)) and len(rows) == 1
     assert tok_why == "1 no assistant content"
+
+
+def test_reader_counts_file_variants_and_names_bad_sources(tmp_path):
+    """JSONL whose first line is a bare list, JSONL with a byte-order mark, a one-line JSON array and a
+    pretty-printed one each read as the rows they hold; a glob that matches nothing, a local path that
+    does not exist and a Parquet file are errors naming the path, at the call."""
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    (tmp_path / "lists.jsonl").write_text("[1, 2]\n" + good + "\n[3]\n" + good + "\n")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (good + "\n" + good + "\n").encode())
+    (tmp_path / "one.json").write_text("[" + good + ", " + good + "]\n\n")
+    (tmp_path / "pretty.json").write_text(json.dumps([json.loads(good)] * 2, indent=2))
+    for name, skipped in (("lists.jsonl", {"row not an object": 2}), ("bom.jsonl", {}), ("one.json", {}), ("pretty.json", {})):
+        convs, got = data.load_conversations(str(tmp_path / name))
+        assert (len(convs), got) == (2, skipped), name
+    (tmp_path / "d.parquet").write_bytes(b"PAR1\x00\x15")
+    parquet = str(tmp_path / "d.parquet")
+    for source, error, said in ((str(tmp_path / "*.jsonlx"), FileNotFoundError, str(tmp_path / "*.jsonlx") + " matches no file"),
+                                (str(tmp_path / "missing.jsonl"), FileNotFoundError, str(tmp_path / "missing.jsonl") + " does not exist"),
+                                ("./runs/nowhere", FileNotFoundError, "./runs/nowhere does not exist"),
+                                ("data/train.json", FileNotFoundError, "data/train.json does not exist"),
+                                (parquet, ValueError, parquet + " is not a JSON/JSONL file"),
+                                (str(tmp_path / "*"), ValueError, parquet + " is not a JSON/JSONL file")):
+        with pytest.raises(error, match=re.escape(said)):
+            data.read_rows(source)  # at the call, before any row is read
+
+
+def test_saved_datasets_give_every_row_every_column(tmp_path):
+    """A dataset saved by `datasets` gives every row every column, None where the row had none: a
+    `messages` row then has `conversations: None` and the other way round, and so have role/from and
+    content/value inside a message; the value that is set is read. A saved DatasetDict without a train
+    split names the splits it has."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+            {"messages": [{"from": "human", "value": "hey"}, {"from": "gpt", "value": "hi"}]}]
+    want = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+            [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "hi"}]]
+    write_lines(tmp_path / "mix.jsonl", [json.dumps(r) for r in rows[:2]])
+    outer = datasets.load_dataset("json", data_files=str(tmp_path / "mix.jsonl"), split="train", cache_dir=str(tmp_path / "c"))
+    inner = datasets.Dataset.from_list(rows[::2])  # one column: its messages' keys are unified
+    assert outer[1]["messages"] is None and inner[1]["messages"][0]["role"] is None  # what a saved dataset gives
+    for name, ds, convs, ids in (("outer", outer, want[:2], ["a", "1"]), ("inner", inner, want[::2], ["a", "1"])):
+        ds.save_to_disk(str(tmp_path / name))
+        assert data.load_conversations(str(tmp_path / name)) == (convs, {})
+        assert [p["id"] for p in data.load_prompts(str(tmp_path / name))] == ids  # not "None"
+    ds = outer
+    datasets.DatasetDict({"validation": ds, "test": ds}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'splits'} has no 'train' split, only validation, test: "
+                                                   f"give one split's folder (e.g. {tmp_path / 'splits' / 'validation'})")):
+        data.load_conversations(str(tmp_path / "splits"))
+    assert data.load_conversations(str(tmp_path / "splits" / "validation")) == (want[:2], {})
+
+
+def test_prompt_rows_skipped_are_counted_and_none_left_is_an_error(tmp_path):
+    """load_prompts (bench, regeneration, training's eval) counts the rows it cannot use by reason in one
+    line, and a file with none left is an error instead of a tau over no prompts."""
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}  # content as a list of parts
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"turns": ["Name a color."]}), json.dumps(parts), "{bad", json.dumps(parts)])
+    logs = []
+    assert [p["turns"] for p in data.load_prompts(str(tmp_path / "p.jsonl"), log=logs.append)] == [["Name a color."]]
+    assert logs == [f"prompts: {tmp_path / 'p.jsonl'}: 3 of 4 rows skipped (2 non-string content, 1 malformed json)"]
+    write_lines(tmp_path / "bad.jsonl", [json.dumps(parts), json.dumps({"messages": [{"role": "assistant", "content": "x"}]})])
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.jsonl'}: no usable prompt in its 2 rows "
+                                                   "(1 non-string content, 1 no user turn)")):
+        data.load_prompts(str(tmp_path / "bad.jsonl"), log=logs.append)
+    assert len(logs) == 1
 
 
 def fake_dataset(n=37):
@@ -3016,9 +3124,12 @@ def test_regenerate_greedy_aligned_and_resumable(tmp_path):
     # the regenerated file is training data, its generated ids are the supervised ones
     convs, skipped = data.load_conversations(str(out))
     assert len(convs) == 4 and not skipped
-    ids, mask = data.tokenize_conversation(tok, convs[0], 512)
-    a = [m for m in convs[0] if m["role"] == "assistant"]
-    assert [i for i, m in zip(ids, mask) if m] == [t for m in a for t in m["token_ids"] + [2]]
+    # (an answer cut by --max-new-tokens without the end token the target never wrote)
+    for conv in convs:
+        ids, mask = data.tokenize_conversation(tok, conv, 512)
+        a = [m for m in conv if m["role"] == "assistant"]
+        assert [i for i, m in zip(ids, mask) if m] == [t for m in a for t in m["token_ids"] + [2] * m.get("finished", True)]
+    assert any(m.get("finished") is False for conv in convs for m in conv)  # 6 tokens cut some
 
 
 @need_assets
@@ -3061,6 +3172,31 @@ def test_regenerate_shards(tmp_path):
     assert sorted(got[0]) == [0, 2] and sorted(got[1]) == [1, 3]
     convs, skipped = data.load_conversations(str(tmp_path / "out.*-of-02.jsonl"))
     assert len(convs) == 4 and not skipped
+
+
+def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, monkeypatch):
+    """A shard outside 0..num_shards-1 (which wrote nothing), counts under 1 (a division by zero, a hang
+    with no threads, crashes after the model loaded) and --data that matches no file are one line each,
+    before the target's config, the data or the model is read."""
+    monkeypatch.setattr(regenerate.targets, "load_target_config", lambda t: pytest.fail("the target's config was read"))
+    monkeypatch.setattr(regenerate, "read_rows", lambda d: pytest.fail("the data was read"))
+    monkeypatch.setattr(regenerate, "load_writer", lambda *a: pytest.fail("the model loaded"))
+    base = ["regenerate", "--target", "T", "--data", "D", "--out", str(tmp_path / "o.jsonl")]
+    for more, said in ((["--num-shards", "2", "--shard", "2"], "--shard 2: give 0 to 1 (--num-shards 2)"),
+                       (["--shard", "-1"], "--shard -1: give 0 to 0 (--num-shards 1)"),
+                       (["--num-shards", "0"], "--num-shards 0: give 1 or more"),
+                       (["--concurrency", "0", "--server", "http://127.0.0.1:9"], "--concurrency 0: give 1 or more"),
+                       (["--batch-size", "0"], "--batch-size 0: give 1 or more"),
+                       (["--max-turns", "0"], "--max-turns 0: give 1 or more"),
+                       (["--max-new-tokens", "0"], "--max-new-tokens 0: give 1 or more")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: {said}")):
+            regenerate.main(base + more)
+    monkeypatch.setattr(regenerate.targets, "load_target_config", lambda t: None)
+    monkeypatch.setattr(regenerate, "check_batch_decodable", lambda c: None)
+    monkeypatch.setattr(regenerate, "read_rows", data.read_rows)
+    for source, said in ((str(tmp_path / "*.jsonl"), "matches no file"), (str(tmp_path / "in.jsnl"), "does not exist")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --data {source} {said}")):
+            regenerate.main(["regenerate", "--target", "T", "--data", source, "--out", str(tmp_path / "o.jsonl")])
 
 
 # a stand-in for `vllm serve` / `sglang.launch_server`: the SmolLM2 target answering the OpenAI
@@ -3518,9 +3654,9 @@ def test_regenerate_through_llama_cpp_server(llama_cpp_server, tmp_path, capsys)
             assert m["content"].strip() and (m["content"], m["token_ids"], m["finished"]) == (tok.decode(greedy), greedy, stopped)
     training = data.build_dataset(tok, str(out), 512, log=lambda s: None)
     assert len(training) == 4  # SmolLM2's template renders earlier turns unchanged: one row a conversation
-    for ((ids, mask),), r in zip(training, rows):  # the loss falls on the answers' ids and their end-of-turn token
+    for ((ids, mask),), r in zip(training, rows):  # the loss falls on the answers' ids and, where they stopped, their end token
         answers = [m for m in r["messages"] if m["role"] == "assistant"]
-        assert [t for t, on in zip(ids, mask) if on] == [t for m in answers for t in m["token_ids"] + [tok.eos_token_id]]
+        assert [t for t, on in zip(ids, mask) if on] == [t for m in answers for t in m["token_ids"] + [tok.eos_token_id] * m["finished"]]
 
 
 @pytest.mark.parametrize("compiled", [False, True])
