@@ -1064,6 +1064,12 @@ def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys)
             "up to 4 tokens each") in out
     assert "eval: decoded 1/3 prompts" in out and "eval: decoded 2/3 prompts" in out
     assert out.index("eval: decoded 2/3") < out.index("acceptance length measured by real speculative decoding")
+    # a set that cannot be read stops the run before it trains, not at its first evaluation
+    write_lines(tmp_path / "bad.jsonl", [json.dumps({"turns": [["a list"]]})])
+    for bad in (tmp_path / "missing.jsonl", tmp_path / "bad.jsonl"):
+        with pytest.raises(SystemExit, match=f"config error: eval_prompts='{bad}': "):
+            T.main(train_args(tmp_path / "target", target=str(tmp_path / "target"), eval_prompts=str(bad)))
+        assert not (tmp_path / "target" / "run" / "metrics.jsonl").exists()
 
 
 def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_path):

@@ -139,6 +139,13 @@ def setup(c):
         raise SystemExit(f"config error: resuming {c['out_dir']} on data={c['data']!r}, which now gives "
                          f"{r.data_fingerprint}; {path} trained on {state['data_fingerprint']}: the data changed under "
                          f"its name. To train on it, use a new out_dir (with init_from={path} to keep the weights)")
+    r.eval_sets = {}  # loaded now: a missing or empty set stops the run before it trains, not after
+    if c["eval_prompts"] and r.tokenizer is not None and not c["shard_target"]:
+        try:
+            r.eval_sets = {name: D.load_prompts(name, log=r.log)[:c["eval_num_prompts"]]
+                           for name in c["eval_prompts"].split(",")}
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"config error: eval_prompts={c['eval_prompts']!r}: {e}")
     r.steps_per_epoch = D.steps_per_epoch(r.dataset, c["batch_size"] * c["grad_accum"], world)
     if r.steps_per_epoch < 1:
         raise SystemExit(f"data error: {len(r.dataset)} rows cannot fill one step of "
@@ -470,8 +477,8 @@ def evaluate(r, step):
     the training data says whether the pipeline learns; a held-out set, what generalises.
     Returns [(set, kind, prompts, tau, turns identical to greedy)]."""
     c, target = r.c, r.target
-    if not c["eval_prompts"] or r.tokenizer is None or c["shard_target"]:
-        return []  # a sharded target cannot decode on one rank alone
+    if not r.eval_sets:
+        return []  # none asked for, no tokenizer, or a sharded target (it cannot decode on one rank alone)
     sd = full_state_dict(r.drafter)
     results = []
     if r.rank == 0:
@@ -482,8 +489,7 @@ def evaluate(r, step):
         plain.load_state_dict(sd)
         plain.eval()
         trained = {os.path.abspath(f) for f in glob.glob(c["data"])}
-        for name in c["eval_prompts"].split(","):
-            prompts = D.load_prompts(name)[:c["eval_num_prompts"]]
+        for name, prompts in r.eval_sets.items():
             kind = "training" if os.path.abspath(name) in trained else "held-out"
             r.log(f"eval step {step}: decoding {len(prompts)} {kind} prompts ({name}) speculatively and plainly, "
                   f"up to {c['eval_max_new_tokens']} tokens each")
