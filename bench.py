@@ -498,15 +498,14 @@ def parse_args(argv=None):
     args.replay = list(dict.fromkeys(x for d in args.replay for x in d.split(",") if x))  # a file given twice: once
     if sum(map(bool, (args.dataset, args.replay, args.prompt_len is not None))) != 1:
         ap.error("give one of --dataset, --replay or --prompt-len")
-    missing = [f for f in args.replay if not os.path.isfile(f)]
-    if missing:
+    if missing := [f for f in args.replay if not os.path.isfile(f)]:
         ap.error(f"--replay {missing[0]}: no such file (rows written by `data.py regenerate`)")
     if args.profile and args.prompt_len is None:
         ap.error("--profile goes with --prompt-len (synthetic prompts, fixed step counts)")
     if args.prompt_len is not None and (args.out or args.temperature or args.sampling != "speculative"):
         ap.error("--prompt-len times greedy steps on a random prompt and prints them: drop --out, --temperature, --sampling")
     low = [(k, lo) for k, lo in dict(block_size=1, max_new_tokens=2, prompt_len=1, steps=1, repeats=1, max_len=1,
-                                     temperature=0).items() if getattr(args, k) is not None and getattr(args, k) < lo]
+                                     num_prompts=1, temperature=0).items() if getattr(args, k) is not None and getattr(args, k) < lo]
     if low:  # --max-new-tokens: the first new token is the prefill's, a DFlash step needs one more
         ap.error(f"--{low[0][0].replace('_', '-')} {getattr(args, low[0][0])}: give {low[0][1]} or more")
     for flag, on in (("--attention flex", args.attention == "flex"), ("--freeze", args.freeze)):
@@ -514,11 +513,12 @@ def parse_args(argv=None):
             ap.error(f"{flag} changes the compiled (static cache) steps: add --compile")
     if args.replay and (args.temperature > 0 or args.compile):
         ap.error("--replay measures temperature 0 with the eager drafter: drop --temperature / --compile")
-    unknown = [d for d in args.dataset if d not in data.PROMPT_SETS and not glob.glob(d)]
-    if unknown:  # before any download or model load
+    if unknown := [d for d in args.dataset if d not in data.PROMPT_SETS and not glob.glob(d)]:  # nothing downloads
         ap.error(f"--dataset {unknown[0]}: no such prompt set or file (nothing is downloaded); prompt sets: {', '.join(data.PROMPT_SETS)}")
-    if args.num_prompts is not None and args.num_prompts < 1:
-        ap.error(f"--num-prompts {args.num_prompts}: give 1 or more (leave it out for every prompt)")
+    try:  # before any model loads: a set with no usable prompt is an error, not tau 0.00
+        args.prompt_sets = {name: data.load_prompts(name)[: args.num_prompts] for name in args.dataset}
+    except (OSError, ValueError) as e:
+        ap.error(f"--dataset: {e}")
     try:  # greedy answers depend on the dtype: replay in the one the rows were decoded in
         args.rows_dtype = measure.rows_dtype(args.replay, args.num_prompts)
     except ValueError as e:
@@ -557,7 +557,7 @@ def main(argv=None):
     if args.prompt_len is None:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
-        prompt_sets = {name: data.load_prompts(name)[: args.num_prompts] for name in args.dataset}
+        prompt_sets = args.prompt_sets
     if args.replay:
         with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
             summaries = [measure.replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]

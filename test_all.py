@@ -2024,6 +2024,11 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--num-prompts", n])
         assert f"--num-prompts {n}: give 1 or more" in capsys.readouterr().err
+    bad = tmp_path / "parts.jsonl"  # content as a list of parts: no prompt left (it was 'tau 0.00' after loading)
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}) + "\n")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--target", "x", "--dataset", str(bad)])
+    assert f"--dataset: {bad}: no usable prompt" in capsys.readouterr().err
     for flag in (["--attention", "flex"], ["--freeze"]):  # they change the compiled steps only
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", *flag])
