@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from attention import attend, build_mask, dense_mask
-from targets import ROPE_NEEDS, ROPE_TYPES, decoder_layers, rope_config, rope_frequencies, rope_mismatch
+from targets import ROPE_NEEDS, ROPE_TYPES, decoder_layers, rope_config, rope_frequencies, rope_mismatch, text_field
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,18 +281,19 @@ def config_from_target(target_config, num_hidden_layers=5, block_size=16, target
                        num_features=5, mask_token_id=None, layer_types=None, sliding_window=None):
     """Drafter dimensions are the target's; only depth, block size, layer ids and mask id are ours."""
     tc = getattr(target_config, "text_config", None) or target_config
-    L = tc.num_hidden_layers
+    f = functools.partial(text_field, tc)  # a missing field is a ValueError naming it
+    L = f("num_hidden_layers")
     theta, scaling = rope_config(tc)
     if mask_token_id is None:
         raise ValueError("mask_token_id is not set: choose an embedding row that real text never uses, e.g. "
                          "a reserved special token of the target (README: choosing mask_token_id)")
     return DFlashConfig(
-        hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
-        num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
-        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
-        intermediate_size=tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
-        rope_theta=theta, rope_scaling=scaling, vocab_size=tc.vocab_size,
-        max_position_embeddings=tc.max_position_embeddings, num_target_layers=L,
+        hidden_size=f("hidden_size"), num_attention_heads=f("num_attention_heads"),
+        num_key_value_heads=f("num_key_value_heads", False) or f("num_attention_heads"),
+        head_dim=f("head_dim", False) or f("hidden_size") // f("num_attention_heads"),
+        intermediate_size=f("intermediate_size"), rms_norm_eps=f("rms_norm_eps"),
+        rope_theta=theta, rope_scaling=scaling, vocab_size=f("vocab_size"),
+        max_position_embeddings=f("max_position_embeddings"), num_target_layers=L,
         target_layer_ids=list(target_layer_ids or build_target_layer_ids(L, num_features)),
         mask_token_id=int(mask_token_id), num_hidden_layers=num_hidden_layers, block_size=block_size,
         layer_types=layer_types, sliding_window=sliding_window)

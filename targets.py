@@ -76,6 +76,21 @@ def check_target(path_or_config):
         decoder_layers(AutoModelForCausalLM.from_config(load_target_config(path_or_config)))
 
 
+def text_field(tc, key, required=True):
+    """tc.key of a target's text config, or a ValueError naming the field the drafter copies (train.py
+    reports those in one line; a missing attribute would be a traceback). A per-layer field (Gemma 4's
+    head_dim: its full-attention layers use global_head_dim) reads as the config's own value, the one
+    config.json and to_dict() hold: the drafter's head shape is its own, and that is most layers' shape."""
+    try:
+        value = getattr(tc, key, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        value = tc.to_dict().get(key)
+    if value is None and required:
+        raise ValueError(f"the target config ({getattr(tc, 'model_type', '?')}) has no {key}, which the drafter "
+                         f"copies: set {key} in the target's config.json, or train for another target")
+    return value
+
+
 def compile_target_layers(target):
     """torch.compile each decoder layer's forward: HF eager runs RMSNorm, rotary and SwiGLU as
     separate elementwise kernels with fp32 casts, the non-matmul part of the target forward. The

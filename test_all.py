@@ -242,6 +242,27 @@ def test_bad_input_is_rejected_before_any_forward():
         M.sample_anchors(torch.ones(1, 8), 0)
 
 
+def test_target_config_without_a_copied_field_is_one_line(tmp_path):
+    """The drafter copies its dimensions from the target config. Cohere has no rms_norm_eps (it uses
+    LayerNorm): a ValueError naming the field, which train.py prints as one config error line. Gemma 4's
+    head_dim is per layer (global_head_dim on its full-attention layers; transformers raises on reading it
+    from the config): the drafter takes the config's own head_dim."""
+    from transformers import AutoConfig
+    dims = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512)
+    cohere = AutoConfig.for_model("cohere", **dims)
+    with pytest.raises(ValueError, match=r"the target config \(cohere\) has no rms_norm_eps, which the drafter copies"):
+        M.config_from_target(cohere, target_layer_ids=[1], mask_token_id=5)
+    (tmp_path / "cohere.json").write_text(json.dumps(cohere.to_dict()))
+    with pytest.raises(SystemExit, match=r"^config error: the target config \(cohere\) has no rms_norm_eps[^\n]*$"):
+        T.main(train_args(tmp_path, target=str(tmp_path / "cohere.json")))
+    gemma4 = AutoConfig.for_model("gemma4_text", **dims, head_dim=8, global_head_dim=16)
+    with pytest.raises(RuntimeError, match="per-layer attribute"):
+        gemma4.head_dim
+    cfg = M.config_from_target(gemma4, num_hidden_layers=2, block_size=4, target_layer_ids=[1, 3], mask_token_id=63)
+    assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads) == (8, 4, 2)
+
+
 # ------------------------------------------------------------------------------------------------
 # model.py: target capture
 
