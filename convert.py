@@ -283,7 +283,7 @@ def config_from_serving(config, source="config.json"):
                  vocab_size=config["vocab_size"],
                  max_position_embeddings=config["max_position_embeddings"],
                  num_target_layers=config["num_target_layers"],
-                 target_layer_ids=list(dflash["target_layer_ids"]),
+                 target_layer_ids=dflash["target_layer_ids"],
                  mask_token_id=dflash["mask_token_id"], num_hidden_layers=config["num_hidden_layers"],
                  block_size=config["block_size"], **serving_layout(config))
     except KeyError as e:

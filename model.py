@@ -46,6 +46,15 @@ class DFlashConfig:
     sliding_window: int = None    # W of the sliding layers (None when no layer slides)
 
     def __post_init__(self):
+        # engines refuse a float or bool mask id; a float layer id fails only later, in capture (bool is an int)
+        ids = self.target_layer_ids
+        values = {"mask_token_id": [self.mask_token_id], "block_size": [self.block_size],
+                  "num_hidden_layers": [self.num_hidden_layers],
+                  "target_layer_ids": ids if isinstance(ids, (list, tuple)) else [None]}  # not a list: refused
+        bad = [f"{k}={getattr(self, k)!r}" for k, vs in values.items() if any(type(v) is not int for v in vs)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be integers (target_layer_ids a list of them), written "
+                             "without a decimal point, quotes or true/false")
         if self.block_size < 2:
             raise ValueError(f"block_size={self.block_size}: a block needs the anchor plus at least "
                              "one token to draft; use block_size >= 2 (16 is the paper's)")

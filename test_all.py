@@ -242,6 +242,19 @@ def test_bad_input_is_rejected_before_any_forward():
         M.sample_anchors(torch.ones(1, 8), 0)
 
 
+def test_config_integers_must_be_ints():
+    """JSON lets 63.0 and true through where an integer belongs: SGLang refuses a float or bool mask id, and
+    a float layer id fails only in capture. DFlashConfig (which every checkpoint and serving folder goes
+    through) names each one."""
+    base = dataclasses.asdict(tiny_drafter(tiny_target()).config)
+    for key, value in [("mask_token_id", 63.0), ("mask_token_id", True), ("target_layer_ids", [1.0, 3.0]),
+                       ("target_layer_ids", [1, True]), ("target_layer_ids", 3), ("block_size", 4.0),
+                       ("num_hidden_layers", False)]:
+        with pytest.raises(ValueError, match=re.escape(f"{key}={value!r}: must be integers")):
+            M.DFlashConfig(**{**base, key: value})
+    assert M.DFlashConfig(**base).target_layer_ids == [1, 3]
+
+
 def test_target_config_without_a_copied_field_is_one_line(tmp_path):
     """The drafter copies its dimensions from the target config. Cohere has no rms_norm_eps (it uses
     LayerNorm): a ValueError naming the field, which train.py prints as one config error line. Gemma 4's
@@ -1415,6 +1428,8 @@ def broken_checkpoint(tmp_path, trained, case):
         cfg["mask_token_id"] = 64
     elif case == "layer_id":
         cfg["target_layer_ids"] = [1, 6]
+    elif case == "mask_float":
+        cfg["mask_token_id"] = 63.0
     elif case == "target_layers":
         tc["num_hidden_layers"] = 3  # the drafter was trained for a 6-layer target
     elif case == "target_hidden":
@@ -1434,6 +1449,7 @@ def broken_checkpoint(tmp_path, trained, case):
     ("extra", r"unexpected tensors: embed_tokens\.weight"),
     ("mask_id", r"mask_token_id=64 is outside the target's 64 embedding rows"),
     ("layer_id", r"target_layer_ids \[6\] are outside the target"),
+    ("mask_float", r"dflash_config\.json: mask_token_id=63\.0: must be integers"),
     ("target_layers", r"num_target_layers=6 but the target config has 3.*target_layer_ids \[3\] are outside"),
     ("target_hidden", r"hidden_size=32 but the target config has 48"),
     ("target_rope", r"drafter RoPE \(theta 10000.0, rope_scaling None\) differs from the target's"),
@@ -1452,6 +1468,8 @@ def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, me
     ("truncated", "unreadable"), ("garbled", "unreadable"),
     ("mask_id", "mask_token_id=64 is outside"), ("layer_id", r"target_layer_ids \[6\] are outside"),
     ("no_dflash_config", "lacks 'dflash_config'"),
+    ("mask_float", r"mask_token_id=63\.0: must be integers"), ("mask_bool", "mask_token_id=True: must be integers"),
+    ("ids_float", r"target_layer_ids=\[1\.0, 3\.0\]: must be integers"),
 ])
 def test_bad_serving_folder_on_import(tmp_path, case, message):
     src = tmp_path / "released"
@@ -1463,10 +1481,13 @@ def test_bad_serving_folder_on_import(tmp_path, case, message):
         weights.write_bytes(data[: len(data) // 2])
     elif case == "garbled":
         weights.write_bytes(b"\xff" * 16 + data[16:])
-    elif case == "no_dflash_config":
-        config = json.loads((src / "config.json").read_text())
+    config = json.loads((src / "config.json").read_text())
+    if case == "no_dflash_config":
         del config["dflash_config"]
-        (src / "config.json").write_text(json.dumps(config))
+    else:  # JSON numbers of the wrong kind
+        config["dflash_config"].update({"mask_float": {"mask_token_id": 63.0}, "mask_bool": {"mask_token_id": True},
+                                        "ids_float": {"target_layer_ids": [1.0, 3.0]}}.get(case, {}))
+    (src / "config.json").write_text(json.dumps(config))
     out = tmp_path / "ckpt"
     with pytest.raises(ValueError, match=message):
         C.read_serving(str(src))
