@@ -35,6 +35,10 @@ from targets import rope_config, rope_mismatch
 
 DRAFTER_KEYS = {"architectures", "auto_map", "block_size", "num_target_layers", "dflash_config",
                 "layer_types", "target_config_diff"}
+# target keys that would misdescribe the drafter, kept in target_config_diff for --import: loader directives
+# declaring the bf16 weights quantized (transformers would read them as FP8, MXFP4, ...), the activation of an
+# MLP the drafter does not have (its own is SiLU, written as hidden_act), partial rotation (serving_config)
+NOT_COPIED = {"partial_rotary_factor", "quantization_config", "compression_config", "hidden_activation"}
 EDITABLE = ("config.json", "README.md")  # a serving folder's text, which people edit by hand (mask id, rope, window)
 
 
@@ -214,13 +218,13 @@ def write_checkpoint(state_dict, cfg, target_config, out_dir, overwrite=False):
 # Serving folders (safetensors + config.json)
 
 def serving_config(cfg, target_config):
-    """config.json: the target's text config, re-dimensioned as the drafter, plus the DFlash fields.
-    The target values it overwrites go to target_config_diff so --import can restore the target."""
+    """config.json: the target's text config, re-dimensioned as the drafter (less NOT_COPIED), plus the DFlash
+    fields. The target values it overwrites or leaves out go to target_config_diff so --import can restore them."""
     tc = _text_config(target_config)
     # partial_rotary_factor: the drafter rotates all of head_dim (targets.rope_config says why)
-    out = {k: v for k, v in tc.items() if k not in DRAFTER_KEYS and k != "partial_rotary_factor"}
+    out = {k: v for k, v in tc.items() if k not in DRAFTER_KEYS and k not in NOT_COPIED}
     out.update(
-        architectures=["DFlashDraftModel"], model_type="qwen3",  # the drafter is always Qwen3-style
+        architectures=["DFlashDraftModel"], model_type="qwen3", hidden_act="silu",  # always Qwen3-style
         hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
         intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
@@ -273,6 +277,10 @@ def config_from_serving(config, source="config.json"):
     missing = [k for k in ("target_layer_ids", "mask_token_id") if k not in dflash]
     if missing:
         raise ValueError(f"{source} lacks dflash_config.{missing[0]}")
+    act = config.get("hidden_act", "silu")  # Qwen3Config's default
+    if act != "silu":  # an engine would build the MLP with it: other maths than the drafter was trained with
+        raise ValueError(f"{source} has hidden_act={act!r}, but a DFlash drafter's MLP is SiLU-gated (Qwen3), as "
+                         "it was trained: set hidden_act to \"silu\" (target_config_diff keeps the target's own)")
     try:
         heads = config["num_attention_heads"]
         d = dict(hidden_size=config["hidden_size"], num_attention_heads=heads,

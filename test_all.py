@@ -1181,6 +1181,36 @@ def test_config_json_round_trips_through_autoconfig(trained, tmp_path):
     assert '"num_speculative_tokens": 3' in card
 
 
+def test_export_describes_the_drafter_not_the_targets_mlp_or_quantization(tmp_path):
+    """The drafter's MLP is SiLU-gated and its weights bf16 whatever the target's: an Arcee target (relu2) and
+    an FP8 Qwen3 target export hidden_act "silu" and no quantization_config, so the authors' Qwen3MLP built
+    from config.json computes the drafter's own MLP and transformers reads plain weights. The target's values
+    stay in target_config_diff: --import gives them back. A folder saying another hidden_act is refused."""
+    from transformers import AutoConfig
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+    fp8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    for i, extra in enumerate([dict(model_type="arcee"), dict(quantization_config=fp8)]):
+        tc = targets.load_target_config(dict(TINY_TARGET, **extra)).to_dict()
+        cfg = M.config_from_target(targets.load_target_config(tc), 2, 4, [1, 3], mask_token_id=63)
+        torch.manual_seed(0)
+        d = M.build_drafter(cfg)
+        out = tmp_path / f"served{i}"
+        C.export_drafter(d.state_dict(), cfg, tc, str(out))
+        raw = json.loads((out / "config.json").read_text())
+        assert raw["hidden_act"] == "silu" and "quantization_config" not in raw
+        hf = AutoConfig.from_pretrained(str(out))
+        assert getattr(hf, "quantization_config", None) is None
+        mlp = Qwen3MLP(hf)
+        mlp.load_state_dict(d.layers[0].mlp.state_dict())
+        x = 30 * torch.randn(3, 32)
+        torch.testing.assert_close(mlp(x), d.layers[0].mlp(x), rtol=0, atol=0)
+        target_config = C.read_serving(str(out))[2]
+        assert target_config["hidden_act"] == tc["hidden_act"] == ("relu2" if i == 0 else "silu")
+        assert target_config.get("quantization_config") == tc.get("quantization_config") == (fp8 if i else None)
+    with pytest.raises(ValueError, match=r"hidden_act='relu2', but a DFlash drafter's MLP is SiLU-gated"):
+        C.config_from_serving({**raw, "hidden_act": "relu2"})
+
+
 def test_sliding_layout_exports_as_the_authors_loader_reads_it(tmp_path):
     """A mixed drafter's config.json gives the authors' DFlashDraftModel (a Qwen3Config: per layer
     config.layer_types[i], and config.sliding_window, which Qwen3Config keeps only with
@@ -1470,6 +1500,7 @@ def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, me
     ("no_dflash_config", "lacks 'dflash_config'"),
     ("mask_float", r"mask_token_id=63\.0: must be integers"), ("mask_bool", "mask_token_id=True: must be integers"),
     ("ids_float", r"target_layer_ids=\[1\.0, 3\.0\]: must be integers"),
+    ("hidden_act", "hidden_act='gelu_pytorch_tanh', but a DFlash drafter's MLP is SiLU-gated"),
 ])
 def test_bad_serving_folder_on_import(tmp_path, case, message):
     src = tmp_path / "released"
@@ -1484,6 +1515,8 @@ def test_bad_serving_folder_on_import(tmp_path, case, message):
     config = json.loads((src / "config.json").read_text())
     if case == "no_dflash_config":
         del config["dflash_config"]
+    elif case == "hidden_act":  # the authors' Qwen3MLP would compute GELU with weights trained for SiLU
+        config["hidden_act"] = "gelu_pytorch_tanh"
     else:  # JSON numbers of the wrong kind
         config["dflash_config"].update({"mask_float": {"mask_token_id": 63.0}, "mask_bool": {"mask_token_id": True},
                                         "ids_float": {"target_layer_ids": [1.0, 3.0]}}.get(case, {}))
