@@ -17,6 +17,7 @@ checkpoint or a run folder.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import latest_checkpoint, verify_checksums, write_checksums, write_json
 from model import DFlashConfig, DFlashDrafter
-from targets import rope_config, rope_mismatch
+from targets import input_embedding_scale, rope_config, rope_mismatch
 
 DRAFTER_KEYS = {"architectures", "auto_map", "block_size", "num_target_layers", "dflash_config",
                 "layer_types", "target_config_diff"}
@@ -223,6 +224,10 @@ def serving_config(cfg, target_config):
     tc = _text_config(target_config)
     # partial_rotary_factor: the drafter rotates all of head_dim (targets.rope_config says why)
     out = {k: v for k, v in tc.items() if k not in DRAFTER_KEYS and k not in NOT_COPIED}
+    dflash = {"target_layer_ids": list(cfg.target_layer_ids), "mask_token_id": cfg.mask_token_id}
+    scale = input_embedding_scale(tc)
+    if scale != 1.0:  # training embedded with the target's scaled embedding; engines read this key
+        dflash["input_embedding_scale"] = scale
     out.update(
         architectures=["DFlashDraftModel"], model_type="qwen3", hidden_act="silu",  # always Qwen3-style
         hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
@@ -235,8 +240,7 @@ def serving_config(cfg, target_config):
         max_position_embeddings=cfg.max_position_embeddings, num_hidden_layers=cfg.num_hidden_layers,
         layer_types=list(cfg.layer_types), attention_bias=False,
         tie_word_embeddings=False, dtype="bfloat16", block_size=cfg.block_size,
-        num_target_layers=cfg.num_target_layers,
-        dflash_config={"target_layer_ids": list(cfg.target_layer_ids), "mask_token_id": cfg.mask_token_id})
+        num_target_layers=cfg.num_target_layers, dflash_config=dflash)
     # Qwen3Config (the authors' loader) keeps sliding_window only when use_sliding_window is true
     out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
     out["target_config_diff"] = {"changed": {k: tc[k] for k in sorted(tc) if k not in out or out[k] != tc[k]},
@@ -246,7 +250,8 @@ def serving_config(cfg, target_config):
 
 def target_config_from_serving(config):
     """Undo serving_config. A released drafter without target_config_diff gets the target's layer
-    count back; what it cannot say (the target's model_type, tied embeddings) is left to defaults."""
+    count back; what it cannot say (the target's model_type, so its embedding scale; tied embeddings) is
+    left to defaults."""
     diff = config.get("target_config_diff") or {}
     tc = {k: v for k, v in config.items()
           if k not in DRAFTER_KEYS and k not in diff.get("added", ()) and not k.startswith("_")}
@@ -299,6 +304,18 @@ def config_from_serving(config, source="config.json"):
     return _make_config(d, source)
 
 
+def check_embedding_scale(config, target_config, source="config.json"):
+    """dflash_config.input_embedding_scale (absent: 1.0) against the target's embedding, where the folder
+    records its target (target_config_diff); a released drafter's is taken as it says."""
+    scale = config["dflash_config"].get("input_embedding_scale", 1.0)
+    if type(scale) not in (int, float) or not 0 < scale < math.inf:
+        raise ValueError(f"{source} has dflash_config.input_embedding_scale={scale!r}: it must be a positive number")
+    want = input_embedding_scale(target_config) if "target_config_diff" in config else scale
+    if not math.isclose(scale, want, rel_tol=1e-6):
+        raise ValueError(f"{source} has dflash_config.input_embedding_scale={scale}, but its target embeds with "
+                         f"scale {want}: set it to {want}, or re-export the folder from its checkpoint")
+
+
 def read_serving(path, accept_edited=False):
     """A serving folder -> (fp32 state dict, DFlashConfig, target config dict). A config.json or README.md
     edited after export is an EditedError, or with accept_edited read as edited."""
@@ -306,6 +323,7 @@ def read_serving(path, accept_edited=False):
     config = _read_json(os.path.join(path, "config.json"))
     cfg = config_from_serving(config, os.path.join(path, "config.json"))
     target_config = target_config_from_serving(config)
+    check_embedding_scale(config, target_config, os.path.join(path, "config.json"))
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
         raise ValueError(f"{weights} is missing")

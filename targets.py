@@ -91,6 +91,25 @@ def text_field(tc, key, required=True):
     return value
 
 
+def input_embedding_scale(target_config):
+    """What the target's input embedding multiplies its rows by (Gemma: sqrt(hidden_size)), 1.0 where it
+    does not: read from the module transformers builds for this config, on the meta device, where the
+    scaled embeddings keep it as scalar_embed_scale. embed_tokens applies it, so the drafter trains on
+    scaled rows, and the serving config must say so (engines embed with the raw matrix)."""
+    from transformers import AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            embedding = AutoModelForCausalLM.from_config(load_target_config(target_config)).get_input_embeddings()
+    except Exception as e:  # whatever transformers raises for a config it cannot build
+        raise ValueError(f"cannot build the target from its config to read its input embedding scale "
+                         f"({type(e).__name__}: {e})") from None
+    scale = getattr(embedding, "scalar_embed_scale", None)
+    if scale is None and hasattr(embedding, "embed_scale"):  # scaled, but not where transformers 5 keeps it
+        raise ValueError(f"{type(embedding).__name__} scales the embedding but has no scalar_embed_scale: teach "
+                         "targets.input_embedding_scale where this transformers keeps the factor")
+    return 1.0 if scale is None else float(scale)
+
+
 def compile_target_layers(target):
     """torch.compile each decoder layer's forward: HF eager runs RMSNorm, rotary and SwiGLU as
     separate elementwise kernels with fp32 casts, the non-matmul part of the target forward. The

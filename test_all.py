@@ -1211,6 +1211,29 @@ def test_export_describes_the_drafter_not_the_targets_mlp_or_quantization(tmp_pa
         C.config_from_serving({**raw, "hidden_act": "relu2"})
 
 
+def test_export_states_the_input_embedding_scale_training_used(tmp_path):
+    """Gemma 3's embedding module returns E[ids] * sqrt(hidden), what the drafter trains on; engines embed with
+    the raw matrix and multiply by dflash_config.input_embedding_scale, so export writes sqrt(32) there (and
+    nothing for an unscaled Qwen3 target: test_config_json_round_trips_through_autoconfig). Import reads it back
+    and refuses a value its recorded target disagrees with, or one that is not a positive number."""
+    t = tiny_gemma3()
+    d = tiny_drafter(t)
+    out = tmp_path / "served"
+    C.export_drafter(d.state_dict(), d.config, t.config, str(out))
+    raw = json.loads((out / "config.json").read_text())
+    scale = raw["dflash_config"]["input_embedding_scale"]
+    assert scale == pytest.approx(32 ** 0.5, rel=1e-12)
+    ids = torch.tensor([[5, 63, 63, 63]])
+    torch.testing.assert_close(F.embedding(ids, t.get_input_embeddings().weight) * scale, M.embed_tokens(t, ids))
+    assert C.load_drafter(str(out))[1] == d.config
+    for value, message in [(1.0, r"input_embedding_scale=1.0, but its target embeds with scale 5.65"),
+                           (True, r"input_embedding_scale=True: it must be a positive number")]:
+        raw["dflash_config"]["input_embedding_scale"] = value
+        (out / "config.json").write_text(json.dumps(raw))
+        with pytest.raises(ValueError, match=message):
+            C.read_serving(str(out), accept_edited=True)
+
+
 def test_sliding_layout_exports_as_the_authors_loader_reads_it(tmp_path):
     """A mixed drafter's config.json gives the authors' DFlashDraftModel (a Qwen3Config: per layer
     config.layer_types[i], and config.sliding_window, which Qwen3Config keeps only with
