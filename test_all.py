@@ -556,14 +556,23 @@ def test_loss_weights_and_gradients():
     t = tiny_target()
     d = tiny_drafter(t, block_size=4)
     ids = torch.randint(0, 63, (2, 32))
-    loss_sum, w_sum, stats = M.dflash_loss(d, t, ids, torch.ones(2, 32), num_anchors=6,
-                                           generator=torch.Generator().manual_seed(0), ce_chunk_tokens=7)
-    # every label in range counts with weight exp(-(k-1)/gamma); chunking must not change the sum
+    runs = []
+    for chunk in (7, 36):  # 2 rows x 6 anchors x 3 labels = 36 query tokens: chunks of 7 (the last of 1), one chunk
+        d.zero_grad(set_to_none=True)
+        loss_sum, w_sum, stats = M.dflash_loss(d, t, ids, torch.ones(2, 32), num_anchors=6,
+                                               generator=torch.Generator().manual_seed(0), ce_chunk_tokens=chunk)
+        (loss_sum / w_sum).backward()
+        runs.append((loss_sum.item(), w_sum.item(), stats["ce_sum"].item(),
+                     {name: p.grad.clone() for name, p in d.named_parameters()}))
+    # every label in range counts with weight exp(-(k-1)/gamma)
     w = torch.exp(-torch.arange(3) / M.default_gamma(4))
     assert w_sum.item() == pytest.approx((stats["count_per_slot"] * w).sum().item())
-    (loss_sum / w_sum).backward()
+    # chunking must not change the sums, nor the gradients
+    (loss7, w7, ce7, grads7), (loss36, w36, ce36, grads36) = runs
+    assert loss7 == pytest.approx(loss36, rel=1e-6) and ce7 == pytest.approx(ce36, rel=1e-6) and w7 == w36
     for name, p in d.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads7[name], grads36[name])
     assert all(p.grad is None and not p.requires_grad for p in t.parameters())
 
 
