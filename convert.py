@@ -17,6 +17,7 @@ checkpoint or a run folder.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -31,10 +32,14 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import latest_checkpoint, verify_checksums, write_checksums, write_json
 from model import DFlashConfig, DFlashDrafter
-from targets import rope_config, rope_mismatch
+from targets import input_embedding_scale, rope_config, rope_mismatch
 
 DRAFTER_KEYS = {"architectures", "auto_map", "block_size", "num_target_layers", "dflash_config",
                 "layer_types", "target_config_diff"}
+# target keys that would misdescribe the drafter, kept in target_config_diff for --import: loader directives
+# declaring the bf16 weights quantized (transformers would read them as FP8, MXFP4, ...), the activation of an
+# MLP the drafter does not have (its own is SiLU, written as hidden_act), partial rotation (serving_config)
+NOT_COPIED = {"partial_rotary_factor", "quantization_config", "compression_config", "hidden_activation"}
 EDITABLE = ("config.json", "README.md")  # a serving folder's text, which people edit by hand (mask id, rope, window)
 
 
@@ -214,13 +219,17 @@ def write_checkpoint(state_dict, cfg, target_config, out_dir, overwrite=False):
 # Serving folders (safetensors + config.json)
 
 def serving_config(cfg, target_config):
-    """config.json: the target's text config, re-dimensioned as the drafter, plus the DFlash fields.
-    The target values it overwrites go to target_config_diff so --import can restore the target."""
+    """config.json: the target's text config, re-dimensioned as the drafter (less NOT_COPIED), plus the DFlash
+    fields. The target values it overwrites or leaves out go to target_config_diff so --import can restore them."""
     tc = _text_config(target_config)
     # partial_rotary_factor: the drafter rotates all of head_dim (targets.rope_config says why)
-    out = {k: v for k, v in tc.items() if k not in DRAFTER_KEYS and k != "partial_rotary_factor"}
+    out = {k: v for k, v in tc.items() if k not in DRAFTER_KEYS and k not in NOT_COPIED}
+    dflash = {"target_layer_ids": list(cfg.target_layer_ids), "mask_token_id": cfg.mask_token_id}
+    scale = input_embedding_scale(tc)
+    if scale != 1.0:  # training embedded with the target's scaled embedding; engines read this key
+        dflash["input_embedding_scale"] = scale
     out.update(
-        architectures=["DFlashDraftModel"], model_type="qwen3",  # the drafter is always Qwen3-style
+        architectures=["DFlashDraftModel"], model_type="qwen3", hidden_act="silu",  # always Qwen3-style
         hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
         intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
@@ -231,8 +240,7 @@ def serving_config(cfg, target_config):
         max_position_embeddings=cfg.max_position_embeddings, num_hidden_layers=cfg.num_hidden_layers,
         layer_types=list(cfg.layer_types), attention_bias=False,
         tie_word_embeddings=False, dtype="bfloat16", block_size=cfg.block_size,
-        num_target_layers=cfg.num_target_layers,
-        dflash_config={"target_layer_ids": list(cfg.target_layer_ids), "mask_token_id": cfg.mask_token_id})
+        num_target_layers=cfg.num_target_layers, dflash_config=dflash)
     # Qwen3Config (the authors' loader) keeps sliding_window only when use_sliding_window is true
     out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
     out["target_config_diff"] = {"changed": {k: tc[k] for k in sorted(tc) if k not in out or out[k] != tc[k]},
@@ -242,7 +250,8 @@ def serving_config(cfg, target_config):
 
 def target_config_from_serving(config):
     """Undo serving_config. A released drafter without target_config_diff gets the target's layer
-    count back; what it cannot say (the target's model_type, tied embeddings) is left to defaults."""
+    count back; what it cannot say (the target's model_type, so its embedding scale; tied embeddings) is
+    left to defaults."""
     diff = config.get("target_config_diff") or {}
     tc = {k: v for k, v in config.items()
           if k not in DRAFTER_KEYS and k not in diff.get("added", ()) and not k.startswith("_")}
@@ -273,6 +282,10 @@ def config_from_serving(config, source="config.json"):
     missing = [k for k in ("target_layer_ids", "mask_token_id") if k not in dflash]
     if missing:
         raise ValueError(f"{source} lacks dflash_config.{missing[0]}")
+    act = config.get("hidden_act", "silu")  # Qwen3Config's default
+    if act != "silu":  # an engine would build the MLP with it: other maths than the drafter was trained with
+        raise ValueError(f"{source} has hidden_act={act!r}, but a DFlash drafter's MLP is SiLU-gated (Qwen3), as "
+                         "it was trained: set hidden_act to \"silu\" (target_config_diff keeps the target's own)")
     try:
         heads = config["num_attention_heads"]
         d = dict(hidden_size=config["hidden_size"], num_attention_heads=heads,
@@ -283,12 +296,24 @@ def config_from_serving(config, source="config.json"):
                  vocab_size=config["vocab_size"],
                  max_position_embeddings=config["max_position_embeddings"],
                  num_target_layers=config["num_target_layers"],
-                 target_layer_ids=list(dflash["target_layer_ids"]),
+                 target_layer_ids=dflash["target_layer_ids"],
                  mask_token_id=dflash["mask_token_id"], num_hidden_layers=config["num_hidden_layers"],
                  block_size=config["block_size"], **serving_layout(config))
     except KeyError as e:
         raise ValueError(f"{source} lacks {e.args[0]!r}") from None
     return _make_config(d, source)
+
+
+def check_embedding_scale(config, target_config, source="config.json"):
+    """dflash_config.input_embedding_scale (absent: 1.0) against the target's embedding, where the folder
+    records its target (target_config_diff); a released drafter's is taken as it says."""
+    scale = config["dflash_config"].get("input_embedding_scale", 1.0)
+    if type(scale) not in (int, float) or not 0 < scale < math.inf:
+        raise ValueError(f"{source} has dflash_config.input_embedding_scale={scale!r}: it must be a positive number")
+    want = input_embedding_scale(target_config) if "target_config_diff" in config else scale
+    if not math.isclose(scale, want, rel_tol=1e-6):
+        raise ValueError(f"{source} has dflash_config.input_embedding_scale={scale}, but its target embeds with "
+                         f"scale {want}: set it to {want}, or re-export the folder from its checkpoint")
 
 
 def read_serving(path, accept_edited=False):
@@ -298,6 +323,7 @@ def read_serving(path, accept_edited=False):
     config = _read_json(os.path.join(path, "config.json"))
     cfg = config_from_serving(config, os.path.join(path, "config.json"))
     target_config = target_config_from_serving(config)
+    check_embedding_scale(config, target_config, os.path.join(path, "config.json"))
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
         raise ValueError(f"{weights} is missing")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from attention import attend, build_mask, dense_mask
-from targets import ROPE_NEEDS, ROPE_TYPES, decoder_layers, rope_config, rope_frequencies, rope_mismatch
+from targets import ROPE_NEEDS, ROPE_TYPES, decoder_layers, rope_config, rope_frequencies, rope_mismatch, text_field
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,6 +46,15 @@ class DFlashConfig:
     sliding_window: int = None    # W of the sliding layers (None when no layer slides)
 
     def __post_init__(self):
+        # engines refuse a float or bool mask id; a float layer id fails only later, in capture (bool is an int)
+        ids = self.target_layer_ids
+        values = {"mask_token_id": [self.mask_token_id], "block_size": [self.block_size],
+                  "num_hidden_layers": [self.num_hidden_layers],
+                  "target_layer_ids": ids if isinstance(ids, (list, tuple)) else [None]}  # not a list: refused
+        bad = [f"{k}={getattr(self, k)!r}" for k, vs in values.items() if any(type(v) is not int for v in vs)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be integers (target_layer_ids a list of them), written "
+                             "without a decimal point, quotes or true/false")
         if self.block_size < 2:
             raise ValueError(f"block_size={self.block_size}: a block needs the anchor plus at least "
                              "one token to draft; use block_size >= 2 (16 is the paper's)")
@@ -281,18 +290,19 @@ def config_from_target(target_config, num_hidden_layers=5, block_size=16, target
                        num_features=5, mask_token_id=None, layer_types=None, sliding_window=None):
     """Drafter dimensions are the target's; only depth, block size, layer ids and mask id are ours."""
     tc = getattr(target_config, "text_config", None) or target_config
-    L = tc.num_hidden_layers
+    f = functools.partial(text_field, tc)  # a missing field is a ValueError naming it
+    L = f("num_hidden_layers")
     theta, scaling = rope_config(tc)
     if mask_token_id is None:
         raise ValueError("mask_token_id is not set: choose an embedding row that real text never uses, e.g. "
                          "a reserved special token of the target (README: choosing mask_token_id)")
     return DFlashConfig(
-        hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
-        num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
-        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
-        intermediate_size=tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
-        rope_theta=theta, rope_scaling=scaling, vocab_size=tc.vocab_size,
-        max_position_embeddings=tc.max_position_embeddings, num_target_layers=L,
+        hidden_size=f("hidden_size"), num_attention_heads=f("num_attention_heads"),
+        num_key_value_heads=f("num_key_value_heads", False) or f("num_attention_heads"),
+        head_dim=f("head_dim", False) or f("hidden_size") // f("num_attention_heads"),
+        intermediate_size=f("intermediate_size"), rms_norm_eps=f("rms_norm_eps"),
+        rope_theta=theta, rope_scaling=scaling, vocab_size=f("vocab_size"),
+        max_position_embeddings=f("max_position_embeddings"), num_target_layers=L,
         target_layer_ids=list(target_layer_ids or build_target_layer_ids(L, num_features)),
         mask_token_id=int(mask_token_id), num_hidden_layers=num_hidden_layers, block_size=block_size,
         layer_types=layer_types, sliding_window=sliding_window)

@@ -76,6 +76,40 @@ def check_target(path_or_config):
         decoder_layers(AutoModelForCausalLM.from_config(load_target_config(path_or_config)))
 
 
+def text_field(tc, key, required=True):
+    """tc.key of a target's text config, or a ValueError naming the field the drafter copies (train.py
+    reports those in one line; a missing attribute would be a traceback). A per-layer field (Gemma 4's
+    head_dim: its full-attention layers use global_head_dim) reads as the config's own value, the one
+    config.json and to_dict() hold: the drafter's head shape is its own, and that is most layers' shape."""
+    try:
+        value = getattr(tc, key, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        value = tc.to_dict().get(key)
+    if value is None and required:
+        raise ValueError(f"the target config ({getattr(tc, 'model_type', '?')}) has no {key}, which the drafter "
+                         f"copies: set {key} in the target's config.json, or train for another target")
+    return value
+
+
+def input_embedding_scale(target_config):
+    """What the target's input embedding multiplies its rows by (Gemma: sqrt(hidden_size)), 1.0 where it
+    does not: read from the module transformers builds for this config, on the meta device, where the
+    scaled embeddings keep it as scalar_embed_scale. embed_tokens applies it, so the drafter trains on
+    scaled rows, and the serving config must say so (engines embed with the raw matrix)."""
+    from transformers import AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            embedding = AutoModelForCausalLM.from_config(load_target_config(target_config)).get_input_embeddings()
+    except Exception as e:  # whatever transformers raises for a config it cannot build
+        raise ValueError(f"cannot build the target from its config to read its input embedding scale "
+                         f"({type(e).__name__}: {e})") from None
+    scale = getattr(embedding, "scalar_embed_scale", None)
+    if scale is None and hasattr(embedding, "embed_scale"):  # scaled, but not where transformers 5 keeps it
+        raise ValueError(f"{type(embedding).__name__} scales the embedding but has no scalar_embed_scale: teach "
+                         "targets.input_embedding_scale where this transformers keeps the factor")
+    return 1.0 if scale is None else float(scale)
+
+
 def compile_target_layers(target):
     """torch.compile each decoder layer's forward: HF eager runs RMSNorm, rotary and SwiGLU as
     separate elementwise kernels with fp32 casts, the non-matmul part of the target forward. The

@@ -242,6 +242,40 @@ def test_bad_input_is_rejected_before_any_forward():
         M.sample_anchors(torch.ones(1, 8), 0)
 
 
+def test_config_integers_must_be_ints():
+    """JSON lets 63.0 and true through where an integer belongs: SGLang refuses a float or bool mask id, and
+    a float layer id fails only in capture. DFlashConfig (which every checkpoint and serving folder goes
+    through) names each one."""
+    base = dataclasses.asdict(tiny_drafter(tiny_target()).config)
+    for key, value in [("mask_token_id", 63.0), ("mask_token_id", True), ("target_layer_ids", [1.0, 3.0]),
+                       ("target_layer_ids", [1, True]), ("target_layer_ids", 3), ("block_size", 4.0),
+                       ("num_hidden_layers", False)]:
+        with pytest.raises(ValueError, match=re.escape(f"{key}={value!r}: must be integers")):
+            M.DFlashConfig(**{**base, key: value})
+    assert M.DFlashConfig(**base).target_layer_ids == [1, 3]
+
+
+def test_target_config_without_a_copied_field_is_one_line(tmp_path):
+    """The drafter copies its dimensions from the target config. Cohere has no rms_norm_eps (it uses
+    LayerNorm): a ValueError naming the field, which train.py prints as one config error line. Gemma 4's
+    head_dim is per layer (global_head_dim on its full-attention layers; transformers raises on reading it
+    from the config): the drafter takes the config's own head_dim."""
+    from transformers import AutoConfig
+    dims = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512)
+    cohere = AutoConfig.for_model("cohere", **dims)
+    with pytest.raises(ValueError, match=r"the target config \(cohere\) has no rms_norm_eps, which the drafter copies"):
+        M.config_from_target(cohere, target_layer_ids=[1], mask_token_id=5)
+    (tmp_path / "cohere.json").write_text(json.dumps(cohere.to_dict()))
+    with pytest.raises(SystemExit, match=r"^config error: the target config \(cohere\) has no rms_norm_eps[^\n]*$"):
+        T.main(train_args(tmp_path, target=str(tmp_path / "cohere.json")))
+    gemma4 = AutoConfig.for_model("gemma4_text", **dims, head_dim=8, global_head_dim=16)
+    with pytest.raises(RuntimeError, match="per-layer attribute"):
+        gemma4.head_dim
+    cfg = M.config_from_target(gemma4, num_hidden_layers=2, block_size=4, target_layer_ids=[1, 3], mask_token_id=63)
+    assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads) == (8, 4, 2)
+
+
 # ------------------------------------------------------------------------------------------------
 # model.py: target capture
 
@@ -522,14 +556,23 @@ def test_loss_weights_and_gradients():
     t = tiny_target()
     d = tiny_drafter(t, block_size=4)
     ids = torch.randint(0, 63, (2, 32))
-    loss_sum, w_sum, stats = M.dflash_loss(d, t, ids, torch.ones(2, 32), num_anchors=6,
-                                           generator=torch.Generator().manual_seed(0), ce_chunk_tokens=7)
-    # every label in range counts with weight exp(-(k-1)/gamma); chunking must not change the sum
+    runs = []
+    for chunk in (7, 36):  # 2 rows x 6 anchors x 3 labels = 36 query tokens: chunks of 7 (the last of 1), one chunk
+        d.zero_grad(set_to_none=True)
+        loss_sum, w_sum, stats = M.dflash_loss(d, t, ids, torch.ones(2, 32), num_anchors=6,
+                                               generator=torch.Generator().manual_seed(0), ce_chunk_tokens=chunk)
+        (loss_sum / w_sum).backward()
+        runs.append((loss_sum.item(), w_sum.item(), stats["ce_sum"].item(),
+                     {name: p.grad.clone() for name, p in d.named_parameters()}))
+    # every label in range counts with weight exp(-(k-1)/gamma)
     w = torch.exp(-torch.arange(3) / M.default_gamma(4))
     assert w_sum.item() == pytest.approx((stats["count_per_slot"] * w).sum().item())
-    (loss_sum / w_sum).backward()
+    # chunking must not change the sums, nor the gradients
+    (loss7, w7, ce7, grads7), (loss36, w36, ce36, grads36) = runs
+    assert loss7 == pytest.approx(loss36, rel=1e-6) and ce7 == pytest.approx(ce36, rel=1e-6) and w7 == w36
     for name, p in d.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads7[name], grads36[name])
     assert all(p.grad is None and not p.requires_grad for p in t.parameters())
 
 
@@ -1287,6 +1330,59 @@ def test_config_json_round_trips_through_autoconfig(trained, tmp_path):
     assert '"num_speculative_tokens": 3' in card
 
 
+def test_export_describes_the_drafter_not_the_targets_mlp_or_quantization(tmp_path):
+    """The drafter's MLP is SiLU-gated and its weights bf16 whatever the target's: an Arcee target (relu2) and
+    an FP8 Qwen3 target export hidden_act "silu" and no quantization_config, so the authors' Qwen3MLP built
+    from config.json computes the drafter's own MLP and transformers reads plain weights. The target's values
+    stay in target_config_diff: --import gives them back. A folder saying another hidden_act is refused."""
+    from transformers import AutoConfig
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+    fp8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    for i, extra in enumerate([dict(model_type="arcee"), dict(quantization_config=fp8)]):
+        tc = targets.load_target_config(dict(TINY_TARGET, **extra)).to_dict()
+        cfg = M.config_from_target(targets.load_target_config(tc), 2, 4, [1, 3], mask_token_id=63)
+        torch.manual_seed(0)
+        d = M.build_drafter(cfg)
+        out = tmp_path / f"served{i}"
+        C.export_drafter(d.state_dict(), cfg, tc, str(out))
+        raw = json.loads((out / "config.json").read_text())
+        assert raw["hidden_act"] == "silu" and "quantization_config" not in raw
+        hf = AutoConfig.from_pretrained(str(out))
+        assert getattr(hf, "quantization_config", None) is None
+        mlp = Qwen3MLP(hf)
+        mlp.load_state_dict(d.layers[0].mlp.state_dict())
+        x = 30 * torch.randn(3, 32)
+        torch.testing.assert_close(mlp(x), d.layers[0].mlp(x), rtol=0, atol=0)
+        target_config = C.read_serving(str(out))[2]
+        assert target_config["hidden_act"] == tc["hidden_act"] == ("relu2" if i == 0 else "silu")
+        assert target_config.get("quantization_config") == tc.get("quantization_config") == (fp8 if i else None)
+    with pytest.raises(ValueError, match=r"hidden_act='relu2', but a DFlash drafter's MLP is SiLU-gated"):
+        C.config_from_serving({**raw, "hidden_act": "relu2"})
+
+
+def test_export_states_the_input_embedding_scale_training_used(tmp_path):
+    """Gemma 3's embedding module returns E[ids] * sqrt(hidden), what the drafter trains on; engines embed with
+    the raw matrix and multiply by dflash_config.input_embedding_scale, so export writes sqrt(32) there (and
+    nothing for an unscaled Qwen3 target: test_config_json_round_trips_through_autoconfig). Import reads it back
+    and refuses a value its recorded target disagrees with, or one that is not a positive number."""
+    t = tiny_gemma3()
+    d = tiny_drafter(t)
+    out = tmp_path / "served"
+    C.export_drafter(d.state_dict(), d.config, t.config, str(out))
+    raw = json.loads((out / "config.json").read_text())
+    scale = raw["dflash_config"]["input_embedding_scale"]
+    assert scale == pytest.approx(32 ** 0.5, rel=1e-12)
+    ids = torch.tensor([[5, 63, 63, 63]])
+    torch.testing.assert_close(F.embedding(ids, t.get_input_embeddings().weight) * scale, M.embed_tokens(t, ids))
+    assert C.load_drafter(str(out))[1] == d.config
+    for value, message in [(1.0, r"input_embedding_scale=1.0, but its target embeds with scale 5.65"),
+                           (True, r"input_embedding_scale=True: it must be a positive number")]:
+        raw["dflash_config"]["input_embedding_scale"] = value
+        (out / "config.json").write_text(json.dumps(raw))
+        with pytest.raises(ValueError, match=message):
+            C.read_serving(str(out), accept_edited=True)
+
+
 def test_sliding_layout_exports_as_the_authors_loader_reads_it(tmp_path):
     """A mixed drafter's config.json gives the authors' DFlashDraftModel (a Qwen3Config: per layer
     config.layer_types[i], and config.sliding_window, which Qwen3Config keeps only with
@@ -1534,6 +1630,8 @@ def broken_checkpoint(tmp_path, trained, case):
         cfg["mask_token_id"] = 64
     elif case == "layer_id":
         cfg["target_layer_ids"] = [1, 6]
+    elif case == "mask_float":
+        cfg["mask_token_id"] = 63.0
     elif case == "target_layers":
         tc["num_hidden_layers"] = 3  # the drafter was trained for a 6-layer target
     elif case == "target_hidden":
@@ -1553,6 +1651,7 @@ def broken_checkpoint(tmp_path, trained, case):
     ("extra", r"unexpected tensors: embed_tokens\.weight"),
     ("mask_id", r"mask_token_id=64 is outside the target's 64 embedding rows"),
     ("layer_id", r"target_layer_ids \[6\] are outside the target"),
+    ("mask_float", r"dflash_config\.json: mask_token_id=63\.0: must be integers"),
     ("target_layers", r"num_target_layers=6 but the target config has 3.*target_layer_ids \[3\] are outside"),
     ("target_hidden", r"hidden_size=32 but the target config has 48"),
     ("target_rope", r"drafter RoPE \(theta 10000.0, rope_scaling None\) differs from the target's"),
@@ -1571,6 +1670,9 @@ def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, me
     ("truncated", "unreadable"), ("garbled", "unreadable"),
     ("mask_id", "mask_token_id=64 is outside"), ("layer_id", r"target_layer_ids \[6\] are outside"),
     ("no_dflash_config", "lacks 'dflash_config'"),
+    ("mask_float", r"mask_token_id=63\.0: must be integers"), ("mask_bool", "mask_token_id=True: must be integers"),
+    ("ids_float", r"target_layer_ids=\[1\.0, 3\.0\]: must be integers"),
+    ("hidden_act", "hidden_act='gelu_pytorch_tanh', but a DFlash drafter's MLP is SiLU-gated"),
 ])
 def test_bad_serving_folder_on_import(tmp_path, case, message):
     src = tmp_path / "released"
@@ -1582,10 +1684,15 @@ def test_bad_serving_folder_on_import(tmp_path, case, message):
         weights.write_bytes(data[: len(data) // 2])
     elif case == "garbled":
         weights.write_bytes(b"\xff" * 16 + data[16:])
-    elif case == "no_dflash_config":
-        config = json.loads((src / "config.json").read_text())
+    config = json.loads((src / "config.json").read_text())
+    if case == "no_dflash_config":
         del config["dflash_config"]
-        (src / "config.json").write_text(json.dumps(config))
+    elif case == "hidden_act":  # the authors' Qwen3MLP would compute GELU with weights trained for SiLU
+        config["hidden_act"] = "gelu_pytorch_tanh"
+    else:  # JSON numbers of the wrong kind
+        config["dflash_config"].update({"mask_float": {"mask_token_id": 63.0}, "mask_bool": {"mask_token_id": True},
+                                        "ids_float": {"target_layer_ids": [1.0, 3.0]}}.get(case, {}))
+    (src / "config.json").write_text(json.dumps(config))
     out = tmp_path / "ckpt"
     with pytest.raises(ValueError, match=message):
         C.read_serving(str(src))
