@@ -178,7 +178,7 @@ def saved_run(out_dir):
     one before it was trained with the same shape and data (a resume never changes them)."""
     for path in step_dirs(out_dir):
         try:
-            if not any(name == "train_state.json" for name, _ in checksum_mismatches(path, only="train_state.json")):
+            if not checksum_mismatches(path, only="train_state.json"):
                 return path, read_train_state(path, out_dir)
         except (OSError, ValueError):  # unreadable: the resume names the damage and falls back
             pass
