@@ -409,6 +409,18 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
 # -----------------------------------------------------------------------------
 # batching
 
+def recorded_thinking(source):
+    """{mode: file} of the enable_thinking modes (auto, on, off) that `regenerate` recorded in the first row
+    of each local file of source; {} where none says (other data, older rows)."""
+    files = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
+    seen = {}
+    for f in (f for f in files if os.path.isfile(f)):
+        row = next(iter(_file_rows([f])), (0, None))[1]
+        if isinstance(row, dict) and row.get("enable_thinking") in ("auto", "on", "off"):
+            seen.setdefault(row["enable_thinking"], f)
+    return seen
+
+
 def split_heldout(conversations, n):
     """(training rows, held-out rows) from each conversation's rows, holding out n whole conversations
     (a conversation's later rows repeat its earlier turns as context). They are spread evenly over the

@@ -476,6 +476,8 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # greedy answers depend on the dtype they were decoded in: bench.py --replay reads it here (a server's is unknown)
     decoded_in = {} if server else {"dtype": "bf16" if model.dtype == torch.bfloat16 else "fp32"}
+    # and on the thinking mode the template rendered: train.py refuses rows of another mode (README: Thinking)
+    decoded_in["enable_thinking"] = {None: "auto", True: "on", False: "off"}[enable_thinking]
     with open(out, "a", encoding="utf-8") as f:
         def write(r, msgs):
             nonlocal ntok, written
@@ -562,7 +564,7 @@ def main(argv=None):
     r.add_argument("--max-prompt-tokens", type=int, default=1024,
                    help="longer prompts are skipped (counted); the static KV cache holds this + --max-new-tokens")
     r.add_argument("--enable-thinking", "--thinking", choices=["on", "off"], default=None,
-                   help="enable_thinking for the chat template (train with the same enable_thinking)")
+                   help="enable_thinking for the chat template (each row records it; train with the same enable_thinking)")
     r.add_argument("--no-compile", action="store_true", help="eager decode steps (default: compiled on GPU)")
     r.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="the target's dtype here (default: bf16 on "
                    "GPU, fp32 on CPU); each row records it (\"dtype\") and bench.py --replay decodes in it")

@@ -3091,6 +3091,7 @@ def test_replay_decodes_in_the_dtype_the_rows_were_regenerated_in(models, tmp_pa
                      "--max-new-tokens", "6", "--max-prompt-tokens", "64"])
     written = [json.loads(line) for line in open(rows)]
     assert [r["dtype"] for r in written] == ["fp32", "fp32"]  # regenerate's default on CPU
+    assert [r["enable_thinking"] for r in written] == ["auto", "auto"]  # no --enable-thinking: the template's default
     loaded, load_target = [], targets.load_target
     monkeypatch.setattr(targets, "load_target", lambda path, dtype, *a: loaded.append(dtype) or load_target(path, dtype, *a))
     common = ["--target", target, "--draft", str(tmp_path / "drafter"), "--device", "cpu"]
@@ -3902,6 +3903,31 @@ def test_only_checkpoint_damaged_starts_again_and_says_so(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "trying the one before it" in out and "no intact checkpoint left: training from step 0" in out
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_rows_regenerated_in_another_thinking_mode_stop_before_tokenising(tmp_path, monkeypatch):
+    """regenerate records its thinking mode in every row; on a template with the switch, training those rows
+    with another enable_thinking (auto too: the template's default is not the rows') is one config error naming
+    the file and the mode; the same mode passes the check (tokenising starts). A template without the switch
+    renders every mode alike: no check."""
+    tiny_target().save_pretrained(tmp_path / "target")
+    tok = char_tokenizer()
+    tok.chat_template = QWEN_TEMPLATE
+    tok.save_pretrained(tmp_path / "target")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    write_lines(tmp_path / "r.jsonl", [json.dumps({"enable_thinking": "off", "messages": msgs})] * 4)
+    args = dict(target=str(tmp_path / "target"), data=str(tmp_path / "r.jsonl"))
+    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: pytest.fail("tokenising", pytrace=False))
+    for mode in ("on", "auto"):
+        with pytest.raises(SystemExit, match=f"config error: enable_thinking={mode}, but {tmp_path / 'r.jsonl'} was "
+                                             "regenerated with --enable-thinking off: .*set enable_thinking=off"):
+            T.main(train_args(tmp_path, enable_thinking=mode, **args))
+    with pytest.raises(pytest.fail.Exception, match="tokenising"):
+        T.main(train_args(tmp_path, enable_thinking="off", **args))
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(tmp_path / "target")
+    with pytest.raises(pytest.fail.Exception, match="tokenising"):
+        T.main(train_args(tmp_path, enable_thinking="on", **args))
 
 
 def test_resume_on_data_changed_under_its_name_stops(tmp_path):

@@ -123,6 +123,12 @@ def setup(c):
         if r.tokenizer is None:
             raise SystemExit("config error: data from conversations needs a target folder with a tokenizer")
         thinking = {"auto": None, "on": True, "off": False}[c["enable_thinking"]]
+        other = {m: f for m, f in D.recorded_thinking(c["data"]).items() if m != c["enable_thinking"]}
+        if other and "enable_thinking" in (r.tokenizer.chat_template or ""):  # a template with the switch
+            mode, f = next(iter(other.items()))
+            raise SystemExit(f"config error: enable_thinking={c['enable_thinking']}, but {f} was regenerated with "
+                             f"--enable-thinking {mode}: train on rows rendered as the target answered them (set "
+                             f"enable_thinking={mode}, and serve the target that way), or regenerate")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks of this host share its cores
         dataset = D.build_dataset(r.tokenizer, c["data"], c["max_length"], c["min_loss_tokens"], thinking, log=r.log,
                                   max_rows=c["max_rows"], workers=max(1, min(16, (os.cpu_count() or 1) // local_world)))
