@@ -248,7 +248,7 @@ def spec_generate(target, drafter, input_ids, max_new_tokens, stop_ids, block_si
 
 def render(tokenizer, messages):
     """Chat template with add_generation_prompt=True; thinking off where the template has the switch."""
-    thinking = False if "enable_thinking" in (tokenizer.chat_template or "") else None
+    thinking = False if data.has_thinking_switch(tokenizer) else None
     return data.render_chat(tokenizer, messages, thinking, add_generation_prompt=True)
 
 
@@ -553,11 +553,10 @@ def main(argv=None):
     if args.gqa:
         fast_decode.use_gqa_attention(target)  # flex switches the target's attention in StaticRunner
     args.block_size = args.block_size or drafter.config.block_size
-    tokenizer, prompt_sets = None, {}
+    tokenizer, prompt_sets = None, args.prompt_sets  # {} with --prompt-len or --replay
     if args.prompt_len is None:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
-        prompt_sets = args.prompt_sets
     if args.replay:
         with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
             summaries = [measure.replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]

@@ -185,6 +185,11 @@ def load_conversations(source, split="train"):
 # -----------------------------------------------------------------------------
 # tokenization with a loss mask on the assistant tokens
 
+def has_thinking_switch(tokenizer):
+    """The chat template reads enable_thinking (Qwen3): its rendering depends on the thinking mode."""
+    return "enable_thinking" in (tokenizer.chat_template or "")
+
+
 def render_chat(tokenizer, messages, enable_thinking, add_generation_prompt=False, tokenize=True):
     """The target's own chat template -> token ids (or text); enable_thinking only where given."""
     kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
@@ -354,6 +359,11 @@ _TOKENIZE_STATE = None
 PROGRESS_S = 5.0  # long work (tokenising, evaluation) logs a progress line at most this often
 
 
+def reasons(counter):
+    """Skip reasons as one summary phrase, the commonest first: '3 malformed json, 1 unknown role'."""
+    return ", ".join(f"{n} {r}" for r, n in counter.most_common())
+
+
 def fmt_time(s):
     """Seconds as the ETA of a progress line: 4m05s, or 2h07m past an hour."""
     s = int(s)
@@ -398,7 +408,7 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
     token_skipped = sum((s for _, s, _ in parts), collections.Counter())
     kept = sum(k for _, _, k in parts)
     # the arithmetic in view: rows read = skipped + conversations; tokenised = skipped + kept
-    skips = lambda c: f"{c.total()} skipped" + (f" ({', '.join(f'{n} {r}' for r, n in c.most_common())})" if c else "")
+    skips = lambda c: f"{c.total()} skipped" + (f" ({reasons(c)})" if c else "")
     unused = f" (max_rows={max_rows}: {len(all_convs) - len(convs)} more unused)" if len(convs) < len(all_convs) else ""
     log(f"data: {len(all_convs) + read_skipped.total()} rows read = {skips(read_skipped)} + {len(all_convs)} "
         f"conversations; {len(convs)} tokenised{unused} = {skips(token_skipped)} + {kept} kept, "
@@ -409,15 +419,16 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
 # -----------------------------------------------------------------------------
 # batching
 
-def recorded_thinking(source):
-    """{mode: file} of the enable_thinking modes (auto, on, off) that `regenerate` recorded in the first row
-    of each local file of source; {} where none says (other data, older rows)."""
-    files = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
+def recorded(paths, key, limit=None):
+    """{value: path} of what `regenerate` recorded in each row under key ("dtype", "enable_thinking") over the
+    first `limit` rows of each path; {} where no row says (other data, older rows, a server's dtype)."""
     seen = {}
-    for f in (f for f in files if os.path.isfile(f)):
-        row = next(iter(_file_rows([f])), (0, None))[1]
-        if isinstance(row, dict) and row.get("enable_thinking") in ("auto", "on", "off"):
-            seen.setdefault(row["enable_thinking"], f)
+    for path in paths:
+        for i, row in read_rows(path):
+            if limit and i >= limit:
+                break
+            if isinstance(row, dict) and row.get(key) is not None:
+                seen.setdefault(row[key], path)
     return seen
 
 
@@ -508,7 +519,7 @@ def load_prompts(name_or_path, assets_dir=None, log=print):
             continue
         extra = {k: v for k, v in row.items() if k not in ("id", "turns", "prompt", "messages", "conversations")}
         out.append({"id": str(first_set(row, "id", default=i)), "turns": [m["content"] for m in msgs if m["role"] == "user"], **extra})
-    why = ", ".join(f"{n} {r}" for r, n in skipped.most_common())
+    why = reasons(skipped)
     if not out:
         raise ValueError(f"{path}: no usable prompt in its {skipped.total()} rows ({why or 'empty'}): rows need `turns`, "
                          "`prompt` or chat messages with a user turn of text")

@@ -173,13 +173,7 @@ def answer_spans(mask):
 def rows_dtype(paths, limit=None):
     """The dtype ("bf16", "fp32") the regenerated rows' greedy answers were decoded in, as data.py regenerate
     records it in each row; None where no row says (older rows, a server's). ValueError if the rows disagree."""
-    seen = {}
-    for path in paths:
-        for i, row in data.read_rows(path):
-            if limit and i >= limit:
-                break
-            if isinstance(row, dict) and row.get("dtype"):
-                seen.setdefault(row["dtype"], path)
+    seen = data.recorded(paths, "dtype", limit)
     if len(seen) > 1:
         raise ValueError("--replay rows regenerated in different dtypes (" + ", ".join(f"{d}: {p}" for d, p in seen.items())
                          + "): replay each dtype's rows in a run of its own")
@@ -193,11 +187,11 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
     --enable-thinking off), not the whole conversation's tokens: a template that rewrites past turns (Qwen3
     drops their empty think block) renders those differently; rows answered with thinking on, or with an empty
     answer, are skipped and counted. An answer cut by the regeneration's token limit ("finished": false) is
-    supervised without the end-of-turn token the template adds to it, so its span ends where it was cut. The set's name is the file's stem, or the path as
-    given where two --replay files share a stem."""
+    supervised without the end-of-turn token the template adds to it, so its span ends where it was cut. The
+    set's name is the file's stem, or the path as given where two --replay files share a stem."""
     stem = lambda p: os.path.splitext(os.path.basename(p))[0]
     name = path if [stem(p) for p in getattr(args, "replay", [path])].count(stem(path)) > 1 else stem(path)
-    thinking = False if "enable_thinking" in (tokenizer.chat_template or "") else None  # as bench.render
+    thinking = False if data.has_thinking_switch(tokenizer) else None  # as bench.render
     records, skipped = [], Counter()
     for i, row in data.read_rows(path):
         if args.num_prompts and i >= args.num_prompts:

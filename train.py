@@ -123,8 +123,9 @@ def setup(c):
         if r.tokenizer is None:
             raise SystemExit("config error: data from conversations needs a target folder with a tokenizer")
         thinking = {"auto": None, "on": True, "off": False}[c["enable_thinking"]]
-        other = {m: f for m, f in D.recorded_thinking(c["data"]).items() if m != c["enable_thinking"]}
-        if other and "enable_thinking" in (r.tokenizer.chat_template or ""):  # a template with the switch
+        files = [f for f in sorted(glob.glob(c["data"])) if os.path.isfile(f)]  # their first rows: cheap
+        other = {m: f for m, f in D.recorded(files, "enable_thinking", limit=1).items() if m != c["enable_thinking"]}
+        if other and D.has_thinking_switch(r.tokenizer):
             mode, f = next(iter(other.items()))
             raise SystemExit(f"config error: enable_thinking={c['enable_thinking']}, but {f} was regenerated with "
                              f"--enable-thinking {mode}: train on rows rendered as the target answered them (set "
