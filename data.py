@@ -14,10 +14,10 @@ import collections
 import contextlib
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
-import re
 import time
 
 import torch
@@ -60,20 +60,9 @@ def _json_array_records(text):
         yield row
 
 
-_NONBLANK = re.compile(r"\S")
 # not JSON: read as text they fail deep in the decoder or skip every row as malformed, so they are named
 _NOT_JSON = (".parquet", ".arrow", ".csv", ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar")
 _SOURCES = "data is JSON/JSONL files (a glob), a save_to_disk folder or a hub dataset name"
-
-
-def _is_json_array(text):
-    """A JSON array, not JSONL: the first line opens a list that does not close on it, or the file is
-    that one line (a line holding a whole list, followed by more, is a JSONL row)."""
-    head = _NONBLANK.search(text)
-    if head is None or text[head.start()] != "[":
-        return False
-    end = text.find("\n", head.start())
-    return end < 0 or _loads(text[head.start():end]) is None or _NONBLANK.search(text, end) is None
 
 
 def read_rows(source, split="train"):
@@ -103,18 +92,22 @@ def read_rows(source, split="train"):
 
 
 def _file_rows(files):
+    """JSONL is read a line at a time (a training set of GBs is never held as text); a JSON array is
+    read whole. A file is a JSON array when its first non-blank line opens a list that does not close
+    on it, or is that one line (a line holding a whole list, followed by more, is a JSONL row)."""
     i = 0
     for f in files:
         with open(f, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of the first row
-            text = fh.read()
-        if _is_json_array(text):
-            rows = _json_array_records(text)
-        else:
-            # split on "\n" only: str.splitlines also breaks at U+2028 and friends inside strings
-            rows = (_loads(line) for line in text.split("\n") if line.strip())
-        for row in rows:
-            yield i, row
-            i += 1
+            # lines end at "\n" only (and \r, \r\n, as read() gave): str.splitlines would also break
+            # at U+2028 and friends inside strings
+            head = list(itertools.islice((line for line in fh if line.strip()), 2))
+            if head and head[0].lstrip().startswith("[") and (len(head) == 1 or _loads(head[0]) is None):
+                rows = _json_array_records("".join(head) + fh.read())
+            else:
+                rows = (_loads(line) for line in itertools.chain(head, fh) if line.strip())
+            for row in rows:
+                yield i, row
+                i += 1
 
 
 def _loads(line):

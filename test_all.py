@@ -887,6 +887,23 @@ def test_reader_counts_file_variants_and_names_bad_sources(tmp_path):
             data.read_rows(source)  # at the call, before any row is read
 
 
+def test_jsonl_is_read_a_line_at_a_time(tmp_path):
+    """A JSONL training set of GBs is never held as text: reading every row of a 20 MB file peaks at a few
+    rows' worth of memory (the file's text would be 20 MB, its lines 20 MB more), and the first row of a
+    file is read without the rest (data.recorded's thinking check at start reads one row per file)."""
+    import tracemalloc
+    row = json.dumps({"messages": [{"role": "user", "content": "x" * 1000}], "dtype": "bf16"}) + "\n"
+    (tmp_path / "big.jsonl").write_text(row * 20_000)
+    tracemalloc.start()
+    try:
+        assert sum(1 for _ in data.read_rows(str(tmp_path / "big.jsonl"))) == 20_000
+        assert data.recorded([str(tmp_path / "big.jsonl")], "dtype", limit=1) == {"bf16": str(tmp_path / "big.jsonl")}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
+
+
 def test_saved_datasets_give_every_row_every_column(tmp_path):
     """A dataset saved by `datasets` gives every row every column, None where the row had none: a
     `messages` row then has `conversations: None` and the other way round, and so have role/from and
