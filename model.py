@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from attention import attend, build_mask, dense_mask
-from targets import ROPE_NEEDS, ROPE_TYPES, decoder_layers, rope_config, rope_frequencies, rope_mismatch, text_field
+from targets import decoder_layers, rope_config, rope_frequencies, rope_mismatch, rope_problem, text_field
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,15 +71,9 @@ class DFlashConfig:
             raise ValueError(f"mask_token_id={self.mask_token_id} is outside the target's "
                              f"{self.vocab_size} embedding rows; set mask_token_id to a row below that which real "
                              "text never uses (README: choosing mask_token_id)")
-        kind = (self.rope_scaling or {}).get("rope_type", "default")
-        if kind not in ROPE_TYPES:
-            raise ValueError(f"rope_type={kind!r}: the drafter cannot reproduce this RoPE (it implements "
-                             f"{', '.join(ROPE_TYPES)}); add it to targets.rope_frequencies, checked against "
-                             "transformers' ROPE_INIT_FUNCTIONS")
-        missing = [k for k in ROPE_NEEDS.get(kind, ()) if (self.rope_scaling or {}).get(k) is None]
-        if missing:
-            raise ValueError(f"rope_scaling {self.rope_scaling} lacks {missing[0]!r}, which rope_type "
-                             f"{kind!r} needs; copy the target's rope_parameters")
+        problem = rope_problem(self.rope_scaling, self.head_dim)
+        if problem:
+            raise ValueError(problem)
         self.layer_types = list(self.layer_types or ["full_attention"] * self.num_hidden_layers)
         problem = layout_problem(self.layer_types, self.sliding_window, self.num_hidden_layers, self.block_size)
         if problem:

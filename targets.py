@@ -123,9 +123,10 @@ def compile_target_layers(target):
 # their target's rope config (Llama-3.1: llama3; gpt-oss: yarn). What it does not inherit, and why:
 # - a per-layer-type RoPE (Gemma 3/4: {"sliding_attention": ..., "full_attention": ...}) gives the
 #   drafter the full-attention one: draft layers attend over the whole context, as those layers do;
-# - partial_rotary_factor (Qwen3-Next, Qwen3.5, GLM-4): draft layers rotate all of head_dim, as SGLang's
-#   DFlash drafter does (rotary_dim=head_dim); only "proportional" keeps it, since there it defines
-#   which frequencies are zero and the head stays full-size;
+# - partial_rotary_factor (Qwen3-Next, Qwen3.5, GLM-4): draft layers rotate all of head_dim, as the
+#   engines' DFlash drafters do (rotary_dim=head_dim); only "proportional" keeps it, since there it
+#   defines which frequencies are zero and the head stays full-size (transformers and vLLM read it there;
+#   SGLang's drafter does not, and turns them: README, serving);
 # - mrope sections (Qwen3.5 and VL models): a text position is the same on every axis, so M-RoPE is
 #   plain 1-D RoPE for the drafter, as the published Qwen3.5 drafters have it.
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional")
@@ -154,6 +155,24 @@ def rope_config(cfg):
                                                        or scaling.get("original_max_position_embeddings")
                                                        or get("max_position_embeddings"))
     return theta, scaling
+
+
+def rope_problem(scaling, head_dim):
+    """None if the drafter can rotate with this rope_scaling (its head_dim // 2 pairs all turn), else why not,
+    in one line: checked when a drafter config is made, before any weights load."""
+    r, kind = scaling or {}, (scaling or {}).get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        return (f"rope_type={kind!r}: the drafter cannot reproduce this RoPE (it implements {', '.join(ROPE_TYPES)}); "
+                "add it to targets.rope_frequencies, checked against transformers' ROPE_INIT_FUNCTIONS")
+    missing = [k for k in ROPE_NEEDS.get(kind, ()) if r.get(k) is None]
+    if missing:
+        return f"rope_scaling {scaling} lacks {missing[0]!r}, which rope_type {kind!r} needs; copy the target's rope_parameters"
+    sizes = {len(r["short_factor"]), len(r["long_factor"])} if kind == "longrope" else {head_dim // 2}
+    if sizes != {head_dim // 2}:  # Phi-4-mini: factors for the 3/4 of the head its partial_rotary_factor turns
+        return (f"longrope's short_factor and long_factor hold {'/'.join(map(str, sorted(sizes)))} entries, one per rotated "
+                f"pair, but the drafter rotates all of head_dim {head_dim} ({head_dim // 2} pairs; engines too): a target "
+                "that rotates part of its head with longrope cannot be reproduced")
+    return None
 
 
 def rope_frequencies(cfg, seq_len=None, device=None):

@@ -2546,6 +2546,14 @@ def test_rope_bad_input_is_named():
     M.check_fits_target(same, tiny_target())
     with pytest.raises(ValueError, match="rope_type='axial'"):
         C.config_from_serving({**C.serving_config(d.config, t.config), "rope_scaling": {"rope_type": "axial"}})
+    # Phi-4-mini: longrope factors for the 3/4 of its head that partial_rotary_factor turns (6 of 8 pairs here)
+    from transformers import AutoConfig
+    phi = AutoConfig.for_model("phi3", vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=6,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               original_max_position_embeddings=64, partial_rotary_factor=0.75,
+                               rope_scaling={"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [2.0] * 6})
+    with pytest.raises(ValueError, match=r"short_factor and long_factor hold 6 entries.*head_dim 16 \(8 pairs"):
+        M.config_from_target(phi, 1, num_features=2, mask_token_id=3)
 
 
 def test_llama31_8b_configs():
