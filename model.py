@@ -67,6 +67,9 @@ class DFlashConfig:
             raise ValueError(f"target_layer_ids {bad} are outside the target's layers "
                              f"0..{self.num_target_layers - 1}; leave target_layer_ids empty for the published spacing, "
                              "or list 0-based layer ids below the target's layer count")
+        if list(self.target_layer_ids) != sorted(set(self.target_layer_ids)):  # engines capture in layer order
+            raise ValueError(f"target_layer_ids {self.target_layer_ids} must be distinct and ascending: engines feed "
+                             "fc the captured layers in layer order")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id={self.mask_token_id} is outside the target's "
                              f"{self.vocab_size} embedding rows; set mask_token_id to a row below that which real "

@@ -234,6 +234,9 @@ def test_bad_input_is_rejected_before_any_forward():
         M.config_from_target(t.config, target_layer_ids=[1], mask_token_id=64)
     with pytest.raises(ValueError, match="block_size"):
         M.config_from_target(t.config, target_layer_ids=[1], mask_token_id=5, block_size=1)
+    for ids in ([3, 3], [3, 1]):  # [3, 3] failed in capture; [3, 1] trained fc on features SGLang feeds as [1, 3]
+        with pytest.raises(ValueError, match=re.escape(f"target_layer_ids {ids} must be distinct and ascending")):
+            M.config_from_target(t.config, target_layer_ids=ids, mask_token_id=5)
     other = tiny_target(hidden=48)
     d = tiny_drafter(other)
     with pytest.raises(ValueError, match="hidden_size"):
@@ -3965,7 +3968,8 @@ def test_resume_on_data_changed_under_its_name_stops(tmp_path):
     row = lambda k: json.dumps({"messages": [{"role": "user", "content": f"q{k}"},
                                              {"role": "assistant", "content": f"answer number {k}"}]})
     write_lines(tmp_path / "data" / "r0.jsonl", [row(k) for k in range(8)])
-    args = dict(target=str(tmp_path / "target"), data=str(tmp_path / "data" / "*.jsonl"), min_loss_tokens=1)
+    args = dict(target=str(tmp_path / "target"), data=str(tmp_path / "data" / "*.jsonl"), min_loss_tokens=1,
+                mask_token_id=char_tokenizer().convert_tokens_to_ids("Q"))  # a row the data never uses
     assert T.main(train_args(tmp_path, stop_at_step=2, **args)) == 0
     write_lines(tmp_path / "data" / "r1.jsonl", [row(k) for k in range(8, 12)])
     with pytest.raises(SystemExit, match=r"now gives 12 rows, sha256 \w+; .*step_00000002 trained on 8 rows, sha256 "
@@ -3973,6 +3977,34 @@ def test_resume_on_data_changed_under_its_name_stops(tmp_path):
         T.main(train_args(tmp_path, **args))
     os.remove(tmp_path / "data" / "r1.jsonl")
     assert T.main(train_args(tmp_path, max_steps=4, **args)) == 0
+
+
+def test_token_ids_outside_the_embedding_or_equal_to_the_mask_id_stop_before_the_target_loads(tmp_path, monkeypatch):
+    """The char tokenizer's 64 ids fill the tiny target's 64 embedding rows. A mask id that the rows hold ('6' in
+    "answer 6"), a row whose token_ids came from another model (id 70), or data that leaves no rows, stops after
+    tokenising, before the target loads, naming the id, the count and the fix; a [PAD] added past the embedding
+    pads with row 0 instead (padding is masked), where it failed inside the first batch that needed padding."""
+    t = tiny_target()
+    t.save_pretrained(tmp_path / "target")
+    tok = char_tokenizer()
+    tok.add_special_tokens({"pad_token": "[PAD]"})  # id 64: past the 64 rows
+    tok.save_pretrained(tmp_path / "target")
+    msgs = lambda k, extra={}: {"messages": [{"role": "user", "content": f"q{k}"},
+                                             {"role": "assistant", "content": "answer " + "a" * k + f" {k}", **extra}]}
+    write_lines(tmp_path / "d.jsonl", [json.dumps(msgs(k)) for k in range(8)])
+    args = dict(target=str(tmp_path / "target"), data=str(tmp_path / "d.jsonl"), min_loss_tokens=1, max_steps=2)
+    monkeypatch.setattr(targets, "load_target", lambda *a, **k: pytest.fail("the target loaded"))
+    with pytest.raises(SystemExit, match=r"config error: mask_token_id=63 \('6'\) occurs in 1 of 8 training rows"):
+        T.main(train_args(tmp_path, mask_token_id=63, **args))
+    write_lines(tmp_path / "d.jsonl", [json.dumps(msgs(1, {"token_ids": [2, 70, 1]}))] * 8)
+    with pytest.raises(SystemExit, match=r"data error: .* holds token id 70 .* the target has 64 embedding rows"):
+        T.main(train_args(tmp_path, mask_token_id=47, **args))
+    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": [{"role": "user", "content": "q"}]})] * 3)
+    with pytest.raises(SystemExit, match=r"data error: .*d.jsonl' gave no training rows"):  # not val_rows=0's error
+        T.main(train_args(tmp_path, mask_token_id=47, **args))
+    monkeypatch.undo()
+    write_lines(tmp_path / "d.jsonl", [json.dumps(msgs(k)) for k in range(6)])  # lengths differ: rows are padded
+    assert T.main(train_args(tmp_path, mask_token_id=47, pad_multiple=1, max_length=128, **args)) == 0
 
 
 def test_resume_with_a_changed_shape_or_data_is_one_line_before_anything_loads(tmp_path, monkeypatch):
