@@ -4138,6 +4138,11 @@ def test_config_errors_name_the_key(tmp_path):
     # the mask id is checked against the target's vocab before the weights are loaded
     with pytest.raises(SystemExit, match="mask_token_id=64"):
         T.main(train_args(tmp_path, mask_token_id=64))
+    if not torch.cuda.is_available():  # found at step 1 (flex) or as an NCCL error (cuda), after the data loaded
+        with pytest.raises(SystemExit, match="config error: attention=flex on CPU: FlexAttention has no backward"):
+            T.main(train_args(tmp_path, attention="flex"))
+        with pytest.raises(SystemExit, match="config error: device=cuda, but this torch sees no GPU"):
+            T.main(train_args(tmp_path, device="cuda"))
 
 
 def test_layout_and_loss_errors_before_the_target_loads(tmp_path):

@@ -109,6 +109,11 @@ def setup(c):
     from transformers import AutoTokenizer
 
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("config error: device=cuda, but this torch sees no GPU (a CPU build, or no visible device): "
+                         "use device=auto or cpu")
+    if kind == "cpu" and c["attention"] == "flex":  # found at step 1, after the data and the target loaded
+        raise SystemExit("config error: attention=flex on CPU: FlexAttention has no backward there; use auto or dense")
     rank, world = setup_distributed(kind)
     if kind == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
