@@ -4115,6 +4115,8 @@ def test_config_errors_name_the_key(tmp_path):
         train_config.parse_config(train_args(tmp_path, min_lr=1.0))
     with pytest.raises(SystemExit, match="target=.*does not exist"):
         train_config.parse_config(train_args(tmp_path) + ["--target=/nonexistent"])
+    with pytest.raises(SystemExit, match=r"data='runs/q/regen.jsonl' does not exist \(write it with `python data.py regenerate"):
+        train_config.parse_config(train_args(tmp_path, data="runs/q/regen.jsonl"))  # the quickstart's, unwritten
     for over, message in [(dict(max_steps=-1), "max_steps and epochs must be >= 0"),
                           (dict(grad_clip=-1.0), "grad_clip=-1.0 must be >= 0"),
                           (dict(beta1=1.5), r"beta1=1.5, beta2=0.95 must be in \[0, 1\)"),

@@ -229,7 +229,8 @@ def check_config(c):
          "for the default assets, or point target at an HF folder or config .json)")
     looks_local = c["data"].startswith(("/", ".")) or c["data"].endswith((".json", ".jsonl"))
     need(c["data"] == "synthetic" or glob.glob(c["data"]) or not looks_local,
-         f"data={c['data']!r} does not exist (run `python recipes/fetch.py`, or give a file, folder or HF dataset name)")
+         f"data={c['data']!r} does not exist (" + ("run `python recipes/fetch.py`" if "assets" in c["data"] else
+         "write it with `python data.py regenerate ... --out` (README)") + ", or give a file, folder or HF dataset name)")
     need(c["init_from"] == "" or os.path.exists(c["init_from"]), f"init_from={c['init_from']!r} does not exist")
 
 
