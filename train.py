@@ -4,9 +4,10 @@
     torchrun --nproc_per_node=8 train.py --config configs/qwen3-8b.yaml
 
 One visible loop: batch -> frozen target forward (hooks capture the context features) -> drafter
-forward under the DFlash block mask -> decay-weighted CE through the target's lm_head -> AdamW.
-The drafter is sharded with FSDP2 (fully_shard per layer, then the root); the frozen target sits in
-bf16 on every rank, or is sharded too (shard_target). The same script runs on CPU with gloo.
+forward under the DFlash block mask -> weighted CE through the target's lm_head (decay or D-PACE
+weights) -> AdamW. The drafter is sharded with FSDP2 (fully_shard per layer, then the root); the frozen
+target sits whole in the compute dtype on every rank, or is sharded too (shard_target). The same
+script runs on CPU with gloo.
 Checkpoints (DCP) are atomic and the run resumes by itself when the same command is run again.
 The config keys and their checks live in train_config.py, the checkpoint format in checkpoints.py.
 """
