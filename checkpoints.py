@@ -245,6 +245,21 @@ def trim_metrics(path, step):
     os.replace(path + ".tmp", path)
 
 
+def metrics_at(path, step):
+    """metrics.jsonl's records at `step` (none without the file; a line cut by a kill is skipped)."""
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and rec.get("step") == step:
+                    out.append(rec)
+    return out
+
+
 def load_checkpoint(path, drafter, optimizer):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

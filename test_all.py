@@ -4067,6 +4067,60 @@ def test_rerun_of_a_finished_run_does_nothing_and_says_so(tmp_path, monkeypatch,
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_kill_during_validation_or_evaluation_is_made_up_by_the_resume(tmp_path, monkeypatch, capsys):
+    """Kills (an exception out of main) during step 2's evaluation after its first set, during step 4's (the
+    last) validation, then during the final evaluation after its first set: each rerun writes what the kill
+    left out, and only that (a set already decoded is not decoded again), so metrics.jsonl ends as the
+    uninterrupted run's; a run killed in its final evaluation is not "finished" until that is made up."""
+    tiny_target().save_pretrained(tmp_path / "target")
+    char_tokenizer().save_pretrained(tmp_path / "target")
+    sets = [tmp_path / "p1.jsonl", tmp_path / "p2.jsonl"]
+    for k, path in enumerate(sets):
+        write_lines(path, [json.dumps({"turns": [f"hello {k} {c}"]}) for c in "ab"])
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    args = lambda d: train_args(d, target=str(tmp_path / "target"), max_steps=4, save_interval=2, val_rows=4,
+                                val_interval=2, eval_interval=2, eval_prompts=",".join(map(str, sets)),
+                                eval_num_prompts=2, eval_max_new_tokens=4)
+    keys = ("step", "epoch", "loss", "acc", "lr", "val_loss", "val_acc", "eval_set", "eval_tau", "eval_lossless")
+    records = lambda run: [{k: r[k] for k in keys if k in r} for r in map(json.loads, open(run / "metrics.jsonl"))]
+    assert T.main(args(a)) == 0
+    capsys.readouterr()
+    real_tau, real_validate, decoded = bench.measure_tau, T.validate, []
+
+    def killed_at(kill_step, kill_set):
+        def tau(target, drafter, tok, prompts, *more):
+            step = int(re.findall(r"eval step (\d+)", capsys.readouterr().out)[-1])
+            decoded.append((step, prompts[0]["turns"][0][6]))
+            if (step, decoded[-1][1]) == (kill_step, kill_set):
+                raise RuntimeError("killed")
+            return real_tau(target, drafter, tok, prompts, *more)
+        return tau
+
+    monkeypatch.setattr(bench, "measure_tau", killed_at(2, "1"))
+    with pytest.raises(RuntimeError, match="killed"):
+        T.main(args(b))
+    monkeypatch.setattr(bench, "measure_tau", killed_at(None, None))
+    monkeypatch.setattr(T, "validate", lambda r, step: real_validate(r, step) if step != 4 else 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        T.main(args(b))  # resumes at 2: decodes set 2 of step 2, trains steps 3 and 4, killed validating
+    monkeypatch.setattr(T, "validate", real_validate)
+    monkeypatch.setattr(bench, "measure_tau", killed_at(4, "1"))
+    with pytest.raises(RuntimeError, match="killed"):
+        T.main(args(b))  # resumes at 4: validates step 4, exports, killed in the final evaluation's set 2
+    monkeypatch.setattr(bench, "measure_tau", killed_at(None, None))
+    assert T.main(args(b)) == 0
+    out = capsys.readouterr().out
+    assert decoded == [(2, "0"), (2, "1"), (2, "1"), (4, "0"), (4, "1"), (4, "1")]
+    assert records(b / "run") == records(a / "run")
+    assert [(r["step"], "val_loss" in r, r.get("eval_set")) for r in records(a / "run")] == [
+        (1, False, None), (2, False, None), (2, True, None), (2, False, str(sets[0])), (2, False, str(sets[1])),
+        (3, False, None), (4, False, None), (4, True, None), (4, False, str(sets[0])), (4, False, str(sets[1]))]
+    assert out.count("  tau = ") == 2  # the closing lines name both sets, the one decoded before the kill too
+    assert T.main(args(b)) == 0
+    assert "is finished: step 4 of 4" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------
 # train_config.py: keys, types, impossible combinations
 

@@ -24,7 +24,7 @@ import bench
 import data as D
 import model as M
 import targets
-from checkpoints import full_state_dict, resume_checkpoint, save_checkpoint, saved_run, trim_metrics
+from checkpoints import full_state_dict, metrics_at, resume_checkpoint, save_checkpoint, saved_run, trim_metrics
 from convert import export_drafter, load_drafter
 from train_config import check_resume, parse_config, resumed_stretches, stretch_record
 
@@ -365,6 +365,10 @@ def main(argv=None):
     if r.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     meter, profiler = Meter(r, step, state and state.get("meter")), start_profiler(c)
+    # a kill during the resumed step's validation or evaluation: write the records metrics.jsonl lacks of them
+    done = logged_at(r, step) if resume else []
+    if resume:
+        validate_and_evaluate(r, step, done)
 
     # --- the loop
     while step < r.total_steps:
@@ -396,10 +400,7 @@ def main(argv=None):
                   f"the last good weights are in {path}")
             close_run(r)
             return 1
-        if r.val_rows and (step == r.total_steps or (c["val_interval"] and step % c["val_interval"] == 0)):
-            validate(r, step)
-        if c["eval_interval"] and step % c["eval_interval"] == 0 and step != r.total_steps:
-            evaluate(r, step)
+        validate_and_evaluate(r, step)
         if stopping_here:
             r.log(f"stop_at_step={step} reached; run the same command again to continue")
             close_run(r)
@@ -409,7 +410,7 @@ def main(argv=None):
     if c["save_interval"] > 0:
         export(r, os.path.join(c["out_dir"], "drafter"))
         r.log(f"exported the drafter (serving format) to {os.path.join(c['out_dir'], 'drafter')}")
-    results = evaluate(r, step)
+    results = evaluate(r, step, done)
     if results:
         r.log("acceptance length measured by real speculative decoding (temperature 0):")
     for name, kind, n, tau, same in results:
@@ -417,6 +418,24 @@ def main(argv=None):
     dist.barrier()
     close_run(r)
     return 0
+
+
+def validate_and_evaluate(r, step, done=()):
+    """The validation and evaluation (but the last step's: the finish runs it) that step's schedules ask for,
+    but those whose records are in `done` (logged_at: what a run killed during them wrote at that step)."""
+    c = r.c
+    if r.val_rows and (step == r.total_steps or (c["val_interval"] and step % c["val_interval"] == 0)) and \
+            not any(rec["step"] == step and "val_loss" in rec for rec in done):
+        validate(r, step)
+    if c["eval_interval"] and step % c["eval_interval"] == 0 and step != r.total_steps:
+        evaluate(r, step, done)
+
+
+def logged_at(r, step):
+    """metrics.jsonl's records at `step`: rank 0 reads them, every rank gets them (they decide collectives)."""
+    recs = [metrics_at(os.path.join(r.c["out_dir"], "metrics.jsonl"), step) if r.rank == 0 else None]
+    dist.broadcast_object_list(recs)
+    return recs[0]
 
 
 def start_profiler(c):
@@ -478,14 +497,17 @@ def export(r, out):
     dist.barrier()
 
 
-def evaluate(r, step):
+def evaluate(r, step, done=()):
     """Real speculative decoding (bench.py's loop, temperature 0) on each eval_prompts set, on rank 0
     with a plain copy of the drafter, each turn checked against plain greedy decoding. A set that is
-    the training data says whether the pipeline learns; a held-out set, what generalises.
+    the training data says whether the pipeline learns; a held-out set, what generalises. A set with a
+    record at this step in `done` (a run killed during this evaluation) is not decoded again.
     Returns [(set, kind, prompts, tau, turns identical to greedy)]."""
     c, target = r.c, r.target
-    if not r.eval_sets:
-        return []  # none asked for, no tokenizer, or a sharded target (it cannot decode on one rank alone)
+    logged = {rec["eval_set"]: (rec["eval_set"], rec["eval_kind"], rec["eval_prompts"], rec["eval_tau"],
+                                rec["eval_lossless"]) for rec in done if rec["step"] == step and "eval_set" in rec}
+    if not set(r.eval_sets) - set(logged):
+        return [logged[name] for name in r.eval_sets]  # none asked for, no tokenizer, a sharded target, or all done
     sd = full_state_dict(r.drafter)
     results = []
     if r.rank == 0:
@@ -497,6 +519,9 @@ def evaluate(r, step):
         plain.eval()
         trained = {os.path.abspath(f) for f in glob.glob(c["data"])}
         for name, prompts in r.eval_sets.items():
+            if name in logged:
+                results.append(logged[name])
+                continue
             kind = "training" if os.path.abspath(name) in trained else "held-out"
             r.log(f"eval step {step}: decoding {len(prompts)} {kind} prompts ({name}) speculatively and plainly, "
                   f"up to {c['eval_max_new_tokens']} tokens each")

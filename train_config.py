@@ -9,7 +9,7 @@ import os
 import yaml
 
 import model as M
-from checkpoints import export_is_current, saved_run
+from checkpoints import export_is_current, metrics_at, saved_run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,7 +275,12 @@ def check_resume(c):
         return (f"{c['out_dir']} is at step {step}, at or past stop_at_step={c['stop_at_step']}: nothing to do "
                 f"(raise stop_at_step, or drop it to train to the end)")
     drafter = os.path.join(c["out_dir"], "drafter")
-    if total == step and export_is_current(drafter, path):
+    # train.py evaluates eval_prompts on a target folder (its tokenizer) not sharded; a kill during the final
+    # evaluation leaves sets without a record: the run is not finished until the rerun evaluates them
+    evaluated = {rec.get("eval_set") for rec in metrics_at(os.path.join(c["out_dir"], "metrics.jsonl"), step)}
+    owed = c["eval_prompts"] and os.path.isdir(c["target"]) and not c["shard_target"] and \
+        not set(c["eval_prompts"].split(",")) <= evaluated
+    if total == step and export_is_current(drafter, path) and not owed:
         return (f"{c['out_dir']} is finished: step {step} of {total}, its drafter is in {drafter}; nothing to do "
                 f"(to train further, raise max_steps above {step} and run again)")
     return None
