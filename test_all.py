@@ -4067,6 +4067,28 @@ def test_rerun_of_a_finished_run_does_nothing_and_says_so(tmp_path, monkeypatch,
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_second_invocation_on_a_running_run_stops_naming_its_pid(tmp_path, monkeypatch):
+    """A second train.py on the same out_dir while the first runs (here: started from inside the first's
+    setup) stops with one line naming the first's pid, before it reads or writes the run; once the first
+    ends (however: the kernel drops the lock), the same command runs again."""
+    real_setup, second = T.setup, []
+
+    def setup_with_a_second_invocation(c):
+        with pytest.raises(SystemExit) as e:
+            T.main(train_args(tmp_path, max_steps=4))
+        second.append(e.value.code)
+        return real_setup(c)
+
+    monkeypatch.setattr(T, "setup", setup_with_a_second_invocation)
+    assert T.main(train_args(tmp_path, max_steps=2)) == 0
+    monkeypatch.undo()
+    host = __import__("socket").gethostname()
+    assert second == [f"run error: {tmp_path / 'run'} is in use by another train.py (pid {os.getpid()} on {host}): "
+                      "wait for it to end or stop it (a requeued job: cancel the old one), or train in another out_dir"]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert T.main(train_args(tmp_path, max_steps=3)) == 0
+
+
 def test_kill_during_validation_or_evaluation_is_made_up_by_the_resume(tmp_path, monkeypatch, capsys):
     """Kills (an exception out of main) during step 2's evaluation after its first set, during step 4's (the
     last) validation, then during the final evaluation after its first set: each rerun writes what the kill

@@ -336,8 +336,40 @@ def checkpoint(r, step, position, skipped, meter):
     return path
 
 
+def lock_run(out_dir):
+    """Rank 0 holds an exclusive lock on out_dir/.lock while it runs (the kernel drops it however the process
+    ends): a second invocation on the run (a requeued job while the old one lives) stops before it touches it."""
+    import fcntl
+    import socket
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise SystemExit(f"run error: {out_dir} is in use by another train.py (pid {holder}): wait for it to end or "
+                         f"stop it (a requeued job: cancel the old one), or train in another out_dir")
+    except OSError as e:  # a filesystem without locks: run, unguarded
+        print(f"cannot lock {f.name} ({e}): a second invocation on this run would not be refused", flush=True)
+    f.truncate(0)
+    f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 def main(argv=None):
     c = parse_config(sys.argv[1:] if argv is None else argv)
+    lock = lock_run(c["out_dir"]) if int(os.environ.get("RANK", 0)) == 0 else None  # other ranks follow rank 0
+    try:
+        return train(c)
+    finally:
+        if lock:
+            lock.close()
+
+
+def train(c):
     finished = check_resume(c)  # before anything loads: a changed shape or data stops here, a finished run ends here
     if finished:
         if int(os.environ.get("RANK", 0)) == 0:
