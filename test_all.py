@@ -1683,6 +1683,31 @@ def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, me
     assert not out.exists() and leftovers(out) == []
 
 
+def test_checkpoint_removed_while_read_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    """A running run's cleanup (keep_checkpoints) deletes the checkpoint after its checksums were verified
+    and before DCP reads its shard: DCP's CheckpointException (a BaseException, its text a traceback) is the
+    one named error, for convert.py and for load_drafter (bench.py, init_from)."""
+    run, _, _ = trained
+    shutil.copytree(run / "checkpoints" / "step_00000002", tmp_path / "run" / "checkpoints" / "step_00000002")
+    verify = C.verify_checksums
+
+    def cleanup_after_verify(folder, *a, **k):
+        verify(folder, *a, **k)
+        for shard in Path(folder).glob("*.distcp"):  # rmtree's first files, when DCP reads them
+            shard.unlink()
+
+    monkeypatch.setattr(C, "verify_checksums", cleanup_after_verify)
+    with pytest.raises(ValueError, match=r"step_00000002: cannot read the DCP data \(FileNotFoundError: .*distcp'\); "
+                                         r"a running run's cleanup \(keep_checkpoints\) may have removed it"):
+        C.load_drafter(str(tmp_path / "run"))
+    shutil.copytree(run / "checkpoints" / "step_00000002", tmp_path / "run" / "checkpoints" / "step_00000002",
+                    dirs_exist_ok=True)
+    capsys.readouterr()
+    assert C.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "may have removed it" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("case,message", [
     ("truncated", "unreadable"), ("garbled", "unreadable"),
     ("mask_id", "mask_token_id=64 is outside"), ("layer_id", r"target_layer_ids \[6\] are outside"),
