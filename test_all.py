@@ -1102,6 +1102,24 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, c
         assert json.load(f)["skipped_steps"] == 2
 
 
+def test_non_finite_steps_in_a_row_are_counted_across_a_resume(tmp_path, monkeypatch, capsys):
+    """Steps 3, 4 and 5 give a NaN loss, max_bad_steps=3: the run stops at step 5, and so does one stopped at
+    step 4 and run again (the count in a row is in the checkpoint), with the same records."""
+    real = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda r, batches, step: (float("nan"),) + real(r, batches, step)[1:]
+                        if 2 <= step <= 4 else real(r, batches, step))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert T.main(train_args(a, max_bad_steps=3)) == 1
+    assert T.main(train_args(b, max_bad_steps=3, stop_at_step=4)) == 0
+    capsys.readouterr()
+    assert T.main(train_args(b, max_bad_steps=3)) == 1
+    assert "step 5: non-finite loss or gradient, step skipped (3 in a row)" in capsys.readouterr().out
+    for run in (a, b):
+        assert checkpoints.latest_checkpoint(str(run / "run")).endswith("step_00000005")
+    assert losses(b / "run") == losses(a / "run")
+
+
 def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys):
     """Long work logs a line every PROGRESS_S seconds (0 here: after every chunk or prompt): tokenising
     in build_dataset, and the evaluation at the end of training (a tiny target folder with a tokenizer)."""

@@ -325,8 +325,9 @@ class Meter:
         self.reset()
 
 
-def checkpoint(r, step, position, skipped, meter):
-    state = dict(step=step, data_position=position, skipped_steps=skipped, cpu_rng=torch.get_rng_state().tolist(),
+def checkpoint(r, step, position, skipped, bad_steps, meter):
+    state = dict(step=step, data_position=position, skipped_steps=skipped, bad_steps=bad_steps,
+                 cpu_rng=torch.get_rng_state().tolist(),
                  meter=meter.saved(), data_fingerprint=r.data_fingerprint,
                  config=r.c, stretches=r.stretches, total_steps=r.total_steps, steps_per_epoch=r.steps_per_epoch,
                  sequences_per_step=r.c["batch_size"] * r.c["grad_accum"] * r.world)  # what check_resume compares
@@ -382,6 +383,7 @@ def train(c):
     resume, state = resume_checkpoint(c["out_dir"], r.drafter, r.optimizer, r.rank, r.log)
     if resume:
         step, position, skipped = state["step"], state["data_position"], state["skipped_steps"]
+        bad_steps = state.get("bad_steps", 0)  # in a row up to the checkpoint: max_bad_steps counts across a resume
         torch.set_rng_state(torch.tensor(state["cpu_rng"], dtype=torch.uint8))
         r.log(f"resumed from {resume} at step {step}")
         for group, settings in zip(r.optimizer.param_groups, adamw_settings(c)):
@@ -424,7 +426,7 @@ def train(c):
         too_bad = bad_steps >= c["max_bad_steps"]
         stopping_here = too_bad or (step == c["stop_at_step"] and step < r.total_steps)
         if stopping_here or (c["save_interval"] > 0 and (step % c["save_interval"] == 0 or step == r.total_steps)):
-            path = checkpoint(r, step, position, skipped, meter)
+            path = checkpoint(r, step, position, skipped, bad_steps, meter)
             if c["export_every_save"] and step != r.total_steps and not too_bad:
                 export(r, os.path.join(path, "export"))
         if too_bad:
