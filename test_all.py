@@ -1151,9 +1151,9 @@ def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys)
 
 
 def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_path):
-    """split_heldout on a hand case; then a run with val_rows=4: its val record equals the loss and
-    expected acceptance recomputed from the saved drafter on those 4 rows (every position is an
-    anchor, so the numbers do not depend on how anchors were drawn)."""
+    """split_heldout on a hand case; then a run with val_rows=5 (batch_size 2: a short last batch): its val
+    record equals the loss and expected acceptance recomputed from the saved drafter on all 5 rows (every
+    position is an anchor, so the numbers do not depend on how anchors were drawn)."""
     convs = [[([i], [1])] for i in range(10)]
     train, held = data.split_heldout(convs, 3)
     assert [r[0][0] for r in held] == [0, 3, 6] and [r[0][0] for r in train] == [1, 2, 4, 5, 7, 8, 9]
@@ -1168,15 +1168,15 @@ def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_p
     with pytest.raises(SystemExit, match="1 held-out rows per rank, less than batch_size=2"):
         T.main(train_args(tmp_path, val_rows=1))
 
-    assert T.main(train_args(tmp_path, val_rows=4, num_anchors=32, max_steps=3)) == 0
+    assert T.main(train_args(tmp_path, val_rows=5, num_anchors=32, max_steps=3)) == 0
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         (val,) = [r for r in map(json.loads, f) if "val_loss" in r]
-    assert val["step"] == 3 and val["val_rows"] == 4
+    assert val["step"] == 3 and val["val_rows"] == 5
     torch.manual_seed(0)
     target = targets.load_target(str(tmp_path / "tiny_target.json"), dtype=torch.float32)
     drafter, cfg = C.load_drafter(str(tmp_path / "run"))
     ids = torch.randint(0, cfg.vocab_size, (256, 32), generator=torch.Generator().manual_seed(0))
-    x = ids[[0, 64, 128, 192]]  # the synthetic rows floor(k * 256 / 4)
+    x = ids[[0, 51, 102, 153, 204]]  # the synthetic rows floor(k * 256 / 5)
     with torch.no_grad():
         ls, ws, st = M.dflash_loss(drafter, target, x, torch.ones_like(x), num_anchors=32)
     acc, exp_len = M.acceptance_metrics(st["correct_per_slot"], st["count_per_slot"])
@@ -1207,17 +1207,20 @@ def test_two_rank_gloo_run_matches_one_rank(tmp_path, over):
     """torchrun with 2 CPU ranks: FSDP2 shards the drafter; 2 ranks x batch 1 == 1 rank x batch 2."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    assert T.main(train_args(a, batch_size=2, max_steps=3, **over)) == 0
-    r = run_train(train_args(b, batch_size=1, max_steps=3, **over), nproc=2)
+    assert T.main(train_args(a, batch_size=2, max_steps=3, val_rows=5, **over)) == 0
+    r = run_train(train_args(b, batch_size=1, max_steps=3, val_rows=5, **over), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "on 2 x cpu" in r.stdout
     assert losses(b / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
+    # the 5 held-out rows, all scored however they split (rank 1's third is a zero-weight filler)
+    val = lambda run: [(v["val_rows"], v["val_loss"]) for v in map(json.loads, open(run / "metrics.jsonl")) if "val_loss" in v]
+    assert val(b / "run") == pytest.approx(val(a / "run"), rel=1e-5) and val(a / "run")[0][0] == 5
     if over:
         return
     # the frozen target sharded too (targets that do not fit one GPU): the same maths
     c = tmp_path / "c"
     c.mkdir()
-    r = run_train(train_args(c, batch_size=1, max_steps=3, shard_target=True), nproc=2)
+    r = run_train(train_args(c, batch_size=1, max_steps=3, val_rows=5, shard_target=True), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(c / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
 

@@ -503,12 +503,15 @@ def validate(r, step):
     """Loss and expected acceptance length on the held-out rows, each row with the same anchors every
     time. On conversations the drafter never trained on, this estimate tracks bench.py's tau (README);
     its gap to the training estimate is what the drafter memorised."""
-    c, n_batch = r.c, r.c["batch_size"]
-    n = len(r.val_rows) // r.world // n_batch * n_batch  # every rank runs as many forwards (FSDP)
+    c, n_batch, rows = r.c, r.c["batch_size"], r.val_rows
+    # every row once whatever the split: each rank scores `n` of them in as many forwards (FSDP), the last
+    # rank's share filled up with a row whose loss mask is zero (it weighs nothing)
+    n, pad = -(-len(rows) // r.world), (rows[0][0], [0] * len(rows[0][0]))
     totals = slots = 0  # [loss sum, weight sum], [correct per slot, count per slot]
     for lo in range(r.rank * n, (r.rank + 1) * n, n_batch):
-        batch = D.collate(r.val_rows[lo:lo + n_batch], c["pad_multiple"], r.pad_id, c["max_length"])
-        gen = [torch.Generator().manual_seed(c["seed"] * 1_000_003 + 999_999_937 + i) for i in range(lo, lo + n_batch)]
+        ids = range(lo, min(lo + n_batch, (r.rank + 1) * n))
+        batch = D.collate([rows[i] if i < len(rows) else pad for i in ids], c["pad_multiple"], r.pad_id, c["max_length"])
+        gen = [torch.Generator().manual_seed(c["seed"] * 1_000_003 + 999_999_937 + i) for i in ids]
         ls, ws, st = M.dflash_loss(r.drafter, r.target, batch["input_ids"].to(r.device), batch["loss_mask"].to(r.device),
                                    c["num_anchors"], c["gamma"] or None, r.use_flex, gen,
                                    ce_chunk_tokens=c["ce_chunk_tokens"], compile_ce=c["compile_target"],
@@ -520,8 +523,8 @@ def validate(r, step):
     acc, exp_len = M.acceptance_metrics(*slots.cpu())
     loss = (totals[0] / totals[1].clamp(min=1e-6)).item()
     r.log(f"val step {step}: loss {loss:.4f} | acc@1 {acc[0].item():.3f} | exp accept {exp_len:.2f} "
-          f"on {n * r.world} held-out rows")
-    record(r, dict(step=step, val_loss=loss, val_acc=acc.tolist(), val_expected_accept_len=exp_len, val_rows=n * r.world))
+          f"on {len(rows)} held-out rows")
+    record(r, dict(step=step, val_loss=loss, val_acc=acc.tolist(), val_expected_accept_len=exp_len, val_rows=len(rows)))
 
 
 def export(r, out):
