@@ -4135,6 +4135,23 @@ def test_second_invocation_on_a_running_run_stops_naming_its_pid(tmp_path, monke
     assert T.main(train_args(tmp_path, max_steps=3)) == 0
 
 
+def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
+    """wandb=true (a fake wandb module): the first start makes a run id and keeps it in out_dir, and the
+    resume after stop_at_step passes that id again, so W&B continues one run; another out_dir gets another."""
+    inits, logged = [], []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = __import__("importlib").machinery.ModuleSpec("wandb", None)  # transformers looks it up
+    fake.init = lambda **kw: inits.append(kw) or types.SimpleNamespace(log=lambda rec, step: logged.append(step),
+                                                                        finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert T.main(train_args(tmp_path, wandb=True, stop_at_step=3)) == 0
+    assert T.main(train_args(tmp_path, wandb=True)) == 0
+    assert T.main(train_args(tmp_path, wandb=True, out_dir=str(tmp_path / "other"), max_steps=1)) == 0
+    ids = [kw["id"] for kw in inits]
+    assert ids[0] == ids[1] != ids[2] and re.fullmatch(r"[0-9a-f]{8}", ids[0])
+    assert [kw["resume"] for kw in inits] == ["allow"] * 3 and logged == [1, 2, 3, 4, 5, 6, 1]
+
+
 def test_kill_during_validation_or_evaluation_is_made_up_by_the_resume(tmp_path, monkeypatch, capsys):
     """Kills (an exception out of main) during step 2's evaluation after its first set, during step 4's (the
     last) validation, then during the final evaluation after its first set: each rerun writes what the kill

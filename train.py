@@ -212,8 +212,15 @@ def open_logs(r, step):
     r.metrics_file = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a")
     if c["wandb"]:
         try:
+            import secrets
             import wandb
-            r.wandb_run = wandb.init(project="dflash", config=c, dir=c["out_dir"], resume="allow")
+            path = os.path.join(c["out_dir"], "wandb_run_id")  # made at the first start: a resume continues that run
+            if not os.path.exists(path):
+                with open(path, "w") as f:
+                    f.write(secrets.token_hex(4))
+            with open(path) as f:
+                run_id = f.read().strip()
+            r.wandb_run = wandb.init(project="dflash", config=c, dir=c["out_dir"], id=run_id, resume="allow")
         except ImportError:
             r.log("wandb=true but wandb is not installed: logging to metrics.jsonl only")
 
