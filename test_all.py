@@ -1120,6 +1120,14 @@ def test_non_finite_steps_in_a_row_are_counted_across_a_resume(tmp_path, monkeyp
     assert losses(b / "run") == losses(a / "run")
 
 
+def test_each_step_is_logged_with_the_epoch_of_its_rows(tmp_path):
+    """256 synthetic rows, 64 a step: 4 steps an epoch; epochs=2 logs steps 1-4 in epoch 0 and 5-8 in
+    epoch 1 (the position after step 4 is already in epoch 1: it was logged as the step's epoch)."""
+    assert T.main(train_args(tmp_path, batch_size=64, max_steps=0, epochs=2)) == 0
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert [(r["step"], r["epoch"]) for r in map(json.loads, f)] == [(s, (s - 1) // 4) for s in range(1, 9)]
+
+
 def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys):
     """Long work logs a line every PROGRESS_S seconds (0 here: after every chunk or prompt): tokenising
     in build_dataset, and the evaluation at the end of training (a tiny target folder with a tokenizer)."""

@@ -242,8 +242,8 @@ def record(r, rec):
 
 def train_step(r, batches, step):
     """One optimizer step's forward and backward over grad_accum micro-batches, the loss normalised over
-    the whole step (all micro-batches and ranks, SPEC 3.7). Returns (loss, grad norm, per-slot stats,
-    data position, counts for the meters); the caller applies or skips the update."""
+    the whole step (all micro-batches and ranks, SPEC 3.7). Returns (loss, grad norm, per-slot stats, data
+    position after it, its rows' epoch, counts for the meters); the caller applies or skips the update."""
     c, device = r.c, r.device
     loss_sum, weight_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     stats, counts = None, dict(samples=0, tokens=0, flops=0)
@@ -280,7 +280,7 @@ def train_step(r, batches, step):
     loss, grad_norm = torch.stack([totals[0] / totals[1].clamp(min=1e-6), grad_norm]).tolist()  # one host sync
     slots = torch.stack([stats["correct_per_slot"], stats["count_per_slot"]])
     dist.all_reduce(slots)  # one collective for both per-slot sums
-    return loss, grad_norm, slots, position, counts
+    return loss, grad_norm, slots, position, batch["epoch"], counts
 
 
 class Meter:
@@ -306,7 +306,7 @@ class Meter:
         for k in counts:
             self.counts[k] += counts[k]
 
-    def log(self, step, lr, grad_norm, position, skipped):
+    def log(self, step, lr, grad_norm, epoch, skipped):
         r, c = self.r, self.r.c
         dt = time.time() - self.t
         acc, exp_len = M.acceptance_metrics(*self.slots.cpu())
@@ -317,7 +317,7 @@ class Meter:
             self.t_first, self.step_first = time.time(), step
         cuda = r.device.type == "cuda"
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-        rec = dict(step=step, epoch=position["epoch"], loss=self.loss / self.n, acc=acc.tolist(), acc_1=acc[0].item(),
+        rec = dict(step=step, epoch=epoch, loss=self.loss / self.n, acc=acc.tolist(), acc_1=acc[0].item(),
                    expected_accept_len=exp_len, lr=lr, grad_norm=grad_norm, samples_per_s=sps,
                    tokens_per_s=self.counts["tokens"] * r.world / dt, tflops_per_gpu=tflops,
                    mfu=tflops / c["peak_tflops"], peak_mem_gib=mem, skipped_steps=skipped, time=time.time())
@@ -416,7 +416,7 @@ def train(c):
         lr = get_lr(step, r.total_steps, c)
         for group in r.optimizer.param_groups:
             group["lr"] = lr
-        loss, grad_norm, slots, position, counts = train_step(r, batches, step)
+        loss, grad_norm, slots, position, epoch, counts = train_step(r, batches, step)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             bad_steps = 0
             with torch.profiler.record_function("dflash: optimizer"):
@@ -429,7 +429,7 @@ def train(c):
         step += 1
         profiler = profiler and report_profile(r, profiler)
         if meter.n and (step % c["log_interval"] == 0 or step == r.total_steps):
-            meter.log(step, lr, grad_norm, position, skipped)
+            meter.log(step, lr, grad_norm, epoch, skipped)
         too_bad = bad_steps >= c["max_bad_steps"]
         stopping_here = too_bad or (step == c["stop_at_step"] and step < r.total_steps)
         if stopping_here or (c["save_interval"] > 0 and (step % c["save_interval"] == 0 or step == r.total_steps)):
