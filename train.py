@@ -10,6 +10,7 @@ bf16 on every rank, or is sharded too (shard_target). The same script runs on CP
 Checkpoints (DCP) are atomic and the run resumes by itself when the same command is run again.
 The config keys and their checks live in train_config.py, the checkpoint format in checkpoints.py.
 """
+import contextlib
 import glob
 import json
 import math
@@ -334,8 +335,7 @@ class Meter:
 
 def checkpoint(r, step, position, skipped, bad_steps, meter):
     state = dict(step=step, data_position=position, skipped_steps=skipped, bad_steps=bad_steps,
-                 cpu_rng=torch.get_rng_state().tolist(),
-                 meter=meter.saved(), data_fingerprint=r.data_fingerprint,
+                 cpu_rng=torch.get_rng_state().tolist(), meter=meter.saved(), data_fingerprint=r.data_fingerprint,
                  config=r.c, stretches=r.stretches, total_steps=r.total_steps, steps_per_epoch=r.steps_per_epoch,
                  sequences_per_step=r.c["batch_size"] * r.c["grad_accum"] * r.world)  # what check_resume compares
     path = save_checkpoint(r.c["out_dir"], step, r.drafter, r.optimizer, state, r.dcfg, r.target_config,
@@ -348,33 +348,26 @@ def lock_run(out_dir):
     """Rank 0 holds an exclusive lock on out_dir/.lock while it runs (the kernel drops it however the process
     ends): a second invocation on the run (a requeued job while the old one lives) stops before it touches it."""
     import fcntl
-    import socket
     os.makedirs(out_dir, exist_ok=True)
     f = open(os.path.join(out_dir, ".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise SystemExit(f"run error: {out_dir} is in use by another train.py (pid {holder}): wait for it to end or "
-                         f"stop it (a requeued job: cancel the old one), or train in another out_dir")
+        raise SystemExit(f"run error: {out_dir} is in use by another train.py (pid {f.read().strip()}): wait for it "
+                         f"to end or stop it (a requeued job: cancel the old one), or train in another out_dir")
     except OSError as e:  # a filesystem without locks: run, unguarded
         print(f"cannot lock {f.name} ({e}): a second invocation on this run would not be refused", flush=True)
     f.truncate(0)
-    f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    f.write(f"{os.getpid()} on {os.uname().nodename}\n")
     f.flush()
     return f
 
 
 def main(argv=None):
     c = parse_config(sys.argv[1:] if argv is None else argv)
-    lock = lock_run(c["out_dir"]) if int(os.environ.get("RANK", 0)) == 0 else None  # other ranks follow rank 0
-    try:
+    with lock_run(c["out_dir"]) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext():  # others follow
         return train(c)
-    finally:
-        if lock:
-            lock.close()
 
 
 def train(c):
@@ -407,9 +400,10 @@ def train(c):
         torch.cuda.reset_peak_memory_stats()
     meter, profiler = Meter(r, step, state and state.get("meter")), start_profiler(c)
     # a kill during the resumed step's validation or evaluation: write the records metrics.jsonl lacks of them
-    done = logged_at(r, step) if resume else []
+    done = [metrics_at(os.path.join(c["out_dir"], "metrics.jsonl"), step) if resume and r.rank == 0 else []]
+    dist.broadcast_object_list(done)  # rank 0's: they decide collectives
     if resume:
-        validate_and_evaluate(r, step, done)
+        validate_and_evaluate(r, step, done[0])
 
     # --- the loop
     while step < r.total_steps:
@@ -451,7 +445,7 @@ def train(c):
     if c["save_interval"] > 0:
         export(r, os.path.join(c["out_dir"], "drafter"))
         r.log(f"exported the drafter (serving format) to {os.path.join(c['out_dir'], 'drafter')}")
-    results = evaluate(r, step, done)
+    results = evaluate(r, step, done[0])
     if results:
         r.log("acceptance length measured by real speculative decoding (temperature 0):")
     for name, kind, n, tau, same in results:
@@ -463,20 +457,13 @@ def train(c):
 
 def validate_and_evaluate(r, step, done=()):
     """The validation and evaluation (but the last step's: the finish runs it) that step's schedules ask for,
-    but those whose records are in `done` (logged_at: what a run killed during them wrote at that step)."""
+    but those whose records are in `done` (what a run killed during them wrote at that step)."""
     c = r.c
     if r.val_rows and (step == r.total_steps or (c["val_interval"] and step % c["val_interval"] == 0)) and \
             not any(rec["step"] == step and "val_loss" in rec for rec in done):
         validate(r, step)
     if c["eval_interval"] and step % c["eval_interval"] == 0 and step != r.total_steps:
         evaluate(r, step, done)
-
-
-def logged_at(r, step):
-    """metrics.jsonl's records at `step`: rank 0 reads them, every rank gets them (they decide collectives)."""
-    recs = [metrics_at(os.path.join(r.c["out_dir"], "metrics.jsonl"), step) if r.rank == 0 else None]
-    dist.broadcast_object_list(recs)
-    return recs[0]
 
 
 def start_profiler(c):
