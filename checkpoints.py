@@ -8,6 +8,8 @@ never costs more than the steps since the last checkpoint.
     RUN/train_config.json     the resolved config, and "stretches": from which step which values held
                               (train_config.check_resume says which keys a resume may change)
     RUN/drafter/              the serving folder, exported at the end
+    RUN/.lock                 locked by the train.py running the run (its pid inside): a second one stops
+    RUN/wandb_run_id          with wandb=true: the W&B run every invocation of the run logs to
 
 A checkpoint is written into step_N.tmp and renamed when complete; a folder whose files differ from its
 checksums is named, set aside as step_N.damaged, and the run resumes from the one before. Serving

@@ -258,8 +258,9 @@ PER_STEP = "batch_size x grad_accum x ranks"
 
 def check_resume(c):
     """Before anything loads, against the newest checkpoint in out_dir. A changed RESUME_FIXED key (or
-    sequences per step) is a one-line error; a run at its last step whose drafter is exported returns
-    the line that says so (there is nothing to do). None: train, from the start or resumed."""
+    sequences per step) is a one-line error; a run at its last step whose drafter is exported and final
+    evaluation recorded returns the line that says so (there is nothing to do). None: train, from the
+    start or resumed."""
     path, state = saved_run(c["out_dir"])
     if path is None:
         return None
