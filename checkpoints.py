@@ -8,6 +8,8 @@ never costs more than the steps since the last checkpoint.
     RUN/train_config.json     the resolved config, and "stretches": from which step which values held
                               (train_config.check_resume says which keys a resume may change)
     RUN/drafter/              the serving folder, exported at the end
+    RUN/.lock                 locked by the train.py running the run (its pid inside): a second one stops
+    RUN/wandb_run_id          with wandb=true: the W&B run every invocation of the run logs to
 
 A checkpoint is written into step_N.tmp and renamed when complete; a folder whose files differ from its
 checksums is named, set aside as step_N.damaged, and the run resumes from the one before. Serving
@@ -243,6 +245,21 @@ def trim_metrics(path, step):
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
+
+
+def metrics_at(path, step):
+    """metrics.jsonl's records at `step` (none without the file; a line cut by a kill is skipped)."""
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and rec.get("step") == step:
+                    out.append(rec)
+    return out
 
 
 def load_checkpoint(path, drafter, optimizer):

@@ -191,8 +191,11 @@ def read_checkpoint(path):
     sd = {k: torch.empty(m.shape, dtype=m.dtype) for k, m in meta.items()}
     try:
         _quiet_dcp(dcp.load, {"model": sd}, checkpoint_id=ckpt)
-    except Exception as e:
-        raise ValueError(f"{ckpt}: cannot read the DCP data ({type(e).__name__}: {e})") from None
+    except (Exception, dcp.CheckpointException) as e:  # DCP's is a BaseException, its text a traceback per rank
+        e = next(iter(getattr(e, "failures", {}).values()), (e,))[0]
+        gone = "; a running run's cleanup (keep_checkpoints) may have removed it: read the run again" \
+            if isinstance(e, FileNotFoundError) else ""
+        raise ValueError(f"{ckpt}: cannot read the DCP data ({type(e).__name__}: {e}){gone}") from None
     sd = {k: v.float() for k, v in sd.items()}
     validate(sd, cfg, target_config)
     return sd, cfg, target_config

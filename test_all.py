@@ -1105,6 +1105,32 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, c
         assert json.load(f)["skipped_steps"] == 2
 
 
+def test_non_finite_steps_in_a_row_are_counted_across_a_resume(tmp_path, monkeypatch, capsys):
+    """Steps 3, 4 and 5 give a NaN loss, max_bad_steps=3: the run stops at step 5, and so does one stopped at
+    step 4 and run again (the count in a row is in the checkpoint), with the same records."""
+    real = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda r, batches, step: (float("nan"),) + real(r, batches, step)[1:]
+                        if 2 <= step <= 4 else real(r, batches, step))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert T.main(train_args(a, max_bad_steps=3)) == 1
+    assert T.main(train_args(b, max_bad_steps=3, stop_at_step=4)) == 0
+    capsys.readouterr()
+    assert T.main(train_args(b, max_bad_steps=3)) == 1
+    assert "step 5: non-finite loss or gradient, step skipped (3 in a row)" in capsys.readouterr().out
+    for run in (a, b):
+        assert checkpoints.latest_checkpoint(str(run / "run")).endswith("step_00000005")
+    assert losses(b / "run") == losses(a / "run")
+
+
+def test_each_step_is_logged_with_the_epoch_of_its_rows(tmp_path):
+    """256 synthetic rows, 64 a step: 4 steps an epoch; epochs=2 logs steps 1-4 in epoch 0 and 5-8 in
+    epoch 1 (the position after step 4 is already in epoch 1: it was logged as the step's epoch)."""
+    assert T.main(train_args(tmp_path, batch_size=64, max_steps=0, epochs=2)) == 0
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert [(r["step"], r["epoch"]) for r in map(json.loads, f)] == [(s, (s - 1) // 4) for s in range(1, 9)]
+
+
 def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys):
     """Long work logs a line every PROGRESS_S seconds (0 here: after every chunk or prompt): tokenising
     in build_dataset, and the evaluation at the end of training (a tiny target folder with a tokenizer)."""
@@ -1136,9 +1162,9 @@ def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys)
 
 
 def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_path):
-    """split_heldout on a hand case; then a run with val_rows=4: its val record equals the loss and
-    expected acceptance recomputed from the saved drafter on those 4 rows (every position is an
-    anchor, so the numbers do not depend on how anchors were drawn)."""
+    """split_heldout on a hand case; then a run with val_rows=5 (batch_size 2: a short last batch): its val
+    record equals the loss and expected acceptance recomputed from the saved drafter on all 5 rows (every
+    position is an anchor, so the numbers do not depend on how anchors were drawn)."""
     convs = [[([i], [1])] for i in range(10)]
     train, held = data.split_heldout(convs, 3)
     assert [r[0][0] for r in held] == [0, 3, 6] and [r[0][0] for r in train] == [1, 2, 4, 5, 7, 8, 9]
@@ -1153,15 +1179,15 @@ def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_p
     with pytest.raises(SystemExit, match="1 held-out rows per rank, less than batch_size=2"):
         T.main(train_args(tmp_path, val_rows=1))
 
-    assert T.main(train_args(tmp_path, val_rows=4, num_anchors=32, max_steps=3)) == 0
+    assert T.main(train_args(tmp_path, val_rows=5, num_anchors=32, max_steps=3)) == 0
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         (val,) = [r for r in map(json.loads, f) if "val_loss" in r]
-    assert val["step"] == 3 and val["val_rows"] == 4
+    assert val["step"] == 3 and val["val_rows"] == 5
     torch.manual_seed(0)
     target = targets.load_target(str(tmp_path / "tiny_target.json"), dtype=torch.float32)
     drafter, cfg = C.load_drafter(str(tmp_path / "run"))
     ids = torch.randint(0, cfg.vocab_size, (256, 32), generator=torch.Generator().manual_seed(0))
-    x = ids[[0, 64, 128, 192]]  # the synthetic rows floor(k * 256 / 4)
+    x = ids[[0, 51, 102, 153, 204]]  # the synthetic rows floor(k * 256 / 5)
     with torch.no_grad():
         ls, ws, st = M.dflash_loss(drafter, target, x, torch.ones_like(x), num_anchors=32)
     acc, exp_len = M.acceptance_metrics(st["correct_per_slot"], st["count_per_slot"])
@@ -1192,17 +1218,20 @@ def test_two_rank_gloo_run_matches_one_rank(tmp_path, over):
     """torchrun with 2 CPU ranks: FSDP2 shards the drafter; 2 ranks x batch 1 == 1 rank x batch 2."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    assert T.main(train_args(a, batch_size=2, max_steps=3, **over)) == 0
-    r = run_train(train_args(b, batch_size=1, max_steps=3, **over), nproc=2)
+    assert T.main(train_args(a, batch_size=2, max_steps=3, val_rows=5, **over)) == 0
+    r = run_train(train_args(b, batch_size=1, max_steps=3, val_rows=5, **over), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "on 2 x cpu" in r.stdout
     assert losses(b / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
+    # the 5 held-out rows, all scored however they split (rank 1's third is a zero-weight filler)
+    val = lambda run: [(v["val_rows"], v["val_loss"]) for v in map(json.loads, open(run / "metrics.jsonl")) if "val_loss" in v]
+    assert val(b / "run") == pytest.approx(val(a / "run"), rel=1e-5) and val(a / "run")[0][0] == 5
     if over:
         return
     # the frozen target sharded too (targets that do not fit one GPU): the same maths
     c = tmp_path / "c"
     c.mkdir()
-    r = run_train(train_args(c, batch_size=1, max_steps=3, shard_target=True), nproc=2)
+    r = run_train(train_args(c, batch_size=1, max_steps=3, val_rows=5, shard_target=True), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(c / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
 
@@ -1684,6 +1713,31 @@ def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, me
         C.export_drafter(*C.read_checkpoint(str(run)), str(out))
     assert C.main([str(run), str(out)]) == 1
     assert not out.exists() and leftovers(out) == []
+
+
+def test_checkpoint_removed_while_read_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    """A running run's cleanup (keep_checkpoints) deletes the checkpoint after its checksums were verified
+    and before DCP reads its shard: DCP's CheckpointException (a BaseException, its text a traceback) is the
+    one named error, for convert.py and for load_drafter (bench.py, init_from)."""
+    run, _, _ = trained
+    shutil.copytree(run / "checkpoints" / "step_00000002", tmp_path / "run" / "checkpoints" / "step_00000002")
+    verify = C.verify_checksums
+
+    def cleanup_after_verify(folder, *a, **k):
+        verify(folder, *a, **k)
+        for shard in Path(folder).glob("*.distcp"):  # rmtree's first files, when DCP reads them
+            shard.unlink()
+
+    monkeypatch.setattr(C, "verify_checksums", cleanup_after_verify)
+    with pytest.raises(ValueError, match=r"step_00000002: cannot read the DCP data \(FileNotFoundError: .*distcp'\); "
+                                         r"a running run's cleanup \(keep_checkpoints\) may have removed it"):
+        C.load_drafter(str(tmp_path / "run"))
+    shutil.copytree(run / "checkpoints" / "step_00000002", tmp_path / "run" / "checkpoints" / "step_00000002",
+                    dirs_exist_ok=True)
+    capsys.readouterr()
+    assert C.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "may have removed it" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("case,message", [
@@ -4097,6 +4151,99 @@ def test_rerun_of_a_finished_run_does_nothing_and_says_so(tmp_path, monkeypatch,
     assert T.main(train_args(tmp_path, max_steps=4)) == 0
     assert "resuming at step 3 with max_steps 4 (was 3 for steps 0-3)" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_second_invocation_on_a_running_run_stops_naming_its_pid(tmp_path, monkeypatch):
+    """A second train.py on the same out_dir while the first runs (here: started from inside the first's
+    setup) stops with one line naming the first's pid, before it reads or writes the run; once the first
+    ends (however: the kernel drops the lock), the same command runs again."""
+    real_setup, second = T.setup, []
+
+    def setup_with_a_second_invocation(c):
+        with pytest.raises(SystemExit) as e:
+            T.main(train_args(tmp_path, max_steps=4))
+        second.append(e.value.code)
+        return real_setup(c)
+
+    monkeypatch.setattr(T, "setup", setup_with_a_second_invocation)
+    assert T.main(train_args(tmp_path, max_steps=2)) == 0
+    monkeypatch.undo()
+    host = __import__("socket").gethostname()
+    assert second == [f"run error: {tmp_path / 'run'} is in use by another train.py (pid {os.getpid()} on {host}): "
+                      "wait for it to end or stop it (a requeued job: cancel the old one), or train in another out_dir"]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert T.main(train_args(tmp_path, max_steps=3)) == 0
+
+
+def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
+    """wandb=true (a fake wandb module): the first start makes a run id and keeps it in out_dir, and the
+    resume after stop_at_step passes that id again, so W&B continues one run; another out_dir gets another."""
+    inits, logged = [], []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = __import__("importlib").machinery.ModuleSpec("wandb", None)  # transformers looks it up
+    fake.init = lambda **kw: inits.append(kw) or types.SimpleNamespace(log=lambda rec, step: logged.append(step),
+                                                                        finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert T.main(train_args(tmp_path, wandb=True, stop_at_step=3)) == 0
+    assert T.main(train_args(tmp_path, wandb=True)) == 0
+    assert T.main(train_args(tmp_path, wandb=True, out_dir=str(tmp_path / "other"), max_steps=1)) == 0
+    ids = [kw["id"] for kw in inits]
+    assert ids[0] == ids[1] != ids[2] and re.fullmatch(r"[0-9a-f]{8}", ids[0])
+    assert [kw["resume"] for kw in inits] == ["allow"] * 3 and logged == [1, 2, 3, 4, 5, 6, 1]
+
+
+def test_kill_during_validation_or_evaluation_is_made_up_by_the_resume(tmp_path, monkeypatch, capsys):
+    """Kills (an exception out of main) during step 2's evaluation after its first set, during step 4's (the
+    last) validation, then during the final evaluation after its first set: each rerun writes what the kill
+    left out, and only that (a set already decoded is not decoded again), so metrics.jsonl ends as the
+    uninterrupted run's; a run killed in its final evaluation is not "finished" until that is made up."""
+    tiny_target().save_pretrained(tmp_path / "target")
+    char_tokenizer().save_pretrained(tmp_path / "target")
+    sets = [tmp_path / "p1.jsonl", tmp_path / "p2.jsonl"]
+    for k, path in enumerate(sets):
+        write_lines(path, [json.dumps({"turns": [f"hello {k} {c}"]}) for c in "ab"])
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    args = lambda d: train_args(d, target=str(tmp_path / "target"), max_steps=4, save_interval=2, val_rows=4,
+                                val_interval=2, eval_interval=2, eval_prompts=",".join(map(str, sets)),
+                                eval_num_prompts=2, eval_max_new_tokens=4)
+    keys = ("step", "epoch", "loss", "acc", "lr", "val_loss", "val_acc", "eval_set", "eval_tau", "eval_lossless")
+    records = lambda run: [{k: r[k] for k in keys if k in r} for r in map(json.loads, open(run / "metrics.jsonl"))]
+    assert T.main(args(a)) == 0
+    capsys.readouterr()
+    real_tau, real_validate, decoded = bench.measure_tau, T.validate, []
+
+    def killed_at(kill_step, kill_set):
+        def tau(target, drafter, tok, prompts, *more):
+            step = int(re.findall(r"eval step (\d+)", capsys.readouterr().out)[-1])
+            decoded.append((step, prompts[0]["turns"][0][6]))
+            if (step, decoded[-1][1]) == (kill_step, kill_set):
+                raise RuntimeError("killed")
+            return real_tau(target, drafter, tok, prompts, *more)
+        return tau
+
+    monkeypatch.setattr(bench, "measure_tau", killed_at(2, "1"))
+    with pytest.raises(RuntimeError, match="killed"):
+        T.main(args(b))
+    monkeypatch.setattr(bench, "measure_tau", killed_at(None, None))
+    monkeypatch.setattr(T, "validate", lambda r, step: real_validate(r, step) if step != 4 else 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        T.main(args(b))  # resumes at 2: decodes set 2 of step 2, trains steps 3 and 4, killed validating
+    monkeypatch.setattr(T, "validate", real_validate)
+    monkeypatch.setattr(bench, "measure_tau", killed_at(4, "1"))
+    with pytest.raises(RuntimeError, match="killed"):
+        T.main(args(b))  # resumes at 4: validates step 4, exports, killed in the final evaluation's set 2
+    monkeypatch.setattr(bench, "measure_tau", killed_at(None, None))
+    assert T.main(args(b)) == 0
+    out = capsys.readouterr().out
+    assert decoded == [(2, "0"), (2, "1"), (2, "1"), (4, "0"), (4, "1"), (4, "1")]
+    assert records(b / "run") == records(a / "run")
+    assert [(r["step"], "val_loss" in r, r.get("eval_set")) for r in records(a / "run")] == [
+        (1, False, None), (2, False, None), (2, True, None), (2, False, str(sets[0])), (2, False, str(sets[1])),
+        (3, False, None), (4, False, None), (4, True, None), (4, False, str(sets[0])), (4, False, str(sets[1]))]
+    assert out.count("  tau = ") == 2  # the closing lines name both sets, the one decoded before the kill too
+    assert T.main(args(b)) == 0
+    assert "is finished: step 4 of 4" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ script runs on CPU with gloo.
 Checkpoints (DCP) are atomic and the run resumes by itself when the same command is run again.
 The config keys and their checks live in train_config.py, the checkpoint format in checkpoints.py.
 """
+import contextlib
 import glob
 import json
 import math
@@ -25,7 +26,7 @@ import bench
 import data as D
 import model as M
 import targets
-from checkpoints import full_state_dict, resume_checkpoint, save_checkpoint, saved_run, trim_metrics
+from checkpoints import full_state_dict, metrics_at, resume_checkpoint, save_checkpoint, saved_run, trim_metrics
 from convert import export_drafter, load_drafter
 from train_config import check_resume, parse_config, resumed_stretches, stretch_record
 
@@ -240,8 +241,15 @@ def open_logs(r, step):
     r.metrics_file = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a")
     if c["wandb"]:
         try:
+            import secrets
             import wandb
-            r.wandb_run = wandb.init(project="dflash", config=c, dir=c["out_dir"], resume="allow")
+            path = os.path.join(c["out_dir"], "wandb_run_id")  # made at the first start: a resume continues that run
+            if not os.path.exists(path):
+                with open(path, "w") as f:
+                    f.write(secrets.token_hex(4))
+            with open(path) as f:
+                run_id = f.read().strip()
+            r.wandb_run = wandb.init(project="dflash", config=c, dir=c["out_dir"], id=run_id, resume="allow")
         except ImportError:
             r.log("wandb=true but wandb is not installed: logging to metrics.jsonl only")
 
@@ -263,8 +271,8 @@ def record(r, rec):
 
 def train_step(r, batches, step):
     """One optimizer step's forward and backward over grad_accum micro-batches, the loss normalised over
-    the whole step (all micro-batches and ranks, SPEC 3.7). Returns (loss, grad norm, per-slot stats,
-    data position, counts for the meters); the caller applies or skips the update."""
+    the whole step (all micro-batches and ranks, SPEC 3.7). Returns (loss, grad norm, per-slot stats, data
+    position after it, its rows' epoch, counts for the meters); the caller applies or skips the update."""
     c, device = r.c, r.device
     loss_sum, weight_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     stats, counts = None, dict(samples=0, tokens=0, flops=0)
@@ -301,7 +309,7 @@ def train_step(r, batches, step):
     loss, grad_norm = torch.stack([totals[0] / totals[1].clamp(min=1e-6), grad_norm]).tolist()  # one host sync
     slots = torch.stack([stats["correct_per_slot"], stats["count_per_slot"]])
     dist.all_reduce(slots)  # one collective for both per-slot sums
-    return loss, grad_norm, slots, position, counts
+    return loss, grad_norm, slots, position, batch["epoch"], counts
 
 
 class Meter:
@@ -327,7 +335,7 @@ class Meter:
         for k in counts:
             self.counts[k] += counts[k]
 
-    def log(self, step, lr, grad_norm, position, skipped):
+    def log(self, step, lr, grad_norm, epoch, skipped):
         r, c = self.r, self.r.c
         dt = time.time() - self.t
         acc, exp_len = M.acceptance_metrics(*self.slots.cpu())
@@ -338,7 +346,7 @@ class Meter:
             self.t_first, self.step_first = time.time(), step
         cuda = r.device.type == "cuda"
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-        rec = dict(step=step, epoch=position["epoch"], loss=self.loss / self.n, acc=acc.tolist(), acc_1=acc[0].item(),
+        rec = dict(step=step, epoch=epoch, loss=self.loss / self.n, acc=acc.tolist(), acc_1=acc[0].item(),
                    expected_accept_len=exp_len, lr=lr, grad_norm=grad_norm, samples_per_s=sps,
                    tokens_per_s=self.counts["tokens"] * r.world / dt, tflops_per_gpu=tflops,
                    mfu=tflops / c["peak_tflops"], peak_mem_gib=mem, skipped_steps=skipped, time=time.time())
@@ -353,9 +361,9 @@ class Meter:
         self.reset()
 
 
-def checkpoint(r, step, position, skipped, meter):
-    state = dict(step=step, data_position=position, skipped_steps=skipped, cpu_rng=torch.get_rng_state().tolist(),
-                 meter=meter.saved(), data_fingerprint=r.data_fingerprint,
+def checkpoint(r, step, position, skipped, bad_steps, meter):
+    state = dict(step=step, data_position=position, skipped_steps=skipped, bad_steps=bad_steps,
+                 cpu_rng=torch.get_rng_state().tolist(), meter=meter.saved(), data_fingerprint=r.data_fingerprint,
                  config=r.c, stretches=r.stretches, total_steps=r.total_steps, steps_per_epoch=r.steps_per_epoch,
                  sequences_per_step=r.c["batch_size"] * r.c["grad_accum"] * r.world)  # what check_resume compares
     path = save_checkpoint(r.c["out_dir"], step, r.drafter, r.optimizer, state, r.dcfg, r.target_config,
@@ -364,8 +372,33 @@ def checkpoint(r, step, position, skipped, meter):
     return path
 
 
+def lock_run(out_dir):
+    """Rank 0 holds an exclusive lock on out_dir/.lock while it runs (the kernel drops it however the process
+    ends): a second invocation on the run (a requeued job while the old one lives) stops before it touches it."""
+    import fcntl
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise SystemExit(f"run error: {out_dir} is in use by another train.py (pid {f.read().strip()}): wait for it "
+                         f"to end or stop it (a requeued job: cancel the old one), or train in another out_dir")
+    except OSError as e:  # a filesystem without locks: run, unguarded
+        print(f"cannot lock {f.name} ({e}): a second invocation on this run would not be refused", flush=True)
+    f.truncate(0)
+    f.write(f"{os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    return f
+
+
 def main(argv=None):
     c = parse_config(sys.argv[1:] if argv is None else argv)
+    with lock_run(c["out_dir"]) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext():  # others follow
+        return train(c)
+
+
+def train(c):
     finished = check_resume(c)  # before anything loads: a changed shape or data stops here, a finished run ends here
     if finished:
         if int(os.environ.get("RANK", 0)) == 0:
@@ -378,6 +411,7 @@ def main(argv=None):
     resume, state = resume_checkpoint(c["out_dir"], r.drafter, r.optimizer, r.rank, r.log)
     if resume:
         step, position, skipped = state["step"], state["data_position"], state["skipped_steps"]
+        bad_steps = state.get("bad_steps", 0)  # in a row up to the checkpoint: max_bad_steps counts across a resume
         torch.set_rng_state(torch.tensor(state["cpu_rng"], dtype=torch.uint8))
         r.log(f"resumed from {resume} at step {step}")
         for group, settings in zip(r.optimizer.param_groups, adamw_settings(c)):
@@ -393,13 +427,18 @@ def main(argv=None):
     if r.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     meter, profiler = Meter(r, step, state and state.get("meter")), start_profiler(c)
+    # a kill during the resumed step's validation or evaluation: write the records metrics.jsonl lacks of them
+    done = [metrics_at(os.path.join(c["out_dir"], "metrics.jsonl"), step) if resume and r.rank == 0 else []]
+    dist.broadcast_object_list(done)  # rank 0's: they decide collectives
+    if resume:
+        validate_and_evaluate(r, step, done[0])
 
     # --- the loop
     while step < r.total_steps:
         lr = get_lr(step, r.total_steps, c)
         for group in r.optimizer.param_groups:
             group["lr"] = lr
-        loss, grad_norm, slots, position, counts = train_step(r, batches, step)
+        loss, grad_norm, slots, position, epoch, counts = train_step(r, batches, step)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             bad_steps = 0
             with torch.profiler.record_function("dflash: optimizer"):
@@ -412,11 +451,11 @@ def main(argv=None):
         step += 1
         profiler = profiler and report_profile(r, profiler)
         if meter.n and (step % c["log_interval"] == 0 or step == r.total_steps):
-            meter.log(step, lr, grad_norm, position, skipped)
+            meter.log(step, lr, grad_norm, epoch, skipped)
         too_bad = bad_steps >= c["max_bad_steps"]
         stopping_here = too_bad or (step == c["stop_at_step"] and step < r.total_steps)
         if stopping_here or (c["save_interval"] > 0 and (step % c["save_interval"] == 0 or step == r.total_steps)):
-            path = checkpoint(r, step, position, skipped, meter)
+            path = checkpoint(r, step, position, skipped, bad_steps, meter)
             if c["export_every_save"] and step != r.total_steps and not too_bad:
                 export(r, os.path.join(path, "export"))
         if too_bad:
@@ -424,10 +463,7 @@ def main(argv=None):
                   f"the last good weights are in {path}")
             close_run(r)
             return 1
-        if r.val_rows and (step == r.total_steps or (c["val_interval"] and step % c["val_interval"] == 0)):
-            validate(r, step)
-        if c["eval_interval"] and step % c["eval_interval"] == 0 and step != r.total_steps:
-            evaluate(r, step)
+        validate_and_evaluate(r, step)
         if stopping_here:
             r.log(f"stop_at_step={step} reached; run the same command again to continue")
             close_run(r)
@@ -437,7 +473,7 @@ def main(argv=None):
     if c["save_interval"] > 0:
         export(r, os.path.join(c["out_dir"], "drafter"))
         r.log(f"exported the drafter (serving format) to {os.path.join(c['out_dir'], 'drafter')}")
-    results = evaluate(r, step)
+    results = evaluate(r, step, done[0])
     if results:
         r.log("acceptance length measured by real speculative decoding (temperature 0):")
     for name, kind, n, tau, same in results:
@@ -445,6 +481,17 @@ def main(argv=None):
     dist.barrier()
     close_run(r)
     return 0
+
+
+def validate_and_evaluate(r, step, done=()):
+    """The validation and evaluation (but the last step's: the finish runs it) that step's schedules ask for,
+    but those whose records are in `done` (what a run killed during them wrote at that step)."""
+    c = r.c
+    if r.val_rows and (step == r.total_steps or (c["val_interval"] and step % c["val_interval"] == 0)) and \
+            not any(rec["step"] == step and "val_loss" in rec for rec in done):
+        validate(r, step)
+    if c["eval_interval"] and step % c["eval_interval"] == 0 and step != r.total_steps:
+        evaluate(r, step, done)
 
 
 def start_profiler(c):
@@ -478,12 +525,15 @@ def validate(r, step):
     """Loss and expected acceptance length on the held-out rows, each row with the same anchors every
     time. On conversations the drafter never trained on, this estimate tracks bench.py's tau (README);
     its gap to the training estimate is what the drafter memorised."""
-    c, n_batch = r.c, r.c["batch_size"]
-    n = len(r.val_rows) // r.world // n_batch * n_batch  # every rank runs as many forwards (FSDP)
+    c, n_batch, rows = r.c, r.c["batch_size"], r.val_rows
+    # every row once whatever the split: each rank scores `n` of them in as many forwards (FSDP), the last
+    # rank's share filled up with a row whose loss mask is zero (it weighs nothing)
+    n, pad = -(-len(rows) // r.world), (rows[0][0], [0] * len(rows[0][0]))
     totals = slots = 0  # [loss sum, weight sum], [correct per slot, count per slot]
     for lo in range(r.rank * n, (r.rank + 1) * n, n_batch):
-        batch = D.collate(r.val_rows[lo:lo + n_batch], c["pad_multiple"], r.pad_id, c["max_length"])
-        gen = [torch.Generator().manual_seed(c["seed"] * 1_000_003 + 999_999_937 + i) for i in range(lo, lo + n_batch)]
+        ids = range(lo, min(lo + n_batch, (r.rank + 1) * n))
+        batch = D.collate([rows[i] if i < len(rows) else pad for i in ids], c["pad_multiple"], r.pad_id, c["max_length"])
+        gen = [torch.Generator().manual_seed(c["seed"] * 1_000_003 + 999_999_937 + i) for i in ids]
         ls, ws, st = M.dflash_loss(r.drafter, r.target, batch["input_ids"].to(r.device), batch["loss_mask"].to(r.device),
                                    c["num_anchors"], c["gamma"] or None, r.use_flex, gen,
                                    ce_chunk_tokens=c["ce_chunk_tokens"], compile_ce=c["compile_target"],
@@ -495,8 +545,8 @@ def validate(r, step):
     acc, exp_len = M.acceptance_metrics(*slots.cpu())
     loss = (totals[0] / totals[1].clamp(min=1e-6)).item()
     r.log(f"val step {step}: loss {loss:.4f} | acc@1 {acc[0].item():.3f} | exp accept {exp_len:.2f} "
-          f"on {n * r.world} held-out rows")
-    record(r, dict(step=step, val_loss=loss, val_acc=acc.tolist(), val_expected_accept_len=exp_len, val_rows=n * r.world))
+          f"on {len(rows)} held-out rows")
+    record(r, dict(step=step, val_loss=loss, val_acc=acc.tolist(), val_expected_accept_len=exp_len, val_rows=len(rows)))
 
 
 def export(r, out):
@@ -506,14 +556,17 @@ def export(r, out):
     dist.barrier()
 
 
-def evaluate(r, step):
+def evaluate(r, step, done=()):
     """Real speculative decoding (bench.py's loop, temperature 0) on each eval_prompts set, on rank 0
     with a plain copy of the drafter, each turn checked against plain greedy decoding. A set that is
-    the training data says whether the pipeline learns; a held-out set, what generalises.
+    the training data says whether the pipeline learns; a held-out set, what generalises. A set with a
+    record at this step in `done` (a run killed during this evaluation) is not decoded again.
     Returns [(set, kind, prompts, tau, turns identical to greedy)]."""
     c, target = r.c, r.target
-    if not r.eval_sets:
-        return []  # none asked for, no tokenizer, or a sharded target (it cannot decode on one rank alone)
+    logged = {rec["eval_set"]: (rec["eval_set"], rec["eval_kind"], rec["eval_prompts"], rec["eval_tau"],
+                                rec["eval_lossless"]) for rec in done if rec["step"] == step and "eval_set" in rec}
+    if not set(r.eval_sets) - set(logged):
+        return [logged[name] for name in r.eval_sets]  # none asked for, no tokenizer, a sharded target, or all done
     sd = full_state_dict(r.drafter)
     results = []
     if r.rank == 0:
@@ -525,6 +578,9 @@ def evaluate(r, step):
         plain.eval()
         trained = {os.path.abspath(f) for f in glob.glob(c["data"])}
         for name, prompts in r.eval_sets.items():
+            if name in logged:
+                results.append(logged[name])
+                continue
             kind = "training" if os.path.abspath(name) in trained else "held-out"
             r.log(f"eval step {step}: decoding {len(prompts)} {kind} prompts ({name}) speculatively and plainly, "
                   f"up to {c['eval_max_new_tokens']} tokens each")

@@ -9,7 +9,7 @@ import os
 import yaml
 
 import model as M
-from checkpoints import export_is_current, saved_run
+from checkpoints import export_is_current, metrics_at, saved_run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,8 +259,9 @@ PER_STEP = "batch_size x grad_accum x ranks"
 
 def check_resume(c):
     """Before anything loads, against the newest checkpoint in out_dir. A changed RESUME_FIXED key (or
-    sequences per step) is a one-line error; a run at its last step whose drafter is exported returns
-    the line that says so (there is nothing to do). None: train, from the start or resumed."""
+    sequences per step) is a one-line error; a run at its last step whose drafter is exported and final
+    evaluation recorded returns the line that says so (there is nothing to do). None: train, from the
+    start or resumed."""
     path, state = saved_run(c["out_dir"])
     if path is None:
         return None
@@ -276,7 +277,12 @@ def check_resume(c):
         return (f"{c['out_dir']} is at step {step}, at or past stop_at_step={c['stop_at_step']}: nothing to do "
                 f"(raise stop_at_step, or drop it to train to the end)")
     drafter = os.path.join(c["out_dir"], "drafter")
-    if total == step and export_is_current(drafter, path):
+    # train.py evaluates eval_prompts on a target folder (its tokenizer) not sharded; a kill during the final
+    # evaluation leaves sets without a record: the run is not finished until the rerun evaluates them
+    evaluated = {rec.get("eval_set") for rec in metrics_at(os.path.join(c["out_dir"], "metrics.jsonl"), step)}
+    owed = c["eval_prompts"] and os.path.isdir(c["target"]) and not c["shard_target"] and \
+        not set(c["eval_prompts"].split(",")) <= evaluated
+    if total == step and export_is_current(drafter, path) and not owed:
         return (f"{c['out_dir']} is finished: step {step} of {total}, its drafter is in {drafter}; nothing to do "
                 f"(to train further, raise max_steps above {step} and run again)")
     return None
