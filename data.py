@@ -228,10 +228,12 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None,
     supervised. Unlike rendering growing prefixes this also works for templates that rewrite
     earlier turns (Qwen3 drops the <think> of past turns), and working on characters avoids
     tokens that merge differently at the edge of an empty content. Assistant messages carrying
-    `token_ids` (written by `regenerate`) get those exact ids in place of the re-tokenized text, and
-    where the template renders the turn as the generation prompt followed by that text, the span is
-    all of it (with thinking on, the <think> the target wrote too). `supervise`: the indices of the
-    messages to supervise (default: every assistant turn)."""
+    `token_ids` (written by `regenerate`) get those exact ids in place of the re-tokenized text, after
+    the prompt the target answered as regenerate tokenised it (with any text of the generation prompt
+    the template does not render before the turn: QwQ's "<think>\n"); where the template renders the
+    turn as the generation prompt followed by that text, the span is all of it (with thinking on, the
+    <think> the target wrote too). `supervise`: the indices of the messages to supervise (default:
+    every assistant turn)."""
     text = render_chat(tokenizer, messages, enable_thinking, tokenize=False)
     # long chats: tokenize only a head of the text that surely holds max_length tokens; the 64
     # spare tokens keep the cut (which can change the last word's tokens) past what we keep
@@ -267,16 +269,20 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None,
         k1 = k0
         while k1 < len(full) and offsets[k1][0] < ce:
             k1 += 1
-        span = full[k0:k1]
-        gen = m.get("token_ids")
-        # use the generated ids only where the tokens cover the content exactly, so no template
-        # character is lost
-        if gen is not None and k0 < k1 and offsets[k0][0] == cs and offsets[k1 - 1][1] == ce:
+        before, span, gen = full[k:k0], full[k0:k1], m.get("token_ids")
+        held = offsets[k - 1][1] if k else 0  # the characters the row holds so far
+        # generated ids: the row goes on with the rest of the prompt the target answered, tokenised on
+        # its own as it was (re-tokenised with the answer, "\n" + "\n\nHi" merges into "\n\n\n" + "Hi";
+        # QwQ's template renders the answer without the "<think>\n" the target was prompted with),
+        # then its ids; only where the row so far is that prompt's start and no token crosses the
+        # answer's end (the template text after it stays as rendered)
+        if gen is not None and prompt.startswith(text[:held]) and (k1 == k0 or offsets[k1 - 1][1] <= ce):
+            before = tokenizer(prompt[held:], add_special_tokens=False)["input_ids"]
             span = list(gen[:-1] if gen and gen[-1] in ends else gen)
         if m.get("finished", True) and k1 < len(full) and full[k1] in ends:
             span = span + [full[k1]]
             k1 += 1
-        pieces += [(full[k:k0], 0), (span, 1)]
+        pieces += [(before, 0), (span, 1)]
         k, pos = k1, ce
     if not pieces:
         raise BadRow("no assistant content")
@@ -298,8 +304,8 @@ def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
     renders differently once the conversation goes on (Qwen3 drops past reasoning, and with thinking
     off the empty think block the target answered after): that row is the conversation up to the
     turn as the template rendered it when the target wrote the turn, supervising the turn and the
-    earlier ones not yet in a row. A template that renders every turn the same way later (most)
-    gives one row. A row whose turns are all past max_length ends the conversation's rows. A turn cut
+    earlier ones not yet in a row. A template that renders every turn the same way later, and as the
+    target wrote it (most), gives one row. A row whose turns are all past max_length ends the conversation's rows. A turn cut
     by the token limit that the template renders after text the target never saw (Qwen3 with thinking
     on: an empty think block before reasoning cut short of its </think>) is context only, never
     supervised: its row would teach a context the drafter never meets."""
@@ -310,10 +316,14 @@ def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
     turns = [i for i in turns if messages[i].get("finished", True) or _as_generated(tokenizer, messages, i, texts[i], enable_thinking)]
     if not turns:
         raise BadRow("cut answer after template text the target never saw")
+    # a regenerated turn whose row (its prompt and ids) is not how the template renders it later (QwQ
+    # drops the reasoning, and the "<think>\n" the target was prompted with) ends its row
+    written = {i: "token_ids" not in messages[i] or texts[i].startswith(
+        render_chat(tokenizer, messages[:i], enable_thinking, True, tokenize=False) + messages[i]["content"]) for i in turns}
     rows, group = [], []
     for k, i in enumerate(turns):
         group.append(i)
-        if k + 1 < len(turns) and all(texts[turns[k + 1]].startswith(texts[j]) for j in group):
+        if k + 1 < len(turns) and written[i] and all(texts[turns[k + 1]].startswith(texts[j]) for j in group):
             continue  # every turn so far still reads as it was written: one row goes on
         try:
             rows.append(tokenize_conversation(tokenizer, messages[:i + 1], max_length, enable_thinking, set(group)))

@@ -702,6 +702,52 @@ def test_mask_prefers_generated_ids():
     assert sup[-len(gen) - 1:] == gen + [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
+@need_assets
+def test_answer_opening_with_whitespace_follows_the_prompt_the_target_answered():
+    """An answer that opens with whitespace merges with the prompt's last "\n" when the rendering is
+    re-tokenised ("\n" + "\n\nHello" -> "\n\n", "\n", "Hello"; "\n" + "  Hello" -> "\n ", " Hello"): the
+    row is the prompt's ids as regenerate prompted the target, then exactly the ids it wrote."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    msgs = [{"role": "user", "content": "Hi"}]
+    prompt = data.render_chat(tok, msgs, None, True)  # what regenerate prompted the target with
+    end, nl = tok.convert_tokens_to_ids(["<|im_end|>", "Ċ"])
+    for content, pieces in (("\n\nHello there.", ["Ċ", "Ċ", "Hello", "Ġthere", "."]), ("  Hello", ["Ġ", "ĠHello"])):
+        gen = tok.convert_tokens_to_ids(pieces)
+        assert tok.decode(gen) == content
+        turn = {"role": "assistant", "content": content, "token_ids": gen, "finished": True}
+        (ids, mask), = data.conversation_rows(tok, msgs + [turn], 512)
+        assert ids == prompt + gen + [end, nl]
+        assert mask == [0] * len(prompt) + [1] * (len(gen) + 1) + [0]
+
+
+def test_qwq_style_rows_keep_the_think_the_target_was_prompted_with():
+    """QwQ / DeepSeek-R1 style: the generation prompt ends with "<think>\n", and the template renders an
+    answer without its reasoning. Each regenerated turn is its own row: the prompt the target answered
+    (the earlier turn as the template renders it, without reasoning), then the ids it wrote and its end."""
+    tok = qwen_tokenizer()
+    tok.chat_template = (
+        "{%- for m in messages %}{%- if m.role == 'assistant' %}"
+        "{{ '<|im_start|>assistant\n' + m.content.split('</think>')[-1].lstrip('\n') + '<|im_end|>\n' }}"
+        "{%- else %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{%- endif %}")
+    end, nl = tok.convert_tokens_to_ids("<|im_end|>"), tok.encode("\n", add_special_tokens=False)
+
+    def gen(text):  # an answer as regenerate writes it: what the target wrote after "<think>\n"
+        return {"role": "assistant", "content": text, "token_ids": tok.encode(text, add_special_tokens=False), "finished": True}
+    conv = CHAT[:2] + [gen("red fruits: apple\n</think>\n\nAn apple."), CHAT[3], gen("yellow\n</think>\n\nA banana.")]
+    rows = data.conversation_rows(tok, conv, 4096)
+    head = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a red fruit.<|im_end|>\n<|im_start|>assistant\n"
+    assert [tok.decode(ids) for ids, _ in rows] == [
+        head + "<think>\n" + conv[2]["content"] + "<|im_end|>\n",
+        head + "An apple.<|im_end|>\n<|im_start|>user\nAnd a yellow one?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+        + conv[4]["content"] + "<|im_end|>\n"]
+    for (ids, mask), i in zip(rows, (2, 4)):
+        prompt = data.render_chat(tok, conv[:i], None, True)
+        assert ids == prompt + conv[i]["token_ids"] + [end] + nl
+        assert mask == [0] * len(prompt) + [1] * (len(conv[i]["token_ids"]) + 1) + [0] * len(nl)
+
+
 def test_cut_answer_supervises_what_the_target_wrote_and_not_the_end_token(tmp_path):
     """An answer cut by --max-new-tokens ("finished": false) is supervised on exactly the ids the target
     wrote: the end-of-turn token the template closes it with stays in the row, unsupervised. A cut answer
