@@ -195,6 +195,26 @@ def render_chat(tokenizer, messages, enable_thinking, add_generation_prompt=Fals
     return list(out)
 
 
+def chat_template_problem(tokenizer):
+    """Why the target's chat template cannot make rows, or None. Without a generation prompt (rendering a
+    prompt with add_generation_prompt changes nothing) the target writes the assistant header itself and
+    every row holds it twice; a template whose answer follows the prompt directly passes (Mistral's,
+    after "[/INST]"). A template that refuses this probe passes: its rows say why (template error)."""
+    if not tokenizer.chat_template:
+        return "its tokenizer has no chat template: give a target folder whose tokenizer_config.json or chat_template.jinja has one"
+    user = [{"role": "user", "content": "Hi"}]
+    try:
+        prompt = render_chat(tokenizer, user, None, True, tokenize=False)
+        answered = render_chat(tokenizer, user + [{"role": "assistant", "content": "Hello"}], None, tokenize=False)
+        if prompt != render_chat(tokenizer, user, None, tokenize=False) or answered[len(prompt):].lstrip().startswith("Hello"):
+            return None
+    except Exception:
+        return None
+    return ("its chat template has no generation prompt (add_generation_prompt adds nothing, and an answer does not "
+            "follow the prompt): the target would write the assistant header itself, into every row; give the "
+            "template an add_generation_prompt branch (the instruct model's template has one)")
+
+
 def _end_ids(tokenizer):
     # the end-of-turn token closing an assistant turn is one of the special added tokens
     # (<|im_end|>, <|eot_id|>, <end_of_turn>, </s>, ...), never plain text
@@ -392,6 +412,9 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
     workers > 1 tokenises in forked processes (about 7 ms a row with a chat template: 17 K rows
     take 2 minutes in one process); the rows and their order are the same for any workers."""
     global _TOKENIZE_STATE
+    problem = chat_template_problem(tokenizer)
+    if problem:
+        raise ValueError(f"{tokenizer.name_or_path}: {problem}")
     all_convs, read_skipped = load_conversations(source)
     convs = all_convs[:max_rows] if max_rows else all_convs
     _TOKENIZE_STATE = (tokenizer, convs, max_length, min_loss_tokens, enable_thinking)

@@ -848,6 +848,35 @@ def test_mask_smollm2_three_turns():
     assert tok.decode(ids) == text and all(len(tok.decode([i]).strip()) <= 1 or not tok.decode([i]).strip().isdigit() for i in ids)
 
 
+# Mistral's: no generation prompt (the answer follows "[/INST]"), and a system turn is refused
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+                    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+                    "{% if m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}")
+CHATML_NO_GENERATION_PROMPT = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+
+
+def test_a_template_without_a_generation_prompt_is_refused_before_the_data_is_read(tmp_path):
+    """A template with no add_generation_prompt branch renders a prompt that ends with the user turn: the
+    target writes the assistant header itself and every row would hold it twice. Refused, as is a tokenizer
+    without a template; Mistral's (no generation prompt, the answer right after "[/INST]"), Gemma's,
+    Llama-3's and Qwen3's pass."""
+    gemma = ("{% for m in messages %}{{ '<start_of_turn>' + ('model' if m.role == 'assistant' else m.role) + '\\n' + m.content | trim "
+             "+ '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+    llama3 = ("{% for m in messages %}{{ '<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n' + m.content | trim + '<|eot_id|>' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+    tok = qwen_tokenizer()
+    for template in (MISTRAL_TEMPLATE, gemma, llama3, QWEN_TEMPLATE):
+        tok.chat_template = template
+        assert data.chat_template_problem(tok) is None, template
+    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": CHAT[1:3]})])
+    for template, said in ((CHATML_NO_GENERATION_PROMPT, "its chat template has no generation prompt"),
+                           (None, "its tokenizer has no chat template")):
+        tok.chat_template = template
+        assert data.chat_template_problem(tok).startswith(said)
+        with pytest.raises(ValueError, match=re.escape(said)):
+            data.build_dataset(tok, str(tmp_path / "missing.jsonl"), 64, log=pytest.fail)  # before the data is read
+
+
 def write_lines(path, lines):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -3387,6 +3416,41 @@ def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, 
     for source, said in ((str(tmp_path / "*.jsonl"), "matches no file"), (str(tmp_path / "in.jsnl"), "does not exist")):
         with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --data {source} {said}")):
             regenerate.main(["regenerate", "--target", "T", "--data", source, "--out", str(tmp_path / "o.jsonl")])
+
+
+@need_assets
+def test_regenerate_refuses_a_template_at_once_and_counts_the_rows_it_refuses(tmp_path, monkeypatch):
+    """A target whose template has no generation prompt, or no template, is one line before the model loads;
+    a row the template refuses (Mistral's after a system turn: "roles must alternate") is skipped and
+    counted, and the other rows are written."""
+    from transformers import AutoTokenizer
+
+    def target(name, template):  # the SmolLM2 weights under another chat template
+        os.makedirs(tmp_path / name)
+        for f in ("config.json", "generation_config.json", "model.safetensors"):
+            os.symlink(os.path.join(SMOL, f), tmp_path / name / f)
+        tok = AutoTokenizer.from_pretrained(SMOL)
+        tok.chat_template = template
+        tok.save_pretrained(tmp_path / name)
+        if template is None and os.path.exists(tmp_path / name / "chat_template.jinja"):
+            os.remove(tmp_path / name / "chat_template.jinja")
+        return str(tmp_path / name)
+    rows = [{"id": "sys", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+            {"id": "ok", "prompt": "Name a color."}]
+    write_lines(tmp_path / "in.jsonl", [json.dumps(r) for r in rows])
+    real_writer = regenerate.load_writer
+    monkeypatch.setattr(regenerate, "load_writer", lambda *a: pytest.fail("the model loaded"))
+    for name, template, said in (("nogen", CHATML_NO_GENERATION_PROMPT, "its chat template has no generation prompt"),
+                                 ("none", None, "its tokenizer has no chat template")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --target {tmp_path / name}: {said}")):
+            regenerate.main(["regenerate", "--target", target(name, template), "--data", str(tmp_path / "in.jsonl"),
+                             "--out", str(tmp_path / "o.jsonl")])
+    monkeypatch.setattr(regenerate, "load_writer", real_writer)
+    logs = []
+    out = regenerate.regenerate(target("mistral", MISTRAL_TEMPLATE), str(tmp_path / "in.jsonl"), str(tmp_path / "m.jsonl"),
+                                max_new_tokens=2, max_prompt_tokens=32, log=logs.append)
+    assert [r["id"] for r in read_out(out).values()] == ["ok"]
+    assert "skipped: {'template error (TemplateError)': 1}" in logs[0]
 
 
 # a stand-in for `vllm serve` / `sglang.launch_server`: the SmolLM2 target answering the OpenAI
