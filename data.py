@@ -30,6 +30,7 @@ PROMPT_SETS = ("mt-bench", "humaneval", "math500", "aime", "alpaca", "sharegpt")
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
          "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")  # OpenAI, Llama 3, ShareGPT (glaive)
 
 
 class BadRow(ValueError):
@@ -126,8 +127,9 @@ def first_set(d, *keys, default=None):
 def parse_messages(row, need_assistant=True):
     """Normalize one row to [{"role", "content"}]; raise BadRow(reason) if it cannot be used.
     Accepts `messages` (role/content), ShareGPT `conversations` (from/value), and prompt-only rows
-    (`turns` or `prompt`) which become user messages. Regenerated turns keep their `token_ids`, and
-    `finished: False` where the token limit cut them."""
+    (`turns` or `prompt`) which become user messages; content given as a list of text parts is joined
+    with newlines; tool calls and tool turns are not supported. Regenerated turns keep their
+    `token_ids`, and `finished: False` where the token limit cut them."""
     if row is None:
         raise BadRow("malformed json")
     if not isinstance(row, dict):
@@ -148,8 +150,14 @@ def parse_messages(row, need_assistant=True):
         if not isinstance(t, dict):
             raise BadRow("message not an object")
         role, content = first_set(t, "role", "from"), first_set(t, "content", "value")
+        if (isinstance(role, str) and role.lower() in TOOL_ROLES) or t.get("tool_calls") or t.get("function_call"):
+            raise BadRow("tool calls (not supported)")
         if not isinstance(role, str) or role.lower() not in ROLES:
             raise BadRow("unknown role")
+        if isinstance(content, list):  # OpenAI-style parts: text parts joined as vLLM joins them for a text model
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise BadRow("non-text content part")
+            content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRow("non-string content")
         m = {"role": ROLES[role.lower()], "content": content}

@@ -918,6 +918,26 @@ def test_malformed_rows_counted(tmp_path):
     assert len(convs) == 2 and skipped == {"malformed json": 1}
 
 
+def test_content_parts_are_joined_and_tool_calls_are_their_own_skip_reason(tmp_path):
+    """OpenAI-style content (a list of text parts) is the parts' text joined with newlines; a conversation
+    with a tool call (an assistant turn of tool_calls, a tool / function / ipython turn, ShareGPT's
+    function_call / observation) is skipped as such, not as "non-string content" or "unknown role"."""
+    text = lambda *ts: [{"type": "text", "text": t} for t in ts]
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    rows = [{"messages": [{"role": "user", "content": text("Name a color.", "One word.")}, {"role": "assistant", "content": text("Red.")}]},
+            {"messages": [{"role": "user", "content": "Weather?"}, call, {"role": "tool", "content": "rain"},
+                          {"role": "assistant", "content": "Rain."}]},
+            {"messages": [{"role": "user", "content": "Weather?"}, {"role": "ipython", "content": "rain"}, {"role": "assistant", "content": "Rain."}]},
+            {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"},
+                               {"from": "observation", "value": "rain"}, {"from": "gpt", "value": "Rain."}]},
+            {"messages": [{"role": "user", "content": text("Hi") + [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "A cat."}]}]
+    write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    convs, skipped = data.load_conversations(str(tmp_path / "d.jsonl"))
+    assert convs == [[{"role": "user", "content": "Name a color.\nOne word."}, {"role": "assistant", "content": "Red."}]]
+    assert skipped == {"tool calls (not supported)": 3, "non-text content part": 1}
+
+
 def test_data_summary_adds_up_to_rows_read(tmp_path):
     """11 rows: 8 the reader skips, 3 conversations; max_rows=2 tokenises the first 2 (1 of them has an
     empty answer), so: 11 = 8 + 3 and 2 = 1 + 1, with the 1 unused conversation named."""
@@ -1010,14 +1030,14 @@ def test_saved_datasets_give_every_row_every_column(tmp_path):
 def test_prompt_rows_skipped_are_counted_and_none_left_is_an_error(tmp_path):
     """load_prompts (bench, regeneration, training's eval) counts the rows it cannot use by reason in one
     line, and a file with none left is an error instead of a tau over no prompts."""
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}  # content as a list of parts
+    parts = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]}  # an image
     write_lines(tmp_path / "p.jsonl", [json.dumps({"turns": ["Name a color."]}), json.dumps(parts), "{bad", json.dumps(parts)])
     logs = []
     assert [p["turns"] for p in data.load_prompts(str(tmp_path / "p.jsonl"), log=logs.append)] == [["Name a color."]]
-    assert logs == [f"prompts: {tmp_path / 'p.jsonl'}: 3 of 4 rows skipped (2 non-string content, 1 malformed json)"]
+    assert logs == [f"prompts: {tmp_path / 'p.jsonl'}: 3 of 4 rows skipped (2 non-text content part, 1 malformed json)"]
     write_lines(tmp_path / "bad.jsonl", [json.dumps(parts), json.dumps({"messages": [{"role": "assistant", "content": "x"}]})])
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.jsonl'}: no usable prompt in its 2 rows "
-                                                   "(1 non-string content, 1 no user turn)")):
+                                                   "(1 non-text content part, 1 no user turn)")):
         data.load_prompts(str(tmp_path / "bad.jsonl"), log=logs.append)
     assert len(logs) == 1
 
