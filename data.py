@@ -471,7 +471,7 @@ def split_heldout(conversations, n):
     (a conversation's later rows repeat its earlier turns as context). They are spread evenly over the
     data (conversation floor(k * len / n) for k < n), so they sample every shard and prompt length, and
     the same data gives the same split in every run and after a resume."""
-    if n >= len(conversations):
+    if n > 0 and n >= len(conversations):  # val_rows=0 holds none out of any data (no rows: train.py says so)
         raise ValueError(f"val_rows={n} holds out all {len(conversations)} conversations: lower val_rows")
     held = {k * len(conversations) // n for k in range(n)} if n > 0 else set()  # distinct: len / n > 1
     pick = lambda out: [row for i, rows in enumerate(conversations) if (i in held) == out for row in rows]

@@ -1235,6 +1235,7 @@ def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_p
     train, held = data.split_heldout(convs, 3)
     assert [r[0][0] for r in held] == [0, 3, 6] and [r[0][0] for r in train] == [1, 2, 4, 5, 7, 8, 9]
     assert data.split_heldout(convs, 0) == ([c[0] for c in convs], [])
+    assert data.split_heldout([], 0) == ([], [])  # no conversations: nothing held out (train.py says no rows)
     with pytest.raises(ValueError, match="val_rows=10 holds out all 10 conversations"):
         data.split_heldout(convs, 10)
     # a conversation of several rows (one per turn its template re-renders) is held out whole
