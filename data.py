@@ -333,10 +333,10 @@ def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
     off the empty think block the target answered after): that row is the conversation up to the
     turn as the template rendered it when the target wrote the turn, supervising the turn and the
     earlier ones not yet in a row. A template that renders every turn the same way later, and as the
-    target wrote it (most), gives one row. A row whose turns are all past max_length ends the conversation's rows. A turn cut
-    by the token limit that the template renders after text the target never saw (Qwen3 with thinking
-    on: an empty think block before reasoning cut short of its </think>) is context only, never
-    supervised: its row would teach a context the drafter never meets."""
+    target wrote it (most), gives one row. A row whose turns are all past max_length ends the
+    conversation's rows. A turn cut by the token limit that the template renders after text the target
+    never saw (Qwen3 with thinking on: an empty think block before reasoning cut short of its </think>)
+    is context only, never supervised: its row would teach a context the drafter never meets."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"]]
     if not turns:
         raise BadRow("no assistant content")
