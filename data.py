@@ -30,6 +30,7 @@ PROMPT_SETS = ("mt-bench", "humaneval", "math500", "aime", "alpaca", "sharegpt")
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
          "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")  # OpenAI, Llama 3, ShareGPT (glaive)
 
 
 class BadRow(ValueError):
@@ -126,8 +127,9 @@ def first_set(d, *keys, default=None):
 def parse_messages(row, need_assistant=True):
     """Normalize one row to [{"role", "content"}]; raise BadRow(reason) if it cannot be used.
     Accepts `messages` (role/content), ShareGPT `conversations` (from/value), and prompt-only rows
-    (`turns` or `prompt`) which become user messages. Regenerated turns keep their `token_ids`, and
-    `finished: False` where the token limit cut them."""
+    (`turns` or `prompt`) which become user messages; content given as a list of text parts is joined
+    with newlines; tool calls and tool turns are not supported. Regenerated turns keep their
+    `token_ids`, and `finished: False` where the token limit cut them."""
     if row is None:
         raise BadRow("malformed json")
     if not isinstance(row, dict):
@@ -148,8 +150,14 @@ def parse_messages(row, need_assistant=True):
         if not isinstance(t, dict):
             raise BadRow("message not an object")
         role, content = first_set(t, "role", "from"), first_set(t, "content", "value")
+        if (isinstance(role, str) and role.lower() in TOOL_ROLES) or t.get("tool_calls") or t.get("function_call"):
+            raise BadRow("tool calls (not supported)")
         if not isinstance(role, str) or role.lower() not in ROLES:
             raise BadRow("unknown role")
+        if isinstance(content, list):  # OpenAI-style parts: text parts joined as vLLM joins them for a text model
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise BadRow("non-text content part")
+            content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRow("non-string content")
         m = {"role": ROLES[role.lower()], "content": content}
@@ -195,6 +203,26 @@ def render_chat(tokenizer, messages, enable_thinking, add_generation_prompt=Fals
     return list(out)
 
 
+def chat_template_problem(tokenizer):
+    """Why the target's chat template cannot make rows, or None. Without a generation prompt (rendering a
+    prompt with add_generation_prompt changes nothing) the target writes the assistant header itself and
+    every row holds it twice; a template whose answer follows the prompt directly passes (Mistral's,
+    after "[/INST]"). A template that refuses this probe passes: its rows say why (template error)."""
+    if not tokenizer.chat_template:
+        return "its tokenizer has no chat template: give a target folder whose tokenizer_config.json or chat_template.jinja has one"
+    user = [{"role": "user", "content": "Hi"}]
+    try:
+        prompt = render_chat(tokenizer, user, None, True, tokenize=False)
+        answered = render_chat(tokenizer, user + [{"role": "assistant", "content": "Hello"}], None, tokenize=False)
+        if prompt != render_chat(tokenizer, user, None, tokenize=False) or answered[len(prompt):].lstrip().startswith("Hello"):
+            return None
+    except Exception:
+        return None
+    return ("its chat template has no generation prompt (add_generation_prompt adds nothing, and an answer does not "
+            "follow the prompt): the target would write the assistant header itself, into every row; give the "
+            "template an add_generation_prompt branch (the instruct model's template has one)")
+
+
 def _end_ids(tokenizer):
     # the end-of-turn token closing an assistant turn is one of the special added tokens
     # (<|im_end|>, <|eot_id|>, <end_of_turn>, </s>, ...), never plain text
@@ -228,10 +256,12 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None,
     supervised. Unlike rendering growing prefixes this also works for templates that rewrite
     earlier turns (Qwen3 drops the <think> of past turns), and working on characters avoids
     tokens that merge differently at the edge of an empty content. Assistant messages carrying
-    `token_ids` (written by `regenerate`) get those exact ids in place of the re-tokenized text, and
-    where the template renders the turn as the generation prompt followed by that text, the span is
-    all of it (with thinking on, the <think> the target wrote too). `supervise`: the indices of the
-    messages to supervise (default: every assistant turn)."""
+    `token_ids` (written by `regenerate`) get those exact ids in place of the re-tokenized text, after
+    the prompt the target answered as regenerate tokenised it (with any text of the generation prompt
+    the template does not render before the turn: QwQ's "<think>\n"); where the template renders the
+    turn as the generation prompt followed by that text, the span is all of it (with thinking on, the
+    <think> the target wrote too). `supervise`: the indices of the messages to supervise (default:
+    every assistant turn)."""
     text = render_chat(tokenizer, messages, enable_thinking, tokenize=False)
     # long chats: tokenize only a head of the text that surely holds max_length tokens; the 64
     # spare tokens keep the cut (which can change the last word's tokens) past what we keep
@@ -267,16 +297,20 @@ def tokenize_conversation(tokenizer, messages, max_length, enable_thinking=None,
         k1 = k0
         while k1 < len(full) and offsets[k1][0] < ce:
             k1 += 1
-        span = full[k0:k1]
-        gen = m.get("token_ids")
-        # use the generated ids only where the tokens cover the content exactly, so no template
-        # character is lost
-        if gen is not None and k0 < k1 and offsets[k0][0] == cs and offsets[k1 - 1][1] == ce:
+        before, span, gen = full[k:k0], full[k0:k1], m.get("token_ids")
+        held = offsets[k - 1][1] if k else 0  # the characters the row holds so far
+        # generated ids: the row goes on with the rest of the prompt the target answered, tokenised on
+        # its own as it was (re-tokenised with the answer, "\n" + "\n\nHi" merges into "\n\n\n" + "Hi";
+        # QwQ's template renders the answer without the "<think>\n" the target was prompted with),
+        # then its ids; only where the row so far is that prompt's start and no token crosses the
+        # answer's end (the template text after it stays as rendered)
+        if gen is not None and prompt.startswith(text[:held]) and (k1 == k0 or offsets[k1 - 1][1] <= ce):
+            before = tokenizer(prompt[held:], add_special_tokens=False)["input_ids"]
             span = list(gen[:-1] if gen and gen[-1] in ends else gen)
         if m.get("finished", True) and k1 < len(full) and full[k1] in ends:
             span = span + [full[k1]]
             k1 += 1
-        pieces += [(full[k:k0], 0), (span, 1)]
+        pieces += [(before, 0), (span, 1)]
         k, pos = k1, ce
     if not pieces:
         raise BadRow("no assistant content")
@@ -298,11 +332,11 @@ def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
     renders differently once the conversation goes on (Qwen3 drops past reasoning, and with thinking
     off the empty think block the target answered after): that row is the conversation up to the
     turn as the template rendered it when the target wrote the turn, supervising the turn and the
-    earlier ones not yet in a row. A template that renders every turn the same way later (most)
-    gives one row. A row whose turns are all past max_length ends the conversation's rows. A turn cut
-    by the token limit that the template renders after text the target never saw (Qwen3 with thinking
-    on: an empty think block before reasoning cut short of its </think>) is context only, never
-    supervised: its row would teach a context the drafter never meets."""
+    earlier ones not yet in a row. A template that renders every turn the same way later, and as the
+    target wrote it (most), gives one row. A row whose turns are all past max_length ends the
+    conversation's rows. A turn cut by the token limit that the template renders after text the target
+    never saw (Qwen3 with thinking on: an empty think block before reasoning cut short of its </think>)
+    is context only, never supervised: its row would teach a context the drafter never meets."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"]]
     if not turns:
         raise BadRow("no assistant content")
@@ -310,10 +344,14 @@ def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
     turns = [i for i in turns if messages[i].get("finished", True) or _as_generated(tokenizer, messages, i, texts[i], enable_thinking)]
     if not turns:
         raise BadRow("cut answer after template text the target never saw")
+    # a regenerated turn whose row (its prompt and ids) is not how the template renders it later (QwQ
+    # drops the reasoning, and the "<think>\n" the target was prompted with) ends its row
+    written = {i: "token_ids" not in messages[i] or texts[i].startswith(
+        render_chat(tokenizer, messages[:i], enable_thinking, True, tokenize=False) + messages[i]["content"]) for i in turns}
     rows, group = [], []
     for k, i in enumerate(turns):
         group.append(i)
-        if k + 1 < len(turns) and all(texts[turns[k + 1]].startswith(texts[j]) for j in group):
+        if k + 1 < len(turns) and written[i] and all(texts[turns[k + 1]].startswith(texts[j]) for j in group):
             continue  # every turn so far still reads as it was written: one row goes on
         try:
             rows.append(tokenize_conversation(tokenizer, messages[:i + 1], max_length, enable_thinking, set(group)))
@@ -382,6 +420,9 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
     workers > 1 tokenises in forked processes (about 7 ms a row with a chat template: 17 K rows
     take 2 minutes in one process); the rows and their order are the same for any workers."""
     global _TOKENIZE_STATE
+    problem = chat_template_problem(tokenizer)
+    if problem:
+        raise ValueError(f"{tokenizer.name_or_path}: {problem}")
     all_convs, read_skipped = load_conversations(source)
     convs = all_convs[:max_rows] if max_rows else all_convs
     _TOKENIZE_STATE = (tokenizer, convs, max_length, min_loss_tokens, enable_thinking)
@@ -430,7 +471,7 @@ def split_heldout(conversations, n):
     (a conversation's later rows repeat its earlier turns as context). They are spread evenly over the
     data (conversation floor(k * len / n) for k < n), so they sample every shard and prompt length, and
     the same data gives the same split in every run and after a resume."""
-    if n >= len(conversations):
+    if n > 0 and n >= len(conversations):  # val_rows=0 holds none out of any data (no rows: train.py says so)
         raise ValueError(f"val_rows={n} holds out all {len(conversations)} conversations: lower val_rows")
     held = {k * len(conversations) // n for k in range(n)} if n > 0 else set()  # distinct: len / n > 1
     pick = lambda out: [row for i, rows in enumerate(conversations) if (i in held) == out for row in rows]

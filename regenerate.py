@@ -20,7 +20,7 @@ import torch
 
 import fast_decode
 import targets
-from data import BadRow, first_set, parse_messages, read_rows, render_chat, stop_ids
+from data import BadRow, chat_template_problem, first_set, parse_messages, read_rows, render_chat, stop_ids
 
 def shard_path(out, shard, num_shards):
     if num_shards == 1:
@@ -411,7 +411,8 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
                device=None):
     """Write {"id", "index", "messages"} rows whose assistant turns are the target's own answers
     (with their "token_ids"). Turn t+1 is prompted with the target's answer to turn t, as text
-    rendered by the template. Rows already in OUT are skipped, so a killed run just restarts.
+    rendered by the template. Rows already in OUT are skipped, so a killed run just restarts; rows
+    the template refuses are skipped and counted.
     With `server` (an OpenAI-compatible URL) the target answers there, `concurrency` rows at a
     time, instead of in this process; the rows are the same."""
     for flag, n in (("--num-shards", num_shards), ("--batch-size", batch_size), ("--max-turns", max_turns),
@@ -431,6 +432,11 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         source = read_rows(data)
     except (OSError, ValueError) as e:  # a glob that matches nothing, a missing file, a Parquet file...
         raise SystemExit(f"regenerate error: --data {e}")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(target)  # its template is checked before a row is read or the model loads
+    problem = chat_template_problem(tok)
+    if problem:
+        raise SystemExit(f"regenerate error: --target {target}: {problem}")
     for i, row in source:
         if limit is not None and i >= limit:
             break
@@ -443,14 +449,17 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             continue
         system = [m for m in msgs[:1] if m["role"] == "system"]
         users = [m["content"] for m in msgs if m["role"] == "user"][:max_turns]
+        try:  # the first prompt's length orders the rows below
+            first = len(render_chat(tok, system + [{"role": "user", "content": users[0]}], enable_thinking, True))
+        except Exception as e:  # a template that refuses this row (Mistral's: "roles must alternate" after a system turn)
+            skipped[f"template error ({type(e).__name__})"] += 1
+            continue
         rid = first_set(row, "id", "question_id", "task_id", default=i)
-        todo.append({"index": i, "id": rid, "system": system, "users": users})
+        todo.append({"index": i, "id": rid, "system": system, "users": users, "first": first})
     log(f"regenerate: {len(todo)} rows to do, {len(done)} already in {out}, skipped: {dict(skipped)}")
     if not todo:
         return out
     if server:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(target)
         stops = stop_ids(tok, writer_generation_config(target))
     else:
         device = writer_device(shard, device)
@@ -460,8 +469,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         batch_size = min(batch_size, len(todo))  # a static batch: no wider than the rows
         decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
     # shortest prompts first: a run stopped by a time limit has answered the most rows
-    first = [len(render_chat(tok, r["system"] + [{"role": "user", "content": r["users"][0]}], enable_thinking, True)) for r in todo]
-    order = sorted((k for k in range(len(todo)) if first[k] <= max_prompt_tokens), key=lambda k: first[k])
+    order = sorted((k for k in range(len(todo)) if todo[k]["first"] <= max_prompt_tokens), key=lambda k: todo[k]["first"])
     if len(order) < len(todo):
         log(f"regenerate: skipping {len(todo) - len(order)} rows whose prompt is over {max_prompt_tokens} tokens")
     rows = [todo[k] for k in order]

@@ -705,6 +705,52 @@ def test_mask_prefers_generated_ids():
     assert sup[-len(gen) - 1:] == gen + [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
+@need_assets
+def test_answer_opening_with_whitespace_follows_the_prompt_the_target_answered():
+    """An answer that opens with whitespace merges with the prompt's last "\n" when the rendering is
+    re-tokenised ("\n" + "\n\nHello" -> "\n\n", "\n", "Hello"; "\n" + "  Hello" -> "\n ", " Hello"): the
+    row is the prompt's ids as regenerate prompted the target, then exactly the ids it wrote."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    msgs = [{"role": "user", "content": "Hi"}]
+    prompt = data.render_chat(tok, msgs, None, True)  # what regenerate prompted the target with
+    end, nl = tok.convert_tokens_to_ids(["<|im_end|>", "Ċ"])
+    for content, pieces in (("\n\nHello there.", ["Ċ", "Ċ", "Hello", "Ġthere", "."]), ("  Hello", ["Ġ", "ĠHello"])):
+        gen = tok.convert_tokens_to_ids(pieces)
+        assert tok.decode(gen) == content
+        turn = {"role": "assistant", "content": content, "token_ids": gen, "finished": True}
+        (ids, mask), = data.conversation_rows(tok, msgs + [turn], 512)
+        assert ids == prompt + gen + [end, nl]
+        assert mask == [0] * len(prompt) + [1] * (len(gen) + 1) + [0]
+
+
+def test_qwq_style_rows_keep_the_think_the_target_was_prompted_with():
+    """QwQ / DeepSeek-R1 style: the generation prompt ends with "<think>\n", and the template renders an
+    answer without its reasoning. Each regenerated turn is its own row: the prompt the target answered
+    (the earlier turn as the template renders it, without reasoning), then the ids it wrote and its end."""
+    tok = qwen_tokenizer()
+    tok.chat_template = (
+        "{%- for m in messages %}{%- if m.role == 'assistant' %}"
+        "{{ '<|im_start|>assistant\n' + m.content.split('</think>')[-1].lstrip('\n') + '<|im_end|>\n' }}"
+        "{%- else %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{%- endif %}")
+    end, nl = tok.convert_tokens_to_ids("<|im_end|>"), tok.encode("\n", add_special_tokens=False)
+
+    def gen(text):  # an answer as regenerate writes it: what the target wrote after "<think>\n"
+        return {"role": "assistant", "content": text, "token_ids": tok.encode(text, add_special_tokens=False), "finished": True}
+    conv = CHAT[:2] + [gen("red fruits: apple\n</think>\n\nAn apple."), CHAT[3], gen("yellow\n</think>\n\nA banana.")]
+    rows = data.conversation_rows(tok, conv, 4096)
+    head = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a red fruit.<|im_end|>\n<|im_start|>assistant\n"
+    assert [tok.decode(ids) for ids, _ in rows] == [
+        head + "<think>\n" + conv[2]["content"] + "<|im_end|>\n",
+        head + "An apple.<|im_end|>\n<|im_start|>user\nAnd a yellow one?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+        + conv[4]["content"] + "<|im_end|>\n"]
+    for (ids, mask), i in zip(rows, (2, 4)):
+        prompt = data.render_chat(tok, conv[:i], None, True)
+        assert ids == prompt + conv[i]["token_ids"] + [end] + nl
+        assert mask == [0] * len(prompt) + [1] * (len(conv[i]["token_ids"]) + 1) + [0] * len(nl)
+
+
 def test_cut_answer_supervises_what_the_target_wrote_and_not_the_end_token(tmp_path):
     """An answer cut by --max-new-tokens ("finished": false) is supervised on exactly the ids the target
     wrote: the end-of-turn token the template closes it with stays in the row, unsupervised. A cut answer
@@ -805,6 +851,35 @@ def test_mask_smollm2_three_turns():
     assert tok.decode(ids) == text and all(len(tok.decode([i]).strip()) <= 1 or not tok.decode([i]).strip().isdigit() for i in ids)
 
 
+# Mistral's: no generation prompt (the answer follows "[/INST]"), and a system turn is refused
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+                    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+                    "{% if m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}")
+CHATML_NO_GENERATION_PROMPT = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+
+
+def test_a_template_without_a_generation_prompt_is_refused_before_the_data_is_read(tmp_path):
+    """A template with no add_generation_prompt branch renders a prompt that ends with the user turn: the
+    target writes the assistant header itself and every row would hold it twice. Refused, as is a tokenizer
+    without a template; Mistral's (no generation prompt, the answer right after "[/INST]"), Gemma's,
+    Llama-3's and Qwen3's pass."""
+    gemma = ("{% for m in messages %}{{ '<start_of_turn>' + ('model' if m.role == 'assistant' else m.role) + '\\n' + m.content | trim "
+             "+ '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+    llama3 = ("{% for m in messages %}{{ '<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n' + m.content | trim + '<|eot_id|>' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+    tok = qwen_tokenizer()
+    for template in (MISTRAL_TEMPLATE, gemma, llama3, QWEN_TEMPLATE):
+        tok.chat_template = template
+        assert data.chat_template_problem(tok) is None, template
+    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": CHAT[1:3]})])
+    for template, said in ((CHATML_NO_GENERATION_PROMPT, "its chat template has no generation prompt"),
+                           (None, "its tokenizer has no chat template")):
+        tok.chat_template = template
+        assert data.chat_template_problem(tok).startswith(said)
+        with pytest.raises(ValueError, match=re.escape(said)):
+            data.build_dataset(tok, str(tmp_path / "missing.jsonl"), 64, log=pytest.fail)  # before the data is read
+
+
 def write_lines(path, lines):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -844,6 +919,26 @@ def test_malformed_rows_counted(tmp_path):
     arr.write_text("[" + json.dumps(good) + ",\n" + json.dumps(sharegpt) + ",\n" + json.dumps(good)[:20])
     convs, skipped = data.load_conversations(str(arr))
     assert len(convs) == 2 and skipped == {"malformed json": 1}
+
+
+def test_content_parts_are_joined_and_tool_calls_are_their_own_skip_reason(tmp_path):
+    """OpenAI-style content (a list of text parts) is the parts' text joined with newlines; a conversation
+    with a tool call (an assistant turn of tool_calls, a tool / function / ipython turn, ShareGPT's
+    function_call / observation) is skipped as such, not as "non-string content" or "unknown role"."""
+    text = lambda *ts: [{"type": "text", "text": t} for t in ts]
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    rows = [{"messages": [{"role": "user", "content": text("Name a color.", "One word.")}, {"role": "assistant", "content": text("Red.")}]},
+            {"messages": [{"role": "user", "content": "Weather?"}, call, {"role": "tool", "content": "rain"},
+                          {"role": "assistant", "content": "Rain."}]},
+            {"messages": [{"role": "user", "content": "Weather?"}, {"role": "ipython", "content": "rain"}, {"role": "assistant", "content": "Rain."}]},
+            {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"},
+                               {"from": "observation", "value": "rain"}, {"from": "gpt", "value": "Rain."}]},
+            {"messages": [{"role": "user", "content": text("Hi") + [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "A cat."}]}]
+    write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    convs, skipped = data.load_conversations(str(tmp_path / "d.jsonl"))
+    assert convs == [[{"role": "user", "content": "Name a color.\nOne word."}, {"role": "assistant", "content": "Red."}]]
+    assert skipped == {"tool calls (not supported)": 3, "non-text content part": 1}
 
 
 def test_data_summary_adds_up_to_rows_read(tmp_path):
@@ -938,14 +1033,14 @@ def test_saved_datasets_give_every_row_every_column(tmp_path):
 def test_prompt_rows_skipped_are_counted_and_none_left_is_an_error(tmp_path):
     """load_prompts (bench, regeneration, training's eval) counts the rows it cannot use by reason in one
     line, and a file with none left is an error instead of a tau over no prompts."""
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}  # content as a list of parts
+    parts = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]}  # an image
     write_lines(tmp_path / "p.jsonl", [json.dumps({"turns": ["Name a color."]}), json.dumps(parts), "{bad", json.dumps(parts)])
     logs = []
     assert [p["turns"] for p in data.load_prompts(str(tmp_path / "p.jsonl"), log=logs.append)] == [["Name a color."]]
-    assert logs == [f"prompts: {tmp_path / 'p.jsonl'}: 3 of 4 rows skipped (2 non-string content, 1 malformed json)"]
+    assert logs == [f"prompts: {tmp_path / 'p.jsonl'}: 3 of 4 rows skipped (2 non-text content part, 1 malformed json)"]
     write_lines(tmp_path / "bad.jsonl", [json.dumps(parts), json.dumps({"messages": [{"role": "assistant", "content": "x"}]})])
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.jsonl'}: no usable prompt in its 2 rows "
-                                                   "(1 non-string content, 1 no user turn)")):
+                                                   "(1 non-text content part, 1 no user turn)")):
         data.load_prompts(str(tmp_path / "bad.jsonl"), log=logs.append)
     assert len(logs) == 1
 
@@ -1169,6 +1264,7 @@ def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_p
     train, held = data.split_heldout(convs, 3)
     assert [r[0][0] for r in held] == [0, 3, 6] and [r[0][0] for r in train] == [1, 2, 4, 5, 7, 8, 9]
     assert data.split_heldout(convs, 0) == ([c[0] for c in convs], [])
+    assert data.split_heldout([], 0) == ([], [])  # no conversations: nothing held out (train.py says no rows)
     with pytest.raises(ValueError, match="val_rows=10 holds out all 10 conversations"):
         data.split_heldout(convs, 10)
     # a conversation of several rows (one per turn its template re-renders) is held out whole
@@ -3398,6 +3494,41 @@ def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, 
     for source, said in ((str(tmp_path / "*.jsonl"), "matches no file"), (str(tmp_path / "in.jsnl"), "does not exist")):
         with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --data {source} {said}")):
             regenerate.main(["regenerate", "--target", "T", "--data", source, "--out", str(tmp_path / "o.jsonl")])
+
+
+@need_assets
+def test_regenerate_refuses_a_template_at_once_and_counts_the_rows_it_refuses(tmp_path, monkeypatch):
+    """A target whose template has no generation prompt, or no template, is one line before the model loads;
+    a row the template refuses (Mistral's after a system turn: "roles must alternate") is skipped and
+    counted, and the other rows are written."""
+    from transformers import AutoTokenizer
+
+    def target(name, template):  # the SmolLM2 weights under another chat template
+        os.makedirs(tmp_path / name)
+        for f in ("config.json", "generation_config.json", "model.safetensors"):
+            os.symlink(os.path.join(SMOL, f), tmp_path / name / f)
+        tok = AutoTokenizer.from_pretrained(SMOL)
+        tok.chat_template = template
+        tok.save_pretrained(tmp_path / name)
+        if template is None and os.path.exists(tmp_path / name / "chat_template.jinja"):
+            os.remove(tmp_path / name / "chat_template.jinja")
+        return str(tmp_path / name)
+    rows = [{"id": "sys", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+            {"id": "ok", "prompt": "Name a color."}]
+    write_lines(tmp_path / "in.jsonl", [json.dumps(r) for r in rows])
+    real_writer = regenerate.load_writer
+    monkeypatch.setattr(regenerate, "load_writer", lambda *a: pytest.fail("the model loaded"))
+    for name, template, said in (("nogen", CHATML_NO_GENERATION_PROMPT, "its chat template has no generation prompt"),
+                                 ("none", None, "its tokenizer has no chat template")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --target {tmp_path / name}: {said}")):
+            regenerate.main(["regenerate", "--target", target(name, template), "--data", str(tmp_path / "in.jsonl"),
+                             "--out", str(tmp_path / "o.jsonl")])
+    monkeypatch.setattr(regenerate, "load_writer", real_writer)
+    logs = []
+    out = regenerate.regenerate(target("mistral", MISTRAL_TEMPLATE), str(tmp_path / "in.jsonl"), str(tmp_path / "m.jsonl"),
+                                max_new_tokens=2, max_prompt_tokens=32, log=logs.append)
+    assert [r["id"] for r in read_out(out).values()] == ["ok"]
+    assert "skipped: {'template error (TemplateError)': 1}" in logs[0]
 
 
 # a stand-in for `vllm serve` / `sglang.launch_server`: the SmolLM2 target answering the OpenAI
