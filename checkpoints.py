@@ -281,3 +281,23 @@ def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")
+
+
+def lock_run(out_dir):
+    """Rank 0 holds an exclusive lock on out_dir/.lock while it runs (the kernel drops it however the process
+    ends): a second invocation on the run (a requeued job while the old one lives) stops before it touches it."""
+    import fcntl
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise SystemExit(f"run error: {out_dir} is in use by another train.py (pid {f.read().strip()}): wait for it "
+                         f"to end or stop it (a requeued job: cancel the old one), or train in another out_dir")
+    except OSError as e:  # a filesystem without locks: run, unguarded
+        print(f"cannot lock {f.name} ({e}): a second invocation on this run would not be refused", flush=True)
+    f.truncate(0)
+    f.write(f"{os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    return f

@@ -1272,9 +1272,6 @@ def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_p
     train, held = data.split_heldout(convs, 2)
     assert held == [([0, 0], [1, 1]), ([3, 0], [1, 1]), ([3, 1], [1, 1])]
     assert sorted(r[0][0] for r in train) == [1, 1, 2, 4, 5, 5]
-    with pytest.raises(SystemExit, match="1 held-out rows per rank, less than batch_size=2"):
-        T.main(train_args(tmp_path, val_rows=1))
-
     assert T.main(train_args(tmp_path, val_rows=5, num_anchors=32, max_steps=3)) == 0
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         (val,) = [r for r in map(json.loads, f) if "val_loss" in r]
