@@ -4413,6 +4413,46 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     assert calls == ["killed", "resumed"] and int((tmp_path / "stages" / "train.done").read_text()) >= 7
 
 
+def test_recipe_sigterm_stops_its_stage_processes(tmp_path):
+    """A scheduler or `timeout` stops the recipe with SIGTERM: its stage processes stop with it (none is left
+    running under init, writing the files a rerun starts writers on again) and the stage's time so far is kept.
+    The stage here is ablate's greedy answers, its commands two long sleeps; the target a bare folder."""
+    import signal
+    os.makedirs(tmp_path / "assets" / "SmolLM2-135M-Instruct")
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "abl"
+    write_lines(rows, [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})])
+    driver = (f"import sys; sys.path.insert(0, {os.path.join(HERE, 'recipes')!r}); import smollm2\n"
+              "smollm2.answer_cmds = lambda out, *a: [['sh', '-c', f'echo $$ > {out}/pid.{k}; exec sleep 600'] for k in range(2)]\n"
+              f"smollm2.main(['ablate', '--data', {str(rows)!r}, '--out', {str(out)!r}, '--steps', '1'])")
+    recipe = subprocess.Popen([sys.executable, "-c", driver], env={**os.environ, "DFLASH_ASSETS": str(tmp_path / "assets")})
+    pids = []
+    try:
+        for _ in range(600):
+            pids = [int(f.read_text()) for f in out.glob("pid.*") if f.read_text().strip()]
+            if len(pids) == 2 or recipe.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert len(pids) == 2, "the stage's processes did not start"
+        recipe.send_signal(signal.SIGTERM)
+        code = recipe.wait(timeout=60)
+
+        def running(pid):
+            try:
+                return os.kill(pid, 0) is None
+            except ProcessLookupError:
+                return False
+        assert not [pid for pid in pids if running(pid)], "stage processes outlived the recipe"
+        assert code == 128 + signal.SIGTERM  # as the shell reports a job ended by SIGTERM
+        assert (out / "stages" / "answers.spent").exists() and not (out / "stages" / "answers.done").exists()
+    finally:
+        recipe.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @need_assets
 def test_recipe_trains_on_rows_given(tmp_path, monkeypatch):
     """recipes/smollm2.py run --rows GLOB --steps N: no prompt or regeneration stage runs; the one training

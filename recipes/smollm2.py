@@ -717,6 +717,10 @@ def main(argv=None):
     b.add_argument("--stop-at", type=int, default=0, help="> 0: train every arm to this step and replay its checkpoint there")
     b.add_argument("--table-only", action="store_true", help="write the table of what the arms have now (replays cut short too)")
     a = ap.parse_args(argv)
+    # a scheduler or `timeout` stops a job with SIGTERM, which would end this process before its finally blocks
+    # run: raised as SystemExit instead, _procs stops the stage processes and _stage counts the stage's time
+    import signal
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if a.cmd == "ablate":
         return ablate(a.out, a.data, a.budget_minutes, a.arms.split(","), a.eval_prompts, a.max_new_tokens, a.steps, a.train,
                       a.at_once, a.check_prompts, a.stop_at, a.table_only)
