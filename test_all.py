@@ -4453,6 +4453,49 @@ def test_recipe_sigterm_stops_its_stage_processes(tmp_path):
                 pass
 
 
+def test_recipe_rerun_with_other_flags_is_refused(tmp_path, monkeypatch):
+    """run and ablate resume the plan.json of their --out: a rerun whose flags differ from the ones it was made
+    with stops at once, naming each key (old -> new), instead of carrying on with the old plan; the same flags
+    resume, and --steps left out keeps the plan's steps."""
+    os.makedirs(tmp_path / "assets" / "SmolLM2-135M-Instruct")
+    monkeypatch.setenv("DFLASH_ASSETS", str(tmp_path / "assets"))
+    rows = tmp_path / "rows.jsonl"
+    write_lines(rows, [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})])
+    started = []
+
+    def killed(out, name, fn):  # every run is killed as its first stage starts
+        started.append(name)
+        raise RuntimeError("killed")
+    monkeypatch.setattr(smollm2, "_stage", killed)
+    run, abl = tmp_path / "run", tmp_path / "abl"
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.run(str(run), budget_minutes=20)
+    steps = json.load(open(run / "plan.json"))["train_steps"]
+    with pytest.raises(SystemExit) as e:
+        smollm2.run(str(run), rows=str(rows), steps=3)
+    assert str(e.value) == (f"recipe: {run / 'plan.json'} was made with other flags (budget_minutes 20 -> 25.0; rows null -> "
+                            f"{json.dumps(str(rows))}; train_steps {steps} -> 3): give the flags it was made with to resume "
+                            "that run, or a new --out to start another")
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.run(str(run), budget_minutes=20, extra_prompts=[str(rows)])  # the same plan: resumed
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.run(str(tmp_path / "run2"), rows=str(rows), steps=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.run(str(tmp_path / "run2"), rows=str(rows))
+    assert json.load(open(tmp_path / "run2" / "plan.json"))["train_steps"] == 3
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.ablate(str(abl), str(rows), arms=["dflash", "seed1"], steps=4)
+    with pytest.raises(SystemExit, match=r'\(arms \["dflash", "seed1"\] -> \["dflash"\]; steps 4 -> 5\): give the flags'):
+        smollm2.ablate(str(abl), str(rows), arms=["dflash"], steps=5)
+    with pytest.raises(SystemExit, match=r"\(budget_minutes 25.0 -> 60\): give the flags"):  # the budget would set the steps
+        smollm2.ablate(str(abl), str(rows), arms=["dflash", "seed1"], budget_minutes=60)
+    with pytest.raises(SystemExit, match=r'\(train_args \[\] -> \["--lr=1e-3"\]\): give the flags'):
+        smollm2.ablate(str(abl), str(rows), arms=["dflash", "seed1"], steps=4, train_args=["--lr=1e-3"])
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.ablate(str(abl), str(rows), arms=["dflash", "seed1"], steps=4, stop_at=2)  # the same plan: resumed
+    assert started == ["prompts", "prompts", "train", "train", "answers", "answers"]
+
+
 @need_assets
 def test_recipe_trains_on_rows_given(tmp_path, monkeypatch):
     """recipes/smollm2.py run --rows GLOB --steps N: no prompt or regeneration stage runs; the one training
@@ -4634,7 +4677,7 @@ def test_ablate_stop_at_trains_only_the_arms_short_of_it(tmp_path, monkeypatch):
     shutil.rmtree(out / "dflash" / "checkpoints" / "step_00000002")
     (out / "stages" / "train-at-2.done").unlink()
     with pytest.raises(SystemExit, match="dflash is at step 3, past --stop-at 2"):
-        smollm2.ablate(str(out), str(rows), arms=["dflash", "seed1"], stop_at=2)
+        smollm2.ablate(str(out), str(rows), arms=["dflash", "seed1"], steps=4, at_once=True, check_prompts=0, stop_at=2)
 
 
 @need_assets

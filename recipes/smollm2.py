@@ -282,6 +282,18 @@ def _spent(out, name):
     return float(open(f).read()) if os.path.exists(f) else 0.0
 
 
+def _planned(plan_file, cmd, given):
+    """plan.json of the run being resumed, if the flags given (its keys: values) are those it was made with; a
+    key it lacks (an older plan) is not compared. A rerun keeps the first run's plan, so a changed flag would be
+    silently ignored: it stops here instead (train.py refuses a changed fixed key on resume, likewise)."""
+    plan = json.load(open(plan_file))
+    changed = [f"{k} {json.dumps(plan[k])} -> {json.dumps(v)}" for k, v in given.items() if k in plan and plan[k] != v]
+    if changed:
+        raise SystemExit(f"{cmd}: {plan_file} was made with other flags ({'; '.join(changed)}): give the flags it was made "
+                         "with to resume that run, or a new --out to start another")
+    return plan
+
+
 def _stage(out, name, fn):
     """Run fn once: a stage is done when its marker exists, so a rerun after a kill skips it; a stage
     that was killed runs again (regeneration and training continue where they stopped)."""
@@ -358,8 +370,10 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_to
     gpus = torch.cuda.device_count()
     os.makedirs(out, exist_ok=True)
     plan_file = os.path.join(out, "plan.json")
-    if os.path.exists(plan_file):
-        plan = json.load(open(plan_file))
+    if os.path.exists(plan_file):  # --steps left out keeps the plan's steps
+        plan = _planned(plan_file, "recipe", dict(budget_minutes=budget_minutes, rows=rows, bench_prompts=bench_prompts,
+                                                  bench_max_new_tokens=max_new_tokens, check_prompts=check_prompts,
+                                                  max_rows=max_rows, **({"train_steps": steps} if steps else {})))
     else:
         plan = plan_run(budget_minutes, gpus, bench_prompts, max_new_tokens, max_rows, check_prompts, rows, steps)
         json.dump(plan, open(plan_file, "w"), indent=1)
@@ -522,12 +536,14 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
     os.makedirs(out, exist_ok=True)
     if table_only and not os.path.exists(plan_file):
         raise SystemExit(f"ablate --table-only: {plan_file} is missing: no ablation ran in {out}")
+    # what the flags asked for (the steps: --steps, else --budget-minutes); --steps left out keeps the plan's steps
+    given = dict(arms=list(arms), data=data, eval_prompts=eval_prompts, max_new_tokens=max_new_tokens, at_once=at_once,
+                 check_prompts=check_prompts, train_args=list(train_args),
+                 **({"steps": steps} if steps else {"budget_minutes": budget_minutes}))
     if not os.path.exists(plan_file):
-        json.dump(dict(arms=list(arms), data=data, eval_prompts=eval_prompts, max_new_tokens=max_new_tokens,
-                       steps=steps or ablate_steps(budget_minutes, len(arms), gpus, at_once), gpus=gpus,
-                       at_once=at_once, check_prompts=check_prompts, train_args=list(train_args)),
-                  open(plan_file, "w"), indent=1)
-    plan = json.load(open(plan_file))
+        json.dump(dict(given, steps=steps or ablate_steps(budget_minutes, len(arms), gpus, at_once), budget_minutes=budget_minutes,
+                       gpus=gpus), open(plan_file, "w"), indent=1)
+    plan = json.load(open(plan_file)) if table_only else _planned(plan_file, "ablate", given)
     print(f"ablate: plan {json.dumps(plan)}", flush=True)
     answers = [p("answers", s + ".jsonl") for s in BENCH_SETS]
     greedy_answers = lambda: _procs(answer_cmds(out, plan["eval_prompts"], plan["max_new_tokens"]), gpus)
