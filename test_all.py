@@ -4339,6 +4339,26 @@ def test_overlap_finds_a_prompt_quoted_mid_turn_and_ignores_the_shared_instructi
         smollm2.overlap(str(tmp_path / "train.jsonl"), str(tmp_path), sets=["mt-bench", "aime"])
 
 
+def test_overlap_exit_codes_tell_bad_input_from_a_quoted_prompt(tmp_path, capsys):
+    """smollm2.py overlap as a CI gate: 0 clean, 1 a benchmark prompt quoted in a training prompt, and 2 with one
+    line (as argparse exits) for a --data that matches nothing or an unknown --sets name, not 1 with a traceback."""
+    story = "Write a short story about a lighthouse keeper who finds a message in a bottle sent by his younger self."
+    (tmp_path / "prompts").mkdir()
+    write_lines(tmp_path / "prompts" / "mt-bench.jsonl", [json.dumps({"id": "1", "turns": [story]})])
+    chat = lambda q: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]}
+    write_lines(tmp_path / "clean.jsonl", [json.dumps(chat("Name three rivers."))])
+    write_lines(tmp_path / "quoted.jsonl", [json.dumps(chat(story))])
+
+    def code(data, *more):
+        with pytest.raises(SystemExit) as e:
+            smollm2.main(["overlap", "--data", str(data), "--dir", str(tmp_path), *more])
+        return e.value.code, capsys.readouterr().err
+    assert code(tmp_path / "clean.jsonl") == (0, "") and code(tmp_path / "quoted.jsonl") == (1, "")
+    assert code(tmp_path / "nothing" / "*.jsonl") == (2, f"overlap: {tmp_path / 'nothing' / '*.jsonl'} matches no file "
+                                                         f"({data._SOURCES})\n")
+    assert code(tmp_path / "clean.jsonl", "--sets", "mt-bench,nosuch") == (2, "overlap: no prompt set 'nosuch': the sets are mt-bench\n")
+
+
 @need_assets
 def test_self_prompts_open_with_the_template_and_a_seed_and_are_filtered(tmp_path, monkeypatch):
     from transformers import AutoTokenizer

@@ -4,7 +4,7 @@ from the benchmark prompts (results/smollm2-e2e.md).
     python recipes/smollm2.py first-turns [--turns 2]   # ShareGPT openings, minus evaluation-prompt overlap
     python recipes/smollm2.py code-prompts --out F      # HumanEval-shaped prompts from the standard library
     python recipes/smollm2.py self-prompts --target DIR --out F --num N [--seeds "Solve|Find"] [--suffix math]
-    python recipes/smollm2.py overlap --data "runs/regen/*.jsonl"   # benchmark prompts quoted in training rows (exit 1)
+    python recipes/smollm2.py overlap --data "runs/regen/*.jsonl"   # benchmark prompts quoted in training rows (exit 1; bad input 2)
     python recipes/smollm2.py run [--budget-minutes 25] [--rows GLOB --steps N]   # every stage, one resumable command
     python recipes/smollm2.py ablate [--data "runs/smollm2-recipe/regen/*.jsonl"]   # same-budget arms on its rows
 """
@@ -748,7 +748,11 @@ def main(argv=None):
     elif a.cmd == "code-prompts":
         code_prompts(a.out, a.dir)
     elif a.cmd == "overlap":
-        found, skipped = overlap(a.data, a.dir, a.n, a.num_prompts, a.sets and a.sets.split(","))
+        try:
+            found, skipped = overlap(a.data, a.dir, a.n, a.num_prompts, a.sets and a.sets.split(","))
+        except (FileNotFoundError, ValueError) as e:  # no such data or prompt set: exit 2 (as argparse), not 1, so a
+            print(f"overlap: {e}", file=sys.stderr)  # CI gate tells a typo from a quoted benchmark prompt
+            sys.exit(2)
         for name, f in found.items():
             print(f"{name}: {f['turns']} turns; {len(f['prompts'])} prompts share a {a.n}-word sequence with a "
                   f"training prompt, {len(f['responses'])} with a training answer")
