@@ -4433,6 +4433,22 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     assert calls == ["killed", "resumed"] and int((tmp_path / "stages" / "train.done").read_text()) >= 7
 
 
+def test_recipe_results_state_what_the_planner_plans():
+    """results/smollm2-recipe.md quotes plan_run's predictions (steps, regeneration seconds, the least budget):
+    they are what plan_run gives today, so a change to the planning maths cannot leave them behind."""
+    text = " ".join(open(os.path.join(HERE, "results", "smollm2-recipe.md"), encoding="utf-8").read().split())
+    steps = lambda minutes, gpus: f"{smollm2.plan_run(minutes, gpus, 20, 256)['train_steps']:,}"
+    twenty = smollm2.plan_run(20, 1, 20, 256)
+    with pytest.raises(SystemExit) as refused:
+        smollm2.plan_run(1, 1, 20, 256)
+    least = re.search(r"give at least (\d+) minutes", str(refused.value))[1]
+    for claim in (f"default 25 minutes {steps(25, 1)} steps", f"`--budget-minutes 60` {steps(60, 1)}",
+                  f"on two GPUs, 25 minutes plan {steps(25, 2)}",
+                  f"plans {twenty['regen_seconds']} s of regeneration and {twenty['train_steps']:,} steps",
+                  f"with the minimum ({least} minutes on one GPU"):
+        assert claim in text, claim
+
+
 def test_recipe_sigterm_stops_its_stage_processes(tmp_path):
     """A scheduler or `timeout` stops the recipe with SIGTERM: its stage processes stop with it (none is left
     running under init, writing the files a rerun starts writers on again) and the stage's time so far is kept.
