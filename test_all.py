@@ -4621,6 +4621,26 @@ def test_overlap_finds_a_prompt_quoted_mid_turn_and_ignores_the_shared_instructi
         smollm2.overlap(str(tmp_path / "train.jsonl"), str(tmp_path), sets=["mt-bench", "aime"])
 
 
+def test_overlap_exit_codes_tell_bad_input_from_a_quoted_prompt(tmp_path, capsys):
+    """smollm2.py overlap as a CI gate: 0 clean, 1 a benchmark prompt quoted in a training prompt, and 2 with one
+    line (as argparse exits) for a --data that matches nothing or an unknown --sets name, not 1 with a traceback."""
+    story = "Write a short story about a lighthouse keeper who finds a message in a bottle sent by his younger self."
+    (tmp_path / "prompts").mkdir()
+    write_lines(tmp_path / "prompts" / "mt-bench.jsonl", [json.dumps({"id": "1", "turns": [story]})])
+    chat = lambda q: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]}
+    write_lines(tmp_path / "clean.jsonl", [json.dumps(chat("Name three rivers."))])
+    write_lines(tmp_path / "quoted.jsonl", [json.dumps(chat(story))])
+
+    def code(data, *more):
+        with pytest.raises(SystemExit) as e:
+            smollm2.main(["overlap", "--data", str(data), "--dir", str(tmp_path), *more])
+        return e.value.code, capsys.readouterr().err
+    assert code(tmp_path / "clean.jsonl") == (0, "") and code(tmp_path / "quoted.jsonl") == (1, "")
+    assert code(tmp_path / "nothing" / "*.jsonl") == (2, f"overlap: {tmp_path / 'nothing' / '*.jsonl'} matches no file "
+                                                         f"({data._SOURCES})\n")
+    assert code(tmp_path / "clean.jsonl", "--sets", "mt-bench,nosuch") == (2, "overlap: no prompt set 'nosuch': the sets are mt-bench\n")
+
+
 @need_assets
 def test_self_prompts_open_with_the_template_and_a_seed_and_are_filtered(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
@@ -4693,6 +4713,105 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     smollm2._stage(str(tmp_path), "train", lambda: calls.append("resumed"))
     smollm2._stage(str(tmp_path), "train", lambda: calls.append("again"))
     assert calls == ["killed", "resumed"] and int((tmp_path / "stages" / "train.done").read_text()) >= 7
+
+
+def test_recipe_results_state_what_the_planner_plans():
+    """results/smollm2-recipe.md quotes plan_run's predictions (steps, regeneration seconds, the least budget):
+    they are what plan_run gives today, so a change to the planning maths cannot leave them behind."""
+    text = " ".join(open(os.path.join(HERE, "results", "smollm2-recipe.md"), encoding="utf-8").read().split())
+    steps = lambda minutes, gpus: f"{smollm2.plan_run(minutes, gpus, 20, 256)['train_steps']:,}"
+    twenty = smollm2.plan_run(20, 1, 20, 256)
+    with pytest.raises(SystemExit) as refused:
+        smollm2.plan_run(1, 1, 20, 256)
+    least = re.search(r"give at least (\d+) minutes", str(refused.value))[1]
+    for claim in (f"default 25 minutes {steps(25, 1)} steps", f"`--budget-minutes 60` {steps(60, 1)}",
+                  f"on two GPUs, 25 minutes plan {steps(25, 2)}",
+                  f"plans {twenty['regen_seconds']} s of regeneration and {twenty['train_steps']:,} steps",
+                  f"with the minimum ({least} minutes on one GPU"):
+        assert claim in text, claim
+
+
+def test_recipe_sigterm_stops_its_stage_processes(tmp_path):
+    """A scheduler or `timeout` stops the recipe with SIGTERM: its stage processes stop with it (none is left
+    running under init, writing the files a rerun starts writers on again) and the stage's time so far is kept.
+    The stage here is ablate's greedy answers, its commands two long sleeps; the target a bare folder."""
+    import signal
+    os.makedirs(tmp_path / "assets" / "SmolLM2-135M-Instruct")
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "abl"
+    write_lines(rows, [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})])
+    driver = (f"import sys; sys.path.insert(0, {os.path.join(HERE, 'recipes')!r}); import smollm2\n"
+              "smollm2.answer_cmds = lambda out, *a: [['sh', '-c', f'echo $$ > {out}/pid.{k}; exec sleep 600'] for k in range(2)]\n"
+              f"smollm2.main(['ablate', '--data', {str(rows)!r}, '--out', {str(out)!r}, '--steps', '1'])")
+    recipe = subprocess.Popen([sys.executable, "-c", driver], env={**os.environ, "DFLASH_ASSETS": str(tmp_path / "assets")})
+    pids = []
+    try:
+        for _ in range(600):
+            pids = [int(f.read_text()) for f in out.glob("pid.*") if f.read_text().strip()]
+            if len(pids) == 2 or recipe.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert len(pids) == 2, "the stage's processes did not start"
+        recipe.send_signal(signal.SIGTERM)
+        code = recipe.wait(timeout=60)
+
+        def running(pid):
+            try:
+                return os.kill(pid, 0) is None
+            except ProcessLookupError:
+                return False
+        assert not [pid for pid in pids if running(pid)], "stage processes outlived the recipe"
+        assert code == 128 + signal.SIGTERM  # as the shell reports a job ended by SIGTERM
+        assert (out / "stages" / "answers.spent").exists() and not (out / "stages" / "answers.done").exists()
+    finally:
+        recipe.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_recipe_rerun_with_other_flags_is_refused(tmp_path, monkeypatch):
+    """run and ablate resume the plan.json of their --out: a rerun whose flags differ from the ones it was made
+    with stops at once, naming each key (old -> new), instead of carrying on with the old plan; the same flags
+    resume, and --steps left out keeps the plan's steps."""
+    os.makedirs(tmp_path / "assets" / "SmolLM2-135M-Instruct")
+    monkeypatch.setenv("DFLASH_ASSETS", str(tmp_path / "assets"))
+    rows = tmp_path / "rows.jsonl"
+    write_lines(rows, [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})])
+    started = []
+
+    def killed(out, name, fn):  # every run is killed as its first stage starts
+        started.append(name)
+        raise RuntimeError("killed")
+    monkeypatch.setattr(smollm2, "_stage", killed)
+    run, abl = tmp_path / "run", tmp_path / "abl"
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.run(str(run), budget_minutes=20)
+    steps = json.load(open(run / "plan.json"))["train_steps"]
+    with pytest.raises(SystemExit) as e:
+        smollm2.run(str(run), rows=str(rows), steps=3)
+    assert str(e.value) == (f"recipe: {run / 'plan.json'} was made with other flags (budget_minutes 20 -> 25.0; rows null -> "
+                            f"{json.dumps(str(rows))}; train_steps {steps} -> 3): give the flags it was made with to resume "
+                            "that run, or a new --out to start another")
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.run(str(run), budget_minutes=20, extra_prompts=[str(rows)])  # the same plan: resumed
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.run(str(tmp_path / "run2"), rows=str(rows), steps=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.run(str(tmp_path / "run2"), rows=str(rows))
+    assert json.load(open(tmp_path / "run2" / "plan.json"))["train_steps"] == 3
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.ablate(str(abl), str(rows), arms=["dflash", "seed1"], steps=4)
+    with pytest.raises(SystemExit, match=r'\(arms \["dflash", "seed1"\] -> \["dflash"\]; steps 4 -> 5\): give the flags'):
+        smollm2.ablate(str(abl), str(rows), arms=["dflash"], steps=5)
+    with pytest.raises(SystemExit, match=r"\(budget_minutes 25.0 -> 60\): give the flags"):  # the budget would set the steps
+        smollm2.ablate(str(abl), str(rows), arms=["dflash", "seed1"], budget_minutes=60)
+    with pytest.raises(SystemExit, match=r'\(train_args \[\] -> \["--lr=1e-3"\]\): give the flags'):
+        smollm2.ablate(str(abl), str(rows), arms=["dflash", "seed1"], steps=4, train_args=["--lr=1e-3"])
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.ablate(str(abl), str(rows), arms=["dflash", "seed1"], steps=4, stop_at=2)  # the same plan: resumed
+    assert started == ["prompts", "prompts", "train", "train", "answers", "answers"]
 
 
 @need_assets
@@ -4876,7 +4995,7 @@ def test_ablate_stop_at_trains_only_the_arms_short_of_it(tmp_path, monkeypatch):
     shutil.rmtree(out / "dflash" / "checkpoints" / "step_00000002")
     (out / "stages" / "train-at-2.done").unlink()
     with pytest.raises(SystemExit, match="dflash is at step 3, past --stop-at 2"):
-        smollm2.ablate(str(out), str(rows), arms=["dflash", "seed1"], stop_at=2)
+        smollm2.ablate(str(out), str(rows), arms=["dflash", "seed1"], steps=4, at_once=True, check_prompts=0, stop_at=2)
 
 
 @need_assets

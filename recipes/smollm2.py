@@ -4,7 +4,7 @@ from the benchmark prompts (results/smollm2-e2e.md).
     python recipes/smollm2.py first-turns [--turns 2]   # ShareGPT openings, minus evaluation-prompt overlap
     python recipes/smollm2.py code-prompts --out F      # HumanEval-shaped prompts from the standard library
     python recipes/smollm2.py self-prompts --target DIR --out F --num N [--seeds "Solve|Find"] [--suffix math]
-    python recipes/smollm2.py overlap --data "runs/regen/*.jsonl"   # benchmark prompts quoted in training rows (exit 1)
+    python recipes/smollm2.py overlap --data "runs/regen/*.jsonl"   # benchmark prompts quoted in training rows (exit 1; bad input 2)
     python recipes/smollm2.py run [--budget-minutes 25] [--rows GLOB --steps N]   # every stage, one resumable command
     python recipes/smollm2.py ablate [--data "runs/smollm2-recipe/regen/*.jsonl"]   # same-budget arms on its rows
 """
@@ -282,6 +282,18 @@ def _spent(out, name):
     return float(open(f).read()) if os.path.exists(f) else 0.0
 
 
+def _planned(plan_file, cmd, given):
+    """plan.json of the run being resumed, if the flags given (its keys: values) are those it was made with; a
+    key it lacks (an older plan) is not compared. A rerun keeps the first run's plan, so a changed flag would be
+    silently ignored: it stops here instead (train.py refuses a changed fixed key on resume, likewise)."""
+    plan = json.load(open(plan_file))
+    changed = [f"{k} {json.dumps(plan[k])} -> {json.dumps(v)}" for k, v in given.items() if k in plan and plan[k] != v]
+    if changed:
+        raise SystemExit(f"{cmd}: {plan_file} was made with other flags ({'; '.join(changed)}): give the flags it was made "
+                         "with to resume that run, or a new --out to start another")
+    return plan
+
+
 def _stage(out, name, fn):
     """Run fn once: a stage is done when its marker exists, so a rerun after a kill skips it; a stage
     that was killed runs again (regeneration and training continue where they stopped)."""
@@ -358,8 +370,10 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_to
     gpus = torch.cuda.device_count()
     os.makedirs(out, exist_ok=True)
     plan_file = os.path.join(out, "plan.json")
-    if os.path.exists(plan_file):
-        plan = json.load(open(plan_file))
+    if os.path.exists(plan_file):  # --steps left out keeps the plan's steps
+        plan = _planned(plan_file, "recipe", dict(budget_minutes=budget_minutes, rows=rows, bench_prompts=bench_prompts,
+                                                  bench_max_new_tokens=max_new_tokens, check_prompts=check_prompts,
+                                                  max_rows=max_rows, **({"train_steps": steps} if steps else {})))
     else:
         plan = plan_run(budget_minutes, gpus, bench_prompts, max_new_tokens, max_rows, check_prompts, rows, steps)
         json.dump(plan, open(plan_file, "w"), indent=1)
@@ -522,12 +536,14 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
     os.makedirs(out, exist_ok=True)
     if table_only and not os.path.exists(plan_file):
         raise SystemExit(f"ablate --table-only: {plan_file} is missing: no ablation ran in {out}")
+    # what the flags asked for (the steps: --steps, else --budget-minutes); --steps left out keeps the plan's steps
+    given = dict(arms=list(arms), data=data, eval_prompts=eval_prompts, max_new_tokens=max_new_tokens, at_once=at_once,
+                 check_prompts=check_prompts, train_args=list(train_args),
+                 **({"steps": steps} if steps else {"budget_minutes": budget_minutes}))
     if not os.path.exists(plan_file):
-        json.dump(dict(arms=list(arms), data=data, eval_prompts=eval_prompts, max_new_tokens=max_new_tokens,
-                       steps=steps or ablate_steps(budget_minutes, len(arms), gpus, at_once), gpus=gpus,
-                       at_once=at_once, check_prompts=check_prompts, train_args=list(train_args)),
-                  open(plan_file, "w"), indent=1)
-    plan = json.load(open(plan_file))
+        json.dump(dict(given, steps=steps or ablate_steps(budget_minutes, len(arms), gpus, at_once), budget_minutes=budget_minutes,
+                       gpus=gpus), open(plan_file, "w"), indent=1)
+    plan = json.load(open(plan_file)) if table_only else _planned(plan_file, "ablate", given)
     print(f"ablate: plan {json.dumps(plan)}", flush=True)
     answers = [p("answers", s + ".jsonl") for s in BENCH_SETS]
     greedy_answers = lambda: _procs(answer_cmds(out, plan["eval_prompts"], plan["max_new_tokens"]), gpus)
@@ -717,6 +733,10 @@ def main(argv=None):
     b.add_argument("--stop-at", type=int, default=0, help="> 0: train every arm to this step and replay its checkpoint there")
     b.add_argument("--table-only", action="store_true", help="write the table of what the arms have now (replays cut short too)")
     a = ap.parse_args(argv)
+    # a scheduler or `timeout` stops a job with SIGTERM, which would end this process before its finally blocks
+    # run: raised as SystemExit instead, _procs stops the stage processes and _stage counts the stage's time
+    import signal
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if a.cmd == "ablate":
         return ablate(a.out, a.data, a.budget_minutes, a.arms.split(","), a.eval_prompts, a.max_new_tokens, a.steps, a.train,
                       a.at_once, a.check_prompts, a.stop_at, a.table_only)
@@ -728,7 +748,11 @@ def main(argv=None):
     elif a.cmd == "code-prompts":
         code_prompts(a.out, a.dir)
     elif a.cmd == "overlap":
-        found, skipped = overlap(a.data, a.dir, a.n, a.num_prompts, a.sets and a.sets.split(","))
+        try:
+            found, skipped = overlap(a.data, a.dir, a.n, a.num_prompts, a.sets and a.sets.split(","))
+        except (FileNotFoundError, ValueError) as e:  # no such data or prompt set: exit 2 (as argparse), not 1, so a
+            print(f"overlap: {e}", file=sys.stderr)  # CI gate tells a typo from a quoted benchmark prompt
+            sys.exit(2)
         for name, f in found.items():
             print(f"{name}: {f['turns']} turns; {len(f['prompts'])} prompts share a {a.n}-word sequence with a "
                   f"training prompt, {len(f['responses'])} with a training answer")
