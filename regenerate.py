@@ -466,6 +466,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         log(f"regenerate: the target writes on {device}" + (f" (shard {shard} of {num_shards})" if num_shards > 1 else ""))
         tok, model, stops = load_writer(target, dtype, device)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+        pad_id = pad_id if pad_id < model.get_input_embeddings().num_embeddings else stops[0]  # a [PAD] added past it
         batch_size = min(batch_size, len(todo))  # a static batch: no wider than the rows
         decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
     # shortest prompts first: a run stopped by a time limit has answered the most rows

@@ -3427,6 +3427,29 @@ def test_regenerate_greedy_aligned_and_resumable(tmp_path):
 
 
 @need_assets
+def test_regenerate_pads_with_a_row_of_the_embedding(tmp_path):
+    """A tokenizer whose [PAD] was added past the target's embedding (49152 rows): the left-padded batch would
+    index past it; regenerate pads with the stop id instead, and the answers are those of the tokenizer without it."""
+    from transformers import AutoTokenizer
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    for f in ("config.json", "generation_config.json", "model.safetensors"):
+        os.symlink(os.path.join(SMOL, f), padded / f)
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    tok.add_special_tokens({"pad_token": "[PAD]"})
+    tok.save_pretrained(padded)
+    assert tok.pad_token_id == 49152
+    inp = regen_input(tmp_path)
+    answers = []
+    for target in (SMOL, str(padded)):
+        out = regenerate.regenerate(target, str(inp), str(tmp_path / f"{len(answers)}.jsonl"), max_new_tokens=4,
+                                    batch_size=4, max_prompt_tokens=64, log=lambda s: None)
+        answers.append(sorted((r["id"], m["token_ids"]) for r in map(json.loads, open(out))
+                              for m in r["messages"] if m["role"] == "assistant"))
+    assert answers[0] == answers[1] and len(answers[0]) >= 4
+
+
+@need_assets
 def test_regeneration_shards_take_their_own_gpus(tmp_path, monkeypatch):
     """One process per shard (the README's multi-GPU line) writes on GPU shard mod the GPUs it sees
     (CUDA_VISIBLE_DEVICES narrows those); LOCAL_RANK (torchrun) and --device come first; no GPU: the CPU."""
