@@ -2299,8 +2299,8 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--num-prompts", n])
         assert f"--num-prompts {n}: give 1 or more" in capsys.readouterr().err
-    bad = tmp_path / "parts.jsonl"  # content as a list of parts: no prompt left (it was 'tau 0.00' after loading)
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}) + "\n")
+    bad = tmp_path / "parts.jsonl"  # an image part: no prompt left (it was 'tau 0.00' after loading)
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}) + "\n")
     with pytest.raises(SystemExit):
         bench.parse_args(["--target", "x", "--dataset", str(bad)])
     assert f"--dataset: {bad}: no usable prompt" in capsys.readouterr().err
