@@ -231,20 +231,23 @@ def resume_checkpoint(out_dir, drafter, optimizer, rank, log):
 def trim_metrics(path, step):
     """Keep metrics.jsonl's records up to `step`, where this run starts: a killed run's records past
     its last checkpoint are written again by the resumed run, so the file reads as if never stopped
-    (a line cut by the kill goes too)."""
+    (a line cut by the kill goes too). Returns how many records past `step` it dropped."""
     if not os.path.exists(path):
-        return
-    keep = []
+        return 0
+    keep, dropped = [], 0
     with open(path) as f:
         for line in f:
             try:
                 if json.loads(line)["step"] <= step:
                     keep.append(line.rstrip("\n") + "\n")
+                else:
+                    dropped += 1
             except (ValueError, KeyError, TypeError):
                 continue
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
+    return dropped
 
 
 def metrics_at(path, step):
@@ -286,9 +289,14 @@ def write_json(path, obj):
 def lock_run(out_dir):
     """Rank 0 holds an exclusive lock on out_dir/.lock while it runs (the kernel drops it however the process
     ends): a second invocation on the run (a requeued job while the old one lives) stops before it touches it."""
+    import contextlib
     import fcntl
     os.makedirs(out_dir, exist_ok=True)
-    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        f = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:  # a read-only run folder (an archived, finished run): nothing will be written to it
+        print(f"cannot lock {out_dir} ({e}): a second invocation on this run would not be refused", flush=True)
+        return contextlib.nullcontext()
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -4308,7 +4308,8 @@ def test_rerun_of_a_finished_run_does_nothing_and_says_so(tmp_path, monkeypatch,
 def test_second_invocation_on_a_running_run_stops_naming_its_pid(tmp_path, monkeypatch):
     """A second train.py on the same out_dir while the first runs (here: started from inside the first's
     setup) stops with one line naming the first's pid, before it reads or writes the run; once the first
-    ends (however: the kernel drops the lock), the same command runs again."""
+    ends (however: the kernel drops the lock), the same command runs again; a folder that cannot hold the
+    lock file runs unguarded."""
     real_setup, second = T.setup, []
 
     def setup_with_a_second_invocation(c):
@@ -4325,6 +4326,11 @@ def test_second_invocation_on_a_running_run_stops_naming_its_pid(tmp_path, monke
                       "wait for it to end or stop it (a requeued job: cancel the old one), or train in another out_dir"]
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     assert T.main(train_args(tmp_path, max_steps=3)) == 0
+    # a run folder that cannot hold a lock file (read-only: an archived run) is not refused for it
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (_ for _ in ()).throw(PermissionError(13, "read-only"))
+                        if str(p).endswith(".lock") else real_open(p, *a, **k))
+    assert T.main(train_args(tmp_path, max_steps=3)) == 0  # finished: nothing to do, as before the lock
 
 
 def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
@@ -4333,15 +4339,24 @@ def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
     inits, logged = [], []
     fake = types.ModuleType("wandb")
     fake.__spec__ = __import__("importlib").machinery.ModuleSpec("wandb", None)  # transformers looks it up
-    fake.init = lambda **kw: inits.append(kw) or types.SimpleNamespace(log=lambda rec, step: logged.append(step),
-                                                                        finish=lambda: None)
+    configs = []
+    fake.init = lambda **kw: inits.append(kw) or types.SimpleNamespace(
+        log=lambda rec, step: logged.append((kw["id"], step)), finish=lambda: None,
+        config=types.SimpleNamespace(update=lambda c, allow_val_change: configs.append(c["lr"])))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    assert T.main(train_args(tmp_path, wandb=True, stop_at_step=3)) == 0
-    assert T.main(train_args(tmp_path, wandb=True)) == 0
+    assert T.main(train_args(tmp_path, wandb=True, stop_at_step=3, save_interval=2)) == 0
+    assert T.main(train_args(tmp_path, wandb=True, lr=5e-4, save_interval=2)) == 0  # lr: a change a resume allows
     assert T.main(train_args(tmp_path, wandb=True, out_dir=str(tmp_path / "other"), max_steps=1)) == 0
     ids = [kw["id"] for kw in inits]
     assert ids[0] == ids[1] != ids[2] and re.fullmatch(r"[0-9a-f]{8}", ids[0])
-    assert [kw["resume"] for kw in inits] == ["allow"] * 3 and logged == [1, 2, 3, 4, 5, 6, 1]
+    assert [kw["resume"] for kw in inits] == ["allow"] * 3 and configs == [1e-3, 5e-4, 1e-3]
+    assert logged == [(ids[0], s) for s in range(1, 7)] + [(ids[2], 1)]
+    # a kill after step 5 (checkpoint at 4): W&B ignores steps below its last, so the rerun's 5 and 6 go to a new run
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000006")
+    os.remove(tmp_path / "run" / "drafter" / "config.json")  # the export too, as the kill came before it
+    logged.clear()
+    assert T.main(train_args(tmp_path, wandb=True, lr=5e-4, save_interval=2)) == 0
+    assert inits[-1]["id"] not in (ids[0], ids[2]) and logged == [(inits[-1]["id"], 5), (inits[-1]["id"], 6)]
 
 
 def test_kill_during_validation_or_evaluation_is_made_up_by_the_resume(tmp_path, monkeypatch, capsys):
@@ -4663,6 +4678,10 @@ def test_overlap_exit_codes_tell_bad_input_from_a_quoted_prompt(tmp_path, capsys
     assert code(tmp_path / "nothing" / "*.jsonl") == (2, f"overlap: {tmp_path / 'nothing' / '*.jsonl'} matches no file "
                                                          f"({data._SOURCES})\n")
     assert code(tmp_path / "clean.jsonl", "--sets", "mt-bench,nosuch") == (2, "overlap: no prompt set 'nosuch': the sets are mt-bench\n")
+    (tmp_path / "rows").mkdir()  # a folder reads as a saved dataset: on a machine without `datasets`, bad input too
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "datasets", None)
+        assert code(tmp_path / "rows")[0] == 2
 
 
 @need_assets

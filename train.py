@@ -213,17 +213,21 @@ def open_logs(r, step):
         return
     with open(os.path.join(c["out_dir"], "train_config.json"), "w") as f:  # not config.json: a serving folder's
         json.dump({**c, "stretches": stretch_record(r.stretches)}, f, indent=1)
-    trim_metrics(os.path.join(c["out_dir"], "metrics.jsonl"), step)
+    dropped = trim_metrics(os.path.join(c["out_dir"], "metrics.jsonl"), step)  # a killed invocation's, past `step`
     r.metrics_file = open(os.path.join(c["out_dir"], "metrics.jsonl"), "a")
     if c["wandb"]:
         try:
             import secrets
             import wandb
-            run_id = pathlib.Path(c["out_dir"], "wandb_run_id")  # made at the first start: a resume continues that run
-            if not run_id.exists():
+            # one W&B run while each invocation continues where the last one logged; W&B ignores steps below its
+            # last, so where a kill logged past the checkpoint the resumed records go to a new W&B run
+            run_id = pathlib.Path(c["out_dir"], "wandb_run_id")
+            if dropped or not run_id.exists():
                 run_id.write_text(secrets.token_hex(4))
-            r.wandb_run = wandb.init(project="dflash", config=c, dir=c["out_dir"], id=run_id.read_text().strip(),
-                                     resume="allow")
+                if dropped:
+                    r.log(f"wandb: steps past {step} were logged before the kill; logging to a new W&B run {run_id.read_text()}")
+            r.wandb_run = wandb.init(project="dflash", dir=c["out_dir"], id=run_id.read_text().strip(), resume="allow")
+            r.wandb_run.config.update(c, allow_val_change=True)  # a resume may change how the rest trains
         except ImportError:
             r.log("wandb=true but wandb is not installed: logging to metrics.jsonl only")
 
@@ -438,7 +442,7 @@ def train(c):
 
 
 def validate_and_evaluate(r, step, done=()):
-    """The validation and evaluation (but the last step's: the finish runs it) that step's schedules ask for,
+    """The validation and evaluation (but the last step's evaluation: the finish runs it) that step's schedules ask for,
     but those whose records are in `done` (what a run killed during them wrote at that step)."""
     c = r.c
     if r.val_rows and (step == r.total_steps or (c["val_interval"] and step % c["val_interval"] == 0)) and \

@@ -750,9 +750,9 @@ def main(argv=None):
     elif a.cmd == "overlap":
         try:
             found, skipped = overlap(a.data, a.dir, a.n, a.num_prompts, a.sets and a.sets.split(","))
-        except (FileNotFoundError, ValueError) as e:  # no such data or prompt set: exit 2 (as argparse), not 1, so a
-            print(f"overlap: {e}", file=sys.stderr)  # CI gate tells a typo from a quoted benchmark prompt
-            sys.exit(2)
+        except (OSError, ValueError, ImportError) as e:  # no such data or set, a folder without `datasets`:
+            print(f"overlap: {e}", file=sys.stderr)  # exit 2 (as argparse), not 1, so a CI gate tells a typo
+            sys.exit(2)                              # from a quoted benchmark prompt
         for name, f in found.items():
             print(f"{name}: {f['turns']} turns; {len(f['prompts'])} prompts share a {a.n}-word sequence with a "
                   f"training prompt, {len(f['responses'])} with a training answer")
