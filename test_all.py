@@ -1330,6 +1330,32 @@ def test_two_rank_gloo_run_matches_one_rank(tmp_path, over):
     assert losses(c / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
 
 
+def test_other_ranks_wait_out_an_evaluation_longer_than_the_collective_timeout(tmp_path):
+    """Rank 0 decodes the evaluation alone while rank 1 waits. Here every collective of the run's process group
+    times out after 3 s (as NCCL's watchdog does after 10 minutes) and the evaluation takes 6 s: rank 1 waits in
+    a group of its own with a day's timeout, so the run ends; on the run's group it failed at the barrier."""
+    tiny_target().save_pretrained(tmp_path / "target")
+    char_tokenizer().save_pretrained(tmp_path / "target")
+    write_lines(tmp_path / "p.jsonl", [json.dumps({"turns": ["hello"]})])
+    script = tmp_path / "slow_eval.py"
+    script.write_text(f"""import datetime, sys, time
+sys.path.insert(0, {HERE!r})
+import torch.distributed as dist
+init = dist.init_process_group
+dist.init_process_group = lambda *a, **k: init(*a, timeout=datetime.timedelta(seconds=3), **k)
+import bench, train
+tau = bench.measure_tau
+bench.measure_tau = lambda *a, **k: (time.sleep(6), tau(*a, **k))[1]
+sys.exit(train.main(sys.argv[1:]))
+""")
+    args = train_args(tmp_path, target=str(tmp_path / "target"), batch_size=1, max_steps=2, eval_prompts=str(tmp_path / "p.jsonl"),
+                      eval_num_prompts=1, eval_max_new_tokens=4)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tau = " in r.stdout and "1/1 outputs identical to greedy decoding" in r.stdout
+
+
 def test_compiled_target_layers_and_ce_keep_the_maths(tmp_path):
     """compile_target (torch.compile of the target's layers and of the lm_head + CE chunks) is a speed
     lever only: the same losses and weights as the eager run."""

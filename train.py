@@ -12,6 +12,7 @@ Checkpoints (DCP) are atomic and the run resumes by itself when the same command
 The config keys and their checks live in train_config.py, the checkpoint format in checkpoints.py.
 """
 import contextlib
+import datetime
 import glob
 import json
 import math
@@ -95,12 +96,15 @@ def setup(c):
 
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
     rank, world = setup_distributed(kind)
+    # ranks 1.. wait here while rank 0 decodes an evaluation: on CPU, with a day's timeout, as an NCCL barrier's
+    # watchdog ends the job after 10 minutes (50 prompts of 512 tokens on an 8B target take longer)
+    wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
     if kind == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(c["dtype"]) or \
         (torch.bfloat16 if kind == "cuda" else torch.float32)
-    r = SimpleNamespace(c=c, rank=rank, world=world, device=device, dtype=dtype,
+    r = SimpleNamespace(c=c, rank=rank, world=world, device=device, dtype=dtype, wait=wait,
                         use_flex=c["attention"] == "flex" or (c["attention"] == "auto" and kind == "cuda"),
                         log=print if rank == 0 else (lambda *a, **k: None))
     os.makedirs(c["out_dir"], exist_ok=True)
@@ -551,7 +555,7 @@ def evaluate(r, step, done=()):
             record(r, dict(step=step, eval_set=name, eval_kind=kind, eval_tau=tau, eval_prompts=len(prompts),
                            eval_lossless=same))
         target.to(dtype)  # bf16 -> fp32 -> bf16 is exact
-    dist.barrier()
+    dist.barrier(group=r.wait)
     return results
 
 
