@@ -454,10 +454,14 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         except Exception as e:  # a template that refuses this row (Mistral's: "roles must alternate" after a system turn)
             skipped[f"template error ({type(e).__name__})"] += 1
             continue
+        if first > max_prompt_tokens:  # counted here, so that a finished shard says so before the target loads
+            skipped[f"prompt over {max_prompt_tokens} tokens"] += 1
+            continue
         rid = first_set(row, "id", "question_id", "task_id", default=i)
         todo.append({"index": i, "id": rid, "system": system, "users": users, "first": first})
     log(f"regenerate: {len(todo)} rows to do, {len(done)} already in {out}, skipped: {dict(skipped)}")
     if not todo:
+        log(f"regenerate: nothing left to do, {out} is complete")
         return out
     if server:
         stops = stop_ids(tok, writer_generation_config(target))
@@ -470,12 +474,9 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         batch_size = min(batch_size, len(todo))  # a static batch: no wider than the rows
         decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
     # shortest prompts first: a run stopped by a time limit has answered the most rows
-    order = sorted((k for k in range(len(todo)) if todo[k]["first"] <= max_prompt_tokens), key=lambda k: todo[k]["first"])
-    if len(order) < len(todo):
-        log(f"regenerate: skipping {len(todo) - len(order)} rows whose prompt is over {max_prompt_tokens} tokens")
-    rows = [todo[k] for k in order]
+    rows = sorted(todo, key=lambda r: r["first"])
     conversation = lambda r: _conversation(tok, r, enable_thinking, max_prompt_tokens)
-    if server and rows:  # probed on the first row's prompt
+    if server:  # probed on the first row's prompt
         try:
             answer = server_answerer(server, name, tok, stops, max_new_tokens, temperature, next(conversation(rows[0])),
                                      timeout, retries, backoff, log)

@@ -3492,6 +3492,21 @@ def test_regenerate_shards(tmp_path):
     assert len(convs) == 4 and not skipped
 
 
+@need_assets
+def test_regenerate_counts_long_prompts_as_skipped_and_a_finished_shard_loads_nothing(tmp_path, monkeypatch):
+    """A first prompt over --max-prompt-tokens (row d's 43 tokens, over 40) is a skipped row, not a row to do:
+    once the other rows are written, a rerun says the file is complete without loading the target."""
+    inp, out, logs = regen_input(tmp_path), str(tmp_path / "r.jsonl"), []
+    regenerate.regenerate(SMOL, str(inp), out, max_new_tokens=1, max_prompt_tokens=40, log=logs.append)
+    assert logs[0] == f"regenerate: 3 rows to do, 0 already in {out}, skipped: {{'prompt over 40 tokens': 1}}"
+    assert sorted(read_out(out)) == [0, 1, 2]
+    monkeypatch.setattr(regenerate, "load_writer", lambda *a: pytest.fail("the model loaded"))
+    logs.clear()
+    regenerate.regenerate(SMOL, str(inp), out, max_new_tokens=1, max_prompt_tokens=40, log=logs.append)
+    assert logs == [f"regenerate: 0 rows to do, 3 already in {out}, skipped: {{'prompt over 40 tokens': 1}}",
+                    f"regenerate: nothing left to do, {out} is complete"]
+
+
 def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, monkeypatch):
     """A shard outside 0..num_shards-1 (which wrote nothing), counts under 1 (a division by zero, a hang
     with no threads, crashes after the model loaded) and --data that matches no file are one line each,
