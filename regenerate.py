@@ -482,7 +482,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
                                      timeout, retries, backoff, log)
         except ServerError as e:
             raise SystemExit(f"regenerate error: {e}")
-    t0, ntok, written = time.time(), 0, 0
+    t0, ntok, written, cut, dropped = time.time(), 0, 0, 0, 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # greedy answers depend on the dtype they were decoded in: bench.py --replay reads it here (a server's is unknown)
     decoded_in = {} if server else {"dtype": "bf16" if model.dtype == torch.bfloat16 else "fp32"}
@@ -490,12 +490,14 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     decoded_in["enable_thinking"] = {None: "auto", True: "on", False: "off"}[enable_thinking]
     with open(out, "a", encoding="utf-8") as f:
         def write(r, msgs):
-            nonlocal ntok, written
+            nonlocal ntok, written, cut, dropped
             row = {"id": r["id"], "index": r["index"], **decoded_in, "messages": msgs}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()  # a kill leaves only whole lines (plus at most one partial, cut on resume)
             ntok += sum(len(m.get("token_ids", ())) for m in msgs if m["role"] == "assistant")
             written += 1
+            cut += sum(m.get("finished") is False for m in msgs)
+            dropped += len(r["users"]) - sum(m["role"] == "user" for m in msgs)  # a later prompt over max_prompt_tokens
         if server:
             _serve_rows(rows, conversation, answer, concurrency, write, lambda: _progress(log, t0, written, len(rows), ntok))
         else:
@@ -510,6 +512,8 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
                 for r, (_, msgs) in zip(rows[b:b + batch_size], state):
                     write(r, msgs)
                 _progress(log, t0, written, len(rows), ntok)
+    log(f"regenerate: wrote {written} rows ({cut} answers cut at {max_new_tokens} new tokens, "
+        f"{dropped} later turns dropped: prompt over {max_prompt_tokens} tokens)")
     return out
 
 

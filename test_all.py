@@ -3507,6 +3507,20 @@ def test_regenerate_counts_long_prompts_as_skipped_and_a_finished_shard_loads_no
                     f"regenerate: nothing left to do, {out} is complete"]
 
 
+@need_assets
+def test_regenerate_reports_answers_cut_and_later_turns_dropped(tmp_path):
+    """At 2 new tokens no answer ends; row b's second prompt (its first, 34 tokens, and the answer) is over 40:
+    both are said in the closing line, in process and through a server."""
+    inp, logs = regen_input(tmp_path), []
+    args = dict(max_new_tokens=2, max_turns=2, max_prompt_tokens=40, log=logs.append)
+    regenerate.regenerate(SMOL, str(inp), str(tmp_path / "local.jsonl"), **args)
+    with CompletionServer() as srv:
+        regenerate.regenerate(SMOL, str(inp), str(tmp_path / "served.jsonl"), server=srv.url, **args)
+    said = "regenerate: wrote 3 rows (3 answers cut at 2 new tokens, 1 later turns dropped: prompt over 40 tokens)"
+    assert [line for line in logs if "wrote" in line] == [said, said]
+    assert logs[-1] == said
+
+
 def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, monkeypatch):
     """A shard outside 0..num_shards-1 (which wrote nothing), counts under 1 (a division by zero, a hang
     with no threads, crashes after the model loaded) and --data that matches no file are one line each,
