@@ -421,6 +421,8 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             raise SystemExit(f"regenerate error: {flag} {n}: give 1 or more")
     if not 0 <= shard < num_shards:
         raise SystemExit(f"regenerate error: --shard {shard}: give 0 to {num_shards - 1} (--num-shards {num_shards})")
+    if num_shards > 1:  # shards run side by side in one terminal: each line says whose it is
+        log = lambda line, say=log: say(line.replace("regenerate:", f"regenerate shard {shard} of {num_shards}:", 1))
     if server:  # before any other work: a wrong URL or model fails at once
         name = server_model(server, target, served_model_name, max_prompt_tokens + max_new_tokens)
     else:
@@ -467,7 +469,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         stops = stop_ids(tok, writer_generation_config(target))
     else:
         device = writer_device(shard, device)
-        log(f"regenerate: the target writes on {device}" + (f" (shard {shard} of {num_shards})" if num_shards > 1 else ""))
+        log(f"regenerate: the target writes on {device}")
         tok, model, stops = load_writer(target, dtype, device)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
         pad_id = pad_id if pad_id < model.get_input_embeddings().num_embeddings else stops[0]  # a [PAD] added past it

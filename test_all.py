@@ -3483,9 +3483,13 @@ def test_regeneration_shards_take_their_own_gpus(tmp_path, monkeypatch):
 
 @need_assets
 def test_regenerate_shards(tmp_path):
-    inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
-    paths = [regenerate.regenerate(SMOL, str(inp), str(out), max_new_tokens=1, batch_size=8, num_shards=2, shard=k, max_prompt_tokens=64, log=lambda s: None) for k in range(2)]
+    inp, out, logs = regen_input(tmp_path), tmp_path / "out.jsonl", []
+    paths = [regenerate.regenerate(SMOL, str(inp), str(out), max_new_tokens=1, batch_size=8, num_shards=2, shard=k, max_prompt_tokens=64, log=logs.append) for k in range(2)]
     assert [os.path.basename(p) for p in paths] == ["out.00-of-02.jsonl", "out.01-of-02.jsonl"]
+    # shards run side by side in one terminal (the README's & lines): each line names its shard
+    assert logs[0] == f"regenerate shard 0 of 2: 2 rows to do, 0 already in {paths[0]}, skipped: {{}}"
+    assert f"regenerate shard 1 of 2: the target writes on {regenerate.writer_device(1)}" in logs
+    assert [line.split(":")[0] for line in logs] == ["regenerate shard 0 of 2"] * (len(logs) // 2) + ["regenerate shard 1 of 2"] * (len(logs) // 2)
     got = [[json.loads(line)["index"] for line in open(p)] for p in paths]
     assert sorted(got[0]) == [0, 2] and sorted(got[1]) == [1, 3]
     convs, skipped = data.load_conversations(str(tmp_path / "out.*-of-02.jsonl"))
