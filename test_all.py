@@ -1234,8 +1234,8 @@ def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys)
     write_lines(tmp_path / "d.jsonl", [json.dumps(good)] * 80)
     logs = []
     data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, workers=2)
-    assert [re.sub(r"\(\d+ s\)", "(T)", line) for line in logs[:2]] == [
-        "data: tokenised 10/80 conversations (T)", "data: tokenised 20/80 conversations (T)"]
+    assert [re.sub(r" \(\d+ s, .* conversations/s, ETA \d+m\d\ds\)$", "", line) for line in logs[:2]] == [
+        "data: tokenised 10/80 conversations", "data: tokenised 20/80 conversations"]
     assert len(logs) == 8 and logs[-1].endswith("+ 80 kept, as 80 training rows")
     t = tiny_target()
     t.save_pretrained(tmp_path / "target")
@@ -1254,6 +1254,25 @@ def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys)
         with pytest.raises(SystemExit, match=f"config error: eval_prompts='{bad}': "):
             T.main(train_args(tmp_path / "target", target=str(tmp_path / "target"), eval_prompts=str(bad)))
         assert not (tmp_path / "target" / "run" / "metrics.jsonl").exists()
+
+
+def test_progress_lines_give_the_rate_and_the_eta(monkeypatch):
+    """A line at most every PROGRESS_S (5) seconds, with the elapsed time, the rate and the time left at that rate
+    (a clock set by hand); none once all is done."""
+    now, logs = [100.0], []
+    monkeypatch.setattr(data, "time", types.SimpleNamespace(time=lambda: now[0]))
+    tick = data.progress(logs.append, "eval: decoded", 100, "prompts")
+    for t, done in ((103, 10), (108, 40), (110, 50), (113, 60), (7300, 99), (7400, 100)):
+        now[0] = t
+        tick(done)
+    assert logs == ["eval: decoded 40/100 prompts (8 s, 5 prompts/s, ETA 0m12s)",
+                    "eval: decoded 60/100 prompts (13 s, 4.62 prompts/s, ETA 0m08s)",
+                    "eval: decoded 99/100 prompts (7200 s, 0.0138 prompts/s, ETA 1m12s)"]
+    now[0], logs[:] = 100.0, []
+    tick = data.progress(logs.append, "data: tokenised", 17108, "conversations")
+    now[0] = 106.0
+    tick(6417)
+    assert logs == ["data: tokenised 6,417/17,108 conversations (6 s, 1,070 conversations/s, ETA 0m09s)"]
 
 
 def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_path):
