@@ -13,6 +13,7 @@ import collections
 import json
 import os
 import re
+import sys
 import threading
 import time
 
@@ -426,7 +427,10 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     if server:  # before any other work: a wrong URL or model fails at once
         name = server_model(server, target, served_model_name, max_prompt_tokens + max_new_tokens)
     else:
-        check_batch_decodable(targets.load_target_config(target))
+        try:  # a mistyped --target: one line, not a traceback
+            check_batch_decodable(targets.load_target_config(target))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"regenerate error: --target {target}: {e}")
     out = shard_path(out, shard, num_shards)
     done = _done_indices(out)
     todo, skipped = [], collections.Counter()
@@ -435,7 +439,10 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     except (OSError, ValueError) as e:  # a glob that matches nothing, a missing file, a Parquet file...
         raise SystemExit(f"regenerate error: --data {e}")
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(target)  # its template is checked before a row is read or the model loads
+    try:  # its template is checked before a row is read or the model loads
+        tok = AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError) as e:  # with --server only the tokenizer reads --target
+        raise SystemExit(f"regenerate error: --target {target}: no tokenizer there ({' '.join(str(e).split())})")
     problem = chat_template_problem(tok)
     if problem:
         raise SystemExit(f"regenerate error: --target {target}: {problem}")
@@ -593,10 +600,16 @@ def main(argv=None):
                    "(default: the served model whose name ends with --target's folder name)")
     r.add_argument("--timeout", type=float, default=600.0, help="with --server: seconds one request may take before it is retried")
     a = ap.parse_args(argv)
-    regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
-               a.limit, a.max_turns, None if a.enable_thinking is None else a.enable_thinking == "on",
-               a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
-               served_model_name=a.served_model_name, timeout=a.timeout, dtype=a.dtype, device=a.device)
+    try:
+        regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
+                   a.limit, a.max_turns, None if a.enable_thinking is None else a.enable_thinking == "on",
+                   a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
+                   served_model_name=a.served_model_name, timeout=a.timeout, dtype=a.dtype, device=a.device)
+    except SystemExit as e:  # bad input, found before any row is written: one line, exit 2 (as argparse, train.py)
+        if isinstance(e.code, str) and not e.code.endswith("rerun to resume)"):  # a server failing mid-run: exit 1
+            print(e.code, file=sys.stderr, flush=True)
+            e.code = 2  # str(e) stays the line
+        raise
 
 
 if __name__ == "__main__":

@@ -3544,10 +3544,12 @@ def test_regenerate_reports_answers_cut_and_later_turns_dropped(tmp_path):
     assert logs[-1] == said
 
 
-def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, monkeypatch):
+def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, monkeypatch, capsys):
     """A shard outside 0..num_shards-1 (which wrote nothing), counts under 1 (a division by zero, a hang
-    with no threads, crashes after the model loaded) and --data that matches no file are one line each,
-    before the target's config, the data or the model is read."""
+    with no threads, crashes after the model loaded), --data that matches no file and a --target that does
+    not exist are one line each and exit 2 (as argparse's and train.py's errors), before the target's config,
+    the data or the model is read."""
+    real_config = targets.load_target_config
     monkeypatch.setattr(regenerate.targets, "load_target_config", lambda t: pytest.fail("the target's config was read"))
     monkeypatch.setattr(regenerate, "read_rows", lambda d: pytest.fail("the data was read"))
     monkeypatch.setattr(regenerate, "load_writer", lambda *a: pytest.fail("the model loaded"))
@@ -3559,19 +3561,34 @@ def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, 
                        (["--batch-size", "0"], "--batch-size 0: give 1 or more"),
                        (["--max-turns", "0"], "--max-turns 0: give 1 or more"),
                        (["--max-new-tokens", "0"], "--max-new-tokens 0: give 1 or more")):
-        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: {said}")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: {said}")) as e:
             regenerate.main(base + more)
+        assert e.value.code == 2 and capsys.readouterr().err == f"regenerate error: {said}\n"
     monkeypatch.setattr(regenerate.targets, "load_target_config", lambda t: None)
     monkeypatch.setattr(regenerate, "check_batch_decodable", lambda c: None)
     monkeypatch.setattr(regenerate, "read_rows", data.read_rows)
     for source, said in ((str(tmp_path / "*.jsonl"), "matches no file"), (str(tmp_path / "in.jsnl"), "does not exist")):
-        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --data {source} {said}")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --data {source} {said}")) as e:
             regenerate.main(["regenerate", "--target", "T", "--data", source, "--out", str(tmp_path / "o.jsonl")])
+        assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    # a mistyped --target: its config (in process), or with --server its tokenizer, cannot be read
+    monkeypatch.setattr(regenerate.targets, "load_target_config", real_config)
+    monkeypatch.setattr(regenerate, "server_model", lambda *a: "T")
+    write_lines(tmp_path / "in.jsonl", [json.dumps({"prompt": "hi"})])
+    for more in ([], ["--server", "http://127.0.0.1:9"]):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --target {tmp_path / 'T'}: ")) as e:
+            regenerate.main(["regenerate", "--target", str(tmp_path / "T"), "--data", str(tmp_path / "in.jsonl"),
+                             "--out", str(tmp_path / "o.jsonl"), *more])
+        assert e.value.code == 2 and capsys.readouterr().err == f"{e.value}\n" and "\n" not in str(e.value)
+    # through the script: the line alone on stderr, exit 2
+    r = subprocess.run([sys.executable, "data.py", *base, "--num-shards", "0"], cwd=HERE, capture_output=True, text=True,
+                       timeout=300)
+    assert (r.returncode, r.stderr, r.stdout) == (2, "regenerate error: --num-shards 0: give 1 or more\n", "")
 
 
 @need_assets
 def test_regenerate_refuses_a_template_at_once_and_counts_the_rows_it_refuses(tmp_path, monkeypatch):
-    """A target whose template has no generation prompt, or no template, is one line before the model loads;
+    """A target whose template has no generation prompt, or no template, is one line (exit 2) before the model loads;
     a row the template refuses (Mistral's after a system turn: "roles must alternate") is skipped and
     counted, and the other rows are written."""
     from transformers import AutoTokenizer
@@ -3593,9 +3610,10 @@ def test_regenerate_refuses_a_template_at_once_and_counts_the_rows_it_refuses(tm
     monkeypatch.setattr(regenerate, "load_writer", lambda *a: pytest.fail("the model loaded"))
     for name, template, said in (("nogen", CHATML_NO_GENERATION_PROMPT, "its chat template has no generation prompt"),
                                  ("none", None, "its tokenizer has no chat template")):
-        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --target {tmp_path / name}: {said}")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --target {tmp_path / name}: {said}")) as e:
             regenerate.main(["regenerate", "--target", target(name, template), "--data", str(tmp_path / "in.jsonl"),
                              "--out", str(tmp_path / "o.jsonl")])
+        assert e.value.code == 2  # exit 2, as all bad input
     monkeypatch.setattr(regenerate, "load_writer", real_writer)
     logs = []
     out = regenerate.regenerate(target("mistral", MISTRAL_TEMPLATE), str(tmp_path / "in.jsonl"), str(tmp_path / "m.jsonl"),
