@@ -402,14 +402,17 @@ def fmt_time(s):
 
 
 def progress(log, what, total, unit):
-    """tick(done) logs `what done/total unit (elapsed)` when PROGRESS_S have passed since the last line."""
+    """tick(done) logs `what done/total unit (elapsed, rate, ETA)` when PROGRESS_S have passed since the last line."""
     t0 = last = time.time()
 
     def tick(done):
         nonlocal last
-        if done < total and time.time() - last >= PROGRESS_S:
-            last = time.time()
-            log(f"{what} {done:,}/{total:,} {unit} ({time.time() - t0:.0f} s)")
+        now = time.time()
+        if done < total and now - last >= PROGRESS_S:
+            last, el = now, now - t0
+            r = done / max(el, 1e-9)  # 3 digits below 100: an 8B evaluation decodes under one prompt a second
+            log(f"{what} {done:,}/{total:,} {unit} ({el:.0f} s, {f'{r:,.0f}' if r >= 100 else f'{r:.3g}'} {unit}/s, "
+                f"ETA {fmt_time((total - done) / max(r, 1e-9))})")
     return tick
 
 

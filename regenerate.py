@@ -13,6 +13,7 @@ import collections
 import json
 import os
 import re
+import sys
 import threading
 import time
 
@@ -421,10 +422,15 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             raise SystemExit(f"regenerate error: {flag} {n}: give 1 or more")
     if not 0 <= shard < num_shards:
         raise SystemExit(f"regenerate error: --shard {shard}: give 0 to {num_shards - 1} (--num-shards {num_shards})")
+    if num_shards > 1:  # shards run side by side in one terminal: each line says whose it is
+        log = lambda line, say=log: say(line.replace("regenerate:", f"regenerate shard {shard} of {num_shards}:", 1))
     if server:  # before any other work: a wrong URL or model fails at once
         name = server_model(server, target, served_model_name, max_prompt_tokens + max_new_tokens)
     else:
-        check_batch_decodable(targets.load_target_config(target))
+        try:  # a mistyped --target: one line, not a traceback
+            check_batch_decodable(targets.load_target_config(target))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"regenerate error: --target {target}: {e}")
     out = shard_path(out, shard, num_shards)
     done = _done_indices(out)
     todo, skipped = [], collections.Counter()
@@ -433,7 +439,10 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     except (OSError, ValueError) as e:  # a glob that matches nothing, a missing file, a Parquet file...
         raise SystemExit(f"regenerate error: --data {e}")
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(target)  # its template is checked before a row is read or the model loads
+    try:  # its template is checked before a row is read or the model loads
+        tok = AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError) as e:  # with --server only the tokenizer reads --target
+        raise SystemExit(f"regenerate error: --target {target}: no tokenizer there ({' '.join(str(e).split())})")
     problem = chat_template_problem(tok)
     if problem:
         raise SystemExit(f"regenerate error: --target {target}: {problem}")
@@ -454,34 +463,35 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         except Exception as e:  # a template that refuses this row (Mistral's: "roles must alternate" after a system turn)
             skipped[f"template error ({type(e).__name__})"] += 1
             continue
+        if first > max_prompt_tokens:  # counted here, so that a finished shard says so before the target loads
+            skipped[f"prompt over {max_prompt_tokens} tokens"] += 1
+            continue
         rid = first_set(row, "id", "question_id", "task_id", default=i)
         todo.append({"index": i, "id": rid, "system": system, "users": users, "first": first})
     log(f"regenerate: {len(todo)} rows to do, {len(done)} already in {out}, skipped: {dict(skipped)}")
     if not todo:
+        log(f"regenerate: nothing left to do, {out} is complete")
         return out
     if server:
         stops = stop_ids(tok, writer_generation_config(target))
     else:
         device = writer_device(shard, device)
-        log(f"regenerate: the target writes on {device}" + (f" (shard {shard} of {num_shards})" if num_shards > 1 else ""))
+        log(f"regenerate: the target writes on {device}")
         tok, model, stops = load_writer(target, dtype, device)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
         pad_id = pad_id if pad_id < model.get_input_embeddings().num_embeddings else stops[0]  # a [PAD] added past it
         batch_size = min(batch_size, len(todo))  # a static batch: no wider than the rows
         decode = BatchDecoder(model, batch_size, max_prompt_tokens, max_new_tokens, stops, pad_id, compile)
     # shortest prompts first: a run stopped by a time limit has answered the most rows
-    order = sorted((k for k in range(len(todo)) if todo[k]["first"] <= max_prompt_tokens), key=lambda k: todo[k]["first"])
-    if len(order) < len(todo):
-        log(f"regenerate: skipping {len(todo) - len(order)} rows whose prompt is over {max_prompt_tokens} tokens")
-    rows = [todo[k] for k in order]
+    rows = sorted(todo, key=lambda r: r["first"])
     conversation = lambda r: _conversation(tok, r, enable_thinking, max_prompt_tokens)
-    if server and rows:  # probed on the first row's prompt
+    if server:  # probed on the first row's prompt
         try:
             answer = server_answerer(server, name, tok, stops, max_new_tokens, temperature, next(conversation(rows[0])),
                                      timeout, retries, backoff, log)
         except ServerError as e:
             raise SystemExit(f"regenerate error: {e}")
-    t0, ntok, written = time.time(), 0, 0
+    t0, ntok, written, cut, dropped = time.time(), 0, 0, 0, 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # greedy answers depend on the dtype they were decoded in: bench.py --replay reads it here (a server's is unknown)
     decoded_in = {} if server else {"dtype": "bf16" if model.dtype == torch.bfloat16 else "fp32"}
@@ -489,12 +499,14 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
     decoded_in["enable_thinking"] = {None: "auto", True: "on", False: "off"}[enable_thinking]
     with open(out, "a", encoding="utf-8") as f:
         def write(r, msgs):
-            nonlocal ntok, written
+            nonlocal ntok, written, cut, dropped
             row = {"id": r["id"], "index": r["index"], **decoded_in, "messages": msgs}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()  # a kill leaves only whole lines (plus at most one partial, cut on resume)
             ntok += sum(len(m.get("token_ids", ())) for m in msgs if m["role"] == "assistant")
             written += 1
+            cut += sum(m.get("finished") is False for m in msgs)
+            dropped += len(r["users"]) - sum(m["role"] == "user" for m in msgs)  # a later prompt over max_prompt_tokens
         if server:
             _serve_rows(rows, conversation, answer, concurrency, write, lambda: _progress(log, t0, written, len(rows), ntok))
         else:
@@ -509,6 +521,8 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
                 for r, (_, msgs) in zip(rows[b:b + batch_size], state):
                     write(r, msgs)
                 _progress(log, t0, written, len(rows), ntok)
+    log(f"regenerate: wrote {written} rows ({cut} answers cut at {max_new_tokens} new tokens, "
+        f"{dropped} later turns dropped: prompt over {max_prompt_tokens} tokens)")
     return out
 
 
@@ -586,10 +600,16 @@ def main(argv=None):
                    "(default: the served model whose name ends with --target's folder name)")
     r.add_argument("--timeout", type=float, default=600.0, help="with --server: seconds one request may take before it is retried")
     a = ap.parse_args(argv)
-    regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
-               a.limit, a.max_turns, None if a.enable_thinking is None else a.enable_thinking == "on",
-               a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
-               served_model_name=a.served_model_name, timeout=a.timeout, dtype=a.dtype, device=a.device)
+    try:
+        regenerate(a.target, a.data, a.out, a.max_new_tokens, a.temperature, a.batch_size, a.num_shards, a.shard,
+                   a.limit, a.max_turns, None if a.enable_thinking is None else a.enable_thinking == "on",
+                   a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
+                   served_model_name=a.served_model_name, timeout=a.timeout, dtype=a.dtype, device=a.device)
+    except SystemExit as e:  # bad input, found before any row is written: one line, exit 2 (as argparse, train.py)
+        if isinstance(e.code, str) and not e.code.endswith("rerun to resume)"):  # a server failing mid-run: exit 1
+            print(e.code, file=sys.stderr, flush=True)
+            e.code = 2  # str(e) stays the line
+        raise
 
 
 if __name__ == "__main__":

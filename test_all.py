@@ -1234,8 +1234,8 @@ def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys)
     write_lines(tmp_path / "d.jsonl", [json.dumps(good)] * 80)
     logs = []
     data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, workers=2)
-    assert [re.sub(r"\(\d+ s\)", "(T)", line) for line in logs[:2]] == [
-        "data: tokenised 10/80 conversations (T)", "data: tokenised 20/80 conversations (T)"]
+    assert [re.sub(r" \(\d+ s, .* conversations/s, ETA \d+m\d\ds\)$", "", line) for line in logs[:2]] == [
+        "data: tokenised 10/80 conversations", "data: tokenised 20/80 conversations"]
     assert len(logs) == 8 and logs[-1].endswith("+ 80 kept, as 80 training rows")
     t = tiny_target()
     t.save_pretrained(tmp_path / "target")
@@ -1254,6 +1254,25 @@ def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys)
         with pytest.raises(SystemExit, match=f"config error: eval_prompts='{bad}': "):
             T.main(train_args(tmp_path / "target", target=str(tmp_path / "target"), eval_prompts=str(bad)))
         assert not (tmp_path / "target" / "run" / "metrics.jsonl").exists()
+
+
+def test_progress_lines_give_the_rate_and_the_eta(monkeypatch):
+    """A line at most every PROGRESS_S (5) seconds, with the elapsed time, the rate and the time left at that rate
+    (a clock set by hand); none once all is done."""
+    now, logs = [100.0], []
+    monkeypatch.setattr(data, "time", types.SimpleNamespace(time=lambda: now[0]))
+    tick = data.progress(logs.append, "eval: decoded", 100, "prompts")
+    for t, done in ((103, 10), (108, 40), (110, 50), (113, 60), (7300, 99), (7400, 100)):
+        now[0] = t
+        tick(done)
+    assert logs == ["eval: decoded 40/100 prompts (8 s, 5 prompts/s, ETA 0m12s)",
+                    "eval: decoded 60/100 prompts (13 s, 4.62 prompts/s, ETA 0m08s)",
+                    "eval: decoded 99/100 prompts (7200 s, 0.0138 prompts/s, ETA 1m12s)"]
+    now[0], logs[:] = 100.0, []
+    tick = data.progress(logs.append, "data: tokenised", 17108, "conversations")
+    now[0] = 106.0
+    tick(6417)
+    assert logs == ["data: tokenised 6,417/17,108 conversations (6 s, 1,070 conversations/s, ETA 0m09s)"]
 
 
 def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_path):
@@ -3509,19 +3528,54 @@ def test_regeneration_shards_take_their_own_gpus(tmp_path, monkeypatch):
 
 @need_assets
 def test_regenerate_shards(tmp_path):
-    inp, out = regen_input(tmp_path), tmp_path / "out.jsonl"
-    paths = [regenerate.regenerate(SMOL, str(inp), str(out), max_new_tokens=1, batch_size=8, num_shards=2, shard=k, max_prompt_tokens=64, log=lambda s: None) for k in range(2)]
+    inp, out, logs = regen_input(tmp_path), tmp_path / "out.jsonl", []
+    paths = [regenerate.regenerate(SMOL, str(inp), str(out), max_new_tokens=1, batch_size=8, num_shards=2, shard=k, max_prompt_tokens=64, log=logs.append) for k in range(2)]
     assert [os.path.basename(p) for p in paths] == ["out.00-of-02.jsonl", "out.01-of-02.jsonl"]
+    # shards run side by side in one terminal (the README's & lines): each line names its shard
+    assert logs[0] == f"regenerate shard 0 of 2: 2 rows to do, 0 already in {paths[0]}, skipped: {{}}"
+    assert f"regenerate shard 1 of 2: the target writes on {regenerate.writer_device(1)}" in logs
+    assert [line.split(":")[0] for line in logs] == ["regenerate shard 0 of 2"] * (len(logs) // 2) + ["regenerate shard 1 of 2"] * (len(logs) // 2)
     got = [[json.loads(line)["index"] for line in open(p)] for p in paths]
     assert sorted(got[0]) == [0, 2] and sorted(got[1]) == [1, 3]
     convs, skipped = data.load_conversations(str(tmp_path / "out.*-of-02.jsonl"))
     assert len(convs) == 4 and not skipped
 
 
-def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, monkeypatch):
+@need_assets
+def test_regenerate_counts_long_prompts_as_skipped_and_a_finished_shard_loads_nothing(tmp_path, monkeypatch):
+    """A first prompt over --max-prompt-tokens (row d's 43 tokens, over 40) is a skipped row, not a row to do:
+    once the other rows are written, a rerun says the file is complete without loading the target."""
+    inp, out, logs = regen_input(tmp_path), str(tmp_path / "r.jsonl"), []
+    regenerate.regenerate(SMOL, str(inp), out, max_new_tokens=1, max_prompt_tokens=40, log=logs.append)
+    assert logs[0] == f"regenerate: 3 rows to do, 0 already in {out}, skipped: {{'prompt over 40 tokens': 1}}"
+    assert sorted(read_out(out)) == [0, 1, 2]
+    monkeypatch.setattr(regenerate, "load_writer", lambda *a: pytest.fail("the model loaded"))
+    logs.clear()
+    regenerate.regenerate(SMOL, str(inp), out, max_new_tokens=1, max_prompt_tokens=40, log=logs.append)
+    assert logs == [f"regenerate: 0 rows to do, 3 already in {out}, skipped: {{'prompt over 40 tokens': 1}}",
+                    f"regenerate: nothing left to do, {out} is complete"]
+
+
+@need_assets
+def test_regenerate_reports_answers_cut_and_later_turns_dropped(tmp_path):
+    """At 2 new tokens no answer ends; row b's second prompt (its first, 34 tokens, and the answer) is over 40:
+    both are said in the closing line, in process and through a server."""
+    inp, logs = regen_input(tmp_path), []
+    args = dict(max_new_tokens=2, max_turns=2, max_prompt_tokens=40, log=logs.append)
+    regenerate.regenerate(SMOL, str(inp), str(tmp_path / "local.jsonl"), **args)
+    with CompletionServer() as srv:
+        regenerate.regenerate(SMOL, str(inp), str(tmp_path / "served.jsonl"), server=srv.url, **args)
+    said = "regenerate: wrote 3 rows (3 answers cut at 2 new tokens, 1 later turns dropped: prompt over 40 tokens)"
+    assert [line for line in logs if "wrote" in line] == [said, said]
+    assert logs[-1] == said
+
+
+def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, monkeypatch, capsys):
     """A shard outside 0..num_shards-1 (which wrote nothing), counts under 1 (a division by zero, a hang
-    with no threads, crashes after the model loaded) and --data that matches no file are one line each,
-    before the target's config, the data or the model is read."""
+    with no threads, crashes after the model loaded), --data that matches no file and a --target that does
+    not exist are one line each and exit 2 (as argparse's and train.py's errors), before the target's config,
+    the data or the model is read."""
+    real_config = targets.load_target_config
     monkeypatch.setattr(regenerate.targets, "load_target_config", lambda t: pytest.fail("the target's config was read"))
     monkeypatch.setattr(regenerate, "read_rows", lambda d: pytest.fail("the data was read"))
     monkeypatch.setattr(regenerate, "load_writer", lambda *a: pytest.fail("the model loaded"))
@@ -3533,19 +3587,34 @@ def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, 
                        (["--batch-size", "0"], "--batch-size 0: give 1 or more"),
                        (["--max-turns", "0"], "--max-turns 0: give 1 or more"),
                        (["--max-new-tokens", "0"], "--max-new-tokens 0: give 1 or more")):
-        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: {said}")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: {said}")) as e:
             regenerate.main(base + more)
+        assert e.value.code == 2 and capsys.readouterr().err == f"regenerate error: {said}\n"
     monkeypatch.setattr(regenerate.targets, "load_target_config", lambda t: None)
     monkeypatch.setattr(regenerate, "check_batch_decodable", lambda c: None)
     monkeypatch.setattr(regenerate, "read_rows", data.read_rows)
     for source, said in ((str(tmp_path / "*.jsonl"), "matches no file"), (str(tmp_path / "in.jsnl"), "does not exist")):
-        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --data {source} {said}")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --data {source} {said}")) as e:
             regenerate.main(["regenerate", "--target", "T", "--data", source, "--out", str(tmp_path / "o.jsonl")])
+        assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    # a mistyped --target: its config (in process), or with --server its tokenizer, cannot be read
+    monkeypatch.setattr(regenerate.targets, "load_target_config", real_config)
+    monkeypatch.setattr(regenerate, "server_model", lambda *a: "T")
+    write_lines(tmp_path / "in.jsonl", [json.dumps({"prompt": "hi"})])
+    for more in ([], ["--server", "http://127.0.0.1:9"]):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --target {tmp_path / 'T'}: ")) as e:
+            regenerate.main(["regenerate", "--target", str(tmp_path / "T"), "--data", str(tmp_path / "in.jsonl"),
+                             "--out", str(tmp_path / "o.jsonl"), *more])
+        assert e.value.code == 2 and capsys.readouterr().err == f"{e.value}\n" and "\n" not in str(e.value)
+    # through the script: the line alone on stderr, exit 2
+    r = subprocess.run([sys.executable, "data.py", *base, "--num-shards", "0"], cwd=HERE, capture_output=True, text=True,
+                       timeout=300)
+    assert (r.returncode, r.stderr, r.stdout) == (2, "regenerate error: --num-shards 0: give 1 or more\n", "")
 
 
 @need_assets
 def test_regenerate_refuses_a_template_at_once_and_counts_the_rows_it_refuses(tmp_path, monkeypatch):
-    """A target whose template has no generation prompt, or no template, is one line before the model loads;
+    """A target whose template has no generation prompt, or no template, is one line (exit 2) before the model loads;
     a row the template refuses (Mistral's after a system turn: "roles must alternate") is skipped and
     counted, and the other rows are written."""
     from transformers import AutoTokenizer
@@ -3567,9 +3636,10 @@ def test_regenerate_refuses_a_template_at_once_and_counts_the_rows_it_refuses(tm
     monkeypatch.setattr(regenerate, "load_writer", lambda *a: pytest.fail("the model loaded"))
     for name, template, said in (("nogen", CHATML_NO_GENERATION_PROMPT, "its chat template has no generation prompt"),
                                  ("none", None, "its tokenizer has no chat template")):
-        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --target {tmp_path / name}: {said}")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --target {tmp_path / name}: {said}")) as e:
             regenerate.main(["regenerate", "--target", target(name, template), "--data", str(tmp_path / "in.jsonl"),
                              "--out", str(tmp_path / "o.jsonl")])
+        assert e.value.code == 2  # exit 2, as all bad input
     monkeypatch.setattr(regenerate, "load_writer", real_writer)
     logs = []
     out = regenerate.regenerate(target("mistral", MISTRAL_TEMPLATE), str(tmp_path / "in.jsonl"), str(tmp_path / "m.jsonl"),
