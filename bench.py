@@ -286,18 +286,6 @@ def measure_tau(target, drafter, tokenizer, prompts, max_new_tokens, log=None):
 # ----------------------------------------------------------------------------------------------
 # Benchmark: per-turn records, the lossless check, the summary
 
-def _first_diff(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
-
-
-def _near_tie(gap_top, dtype):
-    """Is a top-2 gap [gap, top logit] within a few roundings of the logits' dtype (8 ulps of the top)?"""
-    gap, top = gap_top
-    bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 24)
-    ulp = 2.0 ** (torch.tensor(abs(top) + 1e-30).log2().floor().item() - (bits - 1))
-    return gap <= 8 * ulp
-
-
 def diagnose(target, drafter, prompt_ids, pos, block_size, stop_ids, runners):
     """Top-2 logit gap of the target at new-token position `pos` in both runs (baseline, DFlash)."""
     ids = torch.tensor([prompt_ids], device=target.get_input_embeddings().weight.device)
@@ -306,7 +294,7 @@ def diagnose(target, drafter, prompt_ids, pos, block_size, stop_ids, runners):
         r = spec_generate(target, drafter, ids, pos + 1, stop_ids, bs, runner=runners.get(bs), record_gaps=True)
         out[name] = r["gaps"][pos] if pos < len(r["gaps"]) else None
     known = [g for g in out.values() if g is not None]
-    out["near_tie"] = bool(known) and all(_near_tie(g, target.dtype) for g in known)
+    out["near_tie"] = bool(known) and all(measure.near_tie(g, target.dtype) for g in known)
     return out
 
 
@@ -349,7 +337,7 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
                        same_prompt=b["prompt_ids"] == d["prompt_ids"], match=None)
             rec["tau_by_position"] = measure.tau_by_position([rec])
             if args.temperature == 0 and rec["same_prompt"]:
-                pos = _first_diff(b["tokens"], d["tokens"])
+                pos = measure.first_diff(b["tokens"], d["tokens"])
                 rec.update(match=pos is None, first_diff=pos)
                 if pos is not None:
                     rec["gaps"] = diagnose(target, drafter, d["prompt_ids"], pos, B, stops, runners)

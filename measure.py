@@ -97,6 +97,19 @@ def read_records(path):
 # ----------------------------------------------------------------------------------------------
 # The lossless check's report: greedy DFlash must emit the baseline's tokens, turn for turn
 
+def first_diff(a, b):
+    """The first position where token lists a and b differ (one ends first: its length), None if equal."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def near_tie(gap_top, dtype):
+    """Is a top-2 gap [gap, top logit] within a few roundings of the logits' dtype (8 ulps of the top)?"""
+    gap, top = gap_top
+    bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 24)
+    ulp = 2.0 ** (torch.tensor(abs(top) + 1e-30).log2().floor().item() - (bits - 1))
+    return gap <= 8 * ulp
+
+
 def lossless_summary(records):
     """Turns compared, turns identical, and the divergences: near ties (the target's top two logits within
     rounding of each other where the runs part: a flip between kernels, not a bug) and mismatches (a
