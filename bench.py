@@ -27,6 +27,7 @@ import contextlib
 import glob
 import json
 import os
+import sys
 import time
 
 import torch
@@ -381,8 +382,9 @@ def check_fast_path(runners, target, drafter, args):
         msg = (f"the compiled steps (--attention {args.attention}) part from the target's own forward by "
                f"{worst:.2g} of the largest logit, over {tol} in {args.dtype}: a fast-path bug, not "
                "rounding; --attention sdpa (or no --compile) is the exact path; --dtype fp32 checks it exactly")
-        if args.dtype == "fp32":
-            raise SystemExit(f"bench.py: error: {msg}")
+        if args.dtype == "fp32":  # a failure found by running, not bad input: exit 1
+            print(f"bench.py: error: {msg}", file=sys.stderr)
+            raise SystemExit(1)
         print(f"WARNING: {msg}")
 
 
@@ -525,7 +527,7 @@ def main(argv=None):
     try:  # before any weights load: capture must find the decoder layers, and each layer must roll back
         targets.check_target(args.target)
         targets.check_rollback(targets.load_target_config(args.target), args.compile)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a folder without config.json
         raise SystemExit(f"config error: {e}")
     try:  # before the target's weights load: a damaged or edited folder is named at once
         drafter = None if args.draft == "random" else load_drafter(args.draft, args.device, dtype,
@@ -585,4 +587,10 @@ def closing(summaries, out_file):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:  # bad input, raised as one line before decoding: exit 2, as argparse's errors
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)
+        sys.exit(2)

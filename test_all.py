@@ -1600,14 +1600,14 @@ def test_convert_refuses_an_out_that_holds_or_lies_inside_a_checkpoint(trained, 
     for out, why in ((newest, "holds a training checkpoint"), (tmp_path / "run_copy", "holds a training checkpoint"),
                      (newest / "export", "lies inside the training checkpoint"),
                      (released, "not a serving folder this tool wrote"), (notes, "not a serving folder")):
-        assert C.main([str(run), str(out)]) == 1
+        assert C.main([str(run), str(out)]) == 2
         err = capsys.readouterr().err
         assert why in err and "pass --overwrite" in err, (out, err)
     assert (newest / ".metadata").read_bytes() == before and not (newest / "export").exists()
     assert (notes / "a.txt").read_text() == "keep" and (released / "model.safetensors").exists()
-    assert C.main(["--import", str(released), str(newest)]) == 1  # --import: the same rule
+    assert C.main(["--import", str(released), str(newest)]) == 2  # --import: the same rule
     assert "holds a training checkpoint" in capsys.readouterr().err
-    assert C.main(["--import", str(released), str(notes)]) == 1 and "is not empty" in capsys.readouterr().err
+    assert C.main(["--import", str(released), str(notes)]) == 2 and "is not empty" in capsys.readouterr().err
     C.read_checkpoint(str(run))  # still whole
     # a serving folder this tool wrote is replaced; anything else only with --overwrite
     assert C.main([str(run), str(tmp_path / "served")]) == 0 and C.main([str(run), str(tmp_path / "served")]) == 0
@@ -1642,12 +1642,12 @@ def test_flipped_byte_is_a_named_checksum_error(trained, tmp_path):
     flip_byte(served / "model.safetensors", offset=-1)  # the last weight's bytes
     with pytest.raises(checkpoints.ChecksumError, match=r"checksum mismatch in .*served: model\.safetensors differs"):
         C.load_drafter(str(served))
-    assert C.main(["--import", str(served), str(tmp_path / "ckpt2")]) == 1 and not (tmp_path / "ckpt2").exists()
+    assert C.main(["--import", str(served), str(tmp_path / "ckpt2")]) == 2 and not (tmp_path / "ckpt2").exists()
     shard = next(ckpt.glob("*.distcp"))
     flip_byte(shard)
     with pytest.raises(checkpoints.ChecksumError, match=rf"{shard.name} differs from the sha256 recorded"):
         C.read_checkpoint(str(ckpt))
-    assert C.main([str(ckpt), str(tmp_path / "served2")]) == 1 and not (tmp_path / "served2").exists()
+    assert C.main([str(ckpt), str(tmp_path / "served2")]) == 2 and not (tmp_path / "served2").exists()
     flip_byte(shard)  # flipped back: whole again
     (ckpt / "target_config.json").unlink()
     with pytest.raises(checkpoints.ChecksumError, match="target_config.json is missing"):
@@ -1666,14 +1666,14 @@ def test_edited_serving_config_is_named_and_can_be_accepted(trained, tmp_path, c
     config = json.loads((served / "config.json").read_text())
     config["dflash_config"]["mask_token_id"] = 62  # was 63
     (served / "config.json").write_text(json.dumps(config, indent=2))
-    assert C.main(["--import", str(served), str(tmp_path / "ckpt")]) == 1
+    assert C.main(["--import", str(served), str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"convert.py: error: config.json in {served} changed after export") and err.count("\n") == 1
     assert "re-export the folder from its checkpoint" in err and "--accept-edited-config" in err and "disk" not in err
     bench_args = ["--target", str(target), "--draft", str(served), "--prompt-len", "8", "--steps", "2", "--repeats", "1",
                   "--dtype", "fp32", "--device", "cpu"]
     p = subprocess.run([sys.executable, str(Path(HERE) / "bench.py"), *bench_args], capture_output=True, text=True)
-    assert p.returncode == 1 and p.stderr.startswith(f"bench.py: error: --draft {served}: config.json in {served} "
+    assert p.returncode == 2 and p.stderr.startswith(f"bench.py: error: --draft {served}: config.json in {served} "
                                                       "changed after export"), p.stderr
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
     # accepted: the edited mask id is the one read
@@ -1683,7 +1683,7 @@ def test_edited_serving_config_is_named_and_can_be_accepted(trained, tmp_path, c
     # the weights are verified all the same: a flipped byte is the corruption error, named, one line
     flip_byte(served / "model.safetensors", offset=-1)
     for flag in ([], ["--accept-edited-config"]):
-        assert C.main(["--import", *flag, str(served), str(tmp_path / "ckpt2")]) == 1
+        assert C.main(["--import", *flag, str(served), str(tmp_path / "ckpt2")]) == 2
         err = capsys.readouterr().err
         assert "model.safetensors differs from the sha256" in err and "disk, copy or transfer error" in err
         with pytest.raises(SystemExit, match=r"^bench\.py: error: --draft .*model\.safetensors differs.*transfer error"):
@@ -1805,7 +1805,7 @@ def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, me
     out = tmp_path / "served"
     with pytest.raises(ValueError, match=message):
         C.export_drafter(*C.read_checkpoint(str(run)), str(out))
-    assert C.main([str(run), str(out)]) == 1
+    assert C.main([str(run), str(out)]) == 2
     assert not out.exists() and leftovers(out) == []
 
 
@@ -1829,7 +1829,7 @@ def test_checkpoint_removed_while_read_is_one_line(trained, tmp_path, monkeypatc
     shutil.copytree(run / "checkpoints" / "step_00000002", tmp_path / "run" / "checkpoints" / "step_00000002",
                     dirs_exist_ok=True)
     capsys.readouterr()
-    assert C.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 1
+    assert C.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "may have removed it" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -1864,24 +1864,32 @@ def test_bad_serving_folder_on_import(tmp_path, case, message):
     out = tmp_path / "ckpt"
     with pytest.raises(ValueError, match=message):
         C.read_serving(str(src))
-    assert C.main(["--import", str(src), str(out)]) == 1
+    assert C.main(["--import", str(src), str(out)]) == 2
     assert not out.exists() and leftovers(out) == []
 
 
-def test_cli_errors_have_no_traceback(trained, tmp_path):
+def test_cli_errors_have_no_traceback(trained, tmp_path, monkeypatch, capsys):
+    """Bad input (SRC, OUT, a broken checkpoint) is one line, exit 2 as argparse's; a write that fails is 1."""
     run = broken_checkpoint(tmp_path, trained, "fc_shape")
     p = subprocess.run([sys.executable, str(Path(HERE) / "convert.py"), str(run), str(tmp_path / "o")],
                        capture_output=True, text=True)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.startswith("convert.py: error: invalid drafter: fc.weight has shape"), p.stderr
-    assert C.main([str(tmp_path / "nope"), str(tmp_path / "o")]) == 1
-    assert C.main([str(tmp_path), str(tmp_path / "o")]) == 1  # no checkpoint in it
-    assert C.main([str(run / "checkpoints" / "step_00000005"), str(run)]) == 1  # over its own input
+    assert C.main([str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+    assert C.main([str(tmp_path), str(tmp_path / "o")]) == 2  # no checkpoint in it
+    assert C.main([str(run / "checkpoints" / "step_00000005"), str(run)]) == 2  # over its own input
     assert (run / "checkpoints" / "step_00000005" / ".metadata").exists()
     with pytest.raises(SystemExit) as e:
         C.main([])  # usage errors are argparse's: status 2
     assert e.value.code == 2
     assert not (tmp_path / "o").exists()
+    capsys.readouterr()
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(C, "save_file", disk_full)  # a good checkpoint, a failed write: found by running, 1
+    assert C.main([str(trained[0]), str(tmp_path / "o")]) == 1 and not (tmp_path / "o").exists()
+    assert "No space left on device" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2117,9 +2125,10 @@ def test_bench_checks_the_fast_path_against_the_targets_forward(monkeypatch, tmp
         return m
 
     monkeypatch.setattr(fast_decode, "causal_decode_mask", hiding_slot_150)
-    with pytest.raises(SystemExit, match=r"^bench\.py: error: the compiled steps \(--attention flex\) part from the "
-                                         r"target's own forward .*--attention sdpa .* is the exact path"):
+    with pytest.raises(SystemExit) as e:  # a failure found by running: exit 1 (bad input is 2)
         bench.main(args)
+    assert e.value.code == 1 and re.match(r"bench\.py: error: the compiled steps \(--attention flex\) part from the "
+                                          r"target's own forward .*--attention sdpa .* is the exact path", capsys.readouterr().err)
 
 
 def test_compiled_static_draft_cache_writes_in_place():
@@ -2319,6 +2328,15 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"does not fit --target .*drafter vocab_size=64 != target vocab_size=80"):
         bench.main(["--target", str(tmp_path / "big_vocab.json"), "--draft", str(tmp_path / "drafter"),
                     "--prompt-len", "8", "--steps", "2", "--repeats", "1", "--dtype", "fp32", "--device", "cpu"])
+
+
+def test_bench_mistyped_target_is_one_line_and_exit_2(tmp_path):
+    """A --target that does not exist is one line naming it, exit 2 as argparse's errors, before anything loads
+    (it was open()'s FileNotFoundError traceback, exit 1)."""
+    p = subprocess.run([sys.executable, str(Path(HERE) / "bench.py"), "--target", str(tmp_path / "nope"), "--dataset",
+                        "mt-bench"], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr == f"config error: target {tmp_path / 'nope'} does not exist: give an HF " \
+        "folder or an HF config .json\n", p.stderr
 
 
 def test_bench_refuses_numbers_out_of_range_and_flags_that_prompt_len_ignores(capsys):
