@@ -19,6 +19,8 @@ emitted tokens follow the target's softmax(logits / T) exactly. --sampling match
 and as much at T 0.6 on the SmolLM2 drafter (results/sampling-smollm2.md).
 --replay ROWS.jsonl measures tau at temperature 0 without decoding, from the target's known greedy
 answers (rows written by `data.py regenerate`): a target forward per row or turn, a drafter pass per step.
+Exit status: 2 for bad input (one line, before decoding); 1 where the run finds the loop wrong: a lossless
+mismatch at temperature 0 (near ties are not) or --compile's fp32 check; else 0.
 Elsewhere: --compile's static caches and CUDA graphs in fast_decode.py; --replay, --profile and the
 acceptance statistics in measure.py; the rollback of each kind of target layer in targets.py.
 """
@@ -574,7 +576,11 @@ def main(argv=None):
     with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
         summaries = [bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file)
                      for name, prompts in prompt_sets.items()]
-        return closing(summaries, out_file)
+        closing(summaries, out_file)
+    if bad := sum(len(s["mismatches"]) for s in summaries):  # the loop changed the target's output: a failed run
+        print(f"bench.py: the lossless check found {bad} mismatch(es) at temperature 0 (above): a bug", file=sys.stderr)
+        raise SystemExit(1)
+    return summaries
 
 
 def closing(summaries, out_file):

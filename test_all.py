@@ -2429,7 +2429,7 @@ def test_bench_tells_a_near_tie_divergence_from_a_mismatch(models, tmp_path, cap
     """The DFlash run of one prompt is made to take another token at new token 3, as a bf16 near tie
     flips one. Where the target's top-2 logit gap there is within rounding (tie: every gap set to 2^-22
     of the top logit, under 4 fp32 ulps) the lossless line counts it as a near tie, with the gap; where
-    it is not (the real fp32 gaps) it is a MISMATCH: a bug."""
+    it is not (the real fp32 gaps) it is a MISMATCH: a bug, and the run exits 1."""
     t, d = models
     target = bench_target_folder(t, tmp_path / "target")
     write_lines(tmp_path / "p.jsonl", [json.dumps({"id": "q0", "turns": ["hello a"]}), json.dumps({"id": "q1", "turns": ["hi b"]})])
@@ -2443,16 +2443,23 @@ def test_bench_tells_a_near_tie_divergence_from_a_mismatch(models, tmp_path, cap
     monkeypatch.setattr(bench, "run_turns", flipped)
     if tie:
         monkeypatch.setattr(bench, "_top2_gap", lambda logits: top2(logits)[:, 1:] * torch.tensor([2.0 ** -22, 1.0]))
-    [res] = bench.main(["--target", target, "--dataset", str(tmp_path / "p.jsonl"), "--max-new-tokens", "8",
-                        "--block-size", "4", "--dtype", "fp32", "--device", "cpu"])
-    printed = capsys.readouterr().out
+    argv = ["--target", target, "--dataset", str(tmp_path / "p.jsonl"), "--max-new-tokens", "8", "--block-size", "4",
+            "--dtype", "fp32", "--device", "cpu"]
+    if tie:  # not a failure: exit 0, the summary returned
+        [res] = bench.main(argv)
+        assert (len(res["near_ties"]), len(res["mismatches"])) == (1, 0)
+    else:  # a failed run: exit 1, so that a CI job or the recipe checking the status stops on it
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 1
+    printed, err = capsys.readouterr()
+    assert err.endswith("bench.py: the lossless check found 1 mismatch(es) at temperature 0 (above): a bug\n") != tie, err
     tok = char_tokenizer()
     prompt = bench.render(tok, [{"role": "user", "content": "hello a"}])
     base = greedy(t, torch.tensor([prompt]), 3)
     top = t(torch.tensor([prompt + base])).logits[0, -1].max().item()  # the target's top logit before new token 3
     gap = top * 2.0 ** -22 if tie else top - t(torch.tensor([prompt + base])).logits[0, -1].topk(2).values[1].item()
     kind = "near tie" if tie else "MISMATCH"
-    assert (len(res["near_ties"]), len(res["mismatches"])) == ((1, 0) if tie else (0, 1))
     assert f"    {kind}: q0 turn 0, new token 3: the target's top-2 logit gap {gap:.3g} (top logit {top:.4g}) in the baseline" in printed
     assert f"lossless: 1/2 turns identical to the baseline, {int(tie)} diverged at a near tie, {int(not tie)} mismatch" in printed
     assert ("not a bug (--dtype fp32 is the exact check)" in printed) == tie and ("changed the target's output, a bug" in printed) != tie
