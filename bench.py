@@ -324,7 +324,7 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
     return res
 
 
-def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file=None):
+def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file=None, run=None):
     stops, B, device = data.stop_ids(tokenizer, target), args.block_size, args.device
     records, t0 = [], time.perf_counter()
     for i, p in enumerate(prompts, 1):
@@ -348,7 +348,7 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
             if out_file:
                 out_file.write(json.dumps(rec) + "\n")
                 out_file.flush()
-        print(measure.progress_line(name, i, len(prompts), records, time.perf_counter() - t0), flush=True)
+        print(measure.progress_line(name, i, len(prompts), records, time.perf_counter() - t0, run), flush=True)
     return summarize(name, records, B, args.temperature, args.sampling)
 
 
@@ -551,8 +551,10 @@ def main(argv=None):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
     if args.replay:
+        n, t0 = [measure.count_rows(f, args.num_prompts) for f in args.replay], time.perf_counter()
         with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
-            summaries = [measure.replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]
+            summaries = [measure.replay_rows(target, drafter, tokenizer, f, args, out_file, (sum(n[:k]), sum(n), t0))
+                         for k, f in enumerate(args.replay)]
             return closing(summaries, out_file)
     runners = {}
     if args.compile:
@@ -573,9 +575,10 @@ def main(argv=None):
 
     for p in [p for ps in prompt_sets.values() for p in ps][:1]:  # once per run: the sets share the caches
         warm_up(target, drafter, tokenizer, p, args, runners)
+    n, t0 = [len(ps) for ps in prompt_sets.values()], time.perf_counter()  # every set's prompts: the run's ETA
     with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
-        summaries = [bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file)
-                     for name, prompts in prompt_sets.items()]
+        summaries = [bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file, (sum(n[:k]), sum(n), t0))
+                     for k, (name, prompts) in enumerate(prompt_sets.items())]
         closing(summaries, out_file)
     if bad := sum(len(s["mismatches"]) for s in summaries):  # the loop changed the target's output: a failed run
         print(f"bench.py: the lossless check found {bad} mismatch(es) at temperature 0 (above): a bug", file=sys.stderr)

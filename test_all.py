@@ -2388,7 +2388,8 @@ def bench_target_folder(t, path):
 
 
 def test_bench_reports_progress_warms_up_once_and_ends_with_the_mean_tau(models, tmp_path, capsys, monkeypatch):
-    """A line per prompt (done/total, tau so far, ETA); one warm-up for the whole run, announced once; the last
+    """A line per prompt (done/total, tau so far, ETA; with several sets the run's prompts done and ETA too: the
+    set's ETA alone ended at 0m00s with a set to go); one warm-up for the whole run, announced once; the last
     line and the last --out record carry the mean of the sets' taus."""
     t, d = models
     target = bench_target_folder(t, tmp_path / "target")
@@ -2404,12 +2405,22 @@ def test_bench_reports_progress_warms_up_once_and_ends_with_the_mean_tau(models,
     printed = capsys.readouterr().out
     recs = measure.read_records(out)
     tau = lambda rs: sum(a for r in rs for a in r["dflash"]["acceptance"]) / sum(len(r["dflash"]["acceptance"]) for r in rs)
+    before = 0
     for name, turns in sets.items():  # tau so far: over the records of the prompts done, as --out has them
         mine = [r for r in recs if r["dataset"].endswith(f"{name}.jsonl")]
-        lines = re.findall(rf"^  \S*{name}\.jsonl: (\d)/(\d) prompts, tau so far (\d+\.\d\d), ETA (\d+m\d\ds)$", printed, re.M)
-        assert [(int(i), int(n)) for i, n, _, _ in lines] == [(i, len(turns)) for i in range(1, len(turns) + 1)], lines
-        assert [float(x) for _, _, x, _ in lines] == [round(tau(mine[:i]), 2) for i in range(1, len(turns) + 1)]
-        assert lines[-1][3] == "0m00s"  # nothing left
+        lines = re.findall(rf"^  \S*{name}\.jsonl: (\d)/(\d) prompts, tau so far (\d+\.\d\d), ETA (\d+m\d\ds); "
+                           r"the run: (\d)/(\d) prompts, ETA (\d+m\d\ds)$", printed, re.M)
+        assert [tuple(map(int, (x[0], x[1], x[4], x[5]))) for x in lines] == [
+            (i, len(turns), before + i, 5) for i in range(1, len(turns) + 1)], lines
+        assert [float(x[2]) for x in lines] == [round(tau(mine[:i]), 2) for i in range(1, len(turns) + 1)]
+        assert lines[-1][3] == "0m00s"  # nothing left of the set
+        before += len(turns)
+    assert lines[-1][6] == "0m00s"  # nor of the run
+    # the ETAs at each pace: the set's 10 s a prompt, 1 left; the run's 80 s for 4 prompts, 1 left (one set: no run part)
+    recs1 = [dict(dflash=dict(acceptance=[3, 1]))]
+    assert measure.progress_line("b", 1, 2, recs1, 10.0, (3, 5, time.perf_counter() - 80)) == \
+        "  b: 1/2 prompts, tau so far 2.00, ETA 0m10s; the run: 4/5 prompts, ETA 0m20s"
+    assert measure.progress_line("b", 1, 2, recs1, 10.0, (0, 2, 0.0)) == "  b: 1/2 prompts, tau so far 2.00, ETA 0m10s"
     # warm-up: both modes of one prompt, once for the two sets, then both modes of each prompt
     assert printed.count("warm-up:") == 1 and "compiles and warms caches; not counted" in printed
     assert calls == [1, 4] + [1, 4] * 5
@@ -3315,10 +3326,13 @@ def test_replay_decodes_in_the_dtype_the_rows_were_regenerated_in(models, tmp_pa
     assert "--replay rows regenerated in different dtypes (fp32: " in capsys.readouterr().err
 
 
-def test_replay_sets_that_share_a_file_name_keep_their_own_tau(models, tmp_path, capsys):
+def test_replay_sets_that_share_a_file_name_keep_their_own_tau(models, tmp_path, capsys, monkeypatch):
     """Two --replay files with one stem (a/rows.jsonl, b/rows.jsonl) are named by their paths as given, so the
     closing record keeps both sets (it kept one, as the --dataset names never collide); a file whose stem is
-    its own keeps the stem (the ablation recipe reads its sets by it); a file given twice is replayed once."""
+    its own keeps the stem (the ablation recipe reads its sets by it); a file given twice is replayed once.
+    Replay shows progress (it was silent for hours on a large shard): rows done of the file and of the run, tau
+    so far, ETAs, a line every data.PROGRESS_S (0 here: every row) and one when a file is done."""
+    monkeypatch.setattr(data, "PROGRESS_S", 0.0)
     t, d = models
     target = bench_target_folder(t, tmp_path / "target")
     C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
@@ -3334,7 +3348,16 @@ def test_replay_sets_that_share_a_file_name_keep_their_own_tau(models, tmp_path,
                 "--replay", ",".join(map(str, paths + paths[2:]))])  # other.jsonl twice: replayed once
     closing = [json.loads(line) for line in open(tmp_path / "out.jsonl")][-1]
     assert list(closing["sets"]) == [str(paths[0]), str(paths[1]), "other"] and closing["turns"] == 4
-    assert f"== {paths[0]}: replay of 1 greedy answers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"== {paths[0]}: replay of 1 greedy answers" in printed
+    lines = re.findall(r"^  (\S+): (\d)/(\d) rows, tau so far (\d+\.\d\d), ETA \d+m\d\ds; the run: (\d)/4 rows, ETA (\d+m\d\ds)$",
+                       printed, re.M)
+    assert [x[:3] + x[4:5] for x in lines] == [(str(paths[0]), "1", "1", "1"), (str(paths[1]), "1", "1", "2"),
+                                               ("other", "1", "2", "3"), ("other", "2", "2", "4")], lines
+    recs = measure.read_records(tmp_path / "out.jsonl")  # one turn a row: tau so far over the first rows' records
+    mine = lambda name, n: [a for r in [r for r in recs if r["dataset"] == name][:n] for a in r["dflash"]["acceptance"]]
+    assert [float(x[3]) for x in lines] == [round(sum(mine(x[0], int(x[1]))) / len(mine(x[0], int(x[1]))), 2) for x in lines]
+    assert lines[-1][5] == "0m00s"
 
 
 def test_cli_synthetic_timing(tmp_path, capsys):
