@@ -555,7 +555,7 @@ def main(argv=None):
         with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
             summaries = [measure.replay_rows(target, drafter, tokenizer, f, args, out_file, (sum(n[:k]), sum(n), t0))
                          for k, f in enumerate(args.replay)]
-            return closing(summaries, out_file)
+            return measure.closing(summaries, out_file)
     runners = {}
     if args.compile:
         need, max_len = static_len(args, tokenizer, prompt_sets)
@@ -579,19 +579,10 @@ def main(argv=None):
     with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
         summaries = [bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file, (sum(n[:k]), sum(n), t0))
                      for k, (name, prompts) in enumerate(prompt_sets.items())]
-        closing(summaries, out_file)
+        measure.closing(summaries, out_file)
     if bad := sum(len(s["mismatches"]) for s in summaries):  # the loop changed the target's output: a failed run
         print(f"bench.py: the lossless check found {bad} mismatch(es) at temperature 0 (above): a bug", file=sys.stderr)
         raise SystemExit(1)
-    return summaries
-
-
-def closing(summaries, out_file):
-    """The run's last line and last --out record: the mean tau over the sets (and the lossless counts)."""
-    rec = measure.mean_over_sets(summaries)
-    measure.print_mean_over_sets(rec, summaries)
-    if out_file:
-        out_file.write(json.dumps(rec) + "\n")
     return summaries
 
 

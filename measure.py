@@ -87,13 +87,18 @@ def mean_over_sets(summaries):
     return rec
 
 
-def print_mean_over_sets(rec, summaries):
+def closing(summaries, out_file=None):
+    """The run's last line and last --out record: the mean tau over the sets (and the lossless counts)."""
+    rec = mean_over_sets(summaries)
     sets = " | ".join(f"{s['dataset']}: tau {s['tau']:.2f}" + (f", {s['speedup']:.2f}x" if "speedup" in s else "")
                       for s in summaries)
     checked = (f" | lossless: {rec['identical']}/{rec['checked']} turns identical, {rec['near_ties']} near-tie "
                f"divergences, {rec['mismatches']} mismatches" if rec.get("checked") else "")
     n = len(summaries)
     print(f"\n== mean tau {rec['mean_tau']:.2f} over {n} set{'' if n == 1 else 's'} | {sets}{checked}")
+    if out_file:
+        out_file.write(json.dumps(rec) + "\n")
+    return summaries
 
 
 def read_records(path):
