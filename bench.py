@@ -19,6 +19,8 @@ emitted tokens follow the target's softmax(logits / T) exactly. --sampling match
 and as much at T 0.6 on the SmolLM2 drafter (results/sampling-smollm2.md).
 --replay ROWS.jsonl measures tau at temperature 0 without decoding, from the target's known greedy
 answers (rows written by `data.py regenerate`): a target forward per row or turn, a drafter pass per step.
+Exit status: 2 for bad input (one line, before decoding); 1 where the run finds the loop wrong: a lossless
+mismatch at temperature 0 (near ties are not) or --compile's fp32 check; else 0.
 Elsewhere: --compile's static caches and CUDA graphs in fast_decode.py; --replay, --profile and the
 acceptance statistics in measure.py; the rollback of each kind of target layer in targets.py.
 """
@@ -27,6 +29,7 @@ import contextlib
 import glob
 import json
 import os
+import sys
 import time
 
 import torch
@@ -286,18 +289,6 @@ def measure_tau(target, drafter, tokenizer, prompts, max_new_tokens, log=None):
 # ----------------------------------------------------------------------------------------------
 # Benchmark: per-turn records, the lossless check, the summary
 
-def _first_diff(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
-
-
-def _near_tie(gap_top, dtype):
-    """Is a top-2 gap [gap, top logit] within a few roundings of the logits' dtype (8 ulps of the top)?"""
-    gap, top = gap_top
-    bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 24)
-    ulp = 2.0 ** (torch.tensor(abs(top) + 1e-30).log2().floor().item() - (bits - 1))
-    return gap <= 8 * ulp
-
-
 def diagnose(target, drafter, prompt_ids, pos, block_size, stop_ids, runners):
     """Top-2 logit gap of the target at new-token position `pos` in both runs (baseline, DFlash)."""
     ids = torch.tensor([prompt_ids], device=target.get_input_embeddings().weight.device)
@@ -306,7 +297,7 @@ def diagnose(target, drafter, prompt_ids, pos, block_size, stop_ids, runners):
         r = spec_generate(target, drafter, ids, pos + 1, stop_ids, bs, runner=runners.get(bs), record_gaps=True)
         out[name] = r["gaps"][pos] if pos < len(r["gaps"]) else None
     known = [g for g in out.values() if g is not None]
-    out["near_tie"] = bool(known) and all(_near_tie(g, target.dtype) for g in known)
+    out["near_tie"] = bool(known) and all(measure.near_tie(g, target.dtype) for g in known)
     return out
 
 
@@ -333,7 +324,7 @@ def summarize(name, records, block_size, temperature=0.0, sampling="speculative"
     return res
 
 
-def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file=None):
+def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file=None, run=None):
     stops, B, device = data.stop_ids(tokenizer, target), args.block_size, args.device
     records, t0 = [], time.perf_counter()
     for i, p in enumerate(prompts, 1):
@@ -349,7 +340,7 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
                        same_prompt=b["prompt_ids"] == d["prompt_ids"], match=None)
             rec["tau_by_position"] = measure.tau_by_position([rec])
             if args.temperature == 0 and rec["same_prompt"]:
-                pos = _first_diff(b["tokens"], d["tokens"])
+                pos = measure.first_diff(b["tokens"], d["tokens"])
                 rec.update(match=pos is None, first_diff=pos)
                 if pos is not None:
                     rec["gaps"] = diagnose(target, drafter, d["prompt_ids"], pos, B, stops, runners)
@@ -357,7 +348,7 @@ def bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_
             if out_file:
                 out_file.write(json.dumps(rec) + "\n")
                 out_file.flush()
-        print(measure.progress_line(name, i, len(prompts), records, time.perf_counter() - t0), flush=True)
+        print(measure.progress_line(name, i, len(prompts), records, time.perf_counter() - t0, run), flush=True)
     return summarize(name, records, B, args.temperature, args.sampling)
 
 
@@ -393,8 +384,9 @@ def check_fast_path(runners, target, drafter, args):
         msg = (f"the compiled steps (--attention {args.attention}) part from the target's own forward by "
                f"{worst:.2g} of the largest logit, over {tol} in {args.dtype}: a fast-path bug, not "
                "rounding; --attention sdpa (or no --compile) is the exact path; --dtype fp32 checks it exactly")
-        if args.dtype == "fp32":
-            raise SystemExit(f"bench.py: error: {msg}")
+        if args.dtype == "fp32":  # a failure found by running, not bad input: exit 1
+            print(f"bench.py: error: {msg}", file=sys.stderr)
+            raise SystemExit(1)
         print(f"WARNING: {msg}")
 
 
@@ -537,7 +529,7 @@ def main(argv=None):
     try:  # before any weights load: capture must find the decoder layers, and each layer must roll back
         targets.check_target(args.target)
         targets.check_rollback(targets.load_target_config(args.target), args.compile)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a folder without config.json
         raise SystemExit(f"config error: {e}")
     try:  # before the target's weights load: a damaged or edited folder is named at once
         drafter = None if args.draft == "random" else load_drafter(args.draft, args.device, dtype,
@@ -559,9 +551,11 @@ def main(argv=None):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
     if args.replay:
+        n, t0 = [measure.count_rows(f, args.num_prompts) for f in args.replay], time.perf_counter()
         with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
-            summaries = [measure.replay_rows(target, drafter, tokenizer, f, args, out_file) for f in args.replay]
-            return closing(summaries, out_file)
+            summaries = [measure.replay_rows(target, drafter, tokenizer, f, args, out_file, (sum(n[:k]), sum(n), t0))
+                         for k, f in enumerate(args.replay)]
+            return measure.closing(summaries, out_file)
     runners = {}
     if args.compile:
         need, max_len = static_len(args, tokenizer, prompt_sets)
@@ -581,20 +575,22 @@ def main(argv=None):
 
     for p in [p for ps in prompt_sets.values() for p in ps][:1]:  # once per run: the sets share the caches
         warm_up(target, drafter, tokenizer, p, args, runners)
+    n, t0 = [len(ps) for ps in prompt_sets.values()], time.perf_counter()  # every set's prompts: the run's ETA
     with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
-        summaries = [bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file)
-                     for name, prompts in prompt_sets.items()]
-        return closing(summaries, out_file)
-
-
-def closing(summaries, out_file):
-    """The run's last line and last --out record: the mean tau over the sets (and the lossless counts)."""
-    rec = measure.mean_over_sets(summaries)
-    measure.print_mean_over_sets(rec, summaries)
-    if out_file:
-        out_file.write(json.dumps(rec) + "\n")
+        summaries = [bench_prompts(target, drafter, tokenizer, prompts, args, runners, name, out_file, (sum(n[:k]), sum(n), t0))
+                     for k, (name, prompts) in enumerate(prompt_sets.items())]
+        measure.closing(summaries, out_file)
+    if bad := sum(len(s["mismatches"]) for s in summaries):  # the loop changed the target's output: a failed run
+        print(f"bench.py: the lossless check found {bad} mismatch(es) at temperature 0 (above): a bug", file=sys.stderr)
+        raise SystemExit(1)
     return summaries
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:  # bad input, raised as one line before decoding: exit 2, as argparse's errors
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)
+        sys.exit(2)

@@ -496,7 +496,7 @@ def main(argv=None):
     p.add_argument("out", help="output folder (a serving folder this tool wrote is replaced, only once "
                    "the new one is complete; anything else needs --overwrite)")
     args = p.parse_args(argv)
-    try:
+    try:  # bad input (SRC, OUT, an unreadable or mismatched drafter): exit 2, as argparse's errors
         if not os.path.isdir(args.src):
             raise ValueError(f"{args.src} is not a folder")
         src, out = os.path.realpath(args.src), os.path.realpath(args.out)
@@ -505,11 +505,15 @@ def main(argv=None):
         problem = None if args.overwrite else out_problem(args.out, args.import_)
         if problem:
             raise ValueError(f"{problem}; choose another output, or pass --overwrite to replace it")
+        sd, cfg, target_config = (read_serving(args.src, args.accept_edited_config) if args.import_
+                                  else read_checkpoint(args.src))
+    except (ValueError, OSError) as e:
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        return 2
+    try:  # a failure found by writing (disk, permissions, the read-back check): exit 1
         if args.import_:
-            sd, cfg, target_config = read_serving(args.src, args.accept_edited_config)
             write_checkpoint(sd, cfg, target_config, args.out, args.overwrite)
         else:
-            sd, cfg, target_config = read_checkpoint(args.src)
             export_drafter(sd, cfg, target_config, args.out, args.target_name, args.overwrite)
     except (ValueError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ any target's shapes.
 """
 import json
 import os
+import time
 from collections import Counter
 
 import torch
@@ -60,11 +61,18 @@ def print_acceptance(res):
     print("  acceptance: " + " ".join(f"{k}:{100 * v / total:.1f}%" for k, v in res["histogram"].items()))
 
 
-def progress_line(name, done, total, records, elapsed_s):
-    """One line per prompt of a run that takes minutes: prompts done, tau so far, the time left at this pace."""
+def progress_line(name, done, total, records, elapsed_s, run=None, unit="prompts"):
+    """A progress line of a run that takes minutes: prompts (or rows) done, tau so far, the time left at this pace.
+    run (prompts of the sets before this one, prompts of all sets, the run's start): with several sets, the
+    whole run's progress and time left too (a set's own ETA ends at 0m00s with sets still to go)."""
     steps = [a for r in records for a in r["dflash"]["acceptance"]]
-    eta = data.fmt_time(elapsed_s * (total - done) / max(done, 1))
-    return f"  {name}: {done}/{total} prompts, tau so far {sum(steps) / max(len(steps), 1):.2f}, ETA {eta}"
+    eta = lambda s, n, left: data.fmt_time(s * left / max(n, 1))
+    line = (f"  {name}: {done}/{total} {unit}, tau so far {sum(steps) / max(len(steps), 1):.2f}, "
+            f"ETA {eta(elapsed_s, done, total - done)}")
+    if run and run[1] > total:
+        n = run[0] + done
+        line += f"; the run: {n}/{run[1]} {unit}, ETA {eta(time.perf_counter() - run[2], n, run[1] - n)}"
+    return line
 
 
 def mean_over_sets(summaries):
@@ -79,13 +87,18 @@ def mean_over_sets(summaries):
     return rec
 
 
-def print_mean_over_sets(rec, summaries):
+def closing(summaries, out_file=None):
+    """The run's last line and last --out record: the mean tau over the sets (and the lossless counts)."""
+    rec = mean_over_sets(summaries)
     sets = " | ".join(f"{s['dataset']}: tau {s['tau']:.2f}" + (f", {s['speedup']:.2f}x" if "speedup" in s else "")
                       for s in summaries)
     checked = (f" | lossless: {rec['identical']}/{rec['checked']} turns identical, {rec['near_ties']} near-tie "
                f"divergences, {rec['mismatches']} mismatches" if rec.get("checked") else "")
     n = len(summaries)
     print(f"\n== mean tau {rec['mean_tau']:.2f} over {n} set{'' if n == 1 else 's'} | {sets}{checked}")
+    if out_file:
+        out_file.write(json.dumps(rec) + "\n")
+    return summaries
 
 
 def read_records(path):
@@ -96,6 +109,19 @@ def read_records(path):
 
 # ----------------------------------------------------------------------------------------------
 # The lossless check's report: greedy DFlash must emit the baseline's tokens, turn for turn
+
+def first_diff(a, b):
+    """The first position where token lists a and b differ (one ends first: its length), None if equal."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def near_tie(gap_top, dtype):
+    """Is a top-2 gap [gap, top logit] within a few roundings of the logits' dtype (8 ulps of the top)?"""
+    gap, top = gap_top
+    bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 24)
+    ulp = 2.0 ** (torch.tensor(abs(top) + 1e-30).log2().floor().item() - (bits - 1))
+    return gap <= 8 * ulp
+
 
 def lossless_summary(records):
     """Turns compared, turns identical, and the divergences: near ties (the target's top two logits within
@@ -180,7 +206,13 @@ def rows_dtype(paths, limit=None):
     return next(iter(seen), None)
 
 
-def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
+def count_rows(path, limit=None):
+    """The rows of a --replay file that replay reads: its first `limit` (--num-prompts)."""
+    n = sum(1 for _ in data.read_rows(path))
+    return min(n, limit) if limit else n
+
+
+def replay_rows(target, drafter, tokenizer, path, args, out_file=None, run=None):
     """Replay every answer of the regenerated rows in path (the first --num-prompts rows): records as
     bench_prompts writes them (no baseline), and the summary lines. Each answer follows the prompt the loop
     decodes it from (bench.render: thinking off where the template has the switch, as regenerate
@@ -188,14 +220,18 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
     drops their empty think block) renders those differently; rows answered with thinking on, or with an empty
     answer, are skipped and counted. An answer cut by the regeneration's token limit ("finished": false) is
     supervised without the end-of-turn token the template adds to it, so its span ends where it was cut. The
-    set's name is the file's stem, or the path as given where two --replay files share a stem."""
+    set's name is the file's stem, or the path as given where two --replay files share a stem. A progress line
+    (rows, tau so far, ETA; run: as progress_line's) every data.PROGRESS_S: a shard of 100K rows takes hours."""
     stem = lambda p: os.path.splitext(os.path.basename(p))[0]
     name = path if [stem(p) for p in getattr(args, "replay", [path])].count(stem(path)) > 1 else stem(path)
     thinking = False if data.has_thinking_switch(tokenizer) else None  # as bench.render
-    records, skipped = [], Counter()
+    records, skipped, total, t0, shown = [], Counter(), count_rows(path, args.num_prompts), time.perf_counter(), 0
     for i, row in data.read_rows(path):
         if args.num_prompts and i >= args.num_prompts:
             break
+        if i and time.perf_counter() - shown >= data.PROGRESS_S:  # rows 0 .. i-1 done
+            shown = time.perf_counter()
+            print(progress_line(name, i, total, records, shown - t0, run, "rows"), flush=True)
         answers = [m for m in (row or {}).get("messages") or [] if isinstance(m, dict) and m.get("role") == "assistant"]
         if not answers or not all("token_ids" in m for m in answers):
             skipped["not regenerated (no assistant token_ids), so not the target's answers"] += 1
@@ -226,6 +262,7 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None):
             records.append(rec)
             if out_file:
                 out_file.write(json.dumps(rec) + "\n")
+    print(progress_line(name, total, total, records, time.perf_counter() - t0, run, "rows"), flush=True)
     for reason, n in skipped.items():
         print(f"replay: {path}: {n} rows skipped: {reason}")
     res = dict(dataset=name, **acceptance_summary(records))

@@ -32,6 +32,8 @@ def load_target_config(path_or_config):
         return AutoConfig.from_pretrained(path_or_config)
     cfg = path_or_config
     if not isinstance(cfg, dict) and not hasattr(cfg, "to_dict"):
+        if not os.path.exists(cfg):  # a mistyped --target: one line naming it, not open()'s traceback
+            raise ValueError(f"target {cfg} does not exist: give an HF folder or an HF config .json")
         with open(cfg) as f:
             cfg = json.load(f)
     if isinstance(cfg, dict):

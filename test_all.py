@@ -1645,14 +1645,14 @@ def test_convert_refuses_an_out_that_holds_or_lies_inside_a_checkpoint(trained, 
     for out, why in ((newest, "holds a training checkpoint"), (tmp_path / "run_copy", "holds a training checkpoint"),
                      (newest / "export", "lies inside the training checkpoint"),
                      (released, "not a serving folder this tool wrote"), (notes, "not a serving folder")):
-        assert C.main([str(run), str(out)]) == 1
+        assert C.main([str(run), str(out)]) == 2
         err = capsys.readouterr().err
         assert why in err and "pass --overwrite" in err, (out, err)
     assert (newest / ".metadata").read_bytes() == before and not (newest / "export").exists()
     assert (notes / "a.txt").read_text() == "keep" and (released / "model.safetensors").exists()
-    assert C.main(["--import", str(released), str(newest)]) == 1  # --import: the same rule
+    assert C.main(["--import", str(released), str(newest)]) == 2  # --import: the same rule
     assert "holds a training checkpoint" in capsys.readouterr().err
-    assert C.main(["--import", str(released), str(notes)]) == 1 and "is not empty" in capsys.readouterr().err
+    assert C.main(["--import", str(released), str(notes)]) == 2 and "is not empty" in capsys.readouterr().err
     C.read_checkpoint(str(run))  # still whole
     # a serving folder this tool wrote is replaced; anything else only with --overwrite
     assert C.main([str(run), str(tmp_path / "served")]) == 0 and C.main([str(run), str(tmp_path / "served")]) == 0
@@ -1687,12 +1687,12 @@ def test_flipped_byte_is_a_named_checksum_error(trained, tmp_path):
     flip_byte(served / "model.safetensors", offset=-1)  # the last weight's bytes
     with pytest.raises(checkpoints.ChecksumError, match=r"checksum mismatch in .*served: model\.safetensors differs"):
         C.load_drafter(str(served))
-    assert C.main(["--import", str(served), str(tmp_path / "ckpt2")]) == 1 and not (tmp_path / "ckpt2").exists()
+    assert C.main(["--import", str(served), str(tmp_path / "ckpt2")]) == 2 and not (tmp_path / "ckpt2").exists()
     shard = next(ckpt.glob("*.distcp"))
     flip_byte(shard)
     with pytest.raises(checkpoints.ChecksumError, match=rf"{shard.name} differs from the sha256 recorded"):
         C.read_checkpoint(str(ckpt))
-    assert C.main([str(ckpt), str(tmp_path / "served2")]) == 1 and not (tmp_path / "served2").exists()
+    assert C.main([str(ckpt), str(tmp_path / "served2")]) == 2 and not (tmp_path / "served2").exists()
     flip_byte(shard)  # flipped back: whole again
     (ckpt / "target_config.json").unlink()
     with pytest.raises(checkpoints.ChecksumError, match="target_config.json is missing"):
@@ -1711,14 +1711,14 @@ def test_edited_serving_config_is_named_and_can_be_accepted(trained, tmp_path, c
     config = json.loads((served / "config.json").read_text())
     config["dflash_config"]["mask_token_id"] = 62  # was 63
     (served / "config.json").write_text(json.dumps(config, indent=2))
-    assert C.main(["--import", str(served), str(tmp_path / "ckpt")]) == 1
+    assert C.main(["--import", str(served), str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"convert.py: error: config.json in {served} changed after export") and err.count("\n") == 1
     assert "re-export the folder from its checkpoint" in err and "--accept-edited-config" in err and "disk" not in err
     bench_args = ["--target", str(target), "--draft", str(served), "--prompt-len", "8", "--steps", "2", "--repeats", "1",
                   "--dtype", "fp32", "--device", "cpu"]
     p = subprocess.run([sys.executable, str(Path(HERE) / "bench.py"), *bench_args], capture_output=True, text=True)
-    assert p.returncode == 1 and p.stderr.startswith(f"bench.py: error: --draft {served}: config.json in {served} "
+    assert p.returncode == 2 and p.stderr.startswith(f"bench.py: error: --draft {served}: config.json in {served} "
                                                       "changed after export"), p.stderr
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
     # accepted: the edited mask id is the one read
@@ -1728,7 +1728,7 @@ def test_edited_serving_config_is_named_and_can_be_accepted(trained, tmp_path, c
     # the weights are verified all the same: a flipped byte is the corruption error, named, one line
     flip_byte(served / "model.safetensors", offset=-1)
     for flag in ([], ["--accept-edited-config"]):
-        assert C.main(["--import", *flag, str(served), str(tmp_path / "ckpt2")]) == 1
+        assert C.main(["--import", *flag, str(served), str(tmp_path / "ckpt2")]) == 2
         err = capsys.readouterr().err
         assert "model.safetensors differs from the sha256" in err and "disk, copy or transfer error" in err
         with pytest.raises(SystemExit, match=r"^bench\.py: error: --draft .*model\.safetensors differs.*transfer error"):
@@ -1850,7 +1850,7 @@ def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, me
     out = tmp_path / "served"
     with pytest.raises(ValueError, match=message):
         C.export_drafter(*C.read_checkpoint(str(run)), str(out))
-    assert C.main([str(run), str(out)]) == 1
+    assert C.main([str(run), str(out)]) == 2
     assert not out.exists() and leftovers(out) == []
 
 
@@ -1874,7 +1874,7 @@ def test_checkpoint_removed_while_read_is_one_line(trained, tmp_path, monkeypatc
     shutil.copytree(run / "checkpoints" / "step_00000002", tmp_path / "run" / "checkpoints" / "step_00000002",
                     dirs_exist_ok=True)
     capsys.readouterr()
-    assert C.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 1
+    assert C.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "may have removed it" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -1909,24 +1909,32 @@ def test_bad_serving_folder_on_import(tmp_path, case, message):
     out = tmp_path / "ckpt"
     with pytest.raises(ValueError, match=message):
         C.read_serving(str(src))
-    assert C.main(["--import", str(src), str(out)]) == 1
+    assert C.main(["--import", str(src), str(out)]) == 2
     assert not out.exists() and leftovers(out) == []
 
 
-def test_cli_errors_have_no_traceback(trained, tmp_path):
+def test_cli_errors_have_no_traceback(trained, tmp_path, monkeypatch, capsys):
+    """Bad input (SRC, OUT, a broken checkpoint) is one line, exit 2 as argparse's; a write that fails is 1."""
     run = broken_checkpoint(tmp_path, trained, "fc_shape")
     p = subprocess.run([sys.executable, str(Path(HERE) / "convert.py"), str(run), str(tmp_path / "o")],
                        capture_output=True, text=True)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.startswith("convert.py: error: invalid drafter: fc.weight has shape"), p.stderr
-    assert C.main([str(tmp_path / "nope"), str(tmp_path / "o")]) == 1
-    assert C.main([str(tmp_path), str(tmp_path / "o")]) == 1  # no checkpoint in it
-    assert C.main([str(run / "checkpoints" / "step_00000005"), str(run)]) == 1  # over its own input
+    assert C.main([str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+    assert C.main([str(tmp_path), str(tmp_path / "o")]) == 2  # no checkpoint in it
+    assert C.main([str(run / "checkpoints" / "step_00000005"), str(run)]) == 2  # over its own input
     assert (run / "checkpoints" / "step_00000005" / ".metadata").exists()
     with pytest.raises(SystemExit) as e:
         C.main([])  # usage errors are argparse's: status 2
     assert e.value.code == 2
     assert not (tmp_path / "o").exists()
+    capsys.readouterr()
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(C, "save_file", disk_full)  # a good checkpoint, a failed write: found by running, 1
+    assert C.main([str(trained[0]), str(tmp_path / "o")]) == 1 and not (tmp_path / "o").exists()
+    assert "No space left on device" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2162,9 +2170,10 @@ def test_bench_checks_the_fast_path_against_the_targets_forward(monkeypatch, tmp
         return m
 
     monkeypatch.setattr(fast_decode, "causal_decode_mask", hiding_slot_150)
-    with pytest.raises(SystemExit, match=r"^bench\.py: error: the compiled steps \(--attention flex\) part from the "
-                                         r"target's own forward .*--attention sdpa .* is the exact path"):
+    with pytest.raises(SystemExit) as e:  # a failure found by running: exit 1 (bad input is 2)
         bench.main(args)
+    assert e.value.code == 1 and re.match(r"bench\.py: error: the compiled steps \(--attention flex\) part from the "
+                                          r"target's own forward .*--attention sdpa .* is the exact path", capsys.readouterr().err)
 
 
 def test_compiled_static_draft_cache_writes_in_place():
@@ -2366,6 +2375,15 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
                     "--prompt-len", "8", "--steps", "2", "--repeats", "1", "--dtype", "fp32", "--device", "cpu"])
 
 
+def test_bench_mistyped_target_is_one_line_and_exit_2(tmp_path):
+    """A --target that does not exist is one line naming it, exit 2 as argparse's errors, before anything loads
+    (it was open()'s FileNotFoundError traceback, exit 1)."""
+    p = subprocess.run([sys.executable, str(Path(HERE) / "bench.py"), "--target", str(tmp_path / "nope"), "--dataset",
+                        "mt-bench"], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr == f"config error: target {tmp_path / 'nope'} does not exist: give an HF " \
+        "folder or an HF config .json\n", p.stderr
+
+
 def test_bench_refuses_numbers_out_of_range_and_flags_that_prompt_len_ignores(capsys):
     """Each numeric flag out of range is one line naming it and its least value, before any model loads: they
     were a TypeError (--block-size -2), a silent default (--block-size 0, --max-len 0), a ZeroDivisionError
@@ -2415,7 +2433,8 @@ def bench_target_folder(t, path):
 
 
 def test_bench_reports_progress_warms_up_once_and_ends_with_the_mean_tau(models, tmp_path, capsys, monkeypatch):
-    """A line per prompt (done/total, tau so far, ETA); one warm-up for the whole run, announced once; the last
+    """A line per prompt (done/total, tau so far, ETA; with several sets the run's prompts done and ETA too: the
+    set's ETA alone ended at 0m00s with a set to go); one warm-up for the whole run, announced once; the last
     line and the last --out record carry the mean of the sets' taus."""
     t, d = models
     target = bench_target_folder(t, tmp_path / "target")
@@ -2431,12 +2450,22 @@ def test_bench_reports_progress_warms_up_once_and_ends_with_the_mean_tau(models,
     printed = capsys.readouterr().out
     recs = measure.read_records(out)
     tau = lambda rs: sum(a for r in rs for a in r["dflash"]["acceptance"]) / sum(len(r["dflash"]["acceptance"]) for r in rs)
+    before = 0
     for name, turns in sets.items():  # tau so far: over the records of the prompts done, as --out has them
         mine = [r for r in recs if r["dataset"].endswith(f"{name}.jsonl")]
-        lines = re.findall(rf"^  \S*{name}\.jsonl: (\d)/(\d) prompts, tau so far (\d+\.\d\d), ETA (\d+m\d\ds)$", printed, re.M)
-        assert [(int(i), int(n)) for i, n, _, _ in lines] == [(i, len(turns)) for i in range(1, len(turns) + 1)], lines
-        assert [float(x) for _, _, x, _ in lines] == [round(tau(mine[:i]), 2) for i in range(1, len(turns) + 1)]
-        assert lines[-1][3] == "0m00s"  # nothing left
+        lines = re.findall(rf"^  \S*{name}\.jsonl: (\d)/(\d) prompts, tau so far (\d+\.\d\d), ETA (\d+m\d\ds); "
+                           r"the run: (\d)/(\d) prompts, ETA (\d+m\d\ds)$", printed, re.M)
+        assert [tuple(map(int, (x[0], x[1], x[4], x[5]))) for x in lines] == [
+            (i, len(turns), before + i, 5) for i in range(1, len(turns) + 1)], lines
+        assert [float(x[2]) for x in lines] == [round(tau(mine[:i]), 2) for i in range(1, len(turns) + 1)]
+        assert lines[-1][3] == "0m00s"  # nothing left of the set
+        before += len(turns)
+    assert lines[-1][6] == "0m00s"  # nor of the run
+    # the ETAs at each pace: the set's 10 s a prompt, 1 left; the run's 80 s for 4 prompts, 1 left (one set: no run part)
+    recs1 = [dict(dflash=dict(acceptance=[3, 1]))]
+    assert measure.progress_line("b", 1, 2, recs1, 10.0, (3, 5, time.perf_counter() - 80)) == \
+        "  b: 1/2 prompts, tau so far 2.00, ETA 0m10s; the run: 4/5 prompts, ETA 0m20s"
+    assert measure.progress_line("b", 1, 2, recs1, 10.0, (0, 2, 0.0)) == "  b: 1/2 prompts, tau so far 2.00, ETA 0m10s"
     # warm-up: both modes of one prompt, once for the two sets, then both modes of each prompt
     assert printed.count("warm-up:") == 1 and "compiles and warms caches; not counted" in printed
     assert calls == [1, 4] + [1, 4] * 5
@@ -2456,7 +2485,7 @@ def test_bench_tells_a_near_tie_divergence_from_a_mismatch(models, tmp_path, cap
     """The DFlash run of one prompt is made to take another token at new token 3, as a bf16 near tie
     flips one. Where the target's top-2 logit gap there is within rounding (tie: every gap set to 2^-22
     of the top logit, under 4 fp32 ulps) the lossless line counts it as a near tie, with the gap; where
-    it is not (the real fp32 gaps) it is a MISMATCH: a bug."""
+    it is not (the real fp32 gaps) it is a MISMATCH: a bug, and the run exits 1."""
     t, d = models
     target = bench_target_folder(t, tmp_path / "target")
     write_lines(tmp_path / "p.jsonl", [json.dumps({"id": "q0", "turns": ["hello a"]}), json.dumps({"id": "q1", "turns": ["hi b"]})])
@@ -2470,16 +2499,23 @@ def test_bench_tells_a_near_tie_divergence_from_a_mismatch(models, tmp_path, cap
     monkeypatch.setattr(bench, "run_turns", flipped)
     if tie:
         monkeypatch.setattr(bench, "_top2_gap", lambda logits: top2(logits)[:, 1:] * torch.tensor([2.0 ** -22, 1.0]))
-    [res] = bench.main(["--target", target, "--dataset", str(tmp_path / "p.jsonl"), "--max-new-tokens", "8",
-                        "--block-size", "4", "--dtype", "fp32", "--device", "cpu"])
-    printed = capsys.readouterr().out
+    argv = ["--target", target, "--dataset", str(tmp_path / "p.jsonl"), "--max-new-tokens", "8", "--block-size", "4",
+            "--dtype", "fp32", "--device", "cpu"]
+    if tie:  # not a failure: exit 0, the summary returned
+        [res] = bench.main(argv)
+        assert (len(res["near_ties"]), len(res["mismatches"])) == (1, 0)
+    else:  # a failed run: exit 1, so that a CI job or the recipe checking the status stops on it
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 1
+    printed, err = capsys.readouterr()
+    assert err.endswith("bench.py: the lossless check found 1 mismatch(es) at temperature 0 (above): a bug\n") != tie, err
     tok = char_tokenizer()
     prompt = bench.render(tok, [{"role": "user", "content": "hello a"}])
     base = greedy(t, torch.tensor([prompt]), 3)
     top = t(torch.tensor([prompt + base])).logits[0, -1].max().item()  # the target's top logit before new token 3
     gap = top * 2.0 ** -22 if tie else top - t(torch.tensor([prompt + base])).logits[0, -1].topk(2).values[1].item()
     kind = "near tie" if tie else "MISMATCH"
-    assert (len(res["near_ties"]), len(res["mismatches"])) == ((1, 0) if tie else (0, 1))
     assert f"    {kind}: q0 turn 0, new token 3: the target's top-2 logit gap {gap:.3g} (top logit {top:.4g}) in the baseline" in printed
     assert f"lossless: 1/2 turns identical to the baseline, {int(tie)} diverged at a near tie, {int(not tie)} mismatch" in printed
     assert ("not a bug (--dtype fp32 is the exact check)" in printed) == tie and ("changed the target's output, a bug" in printed) != tie
@@ -3335,10 +3371,13 @@ def test_replay_decodes_in_the_dtype_the_rows_were_regenerated_in(models, tmp_pa
     assert "--replay rows regenerated in different dtypes (fp32: " in capsys.readouterr().err
 
 
-def test_replay_sets_that_share_a_file_name_keep_their_own_tau(models, tmp_path, capsys):
+def test_replay_sets_that_share_a_file_name_keep_their_own_tau(models, tmp_path, capsys, monkeypatch):
     """Two --replay files with one stem (a/rows.jsonl, b/rows.jsonl) are named by their paths as given, so the
     closing record keeps both sets (it kept one, as the --dataset names never collide); a file whose stem is
-    its own keeps the stem (the ablation recipe reads its sets by it); a file given twice is replayed once."""
+    its own keeps the stem (the ablation recipe reads its sets by it); a file given twice is replayed once.
+    Replay shows progress (it was silent for hours on a large shard): rows done of the file and of the run, tau
+    so far, ETAs, a line every data.PROGRESS_S (0 here: every row) and one when a file is done."""
+    monkeypatch.setattr(data, "PROGRESS_S", 0.0)
     t, d = models
     target = bench_target_folder(t, tmp_path / "target")
     C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
@@ -3354,7 +3393,16 @@ def test_replay_sets_that_share_a_file_name_keep_their_own_tau(models, tmp_path,
                 "--replay", ",".join(map(str, paths + paths[2:]))])  # other.jsonl twice: replayed once
     closing = [json.loads(line) for line in open(tmp_path / "out.jsonl")][-1]
     assert list(closing["sets"]) == [str(paths[0]), str(paths[1]), "other"] and closing["turns"] == 4
-    assert f"== {paths[0]}: replay of 1 greedy answers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"== {paths[0]}: replay of 1 greedy answers" in printed
+    lines = re.findall(r"^  (\S+): (\d)/(\d) rows, tau so far (\d+\.\d\d), ETA \d+m\d\ds; the run: (\d)/4 rows, ETA (\d+m\d\ds)$",
+                       printed, re.M)
+    assert [x[:3] + x[4:5] for x in lines] == [(str(paths[0]), "1", "1", "1"), (str(paths[1]), "1", "1", "2"),
+                                               ("other", "1", "2", "3"), ("other", "2", "2", "4")], lines
+    recs = measure.read_records(tmp_path / "out.jsonl")  # one turn a row: tau so far over the first rows' records
+    mine = lambda name, n: [a for r in [r for r in recs if r["dataset"] == name][:n] for a in r["dflash"]["acceptance"]]
+    assert [float(x[3]) for x in lines] == [round(sum(mine(x[0], int(x[1]))) / len(mine(x[0], int(x[1]))), 2) for x in lines]
+    assert lines[-1][5] == "0m00s"
 
 
 def test_cli_synthetic_timing(tmp_path, capsys):
