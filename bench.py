@@ -506,6 +506,9 @@ def parse_args(argv=None):
             ap.error(f"{flag} changes the compiled (static cache) steps: add --compile")
     if args.replay and (args.temperature > 0 or args.compile):
         ap.error("--replay measures temperature 0 with the eager drafter: drop --temperature / --compile")
+    for flag, path in (("--out", os.path.dirname(os.path.abspath(args.out or "."))), ("--tokenizer", args.tokenizer)):
+        if path and not os.path.isdir(path):  # found after the model loaded and a warm-up decode otherwise
+            ap.error(f"{flag}: no folder {path}")
     if unknown := [d for d in args.dataset if d not in data.PROMPT_SETS and not glob.glob(d)]:  # nothing downloads
         ap.error(f"--dataset {unknown[0]}: no such prompt set or file (nothing is downloaded); prompt sets: {', '.join(data.PROMPT_SETS)}")
     try:  # before any model loads: a set with no usable prompt is an error, not tau 0.00

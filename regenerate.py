@@ -470,7 +470,8 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         todo.append({"index": i, "id": rid, "system": system, "users": users, "first": first})
     log(f"regenerate: {len(todo)} rows to do, {len(done)} already in {out}, skipped: {dict(skipped)}")
     if not todo:
-        log(f"regenerate: nothing left to do, {out} is complete")
+        log(f"regenerate: nothing left to do, {out} is complete" if done else
+            f"regenerate: no row to answer (all skipped): nothing written to {out}")
         return out
     if server:
         stops = stop_ids(tok, writer_generation_config(target))
@@ -489,8 +490,10 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         try:
             answer = server_answerer(server, name, tok, stops, max_new_tokens, temperature, next(conversation(rows[0])),
                                      timeout, retries, backoff, log)
-        except ServerError as e:
+        except Refused as e:  # the server refuses what we ask: bad input (exit 2)
             raise SystemExit(f"regenerate error: {e}")
+        except ServerError as e:  # down or overloaded after the retries: a failure, not bad input (exit 1)
+            raise SystemExit(f"regenerate error: {e} (nothing written yet: rerun to resume)")
     t0, ntok, written, cut, dropped = time.time(), 0, 0, 0, 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # greedy answers depend on the dtype they were decoded in: bench.py --replay reads it here (a server's is unknown)
@@ -606,9 +609,11 @@ def main(argv=None):
                    a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
                    served_model_name=a.served_model_name, timeout=a.timeout, dtype=a.dtype, device=a.device)
     except SystemExit as e:  # bad input, found before any row is written: one line, exit 2 (as argparse, train.py)
-        if isinstance(e.code, str) and not e.code.endswith("rerun to resume)"):  # a server failing mid-run: exit 1
-            print(e.code, file=sys.stderr, flush=True)
-            e.code = 2  # str(e) stays the line
+        if isinstance(e.code, str):
+            line = e.code.replace("regenerate error:", f"regenerate shard {a.shard} of {a.num_shards} error:", 1) \
+                if 0 <= a.shard < a.num_shards > 1 else e.code  # shards share a terminal: say whose
+            print(line, file=sys.stderr, flush=True)
+            e.code = 1 if e.code.endswith("rerun to resume)") else 2  # a server failing: 1; str(e) stays the line
         raise
 
 

@@ -2358,6 +2358,11 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--target", "x", "--dataset", str(bad)])
     assert f"--dataset: {bad}: no usable prompt" in capsys.readouterr().err
+    for flag, said in ((["--out", str(tmp_path / "no" / "x.jsonl")], f"--out: no folder {tmp_path / 'no'}"),
+                       (["--tokenizer", str(tmp_path / "nope")], f"--tokenizer: no folder {tmp_path / 'nope'}")):
+        with pytest.raises(SystemExit):  # they failed after the model loaded and a warm-up decode
+            bench.parse_args(["--target", "x", "--dataset", "mt-bench", *flag])
+        assert said in capsys.readouterr().err
     for flag in (["--attention", "flex"], ["--freeze"]):  # they change the compiled steps only
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", *flag])
@@ -3602,6 +3607,10 @@ def test_regenerate_counts_long_prompts_as_skipped_and_a_finished_shard_loads_no
     regenerate.regenerate(SMOL, str(inp), out, max_new_tokens=1, max_prompt_tokens=40, log=logs.append)
     assert logs == [f"regenerate: 0 rows to do, 3 already in {out}, skipped: {{'prompt over 40 tokens': 1}}",
                     f"regenerate: nothing left to do, {out} is complete"]
+    logs.clear()  # every row skipped: nothing was written, so nothing is "complete"
+    regenerate.regenerate(SMOL, str(inp), str(tmp_path / "none.jsonl"), max_new_tokens=1, max_prompt_tokens=5, log=logs.append)
+    assert logs[-1] == f"regenerate: no row to answer (all skipped): nothing written to {tmp_path / 'none.jsonl'}"
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 @need_assets
@@ -3913,7 +3922,7 @@ def test_regenerate_server_killed_then_resumed(tmp_path):
 
 
 @need_assets
-def test_regenerate_server_errors_retried_then_named(tmp_path):
+def test_regenerate_server_errors_retried_then_named(tmp_path, monkeypatch, capsys):
     inp, ref, logs = regen_input(tmp_path), server_reference_rows(tmp_path), []
     # two 503s, then a request that stalls past the client's timeout: retried, and the rows are the same
     with CompletionServer(fail=(1, 2), stall=(3,), stall_s=10.0) as srv:
@@ -3937,6 +3946,15 @@ def test_regenerate_server_errors_retried_then_named(tmp_path):
             regenerate.regenerate(SMOL, str(inp), str(tmp_path / "crash.jsonl"), server=srv.url, concurrency=1, retries=2,
                                   backoff=0.01, **REGEN)
     assert len(open(tmp_path / "crash.jsonl").readlines()) in (1, 2)
+    # a server failing from the probe on (overloaded, still starting): a failure, exit 1, not bad input's 2; a
+    # shard's error line names it, as its other lines do
+    monkeypatch.setattr(regenerate.time, "sleep", lambda s: None)
+    with CompletionServer(fail=range(100)) as srv:
+        with pytest.raises(SystemExit) as e:
+            regenerate.main(["regenerate", "--target", SMOL, "--data", str(inp), "--out", str(tmp_path / "p.jsonl"),
+                             "--server", srv.url, "--num-shards", "2", "--shard", "1", "--max-new-tokens", "4"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 1 and err.startswith("regenerate shard 1 of 2 error: ") and "HTTP 503" in err, err
     # a request the server refuses (4xx) is the request's fault: named at once, not retried
     with CompletionServer(refuse=(2,)) as srv:
         with pytest.raises(SystemExit, match="answered HTTP 400: .*prompt too long"):
