@@ -96,15 +96,12 @@ def setup(c):
 
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
     rank, world = setup_distributed(kind)
-    # ranks 1.. wait here while rank 0 decodes an evaluation: on CPU, with a day's timeout, as an NCCL barrier's
-    # watchdog ends the job after 10 minutes (50 prompts of 512 tokens on an 8B target take longer)
-    wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
     if kind == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(c["dtype"]) or \
         (torch.bfloat16 if kind == "cuda" else torch.float32)
-    r = SimpleNamespace(c=c, rank=rank, world=world, device=device, dtype=dtype, wait=wait,
+    r = SimpleNamespace(c=c, rank=rank, world=world, device=device, dtype=dtype,
                         use_flex=c["attention"] == "flex" or (c["attention"] == "auto" and kind == "cuda"),
                         log=print if rank == 0 else (lambda *a, **k: None))
     os.makedirs(c["out_dir"], exist_ok=True)
@@ -161,6 +158,10 @@ def setup(c):
                            for name in c["eval_prompts"].split(",")}
         except (OSError, ValueError) as e:
             raise SystemExit(f"config error: eval_prompts={c['eval_prompts']!r}: {e}")
+    # ranks 1.. wait while rank 0 decodes an evaluation: on CPU (gloo), with a day's timeout, as an NCCL barrier's
+    # watchdog ends the job after 10 minutes (50 prompts of 512 tokens on an 8B target take longer). Several hosts:
+    # gloo may need GLOO_SOCKET_IFNAME, as NCCL needs NCCL_SOCKET_IFNAME
+    r.wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24)) if r.eval_sets and world > 1 else None
     r.steps_per_epoch = D.steps_per_epoch(r.dataset, c["batch_size"] * c["grad_accum"], world)
     if r.steps_per_epoch < 1:
         raise SystemExit(f"data error: {len(r.dataset)} rows cannot fill one step of "
