@@ -30,7 +30,7 @@ import model as M
 import targets
 from checkpoints import full_state_dict, lock_run, metrics_at, resume_checkpoint, save_checkpoint, saved_run, trim_metrics
 from convert import export_drafter, load_drafter
-from train_config import check_resume, check_rows, parse_config, resumed_stretches, stretch_record
+from train_config import check_resume, check_rows, evaluates, parse_config, resumed_stretches, stretch_record
 
 # ------------------------------------------------------------------------------------------------
 # Learning rate: a function of the step, so resuming needs nothing but the step
@@ -152,7 +152,7 @@ def setup(c):
                          f"{r.data_fingerprint}; {path} trained on {state['data_fingerprint']}: the data changed under "
                          f"its name. To train on it, use a new out_dir (with init_from={path} to keep the weights)")
     r.eval_sets = {}  # loaded now: a missing or empty set stops the run before it trains, not after
-    if c["eval_prompts"] and r.tokenizer is not None and not c["shard_target"]:
+    if evaluates(c):
         try:
             r.eval_sets = {name: D.load_prompts(name, log=r.log)[:c["eval_num_prompts"]]
                            for name in c["eval_prompts"].split(",")}
