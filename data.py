@@ -345,13 +345,14 @@ def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
     if not turns:
         raise BadRow("cut answer after template text the target never saw")
     # a regenerated turn whose row (its prompt and ids) is not how the template renders it later (QwQ
-    # drops the reasoning, and the "<think>\n" the target was prompted with) ends its row
-    written = {i: "token_ids" not in messages[i] or texts[i].startswith(
-        render_chat(tokenizer, messages[:i], enable_thinking, True, tokenize=False) + messages[i]["content"]) for i in turns}
+    # drops the reasoning, and the "<think>\n" the target was prompted with) ends its row; asked only of
+    # turns a later one follows (most conversations have one)
+    written = lambda i: "token_ids" not in messages[i] or texts[i].startswith(
+        render_chat(tokenizer, messages[:i], enable_thinking, True, tokenize=False) + messages[i]["content"])
     rows, group = [], []
     for k, i in enumerate(turns):
         group.append(i)
-        if k + 1 < len(turns) and written[i] and all(texts[turns[k + 1]].startswith(texts[j]) for j in group):
+        if k + 1 < len(turns) and written(i) and all(texts[turns[k + 1]].startswith(texts[j]) for j in group):
             continue  # every turn so far still reads as it was written: one row goes on
         try:
             rows.append(tokenize_conversation(tokenizer, messages[:i + 1], max_length, enable_thinking, set(group)))
