@@ -556,7 +556,7 @@ def main(argv=None):
     if args.replay:
         n, t0 = [measure.count_rows(f, args.num_prompts) for f in args.replay], time.perf_counter()
         with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
-            summaries = [measure.replay_rows(target, drafter, tokenizer, f, args, out_file, (sum(n[:k]), sum(n), t0))
+            summaries = [measure.replay_rows(target, drafter, tokenizer, f, args, out_file, (sum(n[:k]), sum(n), t0), n[k])
                          for k, f in enumerate(args.replay)]
             return measure.closing(summaries, out_file)
     runners = {}

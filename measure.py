@@ -212,7 +212,7 @@ def count_rows(path, limit=None):
     return min(n, limit) if limit else n
 
 
-def replay_rows(target, drafter, tokenizer, path, args, out_file=None, run=None):
+def replay_rows(target, drafter, tokenizer, path, args, out_file=None, run=None, total=None):
     """Replay every answer of the regenerated rows in path (the first --num-prompts rows): records as
     bench_prompts writes them (no baseline), and the summary lines. Each answer follows the prompt the loop
     decodes it from (bench.render: thinking off where the template has the switch, as regenerate
@@ -221,11 +221,13 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None, run=None)
     answer, are skipped and counted. An answer cut by the regeneration's token limit ("finished": false) is
     supervised without the end-of-turn token the template adds to it, so its span ends where it was cut. The
     set's name is the file's stem, or the path as given where two --replay files share a stem. A progress line
-    (rows, tau so far, ETA; run: as progress_line's) every data.PROGRESS_S: a shard of 100K rows takes hours."""
+    (rows of `total`, count_rows' count, tau so far, ETA; run: as progress_line's) every data.PROGRESS_S: a shard
+    of 100K rows takes hours."""
     stem = lambda p: os.path.splitext(os.path.basename(p))[0]
     name = path if [stem(p) for p in getattr(args, "replay", [path])].count(stem(path)) > 1 else stem(path)
     thinking = False if data.has_thinking_switch(tokenizer) else None  # as bench.render
-    records, skipped, total, t0, shown = [], Counter(), count_rows(path, args.num_prompts), time.perf_counter(), 0
+    total = count_rows(path, args.num_prompts) if total is None else total  # bench.py counted every file for the run
+    records, skipped, t0, shown = [], Counter(), time.perf_counter(), 0
     for i, row in data.read_rows(path):
         if args.num_prompts and i >= args.num_prompts:
             break
