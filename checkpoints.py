@@ -292,19 +292,19 @@ def lock_run(out_dir):
     import contextlib
     import fcntl
     os.makedirs(out_dir, exist_ok=True)
+    f = None
     try:
         f = open(os.path.join(out_dir, ".lock"), "a+")
-    except OSError as e:  # a read-only run folder (an archived, finished run): nothing will be written to it
-        print(f"cannot lock {out_dir} ({e}): a second invocation on this run would not be refused", flush=True)
-        return contextlib.nullcontext()
-    try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         raise SystemExit(f"run error: {out_dir} is in use by another train.py (pid {f.read().strip()}): wait for it "
                          f"to end or stop it (a requeued job: cancel the old one), or train in another out_dir")
-    except OSError as e:  # a filesystem without locks: run, unguarded
-        print(f"cannot lock {f.name} ({e}): a second invocation on this run would not be refused", flush=True)
+    except OSError as e:  # a read-only run folder (an archived, finished run), a filesystem without locks: unguarded
+        print(f"cannot lock {os.path.join(out_dir, '.lock')} ({e}): a second invocation on this run would not be "
+              "refused", flush=True)
+        if f is None:
+            return contextlib.nullcontext()
     f.truncate(0)
     f.write(f"{os.getpid()} on {os.uname().nodename}\n")
     f.flush()
