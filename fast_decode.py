@@ -77,10 +77,10 @@ def flex_static(module, query, key, value, attention_mask, dropout=0.0, scaling=
     return out.transpose(1, 2).contiguous(), None
 
 
-# at most this many keys per chunk of the verify's attention (split_attend); 0: off until its compiled GPU test
-# passes (one H200, Qwen3-8B shapes, prompt 1024, timed before the mask fixes: 1.26 / 1.35 baseline steps with
-# 256 against 1.32 / 1.37 without, on two machines)
-SPLIT_KEYS = 0
+# at most this many keys per chunk of the verify's attention (split_attend; 0: off). One H200, Qwen3-8B shapes,
+# bf16, prompt 1024: a DFlash step of 1.26 / 1.29 baseline steps against 1.42 / 1.42 unsplit (interleaved runs);
+# exact against greedy and SDPA compiled on that GPU (results/decode-qwen3-8b.md, session 17)
+SPLIT_KEYS = 256
 
 
 def verify_splits(kv_len, tile=128):
