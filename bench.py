@@ -501,7 +501,7 @@ def parse_args(argv=None):
                                      num_prompts=1, temperature=0).items() if getattr(args, k) is not None and getattr(args, k) < lo]
     if low:  # --max-new-tokens: the first new token is the prefill's, a DFlash step needs one more
         ap.error(f"--{low[0][0].replace('_', '-')} {getattr(args, low[0][0])}: give {low[0][1]} or more")
-    for flag, on in (("--attention flex", args.attention == "flex"), ("--freeze", args.freeze)):
+    for flag, on in (("--attention flex", args.attention == "flex"), ("--freeze", args.freeze), ("--max-len", args.max_len)):
         if on and not args.compile:
             ap.error(f"{flag} changes the compiled (static cache) steps: add --compile")
     if args.replay and (args.temperature > 0 or args.compile):

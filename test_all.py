@@ -2363,10 +2363,10 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
         with pytest.raises(SystemExit):  # they failed after the model loaded and a warm-up decode
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", *flag])
         assert said in capsys.readouterr().err
-    for flag in (["--attention", "flex"], ["--freeze"]):  # they change the compiled steps only
+    for flag in (["--attention", "flex"], ["--freeze"], ["--max-len", "512"]):  # they change the compiled steps only
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", *flag])
-        assert f"{' '.join(flag)} changes the compiled" in capsys.readouterr().err
+        assert f"{' '.join(flag[:1] if flag[0] == '--max-len' else flag)} changes the compiled" in capsys.readouterr().err
     # auto (flex=None): flex only for a target whose every layer is full attention
     assert [fast_decode.StaticRunner(family_target(f), None, 1, 64, compile=False, flex=None).flex
             for f in ("llama", "gpt_oss")] == [True, False]
