@@ -460,8 +460,8 @@ def parse_args(argv=None):
                     help="the verify at T > 0: speculative sampling with the drafter's probabilities, or "
                     "match (greedy proposals accepted iff equal to the target's sample); both exact")
     ap.add_argument("--block-size", type=int, default=None, help="default: the drafter's (16 for random)")
-    ap.add_argument("--out", default=None, help="JSONL, one record per prompt and turn, then one record with the "
-                    "mean tau over the sets")
+    ap.add_argument("--out", default=None, help="JSONL, one record per prompt and turn, then one per set "
+                    "(tau, TPOT, speedup, lossless counts), then one with the mean tau over the sets")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16; with --replay, the dtype "
                     "the rows were regenerated in. fp32 is the exact lossless check (bf16 can flip near ties)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

@@ -88,7 +88,8 @@ def mean_over_sets(summaries):
 
 
 def closing(summaries, out_file=None):
-    """The run's last line and last --out record: the mean tau over the sets (and the lossless counts)."""
+    """The run's last line, and its last --out records: each set's summary (tau, TPOT, speedup, lossless counts),
+    then the mean tau over the sets (and the lossless counts)."""
     rec = mean_over_sets(summaries)
     sets = " | ".join(f"{s['dataset']}: tau {s['tau']:.2f}" + (f", {s['speedup']:.2f}x" if "speedup" in s else "")
                       for s in summaries)
@@ -97,6 +98,7 @@ def closing(summaries, out_file=None):
     n = len(summaries)
     print(f"\n== mean tau {rec['mean_tau']:.2f} over {n} set{'' if n == 1 else 's'} | {sets}{checked}")
     if out_file:
+        out_file.writelines(json.dumps(dict(summary="set", **s)) + "\n" for s in summaries)
         out_file.write(json.dumps(rec) + "\n")
     return summaries
 

@@ -2475,8 +2475,11 @@ def test_bench_reports_progress_warms_up_once_and_ends_with_the_mean_tau(models,
     assert printed.count("warm-up:") == 1 and "compiles and warms caches; not counted" in printed
     assert calls == [1, 4] + [1, 4] * 5
     set_taus = [tau([r for r in recs if r["dataset"] == s["dataset"]]) for s in summaries]
-    closing = json.loads(out.read_text().splitlines()[-1])
+    *set_recs, closing = map(json.loads, out.read_text().splitlines()[-3:])
     assert closing["mean_tau"] == pytest.approx(sum(set_taus) / 2) and len(recs) == 5
+    assert [r.pop("summary") for r in set_recs] == ["set", "set"] and set_recs == json.loads(json.dumps(summaries))
+    assert [r["tau"] for r in set_recs] == pytest.approx(set_taus)  # with each set's TPOTs and speedup, as printed
+    assert [r["speedup"] for r in set_recs] == pytest.approx([r["baseline_tpot_ms"] / r["dflash_tpot_ms"] for r in set_recs])
     assert (closing["checked"], closing["identical"], closing["near_ties"], closing["mismatches"]) == (5, 5, 0, 0)
     last = printed.strip().splitlines()[-1]
     assert last.startswith(f"== mean tau {sum(set_taus) / 2:.2f} over 2 sets |") and "lossless: 5/5 turns identical" in last
