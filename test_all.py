@@ -4979,6 +4979,18 @@ def test_recipe_sigterm_stops_its_stage_processes(tmp_path):
                 pass
 
 
+def test_recipe_stage_processes_at_once_label_their_lines(capsys):
+    """Processes of one stage run at once (ablate's arms training, bench's sets) and interleave their lines: each
+    line comes out whole after its process's label, stdout and stderr alike, every line and in each process's order."""
+    say = "import sys, time\nfor k in range(3): print('{}', k, flush=True); time.sleep(0.05)\nprint('{} done', file=sys.stderr)"
+    cmds = [[sys.executable, "-c", say.format(w, w)] for w in ("one", "two")]
+    assert smollm2._procs(cmds, 0, labels=["dflash", "seed1"])
+    lines = capsys.readouterr().out.splitlines()
+    for arm, w in (("dflash", "one"), ("seed1", "two")):
+        assert [x for x in lines if x.startswith(f"[{arm}] ")] == [f"[{arm}] {w} {k}" for k in range(3)] + [f"[{arm}] {w} done"]
+    assert len(lines) == 8
+
+
 def test_recipe_rerun_with_other_flags_is_refused(tmp_path, monkeypatch):
     """run and ablate resume the plan.json of their --out: a rerun whose flags differ from the ones it was made
     with stops at once, naming each key (old -> new), instead of carrying on with the old plan; the same flags
@@ -5033,7 +5045,7 @@ def test_recipe_trains_on_rows_given(tmp_path, monkeypatch):
         smollm2.run(str(tmp_path / "bad"), rows=str(tmp_path / "nothing*.jsonl"))
     calls = []
 
-    def stop_at_train(cmds, gpus, deadline=None):
+    def stop_at_train(cmds, gpus, deadline=None, labels=None):
         calls.extend(cmds)
         raise KeyboardInterrupt  # the training command is all this test looks at
     monkeypatch.setattr(smollm2, "_procs", stop_at_train)
@@ -5058,7 +5070,7 @@ def test_recipe_benches_extra_prompts_as_their_own_rows(tmp_path, monkeypatch):
     write_lines(extra, [json.dumps({"turns": ["hi"]})])
     batches = []
 
-    def fake_bench(batch, gpus, deadline=None):  # what bench.py writes: one record per turn, the sets in order
+    def fake_bench(batch, gpus, deadline=None, labels=None):  # what bench.py writes: one record per turn, the sets in order
         batches.append(batch)
         for cmd in batch:
             lines = []
@@ -5182,7 +5194,7 @@ def test_ablate_stop_at_trains_only_the_arms_short_of_it(tmp_path, monkeypatch):
     os.makedirs(out / "stages")
     (out / "stages" / "answers.done").write_text("1\n")
 
-    def fake_procs(cmds, gpus, deadline=None):  # train.py makes its checkpoint; bench.py --replay its records
+    def fake_procs(cmds, gpus, deadline=None, labels=None):  # train.py makes its checkpoint; bench.py --replay its records
         for cmd in cmds:
             ran.append(cmd)
             if "train.py" in cmd:

@@ -314,13 +314,20 @@ def _stage(out, name, fn):
     print(f"recipe: {name}: done in {time.time() - t0:.0f} s", flush=True)
 
 
-def _procs(cmds, gpus, deadline=None):
+def _procs(cmds, gpus, deadline=None, labels=None):
     """Run the commands at once, spread over the GPUs; stop them at the deadline (their output so far
-    stays: regenerate and bench write whole lines). Raises if one fails."""
+    stays: regenerate and bench write whole lines). Raises if one fails. labels: each process's lines are
+    printed after its label (processes at once interleave their lines)."""
     import signal
     import subprocess
-    ps = [subprocess.Popen(c, cwd=os.path.dirname(HERE), env={**os.environ, **({"CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus else {})})
+    import threading
+    pipe = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) if labels else {}
+    ps = [subprocess.Popen(c, cwd=os.path.dirname(HERE), **pipe, env={**os.environ, **({"CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus else {})})
           for k, c in enumerate(cmds)]
+    echo = lambda p, label: [print(f"[{label}] {line}", end="", flush=True) for line in p.stdout]
+    echoes = [threading.Thread(target=echo, args=pl, daemon=True) for pl in zip(ps, labels or [])]
+    for t in echoes:
+        t.start()
 
     def stop():
         for p in ps:
@@ -328,6 +335,8 @@ def _procs(cmds, gpus, deadline=None):
                 p.send_signal(signal.SIGTERM)
         for p in ps:
             p.wait()
+        for t in echoes:  # a process's last lines
+            t.join()
     try:
         while any(p.poll() is None for p in ps):
             if deadline and time.time() > deadline:
@@ -422,7 +431,7 @@ def run(out, budget_minutes=25.0, extra_prompts=(), bench_prompts=20, max_new_to
                                  ("fp32", [[src] for src in sets] if n_check else [], n_check)):
             todo = [(p("bench", f"{dtype}.{k}.jsonl"), srcs) for k, srcs in enumerate(groups) if srcs]
             todo = [(dst, srcs) for dst, srcs in todo if not os.path.exists(dst)]
-            _procs([cmd(srcs, dtype, n, dst) for dst, srcs in todo], gpus)
+            _procs([cmd(srcs, dtype, n, dst) for dst, srcs in todo], gpus, labels=[os.path.basename(dst) for dst, _ in todo])
             for dst, _ in todo:
                 os.replace(dst + ".tmp", dst)
 
@@ -566,7 +575,7 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
             cmds.append([py, "bench.py", "--target", target, "--draft", drafter(plan["arms"][0]), "--dataset", "mt-bench",
                          "--num-prompts", str(plan["check_prompts"]), "--max-new-tokens", str(plan["max_new_tokens"]),
                          "--dtype", "fp32", "--out", checked + ".tmp"] + (["--compile"] if gpus else []))
-        _procs(cmds, gpus)
+        _procs(cmds, gpus, labels=[*todo, "fp32 check"][: len(cmds)])
         for arm in todo:
             os.replace(p(arm, replayed + ".tmp"), p(arm, replayed))
         if os.path.exists(checked + ".tmp"):
@@ -584,7 +593,10 @@ def ablate(out, data, budget_minutes=25.0, arms=tuple(ARMS), eval_prompts=30, ma
 
     _stage(out, "answers", greedy_answers)
     if plan.get("at_once"):
-        _stage(out, "train" + tag, lambda: _procs([train(arm, 1) for arm in to_train()], gpus))
+        def train_at_once():
+            arms = to_train()
+            _procs([train(arm, 1) for arm in arms], gpus, labels=arms)
+        _stage(out, "train" + tag, train_at_once)
     else:
         for arm in plan["arms"]:
             _stage(out, f"train-{arm}{tag}", lambda: _procs([train(arm, max(gpus, 1))] if arm in to_train() else [], 0))
