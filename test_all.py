@@ -192,6 +192,68 @@ def test_block_mask_tiles_equal_create_block_mask(window):
                     assert set(a[row, 0, i, :k].tolist()) == set(b[row, 0, i, :k].tolist())
 
 
+@pytest.mark.parametrize("window", [None, 7])
+def test_block_tile_counts_equal_the_dense_mask_summed_per_tile(window):
+    """block_tile_counts (interval overlaps) against the dense mask (itself checked against the loop mask)
+    summed over each tile. Block size 3 and odd lengths put blocks and windows across tile boundaries
+    (with S and 128 multiples of the block size, no block ever straddles a tile and an off-by-one at a
+    block's end or a window's start shows nowhere); tiles of 8 give many boundaries."""
+    torch.manual_seed(0)
+    S, N, bs, tile = 37, 11, 3, 8
+    anchors = torch.sort(torch.randint(0, S - 1, (2, N)), 1).values
+    keep = torch.rand(2, N) > 0.2
+    counts = A.block_tile_counts(anchors, keep, S, bs, tile, window)
+    Q, KV = N * bs, S + N * bs
+    dense = F.pad(dense_mask(anchors, keep, S, bs, window)[:, 0].int(), (0, -KV % tile, 0, -Q % tile))
+    want = dense.view(2, -(-Q // tile), tile, -(-KV // tile), tile).sum((2, 4))
+    assert torch.equal(counts, want)
+
+
+def test_block_mask_lists_full_tiles_as_full():
+    """Tiles every pair of which is visible skip the mask_mod in flex_attention: with every anchor kept and
+    past the first context tiles, the first query tile sees context tiles 0 and 1 whole. build_mask must
+    list them as full (not partial, not empty), as create_block_mask does."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    S, N, bs = 512, 16, 16
+    anchors = torch.arange(300, 300 + N)[None].repeat(2, 1)
+    keep = torch.ones(2, N, dtype=torch.bool)
+    ours = build_mask(anchors, keep, S, bs, use_flex=True)
+    ref = create_block_mask(A.dflash_mask_mod(anchors, keep, S, bs), B=2, H=None, Q_LEN=N * bs, KV_LEN=S + N * bs,
+                            device="cpu")
+    assert ours.full_kv_num_blocks[0, 0].tolist() == [2, 2] == ref.full_kv_num_blocks[0, 0].tolist()
+    assert set(ours.full_kv_indices[0, 0, 0, :2].tolist()) == {0, 1}
+    assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks) and torch.equal(ours.to_dense(), ref.to_dense())
+
+
+def test_mask_rows_past_the_last_block_see_nothing():
+    """FlexAttention pads Q_LEN up to a multiple of 128 and evaluates the mask_mod on the padded rows:
+    q_idx past the last block must neither index anchors out of range nor see anything."""
+    anchors, keep, S, bs = mask_case()
+    N = anchors.shape[1]
+    for window in (None, 5):
+        mod = A.dflash_mask_mod(anchors, keep, S, bs, window)
+        q = torch.arange(N * bs, N * bs + 2 * bs)[None, :, None]  # two blocks' worth of padded rows
+        kv = torch.arange(S + N * bs)[None, None, :]
+        assert not mod(torch.arange(3)[:, None, None], None, q, kv).any()
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_dense_attend_equals_reference_and_zeroes_dropped_slots(window):
+    """attend() with the dense mask (CPU training) against softmax attention written out with the loop mask:
+    equal, and a dropped slot's output is exactly zero, as flex_attention gives."""
+    anchors, keep, S, bs = mask_case()
+    B, N = anchors.shape
+    Q, KV = N * bs, S + N * bs
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, 4, Q, 8), torch.randn(B, 2, KV, 8), torch.randn(B, 2, KV, 8)  # GQA: 4 query heads, 2 kv
+    out = A.attend(q, k, v, build_mask(anchors, keep, S, bs, use_flex=False, window=window))
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ kr.transpose(-1, -2)) / math.sqrt(8)
+    ref = torch.softmax(scores.masked_fill(~loop_mask(anchors, keep, S, bs, window), -math.inf), -1).nan_to_num(0.0) @ vr
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert out[0, :, 5 * bs:].abs().max() == 0 and out[2, :, 2 * bs:3 * bs].abs().max() == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # model.py: config, layer ids, state dict names
 
