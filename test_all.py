@@ -303,6 +303,8 @@ def test_bad_input_is_rejected_before_any_forward():
     d = tiny_drafter(other)
     with pytest.raises(ValueError, match="hidden_size"):
         M.check_fits_target(d.config, t)
+    with pytest.raises(ValueError, match="num_target_layers=6 != target's 8 layers"):  # it would capture other layers
+        M.check_fits_target(tiny_drafter(t).config, tiny_target(layers=8))
     with pytest.raises(ValueError, match="num_anchors"):
         M.sample_anchors(torch.ones(1, 8), 0)
 
@@ -639,6 +641,83 @@ def test_loss_weights_and_gradients():
         assert p.grad.abs().sum() > 0, name
         torch.testing.assert_close(grads7[name], grads36[name])
     assert all(p.grad is None and not p.requires_grad for p in t.parameters())
+
+
+def test_loss_labels_run_to_the_last_position_and_dropped_slots_add_none():
+    """The zero drafter over 6 tokens, all supervised, 8 anchor slots of block 4, gamma 2 given: anchors 0..4
+    (5 has no label after it), 3 slots dropped. Slot k of anchor a predicts ids[a + k] while a + k <= 5 (a
+    label at position 6 = S does not exist), weighted exp(-(k - 1) / 2); a dropped slot (anchor 0) adds
+    no label even where the loss mask after position 0 is 1."""
+    t, d = zero_drafter()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    loss_sum, w_sum, stats = M.dflash_loss(d, t, ids, torch.ones(1, 6), num_anchors=8, gamma=2.0)
+    E = t.get_input_embeddings().weight.detach().double()
+    logits = E @ (E[15] * torch.rsqrt(E[15].pow(2).mean() + 1e-6))
+    ce = lambda y: (torch.logsumexp(logits, 0) - logits[y]).item()
+    labels = [(k, int(ids[0, a + k])) for a in range(5) for k in range(1, 4) if a + k <= 5]
+    assert stats["anchors"].item() == 5 and stats["count_per_slot"].tolist() == [5.0, 4.0, 3.0]
+    assert w_sum.item() == pytest.approx(5 + 4 * math.exp(-0.5) + 3 * math.exp(-1.0), rel=1e-6)
+    assert loss_sum.item() == pytest.approx(sum(math.exp(-(k - 1) / 2) * ce(y) for k, y in labels), rel=1e-5)
+
+
+def test_default_gamma_is_the_papers():
+    """Decay of the slot weights when no gamma is given: 7 for block 16, 5 for 10, 4 for 8 (paper); other
+    sizes scale block 16's, block_size * 7 / 16."""
+    assert [M.default_gamma(b) for b in (16, 10, 8)] == [7.0, 5.0, 4.0]
+    assert [M.default_gamma(b) for b in (4, 32)] == [1.75, 14.0]
+
+
+def test_dpace_weights_are_detached_from_the_gradient():
+    """One label (anchor 5, slot 1; slots 2 and 3 unsupervised): D-PACE's loss is s1 * CE with s1 = 0.5 p + 0.5
+    and p = exp(-CE) detached, so its gradient is s1 times the plain loss's gradient (weight 1). Were p not
+    detached, the gradient would gain CE * ds1, a term D-PACE does not have."""
+    t = tiny_target()
+    d = tiny_drafter(t, block_size=4)
+    ids = torch.randint(0, 63, (1, 12), generator=torch.Generator().manual_seed(0))
+    loss_mask = torch.zeros(1, 12)
+    loss_mask[0, 5:7] = 1
+    grads = []
+    for loss in ("dflash", "dpace"):
+        d.zero_grad(set_to_none=True)
+        loss_sum, w_sum, stats = M.dflash_loss(d, t, ids, loss_mask, num_anchors=1, loss=loss, dpace_alpha=0.5)
+        loss_sum.backward()
+        grads.append({n: p.grad.clone() for n, p in d.named_parameters()})
+        if loss == "dflash":
+            assert stats["count_per_slot"].tolist() == [1.0, 0.0, 0.0] and w_sum.item() == 1.0
+            s1 = 0.5 * math.exp(-loss_sum.item()) + 0.5
+    assert w_sum.item() == pytest.approx(s1, rel=1e-6)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], s1 * grads[0][n], rtol=1e-4, atol=1e-7)
+
+
+def test_sliding_drafter_training_loss_equals_per_block_inference_reference():
+    """dflash_loss with sliding layers (window 5) next to a full one, against the CE written by hand from
+    each kept block run alone the way inference runs it (its context before the anchor, the sliding layers'
+    window and causal block from the cache-free inference path), with features from output_hidden_states.
+    Anchors are 8 and later, so every window cuts the context."""
+    t = tiny_target()
+    d = tiny_drafter(t, block_size=4, **LAYOUTS["mixed"])
+    S, N, bs = 16, 4, 4
+    ids = torch.randint(0, 63, (1, S), generator=torch.Generator().manual_seed(1))
+    loss_mask = torch.zeros(1, S)
+    loss_mask[0, 8:] = 1
+    _, _, stats = M.dflash_loss(d, t, ids, loss_mask, N, generator=torch.Generator().manual_seed(0))
+    anchors, keep = M.sample_anchors(loss_mask, N, torch.Generator().manual_seed(0))
+    assert keep.all() and anchors.min() >= 8
+    E = t.get_input_embeddings().weight.detach()
+    hs = t(ids, output_hidden_states=True).hidden_states
+    feats = torch.cat([hs[k + 1] for k in d.config.target_layer_ids], -1)
+    ce, n = 0.0, 0
+    for a in anchors[0].tolist():
+        block = torch.tensor([[ids[0, a]] + [d.config.mask_token_id] * (bs - 1)])
+        with torch.no_grad():
+            hidden = d(E[block], feats[:, :a], torch.arange(a, a + bs)[None], torch.arange(a)[None])
+        for k in range(1, bs):
+            if a + k < S:
+                ce += F.cross_entropy((hidden[0, k] @ E.T)[None], ids[0, a + k][None]).item()
+                n += 1
+    assert stats["count_per_slot"].sum().item() == n
+    assert stats["ce_sum"].item() == pytest.approx(ce, rel=1e-5)
 
 
 @pytest.mark.parametrize("cap", [None, 2.0])
