@@ -977,6 +977,27 @@ def test_thinking_rows_one_per_turn_with_the_history_the_target_saw(tmp_path, mo
         assert train_config.parse_config(["--mask-token-id", "16", "--config", str(cfg)])["enable_thinking"] == flag
 
 
+def test_turn_end_is_supervised_where_eos_is_another_token():
+    """Gemma's and Llama-3's tokenizers name an eos that is not the token closing an assistant turn
+    (<eos> / <end_of_turn>): the end-of-turn token, a special added token, is still supervised."""
+    tok = qwen_tokenizer()
+    tok.eos_token = "<|endoftext|>"
+    ids, mask = data.tokenize_conversation(tok, CHAT, max_length=4096)
+    assert masked_text(tok, ids, mask) == "An apple.<|im_end|>A banana, 12 of them.<|im_end|>You are welcome.<|im_end|>"
+
+
+def test_min_loss_tokens_keeps_a_row_with_exactly_that_many(tmp_path):
+    """min_loss_tokens is the least number of supervised tokens a row may have: a row with exactly that many is kept."""
+    tok = qwen_tokenizer()
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A banana."}]
+    n = sum(data.tokenize_conversation(tok, conv, 64)[1])
+    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": conv})])
+    logs = []
+    assert len(data.build_dataset(tok, str(tmp_path / "d.jsonl"), 64, min_loss_tokens=n, log=logs.append)) == 1
+    assert data.build_dataset(tok, str(tmp_path / "d.jsonl"), 64, min_loss_tokens=n + 1, log=logs.append) == []
+    assert "1 too few loss tokens" in logs[-1]
+
+
 @need_assets
 def test_mask_smollm2_three_turns():
     from transformers import AutoTokenizer
@@ -1237,6 +1258,20 @@ def test_batches_deterministic_sharded_resumable():
     long = [([1] * 100, [1] * 100)] * 4
     batch, _ = next(data.iterate_batches(long, 4, seed=0, pad_multiple=64, max_length=100, pad_id=7))
     assert batch["input_ids"].shape == (4, 128) and (batch["input_ids"][:, 100:] == 7).all() and batch["loss_mask"][:, 100:].sum() == 0
+
+
+def test_collate_keeps_each_rows_loss_mask_and_pads_with_zeros():
+    """Each row's own loss mask, 0 on the padding; input ids padded with pad_id (hand-written)."""
+    batch = data.collate([([5, 6, 7], [0, 1, 1]), ([8, 9], [1, 0])], pad_multiple=4, pad_id=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 2], [8, 9, 2, 2]]
+    assert batch["loss_mask"].tolist() == [[0, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_fingerprint_changes_with_a_regenerated_row_of_the_same_length():
+    """Data regenerated under the same path keeps most row lengths: a changed token changes the fingerprint."""
+    rows = [([1, 2, 3], [0, 1, 1]), ([4, 5], [1, 1])]
+    assert data.fingerprint(rows) == data.fingerprint(copy.deepcopy(rows)) and data.fingerprint(rows).startswith("2 rows, ")
+    assert data.fingerprint([([1, 9, 3], [0, 1, 1]), ([4, 5], [1, 1])]) != data.fingerprint(rows)
 
 
 # ------------------------------------------------------------------------------------------------
