@@ -1978,6 +1978,31 @@ def test_import_of_a_released_drafter(tmp_path):
     assert torch.equal(logits(loaded, t), logits(bf16_copy(d), t))
 
 
+def test_serving_folder_reads_as_fp32_and_loads_in_the_dtype_asked(tmp_path):
+    """read_serving gives fp32 tensors (the bf16 file's values) for training; load_drafter casts to the dtype asked."""
+    d, _ = authors_style_folder(tmp_path / "released")
+    sd, _, _ = C.read_serving(str(tmp_path / "released"))
+    assert {v.dtype for v in sd.values()} == {torch.float32}
+    assert all(torch.equal(sd[k], v) for k, v in bf16_copy(d).state_dict().items())
+    for dtype in (torch.bfloat16, torch.float32):
+        loaded, _ = C.load_drafter(str(tmp_path / "released"), dtype=dtype)
+        assert {p.dtype for p in loaded.parameters()} == {dtype}
+
+
+def test_serving_layout_reads_layers_as_qwen3config_does():
+    """A config.json without layer_types: transformers' Qwen3Config (the authors' loader) decides which layers
+    slide (from max_window_layers, default 28, and only with use_sliding_window); serving_layout must agree."""
+    from transformers import Qwen3Config
+    for kw in (dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+               dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=8),
+               dict(num_hidden_layers=3, use_sliding_window=False, sliding_window=8),
+               dict(num_hidden_layers=30, use_sliding_window=True, sliding_window=8)):
+        hf = Qwen3Config(**kw)
+        got = C.serving_layout(kw)
+        assert got["layer_types"] == hf.layer_types, kw
+        assert got["sliding_window"] == (hf.sliding_window if "sliding_attention" in hf.layer_types else None), kw
+
+
 # ------------------------------------------------------------------------------------------------
 # errors: named, and nothing written
 
@@ -2004,6 +2029,9 @@ def broken_checkpoint(tmp_path, trained, case):
         tc["rope_parameters"] = {**ROPES["llama3"], "original_max_position_embeddings": 256}
     elif case == "nan":
         sd["norm.weight"] = torch.full((32,), float("nan"))
+    elif case == "inf":
+        sd["fc.weight"] = sd["fc.weight"].clone()
+        sd["fc.weight"][0, 0] = float("inf")
     ckpt = tmp_path / "bad" / "checkpoints" / "step_00000005"
     save_checkpoint(ckpt, sd, cfg, tc)
     return tmp_path / "bad"
@@ -2011,7 +2039,7 @@ def broken_checkpoint(tmp_path, trained, case):
 
 @pytest.mark.parametrize("case,message", [
     ("missing", r"missing tensors: layers\.1\.mlp\.up_proj\.weight"),
-    ("fc_shape", r"fc\.weight has shape \(32, 96\), expected \(32, 64\)"),
+    ("fc_shape", r"fc\.weight has shape \(32, 96\), expected \(32, 64\): its input width must be 2 captured layers x hidden 32"),
     ("extra", r"unexpected tensors: embed_tokens\.weight"),
     ("mask_id", r"mask_token_id=64 is outside the target's 64 embedding rows"),
     ("layer_id", r"target_layer_ids \[6\] are outside the target"),
@@ -2020,6 +2048,7 @@ def broken_checkpoint(tmp_path, trained, case):
     ("target_hidden", r"hidden_size=32 but the target config has 48"),
     ("target_rope", r"drafter RoPE \(theta 10000.0, rope_scaling None\) differs from the target's"),
     ("nan", r"non-finite values \(NaN/inf\) in norm\.weight"),
+    ("inf", r"non-finite values \(NaN/inf\) in fc\.weight"),
 ])
 def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, message):
     run = broken_checkpoint(tmp_path, trained, case)
