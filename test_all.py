@@ -192,6 +192,68 @@ def test_block_mask_tiles_equal_create_block_mask(window):
                     assert set(a[row, 0, i, :k].tolist()) == set(b[row, 0, i, :k].tolist())
 
 
+@pytest.mark.parametrize("window", [None, 7])
+def test_block_tile_counts_equal_the_dense_mask_summed_per_tile(window):
+    """block_tile_counts (interval overlaps) against the dense mask (itself checked against the loop mask)
+    summed over each tile. Block size 3 and odd lengths put blocks and windows across tile boundaries
+    (with S and 128 multiples of the block size, no block ever straddles a tile and an off-by-one at a
+    block's end or a window's start shows nowhere); tiles of 8 give many boundaries."""
+    torch.manual_seed(0)
+    S, N, bs, tile = 37, 11, 3, 8
+    anchors = torch.sort(torch.randint(0, S - 1, (2, N)), 1).values
+    keep = torch.rand(2, N) > 0.2
+    counts = A.block_tile_counts(anchors, keep, S, bs, tile, window)
+    Q, KV = N * bs, S + N * bs
+    dense = F.pad(dense_mask(anchors, keep, S, bs, window)[:, 0].int(), (0, -KV % tile, 0, -Q % tile))
+    want = dense.view(2, -(-Q // tile), tile, -(-KV // tile), tile).sum((2, 4))
+    assert torch.equal(counts, want)
+
+
+def test_block_mask_lists_full_tiles_as_full():
+    """Tiles every pair of which is visible skip the mask_mod in flex_attention: with every anchor kept and
+    past the first context tiles, the first query tile sees context tiles 0 and 1 whole. build_mask must
+    list them as full (not partial, not empty), as create_block_mask does."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    S, N, bs = 512, 16, 16
+    anchors = torch.arange(300, 300 + N)[None].repeat(2, 1)
+    keep = torch.ones(2, N, dtype=torch.bool)
+    ours = build_mask(anchors, keep, S, bs, use_flex=True)
+    ref = create_block_mask(A.dflash_mask_mod(anchors, keep, S, bs), B=2, H=None, Q_LEN=N * bs, KV_LEN=S + N * bs,
+                            device="cpu")
+    assert ours.full_kv_num_blocks[0, 0].tolist() == [2, 2] == ref.full_kv_num_blocks[0, 0].tolist()
+    assert set(ours.full_kv_indices[0, 0, 0, :2].tolist()) == {0, 1}
+    assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks) and torch.equal(ours.to_dense(), ref.to_dense())
+
+
+def test_mask_rows_past_the_last_block_see_nothing():
+    """FlexAttention pads Q_LEN up to a multiple of 128 and evaluates the mask_mod on the padded rows:
+    q_idx past the last block must neither index anchors out of range nor see anything."""
+    anchors, keep, S, bs = mask_case()
+    N = anchors.shape[1]
+    for window in (None, 5):
+        mod = A.dflash_mask_mod(anchors, keep, S, bs, window)
+        q = torch.arange(N * bs, N * bs + 2 * bs)[None, :, None]  # two blocks' worth of padded rows
+        kv = torch.arange(S + N * bs)[None, None, :]
+        assert not mod(torch.arange(3)[:, None, None], None, q, kv).any()
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_dense_attend_equals_reference_and_zeroes_dropped_slots(window):
+    """attend() with the dense mask (CPU training) against softmax attention written out with the loop mask:
+    equal, and a dropped slot's output is exactly zero, as flex_attention gives."""
+    anchors, keep, S, bs = mask_case()
+    B, N = anchors.shape
+    Q, KV = N * bs, S + N * bs
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, 4, Q, 8), torch.randn(B, 2, KV, 8), torch.randn(B, 2, KV, 8)  # GQA: 4 query heads, 2 kv
+    out = A.attend(q, k, v, build_mask(anchors, keep, S, bs, use_flex=False, window=window))
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ kr.transpose(-1, -2)) / math.sqrt(8)
+    ref = torch.softmax(scores.masked_fill(~loop_mask(anchors, keep, S, bs, window), -math.inf), -1).nan_to_num(0.0) @ vr
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert out[0, :, 5 * bs:].abs().max() == 0 and out[2, :, 2 * bs:3 * bs].abs().max() == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # model.py: config, layer ids, state dict names
 
@@ -241,6 +303,8 @@ def test_bad_input_is_rejected_before_any_forward():
     d = tiny_drafter(other)
     with pytest.raises(ValueError, match="hidden_size"):
         M.check_fits_target(d.config, t)
+    with pytest.raises(ValueError, match="num_target_layers=6 != target's 8 layers"):  # it would capture other layers
+        M.check_fits_target(tiny_drafter(t).config, tiny_target(layers=8))
     with pytest.raises(ValueError, match="num_anchors"):
         M.sample_anchors(torch.ones(1, 8), 0)
 
@@ -579,6 +643,83 @@ def test_loss_weights_and_gradients():
     assert all(p.grad is None and not p.requires_grad for p in t.parameters())
 
 
+def test_loss_labels_run_to_the_last_position_and_dropped_slots_add_none():
+    """The zero drafter over 6 tokens, all supervised, 8 anchor slots of block 4, gamma 2 given: anchors 0..4
+    (5 has no label after it), 3 slots dropped. Slot k of anchor a predicts ids[a + k] while a + k <= 5 (a
+    label at position 6 = S does not exist), weighted exp(-(k - 1) / 2); a dropped slot (anchor 0) adds
+    no label even where the loss mask after position 0 is 1."""
+    t, d = zero_drafter()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    loss_sum, w_sum, stats = M.dflash_loss(d, t, ids, torch.ones(1, 6), num_anchors=8, gamma=2.0)
+    E = t.get_input_embeddings().weight.detach().double()
+    logits = E @ (E[15] * torch.rsqrt(E[15].pow(2).mean() + 1e-6))
+    ce = lambda y: (torch.logsumexp(logits, 0) - logits[y]).item()
+    labels = [(k, int(ids[0, a + k])) for a in range(5) for k in range(1, 4) if a + k <= 5]
+    assert stats["anchors"].item() == 5 and stats["count_per_slot"].tolist() == [5.0, 4.0, 3.0]
+    assert w_sum.item() == pytest.approx(5 + 4 * math.exp(-0.5) + 3 * math.exp(-1.0), rel=1e-6)
+    assert loss_sum.item() == pytest.approx(sum(math.exp(-(k - 1) / 2) * ce(y) for k, y in labels), rel=1e-5)
+
+
+def test_default_gamma_is_the_papers():
+    """Decay of the slot weights when no gamma is given: 7 for block 16, 5 for 10, 4 for 8 (paper); other
+    sizes scale block 16's, block_size * 7 / 16."""
+    assert [M.default_gamma(b) for b in (16, 10, 8)] == [7.0, 5.0, 4.0]
+    assert [M.default_gamma(b) for b in (4, 32)] == [1.75, 14.0]
+
+
+def test_dpace_weights_are_detached_from_the_gradient():
+    """One label (anchor 5, slot 1; slots 2 and 3 unsupervised): D-PACE's loss is s1 * CE with s1 = 0.5 p + 0.5
+    and p = exp(-CE) detached, so its gradient is s1 times the plain loss's gradient (weight 1). Were p not
+    detached, the gradient would gain CE * ds1, a term D-PACE does not have."""
+    t = tiny_target()
+    d = tiny_drafter(t, block_size=4)
+    ids = torch.randint(0, 63, (1, 12), generator=torch.Generator().manual_seed(0))
+    loss_mask = torch.zeros(1, 12)
+    loss_mask[0, 5:7] = 1
+    grads = []
+    for loss in ("dflash", "dpace"):
+        d.zero_grad(set_to_none=True)
+        loss_sum, w_sum, stats = M.dflash_loss(d, t, ids, loss_mask, num_anchors=1, loss=loss, dpace_alpha=0.5)
+        loss_sum.backward()
+        grads.append({n: p.grad.clone() for n, p in d.named_parameters()})
+        if loss == "dflash":
+            assert stats["count_per_slot"].tolist() == [1.0, 0.0, 0.0] and w_sum.item() == 1.0
+            s1 = 0.5 * math.exp(-loss_sum.item()) + 0.5
+    assert w_sum.item() == pytest.approx(s1, rel=1e-6)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], s1 * grads[0][n], rtol=1e-4, atol=1e-7)
+
+
+def test_sliding_drafter_training_loss_equals_per_block_inference_reference():
+    """dflash_loss with sliding layers (window 5) next to a full one, against the CE written by hand from
+    each kept block run alone the way inference runs it (its context before the anchor, the sliding layers'
+    window and causal block from the cache-free inference path), with features from output_hidden_states.
+    Anchors are 8 and later, so every window cuts the context."""
+    t = tiny_target()
+    d = tiny_drafter(t, block_size=4, **LAYOUTS["mixed"])
+    S, N, bs = 16, 4, 4
+    ids = torch.randint(0, 63, (1, S), generator=torch.Generator().manual_seed(1))
+    loss_mask = torch.zeros(1, S)
+    loss_mask[0, 8:] = 1
+    _, _, stats = M.dflash_loss(d, t, ids, loss_mask, N, generator=torch.Generator().manual_seed(0))
+    anchors, keep = M.sample_anchors(loss_mask, N, torch.Generator().manual_seed(0))
+    assert keep.all() and anchors.min() >= 8
+    E = t.get_input_embeddings().weight.detach()
+    hs = t(ids, output_hidden_states=True).hidden_states
+    feats = torch.cat([hs[k + 1] for k in d.config.target_layer_ids], -1)
+    ce, n = 0.0, 0
+    for a in anchors[0].tolist():
+        block = torch.tensor([[ids[0, a]] + [d.config.mask_token_id] * (bs - 1)])
+        with torch.no_grad():
+            hidden = d(E[block], feats[:, :a], torch.arange(a, a + bs)[None], torch.arange(a)[None])
+        for k in range(1, bs):
+            if a + k < S:
+                ce += F.cross_entropy((hidden[0, k] @ E.T)[None], ids[0, a + k][None]).item()
+                n += 1
+    assert stats["count_per_slot"].sum().item() == n
+    assert stats["ce_sum"].item() == pytest.approx(ce, rel=1e-5)
+
+
 @pytest.mark.parametrize("cap", [None, 2.0])
 def test_lm_head_ce_gradient_equals_autograd_of_dense_logits(cap):
     """LMHeadCE forms d CE / d hidden in its forward, chunk by chunk; the reference is autograd through
@@ -834,6 +975,27 @@ def test_thinking_rows_one_per_turn_with_the_history_the_target_saw(tmp_path, mo
         cfg = tmp_path / "c.yaml"
         cfg.write_text(f"enable_thinking: {flag}\n")
         assert train_config.parse_config(["--mask-token-id", "16", "--config", str(cfg)])["enable_thinking"] == flag
+
+
+def test_turn_end_is_supervised_where_eos_is_another_token():
+    """Gemma's and Llama-3's tokenizers name an eos that is not the token closing an assistant turn
+    (<eos> / <end_of_turn>): the end-of-turn token, a special added token, is still supervised."""
+    tok = qwen_tokenizer()
+    tok.eos_token = "<|endoftext|>"
+    ids, mask = data.tokenize_conversation(tok, CHAT, max_length=4096)
+    assert masked_text(tok, ids, mask) == "An apple.<|im_end|>A banana, 12 of them.<|im_end|>You are welcome.<|im_end|>"
+
+
+def test_min_loss_tokens_keeps_a_row_with_exactly_that_many(tmp_path):
+    """min_loss_tokens is the least number of supervised tokens a row may have: a row with exactly that many is kept."""
+    tok = qwen_tokenizer()
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A banana."}]
+    n = sum(data.tokenize_conversation(tok, conv, 64)[1])
+    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": conv})])
+    logs = []
+    assert len(data.build_dataset(tok, str(tmp_path / "d.jsonl"), 64, min_loss_tokens=n, log=logs.append)) == 1
+    assert data.build_dataset(tok, str(tmp_path / "d.jsonl"), 64, min_loss_tokens=n + 1, log=logs.append) == []
+    assert "1 too few loss tokens" in logs[-1]
 
 
 @need_assets
@@ -1096,6 +1258,20 @@ def test_batches_deterministic_sharded_resumable():
     long = [([1] * 100, [1] * 100)] * 4
     batch, _ = next(data.iterate_batches(long, 4, seed=0, pad_multiple=64, max_length=100, pad_id=7))
     assert batch["input_ids"].shape == (4, 128) and (batch["input_ids"][:, 100:] == 7).all() and batch["loss_mask"][:, 100:].sum() == 0
+
+
+def test_collate_keeps_each_rows_loss_mask_and_pads_with_zeros():
+    """Each row's own loss mask, 0 on the padding; input ids padded with pad_id (hand-written)."""
+    batch = data.collate([([5, 6, 7], [0, 1, 1]), ([8, 9], [1, 0])], pad_multiple=4, pad_id=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 2], [8, 9, 2, 2]]
+    assert batch["loss_mask"].tolist() == [[0, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_fingerprint_changes_with_a_regenerated_row_of_the_same_length():
+    """Data regenerated under the same path keeps most row lengths: a changed token changes the fingerprint."""
+    rows = [([1, 2, 3], [0, 1, 1]), ([4, 5], [1, 1])]
+    assert data.fingerprint(rows) == data.fingerprint(copy.deepcopy(rows)) and data.fingerprint(rows).startswith("2 rows, ")
+    assert data.fingerprint([([1, 9, 3], [0, 1, 1]), ([4, 5], [1, 1])]) != data.fingerprint(rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1802,6 +1978,31 @@ def test_import_of_a_released_drafter(tmp_path):
     assert torch.equal(logits(loaded, t), logits(bf16_copy(d), t))
 
 
+def test_serving_folder_reads_as_fp32_and_loads_in_the_dtype_asked(tmp_path):
+    """read_serving gives fp32 tensors (the bf16 file's values) for training; load_drafter casts to the dtype asked."""
+    d, _ = authors_style_folder(tmp_path / "released")
+    sd, _, _ = C.read_serving(str(tmp_path / "released"))
+    assert {v.dtype for v in sd.values()} == {torch.float32}
+    assert all(torch.equal(sd[k], v) for k, v in bf16_copy(d).state_dict().items())
+    for dtype in (torch.bfloat16, torch.float32):
+        loaded, _ = C.load_drafter(str(tmp_path / "released"), dtype=dtype)
+        assert {p.dtype for p in loaded.parameters()} == {dtype}
+
+
+def test_serving_layout_reads_layers_as_qwen3config_does():
+    """A config.json without layer_types: transformers' Qwen3Config (the authors' loader) decides which layers
+    slide (from max_window_layers, default 28, and only with use_sliding_window); serving_layout must agree."""
+    from transformers import Qwen3Config
+    for kw in (dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+               dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=8),
+               dict(num_hidden_layers=3, use_sliding_window=False, sliding_window=8),
+               dict(num_hidden_layers=30, use_sliding_window=True, sliding_window=8)):
+        hf = Qwen3Config(**kw)
+        got = C.serving_layout(kw)
+        assert got["layer_types"] == hf.layer_types, kw
+        assert got["sliding_window"] == (hf.sliding_window if "sliding_attention" in hf.layer_types else None), kw
+
+
 # ------------------------------------------------------------------------------------------------
 # errors: named, and nothing written
 
@@ -1828,6 +2029,9 @@ def broken_checkpoint(tmp_path, trained, case):
         tc["rope_parameters"] = {**ROPES["llama3"], "original_max_position_embeddings": 256}
     elif case == "nan":
         sd["norm.weight"] = torch.full((32,), float("nan"))
+    elif case == "inf":
+        sd["fc.weight"] = sd["fc.weight"].clone()
+        sd["fc.weight"][0, 0] = float("inf")
     ckpt = tmp_path / "bad" / "checkpoints" / "step_00000005"
     save_checkpoint(ckpt, sd, cfg, tc)
     return tmp_path / "bad"
@@ -1835,7 +2039,7 @@ def broken_checkpoint(tmp_path, trained, case):
 
 @pytest.mark.parametrize("case,message", [
     ("missing", r"missing tensors: layers\.1\.mlp\.up_proj\.weight"),
-    ("fc_shape", r"fc\.weight has shape \(32, 96\), expected \(32, 64\)"),
+    ("fc_shape", r"fc\.weight has shape \(32, 96\), expected \(32, 64\): its input width must be 2 captured layers x hidden 32"),
     ("extra", r"unexpected tensors: embed_tokens\.weight"),
     ("mask_id", r"mask_token_id=64 is outside the target's 64 embedding rows"),
     ("layer_id", r"target_layer_ids \[6\] are outside the target"),
@@ -1844,6 +2048,7 @@ def broken_checkpoint(tmp_path, trained, case):
     ("target_hidden", r"hidden_size=32 but the target config has 48"),
     ("target_rope", r"drafter RoPE \(theta 10000.0, rope_scaling None\) differs from the target's"),
     ("nan", r"non-finite values \(NaN/inf\) in norm\.weight"),
+    ("inf", r"non-finite values \(NaN/inf\) in fc\.weight"),
 ])
 def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, message):
     run = broken_checkpoint(tmp_path, trained, case)
