@@ -1144,6 +1144,19 @@ def test_lr_schedules():
     assert T.get_lr(90, 100, wsd) == pytest.approx(0.1 + 0.45)
 
 
+
+def test_cosine_and_constant_lr_between_the_ends_by_hand():
+    """Values inside the schedules, worked by hand (warmup 10 of 100 steps, lr 1, min_lr 0.1): cosine starts
+    its decay at the end of the warmup, not at step 0: progress (s - 10) / 90, so step 10 is the peak, step 40
+    a third of the way (0.1 + 0.5 * (1 + cos(pi / 3)) * 0.9 = 0.775) and step 55 half-way (0.55); constant
+    warms up as the others ((4 + 1) / 10 at step 4), then holds lr to the last step."""
+    c = dict(train_config.DEFAULTS, lr=1.0, min_lr=0.1, warmup_ratio=0.1, decay_ratio=0.2)
+    cos = dict(c, lr_schedule="cosine")
+    assert [T.get_lr(s, 100, cos) for s in (10, 40, 55)] == pytest.approx([1.0, 0.775, 0.55])
+    const = dict(c, lr_schedule="constant")
+    assert T.get_lr(4, 100, const) == pytest.approx(0.5)
+    assert [T.get_lr(s, 100, const) for s in (10, 50, 99)] == [1.0, 1.0, 1.0]
+
 def test_model_flop_count_by_hand():
     """README's count for the tiny target: a Qwen3 layer of width 32 has 9,296 parameters (q 1024,
     k 512, v 512, o 1024, q/k norms 16, MLP 6144, layer norms 64); layer ids [1, 3] run 4 of them."""
@@ -1218,6 +1231,56 @@ def test_non_finite_steps_in_a_row_are_counted_across_a_resume(tmp_path, monkeyp
     assert losses(b / "run") == losses(a / "run")
 
 
+
+def test_a_good_step_ends_a_run_of_non_finite_ones(tmp_path, monkeypatch, capsys):
+    """max_bad_steps counts non-finite steps in a row: NaN at steps 2 and 4, a good step 3 between them, with
+    max_bad_steps=2: both skipped, each the first of its row, and the run trains to its end."""
+    real = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda r, batches, step: (float("nan"),) + real(r, batches, step)[1:]
+                        if step in (1, 3) else real(r, batches, step))
+    assert T.main(train_args(tmp_path, max_bad_steps=2)) == 0
+    out = capsys.readouterr().out
+    assert "step 2: non-finite loss or gradient, step skipped (1 in a row)" in out
+    assert "step 4: non-finite loss or gradient, step skipped (1 in a row)" in out and "stopping" not in out
+    with open(os.path.join(checkpoints.latest_checkpoint(str(tmp_path / "run")), "train_state.json")) as f:
+        state = json.load(f)
+    assert (state["step"], state["skipped_steps"], state["bad_steps"]) == (6, 2, 0)
+
+
+def test_optimizer_step_is_adamw_on_clipped_gradients_with_decay_on_matrices_only(tmp_path, monkeypatch):
+    """Two steps checked against AdamW written out by hand on the gradients each step applies (caught as the
+    optimizer steps): their global norm is grad_clip, the pre-clip norm (logged) being larger; the moments use
+    beta1 and beta2 as configured (0.8, 0.99: swapped they differ from step 2 on); the lr is lr (constant, no
+    warmup); weight decay shrinks the matrices only, not the norms' weights (adamw_settings' two groups)."""
+    lr, b1, b2, wd, clip, eps = 1e-2, 0.8, 0.99, 0.5, 0.05, 1e-8
+    real_setup, steps = T.setup, []
+    full = lambda x: (x.full_tensor() if hasattr(x, "full_tensor") else x).detach().clone()
+
+    def setup(c):
+        r = real_setup(c)
+        params = list(r.drafter.named_parameters())
+        r.optimizer.register_step_pre_hook(lambda *a: steps.append({n: (full(p), full(p.grad)) for n, p in params}))
+        r.optimizer.register_step_post_hook(lambda *a: steps[-1].update({n + ".after": full(p) for n, p in params}))
+        return r
+
+    monkeypatch.setattr(T, "setup", setup)
+    assert T.main(train_args(tmp_path, max_steps=2, lr=lr, lr_schedule="constant", warmup_ratio=0.0, beta1=b1,
+                             beta2=b2, weight_decay=wd, grad_clip=clip)) == 0
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        norms = [rec["grad_norm"] for rec in map(json.loads, f)]
+    assert len(steps) == 2 and min(norms) > 2 * clip
+    names = [n for n in steps[0] if not n.endswith(".after")]
+    assert {n for n in names if steps[0][n][0].dim() < 2} >= {"norm.weight", "hidden_norm.weight"}
+    m, v = {n: 0.0 for n in names}, {n: 0.0 for n in names}
+    for t, step in enumerate(steps, 1):
+        assert torch.stack([step[n][1].norm() for n in names]).norm().item() == pytest.approx(clip, rel=1e-5)
+        for n in names:
+            p, g = step[n]
+            m[n], v[n] = b1 * m[n] + (1 - b1) * g, b2 * v[n] + (1 - b2) * g * g
+            decay = wd if p.dim() >= 2 else 0.0
+            want = p * (1 - lr * decay) - lr * (m[n] / (1 - b1 ** t)) / ((v[n] / (1 - b2 ** t)).sqrt() + eps)
+            torch.testing.assert_close(step[n + ".after"], want, rtol=1e-5, atol=1e-7, msg=lambda e: f"{n} step {t}: {e}")
+
 def test_each_step_is_logged_with_the_epoch_of_its_rows(tmp_path):
     """256 synthetic rows, 64 a step: 4 steps an epoch; epochs=2 logs steps 1-4 in epoch 0 and 5-8 in
     epoch 1 (the position after step 4 is already in epoch 1: it was logged as the step's epoch)."""
@@ -1225,6 +1288,25 @@ def test_each_step_is_logged_with_the_epoch_of_its_rows(tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         assert [(r["step"], r["epoch"]) for r in map(json.loads, f)] == [(s, (s - 1) // 4) for s in range(1, 9)]
 
+
+
+def test_anchors_are_drawn_again_every_epoch(tmp_path, monkeypatch):
+    """SPEC 6: anchors re-sampled every epoch. 256 synthetic rows, 128 a step, epochs=2: each row is trained
+    once an epoch, and its 6 anchors of 31 positions in epoch 1 are a new draw (the same set again by chance:
+    1 in 736,281 a row). That a row's anchors do not depend on its batch, test_grad_accumulation_matches_..."""
+    real_loss, real_anchors, batches, seen = M.dflash_loss, M.sample_anchors, [], {}
+    monkeypatch.setattr(M, "dflash_loss", lambda d, t, ids, *a, **k: batches.append(ids) or real_loss(d, t, ids, *a, **k))
+
+    def anchors(loss_mask, num_anchors, generator=None):
+        a, keep = real_anchors(loss_mask, num_anchors, generator)
+        for row, drawn in zip(batches[-1].tolist(), a.tolist()):
+            seen.setdefault(tuple(row), []).append(sorted(drawn))
+        return a, keep
+
+    monkeypatch.setattr(M, "sample_anchors", anchors)
+    assert T.main(train_args(tmp_path, batch_size=128, max_steps=0, epochs=2)) == 0
+    assert len(seen) == 256 and all(len(draws) == 2 for draws in seen.values())
+    assert all(first != second for first, second in seen.values())
 
 def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys):
     """Long work logs a line every PROGRESS_S seconds (0 here: after every chunk or prompt): tokenising
