@@ -4383,6 +4383,30 @@ def test_only_checkpoint_damaged_starts_again_and_says_so(tmp_path, capsys):
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
+
+def test_only_the_newest_keep_checkpoints_are_kept(tmp_path):
+    """A save every step for 5 steps with keep_checkpoints=2: steps 4 and 5 are left, each loadable."""
+    assert T.main(train_args(tmp_path, max_steps=5, save_interval=1, keep_checkpoints=2)) == 0
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_00000004", "step_00000005"]
+
+
+def test_a_run_killed_before_the_export_of_its_last_step_exports_when_rerun(tmp_path, monkeypatch, capsys):
+    """A finished run (max_steps=3, exported) trained on to max_steps=4 and killed after its step-4 checkpoint,
+    before the export: drafter/ still holds the step-3 weights. The rerun is not "finished" (that export is
+    older than the checkpoint): it exports the step-4 weights."""
+    assert T.main(train_args(tmp_path, max_steps=3)) == 0
+    monkeypatch.setattr(T, "export", lambda r, out: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        T.main(train_args(tmp_path, max_steps=4))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert T.main(train_args(tmp_path, max_steps=4)) == 0
+    assert "is finished" not in capsys.readouterr().out
+    ckpt = checkpoints.latest_checkpoint(str(tmp_path / "run"))
+    sd, _, _ = C.read_checkpoint(ckpt)
+    served = final_weights(tmp_path / "run")
+    assert ckpt.endswith("step_00000004") and all(torch.equal(sd[k].to(torch.bfloat16), served[k]) for k in served)
+
 def test_rows_regenerated_in_another_thinking_mode_stop_before_tokenising(tmp_path, monkeypatch):
     """regenerate records its thinking mode in every row; on a template with the switch, training those rows
     with another enable_thinking (auto too: the template's default is not the rows') is one config error naming
