@@ -2328,6 +2328,31 @@ def test_measure_tau(models, monkeypatch):
     assert tau == pytest.approx(sum(want) / len(want)) and same == 1
 
 
+
+def test_measure_tau_counts_a_turn_that_differs_from_plain_decoding(models, monkeypatch):
+    """measure_tau's second number counts turns whose speculative output equals plain decoding (block size 1):
+    a broken verify that accepts every proposal emits the drafter's tokens at block 8, while block 1 (no
+    proposals) still decodes greedily, so 0 of 1 turns are identical."""
+    t, d = models
+    tok = char_tokenizer()
+    ids = torch.tensor([bench.render(tok, [{"role": "user", "content": "abc"}])])
+    stops = data.stop_ids(tok, t)
+    monkeypatch.setattr(bench, "accept", lambda block, logits, *a, **k: (torch.tensor(len(block) - 1),
+                                                                          torch.cat([block[1:], logits[-1:].argmax(-1)])))
+    broken, plain = (bench.spec_generate(t, d, ids, 16, stops, bs)["tokens"] for bs in (None, 1))
+    assert plain == greedy(t, ids, len(plain)) and broken != plain
+    assert bench.measure_tau(t, d, tok, [{"turns": ["abc"]}], 16)[1] == 0
+
+
+def test_decode_time_leaves_the_prefill_out(models, monkeypatch):
+    """TPOT is decode time / tokens, prefill excluded (SPEC 4): a prefill made 0.3 s slower shows in prefill_s
+    and total_s, and decode_s is the rest (total_s - prefill_s)."""
+    t, d = models
+    real = bench.EagerRunner.prefill
+    monkeypatch.setattr(bench.EagerRunner, "prefill", lambda self, ids: (time.sleep(0.3), real(self, ids))[1])
+    r = bench.spec_generate(t, d, prompts(1)[0], 8, [], block_size=4)
+    assert r["prefill_s"] >= 0.3 and r["decode_s"] == pytest.approx(r["total_s"] - r["prefill_s"], abs=1e-6)
+
 # ------------------------------------------------------------------------------------------------
 # stop tokens
 
@@ -2745,6 +2770,25 @@ def test_sampled_dflash_runs_and_is_reproducible(models, sampling):
     assert runs[0]["tokens"] == runs[1]["tokens"] == runs[2]["tokens"] and len(runs[0]["tokens"]) == 20
     assert runs[0]["acceptance"] == runs[2]["acceptance"]
 
+
+
+def test_match_proposes_the_drafters_argmax_and_speculative_samples_it(models, monkeypatch):
+    """At T > 0 the two rules propose differently: match the drafter's argmax (its greedy block, accepted iff
+    equal to the target's samples), speculative samples of softmax(draft logits / T). Drafter logits flat but
+    for +0.5 on token 5 in every slot: match proposes 5 in every slot of every step; speculative mostly other
+    tokens (token 5: e^0.5 / (e^0.5 + 63) = 2.5% a slot at T 1)."""
+    t, d = models
+    monkeypatch.setattr(bench.EagerRunner, "draft", lambda self, anchor, start: torch.zeros(7, 64).index_fill_(
+        1, torch.tensor([5]), 0.5))
+    blocks, accept = [], bench.accept
+    monkeypatch.setattr(bench, "accept", lambda block, *a, **k: blocks.append(block[1:].tolist()) or accept(block, *a, **k))
+    for sampling in ("match", "speculative"):
+        blocks.clear()
+        bench.spec_generate(t, d, prompts(1)[0], 20, [], 8, temperature=1.0, sampling=sampling)
+        proposed = [x for b in blocks for x in b]
+        assert len(blocks) >= 3 and all(len(b) == 7 for b in blocks)
+        share = proposed.count(5) / len(proposed)
+        assert share == 1.0 if sampling == "match" else share < 0.3, (sampling, share)
 
 @pytest.mark.parametrize("kind", ["eager", "static"])
 def test_speculative_sampling_near_zero_temperature_is_greedy(models, monkeypatch, kind):
