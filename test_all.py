@@ -2316,6 +2316,25 @@ def test_static_first_draft_is_the_compiled_step(models, flex):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+
+def test_static_first_draft_rotates_the_prompt_as_the_draft_past_the_original_context():
+    """longrope switches to its long factors once a forward's positions pass the original context (64): a
+    61-token prompt drafts at positions 61-64 (seq_len 65: long), and write_context must rotate the prompt's
+    first 57 rows as that draft would (not by the prompt's length, 61: short, nor 64, one short): the first
+    draft equals draft_block from scratch over the whole prompt."""
+    t = rope_target(ROPES["longrope"])
+    d = scaled(tiny_drafter(t, block_size=4), 10.0)
+    ids = torch.randint(0, 63, (1, 61), generator=torch.Generator().manual_seed(5))
+    run = fast_decode.StaticRunner(t, d, 4, 128, compile=False)
+    logits, feats = run.prefill(ids)
+    run.commit(61, feats, 61)
+    anchor = logits[-1].argmax()
+    blk = torch.full((1, 4), d.config.mask_token_id)
+    blk[0, 0] = anchor
+    want = M.draft_block(d, t, M.capture_features(t, ids, d.config.target_layer_ids)[0], torch.arange(61)[None], blk, 61,
+                         M.DraftCache())[0, 1:]
+    torch.testing.assert_close(run.draft(anchor, 61), want, rtol=1e-4, atol=1e-4)
+
 def test_measure_tau(models, monkeypatch):
     t, d = models
     tok = char_tokenizer()
