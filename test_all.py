@@ -3310,6 +3310,23 @@ def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+
+def test_gqa_attention_reads_each_kv_head_once_for_short_queries(monkeypatch):
+    """sdpa_gqa with a mask: up to GQA_MAX_QUERIES (64) queries (decode, verify) go to SDPA with the 2 K/V heads
+    as they are (enable_gqa), what --gqa is for; 65 queries (a padded prefill) get K/V repeated to the 8 query
+    heads. Either way the output equals SDPA over K/V repeated by hand."""
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append((k.shape[1], kw["enable_gqa"]))
+                        or sdpa(q, k, v, **kw))
+    g = torch.Generator().manual_seed(0)
+    for q_len, want in ((1, (2, True)), (16, (2, True)), (64, (2, True)), (65, (8, False))):
+        q, k, v = (torch.randn(1, h, n, 16, generator=g) for h, n in ((8, q_len), (2, 80), (2, 80)))
+        mask = torch.arange(80)[None] <= 14 + torch.arange(q_len)[:, None]
+        out, _ = fast_decode.sdpa_gqa(types.SimpleNamespace(is_causal=True), q, k, v, mask[None, None], scaling=0.3)
+        assert seen[-1] == want, q_len
+        ref = sdpa(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask, scale=0.3)
+        torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
 @pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
 @pytest.mark.parametrize("flex, freeze", [(False, False), (True, False), (True, True)])
 def test_compiled_fast_path_same_tokens(wide_models, monkeypatch, flex, freeze):
