@@ -1290,6 +1290,22 @@ def test_each_step_is_logged_with_the_epoch_of_its_rows(tmp_path):
 
 
 
+
+def test_the_last_step_is_logged_and_exports_every_save_but_the_last(tmp_path):
+    """log_interval=4, max_steps=6: records at steps 4 and 6 (the last, a short interval: the mean of steps 5
+    and 6). export_every_save=true, saves at 2, 4, 6: a serving folder beside checkpoints 2 and 4 holding their
+    weights; the last one's is the run's drafter/, not written twice."""
+    assert T.main(train_args(tmp_path, log_interval=4, save_interval=2, keep_checkpoints=3, export_every_save=True)) == 0
+    run = tmp_path / "run"
+    with open(run / "metrics.jsonl") as f:
+        assert [rec["step"] for rec in map(json.loads, f)] == [4, 6]
+    for step in (2, 4):
+        ckpt = run / "checkpoints" / f"step_{step:08d}"
+        sd, _, _ = C.read_checkpoint(str(ckpt))
+        served, _ = C.load_drafter(str(ckpt / "export"))
+        assert all(torch.equal(v, sd[k].to(torch.bfloat16).float()) for k, v in served.state_dict().items())
+    assert not (run / "checkpoints" / "step_00000006" / "export").exists() and (run / "drafter" / "config.json").exists()
+
 def test_anchors_are_drawn_again_every_epoch(tmp_path, monkeypatch):
     """SPEC 6: anchors re-sampled every epoch. 256 synthetic rows, 128 a step, epochs=2: each row is trained
     once an epoch, and its 6 anchors of 31 positions in epoch 1 are a new draw (the same set again by chance:
@@ -4380,6 +4396,36 @@ def test_latest_checkpoint_skips_tmp(trained, tmp_path):
     assert checkpoints.latest_checkpoint(str(run / "checkpoints")) == str(run / "checkpoints" / "step_00000002")
     assert checkpoints.latest_checkpoint(str(tmp_path)) is None
 
+
+
+def test_verify_checksums_tells_damage_from_an_edit(tmp_path):
+    """A folder of three files and their checksums.json: a changed weight file is damage, config.json accepted as
+    edited or not; a changed config.json is an edit (EditedError; accepted: no error); a deleted config.json is
+    missing, damage, not an edit, accepted or not; an unreadable checksums.json is named, not read as none."""
+    files = {"model.safetensors": b"weights", "config.json": b"{}", "README.md": b"# drafter"}
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+    checkpoints.write_checksums(str(tmp_path))
+    verify = lambda accept=False: checkpoints.verify_checksums(str(tmp_path), ("config.json", "README.md"), accept)
+    verify()
+    (tmp_path / "config.json").write_bytes(b'{"edited": 1}')
+    with pytest.raises(checkpoints.EditedError, match="config.json in .* changed after export"):
+        verify()
+    verify(accept=True)
+    (tmp_path / "model.safetensors").write_bytes(b"weightz")
+    for accept in (False, True):
+        with pytest.raises(checkpoints.ChecksumError, match=r"model\.safetensors differs") as e:
+            verify(accept)
+        assert type(e.value) is checkpoints.ChecksumError
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "config.json").unlink()
+    for accept in (False, True):
+        with pytest.raises(checkpoints.ChecksumError, match="config.json is missing") as e:
+            verify(accept)
+        assert type(e.value) is checkpoints.ChecksumError
+    (tmp_path / "checksums.json").write_text('{"model.safetensors": ')  # cut mid-write
+    with pytest.raises(checkpoints.ChecksumError, match="checksums.json is unreadable"):
+        verify()
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     """6 steps in one go == 3 steps, stop, then the same command again: same losses, same weights."""
