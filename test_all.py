@@ -3609,6 +3609,16 @@ def test_cli_synthetic_timing(tmp_path, capsys):
         bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--profile", "d"])
 
 
+
+def test_random_prompt_stays_below_the_mask_token():
+    """--prompt-len's random prompt never holds the mask token or ids past it: 2,000 ids on a 64-token target
+    span 0..39 for a drafter with mask id 40, 0..62 with mask id 63 (the mask is never a prompt token)."""
+    t = tiny_target()
+    for mask_id, hi in ((40, 40), (63, 63)):
+        d = tiny_drafter(t, mask_token_id=mask_id)
+        ids = bench.random_prompt(t, d, 2000, argparse.Namespace(seed=0, device="cpu"))
+        assert ids.shape == (1, 2000) and int(ids.max()) == hi - 1 and int(ids.min()) == 0
+
 def test_profile_counts_the_steps_alone(tmp_path, capsys):
     """--profile's counts leave the prefill out: a fake decode whose prefill runs 7 adds and whose every
     step runs 2 muls and 1 sub profiles at exactly 3 aten ops per step, with the adds nowhere in its table
