@@ -3250,6 +3250,20 @@ def test_static_cache_layers_share_one_write_position(models):
         torch.testing.assert_close(ours.values[:, :, :13], hf.values[:, :, :13], rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("flex", [False, True])
+def test_one_static_runner_decodes_prompt_after_prompt(models, flex):
+    """bench.py keeps one StaticRunner per block size for a whole run (every prompt and turn, and the warm-up):
+    each generation starts over at position 0 of the same buffers, whatever the last one left there. Three
+    prompts in a row through one runner each (a long one first, then shorter ones): each decodes as greedy."""
+    t, d = models
+    g = copy.deepcopy(t) if flex else t
+    runs = {bs: fast_decode.StaticRunner(g, d, bs, 128, compile=False, flex=flex) for bs in (1, 4)}
+    for ids in (prompts(1, seed=3)[0].repeat(1, 3), *prompts(2)):
+        ref = greedy(t, ids, 24)
+        for bs, run in runs.items():
+            assert bench.spec_generate(g, d, ids, 24, [], bs, runner=run)["tokens"] == ref, (bs, ids.shape)
+
 def test_kv_sharing_target_decodes_through_the_static_cache():
     """A target whose last layers read another layer's K/V (Gemma 4's num_kv_shared_layers; transformers gives
     those layers a DummyLayer that holds nothing): the static runner replaces only the layers that hold K/V
