@@ -1247,6 +1247,20 @@ def test_a_good_step_ends_a_run_of_non_finite_ones(tmp_path, monkeypatch, capsys
     assert (state["step"], state["skipped_steps"], state["bad_steps"]) == (6, 2, 0)
 
 
+
+def test_skipped_steps_are_counted_across_a_resume(tmp_path, monkeypatch):
+    """A NaN at step 2, the run stopped at step 3 and run again to step 6: the records after the resume and the
+    last checkpoint still count the one skipped step, as the uninterrupted run's do."""
+    real = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda r, batches, step: (float("nan"),) + real(r, batches, step)[1:]
+                        if step == 1 else real(r, batches, step))
+    assert T.main(train_args(tmp_path, stop_at_step=3)) == 0
+    assert T.main(train_args(tmp_path)) == 0
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert [(rec["step"], rec["skipped_steps"]) for rec in map(json.loads, f)] == [(1, 0)] + [(s, 1) for s in range(3, 7)]
+    with open(os.path.join(checkpoints.latest_checkpoint(str(tmp_path / "run")), "train_state.json")) as f:
+        assert json.load(f)["skipped_steps"] == 1
+
 def test_optimizer_step_is_adamw_on_clipped_gradients_with_decay_on_matrices_only(tmp_path, monkeypatch):
     """Two steps checked against AdamW written out by hand on the gradients each step applies (caught as the
     optimizer steps): their global norm is grad_clip, the pre-clip norm (logged) being larger; the moments use
