@@ -1320,6 +1320,19 @@ def test_lr_schedules():
     assert T.get_lr(90, 100, wsd) == pytest.approx(0.1 + 0.45)
 
 
+
+def test_cosine_and_constant_lr_between_the_ends_by_hand():
+    """Values inside the schedules, worked by hand (warmup 10 of 100 steps, lr 1, min_lr 0.1): cosine starts
+    its decay at the end of the warmup, not at step 0: progress (s - 10) / 90, so step 10 is the peak, step 40
+    a third of the way (0.1 + 0.5 * (1 + cos(pi / 3)) * 0.9 = 0.775) and step 55 half-way (0.55); constant
+    warms up as the others ((4 + 1) / 10 at step 4), then holds lr to the last step."""
+    c = dict(train_config.DEFAULTS, lr=1.0, min_lr=0.1, warmup_ratio=0.1, decay_ratio=0.2)
+    cos = dict(c, lr_schedule="cosine")
+    assert [T.get_lr(s, 100, cos) for s in (10, 40, 55)] == pytest.approx([1.0, 0.775, 0.55])
+    const = dict(c, lr_schedule="constant")
+    assert T.get_lr(4, 100, const) == pytest.approx(0.5)
+    assert [T.get_lr(s, 100, const) for s in (10, 50, 99)] == [1.0, 1.0, 1.0]
+
 def test_model_flop_count_by_hand():
     """README's count for the tiny target: a Qwen3 layer of width 32 has 9,296 parameters (q 1024,
     k 512, v 512, o 1024, q/k norms 16, MLP 6144, layer norms 64); layer ids [1, 3] run 4 of them."""
@@ -1394,6 +1407,70 @@ def test_non_finite_steps_in_a_row_are_counted_across_a_resume(tmp_path, monkeyp
     assert losses(b / "run") == losses(a / "run")
 
 
+
+def test_a_good_step_ends_a_run_of_non_finite_ones(tmp_path, monkeypatch, capsys):
+    """max_bad_steps counts non-finite steps in a row: NaN at steps 2 and 4, a good step 3 between them, with
+    max_bad_steps=2: both skipped, each the first of its row, and the run trains to its end."""
+    real = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda r, batches, step: (float("nan"),) + real(r, batches, step)[1:]
+                        if step in (1, 3) else real(r, batches, step))
+    assert T.main(train_args(tmp_path, max_bad_steps=2)) == 0
+    out = capsys.readouterr().out
+    assert "step 2: non-finite loss or gradient, step skipped (1 in a row)" in out
+    assert "step 4: non-finite loss or gradient, step skipped (1 in a row)" in out and "stopping" not in out
+    with open(os.path.join(checkpoints.latest_checkpoint(str(tmp_path / "run")), "train_state.json")) as f:
+        state = json.load(f)
+    assert (state["step"], state["skipped_steps"], state["bad_steps"]) == (6, 2, 0)
+
+
+
+def test_skipped_steps_are_counted_across_a_resume(tmp_path, monkeypatch):
+    """A NaN at step 2, the run stopped at step 3 and run again to step 6: the records after the resume and the
+    last checkpoint still count the one skipped step, as the uninterrupted run's do."""
+    real = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda r, batches, step: (float("nan"),) + real(r, batches, step)[1:]
+                        if step == 1 else real(r, batches, step))
+    assert T.main(train_args(tmp_path, stop_at_step=3)) == 0
+    assert T.main(train_args(tmp_path)) == 0
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert [(rec["step"], rec["skipped_steps"]) for rec in map(json.loads, f)] == [(1, 0)] + [(s, 1) for s in range(3, 7)]
+    with open(os.path.join(checkpoints.latest_checkpoint(str(tmp_path / "run")), "train_state.json")) as f:
+        assert json.load(f)["skipped_steps"] == 1
+
+def test_optimizer_step_is_adamw_on_clipped_gradients_with_decay_on_matrices_only(tmp_path, monkeypatch):
+    """Two steps checked against AdamW written out by hand on the gradients each step applies (caught as the
+    optimizer steps): their global norm is grad_clip, the pre-clip norm (logged) being larger; the moments use
+    beta1 and beta2 as configured (0.8, 0.99: swapped they differ from step 2 on); the lr is lr (constant, no
+    warmup); weight decay shrinks the matrices only, not the norms' weights (adamw_settings' two groups)."""
+    lr, b1, b2, wd, clip, eps = 1e-2, 0.8, 0.99, 0.5, 0.05, 1e-8
+    real_setup, steps = T.setup, []
+    full = lambda x: (x.full_tensor() if hasattr(x, "full_tensor") else x).detach().clone()
+
+    def setup(c):
+        r = real_setup(c)
+        params = list(r.drafter.named_parameters())
+        r.optimizer.register_step_pre_hook(lambda *a: steps.append({n: (full(p), full(p.grad)) for n, p in params}))
+        r.optimizer.register_step_post_hook(lambda *a: steps[-1].update({n + ".after": full(p) for n, p in params}))
+        return r
+
+    monkeypatch.setattr(T, "setup", setup)
+    assert T.main(train_args(tmp_path, max_steps=2, lr=lr, lr_schedule="constant", warmup_ratio=0.0, beta1=b1,
+                             beta2=b2, weight_decay=wd, grad_clip=clip)) == 0
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        norms = [rec["grad_norm"] for rec in map(json.loads, f)]
+    assert len(steps) == 2 and min(norms) > 2 * clip
+    names = [n for n in steps[0] if not n.endswith(".after")]
+    assert {n for n in names if steps[0][n][0].dim() < 2} >= {"norm.weight", "hidden_norm.weight"}
+    m, v = {n: 0.0 for n in names}, {n: 0.0 for n in names}
+    for t, step in enumerate(steps, 1):
+        assert torch.stack([step[n][1].norm() for n in names]).norm().item() == pytest.approx(clip, rel=1e-5)
+        for n in names:
+            p, g = step[n]
+            m[n], v[n] = b1 * m[n] + (1 - b1) * g, b2 * v[n] + (1 - b2) * g * g
+            decay = wd if p.dim() >= 2 else 0.0
+            want = p * (1 - lr * decay) - lr * (m[n] / (1 - b1 ** t)) / ((v[n] / (1 - b2 ** t)).sqrt() + eps)
+            torch.testing.assert_close(step[n + ".after"], want, rtol=1e-5, atol=1e-7, msg=lambda e: f"{n} step {t}: {e}")
+
 def test_each_step_is_logged_with_the_epoch_of_its_rows(tmp_path):
     """256 synthetic rows, 64 a step: 4 steps an epoch; epochs=2 logs steps 1-4 in epoch 0 and 5-8 in
     epoch 1 (the position after step 4 is already in epoch 1: it was logged as the step's epoch)."""
@@ -1401,6 +1478,41 @@ def test_each_step_is_logged_with_the_epoch_of_its_rows(tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         assert [(r["step"], r["epoch"]) for r in map(json.loads, f)] == [(s, (s - 1) // 4) for s in range(1, 9)]
 
+
+
+
+def test_the_last_step_is_logged_and_exports_every_save_but_the_last(tmp_path):
+    """log_interval=4, max_steps=6: records at steps 4 and 6 (the last, a short interval: the mean of steps 5
+    and 6). export_every_save=true, saves at 2, 4, 6: a serving folder beside checkpoints 2 and 4 holding their
+    weights; the last one's is the run's drafter/, not written twice."""
+    assert T.main(train_args(tmp_path, log_interval=4, save_interval=2, keep_checkpoints=3, export_every_save=True)) == 0
+    run = tmp_path / "run"
+    with open(run / "metrics.jsonl") as f:
+        assert [rec["step"] for rec in map(json.loads, f)] == [4, 6]
+    for step in (2, 4):
+        ckpt = run / "checkpoints" / f"step_{step:08d}"
+        sd, _, _ = C.read_checkpoint(str(ckpt))
+        served, _ = C.load_drafter(str(ckpt / "export"))
+        assert all(torch.equal(v, sd[k].to(torch.bfloat16).float()) for k, v in served.state_dict().items())
+    assert not (run / "checkpoints" / "step_00000006" / "export").exists() and (run / "drafter" / "config.json").exists()
+
+def test_anchors_are_drawn_again_every_epoch(tmp_path, monkeypatch):
+    """SPEC 6: anchors re-sampled every epoch. 256 synthetic rows, 128 a step, epochs=2: each row is trained
+    once an epoch, and its 6 anchors of 31 positions in epoch 1 are a new draw (the same set again by chance:
+    1 in 736,281 a row). That a row's anchors do not depend on its batch, test_grad_accumulation_matches_..."""
+    real_loss, real_anchors, batches, seen = M.dflash_loss, M.sample_anchors, [], {}
+    monkeypatch.setattr(M, "dflash_loss", lambda d, t, ids, *a, **k: batches.append(ids) or real_loss(d, t, ids, *a, **k))
+
+    def anchors(loss_mask, num_anchors, generator=None):
+        a, keep = real_anchors(loss_mask, num_anchors, generator)
+        for row, drawn in zip(batches[-1].tolist(), a.tolist()):
+            seen.setdefault(tuple(row), []).append(sorted(drawn))
+        return a, keep
+
+    monkeypatch.setattr(M, "sample_anchors", anchors)
+    assert T.main(train_args(tmp_path, batch_size=128, max_steps=0, epochs=2)) == 0
+    assert len(seen) == 256 and all(len(draws) == 2 for draws in seen.values())
+    assert all(first != second for first, second in seen.values())
 
 def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys):
     """Long work logs a line every PROGRESS_S seconds (0 here: after every chunk or prompt): tokenising
@@ -2439,6 +2551,25 @@ def test_static_first_draft_is_the_compiled_step(models, flex):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+
+def test_static_first_draft_rotates_the_prompt_as_the_draft_past_the_original_context():
+    """longrope switches to its long factors once a forward's positions pass the original context (64): a
+    61-token prompt drafts at positions 61-64 (seq_len 65: long), and write_context must rotate the prompt's
+    first 57 rows as that draft would (not by the prompt's length, 61: short, nor 64, one short): the first
+    draft equals draft_block from scratch over the whole prompt."""
+    t = rope_target(ROPES["longrope"])
+    d = scaled(tiny_drafter(t, block_size=4), 10.0)
+    ids = torch.randint(0, 63, (1, 61), generator=torch.Generator().manual_seed(5))
+    run = fast_decode.StaticRunner(t, d, 4, 128, compile=False)
+    logits, feats = run.prefill(ids)
+    run.commit(61, feats, 61)
+    anchor = logits[-1].argmax()
+    blk = torch.full((1, 4), d.config.mask_token_id)
+    blk[0, 0] = anchor
+    want = M.draft_block(d, t, M.capture_features(t, ids, d.config.target_layer_ids)[0], torch.arange(61)[None], blk, 61,
+                         M.DraftCache())[0, 1:]
+    torch.testing.assert_close(run.draft(anchor, 61), want, rtol=1e-4, atol=1e-4)
+
 def test_measure_tau(models, monkeypatch):
     t, d = models
     tok = char_tokenizer()
@@ -2450,6 +2581,31 @@ def test_measure_tau(models, monkeypatch):
     tau, same = bench.measure_tau(t, d, tok, [{"turns": ["abc"]}], 16)
     assert tau == pytest.approx(sum(want) / len(want)) and same == 1
 
+
+
+def test_measure_tau_counts_a_turn_that_differs_from_plain_decoding(models, monkeypatch):
+    """measure_tau's second number counts turns whose speculative output equals plain decoding (block size 1):
+    a broken verify that accepts every proposal emits the drafter's tokens at block 8, while block 1 (no
+    proposals) still decodes greedily, so 0 of 1 turns are identical."""
+    t, d = models
+    tok = char_tokenizer()
+    ids = torch.tensor([bench.render(tok, [{"role": "user", "content": "abc"}])])
+    stops = data.stop_ids(tok, t)
+    monkeypatch.setattr(bench, "accept", lambda block, logits, *a, **k: (torch.tensor(len(block) - 1),
+                                                                          torch.cat([block[1:], logits[-1:].argmax(-1)])))
+    broken, plain = (bench.spec_generate(t, d, ids, 16, stops, bs)["tokens"] for bs in (None, 1))
+    assert plain == greedy(t, ids, len(plain)) and broken != plain
+    assert bench.measure_tau(t, d, tok, [{"turns": ["abc"]}], 16)[1] == 0
+
+
+def test_decode_time_leaves_the_prefill_out(models, monkeypatch):
+    """TPOT is decode time / tokens, prefill excluded (SPEC 4): a prefill made 0.3 s slower shows in prefill_s
+    and total_s, and decode_s is the rest (total_s - prefill_s)."""
+    t, d = models
+    real = bench.EagerRunner.prefill
+    monkeypatch.setattr(bench.EagerRunner, "prefill", lambda self, ids: (time.sleep(0.3), real(self, ids))[1])
+    r = bench.spec_generate(t, d, prompts(1)[0], 8, [], block_size=4)
+    assert r["prefill_s"] >= 0.3 and r["decode_s"] == pytest.approx(r["total_s"] - r["prefill_s"], abs=1e-6)
 
 # ------------------------------------------------------------------------------------------------
 # stop tokens
@@ -2871,6 +3027,25 @@ def test_sampled_dflash_runs_and_is_reproducible(models, sampling):
     assert runs[0]["tokens"] == runs[1]["tokens"] == runs[2]["tokens"] and len(runs[0]["tokens"]) == 20
     assert runs[0]["acceptance"] == runs[2]["acceptance"]
 
+
+
+def test_match_proposes_the_drafters_argmax_and_speculative_samples_it(models, monkeypatch):
+    """At T > 0 the two rules propose differently: match the drafter's argmax (its greedy block, accepted iff
+    equal to the target's samples), speculative samples of softmax(draft logits / T). Drafter logits flat but
+    for +0.5 on token 5 in every slot: match proposes 5 in every slot of every step; speculative mostly other
+    tokens (token 5: e^0.5 / (e^0.5 + 63) = 2.5% a slot at T 1)."""
+    t, d = models
+    monkeypatch.setattr(bench.EagerRunner, "draft", lambda self, anchor, start: torch.zeros(7, 64).index_fill_(
+        1, torch.tensor([5]), 0.5))
+    blocks, accept = [], bench.accept
+    monkeypatch.setattr(bench, "accept", lambda block, *a, **k: blocks.append(block[1:].tolist()) or accept(block, *a, **k))
+    for sampling in ("match", "speculative"):
+        blocks.clear()
+        bench.spec_generate(t, d, prompts(1)[0], 20, [], 8, temperature=1.0, sampling=sampling)
+        proposed = [x for b in blocks for x in b]
+        assert len(blocks) >= 3 and all(len(b) == 7 for b in blocks)
+        share = proposed.count(5) / len(proposed)
+        assert share == 1.0 if sampling == "match" else share < 0.3, (sampling, share)
 
 @pytest.mark.parametrize("kind", ["eager", "static"])
 def test_speculative_sampling_near_zero_temperature_is_greedy(models, monkeypatch, kind):
@@ -3297,6 +3472,20 @@ def test_static_cache_layers_share_one_write_position(models):
         torch.testing.assert_close(ours.values[:, :, :13], hf.values[:, :, :13], rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("flex", [False, True])
+def test_one_static_runner_decodes_prompt_after_prompt(models, flex):
+    """bench.py keeps one StaticRunner per block size for a whole run (every prompt and turn, and the warm-up):
+    each generation starts over at position 0 of the same buffers, whatever the last one left there. Three
+    prompts in a row through one runner each (a long one first, then shorter ones): each decodes as greedy."""
+    t, d = models
+    g = copy.deepcopy(t) if flex else t
+    runs = {bs: fast_decode.StaticRunner(g, d, bs, 128, compile=False, flex=flex) for bs in (1, 4)}
+    for ids in (prompts(1, seed=3)[0].repeat(1, 3), *prompts(2)):
+        ref = greedy(t, ids, 24)
+        for bs, run in runs.items():
+            assert bench.spec_generate(g, d, ids, 24, [], bs, runner=run)["tokens"] == ref, (bs, ids.shape)
+
 def test_kv_sharing_target_decodes_through_the_static_cache():
     """A target whose last layers read another layer's K/V (Gemma 4's num_kv_shared_layers; transformers gives
     those layers a DummyLayer that holds nothing): the static runner replaces only the layers that hold K/V
@@ -3372,6 +3561,23 @@ def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
     torch.testing.assert_close(g(ids, attention_mask=pad).logits[:, 2:], t(ids, attention_mask=pad).logits[:, 2:],
                                rtol=1e-5, atol=1e-5)
 
+
+
+def test_gqa_attention_reads_each_kv_head_once_for_short_queries(monkeypatch):
+    """sdpa_gqa with a mask: up to GQA_MAX_QUERIES (64) queries (decode, verify) go to SDPA with the 2 K/V heads
+    as they are (enable_gqa), what --gqa is for; 65 queries (a padded prefill) get K/V repeated to the 8 query
+    heads. Either way the output equals SDPA over K/V repeated by hand."""
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append((k.shape[1], kw["enable_gqa"]))
+                        or sdpa(q, k, v, **kw))
+    g = torch.Generator().manual_seed(0)
+    for q_len, want in ((1, (2, True)), (16, (2, True)), (64, (2, True)), (65, (8, False))):
+        q, k, v = (torch.randn(1, h, n, 16, generator=g) for h, n in ((8, q_len), (2, 80), (2, 80)))
+        mask = torch.arange(80)[None] <= 14 + torch.arange(q_len)[:, None]
+        out, _ = fast_decode.sdpa_gqa(types.SimpleNamespace(is_causal=True), q, k, v, mask[None, None], scaling=0.3)
+        assert seen[-1] == want, q_len
+        ref = sdpa(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask, scale=0.3)
+        torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 @pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
 @pytest.mark.parametrize("flex, freeze", [(False, False), (True, False), (True, True)])
@@ -3638,6 +3844,16 @@ def test_cli_synthetic_timing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--target", "x", "--dataset", "mt-bench", "--profile", "d"])
 
+
+
+def test_random_prompt_stays_below_the_mask_token():
+    """--prompt-len's random prompt never holds the mask token or ids past it: 2,000 ids on a 64-token target
+    span 0..39 for a drafter with mask id 40, 0..62 with mask id 63 (the mask is never a prompt token)."""
+    t = tiny_target()
+    for mask_id, hi in ((40, 40), (63, 63)):
+        d = tiny_drafter(t, mask_token_id=mask_id)
+        ids = bench.random_prompt(t, d, 2000, argparse.Namespace(seed=0, device="cpu"))
+        assert ids.shape == (1, 2000) and int(ids.max()) == hi - 1 and int(ids.min()) == 0
 
 def test_profile_counts_the_steps_alone(tmp_path, capsys):
     """--profile's counts leave the prefill out: a fake decode whose prefill runs 7 adds and whose every
@@ -4427,6 +4643,36 @@ def test_latest_checkpoint_skips_tmp(trained, tmp_path):
     assert checkpoints.latest_checkpoint(str(tmp_path)) is None
 
 
+
+def test_verify_checksums_tells_damage_from_an_edit(tmp_path):
+    """A folder of three files and their checksums.json: a changed weight file is damage, config.json accepted as
+    edited or not; a changed config.json is an edit (EditedError; accepted: no error); a deleted config.json is
+    missing, damage, not an edit, accepted or not; an unreadable checksums.json is named, not read as none."""
+    files = {"model.safetensors": b"weights", "config.json": b"{}", "README.md": b"# drafter"}
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+    checkpoints.write_checksums(str(tmp_path))
+    verify = lambda accept=False: checkpoints.verify_checksums(str(tmp_path), ("config.json", "README.md"), accept)
+    verify()
+    (tmp_path / "config.json").write_bytes(b'{"edited": 1}')
+    with pytest.raises(checkpoints.EditedError, match="config.json in .* changed after export"):
+        verify()
+    verify(accept=True)
+    (tmp_path / "model.safetensors").write_bytes(b"weightz")
+    for accept in (False, True):
+        with pytest.raises(checkpoints.ChecksumError, match=r"model\.safetensors differs") as e:
+            verify(accept)
+        assert type(e.value) is checkpoints.ChecksumError
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "config.json").unlink()
+    for accept in (False, True):
+        with pytest.raises(checkpoints.ChecksumError, match="config.json is missing") as e:
+            verify(accept)
+        assert type(e.value) is checkpoints.ChecksumError
+    (tmp_path / "checksums.json").write_text('{"model.safetensors": ')  # cut mid-write
+    with pytest.raises(checkpoints.ChecksumError, match="checksums.json is unreadable"):
+        verify()
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     """6 steps in one go == 3 steps, stop, then the same command again: same losses, same weights."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -4508,6 +4754,30 @@ def test_only_checkpoint_damaged_starts_again_and_says_so(tmp_path, capsys):
     assert "trying the one before it" in out and "no intact checkpoint left: training from step 0" in out
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
+
+
+def test_only_the_newest_keep_checkpoints_are_kept(tmp_path):
+    """A save every step for 5 steps with keep_checkpoints=2: steps 4 and 5 are left, each loadable."""
+    assert T.main(train_args(tmp_path, max_steps=5, save_interval=1, keep_checkpoints=2)) == 0
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_00000004", "step_00000005"]
+
+
+def test_a_run_killed_before_the_export_of_its_last_step_exports_when_rerun(tmp_path, monkeypatch, capsys):
+    """A finished run (max_steps=3, exported) trained on to max_steps=4 and killed after its step-4 checkpoint,
+    before the export: drafter/ still holds the step-3 weights. The rerun is not "finished" (that export is
+    older than the checkpoint): it exports the step-4 weights."""
+    assert T.main(train_args(tmp_path, max_steps=3)) == 0
+    monkeypatch.setattr(T, "export", lambda r, out: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        T.main(train_args(tmp_path, max_steps=4))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert T.main(train_args(tmp_path, max_steps=4)) == 0
+    assert "is finished" not in capsys.readouterr().out
+    ckpt = checkpoints.latest_checkpoint(str(tmp_path / "run"))
+    sd, _, _ = C.read_checkpoint(ckpt)
+    served = final_weights(tmp_path / "run")
+    assert ckpt.endswith("step_00000004") and all(torch.equal(sd[k].to(torch.bfloat16), served[k]) for k in served)
 
 def test_rows_regenerated_in_another_thinking_mode_stop_before_tokenising(tmp_path, monkeypatch):
     """regenerate records its thinking mode in every row; on a template with the switch, training those rows
