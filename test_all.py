@@ -54,6 +54,8 @@ ROPES = {
                      "original_max_position_embeddings": 64, "rope_theta": 150000.0},
     "yarn_mscale": {"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.5,
                     "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    # an original context past 2 pi theta: yarn's correction range ends past half the head (clamped at head_dim - 1)
+    "yarn_small_theta": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10.0},
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64, "rope_theta": 10000.0},
     "longrope": {"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.0, 2.0, 4.0, 8.0],
@@ -3084,7 +3086,7 @@ def test_rope_equals_transformers(name):
         want_inv, want_scale = ROPE_INIT_FUNCTIONS[kind](t.config, "cpu")
         torch.testing.assert_close(inv, want_inv, rtol=1e-6, atol=0)
         assert scale == pytest.approx(want_scale, rel=1e-12)
-    for n in (40, 100, 700):  # inside the original context (64), past it, past max_position_embeddings (256)
+    for n in (40, 64, 65, 100, 700):  # inside the original context (64), at its edge, past it, past max_position_embeddings (256)
         pos = torch.arange(n)[None]
         want = LlamaRotaryEmbedding(t.config)(torch.zeros(1), pos)  # a fresh module: no state across calls
         got = M.rope_cos_sin(pos, *targets.rope_frequencies(cfg, pos.max() + 1))
