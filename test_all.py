@@ -3178,6 +3178,33 @@ def test_rope_bad_input_is_named():
         M.config_from_target(phi, 1, num_features=2, mask_token_id=3)
 
 
+def test_rope_mismatch_compares_past_the_original_context_and_the_attention_scaling():
+    """RoPEs that turn alike inside the original context can still differ: dynamic NTK (factor 4) turns as plain
+    RoPE up to max_position_embeddings and slower past it; yarn with attention_factor 1.0 turns as the target's
+    yarn but leaves cos/sin unscaled where the target's scale them by 0.1 ln 4 + 1. Each is a mismatch. A legacy
+    config.json dict without original_max_position_embeddings reads max_position_embeddings there, as transformers
+    fills it in."""
+    from transformers import AutoConfig
+    plain = tiny_target()
+    d = tiny_drafter(plain)
+    dynamic = dataclasses.replace(d.config, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    assert torch.equal(targets.rope_frequencies(dynamic)[0], targets.rope_frequencies(d.config)[0])  # inside: alike
+    with pytest.raises(ValueError, match="drafter RoPE .*dynamic.* differs from the target's"):
+        M.check_fits_target(dynamic, plain)
+    t = rope_target(ROPES["yarn"])
+    y = tiny_drafter(t).config
+    M.check_fits_target(y, t)
+    assert targets.rope_frequencies(y)[1] == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    flat = dataclasses.replace(y, rope_scaling={**y.rope_scaling, "attention_factor": 1.0})
+    assert torch.equal(targets.rope_frequencies(flat)[0], targets.rope_frequencies(y)[0])
+    with pytest.raises(ValueError, match="differs from the target's"):
+        M.check_fits_target(flat, t)
+    legacy = {"model_type": "llama", "rope_theta": 1e4, "rope_scaling": {"type": "yarn", "factor": 4.0},
+              "max_position_embeddings": 256}
+    want = (1e4, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256})
+    assert targets.rope_config(legacy) == targets.rope_config(AutoConfig.for_model(**copy.deepcopy(legacy))) == want
+
+
 def test_llama31_8b_configs():
     """configs/llama3.1-8b.json (shapes) and .yaml (recipe): the drafter inherits llama3 RoPE at the
     real head_dim, the layer ids are the published spacing for 32 layers, and the throughput config
@@ -3347,6 +3374,16 @@ def test_family_capture_train_export_lossless(family, tmp_path):
             assert res["tokens"] == r, (kind, p)
             taus.append(sum(res["acceptance"]) / len(res["acceptance"]))
         assert taus[0] > 1.5 and taus[1] < 1.5, (kind, taus)  # a random drafter: about 1
+
+
+def test_decoder_layers_must_be_all_of_the_targets_layers():
+    """Capture hooks take layer k of the decoder's list as target layer k: a list that is not num_hidden_layers
+    long (here the tiny target's last layer dropped) is refused by name, not hooked at the wrong depth."""
+    t = tiny_target()
+    assert len(targets.decoder_layers(t)) == 6
+    t.model.layers = t.model.layers[:5]
+    with pytest.raises(ValueError, match="cannot find the 6 decoder layers of Qwen3ForCausalLM"):
+        targets.decoder_layers(t)
 
 
 def test_recurrent_rollback_is_what_keeps_it_lossless(monkeypatch):
