@@ -5195,6 +5195,78 @@ def test_config_numbers_files_and_yaml_errors(tmp_path):
     assert (r.stderr + r.stdout).count("config error: lr='abc' should be a float") == 1
 
 
+def test_config_ranges_at_their_edges(tmp_path):
+    """Each range check at its edge, by hand: the edge the rule allows passes, one step past it fails. A block
+    needs a token after it (max_length > block_size = 4); warmup_ratio in [0, 1), decay_ratio in (0, 1]; wsd's
+    warmup and decay may fill the run exactly (0.2 + 0.8); min_lr may equal lr (1e-3: a flat tail); betas < 1.
+    YAML reads true/false as booleans, which no int or float key takes; --max-steps is --max_steps."""
+    for over in (dict(max_length=5), dict(warmup_ratio=0.0, decay_ratio=1.0), dict(min_lr=1e-3),
+                 dict(lr_schedule="wsd", warmup_ratio=0.2, decay_ratio=0.8), dict(beta1=0.0, beta2=0.0)):
+        train_config.parse_config(train_args(tmp_path, **over))
+    for over, message in [(dict(max_length=4), "max_length must exceed block_size"),
+                          (dict(warmup_ratio=1.0), r"warmup_ratio=1.0 must be in \[0, 1\)"),
+                          (dict(decay_ratio=0.0), r"decay_ratio=0.0 must be in \(0, 1\]"),
+                          (dict(lr_schedule="wsd", warmup_ratio=0.25, decay_ratio=0.8), "exceed 1: wsd would decay"),
+                          (dict(min_lr=1.5e-3), r"min_lr=0.0015 in \[0, lr\]"),
+                          (dict(beta2=1.0), r"beta1=0.9, beta2=1.0 must be in \[0, 1\)"),
+                          (dict(max_steps="true"), r"max_steps=True should be a int"),
+                          (dict(lr="false"), r"lr=False should be a float")]:
+        with pytest.raises(SystemExit, match=message):
+            train_config.parse_config(train_args(tmp_path, **over))
+    assert train_config.parse_config(train_args(tmp_path) + ["--max-steps=3", "--grad-accum", "2"])["max_steps"] == 3
+
+
+def test_resume_rules_on_a_hand_made_train_state(tmp_path, monkeypatch):
+    """What a resume compares, against a train state as train.py keeps it (its config, sequences per step 2):
+    - the keys that decide which rows train are changes (val_rows: held-out rows are not trained on); logging,
+      cadence and padding are not; sequences per step count the ranks (1 x 1 on 2 ranks is 2, 2 x 1 on 2 is 4);
+    - init_from cleared is no change (the checkpoint is the start), another path is, the same path spelled
+      another way is not; a state from before num_features followed target_layer_ids (5 beside 2 ids) is none;
+    - the way forward keeps every shape key that changed, sliding_window too;
+    - a rerun at stop_at_step does nothing (at or past it), one below it trains;
+    - stretches: a changed num_anchors starts one, and says since when the old value held (over two stretches);
+      a value changed and changed back shows in train_config.json's stretches."""
+    c = train_config.parse_config(train_args(tmp_path))
+    ckpt = str(tmp_path / "run" / "checkpoints" / "step_00000002")
+    state = dict(step=2, sequences_per_step=2, config=dict(c, init_from=str(tmp_path / "src")))
+    changes = lambda world=1, **over: train_config.fixed_changes(state, dict(c, **over), world)
+    assert changes() == changes(init_from="") == changes(init_from=str(tmp_path / "x" / ".." / "src")) == []
+    assert changes(log_interval=5, save_interval=3, pad_multiple=8, eval_prompts="sharegpt") == []
+    assert changes(val_rows=4) == ["val_rows 0 -> 4"] and changes(max_rows=9) == ["max_rows 0 -> 9"]
+    assert changes(init_from=str(tmp_path / "other")) == [f"init_from {str(tmp_path / 'src')!r} -> {str(tmp_path / 'other')!r}"]
+    assert changes(2, batch_size=1) == [] and changes(2) == ["batch_size x grad_accum x ranks 2 -> 4"]
+    old = dict(state, config=dict(state["config"], target_layer_ids=[1, 3], num_features=5))
+    assert train_config.fixed_changes(old, dict(c, target_layer_ids=[1, 3], num_features=2), 1) == []
+    new = dict(c, layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    msg = train_config.fixed_error(new, ckpt, state, train_config.fixed_changes(state, new, 1))
+    assert f"init_from={ckpt} (keeping layer_types=[] sliding_window=0)" in msg
+    monkeypatch.setattr(train_config, "saved_run", lambda out_dir: (ckpt, state))
+    for stop in (1, 2):
+        assert f"at or past stop_at_step={stop}: nothing to do" in (train_config.check_resume(dict(c, stop_at_step=stop)) or "")
+    assert train_config.check_resume(dict(c, stop_at_step=3)) is None
+    now = {k: c[k] for k in train_config.RESUME_STRETCH}
+    stretches = [dict(from_step=0, **now), dict(from_step=3, **dict(now, lr=5e-4))]
+    said = []
+    got = train_config.resumed_stretches(dict(state, stretches=stretches), dict(c, lr=5e-4, num_anchors=8), 5, said.append)
+    assert said == ["resuming at step 5 with num_anchors 8 (was 6 for steps 0-5)"]
+    assert got == stretches + [dict(from_step=5, **dict(now, lr=5e-4, num_anchors=8))]
+    back = stretches + [dict(from_step=5, **now)]  # lr 1e-3, 5e-4, then 1e-3 again
+    assert train_config.stretch_record(back) == [dict(from_step=0, lr=1e-3), dict(from_step=3, lr=5e-4),
+                                                 dict(from_step=5, lr=1e-3)]
+
+
+def test_rows_past_the_embedding_and_evaluation_of_a_sharded_target_by_hand(tmp_path):
+    """check_rows: ids 0..63 fit a 64-row embedding, id 64 is one past it; evaluates: real decoding needs a target
+    folder, prompts, and the whole target on rank 0 (shard_target keeps a shard there)."""
+    cfg, tok = types.SimpleNamespace(vocab_size=64, mask_token_id=5), char_tokenizer()
+    train_config.check_rows([[([0, 63], [0, 1])]], cfg, tok, "d")
+    with pytest.raises(SystemExit, match="holds token id 64 .* the target has 64 embedding rows"):
+        train_config.check_rows([[([0, 63], [0, 1])], [([64, 1], [0, 1])]], cfg, tok, "d")
+    c = dict(eval_prompts="sharegpt", target=str(tmp_path), shard_target=False)
+    assert train_config.evaluates(c) and not train_config.evaluates(dict(c, shard_target=True))
+    assert not train_config.evaluates(dict(c, eval_prompts="")) and not train_config.evaluates(dict(c, target=str(tmp_path / "t.json")))
+
+
 def test_config_error_under_torchrun_is_our_line_and_the_root_cause(tmp_path):
     """torchrun --nproc_per_node=2 train.py --bad_key=1, rank 0 started 3 s late (the case where the other
     rank would fail first): rank 0 prints the line once, exits 2 first and hands the line to torchrun (its
