@@ -3697,6 +3697,47 @@ def test_tau_by_position_buckets_steps_by_their_start():
     assert measure.tau_by_position([rec(10, [])]) == {}
 
 
+def test_near_tie_is_within_8_ulps_of_the_top_logit_in_its_dtype():
+    """By hand, at a top logit of 20 (or -20: the size counts), in [16, 32): an ulp is 2^(4 - 23) in fp32 (24
+    significant bits), 2^(4 - 10) in fp16 (11), 2^(4 - 7) in bf16 (8); a near tie is a gap of at most 8 of them."""
+    for dtype, ulp in ((torch.float32, 2.0 ** -19), (torch.float16, 2.0 ** -6), (torch.bfloat16, 2.0 ** -3)):
+        for top in (20.0, -20.0):
+            assert measure.near_tie([8 * ulp, top], dtype) and not measure.near_tie([8.5 * ulp, top], dtype), (dtype, top)
+    assert measure.near_tie([1.0, 20.0], torch.bfloat16) and not measure.near_tie([1.0, 20.0], torch.float16)
+
+
+def test_lossless_counts_and_acceptance_lines_by_hand(tmp_path, capsys):
+    """first_diff: a run that ends before the other (a stop token taken early) differs where it ended. The lossless
+    summary of 5 turns: one not compared (match None), one identical, one diverged at a near tie, two mismatches
+    (one without gaps: not known to be a tie); the closing record sums two sets' counts. TPOT leaves out a turn
+    that took no decode step (the prefill's token was the stop): 50 ms, not (50 + 0) / 2. The histogram line is
+    each length's share of the steps. count_rows: --num-prompts past the file's rows counts the rows."""
+    assert [measure.first_diff(a, b) for a, b in (([1, 2, 3], [1, 2, 3]), ([1, 2, 3], [1, 5, 3]), ([1, 2, 3], [1, 2]),
+                                                  ([1], [1, 2, 3]), ([], []))] == [None, 1, 2, 1, None]
+    turn = lambda i, match, **kw: dict(id=f"p{i}", turn=0, match=match, first_diff=None if match is not False else 2, **kw)
+    gaps = lambda tie: dict(gaps=dict(baseline=[0.01, 20.0], dflash=[0.02, 20.0], near_tie=tie))
+    res = measure.lossless_summary([turn(0, None), turn(1, True), turn(2, False, **gaps(True)),
+                                    turn(3, False, **gaps(False)), turn(4, False)])
+    assert (res["checked"], res["identical"]) == (4, 1)
+    assert [m["id"] for m in res["near_ties"]] == ["p2"] and [m["id"] for m in res["mismatches"]] == ["p3", "p4"]
+    sets = [dict(dataset="a", tau=2.0, turns=5, **res),
+            dict(dataset="b", tau=4.0, turns=1, checked=1, identical=1, near_ties=[], mismatches=[])]
+    rec = measure.mean_over_sets(sets)
+    assert (rec["mean_tau"], rec["turns"], rec["checked"], rec["identical"], rec["near_ties"], rec["mismatches"]) == \
+        (3.0, 6, 5, 2, 1, 2)
+    measure.closing(sets)
+    assert "lossless: 2/5 turns identical, 1 near-tie divergences, 2 mismatches" in capsys.readouterr().out
+    run = lambda acc, n, s: dict(acceptance=acc, tokens=[0] * n, decode_s=s)
+    recs = [dict(dflash=run([4, 4, 2], 10, 0.5), baseline=run([1] * 9, 10, 1.0)),
+            dict(dflash=run([], 1, 0.0), baseline=run([], 1, 0.0))]
+    assert (measure.tpot_ms(recs, "dflash"), measure.tpot_ms(recs, "baseline")) == (50.0, 100.0)
+    measure.print_acceptance(dict(steps=4, histogram={1: 1, 3: 3}, tau_by_position={"0-512": dict(steps=4, tau=2.5)}))
+    assert capsys.readouterr().out == ("  tau by step start position: 0-512 2.50 (4 steps)\n"
+                                       "  acceptance: 1:25.0% 3:75.0%\n")
+    write_lines(tmp_path / "rows.jsonl", [json.dumps({"id": i}) for i in range(3)])
+    assert [measure.count_rows(str(tmp_path / "rows.jsonl"), n) for n in (None, 2, 10)] == [3, 2, 3]
+
+
 def test_replay_gives_the_acceptance_of_decoding():
     """measure.replay reads each DFlash step's acceptance off known greedy answers. It must equal what
     spec_generate's loop gives on the same prompts: for a drafter trained on the answers (long accepted
