@@ -338,11 +338,11 @@ def test_target_config_without_a_copied_field_is_one_line(tmp_path):
     (tmp_path / "cohere.json").write_text(json.dumps(cohere.to_dict()))
     with pytest.raises(SystemExit, match=r"^config error: the target config \(cohere\) has no rms_norm_eps[^\n]*$"):
         T.main(train_args(tmp_path, target=str(tmp_path / "cohere.json")))
-    gemma4 = AutoConfig.for_model("gemma4_text", **dims, head_dim=8, global_head_dim=16)
+    gemma4 = AutoConfig.for_model("gemma4_text", **dims, head_dim=16, global_head_dim=32)  # not hidden_size / heads
     with pytest.raises(RuntimeError, match="per-layer attribute"):
         gemma4.head_dim
     cfg = M.config_from_target(gemma4, num_hidden_layers=2, block_size=4, target_layer_ids=[1, 3], mask_token_id=63)
-    assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads) == (8, 4, 2)
+    assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads) == (16, 4, 2)
 
 
 # ------------------------------------------------------------------------------------------------
