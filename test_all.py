@@ -5240,9 +5240,12 @@ def test_config_ranges_at_their_edges(tmp_path):
     """Each range check at its edge, by hand: the edge the rule allows passes, one step past it fails. A block
     needs a token after it (max_length > block_size = 4); warmup_ratio in [0, 1), decay_ratio in (0, 1]; wsd's
     warmup and decay may fill the run exactly (0.2 + 0.8); min_lr may equal lr (1e-3: a flat tail); betas < 1.
-    YAML reads true/false as booleans, which no int or float key takes; --max-steps is --max_steps."""
-    for over in (dict(max_length=5), dict(warmup_ratio=0.0, decay_ratio=1.0), dict(min_lr=1e-3),
-                 dict(lr_schedule="wsd", warmup_ratio=0.2, decay_ratio=0.8), dict(beta1=0.0, beta2=0.0)):
+    At least one anchor, one kept checkpoint, and a length (epochs or max_steps); save_interval 0 (never save) is
+    allowed; init_from must exist. YAML reads true/false as booleans, which no int or float key takes; --max-steps
+    is --max_steps; an empty config file sets nothing."""
+    for over in (dict(max_length=5), dict(warmup_ratio=0.0, decay_ratio=1.0), dict(min_lr=1e-3), dict(save_interval=0),
+                 dict(lr_schedule="wsd", warmup_ratio=0.2, decay_ratio=0.8), dict(beta1=0.0, beta2=0.0),
+                 dict(max_steps=0, epochs=1), dict(num_anchors=1, keep_checkpoints=1)):
         train_config.parse_config(train_args(tmp_path, **over))
     for over, message in [(dict(max_length=4), "max_length must exceed block_size"),
                           (dict(warmup_ratio=1.0), r"warmup_ratio=1.0 must be in \[0, 1\)"),
@@ -5251,10 +5254,16 @@ def test_config_ranges_at_their_edges(tmp_path):
                           (dict(min_lr=1.5e-3), r"min_lr=0.0015 in \[0, lr\]"),
                           (dict(beta2=1.0), r"beta1=0.9, beta2=1.0 must be in \[0, 1\)"),
                           (dict(max_steps="true"), r"max_steps=True should be a int"),
-                          (dict(lr="false"), r"lr=False should be a float")]:
+                          (dict(lr="false"), r"lr=False should be a float"),
+                          (dict(max_steps=0, epochs=0), "set epochs >= 1 or max_steps >= 1"),
+                          (dict(num_anchors=0), "num_anchors=0: sample at least one anchor"),
+                          (dict(keep_checkpoints=0), "keep_checkpoints must be >= 1"),
+                          (dict(init_from=str(tmp_path / "gone")), "init_from=.*gone' does not exist")]:
         with pytest.raises(SystemExit, match=message):
             train_config.parse_config(train_args(tmp_path, **over))
     assert train_config.parse_config(train_args(tmp_path) + ["--max-steps=3", "--grad-accum", "2"])["max_steps"] == 3
+    (tmp_path / "empty.yaml").write_text("# nothing set yet\n")  # an empty file: every key at its default
+    assert train_config.parse_config(train_args(tmp_path) + [f"--config={tmp_path / 'empty.yaml'}"])["lr"] == 1e-3
 
 
 def test_resume_rules_on_a_hand_made_train_state(tmp_path, monkeypatch):
@@ -5264,12 +5273,13 @@ def test_resume_rules_on_a_hand_made_train_state(tmp_path, monkeypatch):
     - init_from cleared is no change (the checkpoint is the start), another path is, the same path spelled
       another way is not; a state from before num_features followed target_layer_ids (5 beside 2 ids) is none;
     - the way forward keeps every shape key that changed, sliding_window too;
-    - a rerun at stop_at_step does nothing (at or past it), one below it trains;
+    - a rerun at stop_at_step does nothing (at or past it), one below it trains; an epochs-based run ends at
+      epochs x steps_per_epoch, so a checkpoint past that is an error;
     - stretches: a changed num_anchors starts one, and says since when the old value held (over two stretches);
       a value changed and changed back shows in train_config.json's stretches."""
     c = train_config.parse_config(train_args(tmp_path))
     ckpt = str(tmp_path / "run" / "checkpoints" / "step_00000002")
-    state = dict(step=2, sequences_per_step=2, config=dict(c, init_from=str(tmp_path / "src")))
+    state = dict(step=2, sequences_per_step=2, steps_per_epoch=1, config=dict(c, init_from=str(tmp_path / "src")))
     changes = lambda world=1, **over: train_config.fixed_changes(state, dict(c, **over), world)
     assert changes() == changes(init_from="") == changes(init_from=str(tmp_path / "x" / ".." / "src")) == []
     assert changes(log_interval=5, save_interval=3, pad_multiple=8, eval_prompts="sharegpt") == []
@@ -5285,6 +5295,8 @@ def test_resume_rules_on_a_hand_made_train_state(tmp_path, monkeypatch):
     for stop in (1, 2):
         assert f"at or past stop_at_step={stop}: nothing to do" in (train_config.check_resume(dict(c, stop_at_step=stop)) or "")
     assert train_config.check_resume(dict(c, stop_at_step=3)) is None
+    with pytest.raises(SystemExit, match=r"max_steps=0 \(epochs=1\) ends this run at step 1, but .* is at step 2"):
+        train_config.check_resume(dict(c, max_steps=0, epochs=1))  # epochs x steps_per_epoch (1 here) decide the length
     now = {k: c[k] for k in train_config.RESUME_STRETCH}
     stretches = [dict(from_step=0, **now), dict(from_step=3, **dict(now, lr=5e-4))]
     said = []
