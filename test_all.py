@@ -61,6 +61,7 @@ ROPES = {
     "longrope": {"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.0, 2.0, 4.0, 8.0],
                  "original_max_position_embeddings": 64, "rope_theta": 10000.0},
     "proportional": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 10000.0},
+    "proportional_factor": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "factor": 2.0, "rope_theta": 10000.0},
 }
 
 
