@@ -5267,6 +5267,21 @@ def test_config_ranges_at_their_edges(tmp_path):
     assert train_config.parse_config(train_args(tmp_path) + [f"--config={tmp_path / 'empty.yaml'}"])["lr"] == 1e-3
 
 
+def test_defaults_and_the_qwen3_recipe_are_the_papers(tmp_path):
+    """SPEC 6, the paper's recipe: 5 draft layers, block 16, 5 captured layers, max length 3072, 512 anchors, 6
+    epochs, AdamW lr 6e-4, cosine with warmup ratio 0.04, grad clip 1.0; the decay-weighted loss with gamma 7 at
+    block 16. They are train.py's defaults, and configs/qwen3-8b.yaml (the paper's recipe with D-PACE's loss)
+    states them."""
+    paper = dict(num_draft_layers=5, block_size=16, num_features=5, max_length=3072, num_anchors=512, epochs=6,
+                 lr=6e-4, lr_schedule="cosine", warmup_ratio=0.04, grad_clip=1.0)
+    assert {k: train_config.DEFAULTS[k] for k in paper} == paper
+    assert train_config.DEFAULTS["loss"] == "dflash" and train_config.DEFAULTS["gamma"] == 0 and M.default_gamma(16) == 7
+    (tmp_path / "t.json").write_text(json.dumps(TINY_TARGET))
+    recipe = train_config.parse_config(["--config", os.path.join(HERE, "configs", "qwen3-8b.yaml"),
+                                        f"--target={tmp_path / 't.json'}", "--data=synthetic"])
+    assert {k: recipe[k] for k in paper} == paper and recipe["loss"] == "dpace"
+
+
 def test_resume_rules_on_a_hand_made_train_state(tmp_path, monkeypatch):
     """What a resume compares, against a train state as train.py keeps it (its config, sequences per step 2):
     - the keys that decide which rows train are changes (val_rows: held-out rows are not trained on); logging,
