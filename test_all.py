@@ -5256,6 +5256,7 @@ def test_config_ranges_at_their_edges(tmp_path):
                           (dict(beta2=1.0), r"beta1=0.9, beta2=1.0 must be in \[0, 1\)"),
                           (dict(max_steps="true"), r"max_steps=True should be a int"),
                           (dict(lr="false"), r"lr=False should be a float"),
+                          (dict(target_layer_ids="1,3"), r"target_layer_ids='1,3' should be a list"),  # not [1,3]
                           (dict(max_steps=0, epochs=0), "set epochs >= 1 or max_steps >= 1"),
                           (dict(num_anchors=0), "num_anchors=0: sample at least one anchor"),
                           (dict(keep_checkpoints=0), "keep_checkpoints must be >= 1"),
@@ -5286,8 +5287,8 @@ def test_resume_rules_on_a_hand_made_train_state(tmp_path, monkeypatch):
     """What a resume compares, against a train state as train.py keeps it (its config, sequences per step 2):
     - the keys that decide which rows train are changes (val_rows: held-out rows are not trained on); logging,
       cadence and padding are not; sequences per step count the ranks (1 x 1 on 2 ranks is 2, 2 x 1 on 2 is 4);
-    - init_from cleared is no change (the checkpoint is the start), another path is, the same path spelled
-      another way is not; a state from before num_features followed target_layer_ids (5 beside 2 ids) is none;
+    - init_from cleared is no change (the checkpoint is the start), another path is, the same path (or data file)
+      spelled another way is not; a state from before num_features followed target_layer_ids (5 beside 2 ids) is none;
     - the way forward keeps every shape key that changed, sliding_window too;
     - a rerun at stop_at_step does nothing (at or past it), one below it trains; an epochs-based run ends at
       epochs x steps_per_epoch, so a checkpoint past that is an error;
@@ -5298,6 +5299,8 @@ def test_resume_rules_on_a_hand_made_train_state(tmp_path, monkeypatch):
     state = dict(step=2, sequences_per_step=2, steps_per_epoch=1, config=dict(c, init_from=str(tmp_path / "src")))
     changes = lambda world=1, **over: train_config.fixed_changes(state, dict(c, **over), world)
     assert changes() == changes(init_from="") == changes(init_from=str(tmp_path / "x" / ".." / "src")) == []
+    on_file = dict(state, config=dict(state["config"], data="runs/rows.jsonl"))  # one file, written two ways
+    assert train_config.fixed_changes(on_file, dict(c, data="./runs/rows.jsonl"), 1) == []
     assert changes(log_interval=5, save_interval=3, pad_multiple=8, eval_prompts="sharegpt") == []
     assert changes(val_rows=4) == ["val_rows 0 -> 4"] and changes(max_rows=9) == ["max_rows 0 -> 9"]
     assert changes(init_from=str(tmp_path / "other")) == [f"init_from {str(tmp_path / 'src')!r} -> {str(tmp_path / 'other')!r}"]
