@@ -5242,8 +5242,8 @@ def test_config_ranges_at_their_edges(tmp_path):
     needs a token after it (max_length > block_size = 4); warmup_ratio in [0, 1), decay_ratio in (0, 1]; wsd's
     warmup and decay may fill the run exactly (0.2 + 0.8); min_lr may equal lr (1e-3: a flat tail); betas < 1.
     At least one anchor, one kept checkpoint, and a length (epochs or max_steps); save_interval 0 (never save) is
-    allowed; init_from must exist. YAML reads true/false as booleans, which no int or float key takes; --max-steps
-    is --max_steps; an empty config file sets nothing."""
+    allowed; init_from must exist. YAML reads true/false as booleans, which no int or float key takes, and 1,3 as
+    a string, which no list key takes; --max-steps is --max_steps; an empty config file sets nothing."""
     for over in (dict(max_length=5), dict(warmup_ratio=0.0, decay_ratio=1.0), dict(min_lr=1e-3), dict(save_interval=0),
                  dict(lr_schedule="wsd", warmup_ratio=0.2, decay_ratio=0.8), dict(beta1=0.0, beta2=0.0),
                  dict(max_steps=0, epochs=1), dict(num_anchors=1, keep_checkpoints=1)):
