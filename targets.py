@@ -238,13 +238,18 @@ def rope_mismatch(cfg, target_config):
     line. Frequencies are compared, inside and past the original context, not dict spellings (a null
     rope_scaling and {"rope_type": "default"} agree). Raises ValueError for a target rope type the
     drafter cannot reproduce."""
+    get = target_config.get if isinstance(target_config, dict) else lambda k: getattr(target_config, k, None)
     theta, scaling = rope_config(target_config)
-    want = dataclasses.replace(cfg, rope_theta=theta, rope_scaling=scaling)
-    for seq_len in (None, torch.tensor(4 * cfg.max_position_embeddings)):
+    # dynamic RoPE, and yarn or longrope without a factor, read max_position_embeddings too
+    want = dataclasses.replace(cfg, rope_theta=theta, rope_scaling=scaling,
+                               max_position_embeddings=get("max_position_embeddings") or cfg.max_position_embeddings)
+    for seq_len in (None, torch.tensor(4 * max(cfg.max_position_embeddings, want.max_position_embeddings))):
         (f, s), (g, t) = rope_frequencies(cfg, seq_len), rope_frequencies(want, seq_len)
         if s != t or not torch.allclose(f, g, rtol=1e-6, atol=0):
-            return (f"drafter RoPE (theta {cfg.rope_theta}, rope_scaling {cfg.rope_scaling}) differs from "
-                    f"the target's (theta {theta}, rope_scaling {scaling}): it would see other positions "
+            ctx = lambda c: f", max_position_embeddings {c.max_position_embeddings}" if (
+                cfg.max_position_embeddings != want.max_position_embeddings) else ""
+            return (f"drafter RoPE (theta {cfg.rope_theta}, rope_scaling {cfg.rope_scaling}{ctx(cfg)}) differs from "
+                    f"the target's (theta {theta}, rope_scaling {scaling}{ctx(want)}): it would see other positions "
                     "than the target; use a drafter built for this target's rope config")
     return None
 

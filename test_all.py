@@ -3200,6 +3200,19 @@ def test_rope_mismatch_compares_past_the_original_context_and_the_attention_scal
     assert torch.equal(targets.rope_frequencies(flat)[0], targets.rope_frequencies(y)[0])
     with pytest.raises(ValueError, match="differs from the target's"):
         M.check_fits_target(flat, t)
+    # dynamic NTK scales its base past max_position_embeddings: a drafter built for a context of 256 turns otherwise
+    # than the same target with 1,024 (transformers' own cos past 256, against the drafter's), and is refused
+    dyn = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    short, wide = rope_target(dyn), rope_target(dyn)
+    wide.config.max_position_embeddings = 1024
+    d = tiny_drafter(short).config
+    pos = torch.arange(600)[None]
+    theirs = type(wide.model.rotary_emb)(wide.config)(torch.zeros(1), pos)[0]
+    ours = M.rope_cos_sin(pos, *targets.rope_frequencies(d, pos.max() + 1))[0][:, 0]
+    assert (ours - theirs).abs().max() > 0.5  # what the check is for
+    M.check_fits_target(d, short)
+    with pytest.raises(ValueError, match="max_position_embeddings 256\\) differs from the target's .*max_position_embeddings 1024"):
+        M.check_fits_target(d, wide)
     legacy = {"model_type": "llama", "rope_theta": 1e4, "rope_scaling": {"type": "yarn", "factor": 4.0},
               "max_position_embeddings": 256}
     want = (1e4, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256})
