@@ -4359,6 +4359,7 @@ def test_regenerate_through_a_server_writes_the_local_rows(tmp_path):
         for body in turns:  # the local path's sampling: greedy, 8 tokens, its stop ids, nothing else
             assert (body["temperature"], body["max_tokens"], body["top_p"], body["top_k"], body["min_p"]) == (0.0, 8, 1.0, -1, 0.0)
             assert body["stop_token_ids"] == data.stop_ids(tok, model) and body["model"] == "SmolLM2-135M-Instruct"
+            assert body["skip_special_tokens"] is False  # a text answer keeps the special tokens the target wrote
             # llama.cpp's name for the penalty, left out where the server showed it is vLLM (which warns of each ignored field)
             assert body.get("repeat_penalty") == (None if return_ids else 1.0) and body["repetition_penalty"] == 1.0
         b = local[1]["messages"]  # turn 2 is prompted with the training template's rendering of turn 1's answer
