@@ -4132,6 +4132,40 @@ def test_regenerate_counts_long_prompts_as_skipped_and_a_finished_shard_loads_no
 
 
 @need_assets
+def test_regenerate_answers_a_prompt_of_exactly_max_prompt_tokens(tmp_path):
+    """--max-prompt-tokens is the longest prompt answered: a first prompt of exactly that many tokens (SmolLM2's
+    template around "Hi": 31) is answered, one over it skipped and counted."""
+    write_lines(tmp_path / "in.jsonl", [json.dumps({"id": "hi", "prompt": "Hi"})])
+    tok, _ = served_smollm2()
+    assert len(data.render_chat(tok, [{"role": "user", "content": "Hi"}], None, True)) == 31
+    for limit, answered in ((31, True), (30, False)):
+        logs, out = [], str(tmp_path / f"{limit}.jsonl")
+        regenerate.regenerate(SMOL, str(tmp_path / "in.jsonl"), out, max_new_tokens=2, max_prompt_tokens=limit, log=logs.append)
+        if answered:
+            (row,) = read_out(out).values()
+            assert [m["role"] for m in row["messages"]] == ["user", "assistant"] and len(row["messages"][1]["token_ids"]) >= 1
+            assert logs[-1] == "regenerate: wrote 1 rows (1 answers cut at 2 new tokens, 0 later turns dropped: prompt over 31 tokens)"
+        else:
+            assert "skipped: {'prompt over 30 tokens': 1}" in logs[0] and not os.path.exists(out)
+
+
+@need_assets
+def test_regenerate_answers_max_turns_user_turns_and_counts_malformed_rows(tmp_path):
+    """--max-turns N answers the first N user turns of a row (here 2 of 3), each prompted with the answers before
+    it; a malformed row is skipped and counted by its reason, the others written."""
+    write_lines(tmp_path / "in.jsonl", [json.dumps({"id": "three", "turns": ["Hi", "Name a color.", "Say hello in French."]}),
+                                        json.dumps({"id": "bad", "messages": "Hi"})])
+    for turns in (1, 2):
+        logs, out = [], str(tmp_path / f"{turns}.jsonl")
+        regenerate.regenerate(SMOL, str(tmp_path / "in.jsonl"), out, max_new_tokens=1, max_turns=turns,
+                              max_prompt_tokens=96, log=logs.append)
+        (row,) = read_out(out).values()
+        assert [m["content"] for m in row["messages"] if m["role"] == "user"] == ["Hi", "Name a color."][:turns]
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * turns
+        assert logs[0] == f"regenerate: 1 rows to do, 0 already in {out}, skipped: {{'messages not a list': 1}}"
+
+
+@need_assets
 def test_regenerate_reports_answers_cut_and_later_turns_dropped(tmp_path):
     """At 2 new tokens no answer ends; row b's second prompt (its first, 34 tokens, and the answer) is over 40:
     both are said in the closing line, in process and through a server."""
@@ -4419,6 +4453,7 @@ def test_regenerate_through_a_server_writes_the_local_rows(tmp_path):
         for body in turns:  # the local path's sampling: greedy, 8 tokens, its stop ids, nothing else
             assert (body["temperature"], body["max_tokens"], body["top_p"], body["top_k"], body["min_p"]) == (0.0, 8, 1.0, -1, 0.0)
             assert body["stop_token_ids"] == data.stop_ids(tok, model) and body["model"] == "SmolLM2-135M-Instruct"
+            assert body["skip_special_tokens"] is False  # a text answer keeps the special tokens the target wrote
             # llama.cpp's name for the penalty, left out where the server showed it is vLLM (which warns of each ignored field)
             assert body.get("repeat_penalty") == (None if return_ids else 1.0) and body["repetition_penalty"] == 1.0
         b = local[1]["messages"]  # turn 2 is prompted with the training template's rendering of turn 1's answer
@@ -4503,6 +4538,92 @@ def test_regenerate_server_unreachable_or_wrong_model_fails_at_once(tmp_path):
     with CompletionServer(max_model_len=100) as srv:
         with pytest.raises(SystemExit, match="100-token context, less than --max-prompt-tokens \\+ --max-new-tokens = 104"):
             regenerate.regenerate(SMOL, str(inp), str(tmp_path / "y.jsonl"), server=srv.url, **REGEN)
+
+
+def test_server_model_matches_the_target_by_its_served_path_and_checks_the_context(monkeypatch):
+    """vLLM lists a model under --served-model-name (id) and the path it serves (root): the target's folder name
+    matches either, case aside; a context of exactly --max-prompt-tokens + --max-new-tokens is enough, one token
+    less is not."""
+    asked = []
+    listing = {"object": "list", "data": [{"id": "qwen", "root": "/models/Qwen3-8B", "max_model_len": 4096},
+                                          {"id": "smol", "root": "/models/smollm2-135m-instruct", "max_model_len": 104}]}
+    monkeypatch.setattr(regenerate, "_http", lambda url, body=None, timeout=60.0: asked.append(url) or listing)
+    assert regenerate.server_model("http://h:8000/v1/", "/x/SmolLM2-135M-Instruct/", None, 104) == "smol"
+    assert regenerate.server_model("http://h:8000", "/x/Qwen3-8B", None, 4096) == "qwen"
+    assert asked == ["http://h:8000/v1/models"] * 2
+    with pytest.raises(SystemExit, match=r"with a 104-token context, less than --max-prompt-tokens \+ --max-new-tokens = 105"):
+        regenerate.server_model("http://h:8000", "/x/SmolLM2-135M-Instruct", None, 105)
+
+
+def test_server_retries_back_off_doubling_up_to_a_minute_with_jitter(monkeypatch):
+    """A server that keeps dropping the connection: retried `retries` times, waiting backoff x 1, 2, 4, ... seconds,
+    at most 60, each times a jitter in [0.5, 1] (hand-worked below), then one ServerError naming the attempts."""
+    import random
+    import urllib.error
+    calls, waits, logs = [], [], []
+
+    def down(url, body=None, timeout=60.0):
+        calls.append(url)
+        raise urllib.error.URLError(ConnectionResetError("reset by peer"))
+    monkeypatch.setattr(regenerate, "_http", down)
+    monkeypatch.setattr(regenerate.time, "sleep", waits.append)
+    monkeypatch.setattr(random, "uniform", lambda a, b: b)  # no jitter
+    with pytest.raises(regenerate.ServerError, match=r"http://h/v1/completions failed 9 times, last with URLError"):
+        regenerate._retrying("http://h/v1/completions", {}, 1.0, 8, 1.0, logs.append)
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60] and len(calls) == 9 and len(logs) == 8
+    assert logs[0].startswith("regenerate: request failed (URLError: ") and logs[0].endswith("retry 1/8 in 1.0 s")
+    waits.clear()
+    monkeypatch.setattr(random, "uniform", lambda a, b: a)  # the most jitter: half
+    with pytest.raises(regenerate.ServerError, match="failed 4 times"):
+        regenerate._retrying("http://h/v1/completions", {}, 1.0, 3, 0.5, logs.append)
+    assert waits == [0.25, 0.5, 1.0]
+
+
+@need_assets
+def test_regenerate_checks_every_answers_prompt_token_count(tmp_path):
+    """The server's count of prompt tokens is checked on every answer, not on the probe alone: a server that starts
+    reading our prompts as other ids mid-run (here one token more from the second answer on) stops the run, saying
+    so, with only the rows answered before kept."""
+    inp, out = regen_input(tmp_path), tmp_path / "o.jsonl"
+    with CompletionServer() as srv:
+        honest = srv.complete
+
+        def miscounted(body):
+            res = honest(body)
+            if len(srv.requests) > 2:  # the probe and the first answer are counted right
+                res["usage"]["prompt_tokens"] += 1
+            return res
+        srv.complete = miscounted
+        with pytest.raises(SystemExit, match=r"the server read (\d+) prompt tokens where the training template renders "
+                                             r"(?!\1)\d+: .*rows written so far are kept"):
+            regenerate.regenerate(SMOL, str(inp), str(out), server=srv.url, concurrency=1, **REGEN)
+        assert len(srv.requests) == 3
+    assert len(out.read_text().splitlines()) <= 1
+
+
+@need_assets
+def test_server_text_answers_keep_token_ids_only_where_they_decode_back_to_the_text(monkeypatch):
+    """A server that returns text alone: the answer's ids are the text re-tokenised, kept where they decode back to
+    the text (training then supervises exactly those), else the turn is kept as text; a stop the server reports
+    (finish_reason "stop") marks the answer finished though its text holds no end token."""
+    tok, _ = served_smollm2()
+
+    class Cleaning:  # as WordPiece decoders clean up: " ," decodes as ","
+        bos_token = tok.bos_token
+        encode = staticmethod(tok.encode)
+        decode = staticmethod(lambda ids: tok.decode(ids).replace(" ,", ","))
+    ids = data.render_chat(tok, [{"role": "user", "content": "Hi"}], None, True)
+    text = data.render_chat(tok, [{"role": "user", "content": "Hi"}], None, True, tokenize=False)
+    said = []
+    monkeypatch.setattr(regenerate, "_http", lambda url, body=None, timeout=60.0: {
+        "choices": [{"text": said[-1] if said else "x", "finish_reason": "stop" if body["max_tokens"] > 1 else "length"}],
+        "usage": {"prompt_tokens": len(ids)}})
+    answer = regenerate.server_answerer("http://h", "m", Cleaning, [2], 8, 0.0, (ids, text), log=lambda s: None)
+    said.append("Hello, friend.")
+    assert answer((ids, text)) == {"role": "assistant", "content": "Hello, friend.", "finished": True,
+                                   "token_ids": tok.encode("Hello, friend.", add_special_tokens=False)}
+    said.append("Hello , friend.")
+    assert answer((ids, text)) == {"role": "assistant", "content": "Hello , friend.", "finished": True}
 
 
 def turn_prompts(tok, rows, text):
@@ -4708,6 +4829,36 @@ def test_batch_decoder_equals_greedy_decoding_of_each_prompt(models, compiled):
     assert decode(ps[::-1]) == expect[::-1]
     with pytest.raises(ValueError, match="at most 12 tokens"):
         decode([[1] * 13])
+
+
+def test_batch_decoder_runs_every_row_to_its_own_stop_past_the_16_step_check(models):
+    """The decoder looks at whether the batch is done once every 16 steps: a row that stops early does not end
+    the others, whichever row it is, and a filler row is never waited on; each row is greedy decoding of its
+    prompt alone, cut after the stop."""
+    t = copy.deepcopy(models[0])
+    fast_decode.use_gqa_attention(t)
+    ps = [p[0].tolist() for p in prompts(3)]
+    refs = [greedy(models[0], torch.tensor([p]), 40) for p in ps]
+    cut = lambda r, stop: r[: r.index(stop) + 1] if stop in r else r
+    # a stop one row meets before step 16 and another row meets after step 17, or never
+    stop = next(s for r in refs for s in r[:12] if min(len(cut(r, s)) for r in refs) <= 16 < max(len(cut(r, s)) for r in refs))
+    expect = [cut(r, stop) for r in refs]
+    decode = regenerate.BatchDecoder(t, 4, 12, 40, [stop], 0, compile=False)
+    for order in (slice(None), slice(None, None, -1)):
+        assert decode(ps[order]) == expect[order]
+
+
+def test_batch_decoder_temperature_divides_the_logits(models):
+    """Sampling at temperature T draws from softmax(logits / T): near 0 that is greedy decoding, and far above the
+    logits' scale it is close to uniform, so the draws leave the greedy path."""
+    t = copy.deepcopy(models[0])
+    fast_decode.use_gqa_attention(t)
+    ps = [p[0].tolist() for p in prompts(3)]
+    refs = [greedy(models[0], torch.tensor([p]), 10) for p in ps]
+    decode = regenerate.BatchDecoder(t, 4, 12, 10, [64], 0, compile=False)  # 64: no token of the vocabulary stops
+    assert decode(ps, 1e-4, torch.Generator().manual_seed(0)) == refs
+    hot = decode(ps, 1e4, torch.Generator().manual_seed(0))
+    assert sum(a != b for h, r in zip(hot, refs) for a, b in zip(h, r)) > 20  # of 30 tokens; ~1 in 64 equal by chance
 
 
 def test_in_process_regeneration_refuses_sliding_and_linear_targets(tmp_path):
@@ -5594,6 +5745,39 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     assert calls == ["killed", "resumed"] and int((tmp_path / "stages" / "train.done").read_text()) >= 7
 
 
+def test_recipe_plan_spreads_the_bench_sets_over_more_gpus_than_two():
+    """The bench's four sets over g GPUs: each GPU times ceil(4 / g) of them one after another, and the fp32
+    checks, one process per set, spread over at most four GPUs. Hand-worked, 20 prompts x 256 tokens:
+    3 GPUs, 25 minutes: prompts 40 + 27,000 / 53 s; timed bench 90 + 2 sets x 2 x 20 x 256 x 5 ms = 192.4 s; check
+    60 + 2 x 5 x 256 x 25 ms / 3 = 81.33 s. 8 GPUs, 120 minutes: prompts 40 + 345,600 / 53 s; timed bench
+    90 + 1 set x 51.2 = 141.2 s; check 60 + 64 / 4 = 76 s (the 4 GPUs past the fourth set check nothing)."""
+    for minutes, g, n_self, bench_s in ((25, 3, 27000, 192.4 + 60 + 64 / 3), (120, 8, 345600, 141.2 + 76)):
+        left = minutes * 60 - (40 + n_self / 53) - bench_s
+        p = smollm2.plan_run(minutes, g, 20, 256)
+        assert sum(p["self_prompts"]) == n_self
+        assert p["regen_seconds"] == int(left / 3) and p["train_steps"] == int((left - left / 3 - 90) * 130 * g / 64)
+
+
+def test_recipe_stage_time_adds_up_over_every_killed_invocation(tmp_path, monkeypatch):
+    """A stage's .spent is its time over every invocation: killed after 7 s, then after 5 s more, it reads 12 (the
+    regeneration's deadline and the results' stage seconds use it), and the marker of the run that ends it 12 + 3."""
+    clock = [1000.0]
+    monkeypatch.setattr(smollm2.time, "time", lambda: clock[0])
+
+    def runs_for(seconds, killed=True):
+        def fn():
+            clock[0] += seconds
+            if killed:
+                raise KeyboardInterrupt
+        return fn
+    for seconds, spent in ((7, 7), (5, 12)):
+        with pytest.raises(KeyboardInterrupt):
+            smollm2._stage(str(tmp_path), "regenerate", runs_for(seconds))
+        assert smollm2._spent(str(tmp_path), "regenerate") == spent
+    smollm2._stage(str(tmp_path), "regenerate", runs_for(3, killed=False))
+    assert (tmp_path / "stages" / "regenerate.done").read_text() == "15\n"
+
+
 def test_recipe_results_state_what_the_planner_plans():
     """results/smollm2-recipe.md quotes plan_run's predictions (steps, regeneration seconds, the least budget):
     they are what plan_run gives today, so a change to the planning maths cannot leave them behind."""
@@ -5724,7 +5908,38 @@ def test_recipe_trains_on_rows_given(tmp_path, monkeypatch):
         smollm2.run(str(tmp_path / "run"), rows=str(tmp_path / "regen" / "*.jsonl"), steps=700)
     (cmd,) = calls
     assert "train.py" in cmd and f"--data={tmp_path / 'regen' / '*.jsonl'}" in cmd and "--max_steps=700" in cmd
+    assert "--val_interval=175" in cmd and "--save_interval=175" in cmd  # every quarter of the steps
     assert not os.path.exists(tmp_path / "run" / "prompts") and os.listdir(tmp_path / "run" / "stages") == ["train.spent"]
+
+
+def test_recipe_regeneration_resumed_spends_only_what_is_left_of_its_budget(tmp_path, monkeypatch):
+    """run's regenerate stage: procs_per_gpu shards a GPU (one GPU here: 3 processes, shards 0..2 of 3), stopped at
+    the plan's regeneration seconds less what a killed earlier invocation spent (its .spent file)."""
+    os.makedirs(tmp_path / "assets" / "SmolLM2-135M-Instruct")
+    monkeypatch.setenv("DFLASH_ASSETS", str(tmp_path / "assets"))
+    out = tmp_path / "run"
+    os.makedirs(out / "stages")
+    (out / "stages" / "prompts.done").write_text("5\n")
+    (out / "stages" / "regenerate.spent").write_text("100")
+    monkeypatch.setattr(smollm2.torch.cuda, "device_count", lambda: 1)
+    seen = []
+
+    def fake(cmds, gpus, deadline=None, labels=None):
+        seen.append((cmds, gpus, deadline and deadline - time.time()))
+        if "train.py" in cmds[0]:
+            raise KeyboardInterrupt  # the regeneration is all this test looks at
+        os.makedirs(out / "regen", exist_ok=True)
+        write_lines(out / "regen" / "rows.00-of-03.jsonl", ["{}"])
+        return False
+    monkeypatch.setattr(smollm2, "_procs", fake)
+    with pytest.raises(KeyboardInterrupt):
+        smollm2.run(str(out), budget_minutes=25)
+    regen = json.load(open(out / "plan.json"))["regen_seconds"]
+    (cmds, gpus, left), _ = seen
+    assert gpus == 1 and regen - 100 - 5 < left <= regen - 100
+    arg = lambda c, flag: c[c.index(flag) + 1]
+    assert [(arg(c, "--num-shards"), arg(c, "--shard")) for c in cmds] == [("3", "0"), ("3", "1"), ("3", "2")]
+    assert {arg(c, "--out") for c in cmds} == {str(out / "regen" / "rows.jsonl")}
 
 
 @need_assets
@@ -5774,6 +5989,18 @@ def test_recipe_benches_extra_prompts_as_their_own_rows(tmp_path, monkeypatch):
     assert "| mt-bench | 1 | 1 | 2.00 | 1000.00 / 500.00 ms | 2.00x | 1.00 | 0/1, 1 (top-2 gap <= 0.06), 0 | 1/1 |" in table
     rows_again = smollm2.run(str(out), budget_minutes=25, extra_prompts=[str(extra)])  # resumed: nothing benched again
     assert len(batches) == 2 and rows_again == rows
+    # a bench killed after its timed run: the rerun runs only the fp32 checks it lacks
+    (out / "stages" / "bench.done").unlink()
+    for f in (out / "bench").glob("fp32.*.jsonl"):
+        f.unlink()
+    assert smollm2.run(str(out), budget_minutes=25, extra_prompts=[str(extra)]) == rows
+    assert len(batches) == 4 and batches[2] == [] and sorted(arg(c, "--dataset") for c in batches[3]) == sorted(arg(c, "--dataset") for c in checks)
+    # --check-prompts 0: the timed bench alone, no fp32 process
+    os.makedirs(tmp_path / "run0" / "stages")
+    for stage in ("prompts", "regenerate", "train"):
+        (tmp_path / "run0" / "stages" / f"{stage}.done").write_text("5\n")
+    smollm2.run(str(tmp_path / "run0"), budget_minutes=25, check_prompts=0)
+    assert [len(b) for b in batches[4:]] == [1, 0] and arg(batches[4][0], "--dtype") == "bf16"
 
 
 def test_speedup_is_the_mean_of_turn_tpots_in_bench_and_recipe(tmp_path):
@@ -5889,6 +6116,46 @@ def test_ablate_stop_at_trains_only_the_arms_short_of_it(tmp_path, monkeypatch):
         smollm2.ablate(str(out), str(rows), arms=["dflash", "seed1"], steps=4, at_once=True, check_prompts=0, stop_at=2)
 
 
+def test_ablate_at_once_trains_each_arm_as_one_process_of_64_sequences(tmp_path, monkeypatch):
+    """ablate --at-once on a 2-GPU machine: one single-rank train.py an arm (no torchrun), each with the full 64
+    sequences a step, spread over the GPUs by _procs."""
+    rows = tmp_path / "rows.jsonl"
+    write_lines(rows, [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})])
+    os.makedirs(tmp_path / "assets" / "SmolLM2-135M-Instruct")
+    monkeypatch.setenv("DFLASH_ASSETS", str(tmp_path / "assets"))
+    monkeypatch.setattr(smollm2.torch.cuda, "device_count", lambda: 2)
+    out = tmp_path / "abl"
+    os.makedirs(out / "stages")
+    (out / "stages" / "answers.done").write_text("1\n")
+    ran = []
+
+    def fake(cmds, gpus, deadline=None, labels=None):
+        ran.append((cmds, gpus))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(smollm2, "_procs", fake)
+    with pytest.raises(KeyboardInterrupt):
+        smollm2.ablate(str(out), str(rows), arms=["dflash", "seed1"], steps=8, at_once=True)
+    ((cmds, gpus),) = ran
+    assert gpus == 2 and len(cmds) == 2
+    for c in cmds:
+        assert c[1] == "train.py" and "--batch_size=64" in c and "--max_steps=8" in c
+
+
+def test_ablation_answers_are_the_greedy_fp32_two_turn_answers_regenerate_writes(tmp_path, monkeypatch):
+    """ablate's answer commands, read by data.py regenerate's own parser: per benchmark set, the first eval_prompts
+    prompts answered greedily in fp32 with both MT-Bench turns (bench decodes two), max_new_tokens each."""
+    got = []
+    monkeypatch.setattr(regenerate, "regenerate", lambda *a, **k: got.append((a, k)))
+    for cmd in smollm2.answer_cmds(str(tmp_path), 30, 256):
+        assert cmd[1] == "data.py"
+        regenerate.main(cmd[2:])
+    assert len(got) == len(smollm2.BENCH_SETS)
+    for (a, k), s in zip(got, smollm2.BENCH_SETS):
+        target, data_, out, max_new, temperature, batch, shards, shard, limit, turns = a[:10]
+        assert data_.endswith(os.path.join("prompts", s + ".jsonl")) and out == os.path.join(str(tmp_path), "answers", s + ".jsonl")
+        assert (max_new, temperature, shards, limit, turns, k["dtype"]) == (256, 0.0, 1, 30, 2, "fp32")
+
+
 @need_assets
 def test_ablation_arms_change_one_thing_each():
     """Each arm's train.py command is the default arm's plus its own keys: the config it parses differs from
@@ -5904,6 +6171,17 @@ def test_ablation_arms_change_one_thing_each():
         got = parse(arm)
         assert {k for k in base if got[k] != base[k]} == keys, arm
     assert base["batch_size"] == 64 and base["loss"] == "dflash" and base["num_draft_layers"] == 5 and base["block_size"] == 16
+
+
+def test_recipe_train_command_keeps_64_sequences_a_step_on_any_number_of_ranks():
+    """train.py's batch_size is per rank: the recipe's 64 sequences a step are 64 / nproc on each of nproc ranks
+    (torchrun for more than one), with a checkpoint and a validation every quarter of the steps."""
+    for nproc in (1, 2, 4, 8):
+        cmd = smollm2._train_cmd("o", "rows.jsonl", "T", 100, nproc, 25)
+        args = cmd[cmd.index("train.py") + 1:]
+        assert (f"--nproc_per_node={nproc}" in cmd) == (nproc > 1)
+        per_rank = int(next(a for a in args if a.startswith("--batch_size="))[len("--batch_size="):])
+        assert per_rank * nproc == 64 and "--save_interval=25" in args and "--val_interval=25" in args and "--max_steps=100" in args
 
 
 def test_readme_commands_use_flags_the_scripts_have():
