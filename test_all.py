@@ -5716,6 +5716,14 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
     assert smollm2.plan_run(25, 2, 20, 256)["regen_seconds"] == int((1500 - (90 + 102.4 + 60 + 32) - (40 + 18000 / 53)) / 3)
     with pytest.raises(SystemExit, match="give at least 13 minutes"):
         smollm2.plan_run(5, 1, 20, 256)
+    # the self-prompts grow with budget x GPUs but are written on one GPU: cut to a third of the budget (on 9 GPUs
+    # no budget was enough: "give at least -386 minutes"); 4 : 2.5 : 2.5 as uncut
+    for g in (4, 9):
+        n = smollm2.plan_run(60, g, 20, 256)["self_prompts"]
+        assert 40 + sum(n) / 53 == pytest.approx(3600 / 3, abs=0.1) and n[1] == n[2] == pytest.approx(n[0] * 2.5 / 4, abs=1)
+    with pytest.raises(SystemExit, match="give at least 10 minutes"):  # (90 + 51.2 + 60 + 16 + 180) * 1.5 / 60 = 9.9
+        smollm2.plan_run(5, 9, 20, 256)
+    assert smollm2.plan_run(10, 9, 20, 256)["train_steps"] > 0
     # rows regenerated earlier: no prompts, no regeneration; training takes what the bench leaves, or --steps
     p = smollm2.plan_run(25, 1, 20, 256, rows="r/*.jsonl")
     assert p["self_prompts"] == [0, 0, 0] and p["regen_seconds"] == 0 and p["rows"] == "r/*.jsonl"
@@ -5748,13 +5756,15 @@ def test_recipe_plan_and_prompt_interleave(tmp_path):
 def test_recipe_plan_spreads_the_bench_sets_over_more_gpus_than_two():
     """The bench's four sets over g GPUs: each GPU times ceil(4 / g) of them one after another, and the fp32
     checks, one process per set, spread over at most four GPUs. Hand-worked, 20 prompts x 256 tokens:
-    3 GPUs, 25 minutes: prompts 40 + 27,000 / 53 s; timed bench 90 + 2 sets x 2 x 20 x 256 x 5 ms = 192.4 s; check
-    60 + 2 x 5 x 256 x 25 ms / 3 = 81.33 s. 8 GPUs, 120 minutes: prompts 40 + 345,600 / 53 s; timed bench
-    90 + 1 set x 51.2 = 141.2 s; check 60 + 64 / 4 = 76 s (the 4 GPUs past the fourth set check nothing)."""
-    for minutes, g, n_self, bench_s in ((25, 3, 27000, 192.4 + 60 + 64 / 3), (120, 8, 345600, 141.2 + 76)):
-        left = minutes * 60 - (40 + n_self / 53) - bench_s
+    3 GPUs, 25 minutes: prompts a third of the budget (27,000 uncut would take 40 + 27,000 / 53 s, more); timed
+    bench 90 + 2 sets x 2 x 20 x 256 x 5 ms = 192.4 s; check 60 + 2 x 5 x 256 x 25 ms / 3 = 81.33 s. 8 GPUs, 120
+    minutes: prompts a third (uncut, 345,600: 40 + 345,600 / 53 s); timed bench 90 + 1 set x 51.2 = 141.2 s; check
+    60 + 64 / 4 = 76 s (the 4 GPUs past the fourth set check nothing)."""
+    for minutes, g, bench_s in ((25, 3, 192.4 + 60 + 64 / 3), (120, 8, 141.2 + 76)):
         p = smollm2.plan_run(minutes, g, 20, 256)
-        assert sum(p["self_prompts"]) == n_self
+        prompts_s = 40 + sum(p["self_prompts"]) / 53
+        assert prompts_s == pytest.approx(minutes * 60 / 3, abs=0.1)
+        left = minutes * 60 - prompts_s - bench_s
         assert p["regen_seconds"] == int(left / 3) and p["train_steps"] == int((left - left / 3 - 90) * 130 * g / 64)
 
 

@@ -247,14 +247,19 @@ def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0, check_
     the first run's choices."""
     s, g = budget_min * 60, max(gpus, 1)
     scale = s * g / 1500 * (not rows)  # 1.0 = 25 minutes on one GPU
-    n_self = [int(4000 * scale), int(2500 * scale), int(2500 * scale)]
+    # the self-written prompts grow with the run (budget x GPUs) but are written on one GPU: at most a third
+    # of the budget goes to them (on 9 GPUs or more no budget was enough; on 4, 45% went to them)
+    cut = min(1.0, max(0.0, s / 3 - 40) * SELF_PROMPTS_PER_S / (9000 * scale or 1))
+    n_self = [int(4000 * scale * cut), int(2500 * scale * cut), int(2500 * scale * cut)]
     prompts_s = (40 + sum(n_self) / SELF_PROMPTS_PER_S) * (not rows)  # written on one GPU
     sets_per_gpu = -(-len(BENCH_SETS) // g)
     bench_s = (90 + 2 * bench_prompts * max_new_tokens * BF16_S_PER_TOKEN * sets_per_gpu  # timed: alone, one compile
                + (60 + 2 * check_prompts * max_new_tokens * BENCH_S_PER_TOKEN / min(g, len(BENCH_SETS))) * bool(check_prompts))
     left = s - prompts_s - bench_s
     if left < 180:
-        least = (bench_s + 180) / 60 if rows else (40 + bench_s + 180) / (1 - 9000 * g / 1500 / SELF_PROMPTS_PER_S) / 60
+        uncut = 1 - 9000 * g / 1500 / SELF_PROMPTS_PER_S  # the share of the budget left beside uncut self-prompts
+        least = (bench_s + 180) / 60 if rows else min((40 + bench_s + 180) / uncut if uncut > 0 else math.inf,
+                                                       (bench_s + 180) / (2 / 3)) / 60
         raise SystemExit(f"recipe: --budget-minutes {budget_min:g} leaves {left:.0f} s for regeneration and training "
                          f"after the prompts (~{prompts_s:.0f} s) and the bench (~{bench_s:.0f} s): give at least "
                          f"{math.ceil(least)} minutes, "
