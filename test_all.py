@@ -5697,6 +5697,18 @@ def test_self_prompts_open_with_the_template_and_a_seed_and_are_filtered(tmp_pat
     assert rows == [{"id": "self-0-0", "turns": ["Solve the equation x + 1 = 2 for x.!"]},
                     {"id": "self-0-1", "turns": ["Find the area of a circle of radius 2.!"]}]
     assert [json.loads(line) for line in open(tmp_path / "p.jsonl")] == rows
+    # a MATH-500 prompt under 80 characters: its key runs into the suffix, so only a prompt asked with that suffix
+    # holds it; the self-prompt asked with it overlaps and is dropped (checked without the suffix, it was kept)
+    short = "Find the value of x if 3x + 4 = 19."
+    write_lines(tmp_path / "prompts" / "math500.jsonl", [json.dumps({"id": "s", "turns": [short + fetch.MATH_SUFFIX]})])
+    (key,) = smollm2.eval_keys(str(tmp_path))
+    assert key.startswith(smollm2._fold(short)) and len(key) == 80  # the problem and the suffix's start
+    samples = [ids(" the area of a circle of radius 2.") + [2], ids(" the value of x if 3x + 4 = 19.") + [2],
+               ids(" the area of a circle of radius 2.") + [2], ids(" the radius of a circle of area 4.") + [2]] + [[5]] * 2
+    rows = smollm2.self_prompts(SMOL, str(tmp_path / "q.jsonl"), 2, ("Solve", "Find"), fetch.MATH_SUFFIX, batch_size=6,
+                                assets_dir=str(tmp_path))
+    assert [r["turns"][0] for r in rows] == [f"{w}{fetch.MATH_SUFFIX}" for w in (
+        "Solve the area of a circle of radius 2.", "Find the radius of a circle of area 4.")]
 
 
 def test_recipe_plan_and_prompt_interleave(tmp_path):
