@@ -137,11 +137,16 @@ ROPE_NEEDS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("original_
               "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}
 
 
+def config_field(cfg, key):
+    """A field of an HF config object or of its config.json dict; None where it has none."""
+    return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+
+
 def rope_config(cfg):
     """(rope_theta, rope_scaling) of an HF config object or dict, target's or drafter's, as the drafter
     uses them (the rules above). Reads transformers 5's rope_parameters and the legacy rope_theta /
     rope_scaling; rope_scaling is None for plain RoPE."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k, None)
+    get = lambda k: config_field(cfg, k)
     params = get("rope_scaling") or get("rope_parameters") or {}  # transformers also prefers rope_scaling
     params = params.get("full_attention") or params
     kind = params.get("rope_type") or params.get("type") or "default"
@@ -238,11 +243,10 @@ def rope_mismatch(cfg, target_config):
     line. Frequencies are compared, inside and past the original context, not dict spellings (a null
     rope_scaling and {"rope_type": "default"} agree). Raises ValueError for a target rope type the
     drafter cannot reproduce."""
-    get = target_config.get if isinstance(target_config, dict) else lambda k: getattr(target_config, k, None)
     theta, scaling = rope_config(target_config)
     # dynamic RoPE, and yarn or longrope without a factor, read max_position_embeddings too
-    want = dataclasses.replace(cfg, rope_theta=theta, rope_scaling=scaling,
-                               max_position_embeddings=get("max_position_embeddings") or cfg.max_position_embeddings)
+    want = dataclasses.replace(cfg, rope_theta=theta, rope_scaling=scaling, max_position_embeddings=config_field(
+        target_config, "max_position_embeddings") or cfg.max_position_embeddings)
     for seq_len in (None, torch.tensor(4 * max(cfg.max_position_embeddings, want.max_position_embeddings))):
         (f, s), (g, t) = rope_frequencies(cfg, seq_len), rope_frequencies(want, seq_len)
         if s != t or not torch.allclose(f, g, rtol=1e-6, atol=0):
