@@ -249,8 +249,8 @@ def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0, check_
     scale = s * g / 1500 * (not rows)  # 1.0 = 25 minutes on one GPU
     # the self-written prompts grow with the run (budget x GPUs) but are written on one GPU: at most a third
     # of the budget goes to them (on 9 GPUs or more no budget was enough; on 4, 45% went to them)
-    cut = min(1.0, max(0.0, s / 3 - 40) * SELF_PROMPTS_PER_S / (9000 * scale or 1))
-    n_self = [int(4000 * scale * cut), int(2500 * scale * cut), int(2500 * scale * cut)]
+    scale = min(scale, max(0.0, s / 3 - 40) * SELF_PROMPTS_PER_S / 9000)
+    n_self = [int(4000 * scale), int(2500 * scale), int(2500 * scale)]
     prompts_s = (40 + sum(n_self) / SELF_PROMPTS_PER_S) * (not rows)  # written on one GPU
     sets_per_gpu = -(-len(BENCH_SETS) // g)
     bench_s = (90 + 2 * bench_prompts * max_new_tokens * BF16_S_PER_TOKEN * sets_per_gpu  # timed: alone, one compile
@@ -259,7 +259,7 @@ def plan_run(budget_min, gpus, bench_prompts, max_new_tokens, max_rows=0, check_
     if left < 180:
         uncut = 1 - 9000 * g / 1500 / SELF_PROMPTS_PER_S  # the share of the budget left beside uncut self-prompts
         least = (bench_s + 180) / 60 if rows else min((40 + bench_s + 180) / uncut if uncut > 0 else math.inf,
-                                                       (bench_s + 180) / (2 / 3)) / 60
+                                                       1.5 * (bench_s + 180)) / 60  # cut: a third to the prompts
         raise SystemExit(f"recipe: --budget-minutes {budget_min:g} leaves {left:.0f} s for regeneration and training "
                          f"after the prompts (~{prompts_s:.0f} s) and the bench (~{bench_s:.0f} s): give at least "
                          f"{math.ceil(least)} minutes, "
@@ -329,7 +329,9 @@ def _procs(cmds, gpus, deadline=None, labels=None):
     pipe = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) if labels else {}
     ps = [subprocess.Popen(c, cwd=os.path.dirname(HERE), **pipe, env={**os.environ, **({"CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus else {})})
           for k, c in enumerate(cmds)]
-    echo = lambda p, label: [print(f"[{label}] {line}", end="", flush=True) for line in p.stdout]
+    def echo(p, label):
+        for line in p.stdout:
+            print(f"[{label}] {line}", end="", flush=True)
     echoes = [threading.Thread(target=echo, args=pl, daemon=True) for pl in zip(ps, labels or [])]
     for t in echoes:
         t.start()
