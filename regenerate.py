@@ -168,14 +168,18 @@ def _answer(tokenizer, ids, stops, finished=False):
 def _conversation(tokenizer, row, enable_thinking, max_prompt_tokens):
     """The turns of one row, shared by the local and the server paths: yields each turn's prompt, its ids
     and its text as rendered by the training template, is sent the answer message, returns the row's
-    messages. Turn t+1 is prompted with the answer to turn t; a prompt over max_prompt_tokens ends the row."""
+    messages. Turn t+1 is prompted with the answer to turn t; a prompt over max_prompt_tokens, or one the
+    template refuses (the first turn's was checked before), ends the row with the turns answered so far."""
     hist = row["system"]
     for u in row["users"]:
         user = {"role": "user", "content": u}
-        ids = render_chat(tokenizer, hist + [user], enable_thinking, True)
+        try:
+            ids = render_chat(tokenizer, hist + [user], enable_thinking, True)
+            text = render_chat(tokenizer, hist + [user], enable_thinking, True, tokenize=False)
+        except Exception:  # e.g. a template that takes one user turn only: the row's earlier turns are kept
+            break
         if len(ids) > max_prompt_tokens:
             break
-        text = render_chat(tokenizer, hist + [user], enable_thinking, True, tokenize=False)
         hist = hist + [user, (yield ids, text)]
     return hist
 
@@ -509,7 +513,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             ntok += sum(len(m.get("token_ids", ())) for m in msgs if m["role"] == "assistant")
             written += 1
             cut += sum(m.get("finished") is False for m in msgs)
-            dropped += len(r["users"]) - sum(m["role"] == "user" for m in msgs)  # a later prompt over max_prompt_tokens
+            dropped += len(r["users"]) - sum(m["role"] == "user" for m in msgs)
         if server:
             _serve_rows(rows, conversation, answer, concurrency, write, lambda: _progress(log, t0, written, len(rows), ntok))
         else:
@@ -525,7 +529,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
                     write(r, msgs)
                 _progress(log, t0, written, len(rows), ntok)
     log(f"regenerate: wrote {written} rows ({cut} answers cut at {max_new_tokens} new tokens, "
-        f"{dropped} later turns dropped: prompt over {max_prompt_tokens} tokens)")
+        f"{dropped} later turns dropped: prompt over {max_prompt_tokens} tokens or refused by the template)")
     return out
 
 

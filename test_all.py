@@ -4144,7 +4144,7 @@ def test_regenerate_answers_a_prompt_of_exactly_max_prompt_tokens(tmp_path):
         if answered:
             (row,) = read_out(out).values()
             assert [m["role"] for m in row["messages"]] == ["user", "assistant"] and len(row["messages"][1]["token_ids"]) >= 1
-            assert logs[-1] == "regenerate: wrote 1 rows (1 answers cut at 2 new tokens, 0 later turns dropped: prompt over 31 tokens)"
+            assert logs[-1] == "regenerate: wrote 1 rows (1 answers cut at 2 new tokens, 0 later turns dropped: prompt over 31 tokens or refused by the template)"
         else:
             assert "skipped: {'prompt over 30 tokens': 1}" in logs[0] and not os.path.exists(out)
 
@@ -4174,7 +4174,7 @@ def test_regenerate_reports_answers_cut_and_later_turns_dropped(tmp_path):
     regenerate.regenerate(SMOL, str(inp), str(tmp_path / "local.jsonl"), **args)
     with CompletionServer() as srv:
         regenerate.regenerate(SMOL, str(inp), str(tmp_path / "served.jsonl"), server=srv.url, **args)
-    said = "regenerate: wrote 3 rows (3 answers cut at 2 new tokens, 1 later turns dropped: prompt over 40 tokens)"
+    said = "regenerate: wrote 3 rows (3 answers cut at 2 new tokens, 1 later turns dropped: prompt over 40 tokens or refused by the template)"
     assert [line for line in logs if "wrote" in line] == [said, said]
     assert logs[-1] == said
 
@@ -4255,6 +4255,23 @@ def test_regenerate_refuses_a_template_at_once_and_counts_the_rows_it_refuses(tm
                                 max_new_tokens=2, max_prompt_tokens=32, log=logs.append)
     assert [r["id"] for r in read_out(out).values()] == ["ok"]
     assert "skipped: {'template error (TemplateError)': 1}" in logs[0]
+    # a template that refuses a later turn (one user turn only) ends that row there: its first answer is kept, the
+    # refused turn counted as dropped, and the run goes on (in process and through a server)
+    one_turn = ("{% if messages | selectattr('role', 'equalto', 'user') | list | length > 1 %}"
+                "{{ raise_exception('one user turn only') }}{% endif %}" + CHATML_NO_GENERATION_PROMPT +
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    write_lines(tmp_path / "two.jsonl", [json.dumps({"id": "b", "turns": ["Name a color.", "Name another one."]}),
+                                         json.dumps({"id": "c", "prompt": "Say hello."})])
+    one = target("one", one_turn)
+    with CompletionServer() as srv:
+        for via in ({}, {"server": srv.url, "served_model_name": "SmolLM2-135M-Instruct"}):
+            logs = []
+            out = regenerate.regenerate(one, str(tmp_path / "two.jsonl"), str(tmp_path / f"t{len(via)}.jsonl"),
+                                        max_new_tokens=2, max_turns=2, max_prompt_tokens=64, log=logs.append, **via)
+            rows = read_out(out)
+            assert sorted(r["id"] for r in rows.values()) == ["b", "c"]
+            assert [[m["role"] for m in r["messages"]] for r in rows.values()] == [["user", "assistant"]] * 2
+            assert logs[-1].endswith("1 later turns dropped: prompt over 64 tokens or refused by the template)")
 
 
 # a stand-in for `vllm serve` / `sglang.launch_server`: the SmolLM2 target answering the OpenAI
