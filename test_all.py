@@ -1002,6 +1002,25 @@ def test_min_loss_tokens_keeps_a_row_with_exactly_that_many(tmp_path):
 
 
 @need_assets
+def test_a_long_chat_tokenised_from_a_head_of_its_text_equals_the_whole_tokenised_then_cut():
+    """A chat of over 8 x max_length characters is tokenised from that head of its text only. Here the head
+    (8 x 87 characters) cuts a " whatever" in two, and its tokens reach just past 87 (89): the cut's pieces lie
+    inside the first 87, so the head must be tokenised with a margin past max_length, or else the whole text;
+    the ids and mask equal those of the whole chat cut at 87."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    msgs = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Say it."},
+            {"role": "assistant", "content": ("whatever " * 200).strip()}]
+    text = data.render_chat(tok, msgs, None, tokenize=False)
+    head = tok(text[:8 * 87], add_special_tokens=False)["input_ids"]
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(head) == 89 and head[:87] != whole[:87]  # the case: a cut word inside the first 87 tokens
+    ids, mask = data.tokenize_conversation(tok, msgs, max_length=4096)
+    assert ids == whole
+    assert data.tokenize_conversation(tok, msgs, max_length=87) == (ids[:87], mask[:87])
+
+
+@need_assets
 def test_mask_smollm2_three_turns():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(SMOL)
