@@ -240,10 +240,6 @@ class DraftCache:
         self.k[i], self.v[i] = k, v
         return torch.cat([k, k_blk], 2), torch.cat([v, v_blk], 2)
 
-    @property
-    def length(self):  # committed positions held by a full layer (a sliding one holds at most W - 1)
-        return max((k.shape[2] for k in self.k.values()), default=0)
-
 
 # ----------------------------------------------------------------------------------------------
 # Fitting a drafter to its target: layer layout, captured layers, dimensions

@@ -322,6 +322,11 @@ def test_config_integers_must_be_ints():
                        ("num_hidden_layers", False)]:
         with pytest.raises(ValueError, match=re.escape(f"{key}={value!r}: must be integers")):
             M.DFlashConfig(**{**base, key: value})
+    # integers, but no drafter: a config.json or dflash_config.json edited to no layers or no captured layer
+    for key, value, said in [("num_hidden_layers", 0, "num_hidden_layers=0: the drafter needs >= 1 layer"),
+                             ("target_layer_ids", [], "target_layer_ids is empty: capture at least one target layer")]:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            M.DFlashConfig(**{**base, key: value})
     assert M.DFlashConfig(**base).target_layer_ids == [1, 3]
 
 
