@@ -5436,6 +5436,12 @@ def test_config_numbers_files_and_yaml_errors(tmp_path):
     (tmp_path / "broken.yaml").write_text("lr: [1,\n")
     with pytest.raises(SystemExit, match="broken.yaml: not valid YAML"):
         train_config.parse_config([f"--config={tmp_path / 'broken.yaml'}"])
+    (tmp_path / "list.yaml").write_text("- lr: 2e-4\n- seed: 1\n")  # YAML, but a list of settings
+    for argv, said in ((["configs/quickstart.yaml"], "unexpected argument 'configs/quickstart.yaml'; use --key=value "
+                        "(--help lists the keys)"), (train_args(tmp_path) + ["--lr"], "--lr needs a value"),
+                       ([f"--config={tmp_path / 'list.yaml'}"], f"{tmp_path / 'list.yaml'} should hold `key: value` lines, not a list")):
+        with pytest.raises(SystemExit, match=re.escape(f"config error: {said}")):
+            train_config.parse_config(argv)
     # through the script: one line, exit 2, no traceback (under torchrun: the next test)
     r = run_train(train_args(tmp_path, lr="abc"))
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr[-2000:]
@@ -5527,6 +5533,9 @@ def test_resume_rules_on_a_hand_made_train_state(tmp_path, monkeypatch):
     got = train_config.resumed_stretches(dict(state, stretches=stretches), dict(c, lr=5e-4, num_anchors=8), 5, said.append)
     assert said == ["resuming at step 5 with num_anchors 8 (was 6 for steps 0-5)"]
     assert got == stretches + [dict(from_step=5, **dict(now, lr=5e-4, num_anchors=8))]
+    said.clear()  # lr changed again: its last value held since step 3 (its change), not since the run began
+    train_config.resumed_stretches(dict(state, stretches=got), dict(c, lr=2e-4, num_anchors=8), 7, said.append)
+    assert said == ["resuming at step 7 with lr 0.0002 (was 0.0005 for steps 3-7)"]
     back = stretches + [dict(from_step=5, **now)]  # lr 1e-3, 5e-4, then 1e-3 again
     assert train_config.stretch_record(back) == [dict(from_step=0, lr=1e-3), dict(from_step=3, lr=5e-4),
                                                  dict(from_step=5, lr=1e-3)]
