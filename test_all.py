@@ -854,6 +854,21 @@ def test_mask_prefers_generated_ids():
     assert sup[-len(gen) - 1:] == gen + [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_an_answer_the_template_renders_as_nothing_gives_no_row():
+    """A template that trims answers (Qwen3's strips an answer's leading newlines, Llama-3's and Gemma's trim)
+    renders a blank answer as nothing: nothing of it to supervise. Alone, the conversation is skipped as "no
+    assistant content"; after a turn of its own row (one the template renders otherwise later), that row stays."""
+    tok = qwen_tokenizer()
+    tok.chat_template = QWEN_TEMPLATE.replace("+ content + '<|im_end|>", "+ content | trim + '<|im_end|>")
+    with pytest.raises(data.BadRow, match="no assistant content"):
+        data.conversation_rows(tok, CHAT[1:2] + [{"role": "assistant", "content": " \n"}], 64)
+    rows = data.conversation_rows(tok, CHAT[:3] + [{"role": "user", "content": "And a yellow one?"},
+                                                   {"role": "assistant", "content": " \n"}], 64)
+    assert [masked_text(tok, *row) for row in rows] == ["red fruits: apple, cherry\n</think>\n\nAn apple.<|im_end|>"]
+    assert tok.decode(rows[0][0]).endswith("Name a red fruit.<|im_end|>\n<|im_start|>assistant\n<think>\n"
+                                           "red fruits: apple, cherry\n</think>\n\nAn apple.<|im_end|>\n")
+
+
 @need_assets
 def test_answer_opening_with_whitespace_follows_the_prompt_the_target_answered():
     """An answer that opens with whitespace merges with the prompt's last "\n" when the rendering is
@@ -1067,6 +1082,14 @@ def test_a_template_without_a_generation_prompt_is_refused_before_the_data_is_re
         assert data.chat_template_problem(tok).startswith(said)
         with pytest.raises(ValueError, match=re.escape(said)):
             data.build_dataset(tok, str(tmp_path / "missing.jsonl"), 64, log=pytest.fail)  # before the data is read
+    # a template that refuses the probe (a user turn alone: this one wants a system turn first) passes; the rows
+    # it refuses are counted by reason, the others kept
+    tok.chat_template = "{% if messages[0].role != 'system' %}{{ raise_exception('a system turn first') }}{% endif %}" + QWEN_TEMPLATE
+    assert data.chat_template_problem(tok) is None
+    write_lines(tmp_path / "s.jsonl", [json.dumps({"messages": CHAT[:3]}), json.dumps({"messages": CHAT[1:3]})])
+    logs = []
+    assert len(data.build_dataset(tok, str(tmp_path / "s.jsonl"), 64, log=logs.append)) == 1
+    assert "= 1 skipped (1 template error (TemplateError)) + 1 kept" in logs[-1]
 
 
 def write_lines(path, lines):
@@ -1081,7 +1104,8 @@ def test_malformed_rows_counted(tmp_path):
              json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
              json.dumps({"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}),
              json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}),
-             json.dumps([1, 2]), json.dumps({"messages": "hi"}), json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]})]
+             json.dumps([1, 2]), json.dumps({"messages": "hi"}), json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}),
+             json.dumps({"messages": ["hi", {"role": "assistant", "content": "y"}]})]
     p = tmp_path / "bad.jsonl"
     write_lines(p, lines)
     convs, skipped = data.load_conversations(str(p))
@@ -1089,11 +1113,12 @@ def test_malformed_rows_counted(tmp_path):
     assert convs[1] == [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert len(convs) == 3
     assert skipped == {"malformed json": 1, "no messages key": 1, "empty conversation": 1, "no assistant turn": 1,
-                       "unknown role": 1, "non-string content": 1, "row not an object": 1, "messages not a list": 1}
+                       "unknown role": 1, "non-string content": 1, "row not an object": 1, "messages not a list": 1,
+                       "message not an object": 1}
     logs = []
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=1, log=logs.append)
     assert len(ds) == 2 and len(logs) == 1
-    assert logs[0].startswith("data: 11 rows read = 8 skipped (") and "+ 2 kept, as 2 training rows" in logs[0]
+    assert logs[0].startswith("data: 12 rows read = 9 skipped (") and "+ 2 kept, as 2 training rows" in logs[0]
     assert "1 no assistant content" in logs[0] and "1 malformed json" in logs[0]
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=4, log=logs.append)
     assert len(ds) == 1 and "1 too few loss tokens" in logs[-1]  # "y", "o", <|im_end|> with this tiny vocab
@@ -1217,6 +1242,8 @@ def test_saved_datasets_give_every_row_every_column(tmp_path):
                                                    f"give one split's folder (e.g. {tmp_path / 'splits' / 'validation'})")):
         data.load_conversations(str(tmp_path / "splits"))
     assert data.load_conversations(str(tmp_path / "splits" / "validation")) == (want[:2], {})
+    datasets.DatasetDict({"train": inner, "test": ds}).save_to_disk(str(tmp_path / "with_train"))
+    assert data.load_conversations(str(tmp_path / "with_train")) == (want[::2], {})  # the folder of all splits: train
 
 
 def test_prompt_rows_skipped_are_counted_and_none_left_is_an_error(tmp_path):
@@ -1226,6 +1253,9 @@ def test_prompt_rows_skipped_are_counted_and_none_left_is_an_error(tmp_path):
     write_lines(tmp_path / "p.jsonl", [json.dumps({"turns": ["Name a color."]}), json.dumps(parts), "{bad", json.dumps(parts)])
     logs = []
     assert [p["turns"] for p in data.load_prompts(str(tmp_path / "p.jsonl"), log=logs.append)] == [["Name a color."]]
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'prompts' / 'mt-bench.jsonl'} is missing: "
+                                                          "run `python recipes/fetch.py` first")):
+        data.load_prompts("mt-bench", assets_dir=str(tmp_path))  # a named set before the assets are fetched
     assert logs == [f"prompts: {tmp_path / 'p.jsonl'}: 3 of 4 rows skipped (2 non-text content part, 1 malformed json)"]
     write_lines(tmp_path / "bad.jsonl", [json.dumps(parts), json.dumps({"messages": [{"role": "assistant", "content": "x"}]})])
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.jsonl'}: no usable prompt in its 2 rows "
