@@ -869,6 +869,20 @@ def test_an_answer_the_template_renders_as_nothing_gives_no_row():
                                            "red fruits: apple, cherry\n</think>\n\nAn apple.<|im_end|>\n")
 
 
+def test_a_template_whose_earlier_text_depends_on_an_answer_is_skipped():
+    """Each answer is found as what changes when it is emptied: on a template whose first line says whether any
+    message is empty, emptying the second answer changes text before the first one's end. No row from it ("template
+    not diff-stable"), instead of a loss mask over template text."""
+    tok = qwen_tokenizer()
+    tok.chat_template = "{{ 'hole' if messages | selectattr('content', 'equalto', '') | list else 'full' }}\n" + \
+        CHATML_NO_GENERATION_PROMPT + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    msgs = [{"role": "user", "content": "Name a red fruit."}, {"role": "assistant", "content": "An apple."},
+            {"role": "user", "content": "And a yellow one?"}, {"role": "assistant", "content": "A banana."}]
+    assert data.chat_template_problem(tok) is None
+    with pytest.raises(data.BadRow, match="template not diff-stable"):
+        data.conversation_rows(tok, msgs, 64)
+
+
 @need_assets
 def test_answer_opening_with_whitespace_follows_the_prompt_the_target_answered():
     """An answer that opens with whitespace merges with the prompt's last "\n" when the rendering is
