@@ -1667,6 +1667,29 @@ def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_p
     assert val["val_acc"] == pytest.approx(acc.tolist(), abs=1e-6)
 
 
+def test_data_that_cannot_train_stops_the_run_before_the_models_load(tmp_path, monkeypatch):
+    """One line naming the key and the fix, before any weights load: conversations with a target given as a config
+    .json (no tokenizer to render them), a tokenizer without a chat template, val_rows holding out every one of the
+    256 synthetic rows, and a step larger than the rows left."""
+    monkeypatch.setattr(targets, "load_target", lambda *a, **k: pytest.fail("the target's weights were loaded"))
+    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": CHAT[1:3]})])
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "config.json").write_text(json.dumps(TINY_TARGET))
+    tok = char_tokenizer()
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "target")
+    for over, said in [(dict(data=str(tmp_path / "d.jsonl")),
+                        "config error: data from conversations needs a target folder with a tokenizer"),
+                       (dict(data=str(tmp_path / "d.jsonl"), target=str(tmp_path / "target")),
+                        f"config error: {tmp_path / 'target'}: its tokenizer has no chat template: give a target folder "
+                        "whose tokenizer_config.json or chat_template.jinja has one"),
+                       (dict(val_rows=256), "config error: val_rows=256 holds out all 256 conversations: lower val_rows"),
+                       (dict(val_rows=57, batch_size=100, grad_accum=2),
+                        "data error: 199 rows cannot fill one step of 100 x 2 x 1 sequences")]:
+        with pytest.raises(SystemExit, match=re.escape(said)):
+            T.main(train_args(tmp_path, **over))
+
+
 # D-PACE weights depend on the drafter's own probabilities, normalised over the whole step like the
 # decay weights; with sliding layers the same equivalences must hold
 DPACE_MIXED = dict(loss="dpace", layer_types=["sliding_attention", "full_attention"], sliding_window=8)
