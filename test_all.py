@@ -1690,6 +1690,19 @@ def test_data_that_cannot_train_stops_the_run_before_the_models_load(tmp_path, m
             T.main(train_args(tmp_path, **over))
 
 
+def test_init_from_starts_from_its_weights_and_refuses_another_shape(trained, tmp_path):
+    """init_from (fine-tuning a trained or imported drafter): the run starts from its weights, here a run's folder
+    (its newest checkpoint); at lr 1e-9 one step leaves them within 1e-6. A source of another shape is one line."""
+    run, d, _ = trained
+    assert T.main(train_args(tmp_path, init_from=str(run), lr=1e-9, min_lr=0.0, max_steps=1)) == 0
+    tuned, _ = C.load_drafter(str(tmp_path / "run"))
+    for k, v in d.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[k], v, atol=1e-6, rtol=0)
+    with pytest.raises(SystemExit, match=re.escape(f"config error: init_from {run} has drafter config ")) as e:
+        T.main(train_args(tmp_path, init_from=str(run), num_draft_layers=1, out_dir=str(tmp_path / "other")))
+    assert "num_hidden_layers=2" in str(e.value) and "this run builds" in str(e.value) and "\n" not in str(e.value)
+
+
 # D-PACE weights depend on the drafter's own probabilities, normalised over the whole step like the
 # decay weights; with sliding layers the same equivalences must hold
 DPACE_MIXED = dict(loss="dpace", layer_types=["sliding_attention", "full_attention"], sliding_window=8)
@@ -5326,9 +5339,10 @@ def test_second_invocation_on_a_running_run_stops_naming_its_pid(tmp_path, monke
     assert T.main(train_args(tmp_path, max_steps=3)) == 0  # finished: nothing to do, as before the lock
 
 
-def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
+def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch, capsys):
     """wandb=true (a fake wandb module): the first start makes a run id and keeps it in out_dir, and the
-    resume after stop_at_step passes that id again, so W&B continues one run; another out_dir gets another."""
+    resume after stop_at_step passes that id again, so W&B continues one run; another out_dir gets another.
+    Without wandb installed the run says so and logs to metrics.jsonl only."""
     inits, logged = [], []
     fake = types.ModuleType("wandb")
     fake.__spec__ = __import__("importlib").machinery.ModuleSpec("wandb", None)  # transformers looks it up
@@ -5350,6 +5364,11 @@ def test_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
     logged.clear()
     assert T.main(train_args(tmp_path, wandb=True, lr=5e-4, save_interval=2)) == 0
     assert inits[-1]["id"] not in (ids[0], ids[2]) and logged == [(inits[-1]["id"], 5), (inits[-1]["id"], 6)]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: `import wandb` raises ImportError
+    capsys.readouterr()
+    assert T.main(train_args(tmp_path, wandb=True, out_dir=str(tmp_path / "no_wandb"), max_steps=2)) == 0
+    assert "wandb=true but wandb is not installed: logging to metrics.jsonl only" in capsys.readouterr().out
+    assert len(losses(tmp_path / "no_wandb")) == 2
 
 
 def test_kill_during_validation_or_evaluation_is_made_up_by_the_resume(tmp_path, monkeypatch, capsys):
