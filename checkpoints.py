@@ -208,14 +208,20 @@ def export_is_current(folder, checkpoint):
 
 def resume_checkpoint(out_dir, drafter, optimizer, rank, log):
     """Load the newest intact checkpoint -> (its path, train state), or (None, None). A damaged one
-    (a file that differs from its checksum or is missing) is named, moved to step_N.damaged, and the
-    one before it is tried: a flipped byte costs the steps since that checkpoint, not the run."""
+    (a file that differs from its checksum or is missing, or a train state that cannot be read) is named,
+    moved to step_N.damaged, and the one before it is tried: a flipped byte costs the steps since that
+    checkpoint, not the run."""
     damaged = False
     while path := latest_checkpoint(out_dir):  # complete checkpoints only: *.tmp is an interrupted save
         problems = gathered_checksum_problems(path, rank)
         if not problems:
+            try:  # read first: one without checksums.json (older runs) is unverified, its train state may be cut
+                state = read_train_state(path, out_dir)
+            except (OSError, ValueError) as e:  # damage as a mismatch is, as saved_run skipped it
+                problems = [f"train_state.json is unreadable ({type(e).__name__}: {e})"]
+        if not problems:
             load_checkpoint(path, drafter, optimizer)
-            return path, read_train_state(path, out_dir)
+            return path, state
         log(f"checkpoint {path} is damaged ({'; '.join(problems)}): moved to {path}.damaged; "
             "trying the one before it")
         damaged = True

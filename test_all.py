@@ -5083,11 +5083,12 @@ def test_kill_during_checkpoint_write_leaves_a_resumable_run(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("damaged", ["shard", "train_state.json"])
+@pytest.mark.parametrize("damaged", ["shard", "train_state.json", "unverified"])
 def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, damaged):
     """A flipped byte in the newest checkpoint: the run names it and the file, moves it aside and resumes
     from the one before; the result equals the uninterrupted run. In train_state.json too, which the
-    checks before loading read (its seed flipped 0 -> 1 there: not a changed config, a damaged file)."""
+    checks before loading read (its seed flipped 0 -> 1 there: not a changed config, a damaged file), and
+    in a checkpoint without checksums.json (older runs: unverified) whose train_state.json is cut short."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     assert T.main(train_args(a, save_interval=2)) == 0
@@ -5096,6 +5097,9 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, damaged):
     shard = next(newest.glob("*.distcp")) if damaged == "shard" else newest / "train_state.json"
     if damaged == "shard":
         flip_byte(shard)
+    elif damaged == "unverified":
+        os.remove(newest / "checksums.json")
+        shard.write_text(shard.read_text()[:100])
     else:
         text = shard.read_text()
         shard.write_text(text.replace('"seed": 0', '"seed": 1', 1))
@@ -5103,12 +5107,24 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, damaged):
     capsys.readouterr()
     assert T.main(train_args(b, save_interval=2)) == 0
     out = capsys.readouterr().out
-    assert f"checkpoint {newest} is damaged ({shard.name} differs from the sha256 recorded" in out
+    said = "is unreadable (JSONDecodeError: " if damaged == "unverified" else "differs from the sha256 recorded"
+    assert f"checkpoint {newest} is damaged ({shard.name} {said}" in out
     assert f"resumed from {newest.parent / 'step_00000002'} at step 2" in out
     assert (newest.parent / "step_00000004.damaged").is_dir()
     assert losses(b / "run") == losses(a / "run")
     wa, wb = final_weights(a / "run"), final_weights(b / "run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_checkpoint_from_before_train_states_kept_the_config_is_checked_against_the_runs(tmp_path):
+    """Older checkpoints' train_state.json has no config: the run's train_config.json (its last invocation's
+    values) stands in, so a changed drafter shape still stops the resume."""
+    c = train_config.parse_config(train_args(tmp_path))
+    (tmp_path / "run" / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_00000002" / "train_state.json").write_text(json.dumps({"step": 2}))
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps(dict(c, block_size=8)))
+    with pytest.raises(SystemExit, match=r"checkpoints up to step 2\) with changed block_size 8 -> 4: "):
+        train_config.check_resume(c)
 
 
 def test_only_checkpoint_damaged_starts_again_and_says_so(tmp_path, capsys):
