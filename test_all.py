@@ -1770,6 +1770,18 @@ sys.exit(train.main(sys.argv[1:]))
     assert "tau = " in r.stdout and "1/1 outputs identical to greedy decoding" in r.stdout
 
 
+def test_compile_compiles_each_drafter_layer_with_a_graph_for_each_length_and_layer_kind(tmp_path, monkeypatch):
+    """compile=true (the GPU configs) compiles each drafter layer; a sliding + full
+    drafter needs a graph per (padded length, layer kind): dynamo's recompile limit rises to twice that (here
+    4 x 96 / 8 = 48, past its default 8). Compilation itself is recorded, not run (minutes on a CPU)."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    assert T.main(train_args(tmp_path, compile=True, max_steps=1, max_length=96, pad_multiple=8,
+                             layer_types=["sliding_attention", "full_attention"], sliding_window=8)) == 0
+    assert compiled == ["DecoderLayer", "DecoderLayer"] and torch._dynamo.config.recompile_limit == 48
+
+
 def test_compiled_target_layers_and_ce_keep_the_maths(tmp_path):
     """compile_target (torch.compile of the target's layers and of the lm_head + CE chunks) is a speed
     lever only: the same losses and weights as the eager run."""
