@@ -1690,14 +1690,16 @@ def test_data_that_cannot_train_stops_the_run_before_the_models_load(tmp_path, m
             T.main(train_args(tmp_path, **over))
 
 
-def test_init_from_starts_from_its_weights_and_refuses_another_shape(trained, tmp_path):
+def test_init_from_starts_from_its_weights_and_refuses_another_shape(trained, tmp_path, monkeypatch):
     """init_from (fine-tuning a trained or imported drafter): the run starts from its weights, here a run's folder
-    (its newest checkpoint); at lr 1e-9 one step leaves them within 1e-6. A source of another shape is one line."""
+    (its newest checkpoint); at lr 1e-9 one step leaves them within 1e-6. A source of another shape is one line,
+    before the target loads."""
     run, d, _ = trained
     assert T.main(train_args(tmp_path, init_from=str(run), lr=1e-9, min_lr=0.0, max_steps=1)) == 0
     tuned, _ = C.load_drafter(str(tmp_path / "run"))
     for k, v in d.state_dict().items():
         torch.testing.assert_close(tuned.state_dict()[k], v, atol=1e-6, rtol=0)
+    monkeypatch.setattr(T.targets, "load_target", lambda *a, **k: pytest.fail("the target loaded"))  # refused before
     with pytest.raises(SystemExit, match=re.escape(f"config error: init_from {run} has drafter config ")) as e:
         T.main(train_args(tmp_path, init_from=str(run), num_draft_layers=1, out_dir=str(tmp_path / "other")))
     assert "num_hidden_layers=2" in str(e.value) and "this run builds" in str(e.value) and "\n" not in str(e.value)

@@ -117,6 +117,9 @@ def setup(c):
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
     r.target_config = {**text_config.to_dict(), "_target_path": os.path.abspath(c["target"])}
+    init = load_drafter(c["init_from"]) if c["init_from"] else None  # a small model: read now, to check its shape
+    if init and init[1] != r.dcfg:
+        raise SystemExit(f"config error: init_from {c['init_from']} has drafter config {init[1]}, this run builds {r.dcfg}")
 
     # --- data (tokenised with the target's own chat template)
     r.tokenizer = AutoTokenizer.from_pretrained(c["target"]) if os.path.isdir(c["target"]) else None
@@ -178,12 +181,8 @@ def setup(c):
     M.check_fits_target(r.dcfg, r.target)
     torch.manual_seed(c["seed"])  # same init on every rank: fully_shard keeps each rank's slice
     r.drafter = M.build_drafter(r.dcfg, device=device, dtype=torch.float32)
-    if c["init_from"]:
-        src, src_cfg = load_drafter(c["init_from"])
-        if src_cfg != r.dcfg:
-            raise SystemExit(f"config error: init_from {c['init_from']} has drafter config {src_cfg}, "
-                             f"this run builds {r.dcfg}")
-        r.drafter.load_state_dict(src.state_dict())
+    if init:
+        r.drafter.load_state_dict(init[0].state_dict())
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     mesh = init_device_mesh(kind, (world,))  # explicit: FSDP2 would pick cuda wherever one exists
     if c["compile"] and c["layer_types"]:
