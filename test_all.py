@@ -1917,12 +1917,24 @@ def test_sliding_layout_exports_as_the_authors_loader_reads_it(tmp_path):
         C.config_from_serving(raw)
 
 
-def test_export_replaces_only_its_own_folders(trained, tmp_path):
+def test_export_replaces_only_its_own_folders(trained, tmp_path, monkeypatch, capsys):
     run, _, _ = trained
     out = tmp_path / "served"
     C.main([str(run), str(out)])
     C.main([str(run), str(out)])  # an existing serving folder is replaced
     assert leftovers(out) == ["served"]
+    # the new folder fails to move into place after the old one was moved aside: the old one is put back
+    (out / "marker").write_text("the folder that was there")
+    rename = os.rename
+
+    def fail_into_place(src, dst):
+        if ".tmp-" in os.path.basename(src) and dst == str(out):
+            raise OSError(5, "Input/output error")
+        rename(src, dst)
+    monkeypatch.setattr(os, "rename", fail_into_place)
+    assert C.main([str(run), str(out)]) == 1 and "Input/output error" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert (out / "marker").read_text() == "the folder that was there" and leftovers(out) == ["served"]
     other = tmp_path / "notes"
     other.mkdir()
     (other / "thesis.txt").write_text("keep me")
@@ -1932,13 +1944,22 @@ def test_export_replaces_only_its_own_folders(trained, tmp_path):
 
 
 def test_export_from_live_objects(trained, tmp_path):
-    """train.py's call: the module's state dict and the target's PretrainedConfig."""
+    """train.py's call: the module's state dict and the target's PretrainedConfig (write_checkpoint takes it too)."""
     _, d, t = trained
     out = tmp_path / "final"
     C.export_drafter(d.state_dict(), d.config, t.config, str(out), target_name="Qwen/Qwen3-8B")
     loaded, _ = C.load_drafter(str(out))
     assert torch.equal(logits(loaded, t), logits(bf16_copy(d), t))
     assert "Qwen/Qwen3-8B" in (out / "README.md").read_text()
+    # the training layout takes the live config too, stored as its dict
+    C.write_checkpoint(d.state_dict(), d.config, t.config, str(tmp_path / "ckpt"))
+    sd, cfg, target_config = C.read_checkpoint(str(tmp_path / "ckpt"))
+    assert cfg == d.config and target_config == json.loads(json.dumps(t.config.to_dict()))
+    assert all(torch.equal(sd[k], v) for k, v in d.state_dict().items())
+    # without a target config, validate checks the state dict against the drafter's own config
+    C.validate(d.state_dict(), d.config)
+    with pytest.raises(ValueError, match=r"^invalid drafter: missing tensors: norm\.weight$"):
+        C.validate({k: v for k, v in d.state_dict().items() if k != "norm.weight"}, d.config)
 
 
 def test_convert_refuses_an_out_that_holds_or_lies_inside_a_checkpoint(trained, tmp_path, capsys):
@@ -2166,8 +2187,22 @@ def broken_checkpoint(tmp_path, trained, case):
     elif case == "inf":
         sd["fc.weight"] = sd["fc.weight"].clone()
         sd["fc.weight"][0, 0] = float("inf")
+    elif case == "norm_shape":
+        sd["norm.weight"] = torch.ones(48)
+    elif case == "target_vocab":  # a smaller vocabulary than the drafter's: the mask id is past its rows too
+        tc["vocab_size"] = 48
+    elif case == "target_rope_type":  # a RoPE the drafter has no formula for
+        tc["rope_parameters"] = {"rope_type": "xpos", "rope_theta": 10000.0}
+    elif case == "not_tensor":
+        sd["step"] = 3
+    elif case == "no_model":  # a DCP checkpoint of something else
+        sd = {}
     ckpt = tmp_path / "bad" / "checkpoints" / "step_00000005"
     save_checkpoint(ckpt, sd, cfg, tc)
+    if case == "metadata":
+        (ckpt / ".metadata").write_bytes(b"not a pickle")
+    elif case == "json":
+        (ckpt / "dflash_config.json").write_text('{"hidden_size": 32,')
     return tmp_path / "bad"
 
 
@@ -2183,6 +2218,14 @@ def broken_checkpoint(tmp_path, trained, case):
     ("target_rope", r"drafter RoPE \(theta 10000.0, rope_scaling None\) differs from the target's"),
     ("nan", r"non-finite values \(NaN/inf\) in norm\.weight"),
     ("inf", r"non-finite values \(NaN/inf\) in fc\.weight"),
+    ("norm_shape", r"norm\.weight has shape \(48,\), expected \(32,\)"),
+    ("target_vocab", r"drafter vocab_size=64 but the target config has 48; mask_token_id=63 is outside the target's 48 "
+                     r"embedding rows"),
+    ("target_rope_type", r"invalid drafter: target rope_type='xpos': the drafter cannot reproduce this RoPE"),
+    ("not_tensor", r"step_00000005: model\.step is not a tensor"),
+    ("no_model", r"step_00000005: the checkpoint holds no 'model' state dict"),
+    ("metadata", r"step_00000005: unreadable DCP metadata \(UnpicklingError: "),
+    ("json", r"step_00000005/dflash_config\.json is not valid JSON: Expecting property name"),
 ])
 def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, message):
     run = broken_checkpoint(tmp_path, trained, case)
@@ -2225,6 +2268,10 @@ def test_checkpoint_removed_while_read_is_one_line(trained, tmp_path, monkeypatc
     ("mask_float", r"mask_token_id=63\.0: must be integers"), ("mask_bool", "mask_token_id=True: must be integers"),
     ("ids_float", r"target_layer_ids=\[1\.0, 3\.0\]: must be integers"),
     ("hidden_act", "hidden_act='gelu_pytorch_tanh', but a DFlash drafter's MLP is SiLU-gated"),
+    ("no_mask_id", r"released/config\.json lacks dflash_config\.mask_token_id"),
+    ("no_intermediate_size", r"released/config\.json lacks 'intermediate_size'"),
+    ("no_weights", r"released/model\.safetensors is missing"),
+    ("json", r"released/config\.json is not valid JSON: Expecting value"),
 ])
 def test_bad_serving_folder_on_import(tmp_path, case, message):
     src = tmp_path / "released"
@@ -2236,15 +2283,21 @@ def test_bad_serving_folder_on_import(tmp_path, case, message):
         weights.write_bytes(data[: len(data) // 2])
     elif case == "garbled":
         weights.write_bytes(b"\xff" * 16 + data[16:])
+    elif case == "no_weights":
+        weights.unlink()
     config = json.loads((src / "config.json").read_text())
     if case == "no_dflash_config":
         del config["dflash_config"]
+    elif case == "no_mask_id":
+        del config["dflash_config"]["mask_token_id"]
+    elif case == "no_intermediate_size":
+        del config["intermediate_size"]
     elif case == "hidden_act":  # the authors' Qwen3MLP would compute GELU with weights trained for SiLU
         config["hidden_act"] = "gelu_pytorch_tanh"
     else:  # JSON numbers of the wrong kind
         config["dflash_config"].update({"mask_float": {"mask_token_id": 63.0}, "mask_bool": {"mask_token_id": True},
                                         "ids_float": {"target_layer_ids": [1.0, 3.0]}}.get(case, {}))
-    (src / "config.json").write_text(json.dumps(config))
+    (src / "config.json").write_text("[1, " if case == "json" else json.dumps(config))
     out = tmp_path / "ckpt"
     with pytest.raises(ValueError, match=message):
         C.read_serving(str(src))
