@@ -1879,6 +1879,15 @@ def test_export_states_the_input_embedding_scale_training_used(tmp_path):
         (out / "config.json").write_text(json.dumps(raw))
         with pytest.raises(ValueError, match=message):
             C.read_serving(str(out), accept_edited=True)
+    # a target this transformers cannot build (a newer model type), or one whose embedding scales but keeps the
+    # factor elsewhere (BART's, as a future model's might): named, and nothing written rather than scale 1.0
+    with pytest.raises(ValueError, match=r"cannot build the target from its config to read its input embedding scale "
+                                         r"\(ValueError: Unrecognized model identifier: gemma99"):
+        C.export_drafter(d.state_dict(), d.config, {**t.config.to_dict(), "model_type": "gemma99"}, str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+    bart = dict(model_type="bart", vocab_size=64, d_model=32, decoder_layers=1, encoder_layers=1, scale_embedding=True)
+    with pytest.raises(ValueError, match="BartScaledWordEmbedding scales the embedding but has no scalar_embed_scale"):
+        targets.input_embedding_scale(bart)
 
 
 def test_sliding_layout_exports_as_the_authors_loader_reads_it(tmp_path):
@@ -3487,7 +3496,8 @@ def test_recurrent_rollback_is_what_keeps_it_lossless(monkeypatch):
 
 def test_unsupported_targets_fail_before_weights_load(tmp_path, monkeypatch):
     """A target whose decoder layers capture cannot find (RWKV keeps `blocks`), and layers bench.py cannot
-    roll back (Falcon-H1's hybrid layers; Gated DeltaNet under --compile): one line each, no weights."""
+    roll back (Falcon-H1's hybrid layers; Gated DeltaNet under --compile, or with a transformers that predates
+    its cache layers): one line each, no weights."""
     from transformers import AutoConfig
     rwkv = AutoConfig.for_model("rwkv", vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
                                 intermediate_size=64)
@@ -3508,6 +3518,13 @@ def test_unsupported_targets_fail_before_weights_load(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="without --compile"):  # what --compile builds, called directly
         targets.check_rollback(AutoConfig.for_model(**family_config("qwen3_next")), static=True)
     targets.check_rollback(AutoConfig.for_model(**family_config("qwen3_next")))  # the eager runner rolls it back
+    # a transformers older than the linear-attention cache layers (5.17 is allowed): refused before weights load
+    from transformers import cache_utils
+    monkeypatch.delattr(cache_utils, "LinearAttentionCacheLayerMixin")
+    (tmp_path / "qwen3_5.json").write_text(json.dumps(AutoConfig.for_model(**family_config("qwen3_5")).to_dict()))
+    with pytest.raises(SystemExit, match=r"^config error: this transformers keeps linear-attention states in "
+                                         r"model-specific caches .*upgrade transformers"):
+        bench.main(["--target", str(tmp_path / "qwen3_5.json"), "--prompt-len", "8", "--device", "cpu"])
 
 
 # ------------------------------------------------------------------------------------------------
