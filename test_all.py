@@ -2575,6 +2575,20 @@ def test_bench_checks_the_fast_path_against_the_targets_forward(monkeypatch, tmp
         bench.main(args)
     assert e.value.code == 1 and re.match(r"bench\.py: error: the compiled steps \(--attention flex\) part from the "
                                           r"target's own forward .*--attention sdpa .* is the exact path", capsys.readouterr().err)
+    # bf16, where rounding alone reaches 2e-2: an error over 0.1 (a mask that hides the whole context) is a warning,
+    # and the timing goes on
+    def block_only(start, q_len, kv_len, **kw):
+        m = mask(start, q_len, kv_len, **kw)
+        m.mask_mod = lambda b, h, q, kv: (kv <= start + q) & (kv >= start)
+        return m
+
+    monkeypatch.setattr(fast_decode, "causal_decode_mask", block_only)
+    res = bench.main([{"fp32": "bf16", "160": "16"}.get(a, a) for a in args])
+    out = capsys.readouterr().out
+    worst = max(map(float, re.search(r"forward: .* = (\S+) \(block 1\), (\S+) \(block 16\)", out).groups()))
+    assert worst > 0.1 and res["dflash"]["steps"] == 2, worst
+    assert re.search(r"^WARNING: the compiled steps \(--attention flex\) part from the target's own forward by "
+                     r"\S+ of the largest logit, over 0\.1 in bf16: a fast-path bug", out, re.M), out
 
 
 def test_compiled_static_draft_cache_writes_in_place():
@@ -2785,8 +2799,9 @@ def test_cli_end_to_end(models, tmp_path, capsys, draft):
 
 
 def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
-    """An unknown --dataset lists the prompt sets without touching the network; --num-prompts < 1 and a
-    drafter built for another vocabulary are errors before any decoding."""
+    """An unknown --dataset lists the prompt sets without touching the network; --num-prompts < 1, not exactly one
+    of --dataset / --replay / --prompt-len, a missing --replay file or one with --temperature / --compile, --attention
+    flex on a sliding target and a drafter built for another vocabulary are errors before any decoding."""
     import time
     t0 = time.time()
     with pytest.raises(SystemExit):
@@ -2812,11 +2827,28 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", *flag])
         assert f"{' '.join(flag[:1] if flag[0] == '--max-len' else flag)} changes the compiled" in capsys.readouterr().err
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("")
+    for argv, said in (([], "give one of --dataset, --replay or --prompt-len"),
+                       (["--dataset", "mt-bench", "--prompt-len", "8"], "give one of --dataset, --replay or --prompt-len"),
+                       (["--replay", str(tmp_path / "nope.jsonl")],
+                        f"--replay {tmp_path / 'nope.jsonl'}: no such file (rows written by `data.py regenerate`)"),
+                       (["--replay", str(rows), "--temperature", "0.7"], "--replay measures temperature 0 with the eager "
+                        "drafter: drop --temperature / --compile"),
+                       (["--replay", str(rows), "--compile"], "--replay measures temperature 0")):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(["--target", "x", *argv])
+        assert e.value.code == 2 and said in capsys.readouterr().err, argv
     # auto (flex=None): flex only for a target whose every layer is full attention
     assert [fast_decode.StaticRunner(family_target(f), None, 1, 64, compile=False, flex=None).flex
             for f in ("llama", "gpt_oss")] == [True, False]
     with pytest.raises(ValueError, match="full-attention targets only.*sliding_attention"):
         fast_decode.StaticRunner(family_target("gpt_oss"), None, 4, 64, compile=False, flex=True)
+    (tmp_path / "gpt_oss.json").write_text(json.dumps(family_config("gpt_oss")))  # the same through the CLI: one line
+    with pytest.raises(SystemExit, match=r"^bench\.py: error: --attention flex runs full-attention targets only; this one "
+                                         r"has full_attention/sliding_attention layers: use --attention sdpa \(or auto\)$"):
+        bench.main(["--target", str(tmp_path / "gpt_oss.json"), "--prompt-len", "8", "--steps", "2", "--compile",
+                    "--attention", "flex", "--dtype", "fp32", "--device", "cpu"])
     t, d = models
     C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
     (tmp_path / "big_vocab.json").write_text(json.dumps(dict(TINY_TARGET, vocab_size=80)))  # same shapes otherwise
@@ -3678,10 +3710,27 @@ def test_draft_decode_mask_reads_only_visible_tiles(start, block, buffer_len):
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask, scale=0.3, enable_gqa=True), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
+def test_static_runner_refuses_what_its_cache_cannot_hold(models):
+    """bench.py sizes the static cache to the run (static_len) and refuses a smaller --max-len before it builds a
+    runner; a runner given a prompt or a generation past its buffer still says so, naming --max-len, rather than
+    write past it. Hand-worked for 32 slots and blocks of 4: a prompt of P tokens needs P + 1 + 2 x 4 <= 32 (23
+    fits, 24 does not); a verify at position s needs s + 4 < 32."""
+    t, d = models
+    run = fast_decode.StaticRunner(t, d, 4, 32, compile=False)
+    ids = prompts(1, seed=3)[0].repeat(1, 8)
+    assert len(bench.spec_generate(t, d, ids[:, :23], 4, [], block_size=4, runner=run)["tokens"]) == 4
+    with pytest.raises(ValueError, match=r"^prompt of 24 tokens does not fit the static cache of 32: raise --max-len$"):
+        bench.spec_generate(t, d, ids[:, :24], 4, [], block_size=4, runner=run)
+    with pytest.raises(ValueError, match=r"^generation reached the static cache length 32: raise --max-len$"):
+        bench.spec_generate(t, d, ids[:, :8], 40, [], block_size=4, runner=run)
+    run.close()
+
+
+def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch, tmp_path):
     """--gqa swaps the target's attention function: the same logits as transformers' SDPA path
     (prefill without a mask, through a static cache, where a mask is always passed, and a left-padded
-    prefill, which repeats K/V) and the same speculative tokens as greedy decoding."""
+    prefill, which repeats K/V) and the same speculative tokens as greedy decoding. bench.py --gqa swaps it
+    in the target it loads."""
     from transformers import StaticCache
     t, d = models
     g = copy.deepcopy(t)
@@ -3702,6 +3751,14 @@ def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
     monkeypatch.setattr(fast_decode, "GQA_MAX_QUERIES", 2)
     torch.testing.assert_close(g(ids, attention_mask=pad).logits[:, 2:], t(ids, attention_mask=pad).logits[:, 2:],
                                rtol=1e-5, atol=1e-5)
+    loaded, load = [], targets.load_target
+    monkeypatch.setattr(targets, "load_target", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    (tmp_path / "t.json").write_text(json.dumps(TINY_TARGET))
+    synth = ["--target", str(tmp_path / "t.json"), "--prompt-len", "8", "--steps", "2", "--repeats", "1", "--dtype", "fp32",
+             "--device", "cpu"]
+    for flag, attention in (([], "sdpa"), (["--gqa"], "sdpa_gqa")):
+        bench.main(synth + flag)
+        assert loaded.pop().config._attn_implementation == attention, flag
 
 
 
