@@ -4014,6 +4014,8 @@ def test_replay_decodes_in_the_dtype_the_rows_were_regenerated_in(models, tmp_pa
     [res] = bench.main(common + ["--replay", str(rows)])
     assert loaded == [torch.float32] and res["turns"] == 2
     assert "fp32 as the rows were regenerated" in capsys.readouterr().out
+    [res] = bench.main(common + ["--replay", str(rows), "--num-prompts", "1"])  # the first row only
+    assert res["turns"] == 1 and "replay of 1 greedy answers" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.parse_args(common + ["--replay", str(rows), "--dtype", "bf16"])
     err = capsys.readouterr().err
