@@ -4719,6 +4719,19 @@ def test_server_model_matches_the_target_by_its_served_path_and_checks_the_conte
     with pytest.raises(SystemExit, match=r"with a 104-token context, less than --max-prompt-tokens \+ --max-new-tokens = 105"):
         regenerate.server_model("http://h:8000", "/x/SmolLM2-135M-Instruct", None, 105)
 
+    def not_openai(url, body=None, timeout=60.0):  # a web server that is up, but has no /v1/models
+        raise http_error(url, 404, b"<html>Not Found</html>")
+    monkeypatch.setattr(regenerate, "_http", not_openai)
+    with pytest.raises(SystemExit, match=r"^regenerate error: http://h:8000/v1/models answered HTTP 404: --server must be "
+                                         r"an OpenAI-compatible server \(vllm serve, python -m sglang.launch_server\)$"):
+        regenerate.server_model("http://h:8000", "/x/Qwen3-8B", None, 4096)
+
+
+def http_error(url, code, body):
+    import io
+    import urllib.error
+    return urllib.error.HTTPError(url, code, "error", {}, io.BytesIO(body))
+
 
 def test_server_retries_back_off_doubling_up_to_a_minute_with_jitter(monkeypatch):
     """A server that keeps dropping the connection: retried `retries` times, waiting backoff x 1, 2, 4, ... seconds,
@@ -4742,6 +4755,97 @@ def test_server_retries_back_off_doubling_up_to_a_minute_with_jitter(monkeypatch
     with pytest.raises(regenerate.ServerError, match="failed 4 times"):
         regenerate._retrying("http://h/v1/completions", {}, 1.0, 3, 0.5, logs.append)
     assert waits == [0.25, 0.5, 1.0]
+
+
+def test_server_requests_send_the_api_key_and_name_a_refusal_in_the_servers_words(monkeypatch):
+    """$OPENAI_API_KEY goes as a Bearer token where it is set (and no Authorization header where not); a refusal whose
+    body is not JSON (a proxy's HTML page) is named with that body, on one line."""
+    import urllib.request
+    sent = []
+
+    class Answer:
+        def __init__(self, req, timeout):
+            sent.append(req)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def read(self):
+            return b'{"ok": true}'
+    monkeypatch.setattr(urllib.request, "urlopen", Answer)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    assert regenerate._http("http://h/v1/models") == {"ok": True}
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert regenerate._http("http://h/v1/completions", {"n": 1}) == {"ok": True}
+    assert [r.get_header("Authorization") for r in sent] == ["Bearer sk-test", None]
+    assert sent[1].data == b'{"n": 1}'
+
+    def proxy(url, body=None, timeout=60.0):
+        raise http_error(url, 403, b"<html>\n  Forbidden by   the proxy\n</html>")
+    monkeypatch.setattr(regenerate, "_http", proxy)
+    with pytest.raises(regenerate.Refused) as e:
+        regenerate._retrying("http://h/v1/completions", {}, 1.0, 3, 0.0, print)
+    assert str(e.value) == "http://h/v1/completions answered HTTP 403: <html> Forbidden by the proxy </html>"
+
+
+def test_server_probe_leaves_out_a_field_the_server_refuses_and_an_answer_without_choices_is_named(monkeypatch):
+    """A server that refuses a sampling field with no other 'off' value (min_p: 0.0 only) is asked again without
+    it, and the probe's line says so; an answer with no choices (an error object sent with HTTP 200) is a
+    ServerError quoting it, not a KeyError mid-run."""
+    tok, ids = types.SimpleNamespace(bos_token=None, encode=lambda text, **kw: [5], decode=lambda ids: "x"), [1, 2, 3]
+    bodies, answers = [], []
+
+    def server(url, body=None, timeout=60.0):
+        bodies.append(body)
+        if "min_p" in body:  # pydantic's words for a field it does not know
+            raise http_error(url, 400, json.dumps({"detail": [{"type": "extra_forbidden", "loc": ["body", "min_p"],
+                                                               "msg": "Extra inputs are not permitted"}]}).encode())
+        return answers.pop(0)
+    monkeypatch.setattr(regenerate, "_http", server)
+    answers.append({"choices": [{"text": "x", "token_ids": [5], "finish_reason": "length"}], "usage": {"prompt_tokens": 3}})
+    logs = []
+    answer = regenerate.server_answerer("http://h", "m", tok, [2], 8, 0.0, (ids, "abc"), log=logs.append)
+    assert "min_p" in bodies[0] and "min_p" not in bodies[1] and bodies[1]["top_p"] == 1.0
+    assert logs[0].startswith("regenerate: the server takes token-id prompts") and "; refused: min_p=0.0;" in logs[0]
+    answers.append({"object": "error", "message": "model overloaded"})
+    with pytest.raises(regenerate.ServerError, match=r"^http://h/v1/completions answered without choices: "
+                                                     r"\{'object': 'error', 'message': 'model overloaded'\}$"):
+        answer((ids, "abc"))
+    assert "min_p" not in bodies[2]
+
+
+def test_serve_rows_reports_progress_and_hands_on_a_workers_error():
+    """_serve_rows (regenerate --server) prints progress every `every` seconds and at the end; an error in a worker
+    thread that is not the server's (a tokenizer's, a bug) stops the run as itself, with nothing written for its row."""
+    rows = [{"i": k} for k in range(3)]
+
+    def conversation(r):
+        answer = yield [r["i"]], str(r["i"])
+        return [answer]
+    written, shown = [], []
+    regenerate._serve_rows(rows, conversation, lambda prompt: {"content": prompt[1]}, 2,
+                           lambda r, msgs: written.append(msgs), lambda: shown.append(len(written)), every=0.0)
+    assert sorted(m[0]["content"] for m in written) == ["0", "1", "2"] and shown == [1, 2, 3, 3]
+    written.clear()
+
+    def broken(prompt):
+        if prompt[1] == "1":
+            raise KeyError("no such token")
+        return {"content": prompt[1]}
+    with pytest.raises(KeyError, match="no such token"):
+        regenerate._serve_rows(rows[:2], conversation, broken, 1, lambda r, msgs: written.append(msgs), lambda: None)
+    assert written == [[{"content": "0"}]]
+
+
+def test_writer_generation_config_of_a_folder_without_one(tmp_path):
+    """A target folder without generation_config.json (converted by hand, or a config-only folder for --server):
+    the stop ids come from config.json, as transformers derives them when it loads the model."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINY_TARGET, bos_token_id=1, eos_token_id=[2, 7])))
+    gc = regenerate.writer_generation_config(str(tmp_path))
+    assert gc.bos_token_id == 1 and gc.eos_token_id == [2, 7]
 
 
 @need_assets
