@@ -1978,6 +1978,15 @@ def test_export_states_the_input_embedding_scale_training_used(tmp_path):
         (out / "config.json").write_text(json.dumps(raw))
         with pytest.raises(ValueError, match=message):
             C.read_serving(str(out), accept_edited=True)
+    # a target this transformers cannot build (a newer model type), or one whose embedding scales but keeps the
+    # factor elsewhere (BART's, as a future model's might): named, and nothing written rather than scale 1.0
+    with pytest.raises(ValueError, match=r"cannot build the target from its config to read its input embedding scale "
+                                         r"\(ValueError: Unrecognized model identifier: gemma99"):
+        C.export_drafter(d.state_dict(), d.config, {**t.config.to_dict(), "model_type": "gemma99"}, str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+    bart = dict(model_type="bart", vocab_size=64, d_model=32, decoder_layers=1, encoder_layers=1, scale_embedding=True)
+    with pytest.raises(ValueError, match="BartScaledWordEmbedding scales the embedding but has no scalar_embed_scale"):
+        targets.input_embedding_scale(bart)
 
 
 def test_sliding_layout_exports_as_the_authors_loader_reads_it(tmp_path):
@@ -2016,12 +2025,24 @@ def test_sliding_layout_exports_as_the_authors_loader_reads_it(tmp_path):
         C.config_from_serving(raw)
 
 
-def test_export_replaces_only_its_own_folders(trained, tmp_path):
+def test_export_replaces_only_its_own_folders(trained, tmp_path, monkeypatch, capsys):
     run, _, _ = trained
     out = tmp_path / "served"
     C.main([str(run), str(out)])
     C.main([str(run), str(out)])  # an existing serving folder is replaced
     assert leftovers(out) == ["served"]
+    # the new folder fails to move into place after the old one was moved aside: the old one is put back
+    (out / "marker").write_text("the folder that was there")
+    rename = os.rename
+
+    def fail_into_place(src, dst):
+        if ".tmp-" in os.path.basename(src) and dst == str(out):
+            raise OSError(5, "Input/output error")
+        rename(src, dst)
+    monkeypatch.setattr(os, "rename", fail_into_place)
+    assert C.main([str(run), str(out)]) == 1 and "Input/output error" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert (out / "marker").read_text() == "the folder that was there" and leftovers(out) == ["served"]
     other = tmp_path / "notes"
     other.mkdir()
     (other / "thesis.txt").write_text("keep me")
@@ -2031,13 +2052,22 @@ def test_export_replaces_only_its_own_folders(trained, tmp_path):
 
 
 def test_export_from_live_objects(trained, tmp_path):
-    """train.py's call: the module's state dict and the target's PretrainedConfig."""
+    """train.py's call: the module's state dict and the target's PretrainedConfig (write_checkpoint takes it too)."""
     _, d, t = trained
     out = tmp_path / "final"
     C.export_drafter(d.state_dict(), d.config, t.config, str(out), target_name="Qwen/Qwen3-8B")
     loaded, _ = C.load_drafter(str(out))
     assert torch.equal(logits(loaded, t), logits(bf16_copy(d), t))
     assert "Qwen/Qwen3-8B" in (out / "README.md").read_text()
+    # the training layout takes the live config too, stored as its dict
+    C.write_checkpoint(d.state_dict(), d.config, t.config, str(tmp_path / "ckpt"))
+    sd, cfg, target_config = C.read_checkpoint(str(tmp_path / "ckpt"))
+    assert cfg == d.config and target_config == json.loads(json.dumps(t.config.to_dict()))
+    assert all(torch.equal(sd[k], v) for k, v in d.state_dict().items())
+    # without a target config, validate checks the state dict against the drafter's own config
+    C.validate(d.state_dict(), d.config)
+    with pytest.raises(ValueError, match=r"^invalid drafter: missing tensors: norm\.weight$"):
+        C.validate({k: v for k, v in d.state_dict().items() if k != "norm.weight"}, d.config)
 
 
 def test_convert_refuses_an_out_that_holds_or_lies_inside_a_checkpoint(trained, tmp_path, capsys):
@@ -2265,8 +2295,22 @@ def broken_checkpoint(tmp_path, trained, case):
     elif case == "inf":
         sd["fc.weight"] = sd["fc.weight"].clone()
         sd["fc.weight"][0, 0] = float("inf")
+    elif case == "norm_shape":
+        sd["norm.weight"] = torch.ones(48)
+    elif case == "target_vocab":  # a smaller vocabulary than the drafter's: the mask id is past its rows too
+        tc["vocab_size"] = 48
+    elif case == "target_rope_type":  # a RoPE the drafter has no formula for
+        tc["rope_parameters"] = {"rope_type": "xpos", "rope_theta": 10000.0}
+    elif case == "not_tensor":
+        sd["step"] = 3
+    elif case == "no_model":  # a DCP checkpoint of something else
+        sd = {}
     ckpt = tmp_path / "bad" / "checkpoints" / "step_00000005"
     save_checkpoint(ckpt, sd, cfg, tc)
+    if case == "metadata":
+        (ckpt / ".metadata").write_bytes(b"not a pickle")
+    elif case == "json":
+        (ckpt / "dflash_config.json").write_text('{"hidden_size": 32,')
     return tmp_path / "bad"
 
 
@@ -2282,6 +2326,14 @@ def broken_checkpoint(tmp_path, trained, case):
     ("target_rope", r"drafter RoPE \(theta 10000.0, rope_scaling None\) differs from the target's"),
     ("nan", r"non-finite values \(NaN/inf\) in norm\.weight"),
     ("inf", r"non-finite values \(NaN/inf\) in fc\.weight"),
+    ("norm_shape", r"norm\.weight has shape \(48,\), expected \(32,\)"),
+    ("target_vocab", r"drafter vocab_size=64 but the target config has 48; mask_token_id=63 is outside the target's 48 "
+                     r"embedding rows"),
+    ("target_rope_type", r"invalid drafter: target rope_type='xpos': the drafter cannot reproduce this RoPE"),
+    ("not_tensor", r"step_00000005: model\.step is not a tensor"),
+    ("no_model", r"step_00000005: the checkpoint holds no 'model' state dict"),
+    ("metadata", r"step_00000005: unreadable DCP metadata \(UnpicklingError: "),
+    ("json", r"step_00000005/dflash_config\.json is not valid JSON: Expecting property name"),
 ])
 def test_bad_checkpoint_is_named_and_nothing_written(trained, tmp_path, case, message):
     run = broken_checkpoint(tmp_path, trained, case)
@@ -2324,6 +2376,10 @@ def test_checkpoint_removed_while_read_is_one_line(trained, tmp_path, monkeypatc
     ("mask_float", r"mask_token_id=63\.0: must be integers"), ("mask_bool", "mask_token_id=True: must be integers"),
     ("ids_float", r"target_layer_ids=\[1\.0, 3\.0\]: must be integers"),
     ("hidden_act", "hidden_act='gelu_pytorch_tanh', but a DFlash drafter's MLP is SiLU-gated"),
+    ("no_mask_id", r"released/config\.json lacks dflash_config\.mask_token_id"),
+    ("no_intermediate_size", r"released/config\.json lacks 'intermediate_size'"),
+    ("no_weights", r"released/model\.safetensors is missing"),
+    ("json", r"released/config\.json is not valid JSON: Expecting value"),
 ])
 def test_bad_serving_folder_on_import(tmp_path, case, message):
     src = tmp_path / "released"
@@ -2335,15 +2391,21 @@ def test_bad_serving_folder_on_import(tmp_path, case, message):
         weights.write_bytes(data[: len(data) // 2])
     elif case == "garbled":
         weights.write_bytes(b"\xff" * 16 + data[16:])
+    elif case == "no_weights":
+        weights.unlink()
     config = json.loads((src / "config.json").read_text())
     if case == "no_dflash_config":
         del config["dflash_config"]
+    elif case == "no_mask_id":
+        del config["dflash_config"]["mask_token_id"]
+    elif case == "no_intermediate_size":
+        del config["intermediate_size"]
     elif case == "hidden_act":  # the authors' Qwen3MLP would compute GELU with weights trained for SiLU
         config["hidden_act"] = "gelu_pytorch_tanh"
     else:  # JSON numbers of the wrong kind
         config["dflash_config"].update({"mask_float": {"mask_token_id": 63.0}, "mask_bool": {"mask_token_id": True},
                                         "ids_float": {"target_layer_ids": [1.0, 3.0]}}.get(case, {}))
-    (src / "config.json").write_text(json.dumps(config))
+    (src / "config.json").write_text("[1, " if case == "json" else json.dumps(config))
     out = tmp_path / "ckpt"
     with pytest.raises(ValueError, match=message):
         C.read_serving(str(src))
@@ -2612,6 +2674,20 @@ def test_bench_checks_the_fast_path_against_the_targets_forward(monkeypatch, tmp
         bench.main(args)
     assert e.value.code == 1 and re.match(r"bench\.py: error: the compiled steps \(--attention flex\) part from the "
                                           r"target's own forward .*--attention sdpa .* is the exact path", capsys.readouterr().err)
+    # bf16, where rounding alone reaches 2e-2: an error over 0.1 (a mask that hides the whole context) is a warning,
+    # and the timing goes on
+    def block_only(start, q_len, kv_len, **kw):
+        m = mask(start, q_len, kv_len, **kw)
+        m.mask_mod = lambda b, h, q, kv: (kv <= start + q) & (kv >= start)
+        return m
+
+    monkeypatch.setattr(fast_decode, "causal_decode_mask", block_only)
+    res = bench.main([{"fp32": "bf16", "160": "16"}.get(a, a) for a in args])
+    out = capsys.readouterr().out
+    worst = max(map(float, re.search(r"forward: .* = (\S+) \(block 1\), (\S+) \(block 16\)", out).groups()))
+    assert worst > 0.1 and res["dflash"]["steps"] == 2, worst
+    assert re.search(r"^WARNING: the compiled steps \(--attention flex\) part from the target's own forward by "
+                     r"\S+ of the largest logit, over 0\.1 in bf16: a fast-path bug", out, re.M), out
 
 
 def test_compiled_static_draft_cache_writes_in_place():
@@ -2822,8 +2898,9 @@ def test_cli_end_to_end(models, tmp_path, capsys, draft):
 
 
 def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
-    """An unknown --dataset lists the prompt sets without touching the network; --num-prompts < 1 and a
-    drafter built for another vocabulary are errors before any decoding."""
+    """An unknown --dataset lists the prompt sets without touching the network; --num-prompts < 1, not exactly one
+    of --dataset / --replay / --prompt-len, a missing --replay file or one with --temperature / --compile, --attention
+    flex on a sliding target and a drafter built for another vocabulary are errors before any decoding."""
     import time
     t0 = time.time()
     with pytest.raises(SystemExit):
@@ -2849,11 +2926,28 @@ def test_bench_rejects_bad_input_at_once(models, tmp_path, capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(["--target", "x", "--dataset", "mt-bench", *flag])
         assert f"{' '.join(flag[:1] if flag[0] == '--max-len' else flag)} changes the compiled" in capsys.readouterr().err
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("")
+    for argv, said in (([], "give one of --dataset, --replay or --prompt-len"),
+                       (["--dataset", "mt-bench", "--prompt-len", "8"], "give one of --dataset, --replay or --prompt-len"),
+                       (["--replay", str(tmp_path / "nope.jsonl")],
+                        f"--replay {tmp_path / 'nope.jsonl'}: no such file (rows written by `data.py regenerate`)"),
+                       (["--replay", str(rows), "--temperature", "0.7"], "--replay measures temperature 0 with the eager "
+                        "drafter: drop --temperature / --compile"),
+                       (["--replay", str(rows), "--compile"], "--replay measures temperature 0")):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(["--target", "x", *argv])
+        assert e.value.code == 2 and said in capsys.readouterr().err, argv
     # auto (flex=None): flex only for a target whose every layer is full attention
     assert [fast_decode.StaticRunner(family_target(f), None, 1, 64, compile=False, flex=None).flex
             for f in ("llama", "gpt_oss")] == [True, False]
     with pytest.raises(ValueError, match="full-attention targets only.*sliding_attention"):
         fast_decode.StaticRunner(family_target("gpt_oss"), None, 4, 64, compile=False, flex=True)
+    (tmp_path / "gpt_oss.json").write_text(json.dumps(family_config("gpt_oss")))  # the same through the CLI: one line
+    with pytest.raises(SystemExit, match=r"^bench\.py: error: --attention flex runs full-attention targets only; this one "
+                                         r"has full_attention/sliding_attention layers: use --attention sdpa \(or auto\)$"):
+        bench.main(["--target", str(tmp_path / "gpt_oss.json"), "--prompt-len", "8", "--steps", "2", "--compile",
+                    "--attention", "flex", "--dtype", "fp32", "--device", "cpu"])
     t, d = models
     C.export_drafter(d.state_dict(), d.config, t.config, str(tmp_path / "drafter"))
     (tmp_path / "big_vocab.json").write_text(json.dumps(dict(TINY_TARGET, vocab_size=80)))  # same shapes otherwise
@@ -3533,7 +3627,8 @@ def test_recurrent_rollback_is_what_keeps_it_lossless(monkeypatch):
 
 def test_unsupported_targets_fail_before_weights_load(tmp_path, monkeypatch):
     """A target whose decoder layers capture cannot find (RWKV keeps `blocks`), and layers bench.py cannot
-    roll back (Falcon-H1's hybrid layers; Gated DeltaNet under --compile): one line each, no weights."""
+    roll back (Falcon-H1's hybrid layers; Gated DeltaNet under --compile, or with a transformers that predates
+    its cache layers): one line each, no weights."""
     from transformers import AutoConfig
     rwkv = AutoConfig.for_model("rwkv", vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
                                 intermediate_size=64)
@@ -3554,6 +3649,13 @@ def test_unsupported_targets_fail_before_weights_load(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="without --compile"):  # what --compile builds, called directly
         targets.check_rollback(AutoConfig.for_model(**family_config("qwen3_next")), static=True)
     targets.check_rollback(AutoConfig.for_model(**family_config("qwen3_next")))  # the eager runner rolls it back
+    # a transformers older than the linear-attention cache layers (5.17 is allowed): refused before weights load
+    from transformers import cache_utils
+    monkeypatch.delattr(cache_utils, "LinearAttentionCacheLayerMixin")
+    (tmp_path / "qwen3_5.json").write_text(json.dumps(AutoConfig.for_model(**family_config("qwen3_5")).to_dict()))
+    with pytest.raises(SystemExit, match=r"^config error: this transformers keeps linear-attention states in "
+                                         r"model-specific caches .*upgrade transformers"):
+        bench.main(["--target", str(tmp_path / "qwen3_5.json"), "--prompt-len", "8", "--device", "cpu"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -3707,10 +3809,27 @@ def test_draft_decode_mask_reads_only_visible_tiles(start, block, buffer_len):
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask, scale=0.3, enable_gqa=True), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
+def test_static_runner_refuses_what_its_cache_cannot_hold(models):
+    """bench.py sizes the static cache to the run (static_len) and refuses a smaller --max-len before it builds a
+    runner; a runner given a prompt or a generation past its buffer still says so, naming --max-len, rather than
+    write past it. Hand-worked for 32 slots and blocks of 4: a prompt of P tokens needs P + 1 + 2 x 4 <= 32 (23
+    fits, 24 does not); a verify at position s needs s + 4 < 32."""
+    t, d = models
+    run = fast_decode.StaticRunner(t, d, 4, 32, compile=False)
+    ids = prompts(1, seed=3)[0].repeat(1, 8)
+    assert len(bench.spec_generate(t, d, ids[:, :23], 4, [], block_size=4, runner=run)["tokens"]) == 4
+    with pytest.raises(ValueError, match=r"^prompt of 24 tokens does not fit the static cache of 32: raise --max-len$"):
+        bench.spec_generate(t, d, ids[:, :24], 4, [], block_size=4, runner=run)
+    with pytest.raises(ValueError, match=r"^generation reached the static cache length 32: raise --max-len$"):
+        bench.spec_generate(t, d, ids[:, :8], 40, [], block_size=4, runner=run)
+    run.close()
+
+
+def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch, tmp_path):
     """--gqa swaps the target's attention function: the same logits as transformers' SDPA path
     (prefill without a mask, through a static cache, where a mask is always passed, and a left-padded
-    prefill, which repeats K/V) and the same speculative tokens as greedy decoding."""
+    prefill, which repeats K/V) and the same speculative tokens as greedy decoding. bench.py --gqa swaps it
+    in the target it loads."""
     from transformers import StaticCache
     t, d = models
     g = copy.deepcopy(t)
@@ -3731,6 +3850,14 @@ def test_gqa_attention_keeps_logits_and_tokens(models, monkeypatch):
     monkeypatch.setattr(fast_decode, "GQA_MAX_QUERIES", 2)
     torch.testing.assert_close(g(ids, attention_mask=pad).logits[:, 2:], t(ids, attention_mask=pad).logits[:, 2:],
                                rtol=1e-5, atol=1e-5)
+    loaded, load = [], targets.load_target
+    monkeypatch.setattr(targets, "load_target", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    (tmp_path / "t.json").write_text(json.dumps(TINY_TARGET))
+    synth = ["--target", str(tmp_path / "t.json"), "--prompt-len", "8", "--steps", "2", "--repeats", "1", "--dtype", "fp32",
+             "--device", "cpu"]
+    for flag, attention in (([], "sdpa"), (["--gqa"], "sdpa_gqa")):
+        bench.main(synth + flag)
+        assert loaded.pop().config._attn_implementation == attention, flag
 
 
 
@@ -3986,6 +4113,8 @@ def test_replay_decodes_in_the_dtype_the_rows_were_regenerated_in(models, tmp_pa
     [res] = bench.main(common + ["--replay", str(rows)])
     assert loaded == [torch.float32] and res["turns"] == 2
     assert "fp32 as the rows were regenerated" in capsys.readouterr().out
+    [res] = bench.main(common + ["--replay", str(rows), "--num-prompts", "1"])  # the first row only
+    assert res["turns"] == 1 and "replay of 1 greedy answers" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.parse_args(common + ["--replay", str(rows), "--dtype", "bf16"])
     err = capsys.readouterr().err
@@ -4689,6 +4818,19 @@ def test_server_model_matches_the_target_by_its_served_path_and_checks_the_conte
     with pytest.raises(SystemExit, match=r"with a 104-token context, less than --max-prompt-tokens \+ --max-new-tokens = 105"):
         regenerate.server_model("http://h:8000", "/x/SmolLM2-135M-Instruct", None, 105)
 
+    def not_openai(url, body=None, timeout=60.0):  # a web server that is up, but has no /v1/models
+        raise http_error(url, 404, b"<html>Not Found</html>")
+    monkeypatch.setattr(regenerate, "_http", not_openai)
+    with pytest.raises(SystemExit, match=r"^regenerate error: http://h:8000/v1/models answered HTTP 404: --server must be "
+                                         r"an OpenAI-compatible server \(vllm serve, python -m sglang.launch_server\)$"):
+        regenerate.server_model("http://h:8000", "/x/Qwen3-8B", None, 4096)
+
+
+def http_error(url, code, body):
+    import io
+    import urllib.error
+    return urllib.error.HTTPError(url, code, "error", {}, io.BytesIO(body))
+
 
 def test_server_retries_back_off_doubling_up_to_a_minute_with_jitter(monkeypatch):
     """A server that keeps dropping the connection: retried `retries` times, waiting backoff x 1, 2, 4, ... seconds,
@@ -4712,6 +4854,97 @@ def test_server_retries_back_off_doubling_up_to_a_minute_with_jitter(monkeypatch
     with pytest.raises(regenerate.ServerError, match="failed 4 times"):
         regenerate._retrying("http://h/v1/completions", {}, 1.0, 3, 0.5, logs.append)
     assert waits == [0.25, 0.5, 1.0]
+
+
+def test_server_requests_send_the_api_key_and_name_a_refusal_in_the_servers_words(monkeypatch):
+    """$OPENAI_API_KEY goes as a Bearer token where it is set (and no Authorization header where not); a refusal whose
+    body is not JSON (a proxy's HTML page) is named with that body, on one line."""
+    import urllib.request
+    sent = []
+
+    class Answer:
+        def __init__(self, req, timeout):
+            sent.append(req)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def read(self):
+            return b'{"ok": true}'
+    monkeypatch.setattr(urllib.request, "urlopen", Answer)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    assert regenerate._http("http://h/v1/models") == {"ok": True}
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert regenerate._http("http://h/v1/completions", {"n": 1}) == {"ok": True}
+    assert [r.get_header("Authorization") for r in sent] == ["Bearer sk-test", None]
+    assert sent[1].data == b'{"n": 1}'
+
+    def proxy(url, body=None, timeout=60.0):
+        raise http_error(url, 403, b"<html>\n  Forbidden by   the proxy\n</html>")
+    monkeypatch.setattr(regenerate, "_http", proxy)
+    with pytest.raises(regenerate.Refused) as e:
+        regenerate._retrying("http://h/v1/completions", {}, 1.0, 3, 0.0, print)
+    assert str(e.value) == "http://h/v1/completions answered HTTP 403: <html> Forbidden by the proxy </html>"
+
+
+def test_server_probe_leaves_out_a_field_the_server_refuses_and_an_answer_without_choices_is_named(monkeypatch):
+    """A server that refuses a sampling field with no other 'off' value (min_p: 0.0 only) is asked again without
+    it, and the probe's line says so; an answer with no choices (an error object sent with HTTP 200) is a
+    ServerError quoting it, not a KeyError mid-run."""
+    tok, ids = types.SimpleNamespace(bos_token=None, encode=lambda text, **kw: [5], decode=lambda ids: "x"), [1, 2, 3]
+    bodies, answers = [], []
+
+    def server(url, body=None, timeout=60.0):
+        bodies.append(body)
+        if "min_p" in body:  # pydantic's words for a field it does not know
+            raise http_error(url, 400, json.dumps({"detail": [{"type": "extra_forbidden", "loc": ["body", "min_p"],
+                                                               "msg": "Extra inputs are not permitted"}]}).encode())
+        return answers.pop(0)
+    monkeypatch.setattr(regenerate, "_http", server)
+    answers.append({"choices": [{"text": "x", "token_ids": [5], "finish_reason": "length"}], "usage": {"prompt_tokens": 3}})
+    logs = []
+    answer = regenerate.server_answerer("http://h", "m", tok, [2], 8, 0.0, (ids, "abc"), log=logs.append)
+    assert "min_p" in bodies[0] and "min_p" not in bodies[1] and bodies[1]["top_p"] == 1.0
+    assert logs[0].startswith("regenerate: the server takes token-id prompts") and "; refused: min_p=0.0;" in logs[0]
+    answers.append({"object": "error", "message": "model overloaded"})
+    with pytest.raises(regenerate.ServerError, match=r"^http://h/v1/completions answered without choices: "
+                                                     r"\{'object': 'error', 'message': 'model overloaded'\}$"):
+        answer((ids, "abc"))
+    assert "min_p" not in bodies[2]
+
+
+def test_serve_rows_reports_progress_and_hands_on_a_workers_error():
+    """_serve_rows (regenerate --server) prints progress every `every` seconds and at the end; an error in a worker
+    thread that is not the server's (a tokenizer's, a bug) stops the run as itself, with nothing written for its row."""
+    rows = [{"i": k} for k in range(3)]
+
+    def conversation(r):
+        answer = yield [r["i"]], str(r["i"])
+        return [answer]
+    written, shown = [], []
+    regenerate._serve_rows(rows, conversation, lambda prompt: {"content": prompt[1]}, 2,
+                           lambda r, msgs: written.append(msgs), lambda: shown.append(len(written)), every=0.0)
+    assert sorted(m[0]["content"] for m in written) == ["0", "1", "2"] and shown == [1, 2, 3, 3]
+    written.clear()
+
+    def broken(prompt):
+        if prompt[1] == "1":
+            raise KeyError("no such token")
+        return {"content": prompt[1]}
+    with pytest.raises(KeyError, match="no such token"):
+        regenerate._serve_rows(rows[:2], conversation, broken, 1, lambda r, msgs: written.append(msgs), lambda: None)
+    assert written == [[{"content": "0"}]]
+
+
+def test_writer_generation_config_of_a_folder_without_one(tmp_path):
+    """A target folder without generation_config.json (converted by hand, or a config-only folder for --server):
+    the stop ids come from config.json, as transformers derives them when it loads the model."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINY_TARGET, bos_token_id=1, eos_token_id=[2, 7])))
+    gc = regenerate.writer_generation_config(str(tmp_path))
+    assert gc.bos_token_id == 1 and gc.eos_token_id == [2, 7]
 
 
 @need_assets
