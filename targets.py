@@ -27,15 +27,22 @@ def _is_folder(path_or_config):
 def load_target_config(path_or_config):
     """The target's HF config from an HF folder, a config .json path, a dict or a PretrainedConfig:
     cheap, so a drafter can be checked against it before any weights load."""
+    import transformers
     from transformers import AutoConfig
-    if _is_folder(path_or_config):
-        return AutoConfig.from_pretrained(path_or_config)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     cfg = path_or_config
     if not isinstance(cfg, dict) and not hasattr(cfg, "to_dict"):
         if not os.path.exists(cfg):  # a mistyped --target: one line naming it, not open()'s traceback
             raise ValueError(f"target {cfg} does not exist: give an HF folder or an HF config .json")
-        with open(cfg) as f:
+        with open(os.path.join(cfg, "config.json") if _is_folder(cfg) else cfg) as f:
             cfg = json.load(f)
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if kind is not None and kind not in CONFIG_MAPPING:  # transformers' own error lists every type it knows
+        raise ValueError(f"target {path_or_config if isinstance(path_or_config, (str, os.PathLike)) else 'config'} has "
+                         f"model_type {kind!r}, which transformers {transformers.__version__} does not know: install "
+                         f"a transformers that has it (pip install -U transformers), or fix the config's model_type")
+    if _is_folder(path_or_config):
+        return AutoConfig.from_pretrained(path_or_config)
     if isinstance(cfg, dict):
         cfg = dict(cfg)
         cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)

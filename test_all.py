@@ -1981,7 +1981,7 @@ def test_export_states_the_input_embedding_scale_training_used(tmp_path):
     # a target this transformers cannot build (a newer model type), or one whose embedding scales but keeps the
     # factor elsewhere (BART's, as a future model's might): named, and nothing written rather than scale 1.0
     with pytest.raises(ValueError, match=r"cannot build the target from its config to read its input embedding scale "
-                                         r"\(ValueError: Unrecognized model identifier: gemma99"):
+                                         r"\(ValueError: target config has model_type 'gemma99', which transformers"):
         C.export_drafter(d.state_dict(), d.config, {**t.config.to_dict(), "model_type": "gemma99"}, str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
     bart = dict(model_type="bart", vocab_size=64, d_model=32, decoder_layers=1, encoder_layers=1, scale_embedding=True)
@@ -3629,6 +3629,7 @@ def test_unsupported_targets_fail_before_weights_load(tmp_path, monkeypatch):
     """A target whose decoder layers capture cannot find (RWKV keeps `blocks`), and layers bench.py cannot
     roll back (Falcon-H1's hybrid layers; Gated DeltaNet under --compile, or with a transformers that predates
     its cache layers): one line each, no weights."""
+    import transformers
     from transformers import AutoConfig
     rwkv = AutoConfig.for_model("rwkv", vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
                                 intermediate_size=64)
@@ -3646,6 +3647,20 @@ def test_unsupported_targets_fail_before_weights_load(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match="config error: " + message) as e:
             bench.main(["--target", str(path), "--prompt-len", "8", "--device", "cpu", *extra])
         assert "\n" not in str(e.value)
+    # a model type this transformers does not know (a family newer than it), as a config .json and as a folder:
+    # one short line naming the type and the fix (transformers' own error lists its ~500 types), from bench and train
+    (tmp_path / "new").mkdir()
+    for path in (tmp_path / "new.json", tmp_path / "new" / "config.json"):
+        path.write_text(json.dumps({**TINY_TARGET, "model_type": "qwen99"}))
+    for target in (tmp_path / "new.json", tmp_path / "new"):
+        said = (f"config error: target {target} has model_type 'qwen99', which transformers {transformers.__version__} "
+                "does not know: install a transformers that has it (pip install -U transformers), or fix the config's model_type")
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--target", str(target), "--prompt-len", "8", "--device", "cpu"])
+        assert str(e.value) == said
+        with pytest.raises(SystemExit) as e:
+            T.main(train_args(tmp_path, target=str(target)))
+        assert str(e.value) == said
     with pytest.raises(ValueError, match="without --compile"):  # what --compile builds, called directly
         targets.check_rollback(AutoConfig.for_model(**family_config("qwen3_next")), static=True)
     targets.check_rollback(AutoConfig.for_model(**family_config("qwen3_next")))  # the eager runner rolls it back

@@ -107,14 +107,14 @@ def setup(c):
     os.makedirs(c["out_dir"], exist_ok=True)
 
     # --- the drafter's shape is fixed by the target's config: check it before loading weights
-    target_config = targets.load_target_config(c["target"])
-    text_config = getattr(target_config, "text_config", None) or target_config
     try:
+        target_config = targets.load_target_config(c["target"])
+        text_config = getattr(target_config, "text_config", None) or target_config
         r.dcfg = M.config_from_target(text_config, c["num_draft_layers"], c["block_size"],
                                       c["target_layer_ids"] or None, c["num_features"], c["mask_token_id"],
                                       c["layer_types"] or None, c["sliding_window"] or None)
         targets.check_target(target_config)  # its decoder layers are where capture looks, on the meta device
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a folder without config.json
         raise SystemExit(f"config error: {e}")
     r.target_config = {**text_config.to_dict(), "_target_path": os.path.abspath(c["target"])}
     init = load_drafter(c["init_from"]) if c["init_from"] else None  # a small model: read now, to check its shape
