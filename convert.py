@@ -519,7 +519,8 @@ def main(argv=None):
         print(f"convert.py: error: {e}", file=sys.stderr)
         return 1
     n = sum(v.numel() for v in sd.values())
-    print(f"wrote {args.out}: {cfg.num_hidden_layers} layers, {n / 1e6:.1f}M parameters, block "
+    src = args.src if args.import_ else _checkpoint_dir(args.src)  # a run folder exports its newest checkpoint
+    print(f"wrote {args.out} from {src}: {cfg.num_hidden_layers} layers, {n / 1e6:.1f}M parameters, block "
           f"{cfg.block_size}, target layers {cfg.target_layer_ids}, mask id {cfg.mask_token_id}")
     return 0
 

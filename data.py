@@ -82,6 +82,9 @@ def read_rows(source, split="train"):
         return _file_rows(files)
     if not os.path.isdir(source) and (source.startswith(("/", ".")) or source.endswith((".json", ".jsonl"))):
         raise FileNotFoundError(f"{source} does not exist ({_SOURCES})")
+    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
+        raise ValueError(f"{source} is a folder but not a save_to_disk dataset: give its files as a glob "
+                         f"('{os.path.join(source, '*.jsonl')}')")
     import datasets  # only here: the GPU machines do not have it
     ds = datasets.load_from_disk(source) if os.path.isdir(source) else datasets.load_dataset(source, split=split)
     if isinstance(ds, datasets.DatasetDict):

@@ -1454,7 +1454,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, c
     assert sorted(os.listdir(c / "run" / "checkpoints")) == ["step_00000003"]
     calls.clear()
     assert T.main(train_args(d, max_steps=6, stop_at_step=3)) == 0
-    assert "stop_at_step=3 reached" in capsys.readouterr().out
+    assert "stop_at_step=3 reached; to continue, run the same command with a later stop_at_step or none" in capsys.readouterr().out
     assert sorted(os.listdir(d / "run" / "checkpoints")) == ["step_00000003"]
     with open(os.path.join(ckpt, "train_state.json")) as f:
         assert json.load(f)["skipped_steps"] == 2
@@ -1670,12 +1670,17 @@ def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_p
 def test_data_that_cannot_train_stops_the_run_before_the_models_load(tmp_path, monkeypatch):
     """One line naming the key and the fix, before any weights load: conversations with a target given as a config
     .json (no tokenizer to render them), a tokenizer without a chat template, val_rows holding out every one of the
-    256 synthetic rows, and a step larger than the rows left."""
+    256 synthetic rows, a step larger than the rows left, and a folder of JSONL files (regenerate's --out) given
+    without a glob."""
     monkeypatch.setattr(targets, "load_target", lambda *a, **k: pytest.fail("the target's weights were loaded"))
     write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": CHAT[1:3]})])
     (tmp_path / "target").mkdir()
     (tmp_path / "target" / "config.json").write_text(json.dumps(TINY_TARGET))
     tok = char_tokenizer()
+    tok.save_pretrained(tmp_path / "chat")
+    shutil.copy(tmp_path / "target" / "config.json", tmp_path / "chat")
+    (tmp_path / "regen").mkdir()
+    write_lines(tmp_path / "regen" / "r.00-of-02.jsonl", [json.dumps({"messages": CHAT[1:3]})])
     tok.chat_template = None
     tok.save_pretrained(tmp_path / "target")
     for over, said in [(dict(data=str(tmp_path / "d.jsonl")),
@@ -1685,24 +1690,36 @@ def test_data_that_cannot_train_stops_the_run_before_the_models_load(tmp_path, m
                         "whose tokenizer_config.json or chat_template.jinja has one"),
                        (dict(val_rows=256), "config error: val_rows=256 holds out all 256 conversations: lower val_rows"),
                        (dict(val_rows=57, batch_size=100, grad_accum=2),
-                        "data error: 199 rows cannot fill one step of 100 x 2 x 1 sequences")]:
+                        "data error: 199 rows cannot fill one step of 100 x 2 x 1 sequences"),
+                       (dict(data=str(tmp_path / "regen"), target=str(tmp_path / "chat")),  # regenerate's --out folder
+                        f"config error: {tmp_path / 'regen'} is a folder but not a save_to_disk dataset: give its "
+                        f"files as a glob ('{tmp_path / 'regen' / '*.jsonl'}')")]:
         with pytest.raises(SystemExit, match=re.escape(said)):
             T.main(train_args(tmp_path, **over))
 
 
-def test_init_from_starts_from_its_weights_and_refuses_another_shape(trained, tmp_path, monkeypatch):
+def test_init_from_starts_from_its_weights_and_refuses_another_shape(trained, tmp_path, monkeypatch, capsys):
     """init_from (fine-tuning a trained or imported drafter): the run starts from its weights, here a run's folder
     (its newest checkpoint); at lr 1e-9 one step leaves them within 1e-6. A source of another shape is one line,
     before the target loads."""
     run, d, _ = trained
     assert T.main(train_args(tmp_path, init_from=str(run), lr=1e-9, min_lr=0.0, max_steps=1)) == 0
+    assert f"the drafter starts from the weights of init_from={run}" in capsys.readouterr().out
     tuned, _ = C.load_drafter(str(tmp_path / "run"))
     for k, v in d.state_dict().items():
         torch.testing.assert_close(tuned.state_dict()[k], v, atol=1e-6, rtol=0)
     monkeypatch.setattr(T.targets, "load_target", lambda *a, **k: pytest.fail("the target loaded"))  # refused before
-    with pytest.raises(SystemExit, match=re.escape(f"config error: init_from {run} has drafter config ")) as e:
-        T.main(train_args(tmp_path, init_from=str(run), num_draft_layers=1, out_dir=str(tmp_path / "other")))
-    assert "num_hidden_layers=2" in str(e.value) and "this run builds" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        T.main(train_args(tmp_path, init_from=str(run), num_draft_layers=1, mask_token_id=62, out_dir=str(tmp_path / "other")))
+    assert str(e.value) == (f"config error: init_from {run} is a drafter of another shape (mask_token_id 63 there, 62 here; "
+                            "num_hidden_layers 2 there, 1 here; layer_types ['full_attention', 'full_attention'] there, "
+                            "['full_attention'] here): set this run's keys to match it (num_draft_layers, block_size, "
+                            "target_layer_ids, mask_token_id, layer_types, sliding_window), or start from another drafter")
+    # a folder that holds no drafter (the target's, given by mistake): one line, not a traceback
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "config.json").write_text(json.dumps(TINY_TARGET))
+    with pytest.raises(SystemExit, match=re.escape(f"config error: init_from={tmp_path / 't'}: {tmp_path / 't'}: neither a DCP")):
+        T.main(train_args(tmp_path, init_from=str(tmp_path / "t"), out_dir=str(tmp_path / "other")))
 
 
 # D-PACE weights depend on the drafter's own probabilities, normalised over the whole step like the
@@ -1878,10 +1895,12 @@ def leftovers(out):
 # ------------------------------------------------------------------------------------------------
 # export: training checkpoint -> serving folder
 
-def test_export_then_load_gives_identical_logits(trained, tmp_path):
+def test_export_then_load_gives_identical_logits(trained, tmp_path, capsys):
     run, d, t = trained
     out = tmp_path / "served"
     assert C.main([str(run), str(out)]) == 0
+    newest = checkpoints.latest_checkpoint(str(run))  # a run folder exports its newest checkpoint, and says which
+    assert os.path.basename(newest).startswith("step_") and capsys.readouterr().out.startswith(f"wrote {out} from {newest}: ")
     loaded, cfg = C.load_drafter(str(out))
     assert cfg == d.config
     assert torch.equal(logits(loaded, t), logits(bf16_copy(d), t))

@@ -117,9 +117,15 @@ def setup(c):
     except (ValueError, OSError) as e:  # OSError: a folder without config.json
         raise SystemExit(f"config error: {e}")
     r.target_config = {**text_config.to_dict(), "_target_path": os.path.abspath(c["target"])}
-    init = load_drafter(c["init_from"]) if c["init_from"] else None  # a small model: read now, to check its shape
+    try:  # a small model: read now, to check its shape
+        init = load_drafter(c["init_from"]) if c["init_from"] else None
+    except (ValueError, OSError) as e:  # a target or data folder given by mistake
+        raise SystemExit(f"config error: init_from={c['init_from']}: {e}")
     if init and init[1] != r.dcfg:
-        raise SystemExit(f"config error: init_from {c['init_from']} has drafter config {init[1]}, this run builds {r.dcfg}")
+        differ = [f"{k} {v} there, {getattr(r.dcfg, k)} here" for k, v in vars(init[1]).items() if getattr(r.dcfg, k) != v]
+        raise SystemExit(f"config error: init_from {c['init_from']} is a drafter of another shape ({'; '.join(differ)}): "
+                         "set this run's keys to match it (num_draft_layers, block_size, target_layer_ids, mask_token_id, "
+                         "layer_types, sliding_window), or start from another drafter")
 
     # --- data (tokenised with the target's own chat template)
     r.tokenizer = AutoTokenizer.from_pretrained(c["target"]) if os.path.isdir(c["target"]) else None
@@ -141,7 +147,7 @@ def setup(c):
         try:  # a chat template that cannot give the rows the target answered stops before the data is read
             dataset = D.build_dataset(r.tokenizer, c["data"], c["max_length"], c["min_loss_tokens"], thinking, log=r.log,
                                       max_rows=c["max_rows"], workers=max(1, min(16, (os.cpu_count() or 1) // local_world)))
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise SystemExit(f"config error: {e}")
         check_rows(dataset, r.dcfg, r.tokenizer, c["data"])
     try:
@@ -183,6 +189,7 @@ def setup(c):
     r.drafter = M.build_drafter(r.dcfg, device=device, dtype=torch.float32)
     if init:
         r.drafter.load_state_dict(init[0].state_dict())
+        r.log(f"the drafter starts from the weights of init_from={c['init_from']}")
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     mesh = init_device_mesh(kind, (world,))  # explicit: FSDP2 would pick cuda wherever one exists
     if c["compile"] and c["layer_types"]:
@@ -427,7 +434,7 @@ def train(c):
             return 1
         validate_and_evaluate(r, step)
         if stopping_here:
-            r.log(f"stop_at_step={step} reached; run the same command again to continue")
+            r.log(f"stop_at_step={step} reached; to continue, run the same command with a later stop_at_step or none")
             close_run(r)
             return 0
 

@@ -64,7 +64,7 @@ CONFIG = {
         save_interval=(500, "steps between checkpoints; 0: never save or export (speed runs)"),
         keep_checkpoints=(2, "newest checkpoints kept"),
         stop_at_step=(0, "end this invocation after step N with a checkpoint (job time limits); "
-                         "the same command resumes"),
+                         "rerun with a later stop_at_step, or none, to go on"),
         export_every_save=(False, "also write a serving folder beside every checkpoint"),
         log_interval=(10, "steps between log lines"),
         val_interval=(0, "steps between held-out scores (0: at the end only)"),
