@@ -30,6 +30,17 @@ def shard_path(out, shard, num_shards):
     return f"{stem}.{shard:02d}-of-{num_shards:02d}{ext or '.jsonl'}"
 
 
+def other_shardings(out, num_shards):
+    """Files of this --out written with another --num-shards: a row's shard is its index modulo the count, so
+    their rows overlap this run's, and a glob over both would train on rows twice."""
+    folder, name = os.path.split(out)
+    stem, ext = os.path.splitext(name)
+    pattern = re.compile(re.escape(stem) + r"\.\d+-of-(\d+)" + re.escape(ext or ".jsonl") + "$")
+    names = os.listdir(folder or ".") if os.path.isdir(folder or ".") else []
+    found = sorted(os.path.join(folder, f) for f in names if (m := pattern.match(f)) and int(m[1]) != num_shards)
+    return found + ([out] if num_shards > 1 and os.path.isfile(out) else [])
+
+
 def _done_indices(path):
     """Indices already written; a partial last line (a kill mid-write) is cut off first."""
     if not os.path.exists(path):
@@ -426,6 +437,9 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             raise SystemExit(f"regenerate error: {flag} {n}: give 1 or more")
     if not 0 <= shard < num_shards:
         raise SystemExit(f"regenerate error: --shard {shard}: give 0 to {num_shards - 1} (--num-shards {num_shards})")
+    if other := other_shardings(out, num_shards):
+        raise SystemExit(f"regenerate error: --out {out} already has rows written with another --num-shards ({other[0]}): "
+                         "their rows overlap this run's; rerun with the --num-shards they were written with, or give another --out")
     if num_shards > 1:  # shards run side by side in one terminal: each line says whose it is
         log = lambda line, say=log: say(line.replace("regenerate:", f"regenerate shard {shard} of {num_shards}:", 1))
     if server:  # before any other work: a wrong URL or model fails at once

@@ -4480,6 +4480,22 @@ def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, 
         with pytest.raises(SystemExit, match=re.escape(f"regenerate error: {said}")) as e:
             regenerate.main(base + more)
         assert e.value.code == 2 and capsys.readouterr().err == f"regenerate error: {said}\n"
+    # an --out that holds rows of another --num-shards (a rerun after a resize): a row's shard is its index modulo
+    # the count, so the rows overlap and a glob over both trains on some twice; the same count resumes
+    out = tmp_path / "o.jsonl"
+    write_lines(tmp_path / "o.00-of-02.jsonl", [json.dumps({"index": 0})])
+    for more, other in ((["--num-shards", "3"], tmp_path / "o.00-of-02.jsonl"), ([], tmp_path / "o.00-of-02.jsonl"),
+                        (["--num-shards", "2"], out)):
+        if other == out:
+            (tmp_path / "o.00-of-02.jsonl").rename(out)  # rows of one unsharded run
+        said = (f"regenerate error: --out {out} already has rows written with another --num-shards ({other}): their rows "
+                "overlap this run's; rerun with the --num-shards they were written with, or give another --out")
+        with pytest.raises(SystemExit, match=re.escape(said)) as e:
+            regenerate.main(base + more)
+        assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(pytest.fail.Exception, match="the target's config was read"):  # past the check: the same count
+        regenerate.main(base)
+    out.unlink()
     monkeypatch.setattr(regenerate.targets, "load_target_config", lambda t: None)
     monkeypatch.setattr(regenerate, "check_batch_decodable", lambda c: None)
     monkeypatch.setattr(regenerate, "read_rows", data.read_rows)
