@@ -41,17 +41,30 @@ def other_shardings(out, num_shards):
     return found + ([out] if num_shards > 1 and os.path.isfile(out) else [])
 
 
-def _done_indices(path):
-    """Indices already written; a partial last line (a kill mid-write) is cut off first."""
+def _written(path):
+    """(indices already written, the first row or {}); a partial last line (a kill mid-write) is cut off first."""
     if not os.path.exists(path):
-        return set()
+        return set(), {}
     with open(path, "rb") as f:
         raw = f.read()
     keep = raw[: raw.rfind(b"\n") + 1]
     if len(keep) != len(raw):
         with open(path, "wb") as f:
             f.write(keep)
-    return {json.loads(line)["index"] for line in keep.decode("utf-8").split("\n") if line.strip()}
+    rows = [json.loads(line) for line in keep.decode("utf-8").split("\n") if line.strip()]
+    return {r["index"] for r in rows}, (rows[0] if rows else {})
+
+
+# what shapes a row's answers, recorded in each row (bench.py --replay reads "dtype", train.py "enable_thinking"):
+# a resume must write its rows as the file's first ones were written
+SETTINGS = {"dtype": "--dtype", "enable_thinking": "--enable-thinking", "temperature": "--temperature",
+            "max_new_tokens": "--max-new-tokens"}
+
+
+def changed_settings(first, settings):
+    """'--max-new-tokens 256 (this run: 512), ...' for the settings the file's first row recorded otherwise."""
+    return ", ".join(f"{flag} {first[k]} (this run: {settings[k]})" for k, flag in SETTINGS.items()
+                     if first.get(k) is not None and settings[k] is not None and first[k] != settings[k])
 
 
 def writer_generation_config(target):
@@ -75,6 +88,10 @@ def writer_device(shard=0, device=None):
     return f"cuda:{int(local) if local is not None else shard % torch.cuda.device_count()}"
 
 
+def writer_dtype(dtype, device):
+    return dtype or ("fp32" if torch.device(device).type == "cpu" else "bf16")
+
+
 def load_writer(target, dtype=None, device=None):
     """(tokenizer, model, stop ids) of the target that writes text here, on `device` (default: cuda if
     there is one, else cpu): dtype "bf16" or "fp32" (default bf16 on GPU, fp32 on CPU), K/V read once
@@ -83,7 +100,7 @@ def load_writer(target, dtype=None, device=None):
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(dev).type == "cuda" and torch.device(dev).index is not None:
         torch.cuda.set_device(dev)  # compiled steps and CUDA graphs are captured on the current device
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("fp32" if dev == "cpu" else "bf16")]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[writer_dtype(dtype, dev)]
     tok = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(dev).eval()
     fast_decode.use_gqa_attention(model)
@@ -437,9 +454,21 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             raise SystemExit(f"regenerate error: {flag} {n}: give 1 or more")
     if not 0 <= shard < num_shards:
         raise SystemExit(f"regenerate error: --shard {shard}: give 0 to {num_shards - 1} (--num-shards {num_shards})")
+    try:
+        torch.device(device or "cpu")
+    except RuntimeError:
+        raise SystemExit(f"regenerate error: --device {device}: give cuda, cuda:N or cpu") from None
     if other := other_shardings(out, num_shards):
         raise SystemExit(f"regenerate error: --out {out} already has rows written with another --num-shards ({other[0]}): "
                          "their rows overlap this run's; rerun with the --num-shards they were written with, or give another --out")
+    out = shard_path(out, shard, num_shards)
+    done, first = _written(out)
+    settings = {"dtype": None if server else writer_dtype(dtype, writer_device(shard, device)),  # a server's is unknown
+                "enable_thinking": {None: "auto", True: "on", False: "off"}[enable_thinking],
+                "temperature": temperature, "max_new_tokens": max_new_tokens}
+    if changed := changed_settings(first, settings):
+        raise SystemExit(f"regenerate error: {out} holds rows written with {changed}: rerun with those to finish it, "
+                         "or give another --out")
     if num_shards > 1:  # shards run side by side in one terminal: each line says whose it is
         log = lambda line, say=log: say(line.replace("regenerate:", f"regenerate shard {shard} of {num_shards}:", 1))
     if server:  # before any other work: a wrong URL or model fails at once
@@ -449,8 +478,6 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             check_batch_decodable(targets.load_target_config(target))
         except (OSError, ValueError) as e:
             raise SystemExit(f"regenerate error: --target {target}: {e}")
-    out = shard_path(out, shard, num_shards)
-    done = _done_indices(out)
     todo, skipped = [], collections.Counter()
     try:
         source = read_rows(data)
@@ -514,10 +541,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             raise SystemExit(f"regenerate error: {e} (nothing written yet: rerun to resume)")
     t0, ntok, written, cut, dropped = time.time(), 0, 0, 0, 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    # greedy answers depend on the dtype they were decoded in: bench.py --replay reads it here (a server's is unknown)
-    decoded_in = {} if server else {"dtype": "bf16" if model.dtype == torch.bfloat16 else "fp32"}
-    # and on the thinking mode the template rendered: train.py refuses rows of another mode (README: Thinking)
-    decoded_in["enable_thinking"] = {None: "auto", True: "on", False: "off"}[enable_thinking]
+    decoded_in = {k: v for k, v in settings.items() if v is not None}
     with open(out, "a", encoding="utf-8") as f:
         def write(r, msgs):
             nonlocal ntok, written, cut, dropped

@@ -4163,6 +4163,12 @@ def test_replay_decodes_in_the_dtype_the_rows_were_regenerated_in(models, tmp_pa
     with pytest.raises(SystemExit):
         bench.parse_args(common + ["--replay", str(mixed)])
     assert "--replay rows regenerated in different dtypes (fp32: " in capsys.readouterr().err
+    sampled = tmp_path / "sampled.jsonl"  # a sampled answer is no greedy answer
+    write_lines(sampled, [json.dumps(dict(written[0], temperature=0.7))])
+    with pytest.raises(SystemExit):
+        bench.parse_args(common + ["--replay", str(rows), "--replay", str(sampled)])
+    assert (f"--replay {sampled}: its rows were regenerated at --temperature 0.7; replay reads greedy answers: "
+            "regenerate them with --temperature 0") in capsys.readouterr().err
 
 
 def test_replay_sets_that_share_a_file_name_keep_their_own_tau(models, tmp_path, capsys, monkeypatch):
@@ -4297,6 +4303,9 @@ def test_regenerate_greedy_aligned_and_resumable(tmp_path):
     regenerate.main(args)
     rows = [json.loads(line) for line in open(out)]
     assert sorted(r["index"] for r in rows) == [0, 1, 2, 3] and len(rows) == 4
+    # each row records what shaped its answers (a resume with other values is refused: the test below)
+    assert all({k: r[k] for k in regenerate.SETTINGS} == {"dtype": "fp32", "enable_thinking": "auto", "temperature": 0.0,
+                                                          "max_new_tokens": 6} for r in rows)
     regenerate.main(args)  # a finished run does nothing
     assert len(open(out).read().split("\n")) == 5  # 4 lines and the final newline
     tok = AutoTokenizer.from_pretrained(SMOL)
@@ -4495,6 +4504,22 @@ def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, 
         assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
     with pytest.raises(pytest.fail.Exception, match="the target's config was read"):  # past the check: the same count
         regenerate.main(base)
+    # a resume with settings other than those its rows record (above: rows of before they were recorded resume)
+    write_lines(out, [json.dumps({"index": 0, "dtype": "fp32", "enable_thinking": "auto", "temperature": 0.0,
+                                  "max_new_tokens": 512})])
+    for more, said in ((["--max-new-tokens", "256"], "--max-new-tokens 512 (this run: 256)"),
+                       (["--temperature", "0.7", "--enable-thinking", "off"],
+                        "--enable-thinking auto (this run: off), --temperature 0.0 (this run: 0.7)"),
+                       (["--dtype", "bf16"], "--dtype fp32 (this run: bf16)")):
+        said = f"regenerate error: {out} holds rows written with {said}: rerun with those to finish it, or give another --out"
+        with pytest.raises(SystemExit, match=re.escape(said)) as e:
+            regenerate.main(base + ["--device", "cpu"] + more)
+        assert e.value.code == 2 and capsys.readouterr().err == said + "\n"
+    with pytest.raises(pytest.fail.Exception, match="the target's config was read"):  # the same settings resume
+        regenerate.main(base + ["--device", "cpu", "--dtype", "fp32"])
+    with pytest.raises(SystemExit, match=re.escape("regenerate error: --device gpu: give cuda, cuda:N or cpu")) as e:
+        regenerate.main(base + ["--device", "gpu"])
+    assert e.value.code == 2 and capsys.readouterr().err == f"{e.value}\n"
     out.unlink()
     monkeypatch.setattr(regenerate.targets, "load_target_config", lambda t: None)
     monkeypatch.setattr(regenerate, "check_batch_decodable", lambda c: None)
