@@ -516,17 +516,13 @@ def parse_args(argv=None):
     except (OSError, ValueError) as e:
         ap.error(f"--dataset: {e}")
     try:  # greedy answers depend on the dtype: replay in the one the rows were decoded in
-        args.rows_dtype = measure.rows_dtype(args.replay, args.num_prompts)
+        args.rows_dtype = measure.replay_dtype(args.replay, args.num_prompts)
     except ValueError as e:
         ap.error(str(e))
     if args.rows_dtype and args.dtype not in (None, args.rows_dtype):
         ap.error(f"--dtype {args.dtype}: the --replay rows were regenerated in {args.rows_dtype}, so replay decodes in "
                  f"{args.rows_dtype}: drop --dtype, or regenerate the rows with --dtype {args.dtype}")
     args.dtype = args.dtype or args.rows_dtype or "bf16"
-    for t, path in data.recorded(args.replay, "temperature", args.num_prompts).items():
-        if t > 0:  # a sampled answer is not what the greedy loop decodes: its tau would be no greedy tau
-            ap.error(f"--replay {path}: its rows were regenerated at --temperature {t}; replay reads greedy answers: "
-                     "regenerate them with --temperature 0")
     return args
 
 

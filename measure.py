@@ -198,9 +198,14 @@ def answer_spans(mask):
     return list(zip(edges[::2], edges[1::2]))
 
 
-def rows_dtype(paths, limit=None):
+def replay_dtype(paths, limit=None):
     """The dtype ("bf16", "fp32") the regenerated rows' greedy answers were decoded in, as data.py regenerate
-    records it in each row; None where no row says (older rows, a server's). ValueError if the rows disagree."""
+    records it in each row; None where no row says (older rows, a server's). ValueError if the rows disagree,
+    or were sampled (their tau would be no greedy tau)."""
+    for t, path in data.recorded(paths, "temperature", limit).items():
+        if t > 0:
+            raise ValueError(f"--replay {path}: its rows were regenerated at --temperature {t}; replay reads greedy "
+                             "answers: regenerate them with --temperature 0")
     seen = data.recorded(paths, "dtype", limit)
     if len(seen) > 1:
         raise ValueError("--replay rows regenerated in different dtypes (" + ", ".join(f"{d}: {p}" for d, p in seen.items())
