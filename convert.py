@@ -186,6 +186,9 @@ def read_checkpoint(path):
     cfg = _make_config(_read_json(os.path.join(ckpt, "dflash_config.json")),
                        os.path.join(ckpt, "dflash_config.json"))
     target_config = _read_json(os.path.join(ckpt, "target_config.json"))
+    if not isinstance(target_config, dict):
+        raise ValueError(f"{os.path.join(ckpt, 'target_config.json')} is not a JSON object: it holds the target's "
+                         "config (its config.json), as train.py writes it")
     meta = _dcp_model_tensors(ckpt)
     validate(meta, cfg, target_config)  # before reading any data: DCP's own errors are obscure
     sd = {k: torch.empty(m.shape, dtype=m.dtype) for k, m in meta.items()}
@@ -507,6 +510,8 @@ def main(argv=None):
             raise ValueError(f"{problem}; choose another output, or pass --overwrite to replace it")
         sd, cfg, target_config = (read_serving(args.src, args.accept_edited_config) if args.import_
                                   else read_checkpoint(args.src))
+        if not args.import_:  # a target config it cannot serve (a model type newer than transformers) is bad input too
+            serving_config(cfg, target_config)
     except (ValueError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         return 2

@@ -1976,7 +1976,7 @@ def test_export_describes_the_drafter_not_the_targets_mlp_or_quantization(tmp_pa
         C.config_from_serving({**raw, "hidden_act": "relu2"})
 
 
-def test_export_states_the_input_embedding_scale_training_used(tmp_path):
+def test_export_states_the_input_embedding_scale_training_used(tmp_path, capsys):
     """Gemma 3's embedding module returns E[ids] * sqrt(hidden), what the drafter trains on; engines embed with
     the raw matrix and multiply by dflash_config.input_embedding_scale, so export writes sqrt(32) there (and
     nothing for an unscaled Qwen3 target: test_config_json_round_trips_through_autoconfig). Import reads it back
@@ -2003,6 +2003,18 @@ def test_export_states_the_input_embedding_scale_training_used(tmp_path):
                                          r"\(ValueError: target config has model_type 'gemma99', which transformers"):
         C.export_drafter(d.state_dict(), d.config, {**t.config.to_dict(), "model_type": "gemma99"}, str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
+    # through the CLI: bad input, exit 2 (1 is for a failure while writing), and nothing written
+    ckpt = tmp_path / "ckpt99"
+    C.write_checkpoint(d.state_dict(), d.config, {**t.config.to_dict(), "model_type": "gemma99"}, str(ckpt))
+    capsys.readouterr()
+    assert C.main([str(ckpt), str(tmp_path / "new")]) == 2 and not (tmp_path / "new").exists()
+    assert "model_type 'gemma99', which transformers" in capsys.readouterr().err
+    # a target_config.json that is no config (a hand-made checkpoint without checksums): named, not an AttributeError
+    (ckpt / "target_config.json").write_text("null")
+    (ckpt / "checksums.json").unlink()
+    assert C.main([str(ckpt), str(tmp_path / "new")]) == 2 and not (tmp_path / "new").exists()
+    assert capsys.readouterr().err == (f"convert.py: error: {ckpt / 'target_config.json'} is not a JSON object: it holds "
+                                       "the target's config (its config.json), as train.py writes it\n")
     bart = dict(model_type="bart", vocab_size=64, d_model=32, decoder_layers=1, encoder_layers=1, scale_embedding=True)
     with pytest.raises(ValueError, match="BartScaledWordEmbedding scales the embedding but has no scalar_embed_scale"):
         targets.input_embedding_scale(bart)
