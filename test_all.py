@@ -1667,6 +1667,24 @@ def test_heldout_rows_left_out_of_training_and_scored_by_the_final_drafter(tmp_p
     assert val["val_acc"] == pytest.approx(acc.tolist(), abs=1e-6)
 
 
+def test_more_processes_than_gpus_is_one_line_before_anything_starts(tmp_path, monkeypatch):
+    """torchrun --nproc_per_node=8 on a host that sees 2 GPUs (rank k takes GPU k: ranks 2-7 died in CUDA's
+    "invalid device ordinal" after the process group started): one config line, before anything starts (every
+    rank of the host fails the same check, so rank 0 prints it); device=cpu ignores the GPUs."""
+    monkeypatch.setattr(T, "setup_distributed", lambda kind: pytest.fail("the process group started"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    for device in ("auto", "cuda"):
+        with pytest.raises(SystemExit, match=re.escape("config error: 8 processes on this host, which sees 2 GPUs "
+                                                       "(rank k takes GPU k): launch one per GPU (torchrun --nproc_per_node=2)")):
+            T.main(train_args(tmp_path, device=device))
+    for device, procs in (("auto", "2"), ("cpu", "8")):  # past the check
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", procs)
+        with pytest.raises(pytest.fail.Exception, match="the process group started"):
+            T.main(train_args(tmp_path, device=device))
+
+
 def test_data_that_cannot_train_stops_the_run_before_the_models_load(tmp_path, monkeypatch):
     """One line naming the key and the fix, before any weights load: conversations with a target given as a config
     .json (no tokenizer to render them), a tokenizer without a chat template, val_rows holding out every one of the

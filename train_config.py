@@ -236,6 +236,9 @@ def check_config(c):
     gpu = torch.cuda.is_available()  # each found late otherwise: an NCCL error; flex at step 1, after the target loaded
     need(c["device"] != "cuda" or gpu, "device=cuda, but this torch sees no GPU (a CPU build, or no visible device): "
          "use device=auto or cpu")
+    procs, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count() if gpu else 0
+    need(c["device"] == "cpu" or not gpu or procs <= gpus, f"{procs} processes on this host, which sees {gpus} GPUs "
+         f"(rank k takes GPU k): launch one per GPU (torchrun --nproc_per_node={gpus})")
     need(c["attention"] != "flex" or c["device"] == "cuda" or (gpu and c["device"] == "auto"),
          "attention=flex on CPU: FlexAttention has no backward there; use attention=auto or dense")
 
