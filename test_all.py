@@ -1685,6 +1685,29 @@ def test_more_processes_than_gpus_is_one_line_before_anything_starts(tmp_path, m
             T.main(train_args(tmp_path, device=device))
 
 
+def test_out_of_memory_says_which_keys_fit_and_the_split_resumes(tmp_path, monkeypatch):
+    """Out of GPU memory at a step: torch's error keeps its traceback and gains a note naming the keys that fit
+    (the note's first advice, batch_size halved with grad_accum doubled, resumes the run: the same sequences per
+    step). The checkpoint before the failure is intact: the resumed run equals one never stopped."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert T.main(train_args(a, save_interval=2, batch_size=2)) == 0
+    loss, calls = M.dflash_loss, []
+    def dflash_loss(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # step 3
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return loss(*args, **kw)
+    monkeypatch.setattr(M, "dflash_loss", dflash_loss)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate") as e:
+        T.main(train_args(b, save_interval=2, batch_size=2))
+    assert e.value.__notes__[0].startswith("dflash-train: to fit, halve batch_size and double grad_accum")
+    assert sorted(os.listdir(b / "run" / "checkpoints")) == ["step_00000002"]  # it failed at step 3
+    monkeypatch.setattr(M, "dflash_loss", loss)
+    assert T.main(train_args(b, save_interval=2, batch_size=1, grad_accum=2)) == 0
+    assert losses(b / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
+
+
 def test_data_that_cannot_train_stops_the_run_before_the_models_load(tmp_path, monkeypatch):
     """One line naming the key and the fix, before any weights load: conversations with a target given as a config
     .json (no tokenizer to render them), a tokenizer without a chat template, val_rows holding out every one of the

@@ -364,7 +364,14 @@ def checkpoint(r, step, position, skipped, bad_steps, meter):
 def main(argv=None):
     c = parse_config(sys.argv[1:] if argv is None else argv)
     with lock_run(c["out_dir"]) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext():  # others follow
-        return train(c)
+        try:
+            return train(c)
+        except torch.OutOfMemoryError as e:  # torch's message says how much; ours, which keys to turn
+            e.add_note("dflash-train: to fit, halve batch_size and double grad_accum (the same sequences per step: a "
+                       "rerun resumes from the last checkpoint), lower ce_chunk_tokens, or set shard_target: true "
+                       "(a target that fills most of a GPU); fewer num_anchors or a shorter max_length fit too, "
+                       "but train otherwise")
+            raise
 
 
 def train(c):
