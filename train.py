@@ -3,13 +3,12 @@
     python train.py --config configs/quickstart.yaml [--key=value ...]
     torchrun --nproc_per_node=8 train.py --config configs/qwen3-8b.yaml
 
-One visible loop: batch -> frozen target forward (hooks capture the context features) -> drafter
-forward under the DFlash block mask -> weighted CE through the target's lm_head (decay or D-PACE
-weights) -> AdamW. The drafter is sharded with FSDP2 (fully_shard per layer, then the root); the frozen
-target sits whole in the compute dtype on every rank, or is sharded too (shard_target). The same
-script runs on CPU with gloo.
-Checkpoints (DCP) are atomic and the run resumes by itself when the same command is run again.
-The config keys and their checks live in train_config.py, the checkpoint format in checkpoints.py.
+One visible loop: batch -> frozen target forward (hooks capture the context features) -> drafter forward under
+the DFlash block mask -> weighted CE through the target's lm_head (decay or D-PACE weights) -> AdamW. The
+drafter is sharded with FSDP2 (fully_shard per layer, then the root); the frozen target sits whole in the
+compute dtype on every rank, or is sharded too (shard_target). The same script runs on CPU with gloo.
+Checkpoints (DCP) are atomic and the run resumes by itself when the same command is run again. The config keys
+and their checks live in train_config.py, the checkpoint format in checkpoints.py.
 """
 import contextlib
 import datetime
@@ -204,8 +203,7 @@ def setup(c):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(r.drafter, mesh=mesh, mp_policy=mp)
     if c["shard_target"]:
-        # only the decoder layers: embed_tokens and lm_head serve the drafter at every step, outside
-        # the target's forward, so they stay whole on every rank
+        # only the decoder layers: embed_tokens and lm_head serve the drafter every step, so they stay whole
         for layer in targets.decoder_layers(r.target):
             fully_shard(layer, mesh=mesh)
     decay = [p for p in r.drafter.parameters() if p.dim() >= 2]
@@ -367,10 +365,9 @@ def main(argv=None):
         try:
             return train(c)
         except torch.OutOfMemoryError as e:  # torch's message says how much; ours, which keys to turn
-            e.add_note("dflash-train: to fit, halve batch_size and double grad_accum (the same sequences per step: a "
-                       "rerun resumes from the last checkpoint), lower ce_chunk_tokens, or set shard_target: true "
-                       "(a target that fills most of a GPU); fewer num_anchors or a shorter max_length fit too, "
-                       "but train otherwise")
+            e.add_note("dflash-train: to fit, halve batch_size and double grad_accum (the same sequences per step: "
+                       "a rerun resumes), lower ce_chunk_tokens, or set shard_target: true; fewer num_anchors or a "
+                       "shorter max_length fit too, but train otherwise")
             raise
 
 
