@@ -650,6 +650,10 @@ def main(argv=None):
                    a.limit, a.max_turns, None if a.enable_thinking is None else a.enable_thinking == "on",
                    a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
                    served_model_name=a.served_model_name, timeout=a.timeout, dtype=a.dtype, device=a.device)
+    except torch.OutOfMemoryError as e:  # the static KV cache holds --batch-size x (prompt + new tokens) slots
+        e.add_note("regenerate: to fit, lower --batch-size (or --max-prompt-tokens + --max-new-tokens); a rerun "
+                   "resumes after the rows written")
+        raise
     except SystemExit as e:  # bad input, found before any row is written: one line, exit 2 (as argparse, train.py)
         if isinstance(e.code, str):
             line = e.code.replace("regenerate error:", f"regenerate shard {a.shard} of {a.num_shards} error:", 1) \

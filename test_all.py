@@ -4387,6 +4387,19 @@ def test_regenerate_greedy_aligned_and_resumable(tmp_path):
 
 
 @need_assets
+def test_regenerate_out_of_memory_says_what_fits(tmp_path, monkeypatch):
+    """The static KV cache out of GPU memory: torch's error and traceback, with a note naming the flags."""
+    def decoder(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+    monkeypatch.setattr(regenerate, "BatchDecoder", decoder)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate") as e:
+        regenerate.main(["regenerate", "--target", SMOL, "--data", str(regen_input(tmp_path)), "--out",
+                         str(tmp_path / "o.jsonl"), "--max-prompt-tokens", "96"])
+    assert e.value.__notes__ == ["regenerate: to fit, lower --batch-size (or --max-prompt-tokens + --max-new-tokens); "
+                                 "a rerun resumes after the rows written"]
+
+
+@need_assets
 def test_regenerate_pads_with_a_row_of_the_embedding(tmp_path):
     """A tokenizer whose [PAD] was added past the target's embedding (49152 rows): the left-padded batch would
     index past it; regenerate pads with the stop id instead, and the answers are those of the tokenizer without it."""
