@@ -10,6 +10,7 @@ regenerate.py; this file's command runs it:
 Runs on the GPU machines too, which have no `datasets` and no network: `datasets` is imported only
 where an HF dataset name is read. The offline default assets come from recipes/fetch.py.
 """
+import array
 import collections
 import contextlib
 import glob
@@ -20,6 +21,7 @@ import multiprocessing as mp
 import os
 import time
 
+import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -164,8 +166,13 @@ def parse_messages(row, need_assistant=True):
         if not isinstance(content, str):
             raise BadRow("non-string content")
         m = {"role": ROLES[role.lower()], "content": content}
-        if isinstance(t.get("token_ids"), list):
-            m["token_ids"] = t["token_ids"]
+        if isinstance(t.get("token_ids"), list):  # an array: 4 bytes an id, where a list of Python ints takes ~36
+            try:
+                m["token_ids"] = array.array("i", t["token_ids"])
+            except (TypeError, OverflowError):
+                raise BadRow("token_ids not integers") from None
+            if m["token_ids"] and min(m["token_ids"]) < 0:
+                raise BadRow("negative token_ids")
         if t.get("finished") is False:
             m["finished"] = False
         msgs.append(m)
@@ -381,7 +388,8 @@ def _tokenize_range(bounds):
         except Exception as e:  # a template that raises on this row (e.g. "roles must alternate")
             skipped[f"template error ({type(e).__name__})"] += 1
             continue
-        rows = [(ids, mask) for ids, mask in rows if sum(mask) >= min_loss_tokens]
+        # kept as arrays: 5 bytes a token where lists of Python ints take ~44 (an 8-GPU host holds a copy per rank)
+        rows = [(np.array(ids, np.int32), np.array(mask, np.uint8)) for ids, mask in rows if sum(mask) >= min_loss_tokens]
         if not rows:
             skipped["too few loss tokens"] += 1
             continue
@@ -488,7 +496,7 @@ def split_heldout(conversations, n):
 def fingerprint(dataset):
     """'N rows, sha256 ...' of each row's length and middle token: cheap for millions of rows, and it
     changes when a file is added, removed or regenerated under the same data path."""
-    h = hashlib.sha256(json.dumps([(len(ids), ids[len(ids) // 2]) for ids, _ in dataset]).encode()).hexdigest()
+    h = hashlib.sha256(json.dumps([(len(ids), int(ids[len(ids) // 2])) for ids, _ in dataset]).encode()).hexdigest()
     return f"{len(dataset)} rows, sha256 {h[:16]}"
 
 

@@ -994,7 +994,7 @@ def test_thinking_rows_one_per_turn_with_the_history_the_target_saw(tmp_path, mo
         # build_dataset (training) gives the same rows
         p = tmp_path / f"conv{thinking}.jsonl"
         write_lines(p, [json.dumps({"messages": conv})])
-        assert data.build_dataset(tok, str(p), 4096, enable_thinking=thinking, log=lambda s: None) == [rows]
+        assert as_lists(data.build_dataset(tok, str(p), 4096, enable_thinking=thinking, log=lambda s: None)) == [rows]
     # a template that renders past turns as they were written keeps one row, every turn supervised
     tok.chat_template = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endfor %}"
                          "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}")
@@ -1134,13 +1134,22 @@ def test_malformed_rows_counted(tmp_path):
     assert len(ds) == 2 and len(logs) == 1
     assert logs[0].startswith("data: 12 rows read = 9 skipped (") and "+ 2 kept, as 2 training rows" in logs[0]
     assert "1 no assistant content" in logs[0] and "1 malformed json" in logs[0]
+    # regenerated ids: held as an array; ids that are not token ids are a malformed row, not a crash at step 1
+    answer = lambda ids: json.dumps({"messages": [good["messages"][0], dict(good["messages"][1], token_ids=ids)]})
+    write_lines(tmp_path / "ids.jsonl", [answer([5, 7]), answer([5, "7"]), answer([5, 7.5]), answer([2 ** 40]), answer([-1])])
+    convs, skipped = data.load_conversations(str(tmp_path / "ids.jsonl"))
+    assert [list(m["token_ids"]) for c in convs for m in c if "token_ids" in m] == [[5, 7]]
+    assert skipped == {"token_ids not integers": 3, "negative token_ids": 1}
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=4, log=logs.append)
     assert len(ds) == 1 and "1 too few loss tokens" in logs[-1]  # "y", "o", <|im_end|> with this tiny vocab
     # tokenising in forked workers gives the same rows, in the same order, and the same skip counts
     write_lines(p, lines * 25)  # 75 conversations: past the 64 under which one process does it
     one, two = [], []
-    assert data.build_dataset(qwen_tokenizer(), str(p), 64, 4, log=one.append, workers=1) == \
-        data.build_dataset(qwen_tokenizer(), str(p), 64, 4, log=two.append, workers=2)
+    ds = data.build_dataset(qwen_tokenizer(), str(p), 64, 4, log=one.append, workers=1)
+    assert as_lists(ds) == as_lists(data.build_dataset(qwen_tokenizer(), str(p), 64, 4, log=two.append, workers=2))
+    # held compactly (a copy per rank: Python lists of ints took ~44 bytes a token, these 5)
+    assert all(ids.dtype == "int32" and mask.dtype == "uint8" and ids.nbytes + mask.nbytes == 5 * len(ids)
+               for conv in ds for ids, mask in conv)
     assert one == two and "25 too few loss tokens" in one[0] and "25 malformed json" in one[0]
     # a truncated JSON array (as ShareGPT's is): every whole record is read, the tail is one bad row
     arr = tmp_path / "arr.json"
@@ -1357,6 +1366,11 @@ def train_args(tmp_path, **over):
                save_interval=100, eval_prompts="", dtype="fp32", device="cpu")
     cfg.update(over)
     return [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in cfg.items()]
+
+
+def as_lists(dataset):
+    """build_dataset's rows (arrays) as lists, to compare with tokenize_conversation's."""
+    return [[(ids.tolist(), mask.tolist()) for ids, mask in conv] for conv in dataset]
 
 
 def losses(run_dir):
@@ -4382,7 +4396,7 @@ def test_regenerate_greedy_aligned_and_resumable(tmp_path):
     for conv in convs:
         ids, mask = data.tokenize_conversation(tok, conv, 512)
         a = [m for m in conv if m["role"] == "assistant"]
-        assert [i for i, m in zip(ids, mask) if m] == [t for m in a for t in m["token_ids"] + [2] * m.get("finished", True)]
+        assert [i for i, m in zip(ids, mask) if m] == [t for m in a for t in list(m["token_ids"]) + [2] * m.get("finished", True)]
     assert any(m.get("finished") is False for conv in convs for m in conv)  # 6 tokens cut some
 
 

@@ -6,6 +6,7 @@ failing with one line that names the key.
 import glob
 import os
 
+import numpy as np
 import torch
 import yaml
 
@@ -258,7 +259,8 @@ def check_rows(dataset, cfg, tokenizer, source):
     top, with_mask, rows = -1, 0, 0
     for conv in dataset:
         for ids, _ in conv:
-            top, with_mask, rows = max(top, max(ids)), with_mask + (cfg.mask_token_id in ids), rows + 1
+            ids = np.asarray(ids)
+            top, with_mask, rows = max(top, int(ids.max())), with_mask + bool((ids == cfg.mask_token_id).any()), rows + 1
     if top >= cfg.vocab_size:
         raise SystemExit(f"data error: data={source!r} holds token id {top} ({tokenizer.convert_ids_to_tokens(top)!r}), "
                          f"but the target has {cfg.vocab_size} embedding rows: the tokenizer or the rows' token_ids are not "
