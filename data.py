@@ -461,7 +461,8 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
     unused = f" (max_rows={max_rows}: {len(all_convs) - len(convs)} more unused)" if len(convs) < len(all_convs) else ""
     log(f"data: {len(all_convs) + read_skipped.total()} rows read = {skips(read_skipped)} + {len(all_convs)} "
         f"conversations; {len(convs)} tokenised{unused} = {skips(token_skipped)} + {kept} kept, "
-        f"as {sum(map(len, out))} training rows")
+        f"as {sum(map(len, out))} training rows ({sum(len(ids) for c in out for ids, _ in c):,} tokens, "
+        f"{sum(ids.nbytes + mask.nbytes for c in out for ids, mask in c) / 2**20:,.1f} MiB on each rank)")
     return out
 
 

@@ -1189,9 +1189,11 @@ def test_data_summary_adds_up_to_rows_read(tmp_path):
     logs = []
     rows = data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, max_rows=2)
     m = re.fullmatch(r"data: (\d+) rows read = (\d+) skipped \((.*)\) \+ (\d+) conversations; (\d+) tokenised "
-                     r"\(max_rows=2: (\d+) more unused\) = (\d+) skipped \((.*)\) \+ (\d+) kept, as (\d+) training rows", logs[-1])
+                     r"\(max_rows=2: (\d+) more unused\) = (\d+) skipped \((.*)\) \+ (\d+) kept, as (\d+) training rows "
+                     r"\((\d+) tokens, 0.0 MiB on each rank\)", logs[-1])
     assert m, logs
-    read, skipped, why, convs, used, unused, tok_skipped, tok_why, kept, rows_out = m.groups()
+    read, skipped, why, convs, used, unused, tok_skipped, tok_why, kept, rows_out, tokens = m.groups()
+    assert int(tokens) == sum(len(ids) for conv in rows for ids, _ in conv)
     assert (int(read), int(skipped), int(convs)) == (len(lines), 8, 3)
     assert sum(int(n) for n in re.findall(r"(\d+) [a-z]", why)) == 8
     assert (int(used), int(unused), int(tok_skipped), int(kept), int(rows_out)) == (2, 1, 1, 1, len(rows)) and len(rows) == 1
@@ -1609,7 +1611,7 @@ def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys)
     data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, workers=2)
     assert [re.sub(r" \(\d+ s, .* conversations/s, ETA \d+m\d\ds\)$", "", line) for line in logs[:2]] == [
         "data: tokenised 10/80 conversations", "data: tokenised 20/80 conversations"]
-    assert len(logs) == 8 and logs[-1].endswith("+ 80 kept, as 80 training rows")
+    assert len(logs) == 8 and re.search(r"\+ 80 kept, as 80 training rows \(([\d,]+) tokens, [\d.]+ MiB on each rank\)$", logs[-1])
     t = tiny_target()
     t.save_pretrained(tmp_path / "target")
     char_tokenizer().save_pretrained(tmp_path / "target")
