@@ -5487,27 +5487,20 @@ def test_kill_during_checkpoint_write_leaves_a_resumable_run(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("damaged", ["shard", "train_state.json", "unverified", "unreadable"])
-def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, monkeypatch, damaged):
+@pytest.mark.parametrize("damaged", ["shard", "train_state.json", "unverified"])
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, damaged):
     """A flipped byte in the newest checkpoint: the run names it and the file, moves it aside and resumes
     from the one before; the result equals the uninterrupted run. In train_state.json too, which the
-    checks before loading read (its seed flipped 0 -> 1 there: not a changed config, a damaged file), in
-    a checkpoint without checksums.json (older runs: unverified) whose train_state.json is cut short, and
-    a shard the disk cannot read (an I/O error while hashing it)."""
+    checks before loading read (its seed flipped 0 -> 1 there: not a changed config, a damaged file), and
+    in a checkpoint without checksums.json (older runs: unverified) whose train_state.json is cut short."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     assert T.main(train_args(a, save_interval=2)) == 0
     assert T.main(train_args(b, save_interval=2, stop_at_step=4)) == 0
     newest = b / "run" / "checkpoints" / "step_00000004"
-    shard = next(newest.glob("*.distcp")) if damaged in ("shard", "unreadable") else newest / "train_state.json"
+    shard = next(newest.glob("*.distcp")) if damaged == "shard" else newest / "train_state.json"
     if damaged == "shard":
         flip_byte(shard)
-    elif damaged == "unreadable":
-        def sha256(path, real=checkpoints.sha256):
-            if str(path) == str(shard):
-                raise OSError(5, "Input/output error")
-            return real(path)
-        monkeypatch.setattr(checkpoints, "sha256", sha256)
     elif damaged == "unverified":
         os.remove(newest / "checksums.json")
         shard.write_text(shard.read_text()[:100])
@@ -5518,8 +5511,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, monkeypat
     capsys.readouterr()
     assert T.main(train_args(b, save_interval=2)) == 0
     out = capsys.readouterr().out
-    said = {"unverified": "is unreadable (JSONDecodeError: ", "unreadable": "cannot be read (OSError: [Errno 5] Input/output error)"
-            }.get(damaged, "differs from the sha256 recorded")
+    said = "is unreadable (JSONDecodeError: " if damaged == "unverified" else "differs from the sha256 recorded"
     assert f"checkpoint {newest} is damaged ({shard.name} {said}" in out
     assert f"resumed from {newest.parent / 'step_00000002'} at step 2" in out
     assert (newest.parent / "step_00000004.damaged").is_dir()
