@@ -251,7 +251,11 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None, run=None,
         if thinking is False and any(str(m.get("content")).startswith("<think>") for m in answers):
             skipped["answered with thinking on; bench.py prompts with it off (regenerate --enable-thinking off)"] += 1
             continue
-        msgs, turns = data.parse_messages(row), []  # turns: (the prompt + the answer, the answer's span) of each
+        try:
+            msgs, turns = data.parse_messages(row), []  # turns: (the prompt + the answer, the answer's span) of each
+        except data.BadRow as e:  # token_ids that are no token ids, a role or content data.py cannot read
+            skipped[str(e)] += 1
+            continue
         for j in [j for j, m in enumerate(msgs) if m["role"] == "assistant"]:
             prompt = data.render_chat(tokenizer, msgs[:j], thinking, add_generation_prompt=True)
             ids, mask = data.tokenize_conversation(tokenizer, msgs[: j + 1], 1 << 30, thinking)

@@ -42,29 +42,58 @@ def other_shardings(out, num_shards):
 
 
 def _written(path):
-    """(indices already written, the first row or {}); a partial last line (a kill mid-write) is cut off first."""
+    """(indices already written, {setting: the value the first row that records it has}); a partial last line
+    (a kill mid-write) is cut off first."""
+    done, recorded, end = set(), {}, 0
     if not os.path.exists(path):
-        return set(), {}
-    with open(path, "rb") as f:
-        raw = f.read()
-    keep = raw[: raw.rfind(b"\n") + 1]
-    if len(keep) != len(raw):
-        with open(path, "wb") as f:
-            f.write(keep)
-    rows = [json.loads(line) for line in keep.decode("utf-8").split("\n") if line.strip()]
-    return {r["index"] for r in rows}, (rows[0] if rows else {})
+        return done, recorded
+    with open(path, "rb+") as f:
+        for line in f:  # one at a time: a shard's rows hold GBs of token ids
+            if not line.endswith(b"\n"):
+                break
+            end += len(line)
+            if line.strip():
+                row = json.loads(line)
+                done.add(row["index"])
+                recorded.update({k: row[k] for k in SETTINGS if k in row and k not in recorded})
+        f.truncate(end)
+    return done, recorded
 
 
-# what shapes a row's answers, recorded in each row (bench.py --replay reads "dtype", train.py "enable_thinking"):
-# a resume must write its rows as the file's first ones were written
+def _first_row(path):
+    """The first whole row of a file that another process may be writing ({} where there is none yet)."""
+    try:
+        with open(path, "rb") as f:
+            line = f.readline()
+    except FileNotFoundError:
+        return {}
+    return json.loads(line) if line.endswith(b"\n") else {}
+
+
+# what shapes a row's answers, recorded in each row (bench.py --replay reads "dtype", null through a server;
+# train.py "enable_thinking"): a resume, and the other shards, must write their rows as the first ones were
 SETTINGS = {"dtype": "--dtype", "enable_thinking": "--enable-thinking", "temperature": "--temperature",
             "max_new_tokens": "--max-new-tokens"}
 
 
-def changed_settings(first, settings):
-    """'--max-new-tokens 256 (this run: 512), ...' for the settings the file's first row recorded otherwise."""
-    return ", ".join(f"{flag} {first[k]} (this run: {settings[k]})" for k, flag in SETTINGS.items()
-                     if first.get(k) is not None and settings[k] is not None and first[k] != settings[k])
+def changed_settings(recorded, settings):
+    """'--max-new-tokens 256 (this run: --max-new-tokens 512), ...' for each setting recorded otherwise."""
+    say = lambda k, v: "a server's dtype" if k == "dtype" and v is None else f"{SETTINGS[k]} {v}"
+    return ", ".join(f"{say(k, v)} (this run: {say(k, settings[k])})" for k, v in recorded.items() if v != settings[k])
+
+
+def check_device(device):
+    """--device as a one-line error: a type other than cpu or cuda, no GPU, or a GPU index past those visible."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise SystemExit(f"regenerate error: --device {device}: give cuda, cuda:N or cpu")
+    n = torch.cuda.device_count() if d.type == "cuda" and torch.cuda.is_available() else 0
+    if d.type == "cuda" and (d.index or 0) >= n:
+        raise SystemExit(f"regenerate error: --device {device}: this machine sees {n} GPUs"
+                         + (f" (cuda:0 to cuda:{n - 1})" if n else " (a CPU build of torch, or an empty CUDA_VISIBLE_DEVICES)"))
 
 
 def writer_generation_config(target):
@@ -454,21 +483,24 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             raise SystemExit(f"regenerate error: {flag} {n}: give 1 or more")
     if not 0 <= shard < num_shards:
         raise SystemExit(f"regenerate error: --shard {shard}: give 0 to {num_shards - 1} (--num-shards {num_shards})")
-    try:
-        torch.device(device or "cpu")
-    except RuntimeError:
-        raise SystemExit(f"regenerate error: --device {device}: give cuda, cuda:N or cpu") from None
+    if device and not server:
+        check_device(device)
+    out_arg = out
     if other := other_shardings(out, num_shards):
         raise SystemExit(f"regenerate error: --out {out} already has rows written with another --num-shards ({other[0]}): "
                          "their rows overlap this run's; rerun with the --num-shards they were written with, or give another --out")
     out = shard_path(out, shard, num_shards)
-    done, first = _written(out)
+    done, recorded = _written(out)
     settings = {"dtype": None if server else writer_dtype(dtype, writer_device(shard, device)),  # a server's is unknown
                 "enable_thinking": {None: "auto", True: "on", False: "off"}[enable_thinking],
                 "temperature": temperature, "max_new_tokens": max_new_tokens}
-    if changed := changed_settings(first, settings):
+    if changed := changed_settings(recorded, settings):
         raise SystemExit(f"regenerate error: {out} holds rows written with {changed}: rerun with those to finish it, "
                          "or give another --out")
+    for other in (shard_path(out_arg, k, num_shards) for k in range(num_shards) if k != shard):
+        if changed := changed_settings({k: v for k, v in _first_row(other).items() if k in SETTINGS}, settings):
+            raise SystemExit(f"regenerate error: {other}, another shard of this --out, holds rows written with {changed}: "
+                             "give every shard the same settings, or another --out")
     if num_shards > 1:  # shards run side by side in one terminal: each line says whose it is
         log = lambda line, say=log: say(line.replace("regenerate:", f"regenerate shard {shard} of {num_shards}:", 1))
     if server:  # before any other work: a wrong URL or model fails at once
@@ -501,7 +533,7 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
         except BadRow as e:
             skipped[str(e)] += 1
             continue
-        system = [m for m in msgs[:1] if m["role"] == "system"]
+        system = [{"role": "system", "content": m["content"]} for m in msgs[:1] if m["role"] == "system"]
         users = [m["content"] for m in msgs if m["role"] == "user"][:max_turns]
         try:  # the first prompt's length orders the rows below
             first = len(render_chat(tok, system + [{"role": "user", "content": users[0]}], enable_thinking, True))
@@ -541,11 +573,10 @@ def regenerate(target, data, out, max_new_tokens=512, temperature=0.0, batch_siz
             raise SystemExit(f"regenerate error: {e} (nothing written yet: rerun to resume)")
     t0, ntok, written, cut, dropped = time.time(), 0, 0, 0, 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    decoded_in = {k: v for k, v in settings.items() if v is not None}
     with open(out, "a", encoding="utf-8") as f:
         def write(r, msgs):
             nonlocal ntok, written, cut, dropped
-            row = {"id": r["id"], "index": r["index"], **decoded_in, "messages": msgs}
+            row = {"id": r["id"], "index": r["index"], **settings, "messages": msgs}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()  # a kill leaves only whole lines (plus at most one partial, cut on resume)
             ntok += sum(len(m.get("token_ids", ())) for m in msgs if m["role"] == "assistant")
@@ -651,8 +682,7 @@ def main(argv=None):
                    a.max_prompt_tokens, False if a.no_compile else None, server=a.server, concurrency=a.concurrency,
                    served_model_name=a.served_model_name, timeout=a.timeout, dtype=a.dtype, device=a.device)
     except torch.OutOfMemoryError as e:  # the static KV cache holds --batch-size x (prompt + new tokens) slots
-        e.add_note("regenerate: to fit, lower --batch-size (or --max-prompt-tokens + --max-new-tokens); a rerun "
-                   "resumes after the rows written")
+        e.add_note("regenerate: to fit, lower --batch-size: a rerun resumes after the rows written")
         raise
     except SystemExit as e:  # bad input, found before any row is written: one line, exit 2 (as argparse, train.py)
         if isinstance(e.code, str):

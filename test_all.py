@@ -4137,7 +4137,8 @@ def test_replay_answers_follow_the_prompt_the_target_saw_on_a_template_that_rewr
     (thinking off), so the whole conversation's tokens are not turn 0's context. Replay must read each turn
     after the prompt the loop decodes it from: per turn, the loop's acceptance lengths, for a drafter fitted to
     turn 0 (long accepted runs; after the conversation's tokens it accepted 1.28 a step against the loop's 7.67).
-    Rows it cannot replay are counted: an empty answer, answers written with thinking on (not bench's prompt)."""
+    Rows it cannot replay are counted: an empty answer, answers written with thinking on (not bench's prompt),
+    token_ids that are no token ids."""
     tok = qwen_tokenizer()
     t = scaled(tiny_target(vocab=len(tok)), 30.0)
     stops, turns = data.stop_ids(tok, t), ["Name a red fruit.", "And a yellow one?"]
@@ -4158,7 +4159,8 @@ def test_replay_answers_follow_the_prompt_the_target_saw_on_a_template_that_rewr
     assert [w["tokens"] for w in want] == [r["tokens"] for r in answered]
     empty = msgs[:1] + [{"role": "assistant", "content": "", "token_ids": [], "finished": True}]  # no span to replay
     think = msgs[:1] + [dict(msgs[1], content="<think>\nred\n</think>\n\n" + msgs[1]["content"])]  # not bench's prompt
-    write_lines(tmp_path / "rows.jsonl", [json.dumps({"id": "r", "messages": m}) for m in (msgs, empty, think)])
+    floats = msgs[:1] + [dict(msgs[1], token_ids=[x + 0.5 for x in msgs[1]["token_ids"]])]  # no token ids
+    write_lines(tmp_path / "rows.jsonl", [json.dumps({"id": "r", "messages": m}) for m in (msgs, empty, think, floats)])
     args = types.SimpleNamespace(num_prompts=None, device="cpu", block_size=8, rows_dtype=None, dtype="fp32")
     with open(tmp_path / "replayed.jsonl", "w") as f:
         measure.replay_rows(t, d, tok, str(tmp_path / "rows.jsonl"), args, f)
@@ -4168,6 +4170,7 @@ def test_replay_answers_follow_the_prompt_the_target_saw_on_a_template_that_rewr
     assert sum(want[0]["acceptance"]) / len(want[0]["acceptance"]) > 4  # the drafter accepts long runs on turn 0
     out = capsys.readouterr().out
     assert "1 rows skipped: an empty answer" in out and "1 rows skipped: answered with thinking on" in out
+    assert "1 rows skipped: token_ids not integers" in out
 
 
 @need_assets
@@ -4411,8 +4414,7 @@ def test_regenerate_out_of_memory_says_what_fits(tmp_path, monkeypatch):
     with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate") as e:
         regenerate.main(["regenerate", "--target", SMOL, "--data", str(regen_input(tmp_path)), "--out",
                          str(tmp_path / "o.jsonl"), "--max-prompt-tokens", "96"])
-    assert e.value.__notes__ == ["regenerate: to fit, lower --batch-size (or --max-prompt-tokens + --max-new-tokens); "
-                                 "a rerun resumes after the rows written"]
+    assert e.value.__notes__ == ["regenerate: to fit, lower --batch-size: a rerun resumes after the rows written"]
 
 
 @need_assets
@@ -4535,6 +4537,12 @@ def test_regenerate_answers_max_turns_user_turns_and_counts_malformed_rows(tmp_p
         assert [m["content"] for m in row["messages"] if m["role"] == "user"] == ["Hi", "Name a color."][:turns]
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * turns
         assert logs[0] == f"regenerate: 1 rows to do, 0 already in {out}, skipped: {{'messages not a list': 1}}"
+    # a system turn is copied as its role and content, whatever else it carries (token_ids are read as an array)
+    system = {"role": "system", "content": "Be brief.", "token_ids": [1, 2]}
+    write_lines(tmp_path / "sys.jsonl", [json.dumps({"messages": [system, {"role": "user", "content": "Hi"}]})])
+    out = regenerate.regenerate(SMOL, str(tmp_path / "sys.jsonl"), str(tmp_path / "sys.out.jsonl"), max_new_tokens=1,
+                                max_prompt_tokens=96, log=lambda s: None)
+    assert read_out(out)[0]["messages"][0] == {"role": "system", "content": "Be brief."}
 
 
 @need_assets
@@ -4586,23 +4594,52 @@ def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, 
         assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
     with pytest.raises(pytest.fail.Exception, match="the target's config was read"):  # past the check: the same count
         regenerate.main(base)
-    # a resume with settings other than those its rows record (above: rows of before they were recorded resume)
-    write_lines(out, [json.dumps({"index": 0, "dtype": "fp32", "enable_thinking": "auto", "temperature": 0.0,
-                                  "max_new_tokens": 512})])
-    for more, said in ((["--max-new-tokens", "256"], "--max-new-tokens 512 (this run: 256)"),
-                       (["--temperature", "0.7", "--enable-thinking", "off"],
-                        "--enable-thinking auto (this run: off), --temperature 0.0 (this run: 0.7)"),
-                       (["--dtype", "bf16"], "--dtype fp32 (this run: bf16)")):
+    # a resume with settings other than its rows record (above: rows of before they were recorded resume); each
+    # setting as the first row that records it has it (rows of before temperature was recorded, then rows with it)
+    rec = dict(dtype="fp32", enable_thinking="auto", temperature=0.0, max_new_tokens=512)
+    write_lines(out, [json.dumps({"index": 0, "dtype": "fp32", "enable_thinking": "auto"}), json.dumps({"index": 2, **rec})])
+    for more, said in ((["--max-new-tokens", "256"], "--max-new-tokens 512 (this run: --max-new-tokens 256)"),
+                       (["--temperature", "0.7", "--enable-thinking", "off"], "--enable-thinking auto (this run: "
+                        "--enable-thinking off), --temperature 0.0 (this run: --temperature 0.7)"),
+                       (["--dtype", "bf16"], "--dtype fp32 (this run: --dtype bf16)"),
+                       (["--server", "http://127.0.0.1:9"], "--dtype fp32 (this run: a server's dtype)")):
         said = f"regenerate error: {out} holds rows written with {said}: rerun with those to finish it, or give another --out"
         with pytest.raises(SystemExit, match=re.escape(said)) as e:
             regenerate.main(base + ["--device", "cpu"] + more)
         assert e.value.code == 2 and capsys.readouterr().err == said + "\n"
+    write_lines(out, [json.dumps({"index": 0, **rec, "dtype": None})])  # rows written through a server: not in process
+    with pytest.raises(SystemExit, match=re.escape("holds rows written with a server's dtype (this run: --dtype fp32)")):
+        regenerate.main(base + ["--device", "cpu"])
+    capsys.readouterr()
+    write_lines(out, [json.dumps({"index": 0, **rec})])
     with pytest.raises(pytest.fail.Exception, match="the target's config was read"):  # the same settings resume
         regenerate.main(base + ["--device", "cpu", "--dtype", "fp32"])
-    with pytest.raises(SystemExit, match=re.escape("regenerate error: --device gpu: give cuda, cuda:N or cpu")) as e:
-        regenerate.main(base + ["--device", "gpu"])
-    assert e.value.code == 2 and capsys.readouterr().err == f"{e.value}\n"
-    out.unlink()
+    # another shard of the --out written otherwise (its first row: another process may be writing the file)
+    out.rename(tmp_path / "o.01-of-02.jsonl")
+    (tmp_path / "o.01-of-02.jsonl").open("a").write('{"index": 3, "temper')
+    said = (f"regenerate error: {tmp_path / 'o.01-of-02.jsonl'}, another shard of this --out, holds rows written with "
+            "--max-new-tokens 512 (this run: --max-new-tokens 64): give every shard the same settings, or another --out")
+    with pytest.raises(SystemExit, match=re.escape(said)):
+        regenerate.main(base + ["--device", "cpu", "--num-shards", "2", "--max-new-tokens", "64"])
+    assert (tmp_path / "o.01-of-02.jsonl").read_text().endswith('"temper') and said.split("error: ")[1] in capsys.readouterr().err  # never cut
+    with pytest.raises(pytest.fail.Exception, match="the target's config was read"):
+        regenerate.main(base + ["--device", "cpu", "--num-shards", "2"])
+    (tmp_path / "o.01-of-02.jsonl").unlink()
+    # --device: a type that is not cpu or cuda, a GPU this machine does not have
+    cuda = (torch.cuda.is_available, torch.cuda.device_count)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, said in (("gpu", "give cuda, cuda:N or cpu"), ("mps", "give cuda, cuda:N or cpu"),
+                         ("cuda", "this machine sees 0 GPUs (a CPU build of torch, or an empty CUDA_VISIBLE_DEVICES)")):
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: --device {device}: {said}")) as e:
+            regenerate.main(base + ["--device", device])
+        assert e.value.code == 2 and capsys.readouterr().err == f"{e.value}\n"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit, match=re.escape("regenerate error: --device cuda:2: this machine sees 2 GPUs (cuda:0 to cuda:1)")):
+        regenerate.main(base + ["--device", "cuda:2"])
+    capsys.readouterr()
+    monkeypatch.setattr(torch.cuda, "is_available", cuda[0])
+    monkeypatch.setattr(torch.cuda, "device_count", cuda[1])
     monkeypatch.setattr(regenerate.targets, "load_target_config", lambda t: None)
     monkeypatch.setattr(regenerate, "check_batch_decodable", lambda c: None)
     monkeypatch.setattr(regenerate, "read_rows", data.read_rows)
@@ -4859,7 +4896,8 @@ def test_regenerate_through_a_server_writes_the_local_rows(tmp_path):
     inp = regen_input(tmp_path)
     local = read_out(regenerate.regenerate(SMOL, str(inp), str(tmp_path / "local.jsonl"), batch_size=4, **REGEN))
     assert sorted(local) == [0, 1, 2, 3]
-    assert {r.pop("dtype") for r in local.values()} == {"fp32"}  # the local rows' dtype; a server's is unknown: none
+    assert {r["dtype"] for r in local.values()} == {"fp32"}  # the local rows' dtype; a server's is unknown: null
+    local = {i: dict(r, dtype=None) for i, r in local.items()}
     for return_ids in (True, False):  # the server's token ids, or its text re-tokenised
         with CompletionServer(return_ids=return_ids) as srv:
             out = tmp_path / f"server{return_ids}.jsonl"

@@ -366,8 +366,8 @@ def main(argv=None):
             return train(c)
         except torch.OutOfMemoryError as e:  # torch's message says how much; ours, which keys to turn
             e.add_note("dflash-train: to fit, halve batch_size and double grad_accum (the same sequences per step: "
-                       "a rerun resumes), lower ce_chunk_tokens, or set shard_target: true; fewer num_anchors or a "
-                       "shorter max_length fit too, but train otherwise")
+                       "a rerun resumes), lower ce_chunk_tokens, or set shard_target: true; fewer num_anchors fit too "
+                       "but train otherwise, a shorter max_length in a new out_dir")
             raise
 
 
