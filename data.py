@@ -169,10 +169,11 @@ def parse_messages(row, need_assistant=True):
         if isinstance(t.get("token_ids"), list):  # an array: 4 bytes an id, where a list of Python ints takes ~36
             try:
                 m["token_ids"] = array.array("i", t["token_ids"])
+                ok = not m["token_ids"] or min(m["token_ids"]) >= 0
             except (TypeError, OverflowError):
-                raise BadRow("token_ids not integers") from None
-            if m["token_ids"] and min(m["token_ids"]) < 0:
-                raise BadRow("negative token_ids")
+                ok = False
+            if not ok:
+                raise BadRow("token_ids not token ids (integers from 0)")
         if t.get("finished") is False:
             m["finished"] = False
         msgs.append(m)

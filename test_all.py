@@ -1139,7 +1139,7 @@ def test_malformed_rows_counted(tmp_path):
     write_lines(tmp_path / "ids.jsonl", [answer([5, 7]), answer([5, "7"]), answer([5, 7.5]), answer([2 ** 40]), answer([-1])])
     convs, skipped = data.load_conversations(str(tmp_path / "ids.jsonl"))
     assert [list(m["token_ids"]) for c in convs for m in c if "token_ids" in m] == [[5, 7]]
-    assert skipped == {"token_ids not integers": 3, "negative token_ids": 1}
+    assert skipped == {"token_ids not token ids (integers from 0)": 4}
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=4, log=logs.append)
     assert len(ds) == 1 and "1 too few loss tokens" in logs[-1]  # "y", "o", <|im_end|> with this tiny vocab
     # tokenising in forked workers gives the same rows, in the same order, and the same skip counts
@@ -4170,7 +4170,7 @@ def test_replay_answers_follow_the_prompt_the_target_saw_on_a_template_that_rewr
     assert sum(want[0]["acceptance"]) / len(want[0]["acceptance"]) > 4  # the drafter accepts long runs on turn 0
     out = capsys.readouterr().out
     assert "1 rows skipped: an empty answer" in out and "1 rows skipped: answered with thinking on" in out
-    assert "1 rows skipped: token_ids not integers" in out
+    assert "1 rows skipped: token_ids not token ids (integers from 0)" in out
 
 
 @need_assets
