@@ -47,7 +47,7 @@ def _written(path):
     done, recorded, end = set(), {}, 0
     if not os.path.exists(path):
         return done, recorded
-    with open(path, "rb+") as f:
+    with open(path, "rb") as f:
         for line in f:  # one at a time: a shard's rows hold GBs of token ids
             if not line.endswith(b"\n"):
                 break
@@ -56,7 +56,8 @@ def _written(path):
                 row = json.loads(line)
                 done.add(row["index"])
                 recorded.update({k: row[k] for k in SETTINGS if k in row and k not in recorded})
-        f.truncate(end)
+    if end < os.path.getsize(path):
+        os.truncate(path, end)
     return done, recorded
 
 
