@@ -389,7 +389,7 @@ def _tokenize_range(bounds):
         except Exception as e:  # a template that raises on this row (e.g. "roles must alternate")
             skipped[f"template error ({type(e).__name__})"] += 1
             continue
-        # kept as arrays: 5 bytes a token where lists of Python ints take ~44 (an 8-GPU host holds a copy per rank)
+        # kept as arrays: 5 bytes a token where lists of Python ints took ~40 (an 8-GPU host holds a copy per rank)
         rows = [(np.array(ids, np.int32), np.array(mask, np.uint8)) for ids, mask in rows if sum(mask) >= min_loss_tokens]
         if not rows:
             skipped["too few loss tokens"] += 1
