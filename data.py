@@ -166,13 +166,12 @@ def parse_messages(row, need_assistant=True):
         if not isinstance(content, str):
             raise BadRow("non-string content")
         m = {"role": ROLES[role.lower()], "content": content}
-        if isinstance(t.get("token_ids"), list):  # an array: 4 bytes an id, where a list of Python ints takes ~36
+        if (ids := t.get("token_ids")) is not None:  # an array: 4 bytes an id, where a list of Python ints takes ~36
             try:
-                m["token_ids"] = array.array("i", t["token_ids"])
-                ok = not m["token_ids"] or min(m["token_ids"]) >= 0
+                m["token_ids"] = array.array("i", ids)
             except (TypeError, OverflowError):
-                ok = False
-            if not ok:
+                ids = None
+            if not isinstance(ids, list) or (ids and min(m["token_ids"]) < 0):
                 raise BadRow("token_ids not token ids (integers from 0)")
         if t.get("finished") is False:
             m["finished"] = False

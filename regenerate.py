@@ -65,10 +65,17 @@ def _first_row(path):
     """The first whole row of a file that another process may be writing ({} where there is none yet)."""
     try:
         with open(path, "rb") as f:
-            line = f.readline()
+            line = next((line for line in f if line.strip() or not line.endswith(b"\n")), b"")
     except FileNotFoundError:
         return {}
-    return json.loads(line) if line.endswith(b"\n") else {}
+    try:
+        row = json.loads(line) if line.endswith(b"\n") else {}
+    except ValueError:
+        row = None
+    if not isinstance(row, dict):
+        raise SystemExit(f"regenerate error: {path}, another shard of this --out, does not start with a row regenerate "
+                         "writes: give another --out, or remove that file")
+    return row
 
 
 # what shapes a row's answers, recorded in each row (bench.py --replay reads "dtype", null through a server;
@@ -79,7 +86,8 @@ SETTINGS = {"dtype": "--dtype", "enable_thinking": "--enable-thinking", "tempera
 
 def changed_settings(recorded, settings):
     """'--max-new-tokens 256 (this run: --max-new-tokens 512), ...' for each setting recorded otherwise."""
-    say = lambda k, v: "a server's dtype" if k == "dtype" and v is None else f"{SETTINGS[k]} {v}"
+    say = lambda k, v: ("a server's dtype" if k == "dtype" and v is None else "no --enable-thinking" if v == "auto"
+                        else f"{SETTINGS[k]} {v}")
     return ", ".join(f"{say(k, v)} (this run: {say(k, settings[k])})" for k, v in recorded.items() if v != settings[k])
 
 

@@ -1136,10 +1136,11 @@ def test_malformed_rows_counted(tmp_path):
     assert "1 no assistant content" in logs[0] and "1 malformed json" in logs[0]
     # regenerated ids: held as an array; ids that are not token ids are a malformed row, not a crash at step 1
     answer = lambda ids: json.dumps({"messages": [good["messages"][0], dict(good["messages"][1], token_ids=ids)]})
-    write_lines(tmp_path / "ids.jsonl", [answer([5, 7]), answer([5, "7"]), answer([5, 7.5]), answer([2 ** 40]), answer([-1])])
+    bad = [[5, "7"], [5, 7.5], [2 ** 40], [-1], "5 7", {"0": 5}, 7]
+    write_lines(tmp_path / "ids.jsonl", [answer([5, 7]), answer(None), *map(answer, bad)])
     convs, skipped = data.load_conversations(str(tmp_path / "ids.jsonl"))
-    assert [list(m["token_ids"]) for c in convs for m in c if "token_ids" in m] == [[5, 7]]
-    assert skipped == {"token_ids not token ids (integers from 0)": 4}
+    assert [list(m["token_ids"]) for c in convs for m in c if "token_ids" in m] == [[5, 7]] and len(convs) == 2
+    assert skipped == {"token_ids not token ids (integers from 0)": len(bad)}
     ds = data.build_dataset(qwen_tokenizer(), str(p), max_length=64, min_loss_tokens=4, log=logs.append)
     assert len(ds) == 1 and "1 too few loss tokens" in logs[-1]  # "y", "o", <|im_end|> with this tiny vocab
     # tokenising in forked workers gives the same rows, in the same order, and the same skip counts
@@ -4599,7 +4600,7 @@ def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, 
     rec = dict(dtype="fp32", enable_thinking="auto", temperature=0.0, max_new_tokens=512)
     write_lines(out, [json.dumps({"index": 0, "dtype": "fp32", "enable_thinking": "auto"}), json.dumps({"index": 2, **rec})])
     for more, said in ((["--max-new-tokens", "256"], "--max-new-tokens 512 (this run: --max-new-tokens 256)"),
-                       (["--temperature", "0.7", "--enable-thinking", "off"], "--enable-thinking auto (this run: "
+                       (["--temperature", "0.7", "--enable-thinking", "off"], "no --enable-thinking (this run: "
                         "--enable-thinking off), --temperature 0.0 (this run: --temperature 0.7)"),
                        (["--dtype", "bf16"], "--dtype fp32 (this run: --dtype bf16)"),
                        (["--server", "http://127.0.0.1:9"], "--dtype fp32 (this run: a server's dtype)")):
@@ -4624,6 +4625,16 @@ def test_regenerate_bad_arguments_and_data_stop_before_anything_loads(tmp_path, 
     assert (tmp_path / "o.01-of-02.jsonl").read_text().endswith('"temper') and said.split("error: ")[1] in capsys.readouterr().err  # never cut
     with pytest.raises(pytest.fail.Exception, match="the target's config was read"):
         regenerate.main(base + ["--device", "cpu", "--num-shards", "2"])
+    sibling = tmp_path / "o.01-of-02.jsonl"  # its first row after blank lines; a file that is no rows: named
+    sibling.write_text("\n\n" + json.dumps({"index": 1, **rec, "dtype": "bf16"}) + "\n")
+    with pytest.raises(SystemExit, match=re.escape("--dtype bf16 (this run: --dtype fp32)")):
+        regenerate.main(base + ["--device", "cpu", "--num-shards", "2"])
+    for text in ("[1, 2]\n", "not json\n"):
+        sibling.write_text(text)
+        with pytest.raises(SystemExit, match=re.escape(f"regenerate error: {sibling}, another shard of this --out, does "
+                                                       "not start with a row regenerate writes: give another --out, or remove that file")):
+            regenerate.main(base + ["--device", "cpu", "--num-shards", "2"])
+    capsys.readouterr()
     (tmp_path / "o.01-of-02.jsonl").unlink()
     # --device: a type that is not cpu or cuda, a GPU this machine does not have
     cuda = (torch.cuda.is_available, torch.cuda.device_count)
