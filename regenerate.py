@@ -116,14 +116,15 @@ def writer_generation_config(target):
 
 def writer_device(shard=0, device=None):
     """Where this process's target runs: --device if given; else, on a GPU machine, the GPU of its local
-    rank (LOCAL_RANK, as torchrun and most launchers set it) or of its shard (shard k on GPU k mod the
-    GPUs it sees: CUDA_VISIBLE_DEVICES narrows those), so one process per shard fills one GPU each."""
+    rank (LOCAL_RANK, as torchrun and most launchers set it) or of its shard, modulo the GPUs it sees
+    (CUDA_VISIBLE_DEVICES narrows those: a launcher that gives each process one sees it as cuda:0), so
+    one process per shard fills one GPU each."""
     if device:
         return device
     if not torch.cuda.is_available():
         return "cpu"
     local = os.environ.get("LOCAL_RANK")
-    return f"cuda:{int(local) if local is not None else shard % torch.cuda.device_count()}"
+    return f"cuda:{(int(local) if local is not None else shard) % torch.cuda.device_count()}"
 
 
 def writer_dtype(dtype, device):

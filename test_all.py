@@ -4453,8 +4453,11 @@ def test_regeneration_shards_take_their_own_gpus(tmp_path, monkeypatch):
     assert [regenerate.writer_device(k) for k in range(10)] == [f"cuda:{k}" for k in range(8)] + ["cuda:0", "cuda:1"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES=K: the one GPU it sees
     assert regenerate.writer_device(5) == "cuda:0"
-    monkeypatch.setenv("LOCAL_RANK", "2")
-    assert regenerate.writer_device(0) == "cuda:2" and regenerate.writer_device(0, "cpu") == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "2")  # a launcher that narrows each process to one GPU, and sets LOCAL_RANK
+    assert regenerate.writer_device(0) == "cuda:0" and regenerate.writer_device(0, "cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert regenerate.writer_device(0) == "cuda:2"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     # the command line as the README writes it: shards 0 and 1 ask for two different GPUs
     monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
