@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -1712,14 +1713,14 @@ def test_out_of_memory_says_which_keys_fit_and_the_split_resumes(tmp_path, monke
     loss, calls = M.dflash_loss, []
     def dflash_loss(*args, **kw):
         calls.append(1)
-        if len(calls) == 4:  # step 3
+        if len(calls) == 4:  # step 4: one call a step
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return loss(*args, **kw)
     monkeypatch.setattr(M, "dflash_loss", dflash_loss)
     with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate") as e:
         T.main(train_args(b, save_interval=2, batch_size=2))
     assert e.value.__notes__[0].startswith("dflash-train: to fit, halve batch_size and double grad_accum")
-    assert sorted(os.listdir(b / "run" / "checkpoints")) == ["step_00000002"]  # it failed at step 3
+    assert sorted(os.listdir(b / "run" / "checkpoints")) == ["step_00000002"]  # it failed at step 4
     monkeypatch.setattr(M, "dflash_loss", loss)
     assert T.main(train_args(b, save_interval=2, batch_size=1, grad_accum=2)) == 0
     assert losses(b / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
@@ -1813,7 +1814,7 @@ def test_two_rank_gloo_run_matches_one_rank(tmp_path, over):
     assert val(b / "run", "val_loss") == pytest.approx(val(a / "run", "val_loss"), rel=1e-5)  # approx: not of tuples
     if over:
         return
-    # the frozen target sharded too (targets that do not fit one GPU): the same maths
+    # the frozen target sharded too: the same maths
     c = tmp_path / "c"
     c.mkdir()
     r = run_train(train_args(c, batch_size=1, max_steps=3, val_rows=5, shard_target=True), nproc=2)
@@ -2032,6 +2033,47 @@ def test_export_describes_the_drafter_not_the_targets_mlp_or_quantization(tmp_pa
         assert target_config.get("quantization_config") == tc.get("quantization_config") == (fp8 if i else None)
     with pytest.raises(ValueError, match=r"hidden_act='relu2', but a DFlash drafter's MLP is SiLU-gated"):
         C.config_from_serving({**raw, "hidden_act": "relu2"})
+
+
+SIGTERM_AT_CALL = """import os, signal, sys
+sys.path.insert(0, {here!r})
+import model as M, train as T
+loss, calls = M.dflash_loss, []
+def dflash_loss(*a, **kw):  # rank {rank} gets a SIGTERM during its step {at} (one call a step)
+    calls.append(1)
+    if len(calls) == {at} and os.environ.get("RANK", "0") == "{rank}":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return loss(*a, **kw)
+M.dflash_loss = dflash_loss
+code = T.main(sys.argv[1:])
+sys.stdout.flush()
+os._exit(code)  # as train.py's own exit: no Python shutdown under a live gloo group
+"""
+
+
+def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    """A SIGTERM (a scheduler preempting the job; torchrun passes its own on) ends the step under way, checkpoints
+    and stops, where it killed the process mid-step and lost the steps since the last checkpoint. With 2 ranks
+    only rank 1 gets it: both stop after that step (the flag rides the step's loss all-reduce). Rerun, the run
+    equals one never stopped. Outside the loop SIGTERM is the default again (it kills during setup)."""
+    a, b, c, d = tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d"
+    for run in (a, b, c, d):
+        run.mkdir()
+    assert T.main(train_args(a, batch_size=2, max_steps=6)) == 0
+    for run, nproc, batch in ((b, 1, 2), (c, 2, 1)):
+        script = run / "sigterm_at_call.py"
+        script.write_text(SIGTERM_AT_CALL.format(here=HERE, rank=nproc - 1, at=3))
+        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if nproc > 1 else [])
+        r = subprocess.run(cmd + [str(script)] + train_args(run, batch_size=batch, max_steps=6), cwd=HERE,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "stopped by SIGTERM after step 3; to continue, run the same command" in r.stdout
+        assert sorted(os.listdir(run / "run" / "checkpoints")) == ["step_00000003"]
+        r = run_train(train_args(run, batch_size=batch, max_steps=6), nproc=nproc)
+        assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+        assert losses(run / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
+    before = signal.getsignal(signal.SIGTERM)
+    assert T.main(train_args(d, batch_size=2, max_steps=1)) == 0 and signal.getsignal(signal.SIGTERM) == before
 
 
 def test_export_states_the_input_embedding_scale_training_used(tmp_path, capsys):

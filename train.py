@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import sys
 import time
 
@@ -283,8 +284,8 @@ def train_step(r, batches, step):
         counts["samples"] += input_ids.shape[0]
         counts["tokens"] += int(loss_mask.numel())
         counts["flops"] += input_ids.shape[0] * (r.flops[0] * input_ids.shape[1] + r.flops[1])
-    totals = torch.stack([loss_sum, weight_sum])
-    dist.all_reduce(totals)
+    totals = torch.stack([loss_sum, weight_sum, torch.full_like(loss_sum, len(r.sigterm))])
+    dist.all_reduce(totals)  # and whether any rank got a SIGTERM: all stop after the same step
     # FSDP averages gradients over ranks; undo that and divide by the global weight instead
     scale = r.world / totals[1].clamp(min=1e-6)
     for p in r.drafter.parameters():
@@ -293,10 +294,10 @@ def train_step(r, batches, step):
     grad_norm = torch.nn.utils.clip_grad_norm_(r.drafter.parameters(), c["grad_clip"] or math.inf)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    loss, grad_norm = torch.stack([totals[0] / totals[1].clamp(min=1e-6), grad_norm]).tolist()  # one host sync
+    loss, grad_norm, term = torch.stack([totals[0] / totals[1].clamp(min=1e-6), grad_norm, totals[2]]).tolist()
     slots = torch.stack([stats["correct_per_slot"], stats["count_per_slot"]])
     dist.all_reduce(slots)  # one collective for both per-slot sums
-    return loss, grad_norm, slots, position, batch["epoch"], counts
+    return loss, grad_norm, slots, position, batch["epoch"], counts, term > 0
 
 
 class Meter:
@@ -362,6 +363,7 @@ def checkpoint(r, step, position, skipped, bad_steps, meter):
 def main(argv=None):
     c = parse_config(sys.argv[1:] if argv is None else argv)
     with lock_run(c["out_dir"]) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext():  # others follow
+        before = signal.getsignal(signal.SIGTERM)
         try:
             return train(c)
         except torch.OutOfMemoryError as e:  # torch's message says how much; ours, which keys to turn
@@ -369,6 +371,8 @@ def main(argv=None):
                        "a rerun resumes), lower ce_chunk_tokens, or set shard_target: true; fewer num_anchors fit too "
                        "but train otherwise, a shorter max_length in a new out_dir")
             raise
+        finally:
+            signal.signal(signal.SIGTERM, before)  # the loop's handler ends with it
 
 
 def train(c):
@@ -406,12 +410,14 @@ def train(c):
     if resume:
         validate_and_evaluate(r, step, done[0])
 
-    # --- the loop
+    # --- the loop (a SIGTERM, a scheduler preempting the job, ends the step under way, checkpoints and stops)
+    r.sigterm = []
+    signal.signal(signal.SIGTERM, lambda *a: r.sigterm.append(1))
     while step < r.total_steps:
         lr = get_lr(step, r.total_steps, c)
         for group in r.optimizer.param_groups:
             group["lr"] = lr
-        loss, grad_norm, slots, position, epoch, counts = train_step(r, batches, step)
+        loss, grad_norm, slots, position, epoch, counts, term = train_step(r, batches, step)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             bad_steps = 0
             with torch.profiler.record_function("dflash: optimizer"):
@@ -426,7 +432,7 @@ def train(c):
         if meter.n and (step % c["log_interval"] == 0 or step == r.total_steps):
             meter.log(step, lr, grad_norm, epoch, skipped)
         too_bad = bad_steps >= c["max_bad_steps"]
-        stopping_here = too_bad or (step == c["stop_at_step"] and step < r.total_steps)
+        stopping_here = too_bad or ((term or step == c["stop_at_step"]) and step < r.total_steps)
         if stopping_here or (c["save_interval"] > 0 and (step % c["save_interval"] == 0 or step == r.total_steps)):
             path = checkpoint(r, step, position, skipped, bad_steps, meter)
             if c["export_every_save"] and step != r.total_steps and not too_bad:
@@ -438,7 +444,8 @@ def train(c):
             return 1
         validate_and_evaluate(r, step)
         if stopping_here:
-            r.log(f"stop_at_step={step} reached; to continue, run the same command with a later stop_at_step or none")
+            r.log(f"stopped by SIGTERM after step {step}; to continue, run the same command" if term else
+                  f"stop_at_step={step} reached; to continue, run the same command with a later stop_at_step or none")
             close_run(r)
             return 0
 
