@@ -2055,23 +2055,28 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path
     """A SIGTERM (a scheduler preempting the job; torchrun passes its own on) ends the step under way, checkpoints
     and stops, where it killed the process mid-step and lost the steps since the last checkpoint. With 2 ranks
     only rank 1 gets it: both stop after that step (the flag rides the step's loss all-reduce). Rerun, the run
-    equals one never stopped. Outside the loop SIGTERM is the default again (it kills during setup)."""
+    equals one never stopped, with the validation due at the stopped step run once, by the rerun at its start (a
+    preempted run is given seconds). Outside the loop SIGTERM is the default again (it kills during setup)."""
     a, b, c, d = tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d"
     for run in (a, b, c, d):
         run.mkdir()
-    assert T.main(train_args(a, batch_size=2, max_steps=6)) == 0
+    more = dict(max_steps=6, val_rows=5, val_interval=3)
+    assert T.main(train_args(a, batch_size=2, **more)) == 0
+    val = lambda run: [(v["step"], v["val_loss"]) for v in map(json.loads, open(run / "run" / "metrics.jsonl")) if "val_loss" in v]
     for run, nproc, batch in ((b, 1, 2), (c, 2, 1)):
         script = run / "sigterm_at_call.py"
         script.write_text(SIGTERM_AT_CALL.format(here=HERE, rank=nproc - 1, at=3))
         cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if nproc > 1 else [])
-        r = subprocess.run(cmd + [str(script)] + train_args(run, batch_size=batch, max_steps=6), cwd=HERE,
+        r = subprocess.run(cmd + [str(script)] + train_args(run, batch_size=batch, **more), cwd=HERE,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
-        assert "stopped by SIGTERM after step 3; to continue, run the same command" in r.stdout
+        assert "stopped by SIGTERM after step 3; to continue, run the same command" in r.stdout and not val(run)
         assert sorted(os.listdir(run / "run" / "checkpoints")) == ["step_00000003"]
-        r = run_train(train_args(run, batch_size=batch, max_steps=6), nproc=nproc)
+        r = run_train(train_args(run, batch_size=batch, **more), nproc=nproc)
         assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
         assert losses(run / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
+        assert [s for s, _ in val(run)] == [s for s, _ in val(a)] == [3, 6]
+        assert [v for _, v in val(run)] == pytest.approx([v for _, v in val(a)], rel=1e-5)
     before = signal.getsignal(signal.SIGTERM)
     assert T.main(train_args(d, batch_size=2, max_steps=1)) == 0 and signal.getsignal(signal.SIGTERM) == before
 

@@ -442,7 +442,8 @@ def train(c):
                   f"the last good weights are in {path}")
             close_run(r)
             return 1
-        validate_and_evaluate(r, step)
+        if not term:  # a preempted run is given seconds: the rerun validates and evaluates this step at its start
+            validate_and_evaluate(r, step)
         if stopping_here:
             r.log(f"stopped by SIGTERM after step {step}; to continue, run the same command" if term else
                   f"stop_at_step={step} reached; to continue, run the same command with a later stop_at_step or none")
