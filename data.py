@@ -469,16 +469,17 @@ def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_think
 # -----------------------------------------------------------------------------
 # batching
 
-def recorded(paths, key, limit=None):
-    """{value: path} of what `regenerate` recorded in each row under key ("dtype", "enable_thinking") over the
-    first `limit` rows of each path; {} where no row says (other data, older rows, a server's dtype)."""
-    seen = {}
+def recorded(paths, keys, limit=None):
+    """{key: {value: path}} of what `regenerate` recorded under each key ("dtype", "temperature", ...) in the first
+    `limit` rows of each path, in one pass; {} for a key no row records (other data, older rows, a server's dtype)."""
+    seen = {k: {} for k in keys}
     for path in paths:
         for i, row in read_rows(path):
             if limit and i >= limit:
                 break
-            if isinstance(row, dict) and row.get(key) is not None:
-                seen.setdefault(row[key], path)
+            for k in keys if isinstance(row, dict) else ():
+                if row.get(k) is not None:
+                    seen[k].setdefault(row[k], path)
     return seen
 
 

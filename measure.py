@@ -202,15 +202,16 @@ def replay_dtype(paths, limit=None):
     """The dtype ("bf16", "fp32") the regenerated rows' greedy answers were decoded in, as data.py regenerate
     records it in each row; None where no row says (older rows, a server's). ValueError if the rows disagree,
     or were sampled (their tau would be no greedy tau)."""
-    for t, path in data.recorded(paths, "temperature", limit).items():
+    seen = data.recorded(paths, ("temperature", "dtype"), limit)
+    for t, path in seen["temperature"].items():
         if t > 0:
             raise ValueError(f"--replay {path}: its rows were regenerated at --temperature {t}; replay reads greedy "
                              "answers: regenerate them with --temperature 0")
-    seen = data.recorded(paths, "dtype", limit)
-    if len(seen) > 1:
-        raise ValueError("--replay rows regenerated in different dtypes (" + ", ".join(f"{d}: {p}" for d, p in seen.items())
+    dtypes = seen["dtype"]
+    if len(dtypes) > 1:
+        raise ValueError("--replay rows regenerated in different dtypes (" + ", ".join(f"{d}: {p}" for d, p in dtypes.items())
                          + "): replay each dtype's rows in a run of its own")
-    return next(iter(seen), None)
+    return next(iter(dtypes), None)
 
 
 def count_rows(path, limit=None):

@@ -1236,7 +1236,7 @@ def test_jsonl_is_read_a_line_at_a_time(tmp_path):
     tracemalloc.start()
     try:
         assert sum(1 for _ in data.read_rows(str(tmp_path / "big.jsonl"))) == 20_000
-        assert data.recorded([str(tmp_path / "big.jsonl")], "dtype", limit=1) == {"bf16": str(tmp_path / "big.jsonl")}
+        assert data.recorded([str(tmp_path / "big.jsonl")], ("dtype",), limit=1) == {"dtype": {"bf16": str(tmp_path / "big.jsonl")}}
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

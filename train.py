@@ -137,7 +137,8 @@ def setup(c):
             raise SystemExit("config error: data from conversations needs a target folder with a tokenizer")
         thinking = {"auto": None, "on": True, "off": False}[c["enable_thinking"]]
         files = [f for f in sorted(glob.glob(c["data"])) if os.path.isfile(f)]  # their first rows: cheap
-        other = {m: f for m, f in D.recorded(files, "enable_thinking", limit=1).items() if m != c["enable_thinking"]}
+        modes = D.recorded(files, ("enable_thinking",), limit=1)["enable_thinking"]
+        other = {m: f for m, f in modes.items() if m != c["enable_thinking"]}
         if other and D.has_thinking_switch(r.tokenizer):
             mode, f = next(iter(other.items()))
             raise SystemExit(f"config error: enable_thinking={c['enable_thinking']}, but {f} was regenerated with "
