@@ -8,6 +8,8 @@ never costs more than the steps since the last checkpoint.
     RUN/train_config.json     the resolved config, and "stretches": from which step which values held
                               (train_config.check_resume says which keys a resume may change)
     RUN/drafter/              the serving folder, exported at the end
+    RUN/rows/                 the tokenised training rows, one part per rank that tokenised them, and key.json
+                              (written last): what made them (data, tokenizer and data.py's bytes, settings)
     RUN/.lock                 locked by the train.py running the run (its pid inside): a second one stops
     RUN/wandb_run_id          with wandb=true: the W&B run every invocation of the run logs to
 
@@ -15,6 +17,8 @@ A checkpoint is written into step_N.tmp and renamed when complete; a folder whos
 checksums is named, set aside as step_N.damaged, and the run resumes from the one before. Serving
 folders (convert.py) carry the same checksums.json.
 """
+import collections
+import glob
 import hashlib
 import json
 import os
@@ -22,6 +26,7 @@ import re
 import shutil
 import signal
 
+import numpy as np
 import torch.distributed as dist
 
 
@@ -278,6 +283,99 @@ def load_checkpoint(path, drafter, optimizer):
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(drafter, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenised rows: a start splits the tokenising between the ranks (each writes its part; every rank
+# reads them all, memory-mapped: a host's ranks share one copy), and a resume reads them instead of
+# tokenising again (at ~800 K conversations, minutes of every rank's cores)
+
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
+
+
+def rows_key(data, target, code, settings):
+    """sha256 of what tokenising reads: the data's files (a glob's, a saved dataset's folder; a hub dataset by its
+    name, in `settings`), the target folder's files but its weights (the tokenizer and its chat template), `code`
+    (data.py) and the settings. Rows are read from the run's folder only where tokenising again gives the same."""
+    files = []
+    for path in sorted(glob.glob(data)):
+        files += sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names) if os.path.isdir(path) else [path]
+    files += sorted(os.path.join(target, n) for n in os.listdir(target) if not n.endswith(WEIGHTS)
+                    and os.path.isfile(os.path.join(target, n))) + [code]
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for f in files:
+        h.update(f"{os.path.abspath(f)} {sha256(f)}".encode())
+    return h.hexdigest()
+
+
+def cached_rows(out_dir, key, tokenize, rank, world, log):
+    """(rows, counts): the run's tokenised rows and their data line's counts. Where RUN/rows holds rows of key()
+    (rank 0 computes it), they are read; otherwise rank k runs tokenize(k, world) and writes part k, and every rank
+    reads all the parts."""
+    folder, barrier = os.path.join(out_dir, "rows"), lambda: dist.barrier() if world > 1 else None
+    key = key() if rank == 0 else None  # rank 0 alone reads the data to hash it
+    found = [rank == 0 and _rows_found(folder, key)]
+    if world > 1:
+        dist.broadcast_object_list(found)
+    if found[0]:
+        log(f"data: the rows tokenised by an earlier start, read from {folder} (the data, the tokenizer, data.py and the "
+            "settings are as they were)")
+    else:
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+        barrier()
+        rows, counts = tokenize(rank, world)
+        for name, arrays, dtype in (("ids", [ids for c in rows for ids, _ in c], np.int32),
+                                    ("mask", [mask for c in rows for _, mask in c], np.uint8)):
+            with open(os.path.join(folder, f"{rank}.{name}.npy.tmp"), "wb") as f:
+                np.save(f, np.concatenate(arrays) if arrays else np.zeros(0, dtype))
+            os.replace(f.name, f.name[:-4])
+        write_json(os.path.join(folder, f"{rank}.json"), dict(counts=counts, rows=[[len(ids) for ids, _ in c] for c in rows]))
+        barrier()
+        if rank == 0:  # last: a kill before it leaves no rows that a rerun would read
+            write_json(os.path.join(folder, "key.json.tmp"), dict(key=key, parts=world))
+            os.replace(os.path.join(folder, "key.json.tmp"), os.path.join(folder, "key.json"))
+        barrier()
+    try:
+        rows, counts = [], collections.Counter()
+        for ids, mask, part in _row_parts(folder):
+            counts.update(part["counts"])
+            o = 0
+            for lengths in part["rows"]:  # views of the memory-mapped arrays
+                rows.append([])
+                for n in lengths:
+                    rows[-1].append((ids[o:o + n], mask[o:o + n]))
+                    o += n
+        return rows, counts
+    except (OSError, ValueError) as e:  # a rank on a host that does not see the folder
+        raise SystemExit(f"run error: {e}: every rank reads the rows from {folder}, so out_dir must be on a "
+                         "filesystem every host sees (as checkpoints must)")
+
+
+def _row_parts(folder):
+    """(ids, mask, part's json) of each part, memory-mapped, checked whole: a ValueError names a cut part."""
+    with open(os.path.join(folder, "key.json")) as f:
+        parts = json.load(f)["parts"]
+    for k in range(parts):
+        # plain views of the mapped files: a view of np.memmap costs 4x the memory, per row
+        ids, mask = (np.asarray(np.load(os.path.join(folder, f"{k}.{x}.npy"), mmap_mode="r")) for x in ("ids", "mask"))
+        with open(os.path.join(folder, f"{k}.json")) as f:
+            part = json.load(f)
+        if not sum(map(sum, part["rows"])) == len(ids) == len(mask):
+            raise ValueError(f"{folder}/{k}.json holds {sum(map(sum, part['rows']))} tokens, its arrays {len(ids)} and {len(mask)}")
+        yield ids, mask, part
+
+
+def _rows_found(folder, key):
+    """The folder holds whole rows of `key` (a part cut or lost, by a kill or by hand, is tokenised again)."""
+    try:
+        with open(os.path.join(folder, "key.json")) as f:
+            if json.load(f)["key"] != key:
+                return False
+        return all(True for _ in _row_parts(folder))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def full_state_dict(drafter):

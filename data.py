@@ -428,42 +428,62 @@ def progress(log, what, total, unit):
     return tick
 
 
-def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_thinking=None, log=print,
-                  max_rows=0, workers=1):
-    """Each kept conversation's tokenised (ids, loss_mask) rows (most conversations give one row; see
-    conversation_rows); max_rows > 0 keeps the first max_rows conversations that load.
-    workers > 1 tokenises in forked processes (about 7 ms a row with a chat template: 17 K rows
-    take 2 minutes in one process); the rows and their order are the same for any workers."""
+def tokenize_part(tokenizer, source, max_length, min_loss_tokens=1, enable_thinking=None, log=print,
+             max_rows=0, workers=1, part=(0, 1)):
+    """Part k of n of the conversations (the k-th contiguous share: the parts in order are the whole), tokenised:
+    (each kept conversation's training rows, counts). Counts add over the parts (part 0 holds what reading found;
+    data_line says them). max_rows > 0 keeps the first max_rows conversations that load. workers > 1 tokenises
+    in forked processes (about 7 ms a row with a chat template: 17 K rows take 2 minutes in one process); the
+    rows and their order are the same for any workers and any parts."""
     global _TOKENIZE_STATE
     problem = chat_template_problem(tokenizer)
     if problem:
         raise ValueError(f"{tokenizer.name_or_path}: {problem}")
     all_convs, read_skipped = load_conversations(source)
     convs = all_convs[:max_rows] if max_rows else all_convs
-    _TOKENIZE_STATE = (tokenizer, convs, max_length, min_loss_tokens, enable_thinking)
-    pool = workers > 1 and len(convs) >= 64 and "fork" in mp.get_all_start_methods()
-    step = -(-len(convs) // (4 * workers)) if pool else 256
-    chunks = [(lo, min(lo + step, len(convs))) for lo in range(0, len(convs), step)]
-    tick, parts = progress(log, "data: tokenised", len(convs), "conversations"), []
+    (k, n), _TOKENIZE_STATE = part, (tokenizer, convs, max_length, min_loss_tokens, enable_thinking)
+    lo, hi = len(convs) * k // n, len(convs) * (k + 1) // n
+    pool = workers > 1 and hi - lo >= 64 and "fork" in mp.get_all_start_methods()
+    step = -(-(hi - lo) // (4 * workers)) if pool else 256
+    chunks = [(a, min(a + step, hi)) for a in range(lo, hi, step)]
+    tick, parts = progress(log, "data: tokenised" if n == 1 else f"data: part {k + 1} of {n}, tokenised", hi - lo, "conversations"), []
     try:
         with mp.get_context("fork").Pool(workers) if pool else contextlib.nullcontext() as p:
             results = p.imap(_tokenize_range, chunks) if pool else map(_tokenize_range, chunks)  # in order
-            for (_, hi), part in zip(chunks, results):
-                parts.append(part)
-                tick(hi)
+            for (_, b), part_rows in zip(chunks, results):
+                parts.append(part_rows)
+                tick(b - lo)
     finally:
         _TOKENIZE_STATE = None
-    out = [conv for convs_rows, _, _ in parts for conv in convs_rows]
-    token_skipped = sum((s for _, s, _ in parts), collections.Counter())
-    kept = sum(k for _, _, k in parts)
-    # the arithmetic in view: rows read = skipped + conversations; tokenised = skipped + kept
-    skips = lambda c: f"{c.total()} skipped" + (f" ({reasons(c)})" if c else "")
-    unused = f" (max_rows={max_rows}: {len(all_convs) - len(convs)} more unused)" if len(convs) < len(all_convs) else ""
-    log(f"data: {len(all_convs) + read_skipped.total()} rows read = {skips(read_skipped)} + {len(all_convs)} "
-        f"conversations; {len(convs)} tokenised{unused} = {skips(token_skipped)} + {kept} kept, "
-        f"as {sum(map(len, out))} training rows ({sum(len(ids) for c in out for ids, _ in c):,} tokens, "
-        f"{sum(ids.nbytes + mask.nbytes for c in out for ids, mask in c) / 2**20:,.1f} MiB on each rank)")
-    return out
+    counts = collections.Counter(tokenised=hi - lo, kept=sum(kept for _, _, kept in parts))
+    for _, skipped, _ in parts:
+        counts.update({"tokenising: " + r: v for r, v in skipped.items()})
+    if k == 0:
+        counts.update({"reading: " + r: v for r, v in read_skipped.items()})
+        counts.update(conversations=len(all_convs), unused=len(all_convs) - len(convs), max_rows=max_rows)
+    return [conv for rows, _, _ in parts for conv in rows], counts
+
+
+def data_line(rows, counts):
+    """The arithmetic in view: rows read = skipped + conversations; tokenised = skipped + kept, as training rows."""
+    def skips(stage):
+        c = collections.Counter({r[len(stage):]: v for r, v in counts.items() if r.startswith(stage)})
+        return f"{c.total()} skipped" + (f" ({reasons(c)})" if c else "")
+    unused = f" (max_rows={counts['max_rows']}: {counts['unused']} more unused)" if counts["unused"] else ""
+    read = counts["conversations"] + sum(v for r, v in counts.items() if r.startswith("reading: "))
+    return (f"data: {read} rows read = {skips('reading: ')} + {counts['conversations']} conversations; "
+            f"{counts['tokenised']} tokenised{unused} = {skips('tokenising: ')} + {counts['kept']} kept, as "
+            f"{sum(map(len, rows))} training rows ({sum(len(ids) for c in rows for ids, _ in c):,} tokens, "
+            f"{sum(ids.nbytes + mask.nbytes for c in rows for ids, mask in c) / 2**20:,.1f} MiB)")
+
+
+def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_thinking=None, log=print,
+                  max_rows=0, workers=1):
+    """Each kept conversation's tokenised (ids, loss_mask) rows (most conversations give one row; see
+    conversation_rows), all in one process group of workers, with the data line logged."""
+    rows, counts = tokenize_part(tokenizer, source, max_length, min_loss_tokens, enable_thinking, log, max_rows, workers)
+    log(data_line(rows, counts))
+    return rows
 
 
 # -----------------------------------------------------------------------------

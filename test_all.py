@@ -1,12 +1,14 @@
 """The test suite: `python -m pytest -q test_all.py`. CPU, fp32, small random models built here, and
 the SmolLM2 assets of `python recipes/fetch.py` where a test needs a real model or template."""
 import argparse
+import collections
 import copy
 import dataclasses
 import json
 import textwrap
 import time
 import math
+import numpy as np
 import os
 import re
 import shutil
@@ -1192,7 +1194,7 @@ def test_data_summary_adds_up_to_rows_read(tmp_path):
     rows = data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, max_rows=2)
     m = re.fullmatch(r"data: (\d+) rows read = (\d+) skipped \((.*)\) \+ (\d+) conversations; (\d+) tokenised "
                      r"\(max_rows=2: (\d+) more unused\) = (\d+) skipped \((.*)\) \+ (\d+) kept, as (\d+) training rows "
-                     r"\((\d+) tokens, 0.0 MiB on each rank\)", logs[-1])
+                     r"\((\d+) tokens, 0.0 MiB\)", logs[-1])
     assert m, logs
     read, skipped, why, convs, used, unused, tok_skipped, tok_why, kept, rows_out, tokens = m.groups()
     assert int(tokens) == sum(len(ids) for conv in rows for ids, _ in conv)
@@ -1200,6 +1202,27 @@ def test_data_summary_adds_up_to_rows_read(tmp_path):
     assert sum(int(n) for n in re.findall(r"(\d+) [a-z]", why)) == 8
     assert (int(used), int(unused), int(tok_skipped), int(kept), int(rows_out)) == (2, 1, 1, 1, len(rows)) and len(rows) == 1
     assert tok_why == "1 no assistant content"
+
+
+
+def test_rows_tokenised_in_parts_equal_one_pass(tmp_path):
+    """The ranks of a run's first start tokenise a part each (data.tokenize_part's part k of n): the parts in order are
+    the rows of one pass, and their counts add up to its data line (what reading skipped counted once), with
+    max_rows too; 3 parts of 7 conversations: 2, 2 and 3."""
+    good = lambda k: json.dumps({"messages": [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "a" * k}]})
+    lines = [good(1), "{bad json", good(0), good(2), json.dumps({"messages": []}), good(3), good(4), good(5), good(6)]
+    write_lines(tmp_path / "d.jsonl", lines)
+    for max_rows in (0, 5):
+        logs = []
+        whole = data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, max_rows=max_rows)
+        parts = [data.tokenize_part(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, max_rows=max_rows, part=(k, 3))
+                 for k in range(3)]
+        assert [len(rows) for rows, _ in parts] == ([1, 2, 3] if max_rows == 0 else [1, 1, 2])  # part 0 skips "a" * 0
+        assert as_lists([conv for rows, _ in parts for conv in rows]) == as_lists(whole)
+        counts = sum((c for _, c in parts), collections.Counter())
+        assert data.data_line(whole, counts) == logs[-1]
+        assert logs[-1].startswith(f"data: 9 rows read = 2 skipped (1 malformed json, 1 empty conversation) + 7 "
+                                   f"conversations; {max_rows or 7} tokenised")
 
 
 def test_reader_counts_file_variants_and_names_bad_sources(tmp_path):
@@ -1613,7 +1636,7 @@ def test_tokenising_and_evaluation_print_progress(tmp_path, monkeypatch, capsys)
     data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, workers=2)
     assert [re.sub(r" \(\d+ s, .* conversations/s, ETA \d+m\d\ds\)$", "", line) for line in logs[:2]] == [
         "data: tokenised 10/80 conversations", "data: tokenised 20/80 conversations"]
-    assert len(logs) == 8 and re.search(r"\+ 80 kept, as 80 training rows \(([\d,]+) tokens, [\d.]+ MiB on each rank\)$", logs[-1])
+    assert len(logs) == 8 and re.search(r"\+ 80 kept, as 80 training rows \(([\d,]+) tokens, [\d.]+ MiB\)$", logs[-1])
     t = tiny_target()
     t.save_pretrained(tmp_path / "target")
     char_tokenizer().save_pretrained(tmp_path / "target")
@@ -5677,7 +5700,7 @@ def test_rows_regenerated_in_another_thinking_mode_stop_before_tokenising(tmp_pa
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     write_lines(tmp_path / "r.jsonl", [json.dumps({"enable_thinking": "off", "messages": msgs})] * 4)
     args = dict(target=str(tmp_path / "target"), data=str(tmp_path / "r.jsonl"))
-    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: pytest.fail("tokenising", pytrace=False))
+    monkeypatch.setattr(data, "tokenize_part", lambda *a, **k: pytest.fail("tokenising", pytrace=False))
     for mode in ("on", "auto"):
         with pytest.raises(SystemExit, match=f"config error: enable_thinking={mode}, but {tmp_path / 'r.jsonl'} was "
                                              "regenerated with --enable-thinking off: .*set enable_thinking=off"):
@@ -5709,6 +5732,84 @@ def test_resume_on_data_changed_under_its_name_stops(tmp_path):
         T.main(train_args(tmp_path, **args))
     os.remove(tmp_path / "data" / "r1.jsonl")
     assert T.main(train_args(tmp_path, max_steps=4, **args)) == 0
+
+
+
+def test_a_run_keeps_its_tokenised_rows_and_reruns_read_them(tmp_path):
+    """checkpoints.cached_rows, in one process: the rows of a first start are written to RUN/rows and read back
+    (memory-mapped) by a rerun of the same key without tokenising; another key, a part cut short, or a kill
+    before key.json (written last) tokenises again. rows_key changes with a data byte (same size), a tokenizer
+    file or a setting, not with the target's weights."""
+    target = tmp_path / "target"
+    tiny_target().save_pretrained(target)
+    char_tokenizer().save_pretrained(target)
+    rows_file = tmp_path / "d.jsonl"
+    write_lines(rows_file, [json.dumps({"messages": [{"role": "user", "content": f"q{k}"},
+                                                     {"role": "assistant", "content": "ab" * k}]}) for k in range(6)])
+    tok, calls, logs = char_tokenizer(), [], []
+
+    def tokenize(k, n):
+        calls.append((k, n))
+        return data.tokenize_part(tok, str(rows_file), 32, 1, part=(k, n))
+
+    rows = lambda key: checkpoints.cached_rows(str(tmp_path / "run"), lambda: key, tokenize, 0, 1, logs.append)
+    expected = as_lists(data.build_dataset(tok, str(rows_file), 32, 1, log=lambda *a: None))
+    first, counts = rows("k1")
+    assert calls == [(0, 1)] and as_lists(first) == expected and len(expected) == 5
+    assert sorted(os.listdir(tmp_path / "run" / "rows")) == ["0.ids.npy", "0.json", "0.mask.npy", "key.json"]
+    again, counts2 = rows("k1")
+    assert calls == [(0, 1)] and as_lists(again) == expected and counts2 == counts
+    assert isinstance(again[0][0][0].base.base, np.memmap) and "tokenised by an earlier start" in logs[-1]
+    rows("k2")
+    assert calls == [(0, 1)] * 2
+    ids = tmp_path / "run" / "rows" / "0.ids.npy"
+    ids.write_bytes(ids.read_bytes()[:-4])  # a part cut short
+    assert as_lists(rows("k2")[0]) == expected and calls == [(0, 1)] * 3
+    (tmp_path / "run" / "rows" / "key.json").unlink()  # killed before it was written
+    assert as_lists(rows("k2")[0]) == expected and calls == [(0, 1)] * 4
+    # the key
+    settings = dict(data=str(rows_file), max_length=32)
+    key = lambda **over: checkpoints.rows_key(str(rows_file), str(target), data.__file__, {**settings, **over})
+    k0 = key()
+    (target / "model.safetensors").write_bytes(b"other weights")
+    assert key() == k0 and key(max_length=64) != k0
+    text = rows_file.read_text()
+    rows_file.write_text(text.replace("q1", "q7"))
+    assert key() != k0
+    rows_file.write_text(text)
+    assert key() == k0
+    (target / "tokenizer_config.json").write_text((target / "tokenizer_config.json").read_text() + " ")
+    assert key() != k0
+
+
+def test_two_ranks_tokenise_a_part_each_and_a_resume_reads_them(tmp_path):
+    """torchrun, 2 CPU ranks, conversation data: the first start writes a part per rank, the resume reads them
+    (it does not tokenise) and ends as a run never stopped; so does one whose part 1 was cut (it tokenises again).
+    The rows are those of one process: 2 ranks x batch 1 train as 1 rank x batch 2."""
+    target = tmp_path / "target"
+    tiny_target().save_pretrained(target)
+    char_tokenizer().save_pretrained(target)
+    write_lines(tmp_path / "d.jsonl", ["{bad json"] + [json.dumps({"messages": [
+        {"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "ab" * (k + 3)}]}) for k in range(9)])
+    args = dict(target=str(target), data=str(tmp_path / "d.jsonl"), min_loss_tokens=1, mask_token_id=47, max_steps=4)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    assert T.main(train_args(one, **args)) == 0
+    r = run_train(train_args(two, batch_size=1, stop_at_step=2, **args), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(two / "run" / "rows")) == ["0.ids.npy", "0.json", "0.mask.npy", "1.ids.npy", "1.json",
+                                                       "1.mask.npy", "key.json"]
+    line = next(l for l in r.stdout.splitlines() if l.startswith("data: 10 rows read = 1 skipped"))
+    assert "+ 9 conversations; 9 tokenised = 0 skipped + 9 kept, as 9 training rows" in line
+    r = run_train(train_args(two, batch_size=1, stop_at_step=3, **args), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tokenised by an earlier start" in r.stdout and line in r.stdout
+    part = two / "run" / "rows" / "1.mask.npy"
+    part.write_bytes(part.read_bytes()[:-1])
+    r = run_train(train_args(two, batch_size=1, **args), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tokenised by an earlier start" not in r.stdout and line in r.stdout
+    assert losses(two / "run") == pytest.approx(losses(one / "run"), rel=1e-5) and len(losses(one / "run")) == 4
 
 
 def test_token_ids_outside_the_embedding_or_equal_to_the_mask_id_stop_before_the_target_loads(tmp_path, monkeypatch):

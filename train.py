@@ -28,7 +28,8 @@ import bench
 import data as D
 import model as M
 import targets
-from checkpoints import full_state_dict, lock_run, metrics_at, resume_checkpoint, save_checkpoint, saved_run, trim_metrics
+from checkpoints import (cached_rows, full_state_dict, lock_run, metrics_at, resume_checkpoint, rows_key, save_checkpoint,
+                         saved_run, trim_metrics)
 from convert import export_drafter, load_drafter
 from train_config import check_resume, check_rows, evaluates, parse_config, resumed_stretches, stretch_record
 
@@ -144,12 +145,16 @@ def setup(c):
             raise SystemExit(f"config error: enable_thinking={c['enable_thinking']}, but {f} was regenerated with "
                              f"--enable-thinking {mode}: train on rows rendered as the target answered them (set "
                              f"enable_thinking={mode}, and serve the target that way), or regenerate")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks of this host share its cores
+        workers = max(1, min(16, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))  # a host's ranks
+        settings = {k: c[k] for k in ("data", "max_length", "min_loss_tokens", "enable_thinking", "max_rows")}
         try:  # a chat template that cannot give the rows the target answered stops before the data is read
-            dataset = D.build_dataset(r.tokenizer, c["data"], c["max_length"], c["min_loss_tokens"], thinking, log=r.log,
-                                      max_rows=c["max_rows"], workers=max(1, min(16, (os.cpu_count() or 1) // local_world)))
+            dataset, counts = cached_rows(c["out_dir"], lambda: rows_key(c["data"], c["target"], D.__file__, settings),
+                                          lambda k, n: D.tokenize_part(r.tokenizer, c["data"], c["max_length"], c["min_loss_tokens"],
+                                                                  thinking, r.log, c["max_rows"], workers, (k, n)),
+                                          rank, world, r.log)
         except (ValueError, OSError) as e:
             raise SystemExit(f"config error: {e}")
+        r.log(D.data_line(dataset, counts))
         check_rows(dataset, r.dcfg, r.tokenizer, c["data"])
     try:
         r.dataset, r.val_rows = D.split_heldout(dataset, c["val_rows"])
