@@ -18,6 +18,7 @@ checksums is named, set aside as step_N.damaged, and the run resumes from the on
 folders (convert.py) carry the same checksums.json.
 """
 import collections
+import contextlib
 import glob
 import hashlib
 import json
@@ -294,52 +295,62 @@ WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 
 
 def rows_key(data, target, code, settings):
-    """sha256 of what tokenising reads: the data's files (a glob's, a saved dataset's folder; a hub dataset by its
-    name, in `settings`), the target folder's files but its weights (the tokenizer and its chat template), `code`
-    (data.py) and the settings. Rows are read from the run's folder only where tokenising again gives the same."""
+    """sha256 of what tokenising reads: the data's files (a glob's, a saved dataset's folder), the target folder's
+    files but its weights (the tokenizer and its chat template), `code` (data.py), the libraries that render and
+    tokenise, and the settings. None for a hub dataset (no file to hash: tokenised at every start)."""
+    import jinja2
+    import tokenizers
+    import transformers
     files = []
     for path in sorted(glob.glob(data)):
         files += sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names) if os.path.isdir(path) else [path]
+    if not files:
+        return None
     files += sorted(os.path.join(target, n) for n in os.listdir(target) if not n.endswith(WEIGHTS)
                     and os.path.isfile(os.path.join(target, n))) + [code]
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    versions = [m.__version__ for m in (transformers, tokenizers, jinja2)]
+    h = hashlib.sha256(json.dumps([settings, versions], sort_keys=True).encode())
     for f in files:
         h.update(f"{os.path.abspath(f)} {sha256(f)}".encode())
     return h.hexdigest()
 
 
-def cached_rows(out_dir, key, tokenize, rank, world, log):
+def cached_rows(out_dir, key, tokenize, rank, world, log, group=None):
     """(rows, counts): the run's tokenised rows and their data line's counts. Where RUN/rows holds rows of key()
     (rank 0 computes it), they are read; otherwise rank k runs tokenize(k, world) and writes part k, and every rank
-    reads all the parts."""
-    folder, barrier = os.path.join(out_dir, "rows"), lambda: dist.barrier() if world > 1 else None
+    reads all the parts. `group`: the process group whose barriers wait out the slowest part (no timeout to fear)."""
+    folder, barrier = os.path.join(out_dir, "rows"), lambda: dist.barrier(group) if world > 1 else None
     key = key() if rank == 0 else None  # rank 0 alone reads the data to hash it
-    found = [rank == 0 and _rows_found(folder, key)]
+    found = [rank == 0 and key is not None and _rows_found(folder, key), key is not None]  # a hub dataset: no key
     if world > 1:
-        dist.broadcast_object_list(found)
+        dist.broadcast_object_list(found, group=group)
     if found[0]:
         log(f"data: the rows tokenised by an earlier start, read from {folder} (the data, the tokenizer, data.py and the "
             "settings are as they were)")
     else:
-        if rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)
-            os.makedirs(folder)
+        with _writing(folder):
+            if rank == 0:
+                if os.path.exists(folder):
+                    shutil.rmtree(folder)
+                os.makedirs(folder)
         barrier()
         rows, counts = tokenize(rank, world)
-        for name, arrays, dtype in (("ids", [ids for c in rows for ids, _ in c], np.int32),
-                                    ("mask", [mask for c in rows for _, mask in c], np.uint8)):
-            with open(os.path.join(folder, f"{rank}.{name}.npy.tmp"), "wb") as f:
-                np.save(f, np.concatenate(arrays) if arrays else np.zeros(0, dtype))
-            os.replace(f.name, f.name[:-4])
-        write_json(os.path.join(folder, f"{rank}.json"), dict(counts=counts, rows=[[len(ids) for ids, _ in c] for c in rows]))
+        with _writing(folder):
+            for name, arrays, dtype in (("ids", [ids for c in rows for ids, _ in c], np.int32),
+                                        ("mask", [mask for c in rows for _, mask in c], np.uint8)):
+                with open(os.path.join(folder, f"{rank}.{name}.npy.tmp"), "wb") as f:
+                    np.save(f, np.concatenate(arrays) if arrays else np.zeros(0, dtype))
+                os.replace(f.name, f.name[:-4])
+            write_json(os.path.join(folder, f"{rank}.json"), dict(counts=counts, rows=[[len(ids) for ids, _ in c] for c in rows]))
         barrier()
-        if rank == 0:  # last: a kill before it leaves no rows that a rerun would read
-            write_json(os.path.join(folder, "key.json.tmp"), dict(key=key, parts=world))
-            os.replace(os.path.join(folder, "key.json.tmp"), os.path.join(folder, "key.json"))
+        if rank == 0 and found[1]:  # last: a kill before it leaves no rows that a rerun would read
+            with _writing(folder):
+                write_json(os.path.join(folder, "key.json.tmp"), dict(key=key, parts=world))
+                os.replace(os.path.join(folder, "key.json.tmp"), os.path.join(folder, "key.json"))
         barrier()
     try:
         rows, counts = [], collections.Counter()
-        for ids, mask, part in _row_parts(folder):
+        for ids, mask, part in _row_parts(folder, None if found[1] else world):
             counts.update(part["counts"])
             o = 0
             for lengths in part["rows"]:  # views of the memory-mapped arrays
@@ -353,10 +364,21 @@ def cached_rows(out_dir, key, tokenize, rank, world, log):
                          "filesystem every host sees (as checkpoints must)")
 
 
-def _row_parts(folder):
-    """(ids, mask, part's json) of each part, memory-mapped, checked whole: a ValueError names a cut part."""
-    with open(os.path.join(folder, "key.json")) as f:
-        parts = json.load(f)["parts"]
+@contextlib.contextmanager
+def _writing(folder):
+    try:
+        yield
+    except OSError as e:  # a full disk, a read-only out_dir
+        raise SystemExit(f"run error: cannot write the tokenised rows to {folder} ({e.strerror or e}): out_dir needs room "
+                         "for them (5 bytes a token) and must be writable") from None
+
+
+def _row_parts(folder, parts=None):
+    """(ids, mask, part's json) of each part (as many as key.json says), memory-mapped, checked whole: a ValueError
+    names a cut part."""
+    if parts is None:
+        with open(os.path.join(folder, "key.json")) as f:
+            parts = json.load(f)["parts"]
     for k in range(parts):
         # plain views of the mapped files: a view of np.memmap costs 4x the memory, per row
         ids, mask = (np.asarray(np.load(os.path.join(folder, f"{k}.{x}.npy"), mmap_mode="r")) for x in ("ids", "mask"))

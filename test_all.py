@@ -1846,29 +1846,35 @@ def test_two_rank_gloo_run_matches_one_rank(tmp_path, over):
 
 
 def test_other_ranks_wait_out_an_evaluation_longer_than_the_collective_timeout(tmp_path):
-    """Rank 0 decodes the evaluation alone while rank 1 waits. Here every collective of the run's process group
-    times out after 3 s (as NCCL's watchdog does after 10 minutes) and the evaluation takes 6 s: rank 1 waits in
-    a group of its own with a day's timeout, so the run ends; on the run's group it failed at the barrier."""
+    """Rank 0 decodes the evaluation alone while rank 1 waits, and rank 0 waits for rank 1's share of the
+    tokenising. Here every collective of the run's process group times out after 3 s (as NCCL's watchdog does after
+    10 minutes), and the evaluation and rank 1's share take 6 s each: the waits are in a group of their own with a
+    day's timeout, so the run ends; on the run's group they failed at the barrier."""
     tiny_target().save_pretrained(tmp_path / "target")
     char_tokenizer().save_pretrained(tmp_path / "target")
     write_lines(tmp_path / "p.jsonl", [json.dumps({"turns": ["hello"]})])
+    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": [
+        {"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "ab" * (k + 3)}]}) for k in range(8)])
     script = tmp_path / "slow_eval.py"
     script.write_text(f"""import datetime, sys, time
 sys.path.insert(0, {HERE!r})
 import torch.distributed as dist
 init = dist.init_process_group
 dist.init_process_group = lambda *a, **k: init(*a, timeout=datetime.timedelta(seconds=3), **k)
-import bench, train
-tau = bench.measure_tau
+import bench, data, train
+tau, part = bench.measure_tau, data.tokenize_part
 bench.measure_tau = lambda *a, **k: (time.sleep(6), tau(*a, **k))[1]
+data.tokenize_part = lambda *a: (time.sleep(6 * a[-1][0]), part(*a))[1]
 sys.exit(train.main(sys.argv[1:]))
 """)
     args = train_args(tmp_path, target=str(tmp_path / "target"), batch_size=1, max_steps=2, eval_prompts=str(tmp_path / "p.jsonl"),
-                      eval_num_prompts=1, eval_max_new_tokens=4)
+                      eval_num_prompts=1, eval_max_new_tokens=4, data=str(tmp_path / "d.jsonl"), min_loss_tokens=1,
+                      mask_token_id=47)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
                        cwd=HERE, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tau = " in r.stdout and "1/1 outputs identical to greedy decoding" in r.stdout
+    assert "8 tokenised = 0 skipped + 8 kept" in r.stdout
 
 
 def test_compile_compiles_each_drafter_layer_with_a_graph_for_each_length_and_layer_kind(tmp_path, monkeypatch):
@@ -5735,11 +5741,12 @@ def test_resume_on_data_changed_under_its_name_stops(tmp_path):
 
 
 
-def test_a_run_keeps_its_tokenised_rows_and_reruns_read_them(tmp_path):
+def test_a_run_keeps_its_tokenised_rows_and_reruns_read_them(tmp_path, monkeypatch):
     """checkpoints.cached_rows, in one process: the rows of a first start are written to RUN/rows and read back
-    (memory-mapped) by a rerun of the same key without tokenising; another key, a part cut short, or a kill
-    before key.json (written last) tokenises again. rows_key changes with a data byte (same size), a tokenizer
-    file or a setting, not with the target's weights."""
+    (memory-mapped) by a rerun of the same key without tokenising; another key, a part cut short or whose lengths
+    disagree with its arrays, a kill before key.json (written last), or no key tokenises again; a folder that cannot
+    be written is one line. rows_key changes with a data byte (same size), a tokenizer file, a setting or the
+    transformers version, not with the target's weights; a hub dataset has none."""
     target = tmp_path / "target"
     tiny_target().save_pretrained(target)
     char_tokenizer().save_pretrained(target)
@@ -5767,6 +5774,16 @@ def test_a_run_keeps_its_tokenised_rows_and_reruns_read_them(tmp_path):
     assert as_lists(rows("k2")[0]) == expected and calls == [(0, 1)] * 3
     (tmp_path / "run" / "rows" / "key.json").unlink()  # killed before it was written
     assert as_lists(rows("k2")[0]) == expected and calls == [(0, 1)] * 4
+    part = json.loads((tmp_path / "run" / "rows" / "0.json").read_text())
+    part["rows"][0][0] += 1  # a part's lengths that disagree with its arrays
+    (tmp_path / "run" / "rows" / "0.json").write_text(json.dumps(part))
+    assert as_lists(rows("k2")[0]) == expected and calls == [(0, 1)] * 5
+    assert as_lists(rows(None)[0]) == expected and as_lists(rows(None)[0]) == expected  # no key (a hub dataset)
+    assert calls == [(0, 1)] * 7 and not (tmp_path / "run" / "rows" / "key.json").exists()
+    shutil.rmtree(tmp_path / "run" / "rows")
+    (tmp_path / "run" / "rows").write_text("")  # a folder that cannot be written
+    with pytest.raises(SystemExit, match=r"run error: cannot write the tokenised rows to .*rows \(Not a directory\)"):
+        rows("k3")
     # the key
     settings = dict(data=str(rows_file), max_length=32)
     key = lambda **over: checkpoints.rows_key(str(rows_file), str(target), data.__file__, {**settings, **over})
@@ -5780,6 +5797,39 @@ def test_a_run_keeps_its_tokenised_rows_and_reruns_read_them(tmp_path):
     assert key() == k0
     (target / "tokenizer_config.json").write_text((target / "tokenizer_config.json").read_text() + " ")
     assert key() != k0
+    k1 = key()
+    import transformers
+    monkeypatch.setattr(transformers, "__version__", "0.0.1")
+    assert key() != k1
+    assert checkpoints.rows_key("HuggingFaceH4/ultrachat_200k", str(target), data.__file__, settings) is None
+
+
+def test_a_rerun_reads_the_rows_only_with_the_settings_that_made_them(tmp_path, monkeypatch, capsys):
+    """train.py: a rerun (no checkpoint: a start again) reads the first start's rows; one with another max_length,
+    min_loss_tokens, enable_thinking or max_rows, or whose data.py differs, tokenises again."""
+    target = tmp_path / "target"
+    tiny_target().save_pretrained(target)
+    char_tokenizer().save_pretrained(target)
+    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": [
+        {"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "ab" * (k + 3)}]}) for k in range(9)])
+    args = dict(target=str(target), data=str(tmp_path / "d.jsonl"), min_loss_tokens=1, mask_token_id=47, max_steps=1,
+                max_length=32)
+
+    def read(**over):  # a start again, then: did it read the rows?
+        for name in ("checkpoints", "drafter"):
+            shutil.rmtree(tmp_path / "run" / name, ignore_errors=True)
+        (tmp_path / "run" / "metrics.jsonl").unlink(missing_ok=True)
+        capsys.readouterr()
+        assert T.main(train_args(tmp_path, **{**args, **over})) == 0
+        return "tokenised by an earlier start" in capsys.readouterr().out
+
+    assert not read() and read() and read()
+    edited = tmp_path / "data.py"
+    edited.write_text(Path(data.__file__).read_text() + "# edited\n")
+    monkeypatch.setattr(data, "__file__", str(edited))
+    assert not read() and read()
+    for over in (dict(max_length=64), dict(min_loss_tokens=2), dict(enable_thinking="on"), dict(max_rows=8)):
+        assert not read(**over) and read(**over), over
 
 
 def test_two_ranks_tokenise_a_part_each_and_a_resume_reads_them(tmp_path):

@@ -106,6 +106,10 @@ def setup(c):
                         use_flex=c["attention"] == "flex" or (c["attention"] == "auto" and kind == "cuda"),
                         log=print if rank == 0 else (lambda *a, **k: None))
     os.makedirs(c["out_dir"], exist_ok=True)
+    # ranks wait for the slowest one's share of the tokenising, and ranks 1.. while rank 0 decodes an evaluation: on
+    # CPU (gloo), with a day's timeout, as an NCCL barrier's watchdog ends the job after 10 minutes (50 prompts of 512
+    # tokens on an 8B target take longer). Several hosts: gloo may need GLOO_SOCKET_IFNAME, as NCCL NCCL_SOCKET_IFNAME
+    r.wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24)) if world > 1 else None
 
     # --- the drafter's shape is fixed by the target's config: check it before loading weights
     try:
@@ -146,12 +150,12 @@ def setup(c):
                              f"--enable-thinking {mode}: train on rows rendered as the target answered them (set "
                              f"enable_thinking={mode}, and serve the target that way), or regenerate")
         workers = max(1, min(16, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))  # a host's ranks
-        settings = {k: c[k] for k in ("data", "max_length", "min_loss_tokens", "enable_thinking", "max_rows")}
+        settings = {k: c[k] for k in ("max_length", "min_loss_tokens", "enable_thinking", "max_rows")}  # shape rows
         try:  # a chat template that cannot give the rows the target answered stops before the data is read
             dataset, counts = cached_rows(c["out_dir"], lambda: rows_key(c["data"], c["target"], D.__file__, settings),
                                           lambda k, n: D.tokenize_part(r.tokenizer, c["data"], c["max_length"], c["min_loss_tokens"],
-                                                                  thinking, r.log, c["max_rows"], workers, (k, n)),
-                                          rank, world, r.log)
+                                                                       thinking, r.log, c["max_rows"], workers, (k, n)),
+                                          rank, world, r.log, r.wait)
         except (ValueError, OSError) as e:
             raise SystemExit(f"config error: {e}")
         r.log(D.data_line(dataset, counts))
@@ -173,10 +177,6 @@ def setup(c):
                            for name in c["eval_prompts"].split(",")}
         except (OSError, ValueError) as e:
             raise SystemExit(f"config error: eval_prompts={c['eval_prompts']!r}: {e}")
-    # ranks 1.. wait while rank 0 decodes an evaluation: on CPU (gloo), with a day's timeout, as an NCCL barrier's
-    # watchdog ends the job after 10 minutes (50 prompts of 512 tokens on an 8B target take longer). Several hosts:
-    # gloo may need GLOO_SOCKET_IFNAME, as NCCL needs NCCL_SOCKET_IFNAME
-    r.wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24)) if r.eval_sets and world > 1 else None
     r.steps_per_epoch = D.steps_per_epoch(r.dataset, c["batch_size"] * c["grad_accum"], world)
     if r.steps_per_epoch < 1:
         raise SystemExit(f"data error: {len(r.dataset)} rows cannot fill one step of "
