@@ -429,7 +429,7 @@ def progress(log, what, total, unit):
 
 
 def tokenize_part(tokenizer, source, max_length, min_loss_tokens=1, enable_thinking=None, log=print,
-             max_rows=0, workers=1, part=(0, 1)):
+                  max_rows=0, workers=1, part=(0, 1)):
     """Part k of n of the conversations (the k-th contiguous share: the parts in order are the whole), tokenised:
     (each kept conversation's training rows, counts). Counts add over the parts (part 0 holds what reading found;
     data_line says them). max_rows > 0 keeps the first max_rows conversations that load. workers > 1 tokenises
