@@ -321,7 +321,8 @@ def cached_rows(out_dir, key, tokenize, rank, world, log, group=None):
     reads all the parts. `group`: the process group whose barriers wait out the slowest part (no timeout to fear)."""
     folder, barrier = os.path.join(out_dir, "rows"), lambda: dist.barrier(group) if world > 1 else None
     key = key() if rank == 0 else None  # rank 0 alone reads the data to hash it
-    found = [rank == 0 and key is not None and _rows_found(folder, key), key is not None]  # a hub dataset: no key
+    whole = _whole_parts(folder, key) if rank == 0 and key is not None else None
+    found = [whole is not None, key is not None]  # a hub dataset: no key
     if world > 1:
         dist.broadcast_object_list(found, group=group)
     if found[0]:
@@ -350,7 +351,7 @@ def cached_rows(out_dir, key, tokenize, rank, world, log, group=None):
         barrier()
     try:
         rows, counts = [], collections.Counter()
-        for ids, mask, part in _row_parts(folder, None if found[1] else world):
+        for ids, mask, part in whole or _row_parts(folder, None if found[1] else world):
             counts.update(part["counts"])
             o = 0
             for lengths in part["rows"]:  # views of the memory-mapped arrays
@@ -389,15 +390,16 @@ def _row_parts(folder, parts=None):
         yield ids, mask, part
 
 
-def _rows_found(folder, key):
-    """The folder holds whole rows of `key` (a part cut or lost, by a kill or by hand, is tokenised again)."""
+def _whole_parts(folder, key):
+    """_row_parts' list where the folder holds whole rows of `key`, else None (a part cut or lost, by a kill or by
+    hand, is tokenised again)."""
     try:
         with open(os.path.join(folder, "key.json")) as f:
             if json.load(f)["key"] != key:
-                return False
-        return all(True for _ in _row_parts(folder))
+                return None
+        return list(_row_parts(folder))
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return None
 
 
 def full_state_dict(drafter):
