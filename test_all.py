@@ -1395,6 +1395,15 @@ def train_args(tmp_path, **over):
     return [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in cfg.items()]
 
 
+def chat_run(tmp_path, n, head=()):
+    """A tiny target folder with the char tokenizer and `head` + n conversations in d.jsonl, as train.py's keys."""
+    tiny_target().save_pretrained(tmp_path / "target")
+    char_tokenizer().save_pretrained(tmp_path / "target")
+    write_lines(tmp_path / "d.jsonl", list(head) + [json.dumps({"messages": [
+        {"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "ab" * (k + 3)}]}) for k in range(n)])
+    return dict(target=str(tmp_path / "target"), data=str(tmp_path / "d.jsonl"), min_loss_tokens=1, mask_token_id=47)
+
+
 def as_lists(dataset):
     """build_dataset's rows (arrays) as lists, to compare with tokenize_conversation's."""
     return [[(ids.tolist(), mask.tolist()) for ids, mask in conv] for conv in dataset]
@@ -1850,11 +1859,8 @@ def test_other_ranks_wait_out_an_evaluation_longer_than_the_collective_timeout(t
     tokenising. Here every collective of the run's process group times out after 3 s (as NCCL's watchdog does after
     10 minutes), and the evaluation and rank 1's share take 6 s each: the waits are in a group of their own with a
     day's timeout, so the run ends; on the run's group they failed at the barrier."""
-    tiny_target().save_pretrained(tmp_path / "target")
-    char_tokenizer().save_pretrained(tmp_path / "target")
+    chat = chat_run(tmp_path, 8)
     write_lines(tmp_path / "p.jsonl", [json.dumps({"turns": ["hello"]})])
-    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": [
-        {"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "ab" * (k + 3)}]}) for k in range(8)])
     script = tmp_path / "slow_eval.py"
     script.write_text(f"""import datetime, sys, time
 sys.path.insert(0, {HERE!r})
@@ -1867,9 +1873,8 @@ bench.measure_tau = lambda *a, **k: (time.sleep(6), tau(*a, **k))[1]
 data.tokenize_part = lambda *a: (time.sleep(6 * a[-1][0]), part(*a))[1]
 sys.exit(train.main(sys.argv[1:]))
 """)
-    args = train_args(tmp_path, target=str(tmp_path / "target"), batch_size=1, max_steps=2, eval_prompts=str(tmp_path / "p.jsonl"),
-                      eval_num_prompts=1, eval_max_new_tokens=4, data=str(tmp_path / "d.jsonl"), min_loss_tokens=1,
-                      mask_token_id=47)
+    args = train_args(tmp_path, batch_size=1, max_steps=2, eval_prompts=str(tmp_path / "p.jsonl"), eval_num_prompts=1,
+                      eval_max_new_tokens=4, **chat)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
                        cwd=HERE, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -5807,13 +5812,7 @@ def test_a_run_keeps_its_tokenised_rows_and_reruns_read_them(tmp_path, monkeypat
 def test_a_rerun_reads_the_rows_only_with_the_settings_that_made_them(tmp_path, monkeypatch, capsys):
     """train.py: a rerun (no checkpoint: a start again) reads the first start's rows; one with another max_length,
     min_loss_tokens, enable_thinking or max_rows, or whose data.py differs, tokenises again."""
-    target = tmp_path / "target"
-    tiny_target().save_pretrained(target)
-    char_tokenizer().save_pretrained(target)
-    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": [
-        {"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "ab" * (k + 3)}]}) for k in range(9)])
-    args = dict(target=str(target), data=str(tmp_path / "d.jsonl"), min_loss_tokens=1, mask_token_id=47, max_steps=1,
-                max_length=32)
+    args = dict(chat_run(tmp_path, 9), max_steps=1, max_length=32)
 
     def read(**over):  # a start again, then: did it read the rows?
         for name in ("checkpoints", "drafter"):
@@ -5836,12 +5835,7 @@ def test_two_ranks_tokenise_a_part_each_and_a_resume_reads_them(tmp_path):
     """torchrun, 2 CPU ranks, conversation data: the first start writes a part per rank, the resume reads them
     (it does not tokenise) and ends as a run never stopped; so does one whose part 1 was cut (it tokenises again).
     The rows are those of one process: 2 ranks x batch 1 train as 1 rank x batch 2."""
-    target = tmp_path / "target"
-    tiny_target().save_pretrained(target)
-    char_tokenizer().save_pretrained(target)
-    write_lines(tmp_path / "d.jsonl", ["{bad json"] + [json.dumps({"messages": [
-        {"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "ab" * (k + 3)}]}) for k in range(9)])
-    args = dict(target=str(target), data=str(tmp_path / "d.jsonl"), min_loss_tokens=1, mask_token_id=47, max_steps=4)
+    args = dict(chat_run(tmp_path, 9, head=["{bad json"]), max_steps=4)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     assert T.main(train_args(one, **args)) == 0
