@@ -478,6 +478,9 @@ def parse_args(argv=None):
     ap.add_argument("--freeze", action="store_true", help="with --compile: compile the steps with inductor's freezing, "
                     "which concatenates the q/k/v and the gate/up projections into one GEMM each (a folded copy of those "
                     "weights per step kind: ~9 GB each at Qwen3-8B shapes)")
+    ap.add_argument("--tune-baseline", action="store_true", help="with --compile: the 1-token step's matmuls as tuned "
+                    "Triton reductions (inductor's coordinate-descent tuning), not cuBLAS: one H100, Qwen3-8B shapes, "
+                    "7.51 -> 6.77 ms a token (1.66x -> 1.50x the memory floor); ~3.5 min more compiling")
     ap.add_argument("--max-len", type=int, default=None, help="static cache length for --compile (at least the "
                     "longest conversation of the run; default: that rounded up to 256)")
     ap.add_argument("--prompt-len", type=int, default=None, help="time synthetic prompts of N tokens")
@@ -501,7 +504,8 @@ def parse_args(argv=None):
                                      num_prompts=1, temperature=0).items() if getattr(args, k) is not None and getattr(args, k) < lo]
     if low:  # --max-new-tokens: the first new token is the prefill's, a DFlash step needs one more
         ap.error(f"--{low[0][0].replace('_', '-')} {getattr(args, low[0][0])}: give {low[0][1]} or more")
-    for flag, on in (("--attention flex", args.attention == "flex"), ("--freeze", args.freeze), ("--max-len", args.max_len)):
+    for flag, on in (("--attention flex", args.attention == "flex"), ("--freeze", args.freeze), ("--max-len", args.max_len),
+                     ("--tune-baseline", args.tune_baseline)):
         if on and not args.compile:
             ap.error(f"{flag} changes the compiled (static cache) steps: add --compile")
     if args.replay and (args.temperature > 0 or args.compile):
@@ -568,8 +572,8 @@ def main(argv=None):
         max_len = args.max_len or max_len
         flex = {"auto": None, "flex": True, "sdpa": False}[args.attention]  # None: StaticRunner picks by layer kinds
         try:
-            runners = {bs: fast_decode.StaticRunner(target, drafter, bs, max_len, flex=flex, freeze=args.freeze)
-                       for bs in (1, args.block_size)}
+            runners = {bs: fast_decode.StaticRunner(target, drafter, bs, max_len, flex=flex, freeze=args.freeze,
+                                                    tune=args.tune_baseline and bs == 1) for bs in (1, args.block_size)}
         except ValueError as e:
             raise SystemExit(f"bench.py: error: {e}")
         check_fast_path(runners, target, drafter, args)

@@ -272,7 +272,8 @@ class StaticRunner:
     so the first draft is the compiled step too (an eager draft is launch-bound on a GPU, and it was the
     first step of every generation). Reuse one runner per block size."""
 
-    def __init__(self, target, drafter, block_size, max_len, compile=True, flex=False, freeze=False, splits=None):
+    def __init__(self, target, drafter, block_size, max_len, compile=True, flex=False, freeze=False, splits=None,
+                 tune=False):
         from transformers import StaticCache
         targets.check_rollback(target.config, static=True)
         kinds = set(targets.layer_kinds(target.config))
@@ -310,8 +311,12 @@ class StaticRunner:
             # freeze: the weights become constants of the compiled graph, so inductor concatenates the q/k/v and
             # the gate/up projections into one GEMM each (a folded copy of those weights per compiled step): at
             # M = 1 cuBLAS reads a small k or v projection at a third of the card's bandwidth (decode-qwen3-8b.md)
-            self._verify = torch.compile(self._verify_impl, fullgraph=True, dynamic=False)
-            self._draft = torch.compile(self._draft_impl, fullgraph=True, dynamic=False)
+            # tune: inductor's coordinate-descent tuning, under which a GPU step's 1-row matmuls become tuned Triton
+            # reductions (torch/_inductor/decomposition.py, mm) in place of cuBLAS GEMVs: one H100, Qwen3-8B shapes,
+            # the 1-token step 7.51 -> 6.77 ms, compiling it ~3.5 min longer; a 16-row step has none of them
+            options = {"coordinate_descent_tuning": True} if tune else None
+            self._verify = torch.compile(self._verify_impl, fullgraph=True, dynamic=False, options=options)
+            self._draft = torch.compile(self._draft_impl, fullgraph=True, dynamic=False, options=options)
             if freeze:  # set while compiling (torch.compile's options= does not reach freezing)
                 self._verify, self._draft = frozen(self._verify), frozen(self._draft)
             if self.device.type == "cuda":

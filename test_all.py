@@ -4063,16 +4063,18 @@ def test_gqa_attention_reads_each_kv_head_once_for_short_queries(monkeypatch):
         torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 @pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
-@pytest.mark.parametrize("flex, freeze", [(False, False), (True, False), (True, True)])
-def test_compiled_fast_path_same_tokens(wide_models, monkeypatch, flex, freeze):
-    """On a GPU (when there is one) this is the CUDA-graph replay path; the reference is CPU greedy."""
+@pytest.mark.parametrize("flex, freeze, tune", [(False, False, False), (True, False, False), (True, True, False),
+                                               (True, False, True)])
+def test_compiled_fast_path_same_tokens(wide_models, monkeypatch, flex, freeze, tune):
+    """On a GPU (when there is one) this is the CUDA-graph replay path; the reference is CPU greedy. tune: the
+    1-row matmuls of the block-1 step as inductor's tuned reductions (bench.py --tune-baseline) on a GPU."""
     t, d = wide_models
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tc, dc = copy.deepcopy(t).to(dev), copy.deepcopy(d).to(dev)
     ids = prompts(1)[0]
     ref = greedy(t, ids, 30)
     for bs in (1, 4):
-        run = fast_decode.StaticRunner(tc, dc, bs, 128, compile=True, flex=flex, freeze=freeze)
+        run = fast_decode.StaticRunner(tc, dc, bs, 128, compile=True, flex=flex, freeze=freeze, tune=tune)
         for p in (ids, ids[:, :3]):  # a second prompt reuses the graphs
             assert bench.spec_generate(tc, dc, p.to(dev), 30, [], bs, runner=run)["tokens"] == greedy(t, p, 30)
         for sampling in ("speculative", "match"):  # T > 0: the same rule as the eager loop (same seed)
@@ -4083,7 +4085,7 @@ def test_compiled_fast_path_same_tokens(wide_models, monkeypatch, flex, freeze):
     # accepted multi-token steps through the compiled draft graph: the drafter still sees exactly
     # the committed context
     seen = guide(monkeypatch, fast_decode.StaticRunner, ref, ids.shape[1], corrupt={5})
-    run = fast_decode.StaticRunner(tc, dc, 4, 128, compile=True, flex=flex, freeze=freeze)
+    run = fast_decode.StaticRunner(tc, dc, 4, 128, compile=True, flex=flex, freeze=freeze, tune=tune)
     r = bench.spec_generate(tc, dc, ids.to(dev), 30, [], 4, runner=run)
     assert r["tokens"] == ref and max(r["acceptance"]) == 4
     check_real_proposals(t, d, ids, ref, seen, 4)
@@ -4107,6 +4109,27 @@ def test_frozen_steps_fuse_projections_and_keep_tokens(models):
         run.close()
         assert r["tokens"] == greedy(t, ids, 30)
         assert sum(gemms(c) for c in codes) == want, freeze
+
+
+def test_tune_baseline_tunes_the_one_token_step_only(monkeypatch, tmp_path):
+    """bench.py --compile --tune-baseline: the baseline's runner (block 1) compiles its steps with inductor's
+    coordinate-descent tuning, the DFlash runner (block 16) as before; without the flag neither. torch.compile
+    itself is called (it refuses an option inductor does not have); the steps then run uncompiled."""
+    seen, compile_ = [], torch.compile
+    def record(fn, **kw):
+        if isinstance(getattr(fn, "__self__", None), fast_decode.StaticRunner):  # not flex attention's own
+            compile_(fn, **kw)
+            seen.append((fn.__self__.block_size, kw.get("options")))
+        return fn
+    monkeypatch.setattr(torch, "compile", record)
+    (tmp_path / "t.json").write_text(json.dumps(TINY_TARGET))
+    synth = ["--target", str(tmp_path / "t.json"), "--prompt-len", "8", "--steps", "2", "--repeats", "1", "--dtype", "fp32",
+             "--device", "cpu", "--compile"]
+    tuned = {"coordinate_descent_tuning": True}
+    for flag, one in (([], None), (["--tune-baseline"], tuned)):
+        seen.clear()
+        bench.main(synth + flag)
+        assert sorted(seen, key=str) == sorted([(1, one), (1, one), (16, None), (16, None)], key=str), flag
 
 
 @pytest.mark.skipif(not os.environ.get("BENCH_COMPILE_TEST"), reason="set BENCH_COMPILE_TEST=1 (slow compile)")
