@@ -119,6 +119,16 @@ def input_embedding_scale(target_config):
     return 1.0 if scale is None else float(scale)
 
 
+def to_device_but_layers(target, device):
+    """Every parameter and buffer of the target but its decoder layers' onto device, in place (a tied weight is
+    one tensor: it moves once and stays tied). With shard_target the layers stay on the host until fully_shard
+    moves each onto the GPU and keeps this rank's slice: the whole target is never on one GPU."""
+    inside = {id(t) for layer in decoder_layers(target) for t in [*layer.parameters(), *layer.buffers()]}
+    for t in [*target.parameters(), *target.buffers()]:
+        if id(t) not in inside:
+            t.data = t.data.to(device)
+
+
 def compile_target_layers(target):
     """torch.compile each decoder layer's forward: HF eager runs RMSNorm, rotary and SwiGLU as
     separate elementwise kernels with fp32 casts, the non-matmul part of the target forward. The

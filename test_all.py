@@ -1854,6 +1854,22 @@ def test_two_rank_gloo_run_matches_one_rank(tmp_path, over):
     assert losses(c / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
 
 
+def test_shard_target_moves_all_but_the_decoder_layers(models):
+    """shard_target: the target loads on the host; to_device_but_layers moves everything else (embedding, final
+    norm, lm_head, the rotary buffers) where training runs and leaves the decoder layers for fully_shard to move
+    one at a time. A dtype stands in for the GPU here (a CPU tensor's data cannot become another CPU device's)."""
+    t = copy.deepcopy(models[0])
+    layers = targets.decoder_layers(t)
+    in_layers = {id(x) for layer in layers for x in [*layer.parameters(), *layer.buffers()]}
+    targets.to_device_but_layers(t, torch.float64)
+    moved = {n: x.dtype for n, x in [*t.named_parameters(), *t.named_buffers()] if id(x) not in in_layers}
+    assert {"model.embed_tokens.weight", "model.norm.weight", "model.rotary_emb.inv_freq"} <= set(moved)
+    assert set(moved.values()) == {torch.float64}, moved
+    assert t.lm_head.weight is t.model.embed_tokens.weight  # tied: still one tensor
+    assert {x.dtype for layer in layers for x in layer.parameters()} == {torch.float32}
+    torch.testing.assert_close(t.model.embed_tokens.weight, models[0].model.embed_tokens.weight.double())
+
+
 def test_other_ranks_wait_out_an_evaluation_longer_than_the_collective_timeout(tmp_path):
     """Rank 0 decodes the evaluation alone while rank 1 waits, and rank 0 waits for rank 1's share of the
     tokenising. Here every collective of the run's process group times out after 3 s (as NCCL's watchdog does after
@@ -2640,6 +2656,10 @@ def _fsdp_rank(rank, world, ckpt, full_path, cfg, target_config):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # out without Python's shutdown, as train.py ends: the device mesh keeps gloo alive past destroy_process_group,
+    # and its threads could abort the rank at exit ("terminate called without an active exception", SIGABRT)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def test_two_rank_fsdp_checkpoint(tmp_path):

@@ -187,7 +187,7 @@ def setup(c):
 
     # --- models
     torch.manual_seed(c["seed"])  # a target built from a config gets the same random weights on every rank
-    r.target = targets.load_target(c["target"], dtype=dtype, device=device)
+    r.target = targets.load_target(c["target"], dtype=dtype, device="cpu" if c["shard_target"] else device)
     if c["compile_target"]:
         targets.compile_target_layers(r.target)
     M.check_fits_target(r.dcfg, r.target)
@@ -210,7 +210,9 @@ def setup(c):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(r.drafter, mesh=mesh, mp_policy=mp)
     if c["shard_target"]:
-        # only the decoder layers: embed_tokens and lm_head serve the drafter every step, so they stay whole
+        # only the decoder layers (embed_tokens and lm_head serve the drafter every step: whole); fully_shard moves
+        # a layer to the GPU before it keeps this rank's slice, so a GPU never holds the whole target
+        targets.to_device_but_layers(r.target, device)
         for layer in targets.decoder_layers(r.target):
             fully_shard(layer, mesh=mesh)
     decay = [p for p in r.drafter.parameters() if p.dim() >= 2]

@@ -81,7 +81,8 @@ CONFIG = {
         attention=("auto", "auto (flex on GPU, dense on CPU) | flex | dense"),
         compile=(False, "torch.compile each drafter layer"),
         compile_target=(False, "also torch.compile the target's decoder layers and the lm_head + CE chunks"),
-        shard_target=(False, "shard the frozen target's layers with FSDP2 too (loaded whole first: it must fit a GPU)"),
+        shard_target=(False, "shard the frozen target's layers with FSDP2 too (loaded on the host, each layer "
+                      "moved to the GPU as it is sharded: a target larger than one GPU fits)"),
         ce_chunk_tokens=(4096, "block tokens per lm_head + CE chunk (memory)"),
         peak_tflops=(989.0, "dense bf16 peak of one GPU, for MFU (H100/H200 SXM)"),
         profile_steps=(0, "> 0: profile that many steps after 5 warm-up steps, print the top ops"),
