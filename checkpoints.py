@@ -346,8 +346,7 @@ def cached_rows(out_dir, key, tokenize, rank, world, log, group=None):
         barrier()
         if rank == 0 and found[1]:  # last: a kill before it leaves no rows that a rerun would read
             with _writing(folder):
-                write_json(os.path.join(folder, "key.json.tmp"), dict(key=key, parts=world))
-                os.replace(os.path.join(folder, "key.json.tmp"), os.path.join(folder, "key.json"))
+                write_json(os.path.join(folder, "key.json"), dict(key=key, parts=world))
         barrier()
     try:
         rows, counts = [], collections.Counter()
@@ -409,15 +408,16 @@ def full_state_dict(drafter):
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
+    """Written whole or not at all (tmp + rename): a kill mid-write leaves no cut file to read."""
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")
+    os.replace(path + ".tmp", path)
 
 
 def lock_run(out_dir):
     """Rank 0 holds an exclusive lock on out_dir/.lock while it runs (the kernel drops it however the process
     ends): a second invocation on the run (a requeued job while the old one lives) stops before it touches it."""
-    import contextlib
     import fcntl
     os.makedirs(out_dir, exist_ok=True)
     f = None
