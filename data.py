@@ -183,14 +183,18 @@ def parse_messages(row, need_assistant=True):
     return msgs
 
 
-def load_conversations(source, split="train"):
-    convs, skipped = [], collections.Counter()
+def conversations(source, skipped, split="train"):
+    """The messages of each row that loads, in order; the rows that do not are counted in `skipped` by reason."""
     for _, row in read_rows(source, split):
         try:
-            convs.append(parse_messages(row))
+            yield parse_messages(row)
         except BadRow as e:
             skipped[str(e)] += 1
-    return convs, skipped
+
+
+def load_conversations(source, split="train"):
+    skipped = collections.Counter()
+    return list(conversations(source, skipped, split)), skipped
 
 
 # -----------------------------------------------------------------------------
@@ -375,7 +379,7 @@ def conversation_rows(tokenizer, messages, max_length, enable_thinking=None):
 
 
 def _tokenize_range(bounds):
-    """Rows lo..hi of the conversations build_dataset put in _TOKENIZE_STATE (inherited by forked workers):
+    """Rows lo..hi of the conversations tokenize_part put in _TOKENIZE_STATE (inherited by forked workers):
     (each kept conversation's training rows, skipped conversations by reason, conversations kept)."""
     (lo, hi), (tokenizer, convs, max_length, min_loss_tokens, enable_thinking) = bounds, _TOKENIZE_STATE
     out, skipped, kept = [], collections.Counter(), 0
@@ -439,20 +443,24 @@ def tokenize_part(tokenizer, source, max_length, min_loss_tokens=1, enable_think
     problem = chat_template_problem(tokenizer)
     if problem:
         raise ValueError(f"{tokenizer.name_or_path}: {problem}")
-    all_convs, read_skipped = load_conversations(source)
-    convs = all_convs[:max_rows] if max_rows else all_convs
-    (k, n), _TOKENIZE_STATE = part, (tokenizer, convs, max_length, min_loss_tokens, enable_thinking)
-    lo, hi = len(convs) * k // n, len(convs) * (k + 1) // n
+    # two passes over the data: the first counts what loads, the second keeps this part's share alone (a host's
+    # ranks each held every conversation before); parsing is a small cost beside tokenising
+    read_skipped = collections.Counter()
+    loaded = sum(1 for _ in conversations(source, read_skipped))
+    total, (k, n) = min(loaded, max_rows or loaded), part
+    lo, hi = total * k // n, total * (k + 1) // n
+    convs = list(itertools.islice(conversations(source, collections.Counter()), lo, hi))
+    _TOKENIZE_STATE = (tokenizer, convs, max_length, min_loss_tokens, enable_thinking)
     pool = workers > 1 and hi - lo >= 64 and "fork" in mp.get_all_start_methods()
     step = -(-(hi - lo) // (4 * workers)) if pool else 256
-    chunks = [(a, min(a + step, hi)) for a in range(lo, hi, step)]
+    chunks = [(a, min(a + step, hi - lo)) for a in range(0, hi - lo, step)]
     tick, parts = progress(log, "data: tokenised" if n == 1 else f"data: part {k + 1} of {n}, tokenised", hi - lo, "conversations"), []
     try:
         with mp.get_context("fork").Pool(workers) if pool else contextlib.nullcontext() as p:
             results = p.imap(_tokenize_range, chunks) if pool else map(_tokenize_range, chunks)  # in order
             for (_, b), part_rows in zip(chunks, results):
                 parts.append(part_rows)
-                tick(b - lo)
+                tick(b)
     finally:
         _TOKENIZE_STATE = None
     counts = collections.Counter(tokenised=hi - lo, kept=sum(kept for _, _, kept in parts))
@@ -460,7 +468,7 @@ def tokenize_part(tokenizer, source, max_length, min_loss_tokens=1, enable_think
         counts.update({"tokenising: " + r: v for r, v in skipped.items()})
     if k == 0:
         counts.update({"reading: " + r: v for r, v in read_skipped.items()})
-        counts.update(conversations=len(all_convs), unused=len(all_convs) - len(convs), max_rows=max_rows)
+        counts.update(conversations=loaded, unused=loaded - total, max_rows=max_rows)
     return [conv for rows, _, _ in parts for conv in rows], counts
 
 

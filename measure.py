@@ -3,8 +3,8 @@ the histogram, tau by context position, the mean over prompt sets), the report o
 --replay (tau at temperature 0 read off the target's regenerated greedy answers, without decoding: one
 target forward per row (per turn where the template rewrites past turns), one drafter pass per step, equal
 step for step to the loop: results/replay-check.md), --profile (launches and ops per decode step), the memory
-floor of a step (the weights it reads / the card's peak bandwidth) and random drafters that time the loop at
-any target's shapes.
+floor of a step (the weights it reads / the card's peak bandwidth), random drafters that time the loop at
+any target's shapes, and train.py's profile_steps (where a training step's time goes).
 """
 import json
 import os
@@ -286,6 +286,36 @@ def replay_rows(target, drafter, tokenizer, path, args, out_file=None, run=None,
     print(f"  tau {res['tau']:.2f}")
     print_acceptance(res)
     return res
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py's profile_steps: where a training step's time goes
+
+def start_train_profiler(c):
+    """Where a step's time goes (target, mask, drafter, lm_head + CE, optimizer, comms): 5 warm-up steps,
+    then profile_steps profiled ones; report_train_profile prints them."""
+    if not c["profile_steps"]:
+        return None
+    profiler = torch.profiler.profile(schedule=torch.profiler.schedule(
+        wait=0, warmup=5, active=c["profile_steps"], repeat=1), record_shapes=False)
+    profiler.start()
+    return profiler
+
+
+def report_train_profile(r, profiler):
+    """After each step of train.py's loop (r: its run): the profiler while it runs, None once it has printed."""
+    profiler.step()
+    if profiler.step_num < 5 + r.c["profile_steps"]:
+        return profiler
+    profiler.stop()
+    events, n = profiler.key_averages(), r.c["profile_steps"]
+    for e in sorted((e for e in events if e.key.startswith("dflash:")), key=lambda e: e.key):
+        dev = getattr(e, "device_time_total", 0) / 1e3 / n
+        r.log(f"profile {e.key:24s} {e.cpu_time_total / 1e3 / n:8.1f} ms/step on the host, {dev:8.1f} ms/step on the device")
+    r.log(events.table(sort_by="self_cuda_time_total" if r.device.type == "cuda" else "self_cpu_time_total", row_limit=20))
+    if r.rank == 0 and r.c["profile_trace"]:
+        profiler.export_chrome_trace(os.path.join(r.c["out_dir"], "profile_trace.json"))
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1205,18 +1205,22 @@ def test_data_summary_adds_up_to_rows_read(tmp_path):
 
 
 
-def test_rows_tokenised_in_parts_equal_one_pass(tmp_path):
+def test_rows_tokenised_in_parts_equal_one_pass(tmp_path, monkeypatch):
     """The ranks of a run's first start tokenise a part each (data.tokenize_part's part k of n): the parts in order are
     the rows of one pass, and their counts add up to its data line (what reading skipped counted once), with
-    max_rows too; 3 parts of 7 conversations: 2, 2 and 3."""
+    max_rows too; 3 parts of 7 conversations: 2, 2 and 3. A part holds its share of the conversations alone."""
+    held, tokenize_range = [], data._tokenize_range
+    monkeypatch.setattr(data, "_tokenize_range", lambda b: (held.append(len(data._TOKENIZE_STATE[1])), tokenize_range(b))[1])
     good = lambda k: json.dumps({"messages": [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "a" * k}]})
     lines = [good(1), "{bad json", good(0), good(2), json.dumps({"messages": []}), good(3), good(4), good(5), good(6)]
     write_lines(tmp_path / "d.jsonl", lines)
     for max_rows in (0, 5):
         logs = []
         whole = data.build_dataset(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, log=logs.append, max_rows=max_rows)
+        held.clear()
         parts = [data.tokenize_part(qwen_tokenizer(), str(tmp_path / "d.jsonl"), 64, 1, max_rows=max_rows, part=(k, 3))
                  for k in range(3)]
+        assert held == ([2, 2, 3] if max_rows == 0 else [1, 2, 2])
         assert [len(rows) for rows, _ in parts] == ([1, 2, 3] if max_rows == 0 else [1, 1, 2])  # part 0 skips "a" * 0
         assert as_lists([conv for rows, _ in parts for conv in rows]) == as_lists(whole)
         counts = sum((c for _, c in parts), collections.Counter())
@@ -1846,12 +1850,35 @@ def test_two_rank_gloo_run_matches_one_rank(tmp_path, over):
     assert val(b / "run", "val_loss") == pytest.approx(val(a / "run", "val_loss"), rel=1e-5)  # approx: not of tuples
     if over:
         return
-    # the frozen target sharded too: the same maths
-    c = tmp_path / "c"
+    # the frozen target sharded too: the same maths. Each rank reads the whole target into host memory before
+    # fully_shard keeps its slice, so the ranks of a host take turns: rank k starts reading once the rank before
+    # has sharded its layers (each read here takes 2 s longer, time for the other rank to start if it did not wait)
+    c, events = tmp_path / "c", tmp_path / "events"
     c.mkdir()
-    r = run_train(train_args(c, batch_size=1, max_steps=3, val_rows=5, shard_target=True), nproc=2)
+    script = tmp_path / "turns.py"
+    script.write_text(f"""import os, sys, time
+sys.path.insert(0, {HERE!r})
+import torch.distributed.fsdp as fsdp
+import targets, train
+note = lambda what: open({str(events)!r}, "a").write(what + " " + os.environ["RANK"] + "\\n")
+load, shard = targets.load_target, fsdp.fully_shard
+targets.load_target = lambda *a, **k: (note("read"), time.sleep(2), load(*a, **k))[2]
+fsdp.fully_shard = lambda m, **k: (note("shard " + type(m).__name__), shard(m, **k))[1]
+code = train.main(sys.argv[1:])
+sys.stdout.flush()
+os._exit(code)  # as train.py ends: no gloo teardown at exit
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        *train_args(c, batch_size=1, max_steps=3, val_rows=5, shard_target=True)],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(c / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
+    seen = events.read_text().splitlines()
+    reads = [i for i, e in enumerate(seen) if e.startswith("read")]
+    layers = {k: [i for i, e in enumerate(seen) if e == f"shard Qwen3DecoderLayer {k}"] for k in "01"}
+    first = seen[reads[0]].split()[1]
+    assert len(reads) == 2 and [len(v) for v in layers.values()] == [TINY_TARGET["num_hidden_layers"]] * 2, seen
+    assert max(layers[first]) < reads[1], seen
 
 
 def test_shard_target_moves_all_but_the_decoder_layers(models):

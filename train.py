@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import bench
 import data as D
+import measure
 import model as M
 import targets
 from checkpoints import (cached_rows, full_state_dict, lock_run, metrics_at, resume_checkpoint, rows_key, save_checkpoint,
@@ -186,10 +187,22 @@ def setup(c):
     r.pad_id = r.pad_id if r.pad_id < r.dcfg.vocab_size else 0  # a [PAD] added past the embedding; pads are masked
 
     # --- models
-    torch.manual_seed(c["seed"])  # a target built from a config gets the same random weights on every rank
-    r.target = targets.load_target(c["target"], dtype=dtype, device="cpu" if c["shard_target"] else device)
-    if c["compile_target"]:
-        targets.compile_target_layers(r.target)
+    mesh = init_device_mesh(kind, (world,))  # explicit: FSDP2 would pick cuda wherever one exists
+    # shard_target: a rank reads the whole target into host memory, then fully_shard moves each decoder layer to the
+    # GPU and keeps this rank's slice; a host's ranks take turns at it, so it holds about one target, not one a GPU
+    turns = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if c["shard_target"] else 1
+    for turn in range(turns):
+        if turn == int(os.environ.get("LOCAL_RANK", 0)) % turns:
+            torch.manual_seed(c["seed"])  # a target built from a config gets the same random weights on every rank
+            r.target = targets.load_target(c["target"], dtype=dtype, device="cpu" if c["shard_target"] else device)
+            if c["compile_target"]:
+                targets.compile_target_layers(r.target)
+            if c["shard_target"]:  # only the decoder layers: embed_tokens and lm_head serve the drafter every step
+                targets.to_device_but_layers(r.target, device)
+                for layer in targets.decoder_layers(r.target):
+                    fully_shard(layer, mesh=mesh)
+        if turns > 1:
+            dist.barrier(group=r.wait)
     M.check_fits_target(r.dcfg, r.target)
     torch.manual_seed(c["seed"])  # same init on every rank: fully_shard keeps each rank's slice
     r.drafter = M.build_drafter(r.dcfg, device=device, dtype=torch.float32)
@@ -197,7 +210,6 @@ def setup(c):
         r.drafter.load_state_dict(init[0].state_dict())
         r.log(f"the drafter starts from the weights of init_from={c['init_from']}")
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    mesh = init_device_mesh(kind, (world,))  # explicit: FSDP2 would pick cuda wherever one exists
     if c["compile"] and c["layer_types"]:
         # each (padded length, layer kind) takes its own graph: a sliding + full drafter needs 2 x (max_length /
         # pad_multiple) of them (twice that allowed here), past dynamo's default limit of 8, after which it
@@ -209,12 +221,6 @@ def setup(c):
             layer.compile()
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(r.drafter, mesh=mesh, mp_policy=mp)
-    if c["shard_target"]:
-        # only the decoder layers (embed_tokens and lm_head serve the drafter every step: whole); fully_shard moves
-        # a layer to the GPU before it keeps this rank's slice, so a GPU never holds the whole target
-        targets.to_device_but_layers(r.target, device)
-        for layer in targets.decoder_layers(r.target):
-            fully_shard(layer, mesh=mesh)
     decay = [p for p in r.drafter.parameters() if p.dim() >= 2]
     no_decay = [p for p in r.drafter.parameters() if p.dim() < 2]
     matrices, rest = adamw_settings(c)
@@ -411,7 +417,7 @@ def train(c):
           f"{'flex' if r.use_flex else 'dense'} attention; layer ids {r.dcfg.target_layer_ids}")
     if r.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    meter, profiler = Meter(r, step, state and state.get("meter")), start_profiler(c)
+    meter, profiler = Meter(r, step, state and state.get("meter")), measure.start_train_profiler(c)
     # a kill during the resumed step's validation or evaluation: write the records metrics.jsonl lacks of them
     done = [metrics_at(os.path.join(c["out_dir"], "metrics.jsonl"), step) if resume and r.rank == 0 else []]
     dist.broadcast_object_list(done)  # rank 0's: they decide collectives
@@ -436,7 +442,7 @@ def train(c):
             r.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
         r.optimizer.zero_grad(set_to_none=True)
         step += 1
-        profiler = profiler and report_profile(r, profiler)
+        profiler = profiler and measure.report_train_profile(r, profiler)
         if meter.n and (step % c["log_interval"] == 0 or step == r.total_steps):
             meter.log(step, lr, grad_norm, epoch, skipped)
         too_bad = bad_steps >= c["max_bad_steps"]
@@ -481,32 +487,6 @@ def validate_and_evaluate(r, step, done=()):
         validate(r, step)
     if c["eval_interval"] and step % c["eval_interval"] == 0 and step != r.total_steps:
         evaluate(r, step, done)
-
-
-def start_profiler(c):
-    """Where a step's time goes (target, mask, drafter, lm_head + CE, optimizer, comms): 5 warm-up steps,
-    then profile_steps profiled ones; report_profile prints them."""
-    if not c["profile_steps"]:
-        return None
-    profiler = torch.profiler.profile(schedule=torch.profiler.schedule(
-        wait=0, warmup=5, active=c["profile_steps"], repeat=1), record_shapes=False)
-    profiler.start()
-    return profiler
-
-
-def report_profile(r, profiler):
-    profiler.step()
-    if profiler.step_num < 5 + r.c["profile_steps"]:
-        return profiler
-    profiler.stop()
-    events, n = profiler.key_averages(), r.c["profile_steps"]
-    for e in sorted((e for e in events if e.key.startswith("dflash:")), key=lambda e: e.key):
-        dev = getattr(e, "device_time_total", 0) / 1e3 / n
-        r.log(f"profile {e.key:24s} {e.cpu_time_total / 1e3 / n:8.1f} ms/step on the host, {dev:8.1f} ms/step on the device")
-    r.log(events.table(sort_by="self_cuda_time_total" if r.device.type == "cuda" else "self_cpu_time_total", row_limit=20))
-    if r.rank == 0 and r.c["profile_trace"]:
-        profiler.export_chrome_trace(os.path.join(r.c["out_dir"], "profile_trace.json"))
-    return None
 
 
 @torch.no_grad()
