@@ -443,8 +443,8 @@ def tokenize_part(tokenizer, source, max_length, min_loss_tokens=1, enable_think
     problem = chat_template_problem(tokenizer)
     if problem:
         raise ValueError(f"{tokenizer.name_or_path}: {problem}")
-    # two passes over the data: the first counts what loads, the second keeps this part's share alone (a host's
-    # ranks each held every conversation before); parsing is a small cost beside tokenising
+    # two passes over the data: the first counts what loads, the second keeps this part's share alone, so a rank
+    # never holds every conversation; parsing twice costs little beside tokenising
     read_skipped = collections.Counter()
     loaded = sum(1 for _ in conversations(source, read_skipped))
     total, (k, n) = min(loaded, max_rows or loaded), part
