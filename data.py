@@ -463,17 +463,20 @@ def tokenize_part(tokenizer, source, max_length, min_loss_tokens=1, enable_think
                 tick(b)
     finally:
         _TOKENIZE_STATE = None
-    counts = collections.Counter(tokenised=hi - lo, kept=sum(kept for _, _, kept in parts))
+    out = [conv for rows, _, _ in parts for conv in rows]
+    counts = collections.Counter(tokenised=hi - lo, kept=sum(kept for _, _, kept in parts),
+                                 at_max_length=sum(len(ids) == max_length for conv in out for ids, _ in conv))
     for _, skipped, _ in parts:
         counts.update({"tokenising: " + r: v for r, v in skipped.items()})
     if k == 0:
         counts.update({"reading: " + r: v for r, v in read_skipped.items()})
-        counts.update(conversations=loaded, unused=loaded - total, max_rows=max_rows)
-    return [conv for rows, _, _ in parts for conv in rows], counts
+        counts.update(conversations=loaded, unused=loaded - total, max_rows=max_rows, max_length=max_length)
+    return out, counts
 
 
 def data_line(rows, counts):
-    """The arithmetic in view: rows read = skipped + conversations; tokenised = skipped + kept, as training rows."""
+    """The arithmetic in view: rows read = skipped + conversations; tokenised = skipped + kept, as training rows;
+    and how many of those reach max_length (the rest of a longer one is never trained on)."""
     def skips(stage):
         c = collections.Counter({r[len(stage):]: v for r, v in counts.items() if r.startswith(stage)})
         return f"{c.total()} skipped" + (f" ({reasons(c)})" if c else "")
@@ -482,7 +485,9 @@ def data_line(rows, counts):
     return (f"data: {read} rows read = {skips('reading: ')} + {counts['conversations']} conversations; "
             f"{counts['tokenised']} tokenised{unused} = {skips('tokenising: ')} + {counts['kept']} kept, as "
             f"{sum(map(len, rows))} training rows ({sum(len(ids) for c in rows for ids, _ in c):,} tokens, "
-            f"{sum(ids.nbytes + mask.nbytes for c in rows for ids, mask in c) / 2**20:,.1f} MiB)")
+            f"{sum(ids.nbytes + mask.nbytes for c in rows for ids, mask in c) / 2**20:,.1f} MiB)"
+            + (f"; {counts['at_max_length']} of them reach max_length={counts['max_length']}, cut there if longer: "
+               "raise it to train on their ends" if counts["at_max_length"] else ""))
 
 
 def build_dataset(tokenizer, source, max_length, min_loss_tokens=1, enable_thinking=None, log=print,

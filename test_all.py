@@ -1229,6 +1229,23 @@ def test_rows_tokenised_in_parts_equal_one_pass(tmp_path, monkeypatch):
                                    f"conversations; {max_rows or 7} tokenised")
 
 
+def test_data_line_counts_the_rows_that_reach_max_length(tmp_path):
+    """Rows longer than max_length are cut there; the data line says how many reach it, so a user whose answers run
+    long sees it. Expected: the conversations whose whole tokenisation (no limit) is at least max_length."""
+    tok, msgs = qwen_tokenizer(), [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "ab " * n}]
+                                   for n in (3, 40, 5, 200)]
+    write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": m}) for m in msgs])
+    want = sum(len(data.tokenize_conversation(tok, m, 10 ** 6)[0]) >= 64 for m in msgs)
+    assert want == 2
+    logs = []
+    rows = data.build_dataset(tok, str(tmp_path / "d.jsonl"), 64, log=logs.append)
+    assert sorted(len(ids) for c in rows for ids, _ in c)[-want:] == [64] * want
+    assert logs[-1].endswith(f"; {want} of them reach max_length=64, cut there if longer: raise it to train on their ends")
+    logs.clear()
+    data.build_dataset(tok, str(tmp_path / "d.jsonl"), 4096, log=logs.append)
+    assert logs[-1].endswith("MiB)")
+
+
 def test_reader_counts_file_variants_and_names_bad_sources(tmp_path):
     """JSONL whose first line is a bare list, JSONL with a byte-order mark, a one-line JSON array and a
     pretty-printed one each read as the rows they hold; a glob that matches nothing, a local path that
