@@ -190,10 +190,11 @@ def setup(c):
     mesh = init_device_mesh(kind, (world,))  # explicit: FSDP2 would pick cuda wherever one exists
     # shard_target: a rank reads the whole target into host memory, then fully_shard moves each decoder layer to the
     # GPU and keeps this rank's slice; a host's ranks take turns at it, so it holds about one target, not one a GPU
-    turns = torch.tensor(int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if c["shard_target"] else 1)
-    if world > 1:  # the most ranks a host has: every rank takes part in as many barriers
-        dist.all_reduce(turns, op=dist.ReduceOp.MAX, group=r.wait)
-    turns = int(turns)
+    turns = 1
+    if c["shard_target"] and world > 1:  # the most ranks a host has: every rank takes part in as many barriers
+        most = torch.tensor(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=r.wait)
+        turns = int(most)
     for turn in range(turns):
         if turn == int(os.environ.get("LOCAL_RANK", 0)) % turns:
             torch.manual_seed(c["seed"])  # a target built from a config gets the same random weights on every rank
