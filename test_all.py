@@ -1446,11 +1446,11 @@ def flip_byte(path, offset=None):
     path.write_bytes(bytes(raw))
 
 
-def run_train(args, env=None, nproc=1):
-    cmd = [sys.executable, "train.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+def run_train(args, env=None, nproc=1, script="train.py", timeout=600):
+    cmd = [sys.executable, script] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     return subprocess.run(cmd + args, cwd=HERE, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_lr_schedules():
@@ -1887,9 +1887,9 @@ code = train.main(sys.argv[1:])
 sys.stdout.flush()
 os._exit(code)  # as train.py ends: no gloo teardown at exit
 """)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        *train_args(c, batch_size=1, max_steps=3, val_rows=5, shard_target=True)],
-                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    sharded = lambda out, **kw: run_train(train_args(out, batch_size=1, max_steps=3, val_rows=5, shard_target=True),
+                                          nproc=2, script=str(script), **kw)
+    r = sharded(c, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(c / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
     seen = events.read_text().splitlines()
@@ -1900,9 +1900,7 @@ os._exit(code)  # as train.py ends: no gloo teardown at exit
     assert max(layers[first]) < reads[1], seen
     # hosts of 2 ranks and of 1: each rank takes as many turns as the largest host (unequal counts of barriers hang)
     (tmp_path / "d").mkdir()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        *train_args(tmp_path / "d", batch_size=1, max_steps=3, val_rows=5, shard_target=True)],
-                       cwd=HERE, capture_output=True, text=True, timeout=120, env={**os.environ, "ALONE": "1"})
+    r = sharded(tmp_path / "d", timeout=120, env={"ALONE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(tmp_path / "d" / "run") == pytest.approx(losses(a / "run"), rel=1e-5)
 
@@ -1944,8 +1942,7 @@ sys.exit(train.main(sys.argv[1:]))
 """)
     args = train_args(tmp_path, batch_size=1, max_steps=2, eval_prompts=str(tmp_path / "p.jsonl"), eval_num_prompts=1,
                       eval_max_new_tokens=4, **chat)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
-                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    r = run_train(args, nproc=2, script=str(script), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tau = " in r.stdout and "1/1 outputs identical to greedy decoding" in r.stdout
     assert "8 tokenised = 0 skipped + 8 kept" in r.stdout
@@ -2169,9 +2166,7 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path
     for run, nproc, batch in ((b, 1, 2), (c, 2, 1)):
         script = run / "sigterm_at_call.py"
         script.write_text(SIGTERM_AT_CALL.format(here=HERE, rank=nproc - 1, at=3))
-        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if nproc > 1 else [])
-        r = subprocess.run(cmd + [str(script)] + train_args(run, batch_size=batch, **more), cwd=HERE,
-                           capture_output=True, text=True, timeout=600)
+        r = run_train(train_args(run, batch_size=batch, **more), nproc=nproc, script=str(script))
         assert r.returncode == 0, r.stderr[-3000:]
         assert "stopped by SIGTERM after step 3; to continue, run the same command" in r.stdout and not val(run)
         assert sorted(os.listdir(run / "run" / "checkpoints")) == ["step_00000003"]
