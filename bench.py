@@ -476,11 +476,11 @@ def parse_args(argv=None):
                     "with flex against 1.79 with sdpa (SmolLM2); Qwen3-8B shapes, flex is faster in ms (prompt 1024: "
                     "6.11 / 9.17 against 6.89 / 9.88) at a higher ratio (1.50 against 1.43)")
     ap.add_argument("--freeze", action="store_true", help="with --compile: compile the steps with inductor's freezing, "
-                    "which concatenates the q/k/v and the gate/up projections into one GEMM each (a folded copy of those "
-                    "weights per step kind: ~9 GB each at Qwen3-8B shapes)")
+                    "which concatenates the q/k/v (from torch 2.12 where K/V heads are fewer) and the gate/up projections "
+                    "into one GEMM each (a folded copy of those weights per step kind: ~9 GB each at Qwen3-8B shapes)")
     ap.add_argument("--tune-baseline", action="store_true", help="with --compile: the 1-token step's matmuls as tuned "
-                    "Triton reductions (inductor's coordinate-descent tuning), not cuBLAS: one H100, Qwen3-8B shapes, "
-                    "7.51 -> 6.77 ms a token (1.66x -> 1.50x the memory floor); ~3.5 min more compiling")
+                    "Triton reductions (coordinate-descent tuning), not cuBLAS: Qwen3-8B shapes, one H100, 7.51 -> 6.77 ms "
+                    "a token; ~3.5 min more compiling; slower with --freeze (one H200: 8.53 ms, 6.02 with --freeze alone)")
     ap.add_argument("--max-len", type=int, default=None, help="static cache length for --compile (at least the "
                     "longest conversation of the run; default: that rounded up to 256)")
     ap.add_argument("--prompt-len", type=int, default=None, help="time synthetic prompts of N tokens")

