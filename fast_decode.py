@@ -308,10 +308,10 @@ class StaticRunner:
         self.offsets = torch.arange(max(block_size, 1), device=self.device)
         self._verify, self._draft = self._verify_impl, self._draft_impl
         if compile:
-            # freeze: the weights become constants of the compiled graph, so inductor concatenates the q/k/v and
-            # the gate/up projections into one GEMM each (a folded copy of those weights per compiled step): at
-            # M = 1 cuBLAS reads a small k or v projection at a third of the card's bandwidth (decode-qwen3-8b.md).
-            # torch 2.11 concatenates equal shapes only: gate/up, not a GQA layer's q/k/v (2.12 does both)
+            # freeze: the weights become constants of the compiled graph, so inductor concatenates the gate/up
+            # and the q/k/v projections into one GEMM each (a folded copy of those weights per compiled step; torch
+            # 2.11 concatenates equal shapes only, so not a GQA layer's q/k/v): at M = 1 cuBLAS reads a small k or v
+            # projection at a third of the card's bandwidth (decode-qwen3-8b.md)
             # tune: inductor's coordinate-descent tuning, under which a GPU step's 1-row matmuls become tuned Triton
             # reductions (torch/_inductor/decomposition.py, mm) in place of cuBLAS GEMVs: Qwen3-8B shapes, the
             # 1-token step 7.51 -> 6.77 ms on an H100, 5.54 ms on an H200 (6.02 with freeze), compiling it ~3.5 min
